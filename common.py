@@ -1,0 +1,263 @@
+"""What every stepkto stage needs: JSONL contracts that fail loudly, crash-safe resumable outputs,
+prompts, step splitting, and model/tokenizer loading (including the tiny char-level seed model of
+the embedded default).
+
+The JSONL contract between stages
+---------------------------------
+* A stage writes its output to ``OUT.partial`` a chunk at a time (one ``write`` + ``fsync`` per
+  chunk) and renames it to ``OUT`` when every chunk is done. ``OUT`` existing means complete; a crash
+  leaves only ``OUT.partial``, which the next run resumes from (``resume_rows``).
+* Every row has a unique ``id``. Chunks are fixed by the input order and the chunk size, and each
+  chunk is seeded from (seed, chunk index), so a resumed run writes exactly what an uninterrupted
+  run with the same seed would have written.
+* Reading checks each row against a schema and raises ``DataError`` naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- JSONL contract
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the line and the field."""
+
+
+def _check_row(row, schema: dict, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for field, types in schema.items():
+        if field not in row:
+            raise DataError(f"{where}: missing field '{field}'")
+        value, types = row[field], _as_tuple(types)
+        # bool is a subclass of int in Python: a label `true` must not pass as a count
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = "/".join(t.__name__ for t in types)
+            raise DataError(f"{where}: field '{field}' must be {want}, got {type(value).__name__}")
+
+
+def _as_tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
+    """Read a JSONL file whose rows must carry ``schema`` = {field: type or tuple of types}."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            _check_row(row, schema or {}, f"{path}:{lineno}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: file is empty (no JSONL rows)")
+    return rows
+
+
+def _partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def resume_rows(out: str | Path, chunks: list[list[str]]) -> tuple[list[dict], int]:
+    """Rows already written to ``out.partial`` by a crashed run, and how many chunks they complete.
+
+    ``chunks`` lists the expected row ids of each chunk, in order. Rows of a chunk that was cut off
+    (and a truncated last line) are dropped, and the partial file is rewritten without them, so that
+    appending the remaining chunks gives exactly the uninterrupted output.
+    """
+    partial = _partial_path(Path(out))
+    if not partial.exists():
+        return [], 0
+    rows = []
+    for line in partial.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the line a kill -9 cut short: everything after it is lost anyway
+    kept, done = [], 0
+    for chunk in chunks:
+        ids = [r.get("id") for r in rows[len(kept) : len(kept) + len(chunk)]]
+        if ids != list(chunk):
+            break
+        kept.extend(rows[len(kept) : len(kept) + len(chunk)])
+        done += 1
+    _write_lines(partial, kept, mode="w")
+    return kept, done
+
+
+def _write_lines(path: Path, rows: list[dict], mode: str) -> None:
+    with open(path, mode, encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def append_chunk(out: str | Path, rows: list[dict]) -> None:
+    """Append one finished chunk to ``out.partial`` (one write, then fsync)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    _write_lines(_partial_path(Path(out)), rows, mode="a")
+
+
+def finish_output(out: str | Path) -> None:
+    """Mark ``out`` complete: rename ``out.partial`` to ``out`` (atomic on POSIX)."""
+    partial = _partial_path(Path(out))
+    if not partial.exists():  # zero chunks: still produce a (valid, empty) complete file
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    os.replace(partial, out)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON through a temporary name so that a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    _write_lines(tmp, rows, mode="w")
+    os.replace(tmp, path)
+
+
+def chunked(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def seed_everything(*seeds: int) -> None:
+    """Seed python, numpy and torch from a tuple such as (run seed, chunk index)."""
+    seed = hash(tuple(seeds)) % (2**31)  # hash of ints is stable across processes
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- steps and prompts
+
+# Steps are separated by a blank line (the format the prompts ask for, and the paper's Fig. 1 style).
+_STEP_SEPARATOR = re.compile(r"\n[ \t]*\n")
+
+
+def step_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the non-empty steps of ``text``, separators excluded."""
+    spans, start = [], 0
+    for m in list(_STEP_SEPARATOR.finditer(text)) + [None]:
+        end = m.start() if m else len(text)
+        chunk = text[start:end]
+        if chunk.strip():
+            lead = len(chunk) - len(chunk.lstrip())
+            spans.append((start + lead, start + len(chunk.rstrip())))
+        start = m.end() if m else len(text)
+    return spans
+
+
+def split_steps(text: str) -> list[str]:
+    return [text[a:b] for a, b in step_spans(text)]
+
+
+# The one place where prompts are written. "instruct" is used inside the tokenizer's chat template
+# when it has one (instruct models) and as plain text otherwise; "minimal" is for the embedded
+# default's tiny char-level model, where every prompt character costs training compute.
+PROMPT_TEMPLATES = {
+    "instruct": (
+        "Solve the following math problem step by step. Separate the steps with a blank line and "
+        "put the final answer in \\boxed{{}}.\n\nProblem: {problem}"
+    ),
+    "minimal": "Problem: {problem}\nSolution:\n",
+}
+
+
+def build_prompt(tokenizer, problem: str, style: str = "instruct") -> str:
+    """The text the model continues. Chat template when the tokenizer has one, else plain text."""
+    text = PROMPT_TEMPLATES[style].format(problem=problem)
+    if style != "minimal" and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text if style == "minimal" else text + "\n\nSolution:\n"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def make_char_tokenizer():
+    """A character-level tokenizer (printable ASCII) built with the `tokenizers` library.
+
+    Saved with ``save_pretrained`` and loaded back with ``AutoTokenizer`` like any hub tokenizer.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def make_tiny_llama(tokenizer, hidden_size=256, num_layers=4, intermediate_size=768, max_len=512, seed=0):
+    """A randomly initialised LlamaForCausalLM. head_dim 64 so that vLLM's CPU backend runs it too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        head_dim=64,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_tokenizer(path: str, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # Llama-3 style tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+
+
+def is_complete_model_dir(path: str | Path) -> bool:
+    """A checkpoint folder is complete once its config, weights and tokenizer are all there."""
+    path = Path(path)
+    has_weights = any(path.glob("*.safetensors"))
+    return has_weights and (path / "config.json").exists() and (path / "tokenizer_config.json").exists()

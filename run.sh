@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The Step-KTO loop (paper Sec. 3, Fig. 2): seed M0, then for i = 1..ITERATIONS
+#   generate with M(i-1) -> label steps and answers -> train M(i) from M(i-1) (reference M(i-1)) -> evaluate M(i)
+#
+#   bash run.sh                        # embedded default: built-in arithmetic task, tiny model from scratch, CPU
+#   OBJECTIVE=kto bash run.sh          # the outcome-only KTO baseline, into its own run folder
+#   SEED=1 bash run.sh                 # another seed (its own data, M0 and runs)
+#
+# Every setting is an environment variable whose default stands below. Every stage resumes after a
+# crash and is skipped when its output is complete, so rerunning run.sh continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ---- what to run
+OBJECTIVE=${OBJECTIVE:-step-kto}          # step-kto | kto
+SEED=${SEED:-0}
+ITERATIONS=${ITERATIONS:-3}
+RUNS=${RUNS:-runs}                        # all runs live here; the report covers every run below it
+NPROC=${NPROC:-1}                         # >1: train under torchrun with FSDP2 on NPROC processes/GPUs
+THREADS=${THREADS:-2}                     # torch CPU threads per process
+# ---- the built-in task (embedded default)
+NUM_TRAIN=${NUM_TRAIN:-2000}              # training problems sampled from at every iteration
+NUM_TEST=${NUM_TEST:-500}                 # held-out test problems (never overlapping the train split)
+NUM_SFT=${NUM_SFT:-20000}                 # flawed solutions M0 is trained on (arith_task.FlawRates)
+# ---- seed model M0 (sft from scratch)
+SFT_EPOCHS=${SFT_EPOCHS:-1}
+SFT_LR=${SFT_LR:-3e-3}
+SFT_BATCH=${SFT_BATCH:-64}
+# ---- each iteration
+SAMPLES=${SAMPLES:-4}                     # samples per problem
+TEMPERATURE=${TEMPERATURE:-1.0}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-200}
+LR=${LR:-5e-4}
+EPOCHS=${EPOCHS:-1}
+BATCH=${BATCH:-64}                        # per process
+BETA=${BETA:-0.1}
+W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level term (our reading, see stepkto_loss.py)
+
+PYTHON=${PYTHON:-.venv/bin/python}
+[ -x "$PYTHON" ] || bash setup.sh
+export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false
+
+BASE=$RUNS/seed$SEED                     # data, M0 and its evaluation are shared by both objectives
+RUN=$BASE/$OBJECTIVE
+TRAIN="$PYTHON train.py"
+[ "$NPROC" -gt 1 ] && TRAIN="$PYTHON -m torch.distributed.run --nproc_per_node=$NPROC train.py"
+COMMON=(--prompt_style minimal --num_threads "$THREADS")
+
+echo "== data ($BASE/data)"
+$PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" \
+    --num_sft "$NUM_SFT" --seed "$SEED"
+
+echo "== M0: sft from scratch"
+$TRAIN --objective sft --model scratch --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
+    --learning_rate "$SFT_LR" --num_epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
+
+evaluate() {  # evaluate <model dir> <name> <iteration> <eval dir>
+    $PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
+        --benchmark "$BASE/data/test.jsonl" --results_table "$RUN/results.jsonl" --objective "$OBJECTIVE" \
+        --run_seed "$SEED" --max_new_tokens "$MAX_NEW_TOKENS" "${COMMON[@]}"
+}
+evaluate "$BASE/M0" M0 0 "$BASE/eval/M0"
+
+for i in $(seq 1 "$ITERATIONS"); do
+    prev=$([ "$i" -eq 1 ] && echo "$BASE/M0" || echo "$RUN/M$((i - 1))")
+    echo "== iteration $i: generate with $prev"
+    $PYTHON generate.py --model "$prev" --problems "$BASE/data/train.jsonl" --output "$RUN/iter$i/samples.jsonl" \
+        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --max_new_tokens "$MAX_NEW_TOKENS" \
+        --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
+    $PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" --prm check
+    echo "== iteration $i: train M$i ($OBJECTIVE)"
+    $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
+        --learning_rate "$LR" --num_epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
+        --w_step "$W_STEP" --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
+    evaluate "$RUN/M$i" "M$i" "$i" "$RUN/eval/M$i"
+done
+
+echo "== results"
+$PYTHON report.py --runs "$RUNS" --plot "$RUNS/results.png"

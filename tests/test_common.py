@@ -1,0 +1,109 @@
+"""The JSONL contract (errors that name file, line and field; crash-safe resumable outputs), step
+splitting, prompts and the char-level seed model."""
+
+import json
+
+import pytest
+
+import common
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+SCHEMA = {"id": str, "outcome": bool, "labels": list}
+
+
+def test_read_jsonl_names_file_line_and_field(tmp_path):
+    good = '{"id": "a", "outcome": true, "labels": []}\n'
+    cases = {
+        "bad json": (good + '{"id": "b", "outcome": tru\n', ":2: invalid JSON"),
+        "missing": (good + '{"id": "b", "labels": []}\n', ":2: missing field 'outcome'"),
+        "wrong type": (good + good + '{"id": "c", "outcome": "yes", "labels": []}\n', ":3: field 'outcome' must be bool"),
+        "not an object": ("[1, 2]\n", ":1: expected a JSON object"),
+        "int is not bool": ('{"id": 1, "outcome": true, "labels": []}\n', ":1: field 'id' must be str"),
+    }
+    for name, (text, message) in cases.items():
+        path = write(tmp_path / f"{name}.jsonl", text)
+        with pytest.raises(common.DataError, match=message) as err:
+            common.read_jsonl(path, SCHEMA)
+        assert str(path) in str(err.value), name
+
+
+def test_read_jsonl_empty_and_missing_file(tmp_path):
+    with pytest.raises(common.DataError, match="empty"):
+        common.read_jsonl(write(tmp_path / "e.jsonl", "\n\n"), SCHEMA)
+    with pytest.raises(common.DataError, match="not found"):
+        common.read_jsonl(tmp_path / "nope.jsonl", SCHEMA)
+
+
+def test_bool_is_not_accepted_as_int(tmp_path):
+    path = write(tmp_path / "x.jsonl", '{"n": true}\n')
+    with pytest.raises(common.DataError, match="field 'n' must be int"):
+        common.read_jsonl(path, {"n": int})
+
+
+def rows_of(ids):
+    return [{"id": i, "v": i * 2} for i in ids]
+
+
+def test_resume_drops_cut_chunk_and_truncated_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    chunks = [["a", "b"], ["c", "d"], ["e"]]
+    common.append_chunk(out, rows_of(["a", "b"]))
+    # a kill -9 in the middle of the second chunk's write: one full row and half a line
+    with open(str(out) + ".partial", "a") as f:
+        f.write(json.dumps({"id": "c", "v": 4}) + '\n{"id": "d", "v"')
+    kept, done = common.resume_rows(out, chunks)
+    assert done == 1 and [r["id"] for r in kept] == ["a", "b"]
+    for chunk in chunks[done:]:
+        common.append_chunk(out, rows_of(chunk))
+    common.finish_output(out)
+    assert not (tmp_path / "out.jsonl.partial").exists()
+    assert [r["id"] for r in common.read_jsonl(out)] == ["a", "b", "c", "d", "e"]
+
+
+def test_resume_with_no_partial_and_a_foreign_partial(tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert common.resume_rows(out, [["a"]]) == ([], 0)
+    common.append_chunk(out, rows_of(["z"]))  # rows that do not belong to this input are not kept
+    assert common.resume_rows(out, [["a"]]) == ([], 0)
+
+
+def test_step_spans_and_split():
+    text = "\n2 + 3 = 5\n\n5 * 4 = 20  \n \n\n\nThe answer is \\boxed{20}.\n"
+    steps = common.split_steps(text)
+    assert steps == ["2 + 3 = 5", "5 * 4 = 20", "The answer is \\boxed{20}."]
+    for (a, b), step in zip(common.step_spans(text), steps):
+        assert text[a:b] == step
+    assert common.split_steps("one step only") == ["one step only"]
+    assert common.split_steps("  \n\n ") == []
+
+
+def test_char_tokenizer_and_tiny_llama_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = common.make_char_tokenizer()
+    model = common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128)
+    tok.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    assert common.is_complete_model_dir(tmp_path)
+    tok2, model2 = AutoTokenizer.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)
+    text = "Problem: Compute (12 + 7) * 3.\nSolution:\n12 + 7 = 19\n\nThe answer is \\boxed{57}."
+    enc = tok2(text, return_offsets_mapping=True)
+    assert tok2.decode(enc.input_ids) == text
+    assert all(b - a == 1 for a, b in enc.offset_mapping)  # one token per character
+    assert model2.config.head_dim == 64
+    assert sum(p.numel() for p in model2.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_prompt_minimal_and_chat_template():
+    tok = common.make_char_tokenizer()
+    assert common.build_prompt(tok, "Compute 1 + 2.", "minimal") == "Problem: Compute 1 + 2.\nSolution:\n"
+    plain = common.build_prompt(tok, "Compute 1 + 2.", "instruct")
+    assert "\\boxed{}" in plain and "Compute 1 + 2." in plain and "blank line" in plain
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    chat = common.build_prompt(tok, "Compute 1 + 2.", "instruct")
+    assert chat.startswith("<|user|>Solve") and chat.endswith("<|assistant|>")

@@ -1,0 +1,328 @@
+"""Tests for stepkto_loss.py against independent references: per-prefix forwards of a real tiny
+transformers model, autograd.gradcheck, a real optimizer step, a 2-process torchrun, closed-form values.
+The comparison with TRL's KTOTrainer lives in tests/test_loss_trl.py."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from stepkto_loss import SPANS, estimate_z0, kto_losses, step_logps, step_rewards, stepkto_loss  # noqa: E402
+
+VOCAB_SIZE = 50
+PAD_ID = 0
+
+# (prompt length, token count of each step): unequal prompts, steps and step counts, one row of 1 step.
+EXAMPLES = [(5, [3, 2, 4]), (2, [1, 5]), (7, [2, 2, 2, 3]), (3, [6])]
+NUM_STEPS = max(len(steps) for _, steps in EXAMPLES)
+
+
+def tiny_llama(seed, initializer_range=0.2):
+    """A real LlamaForCausalLM, small enough for CPU tests; a wide init makes log-probs non-uniform."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+        initializer_range=initializer_range, pad_token_id=PAD_ID,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def perturbed_copy(model, seed, scale=0.05):
+    """A reference model near the policy, so that the log-ratios are small but not zero."""
+    reference = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return reference
+
+
+def make_sequences(seed):
+    """Per row: the full token list, the step index of every token (-1 for the prompt), the step lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt_len, step_lens in EXAMPLES:
+        length = prompt_len + sum(step_lens)
+        tokens = torch.randint(1, VOCAB_SIZE, (length,), generator=generator).tolist()
+        ids = [-1] * prompt_len + [k for k, n in enumerate(step_lens) for _ in range(n)]
+        rows.append((tokens, ids, step_lens))
+    return rows
+
+
+def pad_batch(rows):
+    """Right-padded (B, T) input_ids, attention_mask and per-token step ids (-1 on prompt and padding)."""
+    width = max(len(tokens) for tokens, _, _ in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    token_step_ids = torch.full((len(rows), width), -1)
+    for b, (tokens, ids, _) in enumerate(rows):
+        input_ids[b, : len(tokens)] = torch.tensor(tokens)
+        attention_mask[b, : len(tokens)] = 1
+        token_step_ids[b, : len(ids)] = torch.tensor(ids)
+    return input_ids, attention_mask, token_step_ids
+
+
+def token_logps(model, input_ids, attention_mask):
+    """(B, T-1): log p(input_ids[:, j+1] | input_ids[:, :j+1]), from the model's logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    return logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def one_pass_logps(model, rows, span):
+    """step_logps over one batched forward: the implementation under test."""
+    input_ids, attention_mask, token_step_ids = pad_batch(rows)
+    with torch.no_grad():
+        logps = token_logps(model, input_ids, attention_mask)  # (B, T-1)
+    # The log-prob at position j scores token j+1, so it belongs to token j+1's step.
+    return logps, token_step_ids[:, 1:]
+
+
+def per_prefix_logp(model, tokens, step_lens, k, span):
+    """Independent reference: forward the prefix through step k alone and sum the scored tokens."""
+    end = len(tokens) - sum(step_lens[k + 1 :])
+    prefix = torch.tensor([tokens[:end]])
+    with torch.no_grad():
+        logps = token_logps(model, prefix, torch.ones_like(prefix))[0]
+    scored = step_lens[k] if span == "step" else sum(step_lens[: k + 1])
+    return logps[-scored:].sum().item()
+
+
+@pytest.mark.parametrize("span", SPANS)
+def test_step_rewards_one_pass_equal_one_forward_per_prefix(span):
+    policy = tiny_llama(seed=0)
+    reference = perturbed_copy(policy, seed=1)
+    rows = make_sequences(seed=2)
+    policy_logps, step_ids = one_pass_logps(policy, rows, span)
+    ref_logps, _ = one_pass_logps(reference, rows, span)
+
+    one_pass = step_logps(policy_logps, step_ids, NUM_STEPS, span)  # (B, K)
+    rewards = step_rewards(policy_logps, ref_logps, step_ids, NUM_STEPS, span)  # (B, K)
+
+    for b, (tokens, _, step_lens) in enumerate(rows):
+        for k in range(len(step_lens)):
+            expected_policy = per_prefix_logp(policy, tokens, step_lens, k, span)
+            expected_reward = expected_policy - per_prefix_logp(reference, tokens, step_lens, k, span)
+            assert one_pass[b, k].item() == pytest.approx(expected_policy, abs=1e-5)
+            assert rewards[b, k].item() == pytest.approx(expected_reward, abs=1e-5)
+        # Padding step columns (a row with fewer steps than K) add nothing to the step or the prefix.
+        last_real = 0.0 if span == "step" else one_pass[b, len(step_lens) - 1]
+        assert torch.all(one_pass[b, len(step_lens) :] == last_real)
+    # The comparison is not vacuous: rewards are clearly non-zero.
+    assert rewards[0, : len(rows[0][2])].abs().min() > 1e-3
+
+
+def test_step_logps_ignores_unscored_tokens_even_if_not_finite():
+    token_logps_ = torch.tensor([[float("nan"), -1.0, -2.0, float("-inf"), -4.0]])
+    step_ids = torch.tensor([[-1, 0, 2, -1, 2]])  # step 1 has no tokens
+    assert step_logps(token_logps_, step_ids, 3, "step").tolist() == [[-1.0, 0.0, -6.0]]
+    assert step_logps(token_logps_, step_ids, 3, "prefix").tolist() == [[-1.0, -1.0, -7.0]]
+
+
+def test_bad_step_ids_are_named():
+    with pytest.raises(ValueError, match="step_ids must lie in"):
+        step_logps(torch.zeros(1, 3), torch.tensor([[0, 1, 3]]), 3)
+    with pytest.raises(ValueError, match="span"):
+        step_logps(torch.zeros(1, 3), torch.tensor([[0, 1, 2]]), 3, span="suffix")
+    with pytest.raises(ValueError, match="outcome_labels must be a bool"):
+        stepkto_loss(torch.zeros(2), torch.tensor([1, 0]), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool),
+                     torch.zeros(2, 0, dtype=torch.bool), torch.tensor(0.0))
+
+
+def random_batch(seed, batch_size=5, num_steps=4, dtype=torch.float64):
+    """Mixed labels, unequal step counts (row 1 has none), padding steps holding NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    outcome = torch.randn(batch_size, generator=generator, dtype=dtype)
+    outcome_labels = torch.arange(batch_size) % 2 == 0
+    steps = 3 * torch.randn(batch_size, num_steps, generator=generator, dtype=dtype)
+    step_labels = torch.rand(batch_size, num_steps, generator=generator) < 0.5
+    step_labels[0, 0], step_labels[0, 1] = True, False  # both sides present
+    steps_per_row = torch.tensor([num_steps, 0, 2, 1, 3])[:batch_size]
+    step_mask = torch.arange(num_steps)[None, :] < steps_per_row[:, None]
+    steps = steps.masked_fill(~step_mask, float("nan"))
+    return outcome, outcome_labels, steps, step_labels, step_mask
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum"])
+def test_gradcheck_float64_and_no_gradient_into_z0(aggregation):
+    outcome, outcome_labels, steps, step_labels, step_mask = random_batch(seed=0)
+    z0 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    z0_step = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def loss_of(outcome_, steps_):
+        return stepkto_loss(outcome_, outcome_labels, steps_, step_labels, step_mask, z0, z0_step,
+                            beta=0.5, lambda_d=1.3, lambda_u=0.7, w_outcome=0.6, w_step=1.5,
+                            step_aggregation=aggregation)[0]
+
+    # gradcheck compares against finite differences; NaN padding must stay out of both.
+    outcome.requires_grad_(True)
+    steps.requires_grad_(True)
+    assert torch.autograd.gradcheck(loss_of, (outcome, steps))
+    loss_of(outcome, steps).backward()
+    assert z0.grad is None and z0_step.grad is None
+    assert torch.isfinite(steps.grad).all() and torch.all(steps.grad[~step_mask] == 0)
+
+
+def test_gradcheck_through_step_rewards_prefix_span():
+    generator = torch.Generator().manual_seed(3)
+    policy = torch.randn(2, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    step_ids = torch.tensor([[-1, 0, 0, 1, 2, -1], [-1, -1, 0, 1, 1, 1]])
+    step_labels = torch.tensor([[True, False, True], [False, True, True]])
+    step_mask = torch.tensor([[True, True, True], [True, True, False]])
+
+    def loss_of(policy_):
+        rewards = step_rewards(policy_, ref, step_ids, 3, span="prefix")
+        outcome = rewards[:, -1]
+        return stepkto_loss(outcome, step_labels[:, 0], rewards, step_labels, step_mask, torch.tensor(0.1))[0]
+
+    assert torch.autograd.gradcheck(loss_of, (policy,))
+
+
+def test_estimate_z0_is_detached_clamped_mean():
+    logratios = torch.tensor([0.5, -0.1, 1.0], requires_grad=True)
+    z0 = estimate_z0(logratios)
+    assert not z0.requires_grad
+    assert z0.item() == pytest.approx(1.4 / 3)
+    assert estimate_z0(torch.tensor([-1.0, 0.2])).item() == 0.0  # negative mean clamps to 0
+    assert estimate_z0(torch.zeros(0)).item() == 0.0  # no items: 0, not NaN
+
+
+def test_estimate_z0_torchrun_two_ranks_unequal_counts():
+    worker = REPO_ROOT / "tests" / "dist_z0_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Both ranks checked every case (the worker prints one line per rank and case).
+    assert result.stdout.count("z0 OK") == 2 * 3, result.stdout
+
+
+def test_kto_losses_closed_form_points():
+    """At r = z0 the value is lambda * sigmoid(0) = lambda / 2 on both sides; far from z0 it saturates."""
+    z0 = torch.tensor(0.4)
+    rewards = torch.tensor([0.4, 0.4, 1e4, -1e4, 1e4, -1e4])
+    desirable = torch.tensor([True, False, True, True, False, False])
+    losses = kto_losses(rewards, desirable, z0, beta=0.1, lambda_d=2.0, lambda_u=0.5)
+    assert losses.tolist() == pytest.approx([1.0, 0.25, 0.0, 2.0, 0.5, 0.0])
+
+
+def check_finite(loss, metrics):
+    assert torch.isfinite(loss)
+    for name, value in metrics.items():
+        assert not value.requires_grad, name
+        assert torch.isfinite(value).all(), name
+
+
+def test_all_desirable_and_all_undesirable_drop_the_absent_side():
+    outcome, _, steps, _, step_mask = random_batch(seed=1)
+    for side, absent in (("desirable", "undesirable"), ("undesirable", "desirable")):
+        labels = torch.full((5,), side == "desirable")
+        step_labels = torch.full((5, 4), side == "desirable")
+        loss, metrics = stepkto_loss(outcome, labels, steps, step_labels, step_mask, torch.tensor(0.2))
+        check_finite(loss, metrics)
+        for level in ("outcome", "step"):
+            assert f"rewards/{level}_{side}" in metrics and f"count/{level}_{side}" in metrics
+            assert f"rewards/{level}_{absent}" not in metrics and f"count/{level}_{absent}" not in metrics
+        assert metrics["count/step_" + side].item() == step_mask.sum().item()
+
+
+def test_completion_without_steps_is_left_out_of_the_step_mean():
+    outcome, labels, steps, step_labels, step_mask = random_batch(seed=2)
+    assert not step_mask[1].any()
+    z0 = torch.tensor(0.2, dtype=torch.float64)
+    _, metrics = stepkto_loss(outcome, labels, steps, step_labels, step_mask, z0)
+    # Reference built from kto_losses row by row, over the four rows that have steps.
+    row_means = [kto_losses(steps[b][step_mask[b]], step_labels[b][step_mask[b]], z0).mean()
+                 for b in range(5) if step_mask[b].any()]
+    assert metrics["loss/step"].item() == pytest.approx(torch.stack(row_means).mean().item(), abs=1e-12)
+    _, summed = stepkto_loss(outcome, labels, steps, step_labels, step_mask, z0, step_aggregation="sum")
+    row_sums = [kto_losses(steps[b][step_mask[b]], step_labels[b][step_mask[b]], z0).sum()
+                for b in range(5) if step_mask[b].any()]
+    assert summed["loss/step"].item() == pytest.approx(torch.stack(row_sums).mean().item(), abs=1e-12)
+
+
+def test_padding_steps_change_nothing():
+    outcome, labels, steps, step_labels, step_mask = random_batch(seed=4)
+    z0 = torch.tensor(0.1, dtype=torch.float64)
+    loss, _ = stepkto_loss(outcome, labels, steps, step_labels, step_mask, z0)
+    wider = torch.cat([steps, torch.full((5, 3), float("nan"), dtype=steps.dtype)], dim=1)  # 3 more pad steps
+    wider_labels = torch.cat([step_labels, torch.ones(5, 3, dtype=torch.bool)], dim=1)
+    wider_mask = torch.cat([step_mask, torch.zeros(5, 3, dtype=torch.bool)], dim=1)
+    wider_loss, metrics = stepkto_loss(outcome, labels, wider, wider_labels, wider_mask, z0)
+    check_finite(wider_loss, metrics)
+    assert wider_loss.item() == pytest.approx(loss.item(), abs=1e-12)
+
+
+def test_batch_of_one_and_weights_select_terms():
+    outcome, labels = torch.tensor([0.8]), torch.tensor([True])
+    steps, step_labels, step_mask = torch.tensor([[0.5, -2.0]]), torch.tensor([[True, False]]), torch.ones(1, 2, dtype=torch.bool)
+    z0, z0_step = torch.tensor(0.3), torch.tensor(0.9)
+    loss, metrics = stepkto_loss(outcome, labels, steps, step_labels, step_mask, z0, z0_step, w_outcome=0.5, w_step=2.0)
+    check_finite(loss, metrics)
+    outcome_loss = kto_losses(outcome, labels, z0).mean()
+    step_loss = kto_losses(steps[0], step_labels[0], z0_step).mean()  # the step term uses z0_step
+    assert loss.item() == pytest.approx(0.5 * outcome_loss.item() + 2.0 * step_loss.item(), abs=1e-6)
+    assert metrics["kl/z0_step"].item() == pytest.approx(0.9)
+
+    plain_kto, plain_metrics = stepkto_loss(outcome, labels, steps, step_labels, step_mask, z0, w_step=0.0)
+    assert plain_kto.item() == pytest.approx(outcome_loss.item(), abs=1e-7)
+    assert "loss/step" not in plain_metrics and "kl/z0_step" not in plain_metrics
+    step_only, step_metrics = stepkto_loss(outcome, labels, steps, step_labels, step_mask, z0, w_outcome=0.0)
+    assert "loss/outcome" not in step_metrics
+    # z0_step=None: the steps reuse the outcome-level z0 (our default).
+    assert step_only.item() == pytest.approx(kto_losses(steps[0], step_labels[0], z0).mean().item(), abs=1e-7)
+
+
+def test_no_real_steps_skips_the_step_term_and_stays_differentiable():
+    outcome = torch.tensor([0.3, -0.2], requires_grad=True)
+    labels = torch.tensor([True, False])
+    no_steps = (torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.bool))
+    loss, metrics = stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0))
+    assert "loss/step" not in metrics and not any(key.endswith(("step_desirable", "step_undesirable")) for key in metrics)
+    assert loss.item() == pytest.approx(metrics["loss/outcome"].item())
+    step_only, _ = stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0), w_outcome=0.0)
+    step_only.backward()  # zero loss, still on the graph
+    assert step_only.item() == 0.0 and torch.all(outcome.grad == 0)
+    with pytest.raises(ValueError, match="not both 0"):
+        stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0), w_outcome=0.0, w_step=0.0)
+
+
+def test_one_optimizer_step_moves_step_logps_by_label():
+    """A real tiny model: desirable steps become more likely, undesirable ones less likely."""
+    policy = tiny_llama(seed=5, initializer_range=0.02)
+    reference = copy.deepcopy(policy)
+    rows = make_sequences(seed=6)
+    input_ids, attention_mask, token_step_ids = pad_batch(rows)
+    step_ids = token_step_ids[:, 1:]
+    step_mask = torch.tensor([[k < len(steps) for k in range(NUM_STEPS)] for _, _, steps in rows])
+    step_labels = torch.tensor([[True, False, True, False], [False, True, False, False],
+                                [True, True, False, False], [False, False, False, False]])
+    outcome_labels = torch.tensor([True, False, True, False])
+
+    def step_logps_of(model):
+        return step_logps(token_logps(model, input_ids, attention_mask), step_ids, NUM_STEPS)  # (B, K)
+
+    with torch.no_grad():
+        ref_steps = step_logps_of(reference)
+        before = step_logps_of(policy)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    policy_steps = step_logps_of(policy)
+    rewards = policy_steps - ref_steps
+    completion_rewards = (rewards * step_mask).sum(dim=1)  # span "step" sums to the completion log-ratio
+    loss, _ = stepkto_loss(completion_rewards, outcome_labels, rewards, step_labels, step_mask, torch.tensor(0.0),
+                           w_outcome=0.0)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        change = step_logps_of(policy) - before  # (B, K)
+    assert torch.all(change[step_mask & step_labels] > 0), change
+    assert torch.all(change[step_mask & ~step_labels] < 0), change
