@@ -97,10 +97,11 @@ def sampled_metrics(rows: list[dict], k: int, timeout_s: float = 5.0) -> dict:
     by_problem = defaultdict(list)
     for r in rows:
         by_problem[r["problem_id"]].append(r)
-    majority = {pid: grading.majority_answer([r["pred"] for r in rs if r["pred"] is not None]) for pid, rs in by_problem.items()}
     pids = list(by_problem)
+    votes = [[r["pred"] for r in by_problem[pid] if r["pred"] is not None] for pid in pids]
+    majority = grading.majority_answers(votes, timeout_s=timeout_s)  # one worker pool for all problems
     golds = [by_problem[pid][0]["answer"] for pid in pids]
-    maj_correct = grading.grade_answers(golds, [majority[pid] for pid in pids], timeout_s=timeout_s)
+    maj_correct = grading.grade_answers(golds, majority, timeout_s=timeout_s)
     ser, _ = stepwise_error_rate(rows)
     n = len(pids)
     return {
@@ -158,5 +159,5 @@ if __name__ == "__main__":
     (parsed,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     try:
         main(parsed)
-    except common.DataError as e:
+    except ValueError as e:  # common.DataError and grading's loader errors name file, line and field
         sys.exit(f"error: {e}")

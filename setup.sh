@@ -15,6 +15,9 @@ install_core() {
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q torch==2.13.0   # first: any other torch spec pulls a multi-GB CUDA build
     .venv/bin/pip install -q -r requirements.txt
+    # TRL 1.16 (for the KTO cross-check) no longer ships PRMTrainer; the stepwise-supervision test
+    # imports it from TRL 0.29, the last release with it, kept apart on its own path
+    .venv/bin/pip install -q --no-deps --target .venv/trl-prm trl==0.29.0
     echo "$want" > "$stamp"
 }
 

@@ -1,0 +1,451 @@
+"""The embedded default task: multi-step integer arithmetic whose every step can be checked exactly.
+
+Sized so that a tiny char-level model trained from scratch on a few CPU cores can learn it; its
+step labels come from an exact checker where Step-KTO (arXiv 2501.10799, Sec. 3) uses a PRM.
+
+Problems: `Compute (12 + 7) * 3 - 45.`, 2..6 operations over +, -, * and brackets, built top-down
+from the answer, so every intermediate value is a non-negative integer, every * operand is in
+2..12 and every number in the text is <= max_number (difficulty: operations and max_number).
+Solutions: one `a op b = c` per step, steps separated by a blank line, in canonical order (deepest
+brackets first, then * before +/-, then left to right), last step `The answer is \\boxed{12}.`
+Splits: a problem is test-eligible iff sha1(text) mod 100 < 20, so no split of any seed overlaps
+the other split of any seed.
+
+Flawed SFT data (`write_solution`): at the first step where a slip is drawn the writer states a
+deterministic wrong result, a habit that depends on the operands (so a model can learn it):
+  hard steps, rate `p_slip_hard`: + with a carry out of a non-top column drops it (58 + 67 = 115);
+    - with a borrow does not pay it back (52 - 17 = 45); * with a product >= HARD_PRODUCT adds one
+    multiple of a (7 * 8 = 63);
+  easy steps, rate `p_slip_easy`: + and - are off by one (12 + 7 = 20); * as above (3 * 4 = 15).
+At most one slip per solution. With probability `p_silent` the slip is "silent": the step that
+consumes the slipped value uses the TRUE value (if the slip is in the last operation, the boxed
+answer does), so the answer stays right (right answer, wrong reasoning). Otherwise it is
+"propagating": later steps compute correctly on the wrong value, so the answer is wrong.
+
+Checkers: `check_steps` replays a solution on the problem's expression tree; `check_equations`
+judges any text (ProcessBench, real model outputs) by the arithmetic equations it states.
+
+Command line (run.sh): writes train.jsonl and test.jsonl ({id, problem, answer, solution}) and
+sft.jsonl ({id, problem, answer, completion, flaw}: flawed solutions of train problems) to a folder:
+    python arith_task.py --output_dir runs/seed0/data --num_train 2000 --num_test 500 --num_sft 20000
+"""
+import argparse
+import ast
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+HARD_PRODUCT = 40  # products from here on are beyond the small times tables
+TEST_PERCENT = 20  # share of the problem space (by text hash) reserved for test splits
+OPERATORS = set("+-*/^")
+_AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "^"}
+_PRECEDENCE = {"+": 0, "-": 0, "*": 1}
+_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
+
+
+@dataclass
+class Node:
+    """An expression node: a leaf (op None) holding `value`, or `left op right`."""
+
+    value: Fraction | None = None
+    op: str | None = None
+    left: "Node | None" = None
+    right: "Node | None" = None
+    depth: int = 0  # brackets around the operator: deeper brackets are reduced first
+    pos: int = 0  # where the operator is: left to right among equals
+    true_value: Fraction | None = None  # the value when every step is done right
+
+
+@dataclass(frozen=True)
+class FlawRates:
+    """Slip rates of `write_solution` (definitions in the module docstring). With the defaults,
+    20000 train problems (seed 0, `python arith_task.py --output_dir D`) got 74.7% flawless,
+    17.9% propagating and 7.4% silent solutions."""
+
+    p_slip_easy: float = 0.03  # per step without carry/borrow and with a product < HARD_PRODUCT
+    p_slip_hard: float = 0.15  # per step with a carry, a borrow, or a product >= HARD_PRODUCT
+    p_silent: float = 0.3  # share of slipped solutions whose consumer step uses the true value
+
+    def __post_init__(self):
+        for name, p in vars(self).items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"FlawRates.{name} must be in [0, 1], got {p}")
+
+
+# ----------------------------------------------------------------------------- parsing
+def tokenize(text: str) -> list[str]:
+    """Numbers, operators and brackets; any other non-space character is a junk token."""
+    return re.findall(r"\d+(?:\.\d+)?|\.\d+|[-+*/^()%]|\S", text)
+
+
+def apply_op(op: str, a: Fraction, b: Fraction) -> Fraction:
+    """Exact a op b; ValueError for division by zero and for huge or fractional powers."""
+    if (op == "/" and b == 0) or (op == "^" and (b.denominator != 1 or abs(b) > 12)):
+        raise ValueError(f"{a} {op} {b} is not evaluated")
+    return {"+": a + b, "-": a - b, "*": a * b}[op] if op in "+-*" else a / b if op == "/" else a ** int(b)
+
+
+def parse_expression(text: str, percent: Fraction = Fraction(1)) -> Node:
+    """Tree of +, -, *, /, ^ (unary minus as 0 - x), every node with its `true_value`; `N%` is
+    N * percent. Python's ast does the parsing; numbers become names, so nothing is evaluated
+    by Python and "0.1" stays exact. ValueError if malformed."""
+    tokens, source, values = tokenize(text), [], []
+    for i, token in enumerate(tokens):
+        if _NUMBER.fullmatch(token):
+            values.append(Fraction(token) * (percent if tokens[i + 1:i + 2] == ["%"] else 1))
+            source.append(f"n{len(values) - 1}")
+        elif token == "%" and i > 0 and _NUMBER.fullmatch(tokens[i - 1]):
+            continue  # folded into the number before it
+        elif token in ("+", "-", "*", "/", "^", "(", ")"):
+            source.append("**" if token == "^" else token)
+        else:
+            raise ValueError(f"not an arithmetic expression: {text!r}")
+    source = " ".join(source)
+    try:
+        return _to_node(ast.parse(source, mode="eval").body, source, values)
+    except SyntaxError as error:
+        raise ValueError(f"not an arithmetic expression: {text!r}") from error
+
+
+def _to_node(tree: ast.AST, source: str, values: list[Fraction]) -> Node:
+    if isinstance(tree, ast.Name) and tree.id[1:].isdigit():
+        return Node(value=values[int(tree.id[1:])], true_value=values[int(tree.id[1:])])
+    if isinstance(tree, ast.UnaryOp) and isinstance(tree.op, ast.USub):
+        left, right = Node(value=Fraction(0), true_value=Fraction(0)), _to_node(tree.operand, source, values)
+    elif isinstance(tree, ast.BinOp) and type(tree.op) in _AST_OPS:
+        left, right = _to_node(tree.left, source, values), _to_node(tree.right, source, values)
+    else:
+        raise ValueError(f"unsupported {type(tree).__name__} in an arithmetic expression")
+    op = "-" if isinstance(tree, ast.UnaryOp) else _AST_OPS[type(tree.op)]
+    before = source[:tree.col_offset]
+    return Node(op=op, left=left, right=right, depth=before.count("(") - before.count(")"),
+                pos=tree.left.end_col_offset if isinstance(tree, ast.BinOp) else tree.col_offset,
+                true_value=apply_op(op, left.true_value, right.true_value))
+
+
+def _op_nodes(node: Node):
+    if node.op is not None:
+        yield node
+        yield from _op_nodes(node.left)
+        yield from _op_nodes(node.right)
+
+
+def _canonical_key(node: Node) -> tuple:
+    return (-node.depth, node.op != "*", node.pos)
+
+
+def _is_reducible(node: Node) -> bool:
+    return node.left.op is None and node.right.op is None
+
+
+def _reduce(node: Node, value: Fraction) -> None:
+    node.op, node.value, node.left, node.right = None, Fraction(value), None, None
+
+
+# ----------------------------------------------------------------------------- problems and splits
+def _factor_pairs(value: int) -> list[tuple[int, int]]:
+    return [(a, value // a) for a in range(2, 13) if value % a == 0 and 2 <= value // a <= 12]
+
+
+def _build(rng: random.Random, n_ops: int, value: int, max_number: int) -> Node:
+    """A random tree with `n_ops` operations and value `value`, built top-down so that every
+    intermediate value is a non-negative integer."""
+    if n_ops == 0:
+        return Node(value=Fraction(value))
+    op = rng.choice(["-"] + ["+"] * (value >= 2) + ["*"] * bool(_factor_pairs(value)))
+    if op == "+":
+        a = rng.randint(1, value - 1)
+        b = value - a
+    elif op == "-":
+        b = rng.randint(1, max_number)
+        a = value + b
+    else:
+        a, b = rng.choice(_factor_pairs(value))
+    n_left = rng.randint(0, n_ops - 1)
+    left = _build(rng, n_left, a, max_number)
+    return Node(op=op, left=left, right=_build(rng, n_ops - 1 - n_left, b, max_number))
+
+
+def _render(node: Node) -> str:
+    """Infix text with exactly the brackets that make the parser rebuild the same tree."""
+    if node.op is None:
+        return str(node.value)
+
+    def side(child: Node, is_right: bool) -> str:
+        tighter = child.op is None or _PRECEDENCE[child.op] > _PRECEDENCE[node.op]
+        same = child.op is not None and _PRECEDENCE[child.op] == _PRECEDENCE[node.op]
+        return _render(child) if tighter or (same and not is_right) else f"({_render(child)})"
+
+    return f"{side(node.left, False)} {node.op} {side(node.right, True)}"
+
+
+def random_expression(rng: random.Random, n_ops: int, max_number: int = 99) -> str:
+    """An expression with `n_ops` operations whose numbers are all <= max_number."""
+    while True:  # rejection: a - b can need a left number above max_number
+        text = _render(_build(rng, n_ops, rng.randint(0, max_number), max_number))
+        if max(int(number) for number in re.findall(r"\d+", text)) <= max_number:
+            return text
+
+
+def is_test_problem(problem: str) -> bool:
+    """Split by a stable hash of the text, independent of seeds: splits never overlap."""
+    return int(hashlib.sha1(problem.encode()).hexdigest(), 16) % 100 < TEST_PERCENT
+
+
+def make_split(split: str, n: int, seed: int, min_ops: int = 2, max_ops: int = 6,
+               max_number: int = 99) -> list[dict]:
+    """`n` distinct rows {"id", "problem", "answer", "solution"} of `split` ("train" or "test")."""
+    if split not in ("train", "test") or not 1 <= min_ops <= max_ops:
+        raise ValueError(f"make_split: bad split={split!r} or ops range {min_ops}..{max_ops}")
+    rng, rows, seen = random.Random(f"arith-{split}-{seed}"), [], set()
+    while len(rows) < n:
+        expression = random_expression(rng, rng.randint(min_ops, max_ops), max_number)
+        problem = f"Compute {expression}."
+        if problem in seen or is_test_problem(problem) != (split == "test"):
+            continue
+        seen.add(problem)
+        rows.append({"id": f"arith-{split}-{len(rows):06d}", "problem": problem,
+                     "answer": str(parse_expression(expression).true_value),
+                     "solution": _solve(expression, lambda a, op, b: "none")[0]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- solutions and flaws
+def _columns(a: int, b: int, combine) -> int:
+    """Column arithmetic that never carries: every column but the top one keeps its last digit."""
+    width = max(len(str(a)), len(str(b)))
+    digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    columns = [combine(int(x), int(y)) for x, y in zip(digits_a, digits_b)]
+    return sum((c if i == width - 1 else c % 10) * 10**i for i, c in enumerate(columns))
+
+
+def _habit(a: int, op: str, b: int) -> int:
+    """The careless result of a hard step (for + and - it equals the truth when nothing carries)."""
+    if op == "+":
+        return _columns(a, b, lambda x, y: x + y)  # dropped carry: 58 + 67 = 115
+    if op == "-":
+        return _columns(a, b, lambda x, y: x - y)  # borrow not paid back: 52 - 17 = 45
+    return a * b + a  # one row too many: 7 * 8 = 63
+
+
+def is_hard_step(a: int, op: str, b: int) -> bool:
+    """A carry or borrow is involved, or the product is beyond the small times tables."""
+    return a * b >= HARD_PRODUCT if op == "*" else _habit(a, op, b) != apply_op(op, a, b)
+
+
+def slipped_result(a: int, op: str, b: int) -> int:
+    """The deterministic wrong result written for a op b (always differs from the true one)."""
+    if op == "*" or is_hard_step(a, op, b):
+        return _habit(a, op, b)
+    return int(apply_op(op, Fraction(a), Fraction(b))) + 1  # easy + and -: off by one
+
+
+def _solve(expression: str, decide_flaw) -> tuple[str, str]:
+    """Canonical solution; `decide_flaw(a, op, b)` -> "none" | "propagating" | "silent" is asked
+    at each step until it returns a flaw, and that step states `slipped_result`."""
+    root, lines, flaw = parse_expression(expression), [], "none"
+    while node := min(filter(_is_reducible, _op_nodes(root)), key=_canonical_key, default=None):
+        a, op, b = int(node.left.value), node.op, int(node.right.value)
+        true = stated = int(apply_op(op, Fraction(a), Fraction(b)))
+        if flaw == "none":
+            flaw = decide_flaw(a, op, b)
+            stated = true if flaw == "none" else slipped_result(a, op, b)
+        lines.append(f"{a} {op} {b} = {stated}")
+        _reduce(node, true if flaw == "silent" else stated)  # silent: later steps use the truth
+    return "\n\n".join(lines + [f"The answer is \\boxed{{{root.value}}}."]), flaw
+
+
+def write_solution(rng: random.Random, expression_or_problem: str, rates: FlawRates) -> tuple[str, str]:
+    """A canonical solution with at most one slip: (text, flaw in "none" | "propagating" | "silent")."""
+    def decide_flaw(a: int, op: str, b: int) -> str:
+        if rng.random() >= (rates.p_slip_hard if is_hard_step(a, op, b) else rates.p_slip_easy):
+            return "none"
+        return "silent" if rng.random() < rates.p_silent else "propagating"
+
+    return _solve(_expression_of(expression_or_problem), decide_flaw)
+
+
+def _expression_of(problem: str) -> str:
+    return re.sub(r"^Compute\s+|\.$", "", problem.strip())
+
+
+def is_arith_problem(problem: str) -> bool:
+    """True for this task's problem texts (label.py then uses the exact `check_steps`)."""
+    if not re.fullmatch(r"Compute [\d+\-*() ]+\.", problem):
+        return False
+    return _value(tokenize(_expression_of(problem))) is not None
+
+
+# ----------------------------------------------------------------------------- exact step checker
+TASK_EQUATION = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
+BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}|\\boxed\{")
+
+
+def check_steps(problem: str, steps: list[str]) -> list[bool]:
+    """Replay `steps` on the problem's expression tree; True marks a right step.
+
+    `a op b = c` is right iff it reduces a reducible node (both children numbers) holding (a, b)
+    under op and c is the true a op b; the node then holds c, even a wrong c, so later steps are
+    judged against what was produced. A step whose operands no reducible node holds is wrong; if
+    an unreduced node's TRUE operands are (a, b) (a silent slip, a skipped step) that node still
+    becomes c so that later steps can be right again. `\\boxed{x}` is right iff the tree is fully
+    reduced to x. A step with neither (garbage) is wrong."""
+    root = parse_expression(_expression_of(problem))
+    return [_check_step(root, step) for step in steps]
+
+
+def _check_step(root: Node, step: str) -> bool:
+    equation, boxed = TASK_EQUATION.search(step), BOXED.search(step)
+    right = equation is not None or boxed is not None
+    if equation:
+        a, op, b, c = (Fraction(x) if i != 1 else x for i, x in enumerate(equation.groups()))
+        right = _apply_step(root, a, op, b, c)
+    if boxed:  # the root holds a value only once fully reduced; `\boxed{abc}` has no group 1
+        right = right and boxed.group(1) is not None and root.value == int(boxed.group(1))
+    return right
+
+
+def _apply_step(root: Node, a: Fraction, op: str, b: Fraction, c: Fraction) -> bool:
+    nodes = sorted(_op_nodes(root), key=_canonical_key)
+    for node in nodes:
+        if node.op == op and _is_reducible(node) and (node.left.value, node.right.value) == (a, b):
+            _reduce(node, c)
+            return c == apply_op(op, a, b)
+    for node in nodes:  # re-synchronise on operands that were never produced
+        if node.op == op and (node.left.true_value, node.right.true_value) == (a, b):
+            _reduce(node, c)
+            return False
+    return False
+
+
+# ----------------------------------------------------------------------------- equations in any text
+_REWRITES = [  # in order: LaTeX, markdown, currency, remarks and units -> plain arithmetic
+    (r"(\d+)[ \t]*\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)"),  # mixed number 4\frac{5}{8}
+    (r"\\text\{([^{}]*)\}", r" \1 "), (r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))"),
+    (r"\^\{([^{}]*)\}", r"^(\1)"), (r"\{,\}|\\!|\\left|\\right", ""), (r"\\%", "%"), (r"\*\*", " "),
+    (r"\\times|\\cdot|[×·⋅∗]", "*"), (r"\\div|÷", "/"), (r"[−–]", "-"),
+    (r"\\[()\[\]]", "\n"), (r"\\[,; ]", " "), (r"\\?\$|[€£]", ""),  # math delimiters end a run
+    (r"(?<=\d),(?=\d{3}(?!\d))", ""),  # 1,000 -> 1000
+    (r"(\d%?)[ \t]+of[ \t]+(?=[\d(])", r"\1 * "),  # 1/3 of 18, 20% of 50
+    (r"[ \t]*\([A-Za-z][A-Za-z' ]+\)", ""),  # remarks: 9 (red) + 14 (blue)
+    # units between a number and an operator: 33 classes * 15 students/class = 495 students
+    (r"([\d)]%?)(?:(?:[ \t]+[A-Za-z]{2,}){1,2}"  # one or two words ...
+     r"(?:[ \t]*/[ \t]*[A-Za-z]{2,}|[ \t]+(?:per|of)[ \t]+[A-Za-z]{2,})?"  # ... then /unit, per unit
+     r"|[ \t]*/[ \t]*[A-Za-z]{2,})\b(?=[ \t]*(?:[+*/=)](?![ \t]*[A-Za-z])|[-x][ \t]))", r"\1"),
+    (r"(?<=[\d)%])[ \t]*[xX][ \t]*(?=[\d(.])", " * "),  # 2 x 3
+    (r"(?<![\d.])\d+(?:\.\d+)?[a-zA-Z]\b", " var "),  # 1.5x, 2f: a variable, not a number
+    (r"(?<=[\d)])\(", "*("), (r"\)(?=\d)", ")*"),  # implicit products: 2(5), (3)(4)
+]
+_MATH_RUN = re.compile(r"[\d.+\-*/^()%= \t]*=[\d.+\-*/^()%= \t]*")
+_WORDY = re.compile(r"[\w\\{}\[\]@|]")  # a run touching one is inside a formula: p(1), a_1^3, 3\pi
+GLUED = "~"  # token marking such a side: nothing next to it is a whole expression
+
+
+def _equation_sides(text: str):
+    """(left tokens, right tokens) around every `=` in every run of arithmetic characters."""
+    for pattern, replacement in _REWRITES:
+        text = re.sub(pattern, replacement, text)
+    for match in _MATH_RUN.finditer(text):
+        run, start, end = match.group(), match.start(), match.end()
+        if _WORDY.fullmatch(text[start - 1:start]) and not run[0].isspace():
+            run = run[1:] if run[0] == ")" else GLUED + run  # `(see above) 5 + 3`, else glued
+        if _WORDY.fullmatch(text[end:end + 1]) and not run[-1].isspace():
+            run = run[:-1] if run[-1] == "(" else run + GLUED  # `= 12 (for ...`, else glued
+        parts = [tokenize(part) for part in run.split("=")]
+        yield from zip(parts, parts[1:])
+
+
+def _value(tokens: list[str], percent: Fraction = Fraction(1)) -> Fraction | None:
+    try:
+        return parse_expression(" ".join(tokens), percent).true_value
+    except ValueError:
+        return None
+
+
+def _left_expression(tokens: list[str]) -> list[str]:
+    """Longest parseable tail not cut out of a longer expression (`2x + 3`: none)."""
+    for start in range(len(tokens)):
+        if start > 0 and tokens[start - 1] in OPERATORS | {")", GLUED}:
+            continue  # `2x + 3`, `(1)(2 + 3)`: the expression goes on to the left
+        if tokens[start] != "-" and _value(tokens[start:]) is not None:  # `x - 3 = 7`
+            return tokens[start:]
+    return []
+
+
+def _right_expression(tokens: list[str]) -> list[str]:
+    """Longest parseable head not cut out of a longer expression (`= 495 students.` -> 495)."""
+    for end in range(len(tokens), 0, -1):
+        if end < len(tokens) and tokens[end] in OPERATORS | {"(", GLUED}:
+            continue  # `(1)/(x)`, `12 - x`, `3\pi`: the expression goes on to the right
+        if _value(tokens[:end]) is not None:
+            return tokens[:end]
+    return []
+
+
+def _matches(value: Fraction, stated: list[str], percent: Fraction) -> bool:
+    """`stated` equals `value`; a single number may be rounded or truncated at its last digit
+    (10/3 = 3.33 or 3.34; 370/110 = 3.363...) but only where `value` needs it (2 + 3 = 6 is false)."""
+    numbers, stated_value = _NUMBER.findall(" ".join(stated)), _value(stated, percent)
+    if stated_value is None or len(numbers) != 1:
+        return value == stated_value
+    unit = Fraction(1, 10 ** len(numbers[0].partition(".")[2])) * (percent if "%" in stated else 1)
+    return value == stated_value if (value / unit).denominator == 1 else abs(value - stated_value) < unit
+
+
+def check_equations(step: str) -> bool:
+    """False iff the text states an equation with an operator on its left that is false under both
+    readings of `%` (a unit, or /100); in a chain `2 + 3 = 5 + 1 = 6` each side may also equal the
+    next side's first number. Whatever cannot be parsed is ignored."""
+    for left_tokens, right_tokens in _equation_sides(step):
+        left, right = _left_expression(left_tokens), _right_expression(right_tokens)
+        if not right or not OPERATORS & set(left):
+            continue  # not a computation: `1 hour = 60 minutes`, `x = 5`, `Time to 400 degrees = 28`
+        head = right[:2] if right[1:2] == ["%"] else right[:1]
+        readings = (Fraction(1), Fraction(1, 100)) if "%" in left + right else (Fraction(1),)
+        if not any(_matches(_value(left, p), side, p) for p in readings for side in (right, head)):
+            return False
+    return True
+
+
+def label_steps_by_equations(steps: list[str]) -> list[bool]:
+    """One label per step: True unless the step states a false equation."""
+    return [check_equations(step) for step in steps]
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> None:
+    defaults = FlawRates()
+    parser = argparse.ArgumentParser(description="Write the arithmetic task's train/test/sft JSONL files.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_train", type=int, default=2000)
+    parser.add_argument("--num_test", type=int, default=500)
+    parser.add_argument("--num_sft", type=int, default=20000, help="flawed solutions of train problems")
+    parser.add_argument("--seed", type=int, default=0)
+    for name, value in vars(defaults).items():
+        parser.add_argument(f"--{name}", type=float, default=value)
+    args = parser.parse_args(argv)
+    import common  # imports torch: only the command line needs its crash-safe writer
+
+    out = common.Path(args.output_dir)
+    if all((out / f"{name}.jsonl").exists() for name in ("train", "test", "sft")):
+        print(f"{out}: data is complete; nothing to do.")
+        return
+    rates = FlawRates(**{name: getattr(args, name) for name in vars(defaults)})
+    common.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed))
+    common.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed))
+    rng, sft = random.Random(f"arith-sft-{args.seed}"), []
+    for i, row in enumerate(make_split("train", args.num_sft, args.seed)):  # M0 sees train problems only
+        completion, flaw = write_solution(rng, row["problem"], rates)
+        sft.append({"id": f"arith-sft-{i:06d}", "problem": row["problem"], "answer": row["answer"],
+                    "completion": completion, "flaw": flaw})
+    common.write_jsonl_atomic(out / "sft.jsonl", sft)
+    shares = {flaw: round(sum(r["flaw"] == flaw for r in sft) / max(len(sft), 1), 4)
+              for flaw in ("none", "propagating", "silent")}
+    print(f"wrote {args.num_train} train, {args.num_test} test, {len(sft)} sft rows to {out}; "
+          f"sft flaws {shares}")
+
+
+if __name__ == "__main__":
+    main()

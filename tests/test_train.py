@@ -1,0 +1,306 @@
+"""Tests for train.py with real tiny Llama models through real transformers / torch calls.
+
+In-process runs call train.main; exit codes, torchrun (2 gloo ranks, FSDP2) and kill -9 run train.py as a
+subprocess. Exact comparisons (two ranks vs one process, resumed vs uninterrupted) use --dtype float64:
+in float32 Adam's first steps (update ~ lr * sign(grad)) blow reduction-order noise in near-zero
+gradients up to ~lr, which would hide a real mismatch behind a loose tolerance.
+"""
+
+import hashlib
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import common  # noqa: E402
+import train  # noqa: E402
+from common import DataError  # noqa: E402
+
+TINY = dict(hidden_size=64, num_layers=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return common.make_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny Llama (char tokenizer): the policy and reference of the KTO tests."""
+    path = tmp_path_factory.mktemp("models") / "m0"
+    model = common.make_tiny_llama(tokenizer, **TINY, seed=1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def label_rows(tokenizer, count=16) -> list[dict]:
+    """label.py-style rows: blank-line separated steps, both outcomes, both finish reasons, varied step
+    counts, and one completion without any step (the model stopped at once)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(count):
+        a, b = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        steps = [f"We add {a} and {b}.", f"{a} + {b} = {a + b}" + "." * int(rng.integers(0, 15)), f"The answer is {a + b}."]
+        steps = steps[: 1 + i % 3]
+        completion = "\n\n".join(steps) if i != 5 else "\n"
+        steps = common.split_steps(completion)
+        rows.append({
+            "id": f"p{i}#0",
+            "prompt": common.build_prompt(tokenizer, f"{a} + {b}", "minimal"),
+            "completion": completion,
+            "finish_reason": "length" if i % 4 == 3 else "stop",
+            "outcome": bool(i % 2),
+            "completions": steps,
+            "labels": [bool(rng.random() < 0.6) for _ in steps],
+        })
+    return rows
+
+
+def sft_rows(count=16) -> list[dict]:
+    return [{"id": str(i), "problem": f"{i} + {i}", "completion": f"{i} + {i} = {2 * i}\n\nThe answer is {2 * i}."} for i in range(count)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def run_main(**kwargs) -> Path:
+    train.main(train.Args(**kwargs))
+    return Path(kwargs["output_dir"])
+
+
+def run_script(*argv: str, launcher=(sys.executable,), **kwargs) -> subprocess.CompletedProcess:
+    cmd = [*launcher, str(REPO_ROOT / "train.py"), *argv]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def cli(**kwargs) -> list[str]:
+    return [part for key, value in kwargs.items() for part in (f"--{key}", str(value))]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def byte_level_bpe_tokenizer():
+    """A real multi-character (GPT-2 style byte-level BPE) tokenizer, trained here on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["First step.\n\nSecond step\n \nThird.", "step by step, the answer is 42.\n\n"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.mark.parametrize("which", ["char", "bpe"])
+def test_step_ids_follow_character_offsets(which, tokenizer):
+    tok = tokenizer if which == "char" else byte_level_bpe_tokenizer()
+    # leading whitespace -> step 0; each blank-line separator -> the step before it
+    segments = ["  First step.\n\n", "Second step\n \n", "Third."]
+    text = "".join(segments)
+    ids, step_ids = train.tokenize_completion(tok, text, common.step_spans(text))
+    assert len(ids) == len(step_ids)
+    if which == "bpe":
+        assert len(ids) < len(text)  # multi-character tokens really occur
+    for k, segment in enumerate(segments):
+        assert tok.decode([t for t, s in zip(ids, step_ids) if s == k]) == segment
+    _, no_steps = train.tokenize_completion(tok, " \n", common.step_spans(" \n"))
+    assert (no_steps == -1).all()
+
+
+def test_kto_example_appends_eos_to_the_last_step_and_rejects_mismatched_labels(tokenizer):
+    row = label_rows(tokenizer)[2]  # three steps, finish_reason "stop"
+    example = train.kto_example(tokenizer, row, "f.jsonl:3", with_steps=True)
+    pair = example.pair
+    assert pair.completion_ids[-1] == tokenizer.eos_token_id and pair.step_ids[-1] == 2 and pair.num_steps == 3
+    assert tokenizer.decode(pair.prompt_ids + pair.completion_ids[:-1]) == row["prompt"] + row["completion"]
+    with pytest.raises(DataError, match=r"f\.jsonl:3: field 'labels' has 2 items but the completion has 3 steps"):
+        train.kto_example(tokenizer, {**row, "labels": [True, False]}, "f.jsonl:3", with_steps=True)
+
+
+def test_plan_is_seeded_length_grouped_and_rank_aligned():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(5.5, 0.6, size=2003), 20, 2000).astype(int).tolist()
+    examples = [train.Example(train.Pair([1] * 10, [1] * (n - 10), np.full(n - 10, -1), 0), True, []) for n in lengths]
+    plan = train.build_plan(lengths, global_batch_size=16, world_size=2, epochs=2, seed=3, min_batch_size=2)
+    assert plan == train.build_plan(lengths, 16, 2, 2, 3, 2) != train.build_plan(lengths, 16, 2, 2, 4, 2)
+    for epoch in (0, 1):
+        rows = [i for b in plan if b.epoch == epoch for i in b.rows]
+        assert len(rows) == len(set(rows)) >= len(lengths) - 1  # each row once; at most world_size - 1 dropped
+    assert all(len(b.rows) % 2 == 0 and len(b.rows) <= 16 for b in plan)
+    grouped = train.plan_token_fraction(plan, examples, world_size=2, with_kl=True)
+    random_plan = [train.PlanBatch(0, list(b)) for b in common.chunked(rng.permutation(len(lengths)).tolist()[:2000], 16)]
+    ungrouped = train.plan_token_fraction(random_plan, examples, world_size=2, with_kl=True)
+    assert grouped >= 0.9 > ungrouped
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_sft_from_scratch_learns_and_saves_a_loadable_checkpoint(tmp_path, tokenizer, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows())
+    args = dict(objective="sft", model="scratch", data=str(data), output_dir=str(tmp_path / "M0"), prompt_style="minimal",
+                **TINY, lr=3e-3, epochs=12, per_device_batch_size=4, log_every=1, save_every=5, seed=7)
+    out = run_main(**args)
+    losses = [entry["loss/total"] for entry in read_log(out)]
+    assert len(losses) == 48 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8])
+    assert common.is_complete_model_dir(out) and not Path(f"{out}.resume").exists() and not Path(f"{out}.tmp").exists()
+
+    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    fresh = common.make_tiny_llama(tok, **TINY, seed=7)  # the same init the run started from
+    prompt = tok(common.build_prompt(tok, "3 + 3", "minimal")).input_ids
+    ids = torch.tensor([prompt + tok(sft_rows()[3]["completion"]).input_ids + [tok.eos_token_id]])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100  # the NLL of what SFT trains: the completion + EOS
+    with torch.no_grad():
+        assert model(ids, labels=labels).loss < 0.6 * fresh(ids, labels=labels).loss
+
+    before = tree_digest(out)
+    run_main(**args)  # complete output: nothing to do, nothing touched
+    assert "already a complete checkpoint" in capsys.readouterr().out and tree_digest(out) == before
+
+
+def test_kto_and_step_kto_train_one_epoch_and_step_kto_without_steps_is_kto(tmp_path, tiny_model, tokenizer):
+    data = write_jsonl(tmp_path / "labels.jsonl", label_rows(tokenizer))
+    common_args = dict(model=str(tiny_model), data=str(data), per_device_batch_size=4, lr=1e-3, log_every=1)
+    logs = {}
+    for name, extra in {"kto": dict(objective="kto"), "step-kto": dict(objective="step-kto"),
+                        "step-kto-w0": dict(objective="step-kto", w_step=0.0)}.items():
+        logs[name] = read_log(run_main(**common_args, **extra, output_dir=str(tmp_path / name)))
+    for log in logs.values():
+        assert len(log) == 4 and all(math.isfinite(e["loss/total"]) and math.isfinite(e["kl/z0"]) for e in log)
+    first, later = logs["step-kto"][0], logs["step-kto"][1:]
+    # Before the first update the policy IS the reference: every row's cached log pi_ref matches its own row.
+    assert all(first[f"rewards/{k}"] == 0.0 for k in ("outcome_desirable", "outcome_undesirable", "step_desirable", "step_undesirable"))
+    assert all(e["rewards/outcome_desirable"] != 0.0 for e in later)
+    assert [e["loss/total"] for e in logs["kto"]] == pytest.approx([e["loss/total"] for e in logs["step-kto-w0"]], abs=1e-7)
+    for entry in logs["step-kto"]:
+        assert "loss/step" in entry and entry["loss/total"] == pytest.approx(entry["loss/outcome"] + entry["loss/step"])
+    assert "loss/step" not in logs["kto"][0] and "loss/step" not in logs["step-kto-w0"][0]
+
+
+def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, tiny_model, tokenizer):
+    data = write_jsonl(tmp_path / "labels.jsonl", label_rows(tokenizer))
+    args = dict(objective="step-kto", model=str(tiny_model), data=str(data), epochs=2, lr=1e-3, log_every=1, dtype="float64",
+                step_z0="step")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    result = run_script(*cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two"), launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "one"))
+    two_log, one_log = read_log(tmp_path / "two"), read_log(single)
+    assert len(two_log) == len(one_log) == 8
+    for two, one in zip(two_log, one_log):
+        assert two.keys() == one.keys()
+        for key in one:
+            if key.startswith(("loss/", "rewards/", "count/", "kl/", "grad_norm", "lr")):
+                assert two[key] == pytest.approx(one[key], abs=1e-5), (one["step"], key)
+    two_weights, one_weights = load_file(tmp_path / "two" / "model.safetensors"), load_file(single / "model.safetensors")
+    initial = load_file(tiny_model / "model.safetensors")
+    assert two_weights.keys() == one_weights.keys() == initial.keys()
+    for key in one_weights:
+        torch.testing.assert_close(two_weights[key], one_weights[key], rtol=0, atol=1e-5)
+        assert not torch.equal(one_weights[key], initial[key].to(torch.float64)), key  # every tensor was trained
+
+
+def test_resume_after_kill_ends_with_the_uninterrupted_parameters(tmp_path, tiny_model, tokenizer):
+    data = write_jsonl(tmp_path / "labels.jsonl", label_rows(tokenizer))
+    args = dict(objective="step-kto", model=str(tiny_model), data=str(data), epochs=8, lr=1e-3, per_device_batch_size=4,
+                log_every=1, dtype="float64")
+    out = tmp_path / "killed"
+    state = Path(f"{out}.resume") / "state.pt"
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *cli(**args, save_every=1, output_dir=out)], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.kill()  # SIGKILL: no cleanup code runs
+    assert process.wait() == -9 and state.exists() and not common.is_complete_model_dir(out)
+
+    resumed = run_script(*cli(**args, save_every=1, output_dir=out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "reference log-probs: loaded from" in resumed.stdout
+
+    uninterrupted = run_main(**args, save_every=0, output_dir=str(tmp_path / "uninterrupted"))
+    assert [e["loss/total"] for e in read_log(out)] == pytest.approx([e["loss/total"] for e in read_log(uninterrupted)], abs=1e-12)
+    resumed_weights, reference_weights = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    for key in reference_weights:
+        torch.testing.assert_close(resumed_weights[key], reference_weights[key], rtol=0, atol=1e-12)
+
+
+def test_non_finite_loss_stops_with_an_error_and_touches_no_checkpoint(tmp_path, tiny_model, tokenizer):
+    data = write_jsonl(tmp_path / "labels.jsonl", label_rows(tokenizer))
+    before = tree_digest(tiny_model)
+    out = tmp_path / "diverged"
+    # A huge learning rate is a genuine way to diverge: step 1 is finite, then the weights overflow.
+    result = run_script(*cli(objective="kto", model=tiny_model, data=data, output_dir=out, lr=1e30, warmup_ratio=0,
+                             per_device_batch_size=4, save_every=1))
+    assert result.returncode != 0
+    assert "step 2: the" in result.stderr and ("is nan" in result.stderr or "is inf" in result.stderr), result.stderr[-2000:]
+    assert tree_digest(tiny_model) == before and not out.exists() and not Path(f"{out}.tmp").exists()
+    state = torch.load(Path(f"{out}.resume") / "state.pt", weights_only=False)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_refuses_to_write_over_its_own_input(tiny_model, tmp_path):
+    with pytest.raises(train.UsageError, match="would overwrite its own input"):
+        run_main(objective="kto", model=str(tiny_model), data=str(tmp_path / "x.jsonl"), output_dir=str(tiny_model))
+
+
+MALFORMED = {
+    # name: (how to break the second row (file line 3, after a blank line), expected message)
+    "bad_json": (lambda row: json.dumps(row)[:-5], r":3: invalid JSON"),
+    "missing_field": (lambda row: json.dumps({k: v for k, v in row.items() if k != "outcome"}), r":3: missing field 'outcome'"),
+    "steps_labels_mismatch": (lambda row: json.dumps({**row, "labels": row["labels"] + [True]}), r":3: field 'labels' has 2 items but the completion has 1 steps"),
+    "bad_finish_reason": (lambda row: json.dumps({**row, "finish_reason": "eos"}), r":3: field 'finish_reason' must be"),
+}
+
+
+def write_malformed(tmp_path: Path, tokenizer, case: str) -> Path:
+    rows = label_rows(tokenizer, count=8)
+    lines = [json.dumps(rows[0]), "", MALFORMED[case][0](rows[3])] + [json.dumps(row) for row in rows[4:]]
+    path = tmp_path / f"{case}.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_label_file_names_file_line_and_field(case, tmp_path, tiny_model, tokenizer):
+    data = write_malformed(tmp_path, tokenizer, case)
+    with pytest.raises(DataError, match=re.escape(str(data)) + MALFORMED[case][1]):
+        run_main(objective="step-kto", model=str(tiny_model), data=str(data), output_dir=str(tmp_path / "out"))
+
+
+def test_malformed_label_file_exits_non_zero_from_the_command_line(tmp_path, tiny_model, tokenizer):
+    data = write_malformed(tmp_path, tokenizer, "steps_labels_mismatch")
+    result = run_script(*cli(objective="step-kto", model=tiny_model, data=data, output_dir=tmp_path / "out"))
+    assert result.returncode == 1
+    assert f"{data}:3: field 'labels'" in result.stderr and "Traceback" not in result.stderr

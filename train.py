@@ -1,0 +1,914 @@
+"""Train a policy with SFT, KTO or Step-KTO (Lin et al., 2025, arXiv:2501.10799) in one file.
+
+Commands (from the repository root)
+-----------------------------------
+The embedded default's seed model M0, a tiny char-level Llama trained from scratch on solutions:
+
+    python train.py --objective sft --model scratch --data runs/sft.jsonl --output_dir runs/M0 \\
+        --prompt_style minimal --lr 3e-3 --epochs 3 --per_device_batch_size 16
+
+One Step-KTO iteration M_t -> M_{t+1} on label.py's output (the reference model defaults to --model):
+
+    python train.py --objective step-kto --model runs/M0 --data runs/iter1/labels.jsonl \\
+        --output_dir runs/M1 --lr 1e-5 --beta 0.1
+
+Plain KTO on the outcome labels only (the paper's baseline): ``--objective kto``.
+Two processes, FSDP2-sharded (gloo on CPU, nccl on GPU); the global batch is per_device_batch_size * 2
+and the result equals one process with per_device_batch_size * 2:
+
+    torchrun --nproc_per_node=2 train.py --objective step-kto --model runs/M0 ...
+
+Objectives and data
+-------------------
+* ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
+  --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
+* ``kto`` / ``step-kto``: label.py rows {"id", "prompt", "completion", "finish_reason", "outcome"}, plus
+  {"completions", "labels"} for step-kto. Tokens = tokenize(prompt) + tokenize(completion) (+ EOS when
+  finish_reason == "stop"), tokenized separately without special tokens. The loss is stepkto_loss.py's:
+  kto = outcome level only (w_step = 0), step-kto = outcome + step level (paper Sec. 3).
+
+Files
+-----
+* OUTPUT.resume/: the work folder while training: train_log.jsonl (rank 0, every --log_every steps),
+  reference_logps.pt (log pi_ref of every row and KL pair, computed once), state.pt (model, optimizer,
+  scheduler, step, RNG; every --save_every steps, atomically). A rerun after a crash (even kill -9)
+  resumes from state.pt and ends with the parameters of an uninterrupted run.
+* OUTPUT/: written as OUTPUT.tmp and renamed when complete: save_pretrained model + tokenizer,
+  train_log.jsonl, train_args.json. If OUTPUT is already complete, the script exits at once.
+* A NaN / inf loss or gradient norm stops the run (exit 1) before anything of that step is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+import stepkto_loss as sk
+from common import DataError
+
+
+@dataclass
+class Args:
+    objective: Literal["sft", "kto", "step-kto"] = field(metadata={"help": "What to train: sft, kto or step-kto."})
+    model: str = field(metadata={"help": "Policy to start from: a save_pretrained folder, or 'scratch' (sft only: char tokenizer + tiny Llama)."})
+    data: str = field(metadata={"help": "Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py."})
+    output_dir: str = field(metadata={"help": "Where the trained model goes (never the --model folder)."})
+    ref_model: Optional[str] = field(default=None, metadata={"help": "Reference model pi_ref for kto/step-kto (default: --model)."})
+    prompt_style: Literal["instruct", "minimal"] = field(default="instruct", metadata={"help": "sft: common.PROMPT_TEMPLATES key used to build the prompt."})
+    hidden_size: int = field(default=256, metadata={"help": "--model scratch: hidden size (64 per attention head)."})
+    num_layers: int = field(default=4, metadata={"help": "--model scratch: decoder layers."})
+    intermediate_size: int = field(default=768, metadata={"help": "--model scratch: MLP width."})
+    max_len: int = field(default=512, metadata={"help": "--model scratch: max_position_embeddings."})
+    beta: float = field(default=0.1, metadata={"help": "KTO beta: scale of the implied reward log pi/pi_ref."})
+    lambda_d: float = field(default=1.0, metadata={"help": "KTO weight of desirable items (lambda_D)."})
+    lambda_u: float = field(default=1.0, metadata={"help": "KTO weight of undesirable items (lambda_U)."})
+    w_outcome: float = field(default=1.0, metadata={"help": "step-kto: weight of the outcome-level loss (kto uses 1)."})
+    w_step: float = field(default=1.0, metadata={"help": "step-kto: weight of the step-level loss (kto uses 0)."})
+    step_span: Literal["step", "prefix"] = field(default="step", metadata={"help": "Step reward over the step's own tokens (step) or the whole prefix through it (prefix)."})
+    step_aggregation: Literal["mean", "sum"] = field(default="mean", metadata={"help": "Step losses of one completion: mean or sum."})
+    step_z0: Literal["outcome", "step"] = field(default="outcome", metadata={"help": "Reference point of the step level: the outcome z0, or estimate_z0 over the KL pairs' step log-ratios."})
+    per_device_batch_size: int = field(default=8, metadata={"help": "Rows per process per step; global batch = this * world size."})
+    epochs: int = field(default=1, metadata={"help": "Passes over the data."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps (0: all epochs). The LR schedule spans the steps actually run."})
+    lr: float = field(default=1e-6, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices and embeddings only)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps with a linear LR warmup."})
+    lr_schedule: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "LR decay after the warmup, to 0 at the end."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (inf: no clipping)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the batch plan, of --model scratch's init and of torch/numpy/random."})
+    num_threads: int = field(default=0, metadata={"help": "torch.set_num_threads (0: torch's default)."})
+    dtype: Literal["float32", "bfloat16", "float64"] = field(default="float32", metadata={"help": "Parameter dtype (float64: exact comparisons in tests)."})
+    log_every: int = field(default=10, metadata={"help": "Append metrics to train_log.jsonl every N steps."})
+    save_every: int = field(default=100, metadata={"help": "Write the resume state every N steps (0: never)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (less memory, ~30% slower)."})
+
+
+class UsageError(Exception):
+    """Arguments that cannot work together; the message says which."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, mismatched resume state); the message says why."""
+
+
+# Resuming with other values of these is safe: they do not change what is computed.
+RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing")
+
+
+def check_args(args: Args) -> None:
+    if args.model == "scratch" and args.objective != "sft":
+        raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
+    out = Path(args.output_dir).resolve()
+    for name in ("model", "ref_model"):
+        path = getattr(args, name)
+        if path and path != "scratch" and Path(path).resolve() == out:
+            raise UsageError(f"--output_dir {args.output_dir} is --{name}: training would overwrite its own input")
+    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm")
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not (0 < args.beta < math.inf) or args.lambda_d < 0 or args.lambda_u < 0:
+        raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u >= 0; got {args.beta}, {args.lambda_d}, {args.lambda_u}")
+    if args.objective == "step-kto" and (min(args.w_outcome, args.w_step) < 0 or args.w_outcome == args.w_step == 0):
+        raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
+    if args.max_steps < 0 or args.save_every < 0 or not 0 <= args.warmup_ratio < 1:
+        raise UsageError("need --max_steps >= 0, --save_every >= 0 and 0 <= --warmup_ratio < 1")
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Env(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> Env:
+    """One process unless launched by torchrun (WORLD_SIZE > 1): then gloo on CPU, nccl on GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(dist.get_rank(), world_size, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def all_reduce_sums(sums: dict, device: torch.device) -> dict[str, float]:
+    """Sum each value over the ranks in one collective (and one device-to-host copy)."""
+    keys = sorted(sums)
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])  # (S,)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Pair(NamedTuple):
+    """A tokenized (prompt, completion): one row of a forward pass."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # EOS included when the completion stopped
+    step_ids: np.ndarray  # (len(completion_ids),) int64: step index of each completion token, -1 = none
+    num_steps: int
+
+
+class Example(NamedTuple):
+    pair: Pair
+    desirable: bool  # outcome label (KTO); unused by sft
+    step_labels: list[bool]  # (num_steps,)
+
+
+SFT_SCHEMA = {"id": (str, int), "problem": str, "completion": str}
+KTO_SCHEMA = {"id": (str, int), "prompt": str, "completion": str, "finish_reason": str, "outcome": bool}
+STEP_KTO_SCHEMA = {**KTO_SCHEMA, "completions": list, "labels": list}
+
+
+def row_line_numbers(path: str) -> list[int]:
+    """File line of each row that common.read_jsonl returns (it skips blank lines)."""
+    with open(path, encoding="utf-8") as f:
+        return [lineno for lineno, line in enumerate(f, start=1) if line.strip()]
+
+
+def tokenize_completion(tokenizer, completion: str, spans: list[tuple[int, int]]) -> tuple[list[int], np.ndarray]:
+    """Completion token ids and the step of each token, from the tokenizer's character offsets.
+
+    A token belongs to the last step starting at or before the token's first character: the blank-line
+    separator after a step stays with that step, leading whitespace goes to step 0.
+    """
+    encoding = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+    token_starts = np.array([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)  # (C,)
+    if not spans:
+        return encoding["input_ids"], np.full_like(token_starts, -1)
+    span_starts = np.array([start for start, _ in spans], dtype=np.int64)  # (K,)
+    step_ids = np.searchsorted(span_starts, token_starts, side="right") - 1  # (C,)
+    return encoding["input_ids"], np.maximum(step_ids, 0)
+
+
+def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
+    """One label.py row -> Example; raises DataError naming file:line and field."""
+    if row["finish_reason"] not in ("stop", "length"):
+        raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
+    spans = common.step_spans(row["completion"]) if with_steps else []
+    labels = row["labels"] if with_steps else []
+    if with_steps:
+        check_step_fields(row, len(spans), where)
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
+    completion_ids, step_ids = tokenize_completion(tokenizer, row["completion"], spans)
+    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+        step_ids = np.append(step_ids, len(spans) - 1)  # EOS belongs to the last step (-1 when none)
+    return Example(Pair(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
+
+
+def check_step_fields(row: dict, num_spans: int, where: str) -> None:
+    labels = row["labels"]
+    if not all(isinstance(label, bool) for label in labels):
+        raise DataError(f"{where}: field 'labels' must be a list of booleans")
+    for name in ("labels", "completions"):
+        if len(row[name]) != num_spans:
+            raise DataError(
+                f"{where}: field '{name}' has {len(row[name])} items but the completion has {num_spans} steps "
+                "(common.step_spans: steps are separated by blank lines)"
+            )
+
+
+def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
+    prompt_ids = tokenizer(common.build_prompt(tokenizer, row["problem"], prompt_style), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example(Pair(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
+
+
+def load_examples(args: Args, tokenizer) -> list[Example]:
+    if args.objective == "sft":
+        return [sft_example(tokenizer, row, args.prompt_style) for row in common.read_jsonl(args.data, SFT_SCHEMA)]
+    with_steps = args.objective == "step-kto"
+    rows = common.read_jsonl(args.data, STEP_KTO_SCHEMA if with_steps else KTO_SCHEMA)
+    lines = row_line_numbers(args.data)
+    return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps) for row, line in zip(rows, lines)]
+
+
+def kl_pair(prompt_example: Example, completion_example: Example, with_steps: bool) -> Pair:
+    """KTO's mismatched pair (x_j, y_{j-1}) that estimates the reference point z0 (KTO paper Sec. 4.1)."""
+    completion = completion_example.pair
+    if with_steps:
+        return completion._replace(prompt_ids=prompt_example.pair.prompt_ids)
+    no_steps = np.full(len(completion.completion_ids), -1)
+    return Pair(prompt_example.pair.prompt_ids, completion.completion_ids, no_steps, 0)
+
+
+def pair_length(pair: Pair) -> int:
+    return len(pair.prompt_ids) + len(pair.completion_ids)
+
+
+# ----------------------------------------------------------------------------- batch plan
+
+
+class PlanBatch(NamedTuple):
+    epoch: int
+    rows: list[int]  # global batch, longest row first; rank r takes the r-th equal slice
+
+
+def build_plan(
+    lengths: list[int], global_batch_size: int, world_size: int, epochs: int, seed: int, min_batch_size: int, mega_batches: int = 50
+) -> list[PlanBatch]:
+    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
+
+    Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
+    that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
+    order is then shuffled. A short last batch is trimmed to a multiple of world_size (equal rank
+    slices) and dropped below min_batch_size (KTO's KL pairs need two rows).
+    """
+    rng = np.random.default_rng(seed)
+    mega = global_batch_size * mega_batches
+    plan = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(lengths)).tolist()
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+            batches += common.chunked(chunk, global_batch_size)
+        batches = [b[: len(b) - len(b) % world_size] for b in batches]
+        batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
+        plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
+    return plan
+
+
+def rank_positions(global_batch_size: int, env: Env) -> range:
+    """Positions of the global batch that this rank computes: its equal, contiguous slice."""
+    per_rank = global_batch_size // env.world_size
+    return range(env.rank * per_rank, (env.rank + 1) * per_rank)
+
+
+def kl_pairs_of_batch(rows: list[int], positions, examples: list[Example], with_steps: bool) -> list[Pair]:
+    """Item j is paired with item j-1's completion, cyclically within the global batch (as TRL)."""
+    return [kl_pair(examples[rows[j]], examples[rows[j - 1]], with_steps) for j in positions]
+
+
+def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], world_size: int, with_kl: bool) -> float:
+    """Fraction of the computed (padded) token positions that are real tokens, over every forward of the plan."""
+    real = computed = 0
+    for batch in plan:
+        for rank in range(world_size):
+            positions = rank_positions(len(batch.rows), Env(rank, world_size, torch.device("cpu")))
+            forwards = [[examples[batch.rows[j]].pair for j in positions]]
+            if with_kl:
+                forwards.append(kl_pairs_of_batch(batch.rows, positions, examples, False))
+            for pairs in forwards:
+                lengths = [pair_length(p) for p in pairs]
+                real, computed = real + sum(lengths), computed + len(lengths) * max(lengths)
+    return real / max(computed, 1)
+
+
+# ----------------------------------------------------------------------------- model and log-probs
+
+
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T) prompt + completion, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (N,) flat index b*T + t of the position whose logits predict each completion token
+    targets: torch.Tensor  # (N,) the completion tokens
+    token_rows: torch.Tensor  # (N,) row of each completion token
+    token_cols: torch.Tensor  # (N,) index of the token within its completion
+    step_ids: torch.Tensor  # (B, C) long: step of each completion token, -1 for none / padding
+    step_mask: torch.Tensor  # (B, K) bool: real steps
+    real_tokens: int
+    computed_tokens: int
+
+
+def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
+    prompt_lens = np.array([len(p.prompt_ids) for p in pairs])  # (B,)
+    completion_lens = np.array([len(p.completion_ids) for p in pairs])  # (B,)
+    seq_lens = prompt_lens + completion_lens
+    batch_size, max_len, max_completion = len(pairs), int(seq_lens.max()), int(completion_lens.max())
+    input_ids = np.full((batch_size, max_len), pad_id, dtype=np.int64)
+    step_ids = np.full((batch_size, max_completion), -1, dtype=np.int64)
+    for b, pair in enumerate(pairs):  # a loop over rows, not tokens
+        input_ids[b, : seq_lens[b]] = pair.prompt_ids + pair.completion_ids
+        step_ids[b, : completion_lens[b]] = pair.step_ids
+    token_rows = np.repeat(np.arange(batch_size), completion_lens)  # (N,)
+    token_cols = np.arange(len(token_rows)) - np.repeat(np.cumsum(completion_lens) - completion_lens, completion_lens)
+    # Causal LM: the logits at position t predict token t+1, so completion token j is scored at prompt_len + j - 1.
+    positions = token_rows * max_len + np.repeat(prompt_lens, completion_lens) + token_cols - 1  # (N,)
+    num_steps = np.array([p.num_steps for p in pairs])
+    arrays = dict(
+        input_ids=input_ids,
+        attention_mask=np.arange(max_len)[None, :] < seq_lens[:, None],
+        positions=positions,
+        targets=input_ids.reshape(-1)[positions + 1],
+        token_rows=token_rows,
+        token_cols=token_cols,
+        step_ids=step_ids,
+        step_mask=np.arange(num_steps.max())[None, :] < num_steps[:, None],
+    )
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+    return Batch(**tensors, real_tokens=int(seq_lens.sum()), computed_tokens=batch_size * max_len)
+
+
+class CompletionLogProbs(nn.Module):
+    """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
+
+    The LM head and the log-softmax run on the N completion positions alone, never on the prompt's, and
+    log p = logit[target] - logsumexp(logits) never materialises a (B, T, V) log-softmax. Being the FSDP
+    root, this module's forward also gathers the embedding / final norm / head shards.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
+        decoder = self.lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = hidden.flatten(0, 1)[positions]  # (N, H)
+        logits = self.lm.get_output_embeddings()(hidden)  # (N, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-probs are too coarse
+        return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+
+
+def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total log-prob of each completion (B,), per-step log-probs (B, K) in the `span` convention)."""
+    token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
+    grid = token_logps.new_zeros(batch.step_ids.shape).index_put((batch.token_rows, batch.token_cols), token_logps)  # (B, C)
+    steps = sk.step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
+    return grid.sum(dim=1), steps
+
+
+def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Module:
+    """CompletionLogProbs(lm) on the device; under torchrun sharded with FSDP2 (each layer, then the root)."""
+    lm.config.use_cache = False
+    if trainable and args.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.requires_grad_(trainable)
+    policy = CompletionLogProbs(lm).to(env.device)
+    if env.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for layer in lm.get_decoder().layers:  # one all-gather per layer: only one layer is ever whole
+            fully_shard(layer, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
+    return policy
+
+
+def load_tokenizer(args: Args):
+    return common.make_char_tokenizer() if args.model == "scratch" else common.load_tokenizer(args.model)
+
+
+def load_lm(args: Args, tokenizer) -> nn.Module:
+    if args.model != "scratch":
+        return common.load_model(args.model, args.dtype)
+    sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
+    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed)
+    return lm.to(getattr(torch, args.dtype))
+
+
+# ----------------------------------------------------------------------------- reference log-probs
+
+
+class Reference(NamedTuple):
+    """log pi_ref of every row and every KL pair of the plan, per step and in total (never per token)."""
+
+    row_total: torch.Tensor  # (R,)
+    row_steps: torch.Tensor  # (R, K_max) in the --step_span convention, 0 past a row's last step
+    kl_total: torch.Tensor  # (P,) one per plan item, in plan order
+    kl_steps: torch.Tensor  # (P, K_max) with --step_z0 step, else (P, 0)
+
+
+@torch.no_grad()
+def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int, env: Env, pad_id: int):
+    """(totals (P,), steps (P, K_max)) of many pairs: length-sorted batches, spread over the ranks."""
+    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
+    batches = common.chunked(order, batch_size)
+    rounds = math.ceil(len(batches) / env.world_size)
+    local, dtype = {}, None
+    for b in tqdm(range(env.rank, rounds * env.world_size, env.world_size), desc="reference", disable=env.rank != 0):
+        # Every FSDP forward all-gathers weights, so all ranks must run the same number: a rank with no
+        # batch left recomputes batch 0 and drops the result.
+        indices = batches[b] if b < len(batches) else batches[0]
+        totals, steps = completion_logps(policy, collate([pairs[i] for i in indices], pad_id, env.device), span)
+        dtype = totals.dtype
+        if b < len(batches):
+            local.update((i, (t, s[: pairs[i].num_steps])) for i, t, s in zip(indices, totals.tolist(), steps.tolist()))
+    totals = torch.zeros(len(pairs), dtype=dtype)
+    steps = torch.zeros(len(pairs), max(p.num_steps for p in pairs), dtype=dtype)
+    for part in gather_objects(local):
+        for i, (total, row) in part.items():
+            totals[i] = total
+            steps[i, : len(row)] = torch.tensor(row)
+    return totals, steps
+
+
+def plan_kl_pairs(plan: list[PlanBatch], examples: list[Example], with_steps: bool) -> list[Pair]:
+    return [p for batch in plan for p in kl_pairs_of_batch(batch.rows, range(len(batch.rows)), examples, with_steps)]
+
+
+def reference_fingerprint(args: Args, plan: list[PlanBatch]) -> str:
+    """What the cached reference log-probs depend on: data bytes, reference model, span and the plan."""
+    digest = hashlib.sha256(Path(args.data).read_bytes())
+    ref = str(Path(args.ref_model or args.model).resolve())
+    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, [b.rows for b in plan]]
+    digest.update(json.dumps(settings).encode())
+    return digest.hexdigest()
+
+
+def reference_logps(args, env, policy, examples, plan, work: Path, pad_id: int) -> Reference:
+    """log pi_ref of all rows and KL pairs, ONCE per run, before any update; cached in the work folder.
+
+    Without --ref_model the (still untrained) policy is the reference, so no second model is loaded;
+    otherwise the reference is loaded, used and freed before training starts.
+    """
+    cache, key = work / "reference_logps.pt", reference_fingerprint(args, plan)
+    if cache.exists():
+        saved = torch.load(cache)
+        if saved["key"] == key:
+            print(f"reference log-probs: loaded from {cache}", flush=True)
+            return Reference(**saved["reference"])
+    separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
+    scorer = build_policy(common.load_model(args.ref_model, args.dtype), args, env, False) if separate else policy
+    with_steps = args.step_z0 == "step" and args.objective == "step-kto"
+    pairs = [e.pair for e in examples] + plan_kl_pairs(plan, examples, with_steps)
+    scorer.eval()
+    totals, steps = score_pairs(scorer, pairs, args.step_span, args.per_device_batch_size, env, pad_id)
+    if hasattr(policy, "reshard"):
+        # FSDP2 keeps the root's parameters gathered after a forward; the optimizer must be built on the
+        # sharded parameters, or it would update a temporary all-gather buffer.
+        policy.reshard()
+    policy.train()
+    del scorer
+    gc.collect()
+    rows = len(examples)
+    kl_steps = steps[rows:, : max((p.num_steps for p in pairs[rows:]), default=0)]
+    reference = Reference(totals[:rows], steps[:rows], totals[rows:], kl_steps)
+    if env.rank == 0:
+        save_atomic({"key": key, "reference": reference._asdict()}, cache)
+    barrier()
+    return reference
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def level_weights(args: Args) -> tuple[float, float]:
+    """(w_outcome, w_step): plain KTO is Step-KTO without the step level (the paper's baseline)."""
+    return (1.0, 0.0) if args.objective == "kto" else (args.w_outcome, args.w_step)
+
+
+def sft_step(policy, batch: PlanBatch, examples, env: Env, pad_id: int) -> tuple[torch.Tensor, dict]:
+    """Mean NLL of the completion tokens (+ EOS) over the GLOBAL batch."""
+    pairs = [examples[batch.rows[j]].pair for j in rank_positions(len(batch.rows), env)]
+    main = collate(pairs, pad_id, env.device)
+    token_logps = policy(main.input_ids, main.attention_mask, main.positions, main.targets)  # (N,)
+    global_tokens = sum(len(examples[i].pair.completion_ids) for i in batch.rows)
+    # Each rank's sum over the global count; times world_size because FSDP averages gradients over ranks.
+    loss = -token_logps.sum() * env.world_size / global_tokens
+    sums = {"loss/nll": -token_logps.detach().sum(), "items/tokens": len(token_logps)}
+    return loss, sums | token_sums([main])
+
+
+def sft_metrics(sums: dict, args: Args) -> dict[str, float]:
+    return {"loss/total": sums["loss/nll"] / sums["items/tokens"]}
+
+
+@torch.no_grad()
+def reference_point(policy, kl: Batch, ref_total, ref_steps, args: Args):
+    """z0 (and z0_step) from the policy's log-ratios on the mismatched KL pairs, under no_grad (as TRL)."""
+    totals, steps = completion_logps(policy, kl, args.step_span)  # (B,), (B, K)
+    z0 = sk.estimate_z0(totals - ref_total)
+    if args.step_z0 == "outcome" or args.objective == "kto":
+        return z0, None
+    return z0, sk.estimate_z0((steps - ref_steps)[kl.step_mask])
+
+
+def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args, env: Env) -> tuple[torch.Tensor, dict]:
+    """Step-KTO loss of this rank's slice of one global batch (paper Sec. 3: outcome + step level)."""
+    positions = rank_positions(len(batch.rows), env)
+    rows = torch.tensor([batch.rows[j] for j in positions])
+    examples = [data.examples[i] for i in rows.tolist()]
+    with_steps = args.step_z0 == "step" and args.objective == "step-kto"
+    main = collate([e.pair for e in examples], data.pad_id, env.device)
+    kl = collate(kl_pairs_of_batch(batch.rows, positions, data.examples, with_steps), data.pad_id, env.device)
+    kl_items = torch.tensor([data.kl_offsets[step] + j for j in positions])
+    ref, device, num_steps = data.reference, env.device, main.step_mask.size(1)
+    ref_kl_steps = ref.kl_steps[kl_items, : kl.step_mask.size(1)].to(device)
+    z0, z0_step = reference_point(policy, kl, ref.kl_total[kl_items].to(device), ref_kl_steps, args)
+    totals, steps = completion_logps(policy, main, args.step_span)  # (B,), (B, K)
+    w_outcome, w_step = rank_level_weights(args, examples, [data.examples[i] for i in batch.rows], env)
+    loss, metrics = sk.stepkto_loss(
+        outcome_logratios=totals - ref.row_total[rows].to(device),  # (B,) r(x, y) = log pi/pi_ref
+        outcome_labels=torch.tensor([e.desirable for e in examples], device=device),
+        step_logratios=steps - ref.row_steps[rows, :num_steps].to(device),  # (B, K) r_k
+        step_labels=step_label_tensor(examples, num_steps, device),
+        step_mask=main.step_mask,
+        z0=z0,
+        z0_step=z0_step,
+        beta=args.beta,
+        lambda_d=args.lambda_d,
+        lambda_u=args.lambda_u,
+        w_outcome=w_outcome,
+        w_step=w_step,
+        step_aggregation=args.step_aggregation,
+    )
+    step_items = sum(e.pair.num_steps > 0 for e in examples)
+    return loss, kto_sums(metrics, len(examples), step_items) | token_sums([main, kl])
+
+
+def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
+    labels = np.zeros((len(examples), num_steps), dtype=bool)  # (B, K), padding steps False (masked anyway)
+    for b, example in enumerate(examples):
+        labels[b, : len(example.step_labels)] = example.step_labels
+    return torch.from_numpy(labels).to(device)
+
+
+def rank_level_weights(args: Args, local: list[Example], global_batch: list[Example], env: Env) -> tuple[float, float]:
+    """(w_outcome, w_step) for this rank's share, so that the ranks together compute the global batch's loss.
+
+    stepkto_loss averages the step level over this rank's n_r completions that have steps; the global
+    batch's L_step averages over all N of them, so this rank's term weighs n_r / N, times world_size
+    because FSDP averages gradients over ranks. The outcome level needs no factor: equal rank slices.
+    """
+    w_outcome, w_step = level_weights(args)
+    local_items = sum(e.pair.num_steps > 0 for e in local)
+    if w_step and local_items:
+        w_step = w_step * (env.world_size * local_items) / sum(e.pair.num_steps > 0 for e in global_batch)
+    return w_outcome, w_step
+
+
+LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
+
+
+def kto_sums(metrics: dict, batch_size: int, step_items: int) -> dict:
+    """stepkto_loss's means over this rank's items as sums and counts: summed over the ranks they give the
+    global batch's means, i.e. what one process with the whole batch logs."""
+    zero = torch.zeros((), device=metrics["kl/z0"].device)
+    sums = {"ranks": 1, "kl/z0": metrics["kl/z0"], "kl/z0_step": metrics.get("kl/z0_step", zero)}
+    for level, items in zip(LEVELS, (batch_size, step_items)):
+        computed = f"loss/{level}" in metrics
+        sums[f"loss/{level}"] = metrics[f"loss/{level}"] * items if computed else zero
+        sums[f"items/{level}"] = items if computed else 0
+        for side in SIDES:
+            count = metrics.get(f"count/{level}_{side}", zero)
+            sums[f"count/{level}_{side}"] = count
+            sums[f"rewards/{level}_{side}"] = metrics.get(f"rewards/{level}_{side}", zero) * count
+    return sums
+
+
+def kto_metrics(sums: dict, args: Args) -> dict[str, float]:
+    metrics, total = {}, 0.0
+    for level, weight in zip(LEVELS, level_weights(args)):
+        if sums[f"items/{level}"] > 0:
+            metrics[f"loss/{level}"] = sums[f"loss/{level}"] / sums[f"items/{level}"]
+            total += weight * metrics[f"loss/{level}"]
+        for side in SIDES:
+            if sums[f"count/{level}_{side}"] > 0:
+                metrics[f"rewards/{level}_{side}"] = sums[f"rewards/{level}_{side}"] / sums[f"count/{level}_{side}"]
+                metrics[f"count/{level}_{side}"] = sums[f"count/{level}_{side}"]
+    metrics["loss/total"] = total
+    metrics["kl/z0"] = sums["kl/z0"] / sums["ranks"]
+    if args.step_z0 == "step" and args.objective == "step-kto":
+        metrics["kl/z0_step"] = sums["kl/z0_step"] / sums["ranks"]
+    return metrics
+
+
+def token_sums(batches: list[Batch]) -> dict:
+    return {"tokens/real": sum(b.real_tokens for b in batches), "tokens/computed": sum(b.computed_tokens for b in batches)}
+
+
+# ----------------------------------------------------------------------------- optimizer, state, files
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to the peak over `warmup` steps, then linear or cosine decay towards 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(policy: nn.Module, args: Args, total_steps: int):
+    params = [p for p in policy.parameters() if p.requires_grad]
+    # As HF Trainer: no decay on norm gains and biases (1-D), which decay would only pull towards 0.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    warmup = round(args.warmup_ratio * total_steps)
+    schedule = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=args.lr_schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary name, fsync, rename: a kill at any moment leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_signature(args: Args, env: Env) -> dict:
+    signature = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS}
+    return signature | {"world_size": env.world_size}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume_state(policy, optimizer, scheduler, step: int, args: Args, env: Env, work: Path) -> None:
+    """Full (unsharded) model + optimizer state, scheduler, step and every rank's RNG, in one atomic file."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(policy, options=options)  # collective: every rank calls it
+    optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
+    rngs = gather_objects(rng_state())
+    if env.rank == 0:
+        state = dict(step=step, model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), rng=rngs)
+        save_atomic(state | {"run": run_signature(args, env)}, work / "state.pt")
+    barrier()
+
+
+def load_resume_state(policy, optimizer, scheduler, args: Args, env: Env, work: Path) -> int:
+    """Restore state.pt if a previous run left one; returns the number of steps already done."""
+    path = work / "state.pt"
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)  # our own file; it holds numpy RNG states
+    if state["run"] != run_signature(args, env):
+        changed = sorted(k for k in state["run"] if state["run"][k] != run_signature(args, env).get(k))
+        raise TrainingError(f"{path} was written by a run with other arguments ({', '.join(changed)}): delete {work} to start over")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(policy, state["model"], options=options)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][env.rank])
+    trim_log(work / "train_log.jsonl", state["step"])
+    if env.rank == 0:
+        print(f"resuming from {path} after step {state['step']}", flush=True)
+    return state["step"]
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log lines written after the resume state (they will be written again), and a line cut by a kill."""
+    if not path.exists() or dist.is_initialized() and dist.get_rank() != 0:
+        return
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    common.write_jsonl_atomic(path, [e for e in entries if e["step"] <= last_step])
+
+
+def append_log(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def save_final_model(policy, tokenizer, args: Args, env: Env, work: Path) -> None:
+    """Gather the full state dict, save_pretrained it to OUTPUT.tmp, rename to OUTPUT, drop the work folder."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(policy, options=options)  # collective; full on rank 0 only
+    if env.rank == 0:
+        out = Path(args.output_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
+        # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
+        names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
+        state = {k.removeprefix("lm."): v for k, v in state.items() if k in names}
+        policy.lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        if (work / "train_log.jsonl").exists():
+            shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+        common.write_json_atomic(tmp / "train_args.json", asdict(args) | {"world_size": env.world_size})
+        os.replace(tmp, out)  # atomic: OUTPUT is either absent (or empty) or complete
+        shutil.rmtree(work)
+        print(f"saved {out}", flush=True)
+    barrier()
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+@dataclass
+class TrainData:
+    examples: list[Example]
+    plan: list[PlanBatch]
+    kl_offsets: list[int]  # plan item index of the first KL pair of each step
+    reference: Optional[Reference]
+    pad_id: int
+
+
+def check_finite(name: str, value: float, step: int, work: Path) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
+            f"written: --model and the last resume state in {work} (if any) are untouched. "
+            "Lower --lr (or check the data) and rerun."
+        )
+
+
+def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, work: Path, start_step: int) -> None:
+    log_path, summarize = work / "train_log.jsonl", sft_metrics if args.objective == "sft" else kto_metrics
+    window = {"start": time.perf_counter(), "real": 0.0, "computed": 0.0}
+    bar = tqdm(total=len(data.plan), initial=start_step, desc=args.objective, disable=env.rank != 0)
+    for step in range(start_step, len(data.plan)):
+        batch, lr = data.plan[step], scheduler.get_last_lr()[0]
+        if args.objective == "sft":
+            loss, sums = sft_step(policy, batch, data.examples, env, data.pad_id)
+        else:
+            loss, sums = kto_step(policy, step, batch, data, args, env)
+        sums = all_reduce_sums(sums, env.device)
+        metrics = summarize(sums, args)
+        check_finite("loss", metrics["loss/total"], step, work)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(policy, args.max_grad_norm)
+        check_finite("gradient norm", grad_norm, step, work)
+        optimizer.step()
+        scheduler.step()
+        window["real"], window["computed"] = window["real"] + sums["tokens/real"], window["computed"] + sums["tokens/computed"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == len(data.plan):
+            entry = {"step": step + 1, "epoch": batch.epoch, "lr": lr, "grad_norm": grad_norm, **metrics} | window_stats(window)
+            if env.rank == 0:
+                append_log(log_path, entry)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
+            save_resume_state(policy, optimizer, scheduler, step + 1, args, env, work)
+    bar.close()
+
+
+def clip_gradients(policy: nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+
+
+def window_stats(window: dict) -> dict:
+    """Throughput since the last log line (real tokens of all forwards, all ranks), then reset the window."""
+    now = time.perf_counter()
+    stats = {
+        "tokens_per_s": window["real"] / max(now - window["start"], 1e-9),
+        "real_token_fraction": window["real"] / max(window["computed"], 1.0),
+    }
+    window.update(start=now, real=0.0, computed=0.0)
+    return stats
+
+
+def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
+    examples = load_examples(args, tokenizer)
+    kto = args.objective != "sft"
+    global_batch = args.per_device_batch_size * env.world_size
+    plan = build_plan([pair_length(e.pair) for e in examples], global_batch, env.world_size, args.epochs, args.seed, 2 if kto else 1)
+    plan = plan[: args.max_steps] if args.max_steps else plan
+    if not plan:
+        raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch} (lower --per_device_batch_size)")
+    offsets = np.cumsum([0] + [len(b.rows) for b in plan]).tolist()
+    if env.rank == 0:
+        fraction = plan_token_fraction(plan, examples, env.world_size, with_kl=kto)
+        print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows; length-grouped batches: {fraction:.1%} of computed tokens are real", flush=True)
+    return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id)
+
+
+def main(args: Args) -> None:
+    check_args(args)
+    out = Path(args.output_dir)
+    if common.is_complete_model_dir(out):
+        print(f"{out} is already a complete checkpoint: nothing to do", flush=True)
+        return
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists, is not empty and is not a complete checkpoint: move it away first")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    env = init_distributed()
+    try:
+        run(args, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: Args, env: Env) -> None:
+    common.seed_everything(args.seed)
+    tokenizer = load_tokenizer(args)
+    data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
+    work = Path(args.output_dir + ".resume")
+    work.mkdir(parents=True, exist_ok=True)
+    policy = build_policy(load_lm(args, tokenizer), args, env, trainable=True)
+    policy.train()
+    if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
+        data.reference = reference_logps(args, env, policy, data.examples, data.plan, work, data.pad_id)
+    optimizer, scheduler = make_optimizer(policy, args, len(data.plan))
+    start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
+    train(policy, optimizer, scheduler, data, args, env, work, start_step)
+    save_final_model(policy, tokenizer, args, env, work)
+
+
+if __name__ == "__main__":
+    try:
+        main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    except (DataError, UsageError, TrainingError) as error:
+        sys.exit(f"train.py: error: {error}")
