@@ -181,8 +181,35 @@ def _render(node: Node) -> str:
     return f"{side(node.left, False)} {node.op} {side(node.right, True)}"
 
 
-def random_expression(rng: random.Random, n_ops: int, max_number: int = 99) -> str:
-    """An expression with `n_ops` operations whose numbers are all <= max_number."""
+def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int) -> Node:
+    """A chain: each operation combines the running value with one new number, left to right.
+
+    Brackets appear where precedence needs them: `(3 + 4) * 5 - 2`. Every intermediate value is an
+    integer in 0..max_value and every * operand is in 2..9 (times tables), so that a tiny model can
+    learn the task in minutes on a CPU (the embedded default)."""
+    value = rng.randint(1, max_number)
+    node = Node(value=Fraction(value))
+    for _ in range(n_ops):
+        ops = ["+"] * (value < max_value) + ["-"] * (value >= 1) + ["*"] * (2 * value <= max_value)
+        op = rng.choice(ops)
+        if op == "+":
+            b = rng.randint(1, min(max_number, max_value - value))
+        elif op == "-":
+            b = rng.randint(1, min(max_number, value))
+        else:
+            b = rng.randint(2, min(9, max_value // value)) if value else rng.randint(2, 9)
+        value = int(apply_op(op, Fraction(value), Fraction(b)))
+        node = Node(op=op, left=node, right=Node(value=Fraction(b)))
+    return node
+
+
+def random_expression(rng: random.Random, n_ops: int, max_number: int = 99, shape: str = "tree",
+                      max_value: int = 99) -> str:
+    """An expression with `n_ops` operations whose numbers are all <= max_number.
+
+    shape "tree": any bracketing; "chain": left to right with one new number per operation."""
+    if shape == "chain":
+        return _render(_build_chain(rng, n_ops, max_number, max_value))
     while True:  # rejection: a - b can need a left number above max_number
         text = _render(_build(rng, n_ops, rng.randint(0, max_number), max_number))
         if max(int(number) for number in re.findall(r"\d+", text)) <= max_number:
@@ -195,13 +222,13 @@ def is_test_problem(problem: str) -> bool:
 
 
 def make_split(split: str, n: int, seed: int, min_ops: int = 2, max_ops: int = 6,
-               max_number: int = 99) -> list[dict]:
+               max_number: int = 99, shape: str = "tree") -> list[dict]:
     """`n` distinct rows {"id", "problem", "answer", "solution"} of `split` ("train" or "test")."""
     if split not in ("train", "test") or not 1 <= min_ops <= max_ops:
         raise ValueError(f"make_split: bad split={split!r} or ops range {min_ops}..{max_ops}")
     rng, rows, seen = random.Random(f"arith-{split}-{seed}"), [], set()
     while len(rows) < n:
-        expression = random_expression(rng, rng.randint(min_ops, max_ops), max_number)
+        expression = random_expression(rng, rng.randint(min_ops, max_ops), max_number, shape)
         problem = f"Compute {expression}."
         if problem in seen or is_test_problem(problem) != (split == "test"):
             continue
@@ -423,6 +450,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_test", type=int, default=500)
     parser.add_argument("--num_sft", type=int, default=20000, help="flawed solutions of train problems")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", default="chain", choices=["chain", "tree"], help="expression shape")
+    parser.add_argument("--max_number", type=int, default=20, help="largest number in a problem")
+    parser.add_argument("--min_ops", type=int, default=2)
+    parser.add_argument("--max_ops", type=int, default=5)
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name}", type=float, default=value)
     args = parser.parse_args(argv)
@@ -433,10 +464,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{out}: data is complete; nothing to do.")
         return
     rates = FlawRates(**{name: getattr(args, name) for name in vars(defaults)})
-    common.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed))
-    common.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed))
+    shape = dict(min_ops=args.min_ops, max_ops=args.max_ops, max_number=args.max_number, shape=args.shape)
+    common.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed, **shape))
+    common.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed, **shape))
     rng, sft = random.Random(f"arith-sft-{args.seed}"), []
-    for i, row in enumerate(make_split("train", args.num_sft, args.seed)):  # M0 sees train problems only
+    for i, row in enumerate(make_split("train", args.num_sft, args.seed, **shape)):  # M0 sees train problems only
         completion, flaw = write_solution(rng, row["problem"], rates)
         sft.append({"id": f"arith-sft-{i:06d}", "problem": row["problem"], "answer": row["answer"],
                     "completion": completion, "flaw": flaw})

@@ -7,10 +7,26 @@ step labels come from a process reward model. Step labellers (``--prm``):
   against the problem's expression tree (a step is wrong when its equation is false or when it starts
   from a value the previous steps did not produce); on any other text a step is wrong when an
   arithmetic equation it states is false.
+* ``judge``: the paper's PRM as we read it (Step-KTO, arXiv 2501.10799, Sec. 3): an LLM (``--judge_model``,
+  greedy) sees the problem, the reference solution (the row's ``solution``; the prompt says so when
+  there is none), the previous steps and the current step, and answers "correct" or "incorrect"
+  (prompt: ``JUDGE_TEMPLATE``, parser: ``parse_verdict``). A verdict that cannot be parsed is a
+  failure: the step is labelled WRONG (``UNPARSEABLE_STEP_LABEL``: a step nobody vouched for must not
+  be reinforced as right) and counted in the row's ``prm_failures`` and in the printed summary.
+* ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k
+  (prompt + completion through the end of step k + "\\n\\n") the policy (``--policy_model``, default the
+  rows' ``gen.model``) samples ``--mc_rollouts`` continuations; step k is right when at least
+  ``--mc_threshold`` of them end in the gold answer (last \\boxed{} of the completion's first k steps
+  plus the continuation, graded by grading.grade_answers).
+
+A labeller is ``fn(rows, args) -> [[True | False | None per step] per row]`` (None: no verdict).
+judge and mc generate through generate.py's engines (transformers | vllm), loaded once per process;
+all judge prompts / rollouts of a chunk go through one generation call.
 
 Output rows are the input rows plus
 
-    {"completions": [step, ...], "labels": [bool per step], "outcome": bool, "pred": str | None, "prm": str}
+    {"completions": [step, ...], "labels": [bool per step], "outcome": bool, "pred": str | None,
+     "prm": str, "prm_failures": int (steps without a verdict, labelled wrong)}
 
 where ``prompt`` / ``completions`` / ``labels`` are TRL's stepwise-supervision fields, so the file feeds
 TRL's PRMTrainer as it is.
@@ -18,14 +34,22 @@ TRL's PRMTrainer as it is.
 Usage:
 
     python label.py --input runs/stepkto/iter1/samples.jsonl --output runs/stepkto/iter1/labels.jsonl --prm check
+    python label.py --input samples.jsonl --output labels.jsonl --prm judge \\
+        --judge_model Qwen/Qwen2.5-72B-Instruct --judge_engine vllm --dtype bfloat16
+    python label.py --input samples.jsonl --output labels.jsonl --prm mc --mc_rollouts 8 --mc_engine vllm
 
-Crash safety as in generate.py: OUTPUT.partial grows a chunk at a time; a rerun resumes.
+Crash safety as in generate.py: OUTPUT.partial grows a chunk at a time; a rerun resumes. mc seeds each
+chunk from (--seed, the chunk's row ids), so a resumed run writes what an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 import sys
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -33,22 +57,56 @@ from transformers import HfArgumentParser
 
 import arith_task
 import common
+import generate
 import grading
 
 # The fields label.py needs from generate.py's rows (the JSONL contract between the two stages).
 SAMPLE_SCHEMA = {"id": str, "problem": str, "answer": str, "prompt": str, "completion": str}
+
+STEP_SEPARATOR = "\n\n"  # what common.split_steps splits on: a rollout prefix ends with it
+# The label of a step whose judge verdict could not be parsed (counted in prm_failures): wrong, because a
+# step that no judge vouched for must not be reinforced as right by the step-level loss.
+UNPARSEABLE_STEP_LABEL = False
 
 
 @dataclass
 class Args:
     input: str = field(metadata={"help": "Samples JSONL written by generate.py."})
     output: str = field(metadata={"help": "Labelled JSONL (written as OUTPUT.partial until complete)."})
-    prm: str = field(default="check", metadata={"help": "Step labeller: check."})
-    chunk_size: int = field(default=1024, metadata={"help": "Rows per chunk (the unit of resuming)."})
-    grade_timeout_s: float = field(default=5.0, metadata={"help": "Hard per-answer timeout of the outcome grader."})
+    prm: str = field(default="check", metadata={"help": "Step labeller: check | judge | mc."})
+    chunk_size: int = field(default=1024, metadata={"help": (
+        "Rows per chunk: the unit of resuming, and of batching for judge and mc (one generation call per "
+        "chunk; with the transformers engine that is one padded batch, so keep it small there).")})
+    grade_timeout_s: float = field(default=5.0, metadata={"help": "Hard per-answer timeout of the grader."})
+    judge_model: str = field(default="", metadata={"help": "--prm judge: the judge LLM (folder or hub id)."})
+    judge_engine: str = field(default="auto", metadata={"help": "--prm judge: transformers | vllm | auto."})
+    judge_max_new_tokens: int = field(default=16, metadata={"help": (
+        "--prm judge: tokens per verdict (greedy). Raise it for judges that reason before answering.")})
+    policy_model: str = field(default="", metadata={"help": (
+        "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them).")})
+    mc_engine: str = field(default="auto", metadata={"help": "--prm mc: transformers | vllm | auto."})
+    mc_rollouts: int = field(default=4, metadata={"help": "--prm mc: continuations sampled per step (K)."})
+    mc_threshold: int = field(default=1, metadata={"help": "--prm mc: a step is right when >= this many of K reach the gold answer."})
+    mc_temperature: float = field(default=1.0, metadata={"help": "--prm mc: sampling temperature of the rollouts."})
+    mc_max_new_tokens: int = field(default=256, metadata={"help": "--prm mc: maximum tokens per rollout."})
+    seed: int = field(default=0, metadata={"help": "--prm mc: seed; each chunk is seeded from (seed, its row ids)."})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the judge / policy: float32 | bfloat16 | float16."})
 
 
-def check_labeller(rows: list[dict]) -> list[list[bool]]:
+def check_args(args: Args) -> None:
+    """Fail before any work on an option combination that cannot run."""
+    if args.prm not in LABELLERS:
+        raise ValueError(f"unknown --prm {args.prm!r}; choose one of {sorted(LABELLERS)}")
+    if args.prm == "judge" and not args.judge_model:
+        raise ValueError("--prm judge needs --judge_model (a folder or hub id)")
+    if args.prm == "mc" and not 1 <= args.mc_threshold <= args.mc_rollouts:
+        raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({args.mc_rollouts}), got {args.mc_threshold}")
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check_labeller(rows: list[dict], args: Args) -> list[list[bool]]:
     """Exact step labels: the expression-tree checker on built-in problems, equations elsewhere."""
     labels = []
     for row in rows:
@@ -60,34 +118,212 @@ def check_labeller(rows: list[dict]) -> list[list[bool]]:
     return labels
 
 
-LABELLERS = {"check": check_labeller}
+# ----------------------------------------------------------------------------- models
 
 
-def label_rows(rows: list[dict], prm: str, timeout_s: float) -> list[dict]:
+@functools.cache
+def load_generator(model: str, engine: str, num_samples: int, temperature: float, max_new_tokens: int,
+                   seed: int, dtype: str):
+    """(generate_fn, tokenizer) of generate.py's engine; cached: every chunk (and every label.main call
+    of a process, e.g. evaluate.py's two) reuses the loaded model."""
+    gen_args = generate.Args(
+        model=model, problems="", output="", num_samples=num_samples, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, engine=engine, dtype=dtype,
+    )
+    return generate.load_engine(gen_args, generate.resolve_engine(engine))
+
+
+# ----------------------------------------------------------------------------- judge
+
+# The one place where the judge prompt is written. Inside the judge tokenizer's chat template when it
+# has one; as plain text followed by "Verdict:" otherwise.
+JUDGE_TEMPLATE = (
+    "You are checking one step of a student's solution to a math problem.\n\n"
+    "Problem:\n{problem}\n\n"
+    "Reference solution:\n{reference}\n\n"
+    "Previous steps of the student's solution:\n{previous}\n\n"
+    "Step to check:\n{step}\n\n"
+    "Is the step to check correct, that is, mathematically right and a valid continuation of the "
+    "previous steps? Answer with one word: correct or incorrect."
+)
+NO_REFERENCE = "(none available: judge the step on its own)"
+NO_PREVIOUS_STEPS = "(none: this is the first step)"
+
+
+def build_judge_prompt(tokenizer, problem: str, reference: str | None, previous: list[str], step: str) -> str:
+    numbered = "\n\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(previous))
+    text = JUDGE_TEMPLATE.format(
+        problem=problem, reference=reference or NO_REFERENCE, previous=numbered or NO_PREVIOUS_STEPS, step=step
+    )
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + "\n\nVerdict:"
+
+
+# a verdict word; "not correct" / "isn't correct" first, so that their "correct" is not read alone.
+# \b keeps the "correct" inside "incorrect" from matching.
+_VERDICT_WORD = re.compile(r"(?:\bnot|n't)\s+correct\b|\bincorrect\b|\bwrong\b|\bcorrect\b", re.IGNORECASE)
+# explicit answer markers: \boxed{...} (also \boxed{\text{...}}) and "verdict: ..." / "judgement is ..."
+_MARKED = re.compile(
+    r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}|\b(?:verdict|judge?ment)\b\W*(?:is\W+)?(.{0,40})", re.IGNORECASE
+)
+_LEADING_NOISE = re.compile(r"^[\s*#_`\"'(\[:>-]*")
+
+
+def _word_value(word: str) -> bool:
+    return word.lower() == "correct"
+
+
+def _unanimous(words: list[str]) -> bool | None:
+    values = {_word_value(w) for w in words}
+    return values.pop() if len(values) == 1 else None
+
+
+def parse_verdict(text: str) -> bool | None:
+    """True for "correct", False for "incorrect" / "wrong" / "not correct", None when undecidable.
+
+    In order: explicit markers (\\boxed{...}, "Verdict: ...") when they agree; else the first word
+    ("Incorrect. The correct value is 12."); else every verdict word in the text when they agree.
+    Conflicting or absent verdicts give None: a guess would be a silent label.
+    """
+    marked = [m.group(1) if m.group(1) is not None else m.group(2) for m in _MARKED.finditer(text)]
+    marked_words = [found.group(0) for found in map(_VERDICT_WORD.search, marked) if found]
+    if marked_words:
+        return _unanimous(marked_words)
+    first = _VERDICT_WORD.match(_LEADING_NOISE.sub("", text))
+    if first:
+        return _word_value(first.group(0))
+    return _unanimous([w.group(0) for w in _VERDICT_WORD.finditer(text)])
+
+
+def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], tokenizer, judge_fn) -> list[list[bool | None]]:
+    """Verdict of every step; ``solutions`` = (problem, reference solution or None, steps) each.
+
+    judge_fn(prompts) -> [reply text per prompt]: all steps of all solutions go through one call.
+    """
+    prompts = [
+        [build_judge_prompt(tokenizer, problem, reference, steps[:k], steps[k]) for k in range(len(steps))]
+        for problem, reference, steps in solutions
+    ]
+    flat = [prompt for per_solution in prompts for prompt in per_solution]
+    verdicts = iter([parse_verdict(reply) for reply in judge_fn(flat)] if flat else [])
+    return [[next(verdicts) for _ in per_solution] for per_solution in prompts]
+
+
+def judge_labeller(rows: list[dict], args: Args) -> list[list[bool | None]]:
+    """The LLM judge's verdict per step (greedy, one reply per step)."""
+    generate_fn, tokenizer = load_generator(
+        args.judge_model, args.judge_engine, 1, 0.0, args.judge_max_new_tokens, args.seed, args.dtype
+    )
+    solutions = [(r["problem"], r.get("solution"), common.split_steps(r["completion"])) for r in rows]
+    return judge_step_verdicts(solutions, tokenizer, lambda prompts: [o[0][0] for o in generate_fn(prompts, args.seed)])
+
+
+# ----------------------------------------------------------------------------- Monte-Carlo rollouts
+
+
+def solution_prefixes(completion: str) -> list[str]:
+    """The completion through the end of each step, followed by the step separator."""
+    return [completion[:end] + STEP_SEPARATOR for _, end in common.step_spans(completion)]
+
+
+def mc_step_labels(rows: list[dict], rollout_fn, threshold: int, timeout_s: float) -> list[list[bool]]:
+    """Step k is right when >= ``threshold`` rollouts from the prefix through step k reach the gold answer.
+
+    rollout_fn(prompts) -> [[continuation text] * K per prompt], all prefixes of all rows in one call.
+    A rollout's answer is the last \\boxed{} of (solution prefix + continuation): a continuation that
+    stops at once after a step holding the final answer keeps that answer.
+    """
+    prefixes = [solution_prefixes(r["completion"]) for r in rows]
+    flat = [(row, prefix) for row, per_row in zip(rows, prefixes) for prefix in per_row]
+    rollouts = rollout_fn([row["prompt"] + prefix for row, prefix in flat]) if flat else []  # (P, K)
+    golds = [row["answer"] for (row, _), conts in zip(flat, rollouts) for _ in conts]
+    preds = [grading.extract_boxed(prefix + c) for (_, prefix), conts in zip(flat, rollouts) for c in conts]
+    reached = iter(grading.grade_answers(golds, preds, timeout_s=timeout_s) if preds else [])
+    hits = iter([sum(next(reached) for _ in conts) for conts in rollouts])
+    return [[next(hits) >= threshold for _ in per_row] for per_row in prefixes]
+
+
+def chunk_seed(seed: int, ids: list[str]) -> int:
+    """A seed from (run seed, the chunk's row ids): stable across processes, unlike hash() of str."""
+    return zlib.crc32(json.dumps([seed, ids]).encode()) % 2**31  # as generate.py: a valid seed everywhere
+
+
+def mc_labeller(rows: list[dict], args: Args) -> list[list[bool]]:
+    """Math-Shepherd labels from K policy rollouts per step."""
+    if not args.policy_model:
+        raise ValueError("--prm mc needs --policy_model (label.main fills it in from the rows' gen.model)")
+    generate_fn, _ = load_generator(
+        args.policy_model, args.mc_engine, args.mc_rollouts, args.mc_temperature, args.mc_max_new_tokens,
+        args.seed, args.dtype,
+    )
+    seed = chunk_seed(args.seed, [r["id"] for r in rows])
+    rollout_fn = lambda prompts: [[text for text, _ in outs] for outs in generate_fn(prompts, seed)]  # noqa: E731
+    return mc_step_labels(rows, rollout_fn, args.mc_threshold, args.grade_timeout_s)
+
+
+def policy_model_of(rows: list[dict], path: str) -> str:
+    """The one model that sampled ``rows`` (their gen.model), for mc rollouts without --policy_model."""
+    for index, row in enumerate(rows, start=1):
+        gen = row.get("gen")
+        if not isinstance(gen, dict) or not isinstance(gen.get("model"), str):
+            raise common.DataError(f"{path}: row {index} (id {row['id']!r}): field 'gen.model' missing; pass --policy_model")
+    models = sorted({row["gen"]["model"] for row in rows})
+    if len(models) > 1:
+        raise common.DataError(f"{path}: field 'gen.model': rows were sampled by {len(models)} models {models}; pass --policy_model")
+    return models[0]
+
+
+# ----------------------------------------------------------------------------- rows
+
+LABELLERS = {"check": check_labeller, "judge": judge_labeller, "mc": mc_labeller}
+
+
+def labels_from_verdicts(verdicts: list[bool | None]) -> tuple[list[bool], int]:
+    """(step labels, number of steps without a verdict); those get UNPARSEABLE_STEP_LABEL."""
+    labels = [UNPARSEABLE_STEP_LABEL if v is None else v for v in verdicts]
+    return labels, sum(v is None for v in verdicts)
+
+
+def label_rows(rows: list[dict], args: Args) -> list[dict]:
     """Outcome label (math-verify, gold first, hard timeout) and one label per step."""
     preds = [grading.extract_boxed(r["completion"]) for r in rows]
-    outcomes = grading.grade_answers([r["answer"] for r in rows], preds, timeout_s=timeout_s)
-    step_labels = LABELLERS[prm](rows)
+    outcomes = grading.grade_answers([r["answer"] for r in rows], preds, timeout_s=args.grade_timeout_s)
+    verdicts = LABELLERS[args.prm](rows, args)
     out = []
-    for row, pred, outcome, labels in zip(rows, preds, outcomes, step_labels):
+    for row, pred, outcome, row_verdicts in zip(rows, preds, outcomes, verdicts):
         steps = common.split_steps(row["completion"])
-        out.append({**row, "completions": steps, "labels": labels, "outcome": outcome, "pred": pred, "prm": prm})
+        labels, failures = labels_from_verdicts(row_verdicts)
+        out.append({**row, "completions": steps, "labels": labels, "outcome": outcome, "pred": pred,
+                    "prm": args.prm, "prm_failures": failures})
     return out
+
+
+def summary(rows: list[dict]) -> str:
+    steps = sum(len(r["labels"]) for r in rows)
+    wrong = sum(r["labels"].count(False) for r in rows)
+    failures = sum(r["prm_failures"] for r in rows)
+    return (f"{len(rows)} samples, {steps} steps: {steps - wrong} right, {wrong} wrong, of which "
+            f"{failures} without a verdict (prm_failures, labelled wrong)")
 
 
 def main(args: Args) -> None:
     if Path(args.output).exists():
         print(f"{args.output} is complete; nothing to do.")
         return
-    if args.prm not in LABELLERS:
-        sys.exit(f"error: unknown --prm {args.prm!r}; choose one of {sorted(LABELLERS)}")
+    check_args(args)
     rows = common.read_jsonl(args.input, SAMPLE_SCHEMA)
+    if args.prm == "mc" and not args.policy_model:
+        args = replace(args, policy_model=policy_model_of(rows, args.input))
     chunks = common.chunked(rows, args.chunk_size)
-    _, done = common.resume_rows(args.output, [[r["id"] for r in c] for c in chunks])
-    for chunk in tqdm(chunks[done:], desc="label", initial=done, total=len(chunks)):
-        common.append_chunk(args.output, label_rows(chunk, args.prm, args.grade_timeout_s))
+    labelled, done = common.resume_rows(args.output, [[r["id"] for r in c] for c in chunks])
+    for chunk in tqdm(chunks[done:], desc=f"label ({args.prm})", initial=done, total=len(chunks)):
+        labelled_chunk = label_rows(chunk, args)
+        common.append_chunk(args.output, labelled_chunk)
+        labelled.extend(labelled_chunk)
     common.finish_output(args.output)
-    print(f"labelled {len(rows)} samples into {args.output}")
+    print(f"labelled {summary(labelled)} into {args.output}")
 
 
 if __name__ == "__main__":

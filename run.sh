@@ -26,6 +26,9 @@ NUM_SFT=${NUM_SFT:-20000}                 # flawed solutions M0 is trained on (a
 SFT_EPOCHS=${SFT_EPOCHS:-1}
 SFT_LR=${SFT_LR:-3e-3}
 SFT_BATCH=${SFT_BATCH:-64}
+HIDDEN=${HIDDEN:-128}                     # tiny Llama from scratch: hidden size (head_dim 64), layers, MLP width
+LAYERS=${LAYERS:-4}
+FFN=${FFN:-384}
 # ---- each iteration
 SAMPLES=${SAMPLES:-4}                     # samples per problem
 TEMPERATURE=${TEMPERATURE:-1.0}
@@ -52,7 +55,8 @@ $PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_t
 
 echo "== M0: sft from scratch"
 $TRAIN --objective sft --model scratch --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
-    --learning_rate "$SFT_LR" --num_epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
+    --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN" \
+    --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
 
 evaluate() {  # evaluate <model dir> <name> <iteration> <eval dir>
     $PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
@@ -70,7 +74,7 @@ for i in $(seq 1 "$ITERATIONS"); do
     $PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" --prm check
     echo "== iteration $i: train M$i ($OBJECTIVE)"
     $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
-        --learning_rate "$LR" --num_epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
+        --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
         --w_step "$W_STEP" --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
     evaluate "$RUN/M$i" "M$i" "$i" "$RUN/eval/M$i"
 done

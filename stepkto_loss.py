@@ -231,7 +231,8 @@ def _check_step_inputs(token_logps, step_ids, num_steps, span):
 def _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask):
     """Shapes and dtypes of stepkto_loss's batch tensors: (B,) outcome, (B, K) step, bool labels/mask."""
     if outcome_logratios.dim() != 1 or outcome_logratios.numel() == 0:
-        raise ValueError(f"stepkto_loss: outcome_logratios must be (B,) with B >= 1, got {tuple(outcome_logratios.shape)}")
+        shape = tuple(outcome_logratios.shape)
+        raise ValueError(f"stepkto_loss: outcome_logratios must be (B,) with B >= 1, got {shape}")
     _check_same_shape("outcome_labels", outcome_labels, "outcome_logratios", outcome_logratios)
     batch_size = outcome_logratios.size(0)
     if step_logratios.dim() != 2 or step_logratios.size(0) != batch_size:
@@ -244,7 +245,8 @@ def _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, ste
 
 def _check_same_shape(name, tensor, reference_name, reference):
     if tensor.shape != reference.shape:
-        raise ValueError(f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, got {tuple(tensor.shape)}")
+        expected, got = tuple(reference.shape), tuple(tensor.shape)
+        raise ValueError(f"{name} must have the shape of {reference_name} {expected}, got {got}")
 
 
 def _check_bool(name, tensor):

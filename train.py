@@ -50,7 +50,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
@@ -73,40 +73,61 @@ import stepkto_loss as sk
 from common import DataError
 
 
+def option(default=MISSING, help: str = ""):
+    """A dataclass field with its --help text (HfArgumentParser reads metadata["help"])."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Args:
-    objective: Literal["sft", "kto", "step-kto"] = field(metadata={"help": "What to train: sft, kto or step-kto."})
-    model: str = field(metadata={"help": "Policy to start from: a save_pretrained folder, or 'scratch' (sft only: char tokenizer + tiny Llama)."})
-    data: str = field(metadata={"help": "Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py."})
-    output_dir: str = field(metadata={"help": "Where the trained model goes (never the --model folder)."})
-    ref_model: Optional[str] = field(default=None, metadata={"help": "Reference model pi_ref for kto/step-kto (default: --model)."})
-    prompt_style: Literal["instruct", "minimal"] = field(default="instruct", metadata={"help": "sft: common.PROMPT_TEMPLATES key used to build the prompt."})
-    hidden_size: int = field(default=256, metadata={"help": "--model scratch: hidden size (64 per attention head)."})
-    num_layers: int = field(default=4, metadata={"help": "--model scratch: decoder layers."})
-    intermediate_size: int = field(default=768, metadata={"help": "--model scratch: MLP width."})
-    max_len: int = field(default=512, metadata={"help": "--model scratch: max_position_embeddings."})
-    beta: float = field(default=0.1, metadata={"help": "KTO beta: scale of the implied reward log pi/pi_ref."})
-    lambda_d: float = field(default=1.0, metadata={"help": "KTO weight of desirable items (lambda_D)."})
-    lambda_u: float = field(default=1.0, metadata={"help": "KTO weight of undesirable items (lambda_U)."})
-    w_outcome: float = field(default=1.0, metadata={"help": "step-kto: weight of the outcome-level loss (kto uses 1)."})
-    w_step: float = field(default=1.0, metadata={"help": "step-kto: weight of the step-level loss (kto uses 0)."})
-    step_span: Literal["step", "prefix"] = field(default="step", metadata={"help": "Step reward over the step's own tokens (step) or the whole prefix through it (prefix)."})
-    step_aggregation: Literal["mean", "sum"] = field(default="mean", metadata={"help": "Step losses of one completion: mean or sum."})
-    step_z0: Literal["outcome", "step"] = field(default="outcome", metadata={"help": "Reference point of the step level: the outcome z0, or estimate_z0 over the KL pairs' step log-ratios."})
-    per_device_batch_size: int = field(default=8, metadata={"help": "Rows per process per step; global batch = this * world size."})
-    epochs: int = field(default=1, metadata={"help": "Passes over the data."})
-    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps (0: all epochs). The LR schedule spans the steps actually run."})
-    lr: float = field(default=1e-6, metadata={"help": "Peak learning rate of AdamW."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices and embeddings only)."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps with a linear LR warmup."})
-    lr_schedule: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "LR decay after the warmup, to 0 at the end."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (inf: no clipping)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the batch plan, of --model scratch's init and of torch/numpy/random."})
-    num_threads: int = field(default=0, metadata={"help": "torch.set_num_threads (0: torch's default)."})
-    dtype: Literal["float32", "bfloat16", "float64"] = field(default="float32", metadata={"help": "Parameter dtype (float64: exact comparisons in tests)."})
-    log_every: int = field(default=10, metadata={"help": "Append metrics to train_log.jsonl every N steps."})
-    save_every: int = field(default=100, metadata={"help": "Write the resume state every N steps (0: never)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (less memory, ~30% slower)."})
+    objective: Literal["sft", "kto", "step-kto"] = option(help="What to train: sft, kto or step-kto.")
+    model: str = option(
+        help="Policy to start from: a save_pretrained folder, or 'scratch' (sft only: char tokenizer + tiny Llama)."
+    )
+    data: str = option(help="Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py.")
+    output_dir: str = option(help="Where the trained model goes (never the --model folder).")
+    ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
+    prompt_style: Literal["instruct", "minimal"] = option(
+        "instruct", help="sft: common.PROMPT_TEMPLATES key used to build the prompt."
+    )
+    hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
+    num_layers: int = option(4, help="--model scratch: decoder layers.")
+    intermediate_size: int = option(768, help="--model scratch: MLP width.")
+    max_len: int = option(512, help="--model scratch: max_position_embeddings.")
+    beta: float = option(0.1, help="KTO beta: scale of the implied reward log pi/pi_ref.")
+    lambda_d: float = option(1.0, help="KTO weight of desirable items (lambda_D).")
+    lambda_u: float = option(1.0, help="KTO weight of undesirable items (lambda_U).")
+    w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto uses 1).")
+    w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto uses 0).")
+    step_span: Literal["step", "prefix"] = option(
+        "step", help="Step reward over the step's own tokens (step) or the whole prefix through it (prefix)."
+    )
+    step_aggregation: Literal["mean", "sum"] = option("mean", help="Step losses of one completion: mean or sum.")
+    step_z0: Literal["outcome", "step"] = option(
+        "outcome",
+        help="Reference point of the step level: the outcome z0, or estimate_z0 over the KL "
+        "pairs' step log-ratios.",
+    )
+    per_device_batch_size: int = option(8, help="Rows per process per step; global batch = this * world size.")
+    epochs: int = option(1, help="Passes over the data.")
+    max_steps: int = option(
+        0, help="Stop after this many optimizer steps (0: all epochs). The LR schedule spans the steps actually run."
+    )
+    lr: float = option(1e-6, help="Peak learning rate of AdamW.")
+    weight_decay: float = option(0.0, help="AdamW weight decay (matrices and embeddings only).")
+    warmup_ratio: float = option(0.1, help="Fraction of the steps with a linear LR warmup.")
+    lr_schedule: Literal["linear", "cosine"] = option("linear", help="LR decay after the warmup, to 0 at the end.")
+    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping).")
+    seed: int = option(0, help="Seed of the batch plan, of --model scratch's init and of torch/numpy/random.")
+    num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
+    dtype: Literal["float32", "bfloat16", "float64"] = option(
+        "float32", help="Parameter dtype (float64: exact comparisons in tests)."
+    )
+    log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
+    save_every: int = option(100, help="Write the resume state every N steps (0: never).")
+    gradient_checkpointing: bool = option(
+        False, help="Recompute each layer's activations in backward: less memory, slower."
+    )
 
 
 class UsageError(Exception):
@@ -122,6 +143,7 @@ RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpoi
 
 
 def check_args(args: Args) -> None:
+    """Fail before loading anything on arguments that cannot work."""
     if args.model == "scratch" and args.objective != "sft":
         raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
     out = Path(args.output_dir).resolve()
@@ -134,7 +156,8 @@ def check_args(args: Args) -> None:
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
     if not (0 < args.beta < math.inf) or args.lambda_d < 0 or args.lambda_u < 0:
-        raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u >= 0; got {args.beta}, {args.lambda_d}, {args.lambda_u}")
+        got = f"{args.beta}, {args.lambda_d}, {args.lambda_u}"
+        raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u >= 0; got {got}")
     if args.objective == "step-kto" and (min(args.w_outcome, args.w_step) < 0 or args.w_outcome == args.w_step == 0):
         raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
     if args.max_steps < 0 or args.save_every < 0 or not 0 <= args.warmup_ratio < 1:
@@ -262,7 +285,8 @@ def check_step_fields(row: dict, num_spans: int, where: str) -> None:
 
 
 def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
-    prompt_ids = tokenizer(common.build_prompt(tokenizer, row["problem"], prompt_style), add_special_tokens=False)["input_ids"]
+    prompt = common.build_prompt(tokenizer, row["problem"], prompt_style)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Example(Pair(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
 
@@ -298,7 +322,13 @@ class PlanBatch(NamedTuple):
 
 
 def build_plan(
-    lengths: list[int], global_batch_size: int, world_size: int, epochs: int, seed: int, min_batch_size: int, mega_batches: int = 50
+    lengths: list[int],
+    global_batch_size: int,
+    world_size: int,
+    epochs: int,
+    seed: int,
+    min_batch_size: int,
+    mega_batches: int = 50,
 ) -> list[PlanBatch]:
     """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
 
@@ -365,6 +395,7 @@ class Batch(NamedTuple):
 
 
 def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
+    """Right-padded token matrix plus flat indices of the completion tokens (numpy, no per-token loop)."""
     prompt_lens = np.array([len(p.prompt_ids) for p in pairs])  # (B,)
     completion_lens = np.array([len(p.completion_ids) for p in pairs])  # (B,)
     seq_lens = prompt_lens + completion_lens
@@ -407,7 +438,8 @@ class CompletionLogProbs(nn.Module):
 
     def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
         decoder = self.lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = outputs.last_hidden_state  # (B, T, H)
         hidden = hidden.flatten(0, 1)[positions]  # (N, H)
         logits = self.lm.get_output_embeddings()(hidden)  # (N, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-probs are too coarse
@@ -417,7 +449,8 @@ class CompletionLogProbs(nn.Module):
 def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(total log-prob of each completion (B,), per-step log-probs (B, K) in the `span` convention)."""
     token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
-    grid = token_logps.new_zeros(batch.step_ids.shape).index_put((batch.token_rows, batch.token_cols), token_logps)  # (B, C)
+    grid = token_logps.new_zeros(batch.step_ids.shape)  # (B, C), 0 at padding
+    grid = grid.index_put((batch.token_rows, batch.token_cols), token_logps)  # differentiable scatter
     steps = sk.step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
     return grid.sum(dim=1), steps
 
@@ -426,7 +459,7 @@ def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Mod
     """CompletionLogProbs(lm) on the device; under torchrun sharded with FSDP2 (each layer, then the root)."""
     lm.config.use_cache = False
     if trainable and args.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.requires_grad_(trainable)
     policy = CompletionLogProbs(lm).to(env.device)
     if env.world_size > 1:
@@ -467,7 +500,8 @@ class Reference(NamedTuple):
 @torch.no_grad()
 def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int, env: Env, pad_id: int):
     """(totals (P,), steps (P, K_max)) of many pairs: length-sorted batches, spread over the ranks."""
-    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
+    # Longest first: if memory runs out, it does so at once.
+    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
     batches = common.chunked(order, batch_size)
     rounds = math.ceil(len(batches) / env.world_size)
     local, dtype = {}, None
@@ -660,7 +694,8 @@ def kto_metrics(sums: dict, args: Args) -> dict[str, float]:
 
 
 def token_sums(batches: list[Batch]) -> dict:
-    return {"tokens/real": sum(b.real_tokens for b in batches), "tokens/computed": sum(b.computed_tokens for b in batches)}
+    real, computed = sum(b.real_tokens for b in batches), sum(b.computed_tokens for b in batches)
+    return {"tokens/real": real, "tokens/computed": computed}
 
 
 # ----------------------------------------------------------------------------- optimizer, state, files
@@ -724,8 +759,8 @@ def save_resume_state(policy, optimizer, scheduler, step: int, args: Args, env: 
     optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
     rngs = gather_objects(rng_state())
     if env.rank == 0:
-        state = dict(step=step, model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), rng=rngs)
-        save_atomic(state | {"run": run_signature(args, env)}, work / "state.pt")
+        state = dict(step=step, model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict())
+        save_atomic(state | {"rng": rngs, "run": run_signature(args, env)}, work / "state.pt")
     barrier()
 
 
@@ -737,7 +772,9 @@ def load_resume_state(policy, optimizer, scheduler, args: Args, env: Env, work: 
     state = torch.load(path, weights_only=False)  # our own file; it holds numpy RNG states
     if state["run"] != run_signature(args, env):
         changed = sorted(k for k in state["run"] if state["run"][k] != run_signature(args, env).get(k))
-        raise TrainingError(f"{path} was written by a run with other arguments ({', '.join(changed)}): delete {work} to start over")
+        raise TrainingError(
+            f"{path} was written by a run with other arguments ({', '.join(changed)}): delete {work} to start over"
+        )
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(policy, state["model"], options=options)
     set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
@@ -830,11 +867,13 @@ def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, w
         check_finite("gradient norm", grad_norm, step, work)
         optimizer.step()
         scheduler.step()
-        window["real"], window["computed"] = window["real"] + sums["tokens/real"], window["computed"] + sums["tokens/computed"]
+        window["real"] += sums["tokens/real"]
+        window["computed"] += sums["tokens/computed"]
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
         if (step + 1) % args.log_every == 0 or step + 1 == len(data.plan):
-            entry = {"step": step + 1, "epoch": batch.epoch, "lr": lr, "grad_norm": grad_norm, **metrics} | window_stats(window)
+            entry = {"step": step + 1, "epoch": batch.epoch, "lr": lr, "grad_norm": grad_norm, **metrics}
+            entry |= window_stats(window)
             if env.rank == 0:
                 append_log(log_path, entry)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
@@ -862,14 +901,16 @@ def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
     examples = load_examples(args, tokenizer)
     kto = args.objective != "sft"
     global_batch = args.per_device_batch_size * env.world_size
-    plan = build_plan([pair_length(e.pair) for e in examples], global_batch, env.world_size, args.epochs, args.seed, 2 if kto else 1)
+    lengths = [pair_length(e.pair) for e in examples]
+    plan = build_plan(lengths, global_batch, env.world_size, args.epochs, args.seed, min_batch_size=2 if kto else 1)
     plan = plan[: args.max_steps] if args.max_steps else plan
     if not plan:
-        raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch} (lower --per_device_batch_size)")
+        raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch}: lower the batch size")
     offsets = np.cumsum([0] + [len(b.rows) for b in plan]).tolist()
     if env.rank == 0:
         fraction = plan_token_fraction(plan, examples, env.world_size, with_kl=kto)
-        print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows; length-grouped batches: {fraction:.1%} of computed tokens are real", flush=True)
+        print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
+        print(f"length-grouped batches: {fraction:.1%} of the computed tokens are real (not padding)", flush=True)
     return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id)
 
 

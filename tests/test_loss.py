@@ -264,7 +264,8 @@ def test_padding_steps_change_nothing():
 
 def test_batch_of_one_and_weights_select_terms():
     outcome, labels = torch.tensor([0.8]), torch.tensor([True])
-    steps, step_labels, step_mask = torch.tensor([[0.5, -2.0]]), torch.tensor([[True, False]]), torch.ones(1, 2, dtype=torch.bool)
+    steps, step_labels = torch.tensor([[0.5, -2.0]]), torch.tensor([[True, False]])
+    step_mask = torch.ones(1, 2, dtype=torch.bool)
     z0, z0_step = torch.tensor(0.3), torch.tensor(0.9)
     loss, metrics = stepkto_loss(outcome, labels, steps, step_labels, step_mask, z0, z0_step, w_outcome=0.5, w_step=2.0)
     check_finite(loss, metrics)
@@ -287,7 +288,8 @@ def test_no_real_steps_skips_the_step_term_and_stays_differentiable():
     labels = torch.tensor([True, False])
     no_steps = (torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.bool))
     loss, metrics = stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0))
-    assert "loss/step" not in metrics and not any(key.endswith(("step_desirable", "step_undesirable")) for key in metrics)
+    assert "loss/step" not in metrics
+    assert not any(key.endswith(("step_desirable", "step_undesirable")) for key in metrics)
     assert loss.item() == pytest.approx(metrics["loss/outcome"].item())
     step_only, _ = stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0), w_outcome=0.0)
     step_only.backward()  # zero loss, still on the graph

@@ -82,13 +82,16 @@ def test_outcome_only_equals_trl_kto_trainer_loss(tmp_path, beta, desirable_weig
     tokenizer = tiny_tokenizer()
     policy = tiny_llama(len(tokenizer), seed=0)
     reference = perturbed_copy(policy, seed=0)  # seeds chosen so that z0 is clamped in one batch, not the other
-    dataset = Dataset.from_dict({key: list(column) for key, column in zip(("prompt", "completion", "label"), zip(*ROWS))})
+    prompts, completions, labels = zip(*ROWS)
+    dataset = Dataset.from_dict({"prompt": list(prompts), "completion": list(completions), "label": list(labels)})
     args = KTOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=BATCH_SIZE, beta=beta,
         desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
         report_to="none", use_cpu=True, max_length=None, disable_tqdm=True,
     )
-    trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = KTOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
 
     batches = list(trainer.get_train_dataloader())
     assert len(batches) == len(ROWS) // BATCH_SIZE
@@ -97,8 +100,12 @@ def test_outcome_only_equals_trl_kto_trainer_loss(tmp_path, beta, desirable_weig
         with torch.no_grad():
             trl_loss = trainer.compute_loss(trainer.model, batch)
 
-        outcome = completion_logratios(policy, reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        kl_pairs = completion_logratios(policy, reference, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+        outcome = completion_logratios(
+            policy, reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )  # (B,)
+        kl_pairs = completion_logratios(  # (B,) the batch's KL rows: prompt i with completion i-1
+            policy, reference, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"]
+        )
         z0 = estimate_z0(kl_pairs)
         no_steps = torch.zeros(BATCH_SIZE, 0, dtype=torch.bool)
         ours, metrics = stepkto_loss(outcome, batch["label"].bool(), torch.zeros(BATCH_SIZE, 0), no_steps, no_steps, z0,

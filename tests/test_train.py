@@ -1,9 +1,9 @@
 """Tests for train.py with real tiny Llama models through real transformers / torch calls.
 
 In-process runs call train.main; exit codes, torchrun (2 gloo ranks, FSDP2) and kill -9 run train.py as a
-subprocess. Exact comparisons (two ranks vs one process, resumed vs uninterrupted) use --dtype float64:
-in float32 Adam's first steps (update ~ lr * sign(grad)) blow reduction-order noise in near-zero
-gradients up to ~lr, which would hide a real mismatch behind a loose tolerance.
+subprocess. Exact comparisons (two ranks vs one process, resumed vs uninterrupted) use --dtype float64, so
+that only a real mismatch can come near the tolerance: in float32, reduction-order noise (different
+padding, thread counts) is amplified by Adam, whose first updates are about lr * sign(grad).
 """
 
 import hashlib
@@ -30,6 +30,15 @@ from common import DataError  # noqa: E402
 TINY = dict(hidden_size=64, num_layers=2, intermediate_size=128)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every run uses --num_threads 1 (as fast for these tiny models, and no OpenMP spin-waiting when the
+    machine is shared); in-process runs set it globally, so restore it for the other test files."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return common.make_char_tokenizer()
@@ -52,7 +61,8 @@ def label_rows(tokenizer, count=16) -> list[dict]:
     rows = []
     for i in range(count):
         a, b = int(rng.integers(1, 60)), int(rng.integers(1, 60))
-        steps = [f"We add {a} and {b}.", f"{a} + {b} = {a + b}" + "." * int(rng.integers(0, 15)), f"The answer is {a + b}."]
+        dots = "." * int(rng.integers(0, 15))
+        steps = [f"We add {a} and {b}.", f"{a} + {b} = {a + b}{dots}", f"The answer is {a + b}."]
         steps = steps[: 1 + i % 3]
         completion = "\n\n".join(steps) if i != 5 else "\n"
         steps = common.split_steps(completion)
@@ -69,7 +79,8 @@ def label_rows(tokenizer, count=16) -> list[dict]:
 
 
 def sft_rows(count=16) -> list[dict]:
-    return [{"id": str(i), "problem": f"{i} + {i}", "completion": f"{i} + {i} = {2 * i}\n\nThe answer is {2 * i}."} for i in range(count)]
+    solution = "{i} + {i} = {s}\n\nThe answer is {s}."
+    return [{"id": str(i), "problem": f"{i} + {i}", "completion": solution.format(i=i, s=2 * i)} for i in range(count)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -78,13 +89,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def run_main(**kwargs) -> Path:
-    train.main(train.Args(**kwargs))
+    train.main(train.Args(**kwargs, num_threads=1))
     return Path(kwargs["output_dir"])
 
 
-def run_script(*argv: str, launcher=(sys.executable,), **kwargs) -> subprocess.CompletedProcess:
-    cmd = [*launcher, str(REPO_ROOT / "train.py"), *argv]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+def run_script(*argv: str, launcher=(sys.executable,)) -> subprocess.CompletedProcess:
+    cmd = [*launcher, str(REPO_ROOT / "train.py"), *argv, "--num_threads", "1"]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
 def cli(**kwargs) -> list[str]:
@@ -113,8 +124,10 @@ def byte_level_bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["First step.\n\nSecond step\n \nThird.", "step by step, the answer is 42.\n\n"] * 20, trainer)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=alphabet)
+    corpus = ["First step.\n\nSecond step\n \nThird.", "step by step, the answer is 42.\n\n"] * 20
+    tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
@@ -155,9 +168,33 @@ def test_plan_is_seeded_length_grouped_and_rank_aligned():
         assert len(rows) == len(set(rows)) >= len(lengths) - 1  # each row once; at most world_size - 1 dropped
     assert all(len(b.rows) % 2 == 0 and len(b.rows) <= 16 for b in plan)
     grouped = train.plan_token_fraction(plan, examples, world_size=2, with_kl=True)
-    random_plan = [train.PlanBatch(0, list(b)) for b in common.chunked(rng.permutation(len(lengths)).tolist()[:2000], 16)]
+    random_batches = common.chunked(rng.permutation(len(lengths)).tolist()[:2000], 16)
+    random_plan = [train.PlanBatch(0, batch) for batch in random_batches]
     ungrouped = train.plan_token_fraction(random_plan, examples, world_size=2, with_kl=True)
     assert grouped >= 0.9 > ungrouped
+
+
+@pytest.mark.parametrize("span", ["step", "prefix"])
+def test_completion_logps_match_plain_per_row_forwards(span, tiny_model, tokenizer):
+    """Padded batch + completion-only LM head vs one unpadded full-logits forward per row."""
+    lm = common.load_model(str(tiny_model))
+    examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
+    batch = train.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        totals, steps = train.completion_logps(train.CompletionLogProbs(lm), batch, span)  # (B,), (B, K)
+        for b, example in enumerate(examples):
+            pair = example.pair
+            ids = torch.tensor([pair.prompt_ids + pair.completion_ids])
+            logps = lm(ids).logits[0, :-1].double().log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+            completion = logps[len(pair.prompt_ids) - 1 :]  # (C,)
+            # float32 sums of ~100 log-probs: relative 1e-6
+            assert totals[b].item() == pytest.approx(completion.sum().item(), rel=1e-6, abs=1e-5)
+            for k in range(pair.num_steps):
+                in_step = (pair.step_ids == k) if span == "step" else ((pair.step_ids >= 0) & (pair.step_ids <= k))
+                expected = completion[torch.from_numpy(in_step)].sum().item()
+                assert steps[b, k].item() == pytest.approx(expected, rel=1e-6, abs=1e-5)
+            if span == "step":  # (with "prefix", padding steps repeat the total: step_mask hides them)
+                assert (steps[b, pair.num_steps :] == 0).all()
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -167,8 +204,9 @@ def test_sft_from_scratch_learns_and_saves_a_loadable_checkpoint(tmp_path, token
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows())
-    args = dict(objective="sft", model="scratch", data=str(data), output_dir=str(tmp_path / "M0"), prompt_style="minimal",
-                **TINY, lr=3e-3, epochs=12, per_device_batch_size=4, log_every=1, save_every=5, seed=7)
+    args = dict(objective="sft", model="scratch", data=str(data), output_dir=str(tmp_path / "M0"),
+                prompt_style="minimal", **TINY, lr=3e-3, epochs=12, per_device_batch_size=4, log_every=1,
+                save_every=5, seed=7)
     out = run_main(**args)
     losses = [entry["loss/total"] for entry in read_log(out)]
     assert len(losses) == 48 and all(math.isfinite(x) for x in losses)
@@ -200,18 +238,37 @@ def test_kto_and_step_kto_train_one_epoch_and_step_kto_without_steps_is_kto(tmp_
         assert len(log) == 4 and all(math.isfinite(e["loss/total"]) and math.isfinite(e["kl/z0"]) for e in log)
     first, later = logs["step-kto"][0], logs["step-kto"][1:]
     # Before the first update the policy IS the reference: every row's cached log pi_ref matches its own row.
-    assert all(first[f"rewards/{k}"] == 0.0 for k in ("outcome_desirable", "outcome_undesirable", "step_desirable", "step_undesirable"))
+    sides = ("outcome_desirable", "outcome_undesirable", "step_desirable", "step_undesirable")
+    assert all(first[f"rewards/{side}"] == 0.0 for side in sides)
     assert all(e["rewards/outcome_desirable"] != 0.0 for e in later)
-    assert [e["loss/total"] for e in logs["kto"]] == pytest.approx([e["loss/total"] for e in logs["step-kto-w0"]], abs=1e-7)
+    kto_losses = [e["loss/total"] for e in logs["kto"]]
+    assert kto_losses == pytest.approx([e["loss/total"] for e in logs["step-kto-w0"]], abs=1e-7)
     for entry in logs["step-kto"]:
         assert "loss/step" in entry and entry["loss/total"] == pytest.approx(entry["loss/outcome"] + entry["loss/step"])
     assert "loss/step" not in logs["kto"][0] and "loss/step" not in logs["step-kto-w0"][0]
 
 
-def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, tiny_model, tokenizer):
+def test_separate_reference_model_is_used_and_freed(tmp_path, tiny_model, tokenizer):
+    reference = tmp_path / "ref"
+    common.make_tiny_llama(tokenizer, **TINY, seed=2).save_pretrained(reference)
+    tokenizer.save_pretrained(reference)
     data = write_jsonl(tmp_path / "labels.jsonl", label_rows(tokenizer))
-    args = dict(objective="step-kto", model=str(tiny_model), data=str(data), epochs=2, lr=1e-3, log_every=1, dtype="float64",
-                step_z0="step")
+    out = run_main(objective="step-kto", model=str(tiny_model), ref_model=str(reference), data=str(data),
+                   output_dir=str(tmp_path / "out"), per_device_batch_size=4, lr=1e-3, log_every=1)
+    first = read_log(out)[0]
+    # pi != pi_ref from the first step on: rewards and z0 are live (the same run with pi_ref = pi logs 0)
+    assert first["rewards/outcome_desirable"] != 0.0 and first["rewards/step_undesirable"] != 0.0
+    assert all(math.isfinite(e["loss/total"]) for e in read_log(out))
+
+
+@pytest.mark.parametrize("objective", ["step-kto", "sft"])
+def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(objective, tmp_path, tiny_model, tokenizer):
+    # One row has no step (the step level's mean then covers 15 of 16 rows, unevenly split over the ranks).
+    rows = label_rows(tokenizer) if objective == "step-kto" else sft_rows()
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    args = dict(objective=objective, model=str(tiny_model), data=str(data), epochs=2, lr=1e-3, log_every=1,
+                dtype="float64")
+    args |= dict(step_z0="step") if objective == "step-kto" else dict(prompt_style="minimal")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     result = run_script(*cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two"), launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -223,7 +280,8 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, tin
         for key in one:
             if key.startswith(("loss/", "rewards/", "count/", "kl/", "grad_norm", "lr")):
                 assert two[key] == pytest.approx(one[key], abs=1e-5), (one["step"], key)
-    two_weights, one_weights = load_file(tmp_path / "two" / "model.safetensors"), load_file(single / "model.safetensors")
+    two_weights = load_file(tmp_path / "two" / "model.safetensors")
+    one_weights = load_file(single / "model.safetensors")
     initial = load_file(tiny_model / "model.safetensors")
     assert two_weights.keys() == one_weights.keys() == initial.keys()
     for key in one_weights:
@@ -233,25 +291,27 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, tin
 
 def test_resume_after_kill_ends_with_the_uninterrupted_parameters(tmp_path, tiny_model, tokenizer):
     data = write_jsonl(tmp_path / "labels.jsonl", label_rows(tokenizer))
-    args = dict(objective="step-kto", model=str(tiny_model), data=str(data), epochs=8, lr=1e-3, per_device_batch_size=4,
+    args = dict(objective="step-kto", model=str(tiny_model), data=str(data), epochs=5, lr=1e-3, per_device_batch_size=4,
                 log_every=1, dtype="float64")
     out = tmp_path / "killed"
     state = Path(f"{out}.resume") / "state.pt"
-    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *cli(**args, save_every=1, output_dir=out)], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *cli(**args, save_every=2, output_dir=out, num_threads=1)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     process.kill()  # SIGKILL: no cleanup code runs
     assert process.wait() == -9 and state.exists() and not common.is_complete_model_dir(out)
 
-    resumed = run_script(*cli(**args, save_every=1, output_dir=out))
+    resumed = run_script(*cli(**args, save_every=2, output_dir=out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "reference log-probs: loaded from" in resumed.stdout
 
     uninterrupted = run_main(**args, save_every=0, output_dir=str(tmp_path / "uninterrupted"))
-    assert [e["loss/total"] for e in read_log(out)] == pytest.approx([e["loss/total"] for e in read_log(uninterrupted)], abs=1e-12)
-    resumed_weights, reference_weights = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    resumed_losses = [e["loss/total"] for e in read_log(out)]
+    assert resumed_losses == pytest.approx([e["loss/total"] for e in read_log(uninterrupted)], abs=1e-12)
+    resumed_weights = load_file(out / "model.safetensors")
+    reference_weights = load_file(uninterrupted / "model.safetensors")
     for key in reference_weights:
         torch.testing.assert_close(resumed_weights[key], reference_weights[key], rtol=0, atol=1e-12)
 
@@ -264,7 +324,8 @@ def test_non_finite_loss_stops_with_an_error_and_touches_no_checkpoint(tmp_path,
     result = run_script(*cli(objective="kto", model=tiny_model, data=data, output_dir=out, lr=1e30, warmup_ratio=0,
                              per_device_batch_size=4, save_every=1))
     assert result.returncode != 0
-    assert "step 2: the" in result.stderr and ("is nan" in result.stderr or "is inf" in result.stderr), result.stderr[-2000:]
+    message = result.stderr
+    assert "step 2: the" in message and ("is nan" in message or "is inf" in message), message[-2000:]
     assert tree_digest(tiny_model) == before and not out.exists() and not Path(f"{out}.tmp").exists()
     state = torch.load(Path(f"{out}.resume") / "state.pt", weights_only=False)
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -278,9 +339,18 @@ def test_refuses_to_write_over_its_own_input(tiny_model, tmp_path):
 MALFORMED = {
     # name: (how to break the second row (file line 3, after a blank line), expected message)
     "bad_json": (lambda row: json.dumps(row)[:-5], r":3: invalid JSON"),
-    "missing_field": (lambda row: json.dumps({k: v for k, v in row.items() if k != "outcome"}), r":3: missing field 'outcome'"),
-    "steps_labels_mismatch": (lambda row: json.dumps({**row, "labels": row["labels"] + [True]}), r":3: field 'labels' has 2 items but the completion has 1 steps"),
-    "bad_finish_reason": (lambda row: json.dumps({**row, "finish_reason": "eos"}), r":3: field 'finish_reason' must be"),
+    "missing_field": (
+        lambda row: json.dumps({k: v for k, v in row.items() if k != "outcome"}),
+        r":3: missing field 'outcome'",
+    ),
+    "steps_labels_mismatch": (
+        lambda row: json.dumps({**row, "labels": row["labels"] + [True]}),
+        r":3: field 'labels' has 2 items but the completion has 1 steps",
+    ),
+    "bad_finish_reason": (
+        lambda row: json.dumps({**row, "finish_reason": "eos"}),
+        r":3: field 'finish_reason' must be",
+    ),
 }
 
 

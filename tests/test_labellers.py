@@ -1,0 +1,260 @@
+"""label.py's model-based step labellers: the judge's verdict parser and prompt, the Monte-Carlo rule,
+both end to end with real tiny models, and resuming a partially written output."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import label
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An untrained char-level Llama: as a judge its replies are garbage, as a policy its rollouts too."""
+    path = tmp_path_factory.mktemp("model")
+    tok = common.make_char_tokenizer()
+    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def coin_flip_policy(tmp_path_factory):
+    """A tiny Llama trained to continue every step prefix of COMPLETIONS with \\boxed{14} or \\boxed{16},
+    each about half of the time: its rollouts reach the gold answer 14 by chance, so mc labels depend
+    on the seed."""
+    tok = common.make_char_tokenizer()
+    model = common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0)
+    prefixes = [sample_row(0, "")["prompt"] + p for c in COMPLETIONS for p in label.solution_prefixes(c)]
+    pairs = [(p, reply) for p in prefixes for reply in ("\\boxed{14}", "\\boxed{16}")]
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    full_ids = [tok(p + r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p, r in pairs]
+    width = max(map(len, full_ids))
+    input_ids = torch.full((len(pairs), width), tok.pad_token_id)  # (N, S)
+    targets = torch.full((len(pairs), width), -100)  # (N, S): loss on the reply and EOS only
+    for i, (prompt, full) in enumerate(zip(prompt_ids, full_ids)):
+        input_ids[i, : len(full)] = torch.tensor(full)
+        targets[i, len(prompt) : len(full)] = torch.tensor(full[len(prompt) :])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):  # stops after ~50 steps: the loss floor is ln 2 on the digit, ~0.06 per token
+        loss = model(input_ids=input_ids, attention_mask=(input_ids != tok.pad_token_id).long(), labels=targets).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f"the coin-flip policy did not learn its replies (loss {loss.item():.3f})"
+    path = tmp_path_factory.mktemp("coin_flip_policy")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def sample_row(i, completion, answer="14", model="policy", solution=None):
+    row = {"id": f"p{i}#0", "problem_id": f"p{i}", "problem": "Compute (3 + 4) * 2.", "answer": answer,
+           "prompt": "Problem: Compute (3 + 4) * 2.\nSolution:\n", "completion": completion,
+           "finish_reason": "stop", "gen": {"model": model}}
+    return row if solution is None else {**row, "solution": solution}
+
+
+COMPLETIONS = [
+    "3 + 4 = 7\n\n7 * 2 = 14\n\nThe answer is \\boxed{14}.",
+    "3 + 4 = 8\n\n8 * 2 = 16\n\nThe answer is \\boxed{16}.",
+    "3 + 4 = 7\n\n7 * 2 = 14",  # no final answer
+    "",  # no steps at all
+]
+
+
+# ----------------------------------------------------------------------------- verdict parser
+
+
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [
+        ("correct", True),
+        (" Correct.", True),
+        ("CORRECT!", True),
+        ("**Correct**", True),
+        ("Verdict: correct", True),
+        ("verdict - Correct", True),
+        ("\\boxed{correct}", True),
+        ("\\boxed{\\text{Correct}}", True),
+        ("The step is correct.", True),
+        ("The verdict is that the step is correct", True),
+        ("incorrect", False),
+        (" Incorrect.", False),
+        ("INCORRECT", False),
+        ("**Verdict:** Incorrect", False),
+        ("\\boxed{incorrect}", False),
+        ("\\boxed{\\text{incorrect}}", False),
+        ("wrong", False),
+        ("The step is not correct.", False),
+        ("It isn't correct.", False),
+        ("Incorrect. The correct value is 12.", False),  # the first word decides
+        ("Verdict: incorrect. The final answer is correct though.", False),  # the marker decides
+        ("Correct. Nothing is wrong with it.", True),
+        ("", None),
+        ("asdkj 7 7 7", None),
+        ("correctness", None),  # not the word
+        ("incorrectly", None),
+        ("It could be correct or incorrect.", None),  # conflicting, no marker, no leading verdict
+        ("\\boxed{correct} \\boxed{incorrect}", None),  # conflicting markers
+        ("Verdict: unsure", None),
+    ],
+)
+def test_parse_verdict(reply, verdict):
+    assert label.parse_verdict(reply) is verdict
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+def test_judge_prompt_holds_problem_reference_previous_and_current_step():
+    tok = common.make_char_tokenizer()
+    prompt = label.build_judge_prompt(tok, "Compute 3 + 4.", "3 + 4 = 7", ["a = 3", "b = 4"], "a + b = 8")
+    assert "Compute 3 + 4." in prompt and "Reference solution:\n3 + 4 = 7" in prompt
+    assert "Step 1: a = 3\n\nStep 2: b = 4" in prompt and "Step to check:\na + b = 8" in prompt
+    assert prompt.endswith("Verdict:")  # plain text: the char tokenizer has no chat template
+    first = label.build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
+    assert label.NO_REFERENCE in first and label.NO_PREVIOUS_STEPS in first
+    tok.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
+    chat = label.build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
+    assert chat.startswith("<user>You are checking") and chat.endswith("</user><assistant>")
+
+
+def test_judge_step_verdicts_keeps_row_and_step_order():
+    """One call for all steps; replies map back to their (row, step); unparseable replies give None."""
+    tok = common.make_char_tokenizer()
+    calls = []
+
+    def judge_fn(prompts):
+        calls.append(len(prompts))
+        steps = [p.split("Step to check:\n")[1].split("\n\n")[0] for p in prompts]
+        return ["Correct." if "= 7" in s else "incorrect" if "= 8" in s else "hmm" for s in steps]
+
+    solutions = [("p", None, ["3 + 4 = 7", "x"]), ("p", "ref", []), ("p", None, ["3 + 4 = 8", "y = 7", "z"])]
+    assert label.judge_step_verdicts(solutions, tok, judge_fn) == [[True, None], [], [False, True, None]]
+    assert calls == [5]
+
+
+def test_judge_end_to_end_counts_unparseable_verdicts(tiny_model, tmp_path):
+    rows = [sample_row(i, c, solution="(3 + 4) * 2 = 14" if i == 0 else None) for i, c in enumerate(COMPLETIONS)]
+    src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
+    common.write_jsonl_atomic(src, rows)
+    args = label.Args(input=str(src), output=str(out), prm="judge", judge_model=tiny_model,
+                      judge_engine="transformers", judge_max_new_tokens=6, chunk_size=3)
+    label.main(args)
+    got = common.read_jsonl(out, {"labels": list, "completions": list, "prm_failures": int, "outcome": bool})
+    assert [len(r["labels"]) for r in got] == [3, 3, 2, 0]  # one label per step
+    assert [r["outcome"] for r in got] == [True, False, False, False]
+    # the untrained judge never says "correct" or "incorrect": every step is a counted failure, labelled wrong
+    assert [r["prm_failures"] for r in got] == [3, 3, 2, 0]
+    assert all(step_label is False for r in got for step_label in r["labels"])
+    assert {r["prm"] for r in got} == {"judge"}
+
+
+# ----------------------------------------------------------------------------- Monte-Carlo rollouts
+
+
+def test_mc_rule_counts_rollouts_that_reach_the_gold_answer():
+    """K = 4 rollouts per step; the fake policy reaches 14 from a prefix with `= 7` in 3 of 4 tries,
+    never after `= 8`, and stops at once (no new box) after a step that already holds the answer."""
+    prompts_seen = []
+
+    def rollout_fn(prompts):
+        prompts_seen.extend(prompts)
+        replies = []
+        for p in prompts:
+            if "\\boxed" in p:
+                replies.append(["", "", "", ""])
+            elif "= 8" in p:
+                replies.append(["\\boxed{16}"] * 4)
+            else:
+                replies.append(["\\boxed{14}"] * 3 + ["\\boxed{15}"])
+        return replies
+
+    rows = [sample_row(i, c) for i, c in enumerate(COMPLETIONS)]
+    assert label.mc_step_labels(rows, rollout_fn, 1, 5.0) == [[True, True, True], [False, False, False], [True, True], []]
+    assert label.mc_step_labels(rows, rollout_fn, 4, 5.0) == [[False, False, True], [False, False, False], [False, False], []]
+    # prefix = prompt + completion through the end of step k + the step separator
+    assert prompts_seen[:3] == [rows[0]["prompt"] + "3 + 4 = 7\n\n", rows[0]["prompt"] + "3 + 4 = 7\n\n7 * 2 = 14\n\n",
+                                rows[0]["prompt"] + COMPLETIONS[0] + "\n\n"]
+
+
+def mc_args(src, out, **overrides):
+    return label.Args(input=str(src), output=str(out), prm="mc", mc_engine="transformers", mc_rollouts=2,
+                      mc_max_new_tokens=12, chunk_size=2, seed=1, **overrides)
+
+
+def test_mc_end_to_end_with_the_rows_policy(tiny_model, tmp_path):
+    """The untrained policy never writes a box: only a last step that holds the gold answer is right."""
+    rows = [sample_row(i, c, model=tiny_model) for i, c in enumerate(COMPLETIONS)]
+    src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
+    common.write_jsonl_atomic(src, rows)
+    label.main(mc_args(src, out))  # no --policy_model: the rows' gen.model
+    got = common.read_jsonl(out, {"labels": list, "completions": list, "prm_failures": int})
+    assert [r["labels"] for r in got] == [[False, False, True], [False, False, False], [False, False], []]
+    assert [r["prm_failures"] for r in got] == [0, 0, 0, 0] and {r["prm"] for r in got} == {"mc"}
+    assert [r["completions"] for r in got][0] == ["3 + 4 = 7", "7 * 2 = 14", "The answer is \\boxed{14}."]
+
+
+def eight_rows(model):
+    rows = [sample_row(i, c, model=model) for i, c in enumerate(COMPLETIONS * 2)]
+    return [{**row, "id": f"p{i}#0", "problem_id": f"p{i}"} for i, row in enumerate(rows)]
+
+
+def test_mc_labels_follow_the_seeded_rollouts(coin_flip_policy, tmp_path):
+    src = tmp_path / "samples.jsonl"
+    common.write_jsonl_atomic(src, eight_rows(coin_flip_policy))
+    runs = {}
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        label.main(replace(mc_args(src, tmp_path / f"{name}.jsonl"), seed=seed, chunk_size=8))
+        runs[name] = [r["labels"] for r in common.read_jsonl(tmp_path / f"{name}.jsonl")]
+    steps = [step for labels in runs["a"] for step in labels]
+    assert True in steps and False in steps  # 2 rollouts that each reach 14 about half of the time
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+
+
+@pytest.mark.parametrize("prm", ["mc", "judge"])
+def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm):
+    """A rerun keeps the complete chunks of OUTPUT.partial, drops a cut-off line, and ends with the
+    output of an uninterrupted run (mc: each chunk is seeded from its row ids, not from its position)."""
+    src, ref, out = tmp_path / "samples.jsonl", tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    common.write_jsonl_atomic(src, eight_rows(coin_flip_policy))
+
+    def args(output):
+        if prm == "mc":
+            return mc_args(src, output)
+        return label.Args(input=str(src), output=str(output), prm="judge", judge_model=tiny_model,
+                          judge_engine="transformers", judge_max_new_tokens=4, chunk_size=2)
+
+    label.main(args(ref))
+    done = ref.read_text().splitlines(keepends=True)
+    # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9
+    Path(str(out) + ".partial").write_text("".join(done[:5]) + done[5][:20])
+    label.main(args(out))
+    assert out.read_text() == ref.read_text()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_options_and_rows_are_reported(tiny_model, tmp_path):
+    src = tmp_path / "samples.jsonl"
+    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), {**sample_row(1, COMPLETIONS[1]), "gen": {}}])
+    with pytest.raises(ValueError, match="--judge_model"):
+        label.main(label.Args(input=str(src), output=str(tmp_path / "a.jsonl"), prm="judge"))
+    with pytest.raises(ValueError, match="--mc_threshold"):
+        label.main(mc_args(src, tmp_path / "b.jsonl", mc_threshold=3))
+    with pytest.raises(ValueError, match="unknown --prm"):
+        label.main(label.Args(input=str(src), output=str(tmp_path / "c.jsonl"), prm="oracle"))
+    with pytest.raises(common.DataError, match=rf"{src}: row 2 \(id 'p1#0'\): field 'gen.model'"):
+        label.main(mc_args(src, tmp_path / "d.jsonl"))
+    assert not list(tmp_path.glob("[abcd].jsonl*"))  # nothing written
+    rows = [sample_row(0, COMPLETIONS[0], model="m1"), sample_row(1, COMPLETIONS[1], model="m2")]
+    common.write_jsonl_atomic(src, rows)
+    with pytest.raises(common.DataError, match="2 models"):
+        label.main(mc_args(src, tmp_path / "e.jsonl"))
