@@ -129,8 +129,8 @@ def _vllm_cpu_engine_args() -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # run the engine in this process: no engine-core and worker processes that each import vLLM again
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # torch.compile stays on (no enforce_eager): ~10 s more start-up, ~10x faster sampling (notes/vllm.md)
     return {
+        "enforce_eager": True,  # torch.compile: +6 s start-up, no faster sampling on small models (notes/vllm.md)
         # a prompt prefilled in pieces gets its seeded generator rewound with set_offset, which CPU
         # generators lack ("CPU Generator does not use offset"); unchunked, every prefill is whole
         "enable_chunked_prefill": False,

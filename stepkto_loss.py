@@ -136,6 +136,8 @@ def stepkto_loss(
     w_outcome=1.0,
     w_step=1.0,
     step_aggregation="mean",
+    step_lambda_d=None,
+    step_lambda_u=None,
 ):
     """Step-KTO loss  L = w_outcome * L_outcome + w_step * L_step  (equations in the module docstring).
 
@@ -147,6 +149,9 @@ def stepkto_loss(
     takes the nanmean of the concatenated desirable and undesirable losses). L_step = mean over completions
     with >= 1 real step of the mean (or sum, step_aggregation) of kto_losses over that completion's real
     steps. A term whose weight is 0 is skipped, the step term also when no completion has a real step.
+    step_lambda_d / step_lambda_u: lambda_D / lambda_U of the step level (None: the outcome level's). The
+    two levels are usually unbalanced in different ways (e.g. few right answers but many right steps), and
+    the KTO paper advises lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] at each level.
 
     Returns (loss, metrics). metrics holds detached tensors: loss/total, loss/outcome, loss/step (when
     computed), kl/z0, kl/z0_step (when given), and per level and side, rewards/{level}_{side} (mean of
@@ -176,7 +181,12 @@ def stepkto_loss(
         terms.append(w_outcome * outcome_loss)
     if w_step != 0 and bool(step_mask.any()):
         step_z0 = z0 if z0_step is None else z0_step
-        step_loss = _step_loss(step_logratios, step_labels, step_mask, step_z0, step_aggregation, kto_args)
+        step_args = dict(
+            beta=beta,
+            lambda_d=lambda_d if step_lambda_d is None else step_lambda_d,
+            lambda_u=lambda_u if step_lambda_u is None else step_lambda_u,
+        )
+        step_loss = _step_loss(step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args)
         metrics["loss/step"] = step_loss.detach()
         terms.append(w_step * step_loss)
     # Nothing to learn from (step-only with no real steps): a zero that is still on the graph, so that

@@ -97,6 +97,7 @@ class Args:
     beta: float = option(0.1, help="KTO beta: scale of the implied reward log pi/pi_ref.")
     lambda_d: float = option(1.0, help="KTO weight of desirable items (lambda_D).")
     lambda_u: float = option(1.0, help="KTO weight of undesirable items (lambda_U).")
+    balance_lambdas: bool = option(True, help="Per level, weight the larger side down so that lambda_D * n_D = lambda_U * n_U over the data (the KTO paper's advice for unbalanced data); overrides --lambda_d/--lambda_u. Without it a weak policy (few right answers) collapses: pushing every log-prob down is the cheapest way to lower the loss.")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto uses 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto uses 0).")
     step_span: Literal["step", "prefix"] = option(
@@ -626,8 +627,7 @@ def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args,
         z0=z0,
         z0_step=z0_step,
         beta=args.beta,
-        lambda_d=args.lambda_d,
-        lambda_u=args.lambda_u,
+        **data.lambdas,
         w_outcome=w_outcome,
         w_step=w_step,
         step_aggregation=args.step_aggregation,
@@ -830,6 +830,26 @@ def save_final_model(policy, tokenizer, args: Args, env: Env, work: Path) -> Non
 # ----------------------------------------------------------------------------- training loop
 
 
+def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(lambda_D, lambda_U) with lambda_D * n_D = lambda_U * n_U, the larger side weighted down (KTO paper)."""
+    if min(n_desirable, n_undesirable) == 0:
+        return 1.0, 1.0
+    if n_undesirable > n_desirable:
+        return 1.0, n_desirable / n_undesirable
+    return n_undesirable / n_desirable, 1.0
+
+
+def level_lambdas(examples: list[Example], args: Args) -> dict:
+    """KTO weights of the outcome and the step level, from --lambda_d/--lambda_u or balanced per level."""
+    if not args.balance_lambdas:
+        return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
+    n_d = sum(e.desirable for e in examples)
+    steps_d = sum(sum(e.step_labels) for e in examples)
+    steps_all = sum(len(e.step_labels) for e in examples)
+    outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
+    return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
+
+
 @dataclass
 class TrainData:
     examples: list[Example]
@@ -837,6 +857,7 @@ class TrainData:
     kl_offsets: list[int]  # plan item index of the first KL pair of each step
     reference: Optional[Reference]
     pad_id: int
+    lambdas: dict  # lambda_d, lambda_u, step_lambda_d, step_lambda_u for stepkto_loss
 
 
 def check_finite(name: str, value: float, step: int, work: Path) -> None:
@@ -911,7 +932,10 @@ def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
         fraction = plan_token_fraction(plan, examples, env.world_size, with_kl=kto)
         print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
         print(f"length-grouped batches: {fraction:.1%} of the computed tokens are real (not padding)", flush=True)
-    return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id)
+    lambdas = level_lambdas(examples, args) if kto else {}
+    if env.rank == 0 and kto:
+        print("KTO weights: " + ", ".join(f"{k} {v:.3f}" for k, v in lambdas.items()), flush=True)
+    return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id, lambdas)
 
 
 def main(args: Args) -> None:

@@ -328,3 +328,22 @@ def test_one_optimizer_step_moves_step_logps_by_label():
         change = step_logps_of(policy) - before  # (B, K)
     assert torch.all(change[step_mask & step_labels] > 0), change
     assert torch.all(change[step_mask & ~step_labels] < 0), change
+
+
+def test_step_level_has_its_own_lambdas():
+    """step_lambda_d / step_lambda_u weight only the step level; None falls back to the outcome's."""
+    torch.manual_seed(0)
+    outcome, steps = torch.randn(3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    o_labels = torch.tensor([True, False, False])
+    s_labels = torch.tensor([[True, False], [False, False], [True, True]])
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    z0 = torch.tensor(0.1, dtype=torch.float64)
+    base = dict(outcome_logratios=outcome, outcome_labels=o_labels, step_logratios=steps, step_labels=s_labels,
+                step_mask=mask, z0=z0, lambda_d=1.0, lambda_u=0.5)
+    _, same = stepkto_loss(**base)
+    _, explicit = stepkto_loss(**base, step_lambda_d=1.0, step_lambda_u=0.5)
+    _, other = stepkto_loss(**base, step_lambda_d=0.25, step_lambda_u=1.0)
+    assert torch.equal(same["loss/step"], explicit["loss/step"])
+    assert torch.equal(same["loss/outcome"], other["loss/outcome"])
+    expected = (kto_losses(steps, s_labels, z0, lambda_d=0.25, lambda_u=1.0).mean(dim=1)).mean()
+    assert torch.allclose(other["loss/step"], expected)

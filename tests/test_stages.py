@@ -110,7 +110,7 @@ TRL_PRM = REPO / ".venv" / "trl-prm"  # TRL 0.29 (setup.sh): TRL 1.16 no longer 
 @pytest.mark.skipif(not TRL_PRM.exists(), reason="TRL 0.29 for PRMTrainer not installed (bash setup.sh)")
 def test_label_feeds_trl_prm_tokenisation(tmp_path):
     """TRL's PRMTrainer tokenises our rows as they are, with its own tokenize_row."""
-    rows = label.label_rows([sample_row(0, "3 + 4 = 8\n\n8 - 1 = 7\n\nThe answer is \\boxed{7}.")], "check", 5.0)
+    rows = label.label_rows([sample_row(0, "3 + 4 = 8\n\n8 - 1 = 7\n\nThe answer is \\boxed{7}.")], label.Args(input="", output="", prm="check"))
     common.write_jsonl_atomic(tmp_path / "labels.jsonl", rows)
     code = f"""
 import json, sys

@@ -374,3 +374,12 @@ def test_malformed_label_file_exits_non_zero_from_the_command_line(tmp_path, tin
     result = run_script(*cli(objective="step-kto", model=tiny_model, data=data, output_dir=tmp_path / "out"))
     assert result.returncode == 1
     assert f"{data}:3: field 'labels'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_balanced_lambdas_follow_the_kto_paper_rule():
+    """lambda_D * n_D == lambda_U * n_U, the larger side weighted down; one-sided data keeps 1, 1."""
+    assert train.balanced_lambdas(10, 30) == (1.0, 10 / 30)
+    assert train.balanced_lambdas(30, 10) == (10 / 30, 1.0)
+    assert train.balanced_lambdas(0, 5) == (1.0, 1.0)
+    d, u = train.balanced_lambdas(7, 93)
+    assert abs(d * 7 - u * 93) < 1e-9
