@@ -19,23 +19,23 @@ RUNS=${RUNS:-runs}                        # all runs live here; the report cover
 NPROC=${NPROC:-1}                         # >1: train under torchrun with FSDP2 on NPROC processes/GPUs
 THREADS=${THREADS:-2}                     # torch CPU threads per process
 # ---- the built-in task (embedded default)
-NUM_TRAIN=${NUM_TRAIN:-2000}              # training problems sampled from at every iteration
+NUM_TRAIN=${NUM_TRAIN:-1000}              # training problems sampled from at every iteration
 NUM_TEST=${NUM_TEST:-500}                 # held-out test problems (never overlapping the train split)
-NUM_SFT=${NUM_SFT:-20000}                 # flawed solutions M0 is trained on (arith_task.FlawRates)
+NUM_SFT=${NUM_SFT:-30000}                 # flawed solutions M0 is trained on (arith_task.FlawRates)
 # ---- seed model M0 (sft from scratch)
-SFT_EPOCHS=${SFT_EPOCHS:-1}
-SFT_LR=${SFT_LR:-3e-3}
-SFT_BATCH=${SFT_BATCH:-64}
+SFT_EPOCHS=${SFT_EPOCHS:-2}
+SFT_LR=${SFT_LR:-2e-3}
+SFT_BATCH=${SFT_BATCH:-32}
 HIDDEN=${HIDDEN:-128}                     # tiny Llama from scratch: hidden size (head_dim 64), layers, MLP width
-LAYERS=${LAYERS:-4}
+LAYERS=${LAYERS:-2}
 FFN=${FFN:-384}
 # ---- each iteration
 SAMPLES=${SAMPLES:-4}                     # samples per problem
 TEMPERATURE=${TEMPERATURE:-1.0}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-200}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-160}
 LR=${LR:-5e-4}
 EPOCHS=${EPOCHS:-1}
-BATCH=${BATCH:-64}                        # per process
+BATCH=${BATCH:-32}                        # per process
 BETA=${BETA:-0.1}
 W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level term (our reading, see stepkto_loss.py)
 

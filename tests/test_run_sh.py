@@ -1,0 +1,43 @@
+"""End-to-end smoke test of run.sh with a tiny budget: every stage runs for real (data, SFT from scratch,
+generate, label, train, evaluate, report), and a rerun skips every finished stage."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = dict(
+    NUM_TRAIN=6, NUM_TEST=6, NUM_SFT=32, SFT_EPOCHS=1, SFT_BATCH=8, HIDDEN=64, LAYERS=1, FFN=64,
+    SAMPLES=2, MAX_NEW_TOKENS=24, BATCH=4, ITERATIONS=2, THREADS=1,
+)
+
+
+def run_sh(runs: Path, objective: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(runs), "OBJECTIVE": objective,
+           "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_run_sh_end_to_end_and_rerun(tmp_path):
+    first = run_sh(tmp_path, "step-kto")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["M0", "M1", "M2"]
+    assert all(0 <= r["pass@1"] <= 1 and r["n_problems"] == 6 for r in rows)
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "| step-kto | M2 |" in first.stdout
+
+    kto = run_sh(tmp_path, "kto")  # the baseline reuses the seed's data, M0 and M0's evaluation
+    assert kto.returncode == 0, kto.stderr[-3000:]
+    assert "M0: sft from scratch" in kto.stdout and "is complete" in kto.stdout + kto.stderr
+    assert "| kto | M2 |" in kto.stdout and "| step-kto | M2 |" in kto.stdout
+
+    again = run_sh(tmp_path, "step-kto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("nothing to do") + again.stderr.count("nothing to do") >= 5  # stages skipped
+    rows_again = [json.loads(l) for l in (tmp_path / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
+    assert rows_again == rows
