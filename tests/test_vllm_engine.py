@@ -104,7 +104,7 @@ def generate_command(python, engine: str, workdir: Path, output: Path, extra: tu
         str(python), "generate.py", "--engine", engine, "--model", str(workdir / "model"),
         "--problems", str(workdir / "problems.jsonl"), "--output", str(output), "--prompt_style", "minimal",
         "--max_new_tokens", str(MAX_NEW_TOKENS), "--chunk_size", "2",
-        "--num_threads", "1",  # the transformers engine: five runs share the cores (vLLM takes 1 thread itself)
+        "--num_threads", "1",  # five runs share the cores: 2-thread runs then stall on each other (notes/vllm.md)
         *extra,
     ]  # fmt: skip
 
