@@ -46,6 +46,8 @@ class Args:
     objective: str = field(default="", metadata={"help": "Training objective of the model, for the table."})
     run_seed: int = field(default=0, metadata={"help": "Seed of the run the model belongs to, for the table."})
     prm: str = field(default="check", metadata={"help": "Step labeller for the stepwise error rate (label.py --prm)."})
+    judge_model: str = field(default="", metadata={"help": "--prm judge: the judge model (label.py --judge_model)."})
+    judge_engine: str = field(default="auto", metadata={"help": "--prm judge: its engine (label.py --judge_engine)."})
     sample_k: int = field(default=0, metadata={"help": "Also draw K samples per problem for mean Pass@1 and Maj@K (0 = off)."})
     sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the K samples."})
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens generated per solution."})
@@ -123,7 +125,10 @@ def sample_and_label(args: Args, problems: list[dict], tag: str, n: int, tempera
     )
     if not Path(gen_args.output).exists():
         generate.generate_rows(gen_args, problems, gen_args.output, desc=f"eval {tag}")
-    label_args = label.Args(input=gen_args.output, output=str(out / f"{tag}_labels.jsonl"), prm=args.prm)
+    label_args = label.Args(
+        input=gen_args.output, output=str(out / f"{tag}_labels.jsonl"), prm=args.prm,
+        judge_model=args.judge_model, judge_engine=args.judge_engine,
+    )
     label.main(label_args)
     return common.read_jsonl(label_args.output)
 

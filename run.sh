@@ -5,6 +5,9 @@
 #   bash run.sh                        # embedded default: built-in arithmetic task, tiny model from scratch, CPU
 #   OBJECTIVE=kto bash run.sh          # the outcome-only KTO baseline, into its own run folder
 #   SEED=1 bash run.sh                 # another seed (its own data, M0 and runs)
+#   MODEL=meta-llama/Llama-3.1-8B-Instruct TRAIN_PROBLEMS=train.jsonl BENCHMARK=math500 PRM=judge \
+#     JUDGE_MODEL=Qwen/Qwen2.5-72B-Instruct ENGINE=vllm NPROC=8 DTYPE=bfloat16 LR=5e-7 bash run.sh
+#                                      # the real-model path: same loop, hub models, vLLM, a judge PRM
 #
 # Every setting is an environment variable whose default stands below. Every stage resumes after a
 # crash and is skipped when its output is complete, so rerunning run.sh continues where it stopped.
@@ -18,6 +21,15 @@ ITERATIONS=${ITERATIONS:-3}
 RUNS=${RUNS:-runs}                        # all runs live here; the report covers every run below it
 NPROC=${NPROC:-1}                         # >1: train under torchrun with FSDP2 on NPROC processes/GPUs
 THREADS=${THREADS:-2}                     # torch CPU threads per process
+# ---- models, problems and labellers (empty MODEL = the embedded default: built-in task, M0 from scratch)
+MODEL=${MODEL:-}                          # seed model M0: a folder or hub id
+TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-}        # JSONL (problem, answer[, solution]) or hub/benchmark name; default: built-in
+BENCHMARK=${BENCHMARK:-}                  # math500 | amc23 | aime24 | gsm8k | JSONL; default: built-in test split
+PRM=${PRM:-check}                         # step labeller: check | judge | mc (label.py --prm)
+JUDGE_MODEL=${JUDGE_MODEL:-}              # PRM=judge: the judge model
+ENGINE=${ENGINE:-auto}                    # generation engine: transformers | vllm | auto
+DTYPE=${DTYPE:-float32}
+PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL" ] && echo minimal || echo instruct)}
 # ---- the built-in task (embedded default)
 NUM_TRAIN=${NUM_TRAIN:-1000}              # training problems sampled from at every iteration
 NUM_TEST=${NUM_TEST:-500}                 # held-out test problems (never overlapping the train split)
@@ -47,31 +59,37 @@ BASE=$RUNS/seed$SEED                     # data, M0 and its evaluation are share
 RUN=$BASE/$OBJECTIVE
 TRAIN="$PYTHON train.py"
 [ "$NPROC" -gt 1 ] && TRAIN="$PYTHON -m torch.distributed.run --nproc_per_node=$NPROC train.py"
-COMMON=(--prompt_style minimal --num_threads "$THREADS")
+COMMON=(--prompt_style "$PROMPT_STYLE" --num_threads "$THREADS" --dtype "$DTYPE")
+GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS")
+LABEL=(--prm "$PRM")
+[ -n "$JUDGE_MODEL" ] && LABEL+=(--judge_model "$JUDGE_MODEL" --judge_engine "$ENGINE")
 
-echo "== data ($BASE/data)"
-$PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" \
-    --num_sft "$NUM_SFT" --seed "$SEED"
-
-echo "== M0: sft from scratch"
-$TRAIN --objective sft --model scratch --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
-    --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN" \
-    --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
+if [ -z "$MODEL" ]; then
+    echo "== data ($BASE/data)"
+    $PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" \
+        --num_sft "$NUM_SFT" --seed "$SEED"
+    echo "== M0: sft from scratch"
+    $TRAIN --objective sft --model scratch --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
+        --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN" \
+        --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
+    MODEL=$BASE/M0
+fi
+TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
+BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 
 evaluate() {  # evaluate <model dir> <name> <iteration> <eval dir>
     $PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
-        --benchmark "$BASE/data/test.jsonl" --results_table "$RUN/results.jsonl" --objective "$OBJECTIVE" \
-        --run_seed "$SEED" --max_new_tokens "$MAX_NEW_TOKENS" "${COMMON[@]}"
+        --benchmark "$BENCHMARK" --results_table "$RUN/results.jsonl" --objective "$OBJECTIVE" \
+        --run_seed "$SEED" "${LABEL[@]}" "${GEN[@]}" "${COMMON[@]}"
 }
-evaluate "$BASE/M0" M0 0 "$BASE/eval/M0"
+evaluate "$MODEL" M0 0 "$BASE/eval/M0"
 
 for i in $(seq 1 "$ITERATIONS"); do
-    prev=$([ "$i" -eq 1 ] && echo "$BASE/M0" || echo "$RUN/M$((i - 1))")
+    prev=$([ "$i" -eq 1 ] && echo "$MODEL" || echo "$RUN/M$((i - 1))")
     echo "== iteration $i: generate with $prev"
-    $PYTHON generate.py --model "$prev" --problems "$BASE/data/train.jsonl" --output "$RUN/iter$i/samples.jsonl" \
-        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --max_new_tokens "$MAX_NEW_TOKENS" \
-        --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
-    $PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" --prm check
+    $PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$RUN/iter$i/samples.jsonl" \
+        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + i))" "${GEN[@]}" "${COMMON[@]}"
+    $PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" "${LABEL[@]}"
     echo "== iteration $i: train M$i ($OBJECTIVE)"
     $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
         --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \

@@ -41,3 +41,32 @@ def test_run_sh_end_to_end_and_rerun(tmp_path):
     assert again.stdout.count("nothing to do") + again.stderr.count("nothing to do") >= 5  # stages skipped
     rows_again = [json.loads(l) for l in (tmp_path / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
     assert rows_again == rows
+
+
+def test_run_sh_real_model_path(tmp_path):
+    """MODEL / TRAIN_PROBLEMS / BENCHMARK / PRM: the same loop on a given seed model and a real benchmark
+    (AMC23 from ../shared/data by name), with the instruct prompt and the equation checker."""
+    import pytest
+
+    import common
+    import grading
+
+    if not (grading.default_data_dir() / "amc23.jsonl").exists():
+        pytest.skip("../shared/data/amc23.jsonl is absent")
+    model = tmp_path / "seed-model"
+    tok = common.make_char_tokenizer()
+    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=64, max_len=2048).save_pretrained(model)
+    tok.save_pretrained(model)
+    problems = tmp_path / "train.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                                for i in range(4)))
+    env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable,
+           "MODEL": str(model), "TRAIN_PROBLEMS": str(problems), "BENCHMARK": "amc23", "PRM": "check",
+           "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12"}
+    proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "sft from scratch" not in proc.stdout  # the given model is M0
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["M0", "M1"] and all(r["n_problems"] == 40 for r in rows)
+    samples = common.read_jsonl(tmp_path / "runs" / "seed0" / "step-kto" / "iter1" / "samples.jsonl")
+    assert len(samples) == 4 * TINY["SAMPLES"] and "step by step" in samples[0]["prompt"]
