@@ -51,8 +51,10 @@ BATCH=${BATCH:-32}                        # per process
 BETA=${BETA:-0.1}
 W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level term (our reading, see stepkto_loss.py)
 
-PYTHON=${PYTHON:-.venv/bin/python}
-[ -x "$PYTHON" ] || bash setup.sh
+if [ -z "${PYTHON:-}" ]; then  # idempotent: a stamp in .venv records what was installed
+    bash setup.sh
+    PYTHON=.venv/bin/python
+fi
 export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false
 
 BASE=$RUNS/seed$SEED                     # data, M0 and its evaluation are shared by both objectives

@@ -20,8 +20,11 @@ $PY evaluate.py --model $W/M0 --output_dir $W/eval_M0 --name M0 "${EVAL[@]}"
 $PY generate.py --model $W/M0 --problems $W/d0/train.jsonl --output $W/samples.jsonl --num_samples 4 \
     --temperature 1.0 --max_new_tokens 160 --seed 1 --max_problems 1000 "${T[@]}"
 $PY label.py --input $W/samples.jsonl --output $W/labels.jsonl --prm check
-variant() {  # name objective lr beta epochs w_outcome
-    $PY train.py --objective $2 --model $W/M0 --data $W/labels.jsonl --output_dir $W/$1 --lr $3 --beta $4 \
+$PY generate.py --model $W/M0 --problems $W/d0/train.jsonl --output $W/samples_t07.jsonl --num_samples 4 \
+    --temperature 0.7 --max_new_tokens 160 --seed 1 --max_problems 1000 "${T[@]}"
+$PY label.py --input $W/samples_t07.jsonl --output $W/labels_t07.jsonl --prm check
+variant() {  # name objective lr beta epochs w_outcome [labels file]
+    $PY train.py --objective $2 --model $W/M0 --data ${7:-$W/labels.jsonl} --output_dir $W/$1 --lr $3 --beta $4 \
         --epochs $5 --w_outcome $6 --per_device_batch_size 32 --save_every 0 "${T[@]}"
     $PY evaluate.py --model $W/$1 --output_dir $W/eval_$1 --name $1 "${EVAL[@]}"
 }
@@ -33,6 +36,8 @@ variant step-kto_2e-5_2ep step-kto 2e-5 0.1 2 1
 variant step-kto_5e-5_beta1 step-kto 5e-5 1.0 1 1
 variant step-kto_5e-5 step-kto 5e-5 0.1 1 1
 variant kto_5e-5 kto 5e-5 0.1 1 1
+variant step-kto_2e-5_t07 step-kto 2e-5 0.1 1 1 $W/labels_t07.jsonl
+variant kto_2e-5_t07 kto 2e-5 0.1 1 1 $W/labels_t07.jsonl
 for f in $W/eval_*/result.json; do
     $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1], r['pass@1'], r['stepwise_error_rate'], r['mean_pass@1_over_4'], r['stepwise_error_rate_sampled'])" $f
 done
