@@ -23,9 +23,9 @@ $PY label.py --input $W/samples.jsonl --output $W/labels.jsonl --prm check
 $PY generate.py --model $W/M0 --problems $W/d0/train.jsonl --output $W/samples_t07.jsonl --num_samples 4 \
     --temperature 0.7 --max_new_tokens 160 --seed 1 --max_problems 1000 "${T[@]}"
 $PY label.py --input $W/samples_t07.jsonl --output $W/labels_t07.jsonl --prm check
-variant() {  # name objective lr beta epochs w_outcome [labels file]
+variant() {  # name objective lr beta epochs w_outcome [labels file [extra train.py arguments]]
     $PY train.py --objective $2 --model $W/M0 --data ${7:-$W/labels.jsonl} --output_dir $W/$1 --lr $3 --beta $4 \
-        --epochs $5 --w_outcome $6 --per_device_batch_size 32 --save_every 0 "${T[@]}"
+        --epochs $5 --w_outcome $6 --per_device_batch_size 32 --save_every 0 "${T[@]}" "${@:8}"
     $PY evaluate.py --model $W/$1 --output_dir $W/eval_$1 --name $1 "${EVAL[@]}"
 }
 variant step-kto_1e-5 step-kto 1e-5 0.1 1 1
@@ -38,6 +38,13 @@ variant step-kto_5e-5 step-kto 5e-5 0.1 1 1
 variant kto_5e-5 kto 5e-5 0.1 1 1
 variant step-kto_2e-5_t07 step-kto 2e-5 0.1 1 1 $W/labels_t07.jsonl
 variant kto_2e-5_t07 kto 2e-5 0.1 1 1 $W/labels_t07.jsonl
+variant step-kto_2e-5_desirable_only step-kto 2e-5 0.1 1 1 $W/labels.jsonl --balance_lambdas false --lambda_u 0
+$PY -c "import json,sys; [print(l, end='') for l in open(sys.argv[1]) if json.loads(l)['outcome']]" $W/labels.jsonl > $W/right.jsonl
+for lr in 2e-5 2e-4; do  # rejection sampling: sft on the right-answer samples
+    $PY train.py --objective sft --model $W/M0 --data $W/right.jsonl --output_dir $W/rft_$lr --lr $lr --epochs 1 \
+        --per_device_batch_size 32 --save_every 0 "${T[@]}"
+    $PY evaluate.py --model $W/rft_$lr --output_dir $W/eval_rft_$lr --name rft_$lr "${EVAL[@]}"
+done
 for f in $W/eval_*/result.json; do
     $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1], r['pass@1'], r['stepwise_error_rate'], r['mean_pass@1_over_4'], r['stepwise_error_rate_sampled'])" $f
 done
