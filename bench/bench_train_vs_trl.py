@@ -75,7 +75,8 @@ def worker_trl(work: Path, run: str, steps: int) -> dict:
                        learning_rate=LR, beta=BETA, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0,
                        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
                        max_length=None, disable_tqdm=True, precompute_ref_log_probs=True,
-                       train_sampling_strategy="sequential", seed=0, dataloader_num_workers=0)
+                       train_sampling_strategy="sequential", seed=0, dataloader_num_workers=0,
+                       bf16=False)  # TRL defaults to bf16 autocast; train.py here computes in float32
     start = clock()
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     model = LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
