@@ -1,5 +1,20 @@
-"""Make the top-level scripts importable as modules (they are scripts, not a package)."""
+"""Make the top-level scripts importable as modules (they are scripts, not a package), and fixtures
+shared by several test files."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """An untrained char-level Llama saved with its tokenizer: real transformers classes, garbage outputs."""
+    path = tmp_path_factory.mktemp("model")
+    tok = common.make_char_tokenizer()
+    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

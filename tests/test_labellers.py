@@ -12,16 +12,6 @@ import label
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """An untrained char-level Llama: as a judge its replies are garbage, as a policy its rollouts too."""
-    path = tmp_path_factory.mktemp("model")
-    tok = common.make_char_tokenizer()
-    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def coin_flip_policy(tmp_path_factory):
     """A tiny Llama trained to continue every step prefix of COMPLETIONS with \\boxed{14} or \\boxed{16},
     each about half of the time: its rollouts reach the gold answer 14 by chance, so mc labels depend

@@ -20,15 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tok = common.make_char_tokenizer()
-    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def problems(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "test.jsonl"
     common.write_jsonl_atomic(path, arith_task.make_split("test", 12, seed=0))
