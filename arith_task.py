@@ -11,16 +11,23 @@ brackets first, then * before +/-, then left to right), last step `The answer is
 Splits: a problem is test-eligible iff sha1(text) mod 100 < 20, so no split of any seed overlaps
 the other split of any seed.
 
-Flawed SFT data (`write_solution`): at the first step where a slip is drawn the writer states a
+Flawed SFT data (`write_solution`): at a step where a slip is drawn the writer states a
 deterministic wrong result, a habit that depends on the operands (so a model can learn it):
   hard steps, rate `p_slip_hard`: + with a carry out of a non-top column drops it (58 + 67 = 115);
     - with a borrow does not pay it back (52 - 17 = 45); * with a product >= HARD_PRODUCT adds one
     multiple of a (7 * 8 = 63);
   easy steps, rate `p_slip_easy`: + and - are off by one (12 + 7 = 20); * as above (3 * 4 = 15).
-At most one slip per solution. With probability `p_silent` the slip is "silent": the step that
-consumes the slipped value uses the TRUE value (if the slip is in the last operation, the boxed
-answer does), so the answer stays right (right answer, wrong reasoning). Otherwise it is
-"propagating": later steps compute correctly on the wrong value, so the answer is wrong.
+Every step slips independently. A slip is "silent" (share `p_silent_sum` of the slipped + and - steps,
+`p_silent_product` of the slipped * steps): the step that consumes the slipped value uses the TRUE
+value (if the slip is in the last operation, the boxed answer does), so the answer stays right (right
+answer, wrong reasoning). Otherwise it is "propagating": later steps compute correctly on the wrong
+value, so the answer is wrong.
+Why rates above 1/2 on hard steps: the paper evaluates the greedy output, and greedy decoding keeps
+only a model's most likely habit. Slips drawn at low rates are noise that the seed model's argmax
+averages away (measured: 3.5% of greedy-correct solutions with a wrong step at p_slip_hard=0.15,
+against 21.7% when sampling), so the seed would show none of the flaws Step-KTO is meant to remove.
+A seed that PREFERS the careless result on hard steps, while still producing the right one often
+enough to be sampled, is the paper's situation: its greedy solutions carry wrong steps.
 
 Checkers: `check_steps` replays a solution on the problem's expression tree; `check_equations`
 judges any text (ProcessBench, real model outputs) by the arithmetic equations it states.
@@ -61,12 +68,13 @@ class Node:
 @dataclass(frozen=True)
 class FlawRates:
     """Slip rates of `write_solution` (definitions in the module docstring). With the defaults,
-    20000 train problems (seed 0, `python arith_task.py --output_dir D`) got 74.7% flawless,
-    17.9% propagating and 7.4% silent solutions."""
+    60000 train problems (seed 0, `python arith_task.py --output_dir D --num_sft 60000`, run.sh's
+    default) got 36.1% flawless, 34.6% propagating and 29.3% silent solutions."""
 
     p_slip_easy: float = 0.03  # per step without carry/borrow and with a product < HARD_PRODUCT
-    p_slip_hard: float = 0.15  # per step with a carry, a borrow, or a product >= HARD_PRODUCT
-    p_silent: float = 0.3  # share of slipped solutions whose consumer step uses the true value
+    p_slip_hard: float = 0.6  # per step with a carry, a borrow, or a product >= HARD_PRODUCT
+    p_silent_sum: float = 0.9  # share of slipped + and - steps whose consumer uses the true value
+    p_silent_product: float = 0.1  # share of slipped * steps whose consumer uses the true value
 
     def __post_init__(self):
         for name, p in vars(self).items():
@@ -259,7 +267,10 @@ def _habit(a: int, op: str, b: int) -> int:
 
 def is_hard_step(a: int, op: str, b: int) -> bool:
     """A carry or borrow is involved, or the product is beyond the small times tables."""
-    return a * b >= HARD_PRODUCT if op == "*" else _habit(a, op, b) != apply_op(op, a, b)
+    if op == "*":
+        return a * b >= HARD_PRODUCT
+    # a value made negative by an earlier slip has no columns to carry in: an easy step
+    return min(a, b) >= 0 and _habit(a, op, b) != apply_op(op, a, b)
 
 
 def slipped_result(a: int, op: str, b: int) -> int:
@@ -270,26 +281,28 @@ def slipped_result(a: int, op: str, b: int) -> int:
 
 
 def _solve(expression: str, decide_flaw) -> tuple[str, str]:
-    """Canonical solution; `decide_flaw(a, op, b)` -> "none" | "propagating" | "silent" is asked
-    at each step until it returns a flaw, and that step states `slipped_result`."""
-    root, lines, flaw = parse_expression(expression), [], "none"
+    """Canonical solution; `decide_flaw(a, op, b)` -> "none" | "propagating" | "silent" is asked at
+    every step, and a flawed step states `slipped_result`. Returns (text, worst flaw of the text)."""
+    root, lines, flaws = parse_expression(expression), [], set()
     while node := min(filter(_is_reducible, _op_nodes(root)), key=_canonical_key, default=None):
         a, op, b = int(node.left.value), node.op, int(node.right.value)
-        true = stated = int(apply_op(op, Fraction(a), Fraction(b)))
-        if flaw == "none":
-            flaw = decide_flaw(a, op, b)
-            stated = true if flaw == "none" else slipped_result(a, op, b)
+        true = int(apply_op(op, Fraction(a), Fraction(b)))
+        flaw = decide_flaw(a, op, b)
+        stated = true if flaw == "none" else slipped_result(a, op, b)
+        flaws.add(flaw)
         lines.append(f"{a} {op} {b} = {stated}")
         _reduce(node, true if flaw == "silent" else stated)  # silent: later steps use the truth
-    return "\n\n".join(lines + [f"The answer is \\boxed{{{root.value}}}."]), flaw
+    worst = next(flaw for flaw in ("propagating", "silent", "none") if flaw in flaws or flaw == "none")
+    return "\n\n".join(lines + [f"The answer is \\boxed{{{root.value}}}."]), worst
 
 
 def write_solution(rng: random.Random, expression_or_problem: str, rates: FlawRates) -> tuple[str, str]:
-    """A canonical solution with at most one slip: (text, flaw in "none" | "propagating" | "silent")."""
+    """A canonical solution whose steps slip independently: (text, "none" | "propagating" | "silent")."""
     def decide_flaw(a: int, op: str, b: int) -> str:
         if rng.random() >= (rates.p_slip_hard if is_hard_step(a, op, b) else rates.p_slip_easy):
             return "none"
-        return "silent" if rng.random() < rates.p_silent else "propagating"
+        p_silent = rates.p_silent_product if op == "*" else rates.p_silent_sum
+        return "silent" if rng.random() < p_silent else "propagating"
 
     return _solve(_expression_of(expression_or_problem), decide_flaw)
 

@@ -33,9 +33,9 @@ PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL" ] && echo minimal || echo instruct)
 # ---- the built-in task (embedded default)
 NUM_TRAIN=${NUM_TRAIN:-1000}              # training problems sampled from at every iteration
 NUM_TEST=${NUM_TEST:-500}                 # held-out test problems (never overlapping the train split)
-NUM_SFT=${NUM_SFT:-30000}                 # flawed solutions M0 is trained on (arith_task.FlawRates)
+NUM_SFT=${NUM_SFT:-60000}                 # flawed solutions M0 is trained on (arith_task.FlawRates)
 # ---- seed model M0 (sft from scratch)
-SFT_EPOCHS=${SFT_EPOCHS:-2}
+SFT_EPOCHS=${SFT_EPOCHS:-1}
 SFT_LR=${SFT_LR:-2e-3}
 SFT_BATCH=${SFT_BATCH:-32}
 HIDDEN=${HIDDEN:-128}                     # tiny Llama from scratch: hidden size (head_dim 64), layers, MLP width
@@ -50,6 +50,7 @@ EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-32}                        # per process
 BETA=${BETA:-0.1}
 W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level term (our reading, see stepkto_loss.py)
+NLL_WEIGHT=${NLL_WEIGHT:-1.0}             # NLL anchor on fully right samples (not the paper's; README "Results")
 
 if [ -z "${PYTHON:-}" ]; then  # idempotent: a stamp in .venv records what was installed
     bash setup.sh
@@ -66,12 +67,23 @@ GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS")
 LABEL=(--prm "$PRM")
 [ -n "$JUDGE_MODEL" ] && LABEL+=(--judge_model "$JUDGE_MODEL" --judge_engine "$ENGINE")
 
+mkdir -p "$RUN"
+TIMES=$RUN/stage_times.tsv               # this invocation's wall time of each stage (a skipped stage: ~seconds)
+: > "$TIMES"
+timed() {  # timed <stage> <command...>
+    local stage=$1 start
+    start=$(date +%s.%N)
+    shift
+    "$@"
+    awk -v s="$stage" -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%s\t%.1f\n", s, b - a}' >> "$TIMES"
+}
+
 if [ -z "$MODEL" ]; then
     echo "== data ($BASE/data)"
-    $PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" \
+    timed data $PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" \
         --num_sft "$NUM_SFT" --seed "$SEED"
     echo "== M0: sft from scratch"
-    $TRAIN --objective sft --model scratch --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
+    timed sft_M0 $TRAIN --objective sft --model scratch --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
         --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN" \
         --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
     MODEL=$BASE/M0
@@ -80,7 +92,7 @@ TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
 BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 
 evaluate() {  # evaluate <model dir> <name> <iteration> <eval dir>
-    $PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
+    timed evaluate $PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
         --benchmark "$BENCHMARK" --results_table "$RUN/results.jsonl" --objective "$OBJECTIVE" \
         --run_seed "$SEED" "${LABEL[@]}" "${GEN[@]}" "${COMMON[@]}"
 }
@@ -89,15 +101,18 @@ evaluate "$MODEL" M0 0 "$BASE/eval/M0"
 for i in $(seq 1 "$ITERATIONS"); do
     prev=$([ "$i" -eq 1 ] && echo "$MODEL" || echo "$RUN/M$((i - 1))")
     echo "== iteration $i: generate with $prev"
-    $PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$RUN/iter$i/samples.jsonl" \
+    timed generate $PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$RUN/iter$i/samples.jsonl" \
         --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + i))" "${GEN[@]}" "${COMMON[@]}"
-    $PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" "${LABEL[@]}"
+    timed label $PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" "${LABEL[@]}"
     echo "== iteration $i: train M$i ($OBJECTIVE)"
-    $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
+    timed train $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
         --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
-        --w_step "$W_STEP" --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
+        --w_step "$W_STEP" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
     evaluate "$RUN/M$i" "M$i" "$i" "$RUN/eval/M$i"
 done
 
 echo "== results"
 $PYTHON report.py --runs "$RUNS" --plot "$RUNS/results.png"
+echo "== wall time of this run by stage ($TIMES)"
+awk -F'\t' '{t[$1] += $2; n[$1]++; all += $2} END {for (k in t) printf "%-9s %7.1f s  (%d runs)\n", k, t[k], n[k];
+    printf "%-9s %7.1f s\n", "total", all}' "$TIMES"

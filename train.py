@@ -18,6 +18,9 @@ and the result equals one process with per_device_batch_size * 2:
 
     torchrun --nproc_per_node=2 train.py --objective step-kto --model runs/M0 ...
 
+Under torchrun the model is always FSDP2-sharded, also with --nproc_per_node=1 (one GPU: FSDP2's
+copy-in/out, checkpointing and saving exactly as on many); plain ``python train.py`` does not shard.
+
 Objectives and data
 -------------------
 * ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
@@ -100,6 +103,10 @@ class Args:
     balance_lambdas: bool = option(True, help="Per level, weight the larger side down so that lambda_D * n_D = lambda_U * n_U over the data (the KTO paper's advice for unbalanced data); overrides --lambda_d/--lambda_u. Without it a weak policy (few right answers) collapses: pushing every log-prob down is the cheapest way to lower the loss.")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto uses 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto uses 0).")
+    nll_weight: float = option(
+        0.0, help="kto/step-kto: add this times the mean NLL of the completions that are desirable at every level "
+        "trained on (kto: right answer; step-kto: right answer and every step right), as in Iterative RPO "
+        "(Pang et al. 2024). NOT part of Step-KTO: an anchor against likelihood displacement (README).")
     step_span: Literal["step", "prefix"] = option(
         "step", help="Step reward over the step's own tokens (step) or the whole prefix through it (prefix)."
     )
@@ -175,9 +182,10 @@ class Env(NamedTuple):
 
 
 def init_distributed() -> Env:
-    """One process unless launched by torchrun (WORLD_SIZE > 1): then gloo on CPU, nccl on GPU."""
+    """One process unless launched by torchrun (even with one process: FSDP2 on one GPU); then gloo on
+    CPU, nccl on GPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if "LOCAL_RANK" not in os.environ:  # plain `python train.py`
         return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -460,10 +468,14 @@ def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Mod
     """CompletionLogProbs(lm) on the device; under torchrun sharded with FSDP2 (each layer, then the root)."""
     lm.config.use_cache = False
     if trainable and args.gradient_checkpointing:
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed it
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lm.requires_grad_(trainable)
     policy = CompletionLogProbs(lm).to(env.device)
-    if env.world_size > 1:
+    if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -633,7 +645,26 @@ def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args,
         step_aggregation=args.step_aggregation,
     )
     step_items = sum(e.pair.num_steps > 0 for e in examples)
-    return loss, kto_sums(metrics, len(examples), step_items) | token_sums([main, kl])
+    sums = kto_sums(metrics, len(examples), step_items) | token_sums([main, kl])
+    if args.nll_weight:
+        nll, sums["loss/nll"], sums["items/nll_tokens"] = anchor_nll(totals, examples, batch, data, args, env)
+        loss = loss + args.nll_weight * nll
+    return loss, sums
+
+
+def fully_desirable(example: Example, args: Args) -> bool:
+    return example.desirable and (args.objective == "kto" or all(example.step_labels))
+
+
+def anchor_nll(totals, examples: list[Example], batch: PlanBatch, data: "TrainData", args: Args, env: Env):
+    """(this rank's share of the global batch's mean NLL over fully desirable completion tokens, its sum, tokens)."""
+    keep = torch.tensor([fully_desirable(e, args) for e in examples], device=totals.device)  # (B,)
+    tokens = sum(len(e.pair.completion_ids) for e in examples if fully_desirable(e, args))
+    global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows
+                        if fully_desirable(data.examples[i], args))
+    nll_sum = -(totals * keep).sum()  # totals: (B,) summed token log-probs
+    # Times world_size because FSDP averages gradients over ranks (as sft_step).
+    return nll_sum * env.world_size / max(global_tokens, 1), nll_sum.detach(), tokens
 
 
 def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
@@ -686,6 +717,9 @@ def kto_metrics(sums: dict, args: Args) -> dict[str, float]:
             if sums[f"count/{level}_{side}"] > 0:
                 metrics[f"rewards/{level}_{side}"] = sums[f"rewards/{level}_{side}"] / sums[f"count/{level}_{side}"]
                 metrics[f"count/{level}_{side}"] = sums[f"count/{level}_{side}"]
+    if args.nll_weight:
+        metrics["loss/nll"] = sums["loss/nll"] / max(sums["items/nll_tokens"], 1)
+        total += args.nll_weight * metrics["loss/nll"]
     metrics["loss/total"] = total
     metrics["kl/z0"] = sums["kl/z0"] / sums["ranks"]
     if args.step_z0 == "step" and args.objective == "step-kto":
@@ -882,11 +916,13 @@ def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, w
         sums = all_reduce_sums(sums, env.device)
         metrics = summarize(sums, args)
         check_finite("loss", metrics["loss/total"], step, work)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_gradients(policy, args.max_grad_norm)
         check_finite("gradient norm", grad_norm, step, work)
         optimizer.step()
+        # Free the gradients now, not before the next backward: held through the next forward they would
+        # add a model's worth of memory to its activation peak (and fragment the CPU heap between steps).
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         window["real"] += sums["tokens/real"]
         window["computed"] += sums["tokens/computed"]
@@ -981,7 +1017,7 @@ if __name__ == "__main__":
         main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
     except (DataError, UsageError, TrainingError) as error:
         sys.exit(f"train.py: error: {error}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "LOCAL_RANK" in os.environ:
         # Everything is saved and the process group is destroyed: skip the interpreter's teardown, where
         # gloo's threads can still abort a finished run (pytorch/pytorch PR 179291 describes the race).
         sys.stdout.flush()

@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/bench_train_vs_trl.py [--rounds 2] [--steps 32]
 
+Run twice over: both without activation checkpointing, then both with it (TRL's KTOConfig defaults to
+gradient_checkpointing=True, train.py to False; an earlier version of this bench compared the two defaults).
+
 Same model (a saved random-init tiny Llama, char tokenizer, float32), same KTO JSONL (arith_task problems,
 half of the solutions corrupted into wrong answers), same batch size, steps, lr, beta, linear decay without
 warmup, grad clip 1.0, one torch thread, reference log-probs computed once before training (TRL:
@@ -39,7 +42,7 @@ def since(start):
     return {"wall": wall - start[0], "cpu": cpu - start[1]}
 
 
-def worker_ours(work: Path, run: str, steps: int) -> dict:
+def worker_ours(work: Path, run: str, steps: int, checkpointing: bool) -> dict:
     import train
 
     phases, inner = {}, train.train
@@ -53,7 +56,7 @@ def worker_ours(work: Path, run: str, steps: int) -> dict:
     out = work / f"ours_{run}"
     args = train.Args(objective="kto", model=str(work / "model"), data=str(work / "data.jsonl"), output_dir=str(out),
                       per_device_batch_size=BATCH, max_steps=steps, lr=LR, beta=BETA, warmup_ratio=0.0,
-                      log_every=1, save_every=0, num_threads=1, seed=0)
+                      log_every=1, save_every=0, num_threads=1, seed=0, gradient_checkpointing=checkpointing)
     start = clock()
     train.main(args)
     phases["total"] = since(start)
@@ -61,7 +64,7 @@ def worker_ours(work: Path, run: str, steps: int) -> dict:
     return {**phases, "losses": [e["loss/total"] for e in log], "grad_norm0": log[0]["grad_norm"]}
 
 
-def worker_trl(work: Path, run: str, steps: int) -> dict:
+def worker_trl(work: Path, run: str, steps: int, checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -76,7 +79,8 @@ def worker_trl(work: Path, run: str, steps: int) -> dict:
                        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
                        max_length=None, disable_tqdm=True, precompute_ref_log_probs=True,
                        train_sampling_strategy="sequential", seed=0, dataloader_num_workers=0,
-                       bf16=False)  # TRL defaults to bf16 autocast; train.py here computes in float32
+                       bf16=False,  # TRL defaults to bf16 autocast; train.py here computes in float32
+                       gradient_checkpointing=checkpointing)  # TRL defaults to True; train.py to False
     start = clock()
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     model = LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
@@ -123,8 +127,9 @@ def prepare(work: Path) -> None:
           f"{len(plan)} batches of {BATCH}", flush=True)
 
 
-def run_child(name: str, work: Path, run: str, steps: int) -> dict:
+def run_child(name: str, work: Path, run: str, steps: int, checkpointing: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--run", run, "--steps", str(steps)]
+    cmd += ["--checkpointing"] if checkpointing else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{name}_{run}.err", "w"))
     _, status, usage = os.wait4(child.pid, 0)
@@ -134,42 +139,30 @@ def run_child(name: str, work: Path, run: str, steps: int) -> dict:
     return {**result, "rss_mib": usage.ru_maxrss / 1024, "process_cpu": usage.ru_utime + usage.ru_stime}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=ROWS // BATCH)
-    parser.add_argument("--work", default="/tmp/bench_train_vs_trl")
-    parser.add_argument("--worker", choices=["ours", "trl"])
-    parser.add_argument("--run", default="0")
-    opts = parser.parse_args()
-    work = Path(opts.work)
-    if opts.worker:
-        result = (worker_ours if opts.worker == "ours" else worker_trl)(work, opts.run, opts.steps)
-        (work / f"{opts.worker}_{opts.run}.json").write_text(json.dumps(result))
-        return
-    if work.exists():
-        import shutil
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    prepare(work)
+def compare(work: Path, rounds: int, steps: int, checkpointing: bool) -> None:
+    """Ours and TRL alternating, `rounds` times each, both with or both without activation checkpointing."""
     results = {"ours": [], "trl": []}
-    for r in range(opts.rounds):
+    tag = "with" if checkpointing else "without"
+    for r in range(rounds):
         for name in results:
-            results[name].append(run_child(name, work, str(r), opts.steps))
+            results[name].append(run_child(name, work, f"{tag}{r}", steps, checkpointing))
             res = results[name][-1]
-            print(f"round {r} {name}: loop {res['loop']['wall']:.1f} s wall / {res['loop']['cpu']:.1f} s CPU, "
-                  f"total {res['total']['wall']:.1f} s, peak RSS {res['rss_mib']:.0f} MiB", flush=True)
-    samples = opts.steps * BATCH
-    print(f"\n| trainer | train loop samples/s (wall) | (CPU) | end-to-end samples/s (wall) | (CPU) | peak RSS (MiB) |")
+            print(f"{tag} checkpointing, round {r} {name}: loop {res['loop']['wall']:.1f} s wall / "
+                  f"{res['loop']['cpu']:.1f} s CPU, total {res['total']['wall']:.1f} s, peak RSS {res['rss_mib']:.0f} MiB",
+                  flush=True)
+    samples = steps * BATCH
+    print(f"\n{tag} activation checkpointing (both sides)")
+    print("| trainer | train loop samples/s (wall) | (CPU) | end-to-end samples/s (wall) | (CPU) | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|")
     best = {}
     for name, runs in results.items():
         best[name] = {f"{p}_{k}": samples / min(x[p][k] for x in runs)  # fastest run of each: least noise
                       for p in ("loop", "total") for k in ("wall", "cpu")}
+        best[name]["rss"] = max(x["rss_mib"] for x in runs)
         b = best[name]
         print(f"| {name} | {b['loop_wall']:.2f} | {b['loop_cpu']:.2f} | {b['total_wall']:.2f} | {b['total_cpu']:.2f} "
-              f"| {max(x['rss_mib'] for x in runs):.0f} |")
-    print("\nratio ours/TRL: " + ", ".join(f"{k} {best['ours'][k] / best['trl'][k]:.2f}x" for k in best["ours"]))
+              f"| {b['rss']:.0f} |")
+    print("ratio ours/TRL: " + ", ".join(f"{k} {best['ours'][k] / best['trl'][k]:.2f}x" for k in best["ours"]))
     ours, trl = results["ours"][0]["losses"], results["trl"][0]["losses"]
     diffs = [abs(a - b) for a, b in zip(ours, trl)]
     print(f"same tokens as train.py in TRL's dataset: {results['trl'][0]['same_tokens']}")
@@ -178,8 +171,31 @@ def main() -> None:
     # At step 0 the policy IS the reference: every log-ratio and z0 are 0 and both losses are exactly
     # sigmoid(0) = 0.5 whatever the pairing; the gradient norm at step 0 and the later losses are the real check.
     g_ours, g_trl = results["ours"][0]["grad_norm0"], results["trl"][0]["grad_norm0"]
-    print(f"grad norm at step 0: ours {g_ours:.6f}, TRL {g_trl:.6f}, rel diff {abs(g_ours - g_trl) / g_trl:.1e}")
-    print(f"last loss: ours {ours[-1]:.6f}, TRL {trl[-1]:.6f}")
+    print(f"grad norm at step 0: ours {g_ours:.6f}, TRL {g_trl:.6f}, rel diff {abs(g_ours - g_trl) / g_trl:.1e}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=ROWS // BATCH)
+    parser.add_argument("--work", default="/tmp/bench_train_vs_trl")
+    parser.add_argument("--worker", choices=["ours", "trl"])
+    parser.add_argument("--run", default="0")
+    parser.add_argument("--checkpointing", action="store_true", help="worker: activation checkpointing")
+    opts = parser.parse_args()
+    work = Path(opts.work)
+    if opts.worker:
+        worker = worker_ours if opts.worker == "ours" else worker_trl
+        result = worker(work, opts.run, opts.steps, opts.checkpointing)
+        (work / f"{opts.worker}_{opts.run}.json").write_text(json.dumps(result))
+        return
+    if work.exists():
+        import shutil
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    prepare(work)
+    for checkpointing in (False, True):  # TRL's KTOConfig defaults to True, train.py to False: compare like with like
+        compare(work, opts.rounds, opts.steps, checkpointing)
 
 
 if __name__ == "__main__":

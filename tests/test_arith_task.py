@@ -96,10 +96,10 @@ def test_slips_are_the_documented_habits():
     assert slipped_result(3, "*", 4) == 15 and not is_hard_step(3, "*", 4)
 
 
-def flawed_samples(rates: FlawRates, n: int, seed: int = 0):
+def flawed_samples(rates: FlawRates, n: int, seed: int = 0, shape: str = "tree"):
     """(problem, gold answer, flawless steps, flawed steps, flaw, slip index or None)."""
     rng = random.Random(seed)
-    for row in make_split("train", n, seed):
+    for row in make_split("train", n, seed, shape=shape):
         text, flaw = write_solution(rng, row["problem"], rates)
         clean, steps = steps_of(row["solution"]), steps_of(text)
         slip = next((i for i, (x, y) in enumerate(zip(clean, steps)) if x != y), None)
@@ -110,29 +110,46 @@ def boxed(steps: list[str]) -> str:
     return re.search(r"\\boxed\{(-?\d+)\}", steps[-1]).group(1)
 
 
-def test_propagating_slip_gives_a_wrong_answer_and_only_the_slip_is_flagged():
-    rates = FlawRates(p_slip_easy=0.3, p_slip_hard=0.3, p_silent=0.0)
-    seen = 0
+def false_equations(steps: list[str]) -> list[int]:
+    """Indices of the `a op b = c` steps whose equation is false."""
+    out = []
+    for i, step in enumerate(steps[:-1]):
+        a, op, b, c = re.fullmatch(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)", step).groups()
+        if {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] != int(c):
+            out.append(i)
+    return out
+
+
+def test_propagating_slips_give_a_wrong_answer_and_only_the_slips_are_flagged():
+    rates = FlawRates(p_slip_easy=0.3, p_slip_hard=0.3, p_silent_sum=0.0, p_silent_product=0.0)
+    seen, several = 0, 0
     for problem, answer, clean, steps, flaw, slip in flawed_samples(rates, 300):
         if flaw == "none":
             assert steps == clean
             continue
         seen += 1
-        assert flaw == "propagating" and boxed(steps) != answer
+        slips = false_equations(steps)
+        several += len(slips) > 1
+        assert flaw == "propagating" and slips[0] == slip
         labels = check_steps(problem, steps)
-        assert [i for i, ok in enumerate(labels) if not ok] == [slip]
-    assert seen > 100
+        assert [i for i, ok in enumerate(labels) if not ok] == slips  # later steps start from what was stated
+        assert boxed(steps) != answer or len(slips) > 1  # two slips can cancel out, one cannot
+    assert seen > 100 and several > 20  # steps slip independently
 
 
-def test_silent_slip_keeps_the_answer_and_flags_the_slip_and_its_consumer():
-    rates = FlawRates(p_slip_easy=0.3, p_slip_hard=0.3, p_silent=1.0)
+def test_silent_slips_keep_the_answer_and_flag_each_slip_and_its_consumer():
+    rates = FlawRates(p_slip_easy=0.3, p_slip_hard=0.3, p_silent_sum=1.0, p_silent_product=1.0)
+    seen = 0
     for problem, answer, clean, steps, flaw, slip in flawed_samples(rates, 300):
         if flaw == "none":
             continue
+        seen += 1
         assert flaw == "silent" and boxed(steps) == answer
-        assert sum(x != y for x, y in zip(clean, steps)) == 1  # later steps use the true value
+        slips = false_equations(steps)
+        assert slips == [i for i, (x, y) in enumerate(zip(clean, steps)) if x != y]  # later steps use the truth
         wrong = [i for i, ok in enumerate(check_steps(problem, steps)) if not ok]
-        assert len(wrong) == 2 and wrong[0] == slip and wrong[1] > slip
+        assert set(slips) <= set(wrong) and len(wrong) > len(slips)  # a consumer starts from an unstated value
+    assert seen > 100
 
 
 def test_silent_slip_by_hand_in_a_middle_and_in_the_last_step():
@@ -142,27 +159,37 @@ def test_silent_slip_by_hand_in_a_middle_and_in_the_last_step():
     assert check_steps("Compute 2 * 3 + 4 * 5.", steps) == [True, True, False, False]
 
 
-def test_slip_rates_follow_step_difficulty_and_silent_share():
-    rates = FlawRates(p_slip_easy=0.1, p_slip_hard=0.4, p_silent=0.3)
+def test_slip_rates_follow_step_difficulty_and_silent_share_follows_the_operation():
+    rates = FlawRates(p_slip_easy=0.1, p_slip_hard=0.4, p_silent_sum=0.8, p_silent_product=0.2)
     first_step = {True: [], False: []}  # hardness of the first step -> slipped there?
-    flaws = []
-    for _, _, clean, _, flaw, slip in flawed_samples(rates, 3000, seed=7):
+    silent = {"sum": [], "product": []}  # operation of a slipped first step -> silent?
+    for _, _, clean, steps, _, slip in flawed_samples(rates, 3000, seed=7, shape="chain"):
         a, op, b, _ = STEP.fullmatch(clean[0]).groups()
         first_step[is_hard_step(int(a), op, int(b))].append(slip == 0)
-        flaws.append(flaw)
+        if slip == 0 and len(steps) > 2:  # a chain: silent iff step 1 starts from step 0's true value
+            silent["product" if op == "*" else "sum"].append(steps[1].split()[0] == clean[0].split()[-1])
     for hard, expected in ((True, 0.4), (False, 0.1)):
         assert len(first_step[hard]) > 500
         assert abs(sum(first_step[hard]) / len(first_step[hard]) - expected) < 0.04
-    slipped = [flaw for flaw in flaws if flaw != "none"]
-    assert abs(slipped.count("silent") / len(slipped) - 0.3) < 0.04
+    for kind, expected in (("sum", 0.8), ("product", 0.2)):
+        assert len(silent[kind]) > 100
+        assert abs(sum(silent[kind]) / len(silent[kind]) - expected) < 0.1
 
 
 def test_extreme_rates_and_invalid_rates():
-    for _, _, _, _, flaw, slip in flawed_samples(FlawRates(1.0, 1.0, 0.0), 50):
-        assert flaw == "propagating" and slip == 0
-    assert all(flaw == "none" for *_, flaw, _ in flawed_samples(FlawRates(0.0, 0.0, 0.5), 50))
-    with pytest.raises(ValueError, match="p_silent"):
-        FlawRates(p_silent=1.5)
+    for _, _, clean, steps, flaw, slip in flawed_samples(FlawRates(1.0, 1.0, 0.0, 0.0), 50):
+        assert flaw == "propagating" and slip == 0 and false_equations(steps) == list(range(len(steps) - 1))
+    assert all(flaw == "none" for *_, flaw, _ in flawed_samples(FlawRates(0.0, 0.0, 0.5, 0.5), 50))
+    with pytest.raises(ValueError, match="p_silent_sum"):
+        FlawRates(p_silent_sum=1.5)
+
+
+def test_default_rates_make_the_careless_result_the_habit_on_hard_steps():
+    """The default seed data prefers the careless result on hard steps (so greedy decoding keeps the
+    flaw, module docstring) and rarely slips elsewhere."""
+    rates = FlawRates()
+    assert rates.p_slip_hard > 0.5 > rates.p_slip_easy
+    assert rates.p_silent_sum > 0.5 > rates.p_silent_product
 
 
 # ----------------------------------------------------------------------------- exact step checker
@@ -250,7 +277,9 @@ def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
     assert {r["flaw"] for r in read["sft"]} == {"none", "propagating", "silent"}
     for row in read["sft"]:
         right_answer = row["completion"].endswith(f"\\boxed{{{row['answer']}}}.")
-        assert right_answer == (row["flaw"] != "propagating")
+        assert right_answer or row["flaw"] == "propagating"
+    propagating = [r for r in read["sft"] if r["flaw"] == "propagating"]
+    assert sum(not r["completion"].endswith(f"\\boxed{{{r['answer']}}}.") for r in propagating) > 0.9 * len(propagating)
     (tmp_path / "sft.jsonl").write_text("")  # complete outputs are never rewritten
     main(argv)
     assert (tmp_path / "sft.jsonl").read_text() == ""

@@ -248,6 +248,29 @@ def test_kto_and_step_kto_train_one_epoch_and_step_kto_without_steps_is_kto(tmp_
     assert "loss/step" not in logs["kto"][0] and "loss/step" not in logs["step-kto-w0"][0]
 
 
+def test_nll_anchor_is_the_mean_nll_of_the_fully_desirable_completions(tmp_path, tiny_model, tokenizer):
+    rows = label_rows(tokenizer)
+    data = write_jsonl(tmp_path / "labels.jsonl", rows)
+    base = dict(model=str(tiny_model), data=str(data), per_device_batch_size=16, lr=1e-3, log_every=1, max_steps=1)
+    model = common.load_model(str(tiny_model))
+    for objective in ("kto", "step-kto"):
+        first = read_log(run_main(**base, objective=objective, nll_weight=2.0, output_dir=str(tmp_path / objective)))[0]
+        kept = [r for r in rows if r["outcome"] and (objective == "kto" or all(r["labels"]))]
+        assert 0 < len(kept) < len(rows)
+        logps, tokens = 0.0, 0
+        for r in kept:  # independent check: the plain model's NLL over the kept completions (+ EOS if stopped)
+            prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+            completion = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+            completion += [tokenizer.eos_token_id] if r["finish_reason"] == "stop" else []
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+            logps += logits.log_softmax(-1).gather(1, torch.tensor(completion)[:, None]).sum().item()
+            tokens += len(completion)
+        assert first["loss/nll"] == pytest.approx(-logps / tokens, rel=1e-4)
+        levels = first["loss/outcome"] + first.get("loss/step", 0.0)
+        assert first["loss/total"] == pytest.approx(levels + 2.0 * first["loss/nll"], rel=1e-5)
+
+
 def test_separate_reference_model_is_used_and_freed(tmp_path, tiny_model, tokenizer):
     reference = tmp_path / "ref"
     common.make_tiny_llama(tokenizer, **TINY, seed=2).save_pretrained(reference)
@@ -268,7 +291,7 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(objective, tm
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     args = dict(objective=objective, model=str(tiny_model), data=str(data), epochs=2, lr=1e-3, log_every=1,
                 dtype="float64")
-    args |= dict(step_z0="step") if objective == "step-kto" else dict(prompt_style="minimal")
+    args |= dict(step_z0="step", nll_weight=0.5) if objective == "step-kto" else dict(prompt_style="minimal")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     result = run_script(*cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two"), launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -287,6 +310,23 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(objective, tm
     for key in one_weights:
         torch.testing.assert_close(two_weights[key], one_weights[key], rtol=0, atol=1e-5)
         assert not torch.equal(one_weights[key], initial[key].to(torch.float64)), key  # every tensor was trained
+
+
+def test_torchrun_with_one_process_shards_and_matches_plain_python(tmp_path, tiny_model, tokenizer):
+    """FSDP2 on a 1-process mesh (one GPU) trains exactly what plain `python train.py` trains."""
+    data = write_jsonl(tmp_path / "data.jsonl", label_rows(tokenizer))
+    args = dict(objective="step-kto", model=str(tiny_model), data=str(data), lr=1e-3, log_every=1, dtype="float64",
+                per_device_batch_size=4)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
+    result = run_script(*cli(**args, output_dir=tmp_path / "fsdp"), launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = run_main(**args, output_dir=str(tmp_path / "plain"))
+    assert json.loads((tmp_path / "fsdp" / "train_args.json").read_text())["world_size"] == 1
+    for fsdp, one in zip(read_log(tmp_path / "fsdp"), read_log(plain), strict=True):
+        assert fsdp["loss/total"] == pytest.approx(one["loss/total"], abs=1e-10)
+    fsdp_weights, plain_weights = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(plain / "model.safetensors")
+    for key in plain_weights:
+        torch.testing.assert_close(fsdp_weights[key], plain_weights[key], rtol=0, atol=1e-10)
 
 
 def test_resume_after_kill_ends_with_the_uninterrupted_parameters(tmp_path, tiny_model, tokenizer):

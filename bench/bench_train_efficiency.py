@@ -1,0 +1,277 @@
+"""train.py's training throughput as model FLOP/s against this machine's measured matmul peak (MFU).
+
+    # CPU, the 10-20M model, 2 threads, float32 (BENCHMARKS.md "CPU efficiency"):
+    .venv/bin/python bench/bench_train_efficiency.py --device cpu
+    # GPU, a ~0.5B random-init Llama in bf16, FSDP2 on one GPU (torchrun, 1 process), with and without
+    # activation checkpointing (BENCHMARKS.md "GPU"):
+    python3 bench/bench_train_efficiency.py --device cuda
+
+Every configuration runs train.main itself (the product, not a copy) in its own process on the same
+saved random-init model and the same labelled data (long arith_task solutions with flawed steps, so that
+kto and step-kto have both labels). The timed region is the training loop after `--warmup` steps: the
+reference pass, loading and saving are outside it. The worker records each step's batches (through
+train.token_sums) and counts model FLOPs (activation-checkpointing recompute not counted):
+    trained batch: 6 * P * T + 6 * L * H * sum_b s_b^2 / 2 * 2 + 6 * H * V * N
+    KL batch (no grad, kto and step-kto): 2 * P * T + 2 * L * H * sum_b s_b^2 + 2 * H * V * N
+with P the parameters of the decoder layers, T the real tokens, s_b each row's length (causal attention:
+QK^T and AV each cost 2 * s^2 * H / 2 forward), N the completion tokens whose log-prob the head computes,
+V the vocabulary. MFU = model FLOP/s / peak, the peak being a square matmul of the same dtype measured
+in the same process group (torch.mm, `--peak_size`), and, on a GPU, also the card's datasheet number.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SETTINGS = {  # model, data and batch per device
+    "cpu": dict(hidden_size=384, num_layers=6, intermediate_size=1536, dtype="float32", batch=8, steps=12,
+                min_ops=4, max_ops=8, threads=2),
+    "cuda": dict(hidden_size=1024, num_layers=24, intermediate_size=4096, dtype="bfloat16", batch=32, steps=25,
+                 min_ops=24, max_ops=40, threads=0),
+}
+DATASHEET_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12}  # dense, no sparsity
+
+
+def measure_matmul_peak(device: str, dtype, size: int, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul: the best this process gets from the BLAS at this dtype and thread count."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def write_data(path: Path, rows: int, min_ops: int, max_ops: int) -> None:
+    """Flawed arith_task solutions labelled by the exact checker: label.py's fields, both labels present."""
+    import random
+
+    import arith_task
+    import common
+
+    rng, rates, out = random.Random(0), arith_task.FlawRates(p_slip_hard=0.3), []
+    for i, row in enumerate(arith_task.make_split("train", rows, 0, min_ops, max_ops, 99, "tree")):
+        completion, _ = arith_task.write_solution(rng, row["problem"], rates)
+        steps = common.split_steps(completion)
+        labels = arith_task.check_steps(row["problem"], steps)
+        out.append({"id": i, "problem": row["problem"], "prompt": f"Problem: {row['problem']}\nSolution:\n",
+                    "completion": completion,
+                    "finish_reason": "stop", "outcome": completion.endswith(f"\\boxed{{{row['answer']}}}."),
+                    "completions": steps, "labels": labels})
+    common.write_jsonl_atomic(path, out)
+
+
+def write_model(path: Path, setting: dict) -> None:
+    import torch
+
+    import common
+
+    tokenizer = common.make_char_tokenizer()
+    sizes = {k: setting[k] for k in ("hidden_size", "num_layers", "intermediate_size")}
+    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=4096, seed=0).to(getattr(torch, setting["dtype"]))
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def batch_flops(batch, params: int, hidden: int, layers: int, vocab: int, trained: bool) -> float:
+    lengths = batch.attention_mask.sum(dim=1).double()  # (B,)
+    factor = 3 if trained else 1  # backward = 2 x forward
+    dense = 2 * params * float(lengths.sum())
+    attention = 2 * layers * hidden * float((lengths**2).sum())  # causal QK^T + AV
+    head = 2 * hidden * vocab * batch.positions.numel()
+    return factor * (dense + attention + head)
+
+
+KERNEL_KINDS = [  # (category, substrings of the kernel name), first match wins
+    ("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("attention", ("fmha", "flash", "attention", "efficient")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("FSDP copies", ("chunk_cat", "split_with_sizes", "copy", "all_gather", "nccl")),
+    ("outside any op (Python)", ("profilerstep",)),
+]
+
+
+def print_profile(profiler) -> None:
+    """Device (or CPU) self time of the profiled steps by kernel category, then the top kernels."""
+    use_cuda = any(e.device_type.name == "CUDA" for e in profiler.events())
+    key = "self_device_time_total" if use_cuda else "self_cpu_time_total"
+    events = [e for e in profiler.key_averages() if getattr(e, key) > 0]
+    if use_cuda:
+        events = [e for e in events if e.device_type.name == "CUDA"]
+    total = sum(getattr(e, key) for e in events)
+    by_kind = {}
+    for e in events:
+        kind = next((k for k, names in KERNEL_KINDS if any(n in e.key.lower() for n in names)), "elementwise/other")
+        by_kind[kind] = by_kind.get(kind, 0) + getattr(e, key)
+    print(f"profile ({'GPU kernels' if use_cuda else 'CPU ops'}), 3 steps: {total / 3e3:.1f} ms of {key} per step")
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:>20}: {t / total:6.1%}")
+    for e in sorted(events, key=lambda e: -getattr(e, key))[:12]:
+        print(f"  {getattr(e, key) / total:6.1%}  {e.key[:110]}")
+
+
+def worker(args) -> None:
+    """One train.main run; writes {tokens/s, FLOP/s, peak memory} of the timed steps to args.result."""
+    import torch
+
+    import train
+
+    stamps, flops, tokens = [], [], []
+    lm_shape = {}
+    inner_sums = train.token_sums
+
+    def recording_token_sums(batches):
+        stamps.append(time.perf_counter())
+        shape = lm_shape
+        flops.append(sum(batch_flops(b, shape["params"], shape["hidden"], shape["layers"], shape["vocab"], i == 0)
+                         for i, b in enumerate(batches)))
+        tokens.append(sum(b.real_tokens for b in batches))
+        return inner_sums(batches)
+
+    inner_build = train.build_policy
+
+    def recording_build_policy(lm, *a, **k):
+        layers = lm.get_decoder().layers
+        lm_shape.update(params=sum(p.numel() for p in layers.parameters()), hidden=lm.config.hidden_size,
+                        layers=len(layers), vocab=lm.config.vocab_size)
+        return inner_build(lm, *a, **k)
+
+    inner_train = train.train
+
+    def timed_train(*a, **k):
+        stamps.clear(), flops.clear(), tokens.clear()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        inner_train(*a, **k)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        if args.profile:
+            profiler.stop()
+
+    if args.profile and args.steps >= args.warmup + 5:  # kernel time of steps warmup+2 .. warmup+4, by category
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        profiler = profile(activities=activities, on_trace_ready=print_profile,
+                           schedule=schedule(wait=args.warmup, warmup=1, active=3, repeat=1))
+        profiler.start()
+        inner_record = recording_token_sums
+
+        def recording_token_sums(batches):  # noqa: F811 (one profiler step per training step)
+            profiler.step()
+            return inner_record(batches)
+
+    train.token_sums, train.build_policy, train.train = recording_token_sums, recording_build_policy, timed_train
+    targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
+                       per_device_batch_size=args.batch, max_steps=args.steps, lr=1e-6, dtype=args.dtype,
+                       gradient_checkpointing=args.checkpointing, log_every=1000, save_every=0,
+                       num_threads=args.threads, prompt_style="minimal", seed=0)
+    train.main(targs)
+    w = args.warmup
+    seconds = stamps[-1] - stamps[w]
+    result = {"steps": len(stamps) - 1 - w, "seconds": seconds, "tokens_per_s": sum(tokens[w:]) / seconds,
+              "flop_per_s": sum(flops[w:]) / seconds, "decoder_params": lm_shape["params"],
+              "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.result).write_text(json.dumps(result))
+
+
+def run_config(work: Path, setting: dict, device: str, objective: str, checkpointing: bool, warmup: int,
+               profile: bool) -> dict:
+    name = f"{objective}{'_ckpt' if checkpointing else ''}"
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=1"] if device == "cuda" else [])
+    command = launcher + [__file__, "--worker", "--objective", objective, "--model", str(work / "model"),
+                          "--data", str(work / "data.jsonl"), "--output_dir", str(work / name),
+                          "--batch", str(setting["batch"]), "--steps", str(setting["steps"]),
+                          "--dtype", setting["dtype"], "--threads", str(setting["threads"]),
+                          "--warmup", str(warmup), "--result", str(work / f"{name}.json")]
+    command += ["--checkpointing"] if checkpointing else []
+    command += ["--profile"] if profile else []
+    subprocess.run(command, check=True, env=os.environ | {"OMP_NUM_THREADS": str(setting["threads"] or 1)})
+    return json.loads((work / f"{name}.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--work", default="/tmp/bench_train_efficiency")
+    parser.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 1024 CPU, 8192 GPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--worker", action="store_true")
+    for name in ("objective", "model", "data", "output_dir", "dtype", "result"):
+        parser.add_argument(f"--{name}")
+    for name in ("batch", "steps", "threads"):
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print a kernel-time profile of each run")
+    parser.add_argument("--only", default="", help="comma-separated runs to do (e.g. sft,kto); default all")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    import torch
+
+    setting, work = SETTINGS[args.device], Path(args.work)
+    if setting["threads"]:
+        torch.set_num_threads(setting["threads"])
+    work.mkdir(parents=True, exist_ok=True)
+    for sub in work.iterdir():  # a fresh run: train.py refuses to overwrite its outputs
+        if sub.is_dir() and sub.name != "model":
+            subprocess.run(["rm", "-rf", str(sub)], check=True)
+    write_data(work / "data.jsonl", setting["batch"] * setting["steps"], setting["min_ops"], setting["max_ops"])
+    if not (work / "model" / "config.json").exists():
+        write_model(work / "model", setting)
+    dtype = getattr(torch, setting["dtype"])
+    peak = measure_matmul_peak(args.device, dtype, args.peak_size or (8192 if args.device == "cuda" else 1024))
+    configs = [("sft", False), ("kto", False), ("step-kto", False), ("kto", True)]
+    if args.device == "cuda":
+        configs += [("step-kto", True)]
+    names = {f"{o}{'_ckpt' if c else ''}": (o, c) for o, c in configs}
+    names = {k: v for k, v in names.items() if not args.only or k in args.only.split(",")}
+    results = {k: run_config(work, setting, args.device, o, c, args.warmup, args.profile) for k, (o, c) in names.items()}
+    report(args, setting, peak, results)
+
+
+def report(args, setting: dict, peak: float, results: dict) -> None:
+    import platform
+
+    import torch
+
+    card = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    sheet = next((v for k, v in DATASHEET_BF16.items() if k in card), None) if args.device == "cuda" else None
+    first = next(iter(results.values()))
+    print(f"\nmachine: {card}, torch {torch.__version__}, {setting['dtype']}, threads {setting['threads'] or 'default'}; "
+          f"decoder parameters {first['decoder_params'] / 1e6:.1f}M (hidden {setting['hidden_size']}, "
+          f"{setting['num_layers']} layers, MLP {setting['intermediate_size']}), batch {setting['batch']}/device, "
+          f"{setting['steps']} steps ({args.warmup} untimed)")
+    print(f"measured matmul peak ({args.peak_size or (8192 if args.device == 'cuda' else 1024)}^3): {peak / 1e12:.2f} TFLOP/s"
+          + (f"; datasheet dense bf16 {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
+    head = "| run | tokens/s | model TFLOP/s | MFU vs measured peak |" + (" MFU vs datasheet |" if sheet else "")
+    print(head + " peak GPU memory GiB | s/step |" if args.device == "cuda" else head + " s/step |")
+    print("|" + " --- |" * (head.count("|") - 1 + (1 if args.device == "cuda" else 0) + 1))
+    for name, r in results.items():
+        cells = [name, f"{r['tokens_per_s']:.0f}", f"{r['flop_per_s'] / 1e12:.3f}", f"{r['flop_per_s'] / peak:.1%}"]
+        cells += [f"{r['flop_per_s'] / sheet:.1%}"] if sheet else []
+        cells += [f"{r['peak_gpu_memory_gib']:.1f}"] if args.device == "cuda" else []
+        cells += [f"{r['seconds'] / r['steps']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    if "kto" in results and "step-kto" in results:
+        kto, step = results["kto"], results["step-kto"]
+        print(f"step-kto / kto time per step: {(step['seconds'] / step['steps']) / (kto['seconds'] / kto['steps']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
