@@ -17,11 +17,12 @@ deterministic wrong result, a habit that depends on the operands (so a model can
     - with a borrow does not pay it back (52 - 17 = 45); * with a product >= HARD_PRODUCT adds one
     multiple of a (7 * 8 = 63);
   easy steps, rate `p_slip_easy`: + and - are off by one (12 + 7 = 20); * as above (3 * 4 = 15).
-Every step slips independently. A slip is "silent" (share `p_silent_sum` of the slipped + and - steps,
-`p_silent_product` of the slipped * steps): the step that consumes the slipped value uses the TRUE
-value (if the slip is in the last operation, the boxed answer does), so the answer stays right (right
-answer, wrong reasoning). Otherwise it is "propagating": later steps compute correctly on the wrong
-value, so the answer is wrong.
+Every step slips independently. A slip is "silent" (share `p_silent_add`, `p_silent_sub`, `p_silent_mul`
+of the slipped steps of each operation): the step that consumes the slipped value uses the TRUE value
+(if the slip is in the last operation, the boxed answer does), so the answer stays right (right answer,
+wrong reasoning). Otherwise it is "propagating": later steps compute correctly on the wrong value, so
+the answer is wrong. By default a dropped carry (+) and a product slip (*) mostly propagate and an
+unpaid borrow (-) is mostly silent, so the seed shows both kinds of flaw under greedy decoding.
 Why rates above 1/2 on hard steps: the paper evaluates the greedy output, and greedy decoding keeps
 only a model's most likely habit. Slips drawn at low rates are noise that the seed model's argmax
 averages away (measured: 3.5% of greedy-correct solutions with a wrong step at p_slip_hard=0.15,
@@ -69,12 +70,13 @@ class Node:
 class FlawRates:
     """Slip rates of `write_solution` (definitions in the module docstring). With the defaults,
     60000 train problems (seed 0, `python arith_task.py --output_dir D --num_sft 60000`, run.sh's
-    default) got 36.1% flawless, 34.6% propagating and 29.3% silent solutions."""
+    default) got 44.2% flawless solutions, 36.5% with a propagating slip and 19.4% with silent slips only."""
 
     p_slip_easy: float = 0.03  # per step without carry/borrow and with a product < HARD_PRODUCT
     p_slip_hard: float = 0.6  # per step with a carry, a borrow, or a product >= HARD_PRODUCT
-    p_silent_sum: float = 0.9  # share of slipped + and - steps whose consumer uses the true value
-    p_silent_product: float = 0.1  # share of slipped * steps whose consumer uses the true value
+    p_silent_add: float = 0.1  # share of slipped + steps whose consumer uses the true value
+    p_silent_sub: float = 0.9  # share of slipped - steps whose consumer uses the true value
+    p_silent_mul: float = 0.1  # share of slipped * steps whose consumer uses the true value
 
     def __post_init__(self):
         for name, p in vars(self).items():
@@ -193,19 +195,21 @@ def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int
     """A chain: each operation combines the running value with one new number, left to right.
 
     Brackets appear where precedence needs them: `(3 + 4) * 5 - 2`. Every intermediate value is an
-    integer in 0..max_value and every * operand is in 2..9 (times tables), so that a tiny model can
-    learn the task in minutes on a CPU (the embedded default)."""
+    integer in 0..max_value and every * is a times-table product (both operands <= 9), so that a tiny
+    model can learn the arithmetic in minutes on a CPU (the embedded default): with two-digit running
+    values times 2..9 the seed's own product errors outnumbered its habits (measured), and a Step-KTO
+    iteration only moved the habit's probability onto other wrong products."""
     value = rng.randint(1, max_number)
     node = Node(value=Fraction(value))
     for _ in range(n_ops):
-        ops = ["+"] * (value < max_value) + ["-"] * (value >= 1) + ["*"] * (2 * value <= max_value)
+        ops = ["+"] * (value < max_value) + ["-"] * (value >= 1) + ["*"] * (value <= 9)
         op = rng.choice(ops)
         if op == "+":
             b = rng.randint(1, min(max_number, max_value - value))
         elif op == "-":
             b = rng.randint(1, min(max_number, value))
         else:
-            b = rng.randint(2, min(9, max_value // value)) if value else rng.randint(2, 9)
+            b = rng.randint(2, 9)
         value = int(apply_op(op, Fraction(value), Fraction(b)))
         node = Node(op=op, left=node, right=Node(value=Fraction(b)))
     return node
@@ -301,7 +305,7 @@ def write_solution(rng: random.Random, expression_or_problem: str, rates: FlawRa
     def decide_flaw(a: int, op: str, b: int) -> str:
         if rng.random() >= (rates.p_slip_hard if is_hard_step(a, op, b) else rates.p_slip_easy):
             return "none"
-        p_silent = rates.p_silent_product if op == "*" else rates.p_silent_sum
+        p_silent = {"+": rates.p_silent_add, "-": rates.p_silent_sub, "*": rates.p_silent_mul}[op]
         return "silent" if rng.random() < p_silent else "propagating"
 
     return _solve(_expression_of(expression_or_problem), decide_flaw)

@@ -134,7 +134,6 @@ def worker(args) -> None:
     inner_sums = train.token_sums
 
     def recording_token_sums(batches):
-        stamps.append(time.perf_counter())
         shape = lm_shape
         flops.append(sum(batch_flops(b, shape["params"], shape["hidden"], shape["layers"], shape["vocab"], i == 0)
                          for i, b in enumerate(batches)))
@@ -149,6 +148,19 @@ def worker(args) -> None:
                         layers=len(layers), vocab=lm.config.vocab_size)
         return inner_build(lm, *a, **k)
 
+    inner_optimizer = train.make_optimizer
+
+    def stamping_make_optimizer(*a, **k):  # train.train calls zero_grad once, at the end of every step
+        optimizer, scheduler = inner_optimizer(*a, **k)
+        inner_zero_grad = optimizer.zero_grad
+
+        def zero_grad(*za, **zk):
+            stamps.append(time.perf_counter())
+            return inner_zero_grad(*za, **zk)
+
+        optimizer.zero_grad = zero_grad
+        return optimizer, scheduler
+
     inner_train = train.train
 
     def timed_train(*a, **k):
@@ -158,10 +170,11 @@ def worker(args) -> None:
         inner_train(*a, **k)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        if args.profile:
+        stamps[-1] = time.perf_counter()  # the last step's end, after the device has finished it
+        if profiler is not None:
             profiler.stop()
 
+    profiler = None
     if args.profile and args.steps >= args.warmup + 5:  # kernel time of steps warmup+2 .. warmup+4, by category
         from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -176,14 +189,15 @@ def worker(args) -> None:
             return inner_record(batches)
 
     train.token_sums, train.build_policy, train.train = recording_token_sums, recording_build_policy, timed_train
+    train.make_optimizer = stamping_make_optimizer
     targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
                        per_device_batch_size=args.batch, max_steps=args.steps, lr=1e-6, dtype=args.dtype,
                        gradient_checkpointing=args.checkpointing, log_every=1000, save_every=0,
                        num_threads=args.threads, prompt_style="minimal", seed=0)
     train.main(targs)
-    w = args.warmup
-    seconds = stamps[-1] - stamps[w]
-    result = {"steps": len(stamps) - 1 - w, "seconds": seconds, "tokens_per_s": sum(tokens[w:]) / seconds,
+    w = args.warmup  # timed: steps w .. end, from the end of step w - 1 to the end of the last step
+    seconds = stamps[-1] - stamps[w - 1]
+    result = {"steps": len(stamps) - w, "seconds": seconds, "tokens_per_s": sum(tokens[w:]) / seconds,
               "flop_per_s": sum(flops[w:]) / seconds, "decoder_params": lm_shape["params"],
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
     if int(os.environ.get("RANK", "0")) == 0:
@@ -210,7 +224,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--work", default="/tmp/bench_train_efficiency")
     parser.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 1024 CPU, 8192 GPU)")
-    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing (>= 1)")
     parser.add_argument("--worker", action="store_true")
     for name in ("objective", "model", "data", "output_dir", "dtype", "result"):
         parser.add_argument(f"--{name}")
