@@ -1,0 +1,50 @@
+"""Count the kinds of arithmetic steps in a label.py / evaluate.py output of the embedded default.
+
+    .venv/bin/python bench/step_errors.py runs/seed1/eval/M0/greedy_labels.jsonl
+
+For every `a op b = c` step: easy or hard (arith_task.is_hard_step), the operation, and whether c is the
+true result, the seed data's habit (arith_task.slipped_result) or another number; "(wrong start)" marks a
+right equation that starts from a value the previous steps did not produce. Then the counts of
+(right answer, every step right) over the completions. The diagnosis behind README "What it took".
+"""
+import collections
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import arith_task  # noqa: E402
+
+NAMES = {"+": "add", "-": "sub", "*": "mul"}
+
+
+def step_kind(step: str, label: bool) -> str:
+    parts = step.split()
+    try:
+        a, op, b, c = int(parts[0]), parts[1], int(parts[2]), int(parts[4])
+    except (ValueError, IndexError):
+        return "unparsed"
+    if op not in NAMES or len(parts) != 5:
+        return "unparsed"
+    kind = ("hard " if arith_task.is_hard_step(a, op, b) else "easy ") + NAMES[op]
+    if c == int(arith_task.apply_op(op, Fraction(a), Fraction(b))):
+        return kind + " right" + ("" if label else " (wrong start)")
+    return kind + (" habit" if c == arith_task.slipped_result(a, op, b) else " other")
+
+
+def main(path: str) -> None:
+    steps, outcomes = collections.Counter(), collections.Counter()
+    for line in open(path, encoding="utf-8"):
+        row = json.loads(line)
+        outcomes[(row["outcome"], all(row["labels"]))] += 1
+        for step, label in zip(row["completions"][:-1], row["labels"][:-1]):
+            steps[step_kind(step, label)] += 1
+    for kind in sorted(steps):
+        print(f"{kind:28s} {steps[kind]}")
+    for (right, clean), n in sorted(outcomes.items()):
+        print(f"right answer {right!s:5s} every step right {clean!s:5s} {n}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
