@@ -33,5 +33,5 @@ variant step-kto_1e-5_nll step-kto 1e-5 --nll_weight 1
 variant step-kto_2e-5_nll step-kto 2e-5 --nll_weight 1
 variant step-kto_1e-5_3epochs_nll step-kto 1e-5 --epochs 3 --nll_weight 1
 for f in $W/eval_*/result.json; do
-    $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['name']:28s} Pass@1 {100*r['pass@1']:5.1f}  wrong-step share {100*r['stepwise_error_rate']:5.1f}\")" $f
+    $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{sys.argv[1].split('/')[-2][5:]:28s} Pass@1 {100*r['pass@1']:5.1f}  wrong-step share {100*r['stepwise_error_rate']:5.1f}\")" $f
 done
