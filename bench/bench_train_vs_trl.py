@@ -1,6 +1,6 @@
 """train.py --objective kto vs TRL's KTOTrainer on the same work: speed, peak memory, step-0 loss.
 
-    .venv/bin/python bench/bench_train_vs_trl.py [--rounds 2] [--steps 32]
+    .venv/bin/python bench/bench_train_vs_trl.py [--rounds 2] [--steps 32] [--model 14m|task]
 
 Run twice over: both without activation checkpointing, then both with it (TRL's KTOConfig defaults to
 gradient_checkpointing=True, train.py to False; an earlier version of this bench compared the two defaults).
@@ -29,7 +29,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODEL = dict(hidden_size=384, num_layers=6, intermediate_size=1536)  # 14.2M parameters, 6 heads of 64
+MODELS = {  # --model: a 10-20M random-init Llama, or the embedded default's tiny task model (run.sh's sizes)
+    "14m": dict(hidden_size=384, num_layers=6, intermediate_size=1536),  # 14.2M parameters, 6 heads of 64
+    "task": dict(hidden_size=128, num_layers=2, intermediate_size=384),  # run.sh HIDDEN/LAYERS/FFN
+}
 ROWS, BATCH, LR, BETA = 256, 8, 1e-5, 0.1
 
 
@@ -99,14 +102,14 @@ def worker_trl(work: Path, run: str, steps: int, checkpointing: bool) -> dict:
     return {**result, "losses": losses, "same_tokens": same_tokens, "grad_norm0": grad_norm0}
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, model_name: str) -> None:
     """Model, KTO JSONL, and the same rows in the order of train.py's batch plan (for TRL)."""
     import arith_task
     import common
     import train
 
     tokenizer = common.make_char_tokenizer()
-    model = common.make_tiny_llama(tokenizer, **MODEL, seed=0)
+    model = common.make_tiny_llama(tokenizer, **MODELS[model_name], seed=0)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     problems = arith_task.make_split("train", ROWS, seed=0, shape="chain", max_number=20, min_ops=2, max_ops=5)
@@ -182,6 +185,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "trl"])
     parser.add_argument("--run", default="0")
     parser.add_argument("--checkpointing", action="store_true", help="worker: activation checkpointing")
+    parser.add_argument("--model", choices=sorted(MODELS), default="14m", help="which random-init model")
     opts = parser.parse_args()
     work = Path(opts.work)
     if opts.worker:
@@ -193,7 +197,7 @@ def main() -> None:
         import shutil
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    prepare(work)
+    prepare(work, opts.model)
     for checkpointing in (False, True):  # TRL's KTOConfig defaults to True, train.py to False: compare like with like
         compare(work, opts.rounds, opts.steps, checkpointing)
 
