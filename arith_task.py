@@ -296,7 +296,7 @@ def _solve(expression: str, decide_flaw) -> tuple[str, str]:
         flaws.add(flaw)
         lines.append(f"{a} {op} {b} = {stated}")
         _reduce(node, true if flaw == "silent" else stated)  # silent: later steps use the truth
-    worst = next(flaw for flaw in ("propagating", "silent", "none") if flaw in flaws or flaw == "none")
+    worst = "propagating" if "propagating" in flaws else "silent" if "silent" in flaws else "none"
     return "\n\n".join(lines + [f"The answer is \\boxed{{{root.value}}}."]), worst
 
 

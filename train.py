@@ -658,8 +658,9 @@ def fully_desirable(example: Example, args: Args) -> bool:
 
 def anchor_nll(totals, examples: list[Example], batch: PlanBatch, data: "TrainData", args: Args, env: Env):
     """(this rank's share of the global batch's mean NLL over fully desirable completion tokens, its sum, tokens)."""
-    keep = torch.tensor([fully_desirable(e, args) for e in examples], device=totals.device)  # (B,)
-    tokens = sum(len(e.pair.completion_ids) for e in examples if fully_desirable(e, args))
+    flags = [fully_desirable(e, args) for e in examples]
+    keep = torch.tensor(flags, device=totals.device)  # (B,)
+    tokens = sum(len(e.pair.completion_ids) for e, kept in zip(examples, flags) if kept)
     global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows
                         if fully_desirable(data.examples[i], args))
     nll_sum = -(totals * keep).sum()  # totals: (B,) summed token log-probs
