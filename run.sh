@@ -33,7 +33,7 @@ PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL" ] && echo minimal || echo instruct)
 # ---- the built-in task (embedded default)
 NUM_TRAIN=${NUM_TRAIN:-1000}              # training problems sampled from at every iteration
 NUM_TEST=${NUM_TEST:-500}                 # held-out test problems (never overlapping the train split)
-NUM_SFT=${NUM_SFT:-60000}                 # flawed solutions M0 is trained on (arith_task.FlawRates)
+NUM_SFT=${NUM_SFT:-120000}                # flawed solutions M0 is trained on (arith_task.FlawRates)
 # ---- seed model M0 (sft from scratch)
 SFT_EPOCHS=${SFT_EPOCHS:-1}
 SFT_LR=${SFT_LR:-2e-3}
@@ -50,6 +50,7 @@ EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-32}                        # per process
 BETA=${BETA:-0.1}
 W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level term (our reading, see stepkto_loss.py)
+STEP_SCOPE=${STEP_SCOPE:-all}             # step-kto: steps scored: all | first_error (through the first wrong one)
 NLL_WEIGHT=${NLL_WEIGHT:-1.0}             # NLL anchor on fully right samples (not the paper's; README "Results")
 
 if [ -z "${PYTHON:-}" ]; then  # idempotent: a stamp in .venv records what was installed
@@ -107,7 +108,7 @@ for i in $(seq 1 "$ITERATIONS"); do
     echo "== iteration $i: train M$i ($OBJECTIVE)"
     timed train $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
         --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
-        --w_step "$W_STEP" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
+        --w_step "$W_STEP" --step_scope "$STEP_SCOPE" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
     evaluate "$RUN/M$i" "M$i" "$i" "$RUN/eval/M$i"
 done
 

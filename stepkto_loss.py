@@ -31,10 +31,17 @@ exact step-level equation is not available to us). The step reward of step k is
 
     L = w_outcome * L_outcome + w_step * L_step        (defaults w_outcome = w_step = 1)
 
+Which steps carry a label (OUR READING, `through_first_error`): a step after the first wrong step is judged
+on a prefix that is already wrong, and its label then depends on the labeller's convention (against the
+value the text wrote, or the true one). Uesato et al. (2022) and ProcessBench (Zheng et al., 2024) label
+the first error only; passing step_mask = through_first_error(step_labels, step_mask) scores the steps up
+to and including the first wrong one, and none after it.
+
 What is the paper's and what is ours:
   * paper: KTO value function at the outcome level; binary step labels and binary outcome labels; one
     objective combining both levels; iterative training (M0 -> M1 -> M2 -> M3, the trainer's job).
   * ours: the span of the step reward (own tokens vs whole prefix), the aggregation over steps (mean vs sum),
+    which steps are scored (all, or through the first wrong step),
     the weighting between levels (w_outcome, w_step), and z0 for steps (default: reuse the outcome-level z0;
     alternatively estimate_z0 over mismatched pairs' step log-ratios, passed as z0_step).
   * w_step = 0 is plain KTO (the paper's baseline); w_outcome = 0 is a step-only ablation.
@@ -120,6 +127,22 @@ def step_rewards(policy_token_logps, ref_token_logps, step_ids, num_steps, span=
     """
     _check_same_shape("ref_token_logps", ref_token_logps, "policy_token_logps", policy_token_logps)
     return step_logps(policy_token_logps - ref_token_logps, step_ids, num_steps, span)
+
+
+def through_first_error(step_labels, step_mask):
+    """Step mask that keeps the steps up to and including each completion's first wrong step.
+
+        keep_k = step_mask_k  and  no j < k with step_mask_j and not step_labels_j
+
+    step_labels, step_mask: (B, K) bool. Returns (B, K) bool. A completion with no wrong step keeps all its
+    real steps. Why: the label of a step that follows an error is ill-defined (module docstring).
+    """
+    _check_same_shape("step_mask", step_mask, "step_labels", step_labels)
+    _check_bool("step_labels", step_labels)
+    _check_bool("step_mask", step_mask)
+    wrong = (step_mask & ~step_labels).long()  # (B, K)
+    wrong_before = wrong.cumsum(dim=1) - wrong  # (B, K) wrong steps strictly before k
+    return step_mask & (wrong_before == 0)
 
 
 def stepkto_loss(

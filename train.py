@@ -111,6 +111,10 @@ class Args:
         "step", help="Step reward over the step's own tokens (step) or the whole prefix through it (prefix)."
     )
     step_aggregation: Literal["mean", "sum"] = option("mean", help="Step losses of one completion: mean or sum.")
+    step_scope: Literal["all", "first_error"] = option(
+        "all", help="Steps the step level scores: all (as the paper's judge labels every step) or only through "
+        "the first wrong one (first_error: stepkto_loss.through_first_error, for labels that mean nothing after "
+        "an error).")
     step_z0: Literal["outcome", "step"] = option(
         "outcome",
         help="Reference point of the step level: the outcome z0, or estimate_z0 over the KL "
@@ -630,12 +634,13 @@ def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args,
     z0, z0_step = reference_point(policy, kl, ref.kl_total[kl_items].to(device), ref_kl_steps, args)
     totals, steps = completion_logps(policy, main, args.step_span)  # (B,), (B, K)
     w_outcome, w_step = rank_level_weights(args, examples, [data.examples[i] for i in batch.rows], env)
+    step_labels = step_label_tensor(examples, num_steps, device)  # (B, K)
     loss, metrics = sk.stepkto_loss(
         outcome_logratios=totals - ref.row_total[rows].to(device),  # (B,) r(x, y) = log pi/pi_ref
         outcome_labels=torch.tensor([e.desirable for e in examples], device=device),
         step_logratios=steps - ref.row_steps[rows, :num_steps].to(device),  # (B, K) r_k
-        step_labels=step_label_tensor(examples, num_steps, device),
-        step_mask=main.step_mask,
+        step_labels=step_labels,
+        step_mask=scored_steps(step_labels, main.step_mask, args),
         z0=z0,
         z0_step=z0_step,
         beta=args.beta,
@@ -666,6 +671,19 @@ def anchor_nll(totals, examples: list[Example], batch: PlanBatch, data: "TrainDa
     nll_sum = -(totals * keep).sum()  # totals: (B,) summed token log-probs
     # Times world_size because FSDP averages gradients over ranks (as sft_step).
     return nll_sum * env.world_size / max(global_tokens, 1), nll_sum.detach(), tokens
+
+
+def scored_steps(step_labels: torch.Tensor, step_mask: torch.Tensor, args: Args) -> torch.Tensor:
+    """(B, K) bool: the real steps that the step level scores (--step_scope)."""
+    return sk.through_first_error(step_labels, step_mask) if args.step_scope == "first_error" else step_mask
+
+
+def scored_labels(example: Example, args: Args) -> list[bool]:
+    """The step labels that --step_scope keeps: through the first False, or all."""
+    labels = example.step_labels
+    if args.step_scope == "first_error" and False in labels:
+        labels = labels[: labels.index(False) + 1]
+    return labels
 
 
 def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
@@ -879,8 +897,8 @@ def level_lambdas(examples: list[Example], args: Args) -> dict:
     if not args.balance_lambdas:
         return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
     n_d = sum(e.desirable for e in examples)
-    steps_d = sum(sum(e.step_labels) for e in examples)
-    steps_all = sum(len(e.step_labels) for e in examples)
+    steps_d = sum(sum(scored_labels(e, args)) for e in examples)
+    steps_all = sum(len(scored_labels(e, args)) for e in examples)
     outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
     return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
 

@@ -15,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from stepkto_loss import SPANS, estimate_z0, kto_losses, step_logps, step_rewards, stepkto_loss  # noqa: E402
+from stepkto_loss import (  # noqa: E402
+    SPANS, estimate_z0, kto_losses, step_logps, step_rewards, stepkto_loss, through_first_error,
+)
 
 VOCAB_SIZE = 50
 PAD_ID = 0
@@ -347,3 +349,39 @@ def test_step_level_has_its_own_lambdas():
     assert torch.equal(same["loss/outcome"], other["loss/outcome"])
     expected = (kto_losses(steps, s_labels, z0, lambda_d=0.25, lambda_u=1.0).mean(dim=1)).mean()
     assert torch.allclose(other["loss/step"], expected)
+
+
+def first_error_mask_by_loop(labels, mask):
+    """Reference for through_first_error: walk each row's real steps, stop after the first wrong one."""
+    keep = torch.zeros_like(mask)
+    for b in range(mask.size(0)):
+        for k in range(mask.size(1)):
+            if mask[b, k]:
+                keep[b, k] = True
+                if not labels[b, k]:
+                    break
+    return keep
+
+
+def test_through_first_error_matches_a_loop_on_random_masks():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        labels = torch.rand(6, 7, generator=generator) < 0.7
+        mask = torch.rand(6, 7, generator=generator) < 0.8  # holes too: a wrong padding step counts for nothing
+        assert torch.equal(through_first_error(labels, mask), first_error_mask_by_loop(labels, mask))
+    labels = torch.tensor([[True, False, False, True], [True, True, True, True], [False, True, True, True]])
+    expected = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
+    assert torch.equal(through_first_error(labels, torch.ones(3, 4, dtype=torch.bool)), expected)
+    with pytest.raises(ValueError, match="step_mask"):
+        through_first_error(labels, torch.ones(3, 5, dtype=torch.bool))
+
+
+def test_steps_after_the_first_error_get_no_gradient():
+    steps = torch.tensor([[0.4, -1.0, 0.7, -0.3]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[True, False, True, False]])
+    mask = through_first_error(labels, torch.ones(1, 4, dtype=torch.bool))
+    loss, _ = stepkto_loss(torch.zeros(1, dtype=torch.float64), torch.tensor([True]), steps, labels, mask,
+                           torch.tensor(0.0), w_outcome=0.0)
+    loss.backward()
+    assert torch.all(steps.grad[0, :2] != 0) and torch.all(steps.grad[0, 2:] == 0)
+    assert loss.item() == pytest.approx(kto_losses(steps[0, :2], labels[0, :2], torch.tensor(0.0)).mean().item())

@@ -271,6 +271,24 @@ def test_nll_anchor_is_the_mean_nll_of_the_fully_desirable_completions(tmp_path,
         assert first["loss/total"] == pytest.approx(levels + 2.0 * first["loss/nll"], rel=1e-5)
 
 
+def test_labels_after_the_first_wrong_step_matter_only_with_step_scope_all(tmp_path, tiny_model, tokenizer):
+    rows = label_rows(tokenizer)
+    flipped = [dict(r, labels=r["labels"][: r["labels"].index(False) + 1]
+                    + [not x for x in r["labels"][r["labels"].index(False) + 1:]]) if False in r["labels"] else r
+               for r in rows]
+    assert flipped != rows
+    base = dict(objective="step-kto", model=str(tiny_model), per_device_batch_size=8, lr=1e-3, log_every=1,
+                nll_weight=1.0)
+    losses = {}
+    for scope in ("first_error", "all"):
+        for name, data in (("orig", rows), ("flipped", flipped)):
+            path = write_jsonl(tmp_path / f"{name}.jsonl", data)
+            out = run_main(**base, step_scope=scope, data=str(path), output_dir=str(tmp_path / f"{scope}-{name}"))
+            losses[scope, name] = [e["loss/total"] for e in read_log(out)]
+    assert losses["first_error", "orig"] == pytest.approx(losses["first_error", "flipped"], abs=1e-7)
+    assert losses["all", "orig"] != pytest.approx(losses["all", "flipped"], abs=1e-4)
+
+
 def test_separate_reference_model_is_used_and_freed(tmp_path, tiny_model, tokenizer):
     reference = tmp_path / "ref"
     common.make_tiny_llama(tokenizer, **TINY, seed=2).save_pretrained(reference)
