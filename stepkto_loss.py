@@ -35,7 +35,8 @@ Which steps carry a label (OUR READING, `through_first_error`): a step after the
 on a prefix that is already wrong, and its label then depends on the labeller's convention (against the
 value the text wrote, or the true one). Uesato et al. (2022) and ProcessBench (Zheng et al., 2024) label
 the first error only; passing step_mask = through_first_error(step_labels, step_mask) scores the steps up
-to and including the first wrong one, and none after it.
+to and including the first wrong one, and none after it. Passing step_mask as it is scores every real step
+(the default of train.py, as the paper's judge labels every step).
 
 What is the paper's and what is ours:
   * paper: KTO value function at the outcome level; binary step labels and binary outcome labels; one
