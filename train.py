@@ -678,14 +678,6 @@ def scored_steps(step_labels: torch.Tensor, step_mask: torch.Tensor, args: Args)
     return sk.through_first_error(step_labels, step_mask) if args.step_scope == "first_error" else step_mask
 
 
-def scored_labels(example: Example, args: Args) -> list[bool]:
-    """The step labels that --step_scope keeps: through the first False, or all."""
-    labels = example.step_labels
-    if args.step_scope == "first_error" and False in labels:
-        labels = labels[: labels.index(False) + 1]
-    return labels
-
-
 def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
     labels = np.zeros((len(examples), num_steps), dtype=bool)  # (B, K), padding steps False (masked anyway)
     for b, example in enumerate(examples):
@@ -897,8 +889,10 @@ def level_lambdas(examples: list[Example], args: Args) -> dict:
     if not args.balance_lambdas:
         return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
     n_d = sum(e.desirable for e in examples)
-    steps_d = sum(sum(scored_labels(e, args)) for e in examples)
-    steps_all = sum(len(scored_labels(e, args)) for e in examples)
+    lengths = torch.tensor([len(e.step_labels) for e in examples])  # (N,)
+    labels = step_label_tensor(examples, max(lengths.tolist(), default=0), "cpu")  # (N, K)
+    scored = scored_steps(labels, torch.arange(labels.size(1)) < lengths[:, None], args)  # (N, K)
+    steps_d, steps_all = int((labels & scored).sum()), int(scored.sum())
     outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
     return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
 
