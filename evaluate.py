@@ -48,6 +48,9 @@ class Args:
     prm: str = field(default="check", metadata={"help": "Step labeller for the stepwise error rate (label.py --prm)."})
     judge_model: str = field(default="", metadata={"help": "--prm judge: the judge model (label.py --judge_model)."})
     judge_engine: str = field(default="auto", metadata={"help": "--prm judge: its engine (label.py --judge_engine)."})
+    judge_protocol: str = field(default="step", metadata={"help": "--prm judge: step | first_error (label.py --judge_protocol)."})
+    judge_dtype: str = field(default="", metadata={"help": "--prm judge: the judge's dtype (default: --dtype)."})
+    judge_tensor_parallel_size: int = field(default=1, metadata={"help": "--prm judge: the judge's vLLM tensor parallel size."})
     sample_k: int = field(default=0, metadata={"help": "Also draw K samples per problem for mean Pass@1 and Maj@K (0 = off)."})
     sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the K samples."})
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens generated per solution."})
@@ -127,7 +130,8 @@ def sample_and_label(args: Args, problems: list[dict], tag: str, n: int, tempera
         generate.generate_rows(gen_args, problems, gen_args.output, desc=f"eval {tag}")
     label_args = label.Args(
         input=gen_args.output, output=str(out / f"{tag}_labels.jsonl"), prm=args.prm,
-        judge_model=args.judge_model, judge_engine=args.judge_engine,
+        judge_model=args.judge_model, judge_engine=args.judge_engine, judge_protocol=args.judge_protocol,
+        dtype=args.judge_dtype or args.dtype, tensor_parallel_size=args.judge_tensor_parallel_size,
     )
     label.main(label_args)
     return common.read_jsonl(label_args.output)

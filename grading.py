@@ -277,8 +277,10 @@ BENCHMARKS = {
     "math500": Benchmark("math500.jsonl", "HuggingFaceH4/MATH-500", None, "test"),
     "amc23": Benchmark("amc23.jsonl", "math-ai/amc23", None, "test"),
     "aime24": Benchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", None, "train"),
-    # the local ProcessBench GSM8K file has no gold answers, so GSM8K comes from the hub (or a JSONL path)
-    "gsm8k": Benchmark(None, "openai/gsm8k", "main", "test"),
+    # GSM8K as published (openai/grade-school-math): the answer field is the worked solution ending in
+    # "#### N"; normalise_problem turns it into gold N and a step-format reference solution
+    "gsm8k": Benchmark("gsm8k_test.jsonl", "openai/gsm8k", "main", "test"),
+    "gsm8k_train": Benchmark("gsm8k_train.jsonl", "openai/gsm8k", "main", "train"),
 }
 
 
@@ -312,16 +314,34 @@ def normalise_problem(raw, where: str, default_id: str) -> dict:
     if "answer" not in raw:
         raise ValueError(f"{where}: missing field 'answer'")
     answer, solution = raw["answer"], raw.get("solution")
-    if solution is None and isinstance(answer, str) and "####" in answer:
-        solution, answer = answer.rsplit("####", 1)  # GSM8K: "<solution>\n#### 1,234"
-        answer = answer.replace(",", "")
     if solution is not None and not isinstance(solution, str):
         raise ValueError(f"{where}: field 'solution' must be a string, got {type(solution).__name__}")
     row = {"id": str(raw.get("id", raw.get("unique_id", default_id))), "problem": raw[key]}
+    if solution is None and isinstance(answer, str) and "####" in answer:
+        worked, answer = answer.rsplit("####", 1)  # GSM8K: "<one step per line>\n#### 1,234"
+        row["answer"] = normalise_answer(answer.replace(",", ""), where)
+        row["solution"] = gsm8k_reference_solution(worked, row["answer"])
+        return row
     row["answer"] = normalise_answer(answer, where)
     if solution is not None:
         row["solution"] = solution.strip()
     return row
+
+
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_reference_solution(worked: str, answer: str) -> str:
+    """A GSM8K worked solution (the text before ``####``) in the project's step format.
+
+    Each non-empty line is one step, stripped, with its ``<<48/2=24>>`` annotations removed; steps
+    are separated by a blank line (what common.split_steps splits on), and a last step
+    "The answer is \\boxed{answer}." carries the gold answer, as the prompts ask a model to write it.
+    """
+    # the annotations are the calculator calls the GSM8K authors used to check the arithmetic, not
+    # text a model should learn to write (nor one the judge should expect)
+    lines = (_CALCULATOR_ANNOTATION.sub("", line).strip() for line in worked.split("\n"))
+    return "\n\n".join([line for line in lines if line] + [f"The answer is \\boxed{{{answer}}}."])
 
 
 def _normalise_rows(located_rows, source: str) -> list[dict]:
@@ -350,27 +370,59 @@ def _jsonl_rows(path: Path):
             yield f"{path}:{lineno}", f"{path.stem}-{lineno}", raw
 
 
-def _hub_rows(benchmark: Benchmark, split: str):
-    from datasets import load_dataset  # lazily: only online users without the local files need it
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
-    for index, raw in enumerate(load_dataset(benchmark.hub_id, benchmark.hub_config, split=split)):
-        yield f"{benchmark.hub_id}[{split}] row {index}", f"{benchmark.hub_id}-{index}", dict(raw)
+
+def _load_from_hub(name: str, benchmark: Benchmark, split: str, local: Path | None):
+    """``datasets.load_dataset`` of the benchmark, or ONE ValueError line saying where it looked."""
+    offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}]
+    try:
+        import datasets  # lazily: only users without the local files need it
+
+        # datasets reads the offline variables once, at import: set later, they would not stop it from
+        # spending ~24 s on connection retries, so the hub is not tried at all
+        if offline and not datasets.config.HF_HUB_OFFLINE:
+            raise ConnectionError(f"{offline[0]} is set (after datasets was imported), so the hub was not tried")
+        return datasets.load_dataset(benchmark.hub_id, benchmark.hub_config, split=split)
+    except Exception as e:  # offline, no such dataset, no datasets package: all end the same way
+        looked = f"no file {local}" if local else "no local file for it"
+        config = f"config {benchmark.hub_config}, " if benchmark.hub_config else ""
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"benchmark {name!r} not found: {looked}, and the hub dataset {benchmark.hub_id} ({config}split {split}) "
+            f"did not load: {type(e).__name__}: {first_line}"
+        ) from None
+
+
+def _hub_rows(benchmark: Benchmark, split: str, dataset):
+    for index, raw in enumerate(dataset):
+        # the local file's id (its line number) when the rows are the local file's, so an id does not
+        # depend on where the rows came from
+        same_rows = benchmark.local_file and split == benchmark.split
+        default_id = f"{Path(benchmark.local_file).stem}-{index + 1}" if same_rows else f"{benchmark.hub_id}-{index}"
+        yield f"{benchmark.hub_id}[{split}] row {index}", default_id, dict(raw)
 
 
 def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
     """Rows {"id", "problem", "answer", "solution" (when present)} of a benchmark or problem file.
 
-    ``name_or_path``: math500 | amc23 | aime24 | gsm8k, read from ``data_dir`` (default
-    ``default_data_dir()``) when the file is there, else from the hub (``split`` overrides the hub
-    split); or a JSONL path with fields problem (or question), answer and optionally solution, id.
+    ``name_or_path``: math500 | amc23 | aime24 | gsm8k | gsm8k_train, read from ``data_dir``
+    (default ``default_data_dir()``) when the file is there, else from the hub (``split`` overrides
+    the hub split); or a JSONL path with fields problem (or question), answer and optionally
+    solution, id. ValueError (one line) when the rows cannot be found or are malformed.
     """
     if name_or_path in BENCHMARKS:
         benchmark = BENCHMARKS[name_or_path]
         local = Path(data_dir or default_data_dir()) / benchmark.local_file if benchmark.local_file else None
         if local is None or not local.is_file():
-            return _normalise_rows(_hub_rows(benchmark, split or benchmark.split), benchmark.hub_id)
+            split = split or benchmark.split
+            dataset = _load_from_hub(name_or_path, benchmark, split, local)
+            return _normalise_rows(_hub_rows(benchmark, split, dataset), benchmark.hub_id)
         if split not in (None, benchmark.split):
-            raise ValueError(f"{local}: holds only the '{benchmark.split}' split of {name_or_path}, not '{split}'")
+            other = [n for n, b in BENCHMARKS.items() if b.hub_id == benchmark.hub_id and b.split == split]
+            hint = f" (use {other[0]})" if other else ""
+            where = f"{local}: holds only the '{benchmark.split}' split of {name_or_path}"
+            raise ValueError(f"{where}, not '{split}'{hint}")
         return _normalise_rows(_jsonl_rows(local), str(local))
     path = Path(name_or_path)
     if not path.is_file():

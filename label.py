@@ -1,16 +1,20 @@
 """Label sampled solutions at two levels: the final answer (outcome) and every step (process).
 
-Paper Sec. 3: the outcome label is a rule-based check of the final answer against the gold answer; the
+Paper Sec. 2.1: the outcome label is a rule-based check of the final answer against the gold answer; the
 step labels come from a process reward model. Step labellers (``--prm``):
 
 * ``check``: exact, no model. On the built-in arithmetic task (arith_task.py) every step is checked
   against the problem's expression tree (a step is wrong when its equation is false or when it starts
   from a value the previous steps did not produce); on any other text a step is wrong when an
   arithmetic equation it states is false.
-* ``judge``: the paper's PRM as we read it (Step-KTO, arXiv 2501.10799, Sec. 3): an LLM (``--judge_model``,
+* ``judge``: the paper's PRM as we read it (Step-KTO, arXiv 2501.10799, Sec. 2.1): an LLM (``--judge_model``,
   greedy) sees the problem, the reference solution (the row's ``solution``; the prompt says so when
-  there is none), the previous steps and the current step, and answers "correct" or "incorrect"
-  (prompt: ``JUDGE_TEMPLATE``, parser: ``parse_verdict``). A verdict that cannot be parsed is a
+  there is none) and the student's steps. ``--judge_protocol step`` (default): one call per step, with
+  the previous steps and the current one, answered "correct" or "incorrect" (prompt: ``JUDGE_TEMPLATE``,
+  parser: ``parse_verdict``). ``--judge_protocol first_error``: one call per solution naming its first
+  wrong step, as ProcessBench asks (``FIRST_ERROR_TEMPLATE``, ``parse_first_error``): the steps before it
+  are right, it and the steps after it wrong (train with ``--step_scope first_error`` to score only
+  through it). A verdict that cannot be parsed is a
   failure: the step is labelled WRONG (``UNPARSEABLE_STEP_LABEL``: a step nobody vouched for must not
   be reinforced as right) and counted in the row's ``prm_failures`` and in the printed summary.
 * ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k
@@ -25,7 +29,8 @@ all judge prompts / rollouts of a chunk go through one generation call.
 
 Output rows are the input rows plus
 
-    {"completions": [step, ...], "labels": [bool per step], "outcome": bool, "pred": str | None,
+    {"completions": [step, ...], "step_spans": [[start, end] per step: characters of "completion"],
+     "labels": [bool per step], "outcome": bool, "pred": str | None,
      "prm": str, "prm_failures": int (steps without a verdict, labelled wrong)}
 
 where ``prompt`` / ``completions`` / ``labels`` are TRL's stepwise-supervision fields, so the file feeds
@@ -44,7 +49,6 @@ chunk from (--seed, the chunk's row ids), so a resumed run writes what an uninte
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import sys
@@ -80,6 +84,10 @@ class Args:
     grade_timeout_s: float = field(default=5.0, metadata={"help": "Hard per-answer timeout of the grader."})
     judge_model: str = field(default="", metadata={"help": "--prm judge: the judge LLM (folder or hub id)."})
     judge_engine: str = field(default="auto", metadata={"help": "--prm judge: transformers | vllm | auto."})
+    judge_protocol: str = field(default="step", metadata={"help": (
+        "--prm judge: step (one call per step: is this step correct?) | first_error (one call per solution "
+        "naming its first wrong step, as ProcessBench asks; the steps after it are labelled wrong: train with "
+        "--step_scope first_error to score only through it).")})
     judge_max_new_tokens: int = field(default=16, metadata={"help": (
         "--prm judge: tokens per verdict (greedy). Raise it for judges that reason before answering.")})
     policy_model: str = field(default="", metadata={"help": (
@@ -90,7 +98,8 @@ class Args:
     mc_temperature: float = field(default=1.0, metadata={"help": "--prm mc: sampling temperature of the rollouts."})
     mc_max_new_tokens: int = field(default=256, metadata={"help": "--prm mc: maximum tokens per rollout."})
     seed: int = field(default=0, metadata={"help": "--prm mc: seed; each chunk is seeded from (seed, its row ids)."})
-    dtype: str = field(default="float32", metadata={"help": "dtype of the judge / policy: float32 | bfloat16 | float16."})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the judge / mc policy: float32 | bfloat16 | float16."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size of the judge / mc policy."})
 
 
 def check_args(args: Args) -> None:
@@ -99,6 +108,8 @@ def check_args(args: Args) -> None:
         raise ValueError(f"unknown --prm {args.prm!r}; choose one of {sorted(LABELLERS)}")
     if args.prm == "judge" and not args.judge_model:
         raise ValueError("--prm judge needs --judge_model (a folder or hub id)")
+    if args.judge_protocol not in JUDGE_PROTOCOLS:
+        raise ValueError(f"unknown --judge_protocol {args.judge_protocol!r}; choose one of {sorted(JUDGE_PROTOCOLS)}")
     if args.prm == "mc" and not 1 <= args.mc_threshold <= args.mc_rollouts:
         raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({args.mc_rollouts}), got {args.mc_threshold}")
 
@@ -121,16 +132,10 @@ def check_labeller(rows: list[dict], args: Args) -> list[list[bool]]:
 # ----------------------------------------------------------------------------- models
 
 
-@functools.cache
-def load_generator(model: str, engine: str, num_samples: int, temperature: float, max_new_tokens: int,
-                   seed: int, dtype: str):
-    """(generate_fn, tokenizer) of generate.py's engine; cached: every chunk (and every label.main call
-    of a process, e.g. evaluate.py's two) reuses the loaded model."""
-    gen_args = generate.Args(
-        model=model, problems="", output="", num_samples=num_samples, temperature=temperature,
-        max_new_tokens=max_new_tokens, seed=seed, engine=engine, dtype=dtype,
-    )
-    return generate.load_engine(gen_args, generate.resolve_engine(engine))
+def engine_of(model: str, engine: str, args: "Args") -> "generate.Engine":
+    """generate.py's engine for the judge or the mc policy, loaded once per process (shared with the
+    policy's when the model is the same), with --dtype and --tensor_parallel_size."""
+    return generate.get_engine(model, engine, args.dtype, args.tensor_parallel_size)
 
 
 # ----------------------------------------------------------------------------- judge
@@ -212,12 +217,76 @@ def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], toke
 
 
 def judge_labeller(rows: list[dict], args: Args) -> list[list[bool | None]]:
-    """The LLM judge's verdict per step (greedy, one reply per step)."""
-    generate_fn, tokenizer = load_generator(
-        args.judge_model, args.judge_engine, 1, 0.0, args.judge_max_new_tokens, args.seed, args.dtype
-    )
+    """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution."""
+    engine = engine_of(args.judge_model, args.judge_engine, args)
+    greedy = generate.Sampling(1, 0.0, 1.0, args.judge_max_new_tokens)
     solutions = [(r["problem"], r.get("solution"), common.split_steps(r["completion"])) for r in rows]
-    return judge_step_verdicts(solutions, tokenizer, lambda prompts: [o[0][0] for o in generate_fn(prompts, args.seed)])
+    judge_fn = lambda prompts: [o[0].text for o in engine.generate(prompts, greedy, args.seed)]  # noqa: E731
+    return JUDGE_PROTOCOLS[args.judge_protocol](solutions, engine.tokenizer, judge_fn)
+
+
+# The first-error protocol (ProcessBench, Zheng et al. 2024, arXiv 2412.06559: one reply per solution that
+# names the earliest wrong step). Steps are numbered from 1 as in JUDGE_TEMPLATE.
+FIRST_ERROR_TEMPLATE = (
+    "You are checking a student's step-by-step solution to a math problem.\n\n"
+    "Problem:\n{problem}\n\n"
+    "Reference solution:\n{reference}\n\n"
+    "The student's solution, step by step:\n{steps}\n\n"
+    "Find the first step that is wrong, that is, mathematically wrong or not a valid continuation of the "
+    "steps before it. Answer with its number in \\boxed{{}}, for example \\boxed{{2}}. If every step is "
+    "correct, answer \\boxed{{none}}."
+)
+_NO_ERROR_WORDS = {"none", "-1", "no error", "all correct", "correct"}
+
+
+def build_first_error_prompt(tokenizer, problem: str, reference: str | None, steps: list[str]) -> str:
+    numbered = "\n\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(steps))
+    text = FIRST_ERROR_TEMPLATE.format(problem=problem, reference=reference or NO_REFERENCE, steps=numbered)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + "\n\nFirst wrong step:"
+
+
+def parse_first_error(text: str, num_steps: int) -> int | None:
+    """0-based index of the first wrong step, -1 for "none", None when the reply names no valid step.
+
+    The last \\boxed{} when there is one, else the reply's first word ("3", "Step 3", "none").
+    """
+    boxed = grading.extract_boxed(text)
+    answer = (boxed if boxed is not None else text).strip().lower().strip(".:*` ")
+    if boxed is None:
+        answer = re.sub(r"^step\s+", "", answer)
+        answer = re.match(r"-?\d+|none|no error|all correct", answer)
+        answer = answer.group(0) if answer else ""
+    if answer in _NO_ERROR_WORDS:
+        return -1
+    number = re.fullmatch(r"(?:step\s*)?(\d+)", answer)
+    return int(number.group(1)) - 1 if number and 1 <= int(number.group(1)) <= num_steps else None
+
+
+def verdicts_from_first_error(first_error: int | None, num_steps: int) -> list[bool | None]:
+    """Right before the first error, wrong from it on (a step built on a wrong one is not vouched for);
+    no verdict at all when the reply could not be parsed."""
+    if first_error is None:
+        return [None] * num_steps
+    if first_error == -1:
+        return [True] * num_steps
+    return [True] * first_error + [False] * (num_steps - first_error)
+
+
+def judge_first_error_verdicts(solutions, tokenizer, judge_fn) -> list[list[bool | None]]:
+    """One judge call per solution (with steps): it names the first wrong step; see judge_step_verdicts."""
+    with_steps = [i for i, (_, _, steps) in enumerate(solutions) if steps]
+    prompts = [build_first_error_prompt(tokenizer, *solutions[i]) for i in with_steps]
+    replies = dict(zip(with_steps, judge_fn(prompts) if prompts else []))
+    return [
+        verdicts_from_first_error(parse_first_error(replies[i], len(steps)), len(steps)) if steps else []
+        for i, (_, _, steps) in enumerate(solutions)
+    ]
+
+
+JUDGE_PROTOCOLS = {"step": judge_step_verdicts, "first_error": judge_first_error_verdicts}
 
 
 # ----------------------------------------------------------------------------- Monte-Carlo rollouts
@@ -254,12 +323,10 @@ def mc_labeller(rows: list[dict], args: Args) -> list[list[bool]]:
     """Math-Shepherd labels from K policy rollouts per step."""
     if not args.policy_model:
         raise ValueError("--prm mc needs --policy_model (label.main fills it in from the rows' gen.model)")
-    generate_fn, _ = load_generator(
-        args.policy_model, args.mc_engine, args.mc_rollouts, args.mc_temperature, args.mc_max_new_tokens,
-        args.seed, args.dtype,
-    )
+    engine = engine_of(args.policy_model, args.mc_engine, args)
+    sampling = generate.Sampling(args.mc_rollouts, args.mc_temperature, 1.0, args.mc_max_new_tokens)
     seed = chunk_seed(args.seed, [r["id"] for r in rows])
-    rollout_fn = lambda prompts: [[text for text, _ in outs] for outs in generate_fn(prompts, seed)]  # noqa: E731
+    rollout_fn = lambda prompts: [[o.text for o in outs] for outs in engine.generate(prompts, sampling, seed)]  # noqa: E731
     return mc_step_labels(rows, rollout_fn, args.mc_threshold, args.grade_timeout_s)
 
 
@@ -293,10 +360,10 @@ def label_rows(rows: list[dict], args: Args) -> list[dict]:
     verdicts = LABELLERS[args.prm](rows, args)
     out = []
     for row, pred, outcome, row_verdicts in zip(rows, preds, outcomes, verdicts):
-        steps = common.split_steps(row["completion"])
+        spans = common.step_spans(row["completion"])
         labels, failures = labels_from_verdicts(row_verdicts)
-        out.append({**row, "completions": steps, "labels": labels, "outcome": outcome, "pred": pred,
-                    "prm": args.prm, "prm_failures": failures})
+        out.append({**row, "completions": [row["completion"][a:b] for a, b in spans], "step_spans": spans,
+                    "labels": labels, "outcome": outcome, "pred": pred, "prm": args.prm, "prm_failures": failures})
     return out
 
 
@@ -308,6 +375,16 @@ def summary(rows: list[dict]) -> str:
             f"{failures} without a verdict (prm_failures, labelled wrong)")
 
 
+def labeller_settings(args: Args) -> str:
+    """One line saying which model labels, and how: the judge / rollout policy's engine, dtype and TP size."""
+    if args.prm == "check":
+        return "step labeller: check (exact, no model)"
+    model, engine = (args.judge_model, args.judge_engine) if args.prm == "judge" else (args.policy_model, args.mc_engine)
+    protocol = f", protocol {args.judge_protocol}" if args.prm == "judge" else f", {args.mc_rollouts} rollouts"
+    return (f"step labeller: {args.prm} with {model} (engine {engine}, dtype {args.dtype}, "
+            f"tensor_parallel_size {args.tensor_parallel_size}{protocol})")
+
+
 def main(args: Args) -> None:
     if Path(args.output).exists():
         print(f"{args.output} is complete; nothing to do.")
@@ -316,6 +393,7 @@ def main(args: Args) -> None:
     rows = common.read_jsonl(args.input, SAMPLE_SCHEMA)
     if args.prm == "mc" and not args.policy_model:
         args = replace(args, policy_model=policy_model_of(rows, args.input))
+    print(labeller_settings(args), flush=True)
     chunks = common.chunked(rows, args.chunk_size)
     labelled, done = common.resume_rows(args.output, [[r["id"] for r in c] for c in chunks])
     for chunk in tqdm(chunks[done:], desc=f"label ({args.prm})", initial=done, total=len(chunks)):

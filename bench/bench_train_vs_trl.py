@@ -1,26 +1,54 @@
-"""train.py --objective kto vs TRL's KTOTrainer on the same work: speed, peak memory, step-0 loss.
+"""train.py --objective kto vs TRL's KTOTrainer on the same work: samples/s, peak RSS, losses.
 
-    .venv/bin/python bench/bench_train_vs_trl.py [--rounds 2] [--steps 32] [--model 14m|task]
+    # the 14.2M random-init Llama (BENCHMARKS.md section 6) and the embedded default's tiny task model:
+    .venv/bin/python bench/bench_train_vs_trl.py [--rounds 2] [--model 14m|task]
+    # SmolLM2-135M-Instruct, a real save_pretrained folder (64 rows, batch 8, 8 steps, 2 threads, float32,
+    # without and with activation checkpointing, then a profile of each side):
+    .venv/bin/python bench/bench_train_vs_trl.py --model models/SmolLM2-135M-Instruct --threads 2 \\
+        --rounds 2 --profile --out notes/bench_trl_smollm2.md
+    # (10 trainer processes of roughly 2-3 min each on an idle 2-core CPU, an estimate from batch-2 smoke
+    # runs; add --rounds 1 --checkpointing off for a quarter of that)
 
-Run twice over: both without activation checkpointing, then both with it (TRL's KTOConfig defaults to
-gradient_checkpointing=True, train.py to False; an earlier version of this bench compared the two defaults).
+--model takes 14m / task (random-init Llama, char tokenizer, "minimal" prompts) or the path of a
+save_pretrained folder (its own tokenizer; prompts through common.build_prompt(tokenizer, problem,
+"instruct"), i.e. the chat template when it has one, as generate.py writes them).
 
-Same model (a saved random-init tiny Llama, char tokenizer, float32), same KTO JSONL (arith_task problems,
-half of the solutions corrupted into wrong answers), same batch size, steps, lr, beta, linear decay without
-warmup, grad clip 1.0, one torch thread, reference log-probs computed once before training (TRL:
-precompute_ref_log_probs=True). TRL gets its rows in the order of train.py's batch plan with a sequential
-sampler, so both see the same batches; TRL builds its KL pairs by rotating completions within each batch,
-as train.py does, so the two losses must agree at every step, not only the first.
+Same on both sides: model and dtype (float32), KTO rows (arith_task problems, label.py's fields; half of
+the solutions corrupted into wrong answers, so train.py's balanced lambdas are 1, 1 = TRL's defaults), batch
+size, steps, lr, beta, linear decay without warmup, grad clip 1.0, torch threads (and OMP/MKL_NUM_THREADS),
+the activation-checkpointing setting (run off and on: TRL's KTOConfig defaults to on, train.py to off),
+bf16=False for TRL (its configs default to bf16 autocast), and reference log-probs precomputed once
+before training on both sides (TRL: precompute_ref_log_probs=True; train.py always does, see
+train.reference_logps), with the training batch size. Both sides get the same TEXT rows (no prompt_ids /
+completion_ids fields), so train.py tokenizes prompt and completion itself (train.tokenized_text); the
+bench checks that TRL's tokenization of every row gives the same ids. TRL gets the rows in the order of
+train.py's batch plan with its sequential sampler, so both see the same batches and the same rotated KL
+pairs: the two losses must agree at every step, not only the first.
 
-Each trainer runs in its own subprocess (peak RSS from os.wait4's rusage of that child), alternating
-ours, TRL, ours, TRL, ... The timed region starts after the imports: ours = train.main (tokenize, plan,
-reference pass, training, final save_pretrained); TRL = load model, KTOTrainer(...) (tokenize, reference
-pass), trainer.train(). "train loop" = train.train vs trainer.train() alone.
+Both optimizers are fused AdamW (TRL: TrainingArguments optim="adamw_torch_fused"; train.py:
+torch.optim.AdamW(fused=True), since the per-tensor default took ~10x the update time on CPU).
+Left at each side's own default (they are what each trainer does): TRL's fused LM head scores EVERY position (prompt and padding too: its compact path
+is for Triton devices only) and also computes entropy and mean logits for its metrics, train.py's head
+runs on the completion tokens only, in chunks of --logits_chunk_tokens (default 1024: with batch 8 and
+~47-token completions one chunk, i.e. no chunking).
+
+Each trainer runs in its own subprocess (peak RSS = ru_maxrss of that child from os.wait4: the whole
+process, model load, reference pass, training and save), alternating ours, TRL, ours, TRL, ...
+Timed regions, wall and process CPU time (the fastest run of each side is reported):
+  * steps: the training steps after the first one, from the end of step 1 to the end of the last step
+    (ours: train.train's optimizer.zero_grad; TRL: TrainerCallback.on_step_end; both log every step);
+  * loop: train.train vs trainer.train() (this includes TRL's optimizer/dataloader setup and step 1);
+  * end to end: everything after the imports: ours = train.main (tokenize, plan, load, reference pass,
+    training, save_pretrained); TRL = load tokenizer + model, KTOTrainer(...) (tokenize, reference pass),
+    trainer.train(), trainer.save_model().
+--profile adds one more untimed run of each side (first setting) under torch.profiler: CPU self time
+per step by kind of op, the LM-head work (every op on a vocabulary-wide tensor) counted apart.
 """
 
 import argparse
 import json
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -33,7 +61,12 @@ MODELS = {  # --model: a 10-20M random-init Llama, or the embedded default's tin
     "14m": dict(hidden_size=384, num_layers=6, intermediate_size=1536),  # 14.2M parameters, 6 heads of 64
     "task": dict(hidden_size=128, num_layers=2, intermediate_size=384),  # run.sh HIDDEN/LAYERS/FFN
 }
-ROWS, BATCH, LR, BETA = 256, 8, 1e-5, 0.1
+LR, BETA = 1e-5, 0.1
+OP_KINDS = [  # (kind, substrings of the op name), first match wins; optimizer and LM-head ops are sorted out before
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention", ("flash", "attention", "efficient")),
+    ("outside any op (Python)", ("profilerstep",)),
+]
 
 
 def clock():
@@ -45,161 +78,393 @@ def since(start):
     return {"wall": wall - start[0], "cpu": cpu - start[1]}
 
 
-def worker_ours(work: Path, run: str, steps: int, checkpointing: bool) -> dict:
+def start_profiler(steps: int, vocab_dims: set, summary: dict):
+    """CPU profile of steps 3 .. 5 (or fewer): step 1 warms the allocator up, step 2 warms the profiler.
+    The caller calls profiler.step() at the end of every training step; `summary` receives the result."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    active = min(3, steps - 2)
+    profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
+                       schedule=schedule(wait=1, warmup=1, active=active, repeat=1),
+                       on_trace_ready=lambda prof: summary.update(profile_summary(prof, vocab_dims, active)))
+    profiler.start()
+    return profiler
+
+
+def in_optimizer_step(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("Optimizer.step"):  # torch.optim's own label
+        parent = parent.cpu_parent
+    return parent is not None
+
+
+def op_kind(event, vocab_dims: set) -> str:
+    # The optimizer's ops are elementwise ops like the model's (train.py's CPU AdamW runs one tensor at a
+    # time): only their place under Optimizer.step tells them apart. The LM head and log-softmax are
+    # matmuls and elementwise ops too: only their shapes (a dimension of the vocabulary or of TRL's
+    # vocabulary tiles) tell them apart.
+    if in_optimizer_step(event):
+        return "optimizer step (AdamW)"
+    if vocab_dims & {d for shape in event.input_shapes or [] for d in shape if isinstance(d, int)}:
+        return "LM head + log-softmax (vocab-wide ops)"
+    name = event.name.lower()
+    return next((kind for kind, names in OP_KINDS if any(n in name for n in names)), "elementwise/other")
+
+
+def profile_summary(profiler, vocab_dims: set, steps: int) -> dict:
+    """ms of CPU self time per profiled step, by kind of op, and the top ops (by name and input shapes)."""
+    kinds, total = {}, 0.0
+    for event in profiler.events():
+        if event.self_cpu_time_total > 0:
+            kind = op_kind(event, vocab_dims)
+            kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / steps / 1e3
+            total += event.self_cpu_time_total / steps / 1e3
+    top = sorted(profiler.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"steps": steps, "ms_per_step": total, "kinds": kinds,
+            "top": [(e.key, str(e.input_shapes)[:80], e.self_cpu_time_total / steps / 1e3) for e in top]}
+
+
+def stamp_steps(train, stamps: list, profiler) -> None:
+    """Record (wall, CPU) at the end of every step of train.train: it calls optimizer.zero_grad once per step,
+    right after optimizer.step."""
+    inner_optimizer = train.make_optimizer
+
+    def stamping_make_optimizer(*args, **kwargs):
+        optimizer, scheduler = inner_optimizer(*args, **kwargs)
+        inner_zero_grad = optimizer.zero_grad
+
+        def zero_grad(*za, **zk):
+            stamps.append(clock())
+            if profiler is not None:
+                profiler.step()
+            return inner_zero_grad(*za, **zk)
+
+        optimizer.zero_grad = zero_grad
+        return optimizer, scheduler
+
+    train.make_optimizer = stamping_make_optimizer
+
+
+def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool, profile: bool) -> dict:
     import train
 
-    phases, inner = {}, train.train
+    phases, stamps, inner_train = {}, [], train.train
+    summary, vocab_dims = {}, {cfg["vocab"]} if cfg["vocab"] >= 1024 else set()  # char vocabularies: no split
+    profiler = start_profiler(cfg["steps"], vocab_dims, summary) if profile else None
+    stamp_steps(train, stamps, profiler)
 
-    def timed_train(*args, **kwargs):  # time the training loop alone
+    def timed_train(*args, **kwargs):
         start = clock()
-        inner(*args, **kwargs)
+        inner_train(*args, **kwargs)
         phases["loop"] = since(start)
 
     train.train = timed_train
     out = work / f"ours_{run}"
-    args = train.Args(objective="kto", model=str(work / "model"), data=str(work / "data.jsonl"), output_dir=str(out),
-                      per_device_batch_size=BATCH, max_steps=steps, lr=LR, beta=BETA, warmup_ratio=0.0,
-                      log_every=1, save_every=0, num_threads=1, seed=0, gradient_checkpointing=checkpointing)
+    chunk = {"logits_chunk_tokens": cfg["chunk"]} if cfg["chunk"] is not None else {}  # else train.py's default
+    args = train.Args(objective="kto", model=cfg["model"], data=str(work / "data.jsonl"), output_dir=str(out),
+                      per_device_batch_size=cfg["batch"], max_steps=cfg["steps"], lr=LR, beta=BETA, warmup_ratio=0.0,
+                      log_every=1, save_every=0, num_threads=cfg["threads"], seed=0,
+                      gradient_checkpointing=checkpointing, dtype="float32", **chunk)
     start = clock()
     train.main(args)
     phases["total"] = since(start)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return {**phases, "losses": [e["loss/total"] for e in log], "grad_norm0": log[0]["grad_norm"]}
+    result = {**phases, "stamps": stamps, "losses": [e["loss/total"] for e in log], "grad_norm0": log[0]["grad_norm"],
+              "logits_chunk_tokens": args.logits_chunk_tokens}
+    if profiler is not None:
+        profiler.stop()
+        result["profile"] = summary
+    return result
 
 
-def worker_trl(work: Path, run: str, steps: int, checkpointing: bool) -> dict:
+def trl_config(work: Path, cfg: dict, run: str, checkpointing: bool):
+    from trl import KTOConfig
+
+    return KTOConfig(output_dir=str(work / f"trl_{run}"), per_device_train_batch_size=cfg["batch"],
+                     max_steps=cfg["steps"], learning_rate=LR, beta=BETA, lr_scheduler_type="linear", warmup_steps=0,
+                     max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+                     use_cpu=True, max_length=None, disable_tqdm=True,
+                     precompute_ref_log_probs=True,  # as train.py: log pi_ref once, before training
+                     train_sampling_strategy="sequential", seed=0, dataloader_num_workers=0,
+                     bf16=False,  # TRL defaults to bf16 autocast; both sides compute in float32 here
+                     gradient_checkpointing=checkpointing)  # TRL defaults to True; train.py to False
+
+
+def same_tokens(trainer, rows: list[dict], model: str) -> bool:
+    """TRL's prompt / completion ids of every row == train.py's own tokenization of the text row."""
+    import train
+
+    tokenizer = train.load_tokenizer(train.Args(objective="kto", model=model, data="-", output_dir="-"))
+    for example, row in zip(trainer.train_dataset, rows):
+        prompt_ids, completion_ids, _ = train.tokenized_text(tokenizer, row)
+        if (example["prompt_ids"], example["completion_ids"]) != (prompt_ids, completion_ids):
+            return False
+    return len(trainer.train_dataset) == len(rows)
+
+
+def worker_trl(work: Path, cfg: dict, run: str, checkpointing: bool, profile: bool) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaForCausalLM
-    from trl import KTOConfig, KTOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import KTOTrainer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg["threads"])
     rows = [json.loads(line) for line in (work / "data_plan_order.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "label": r["outcome"]}
                                  for r in rows])
-    config = KTOConfig(output_dir=str(work / f"trl_{run}"), per_device_train_batch_size=BATCH, max_steps=steps,
-                       learning_rate=LR, beta=BETA, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0,
-                       logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
-                       max_length=None, disable_tqdm=True, precompute_ref_log_probs=True,
-                       train_sampling_strategy="sequential", seed=0, dataloader_num_workers=0,
-                       bf16=False,  # TRL defaults to bf16 autocast; train.py here computes in float32
-                       gradient_checkpointing=checkpointing)  # TRL defaults to True; train.py to False
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as tile  # TRL's LM head: vocabulary tiles this wide
+
+    vocab, summary = cfg["vocab"], {}
+    vocab_dims = {vocab, min(tile, vocab), vocab % tile} - {0} if vocab >= 1024 else set()
+    stamps, profiler = [], start_profiler(cfg["steps"], vocab_dims, summary) if profile else None
+
+    class Stamp(TrainerCallback):  # the end of every optimizer step, as ours
+        def on_step_end(self, *args, **kwargs):
+            stamps.append(clock())
+            if profiler is not None:
+                profiler.step()
+
     start = clock()
-    tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    model = LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-    trainer = KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    trainer = KTOTrainer(model=model, args=trl_config(work, cfg, run, checkpointing), train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[Stamp()])
     loop = clock()
     trainer.train()
-    result = {"loop": since(loop), "total": since(start)}
-    # Same tokens as train.py: tokenize(prompt) + tokenize(completion) + EOS (finish_reason "stop").
-    same_tokens = all(
-        ex["prompt_ids"] + ex["completion_ids"]
-        == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        + tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        for ex, r in zip(trainer.train_dataset, rows))
+    result = {"loop": since(loop)}
+    trainer.save_model(str(work / f"trl_{run}" / "final"))  # as train.py's final save_pretrained
+    result["total"] = since(start)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    grad_norm0 = trainer.state.log_history[0]["grad_norm"]
-    return {**result, "losses": losses, "same_tokens": same_tokens, "grad_norm0": grad_norm0}
+    result |= {"stamps": stamps, "losses": losses, "grad_norm0": trainer.state.log_history[0]["grad_norm"],
+               "same_tokens": same_tokens(trainer, rows, cfg["model"])}
+    if profiler is not None:
+        profiler.stop()
+        result["profile"] = summary
+    return result
 
 
-def prepare(work: Path, model_name: str) -> None:
-    """Model, KTO JSONL, and the same rows in the order of train.py's batch plan (for TRL)."""
+def kto_rows(tokenizer, n: int, style: str) -> list[dict]:
+    """label.py's KTO fields as text only (no ids): arith_task problems, every other solution made wrong."""
     import arith_task
     import common
-    import train
 
-    tokenizer = common.make_char_tokenizer()
-    model = common.make_tiny_llama(tokenizer, **MODELS[model_name], seed=0)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    problems = arith_task.make_split("train", ROWS, seed=0, shape="chain", max_number=20, min_ops=2, max_ops=5)
+    problems = arith_task.make_split("train", n, seed=0, shape="chain", max_number=20, min_ops=2, max_ops=5)
     rng, rows = random.Random(0), []
     for i, p in enumerate(problems):
         good = i % 2 == 0  # half desirable: train.py's balanced lambdas are then 1, 1 (TRL's defaults)
         wrong = str(int(p["answer"]) + rng.choice([-3, -2, -1, 1, 2, 3]))
-        completion = p["solution"] if good else p["solution"].replace(f"\\boxed{{{p['answer']}}}", f"\\boxed{{{wrong}}}")
-        rows.append({"id": p["id"], "prompt": common.build_prompt(tokenizer, p["problem"], "minimal"),
+        right, wrong = f"\\boxed{{{p['answer']}}}", f"\\boxed{{{wrong}}}"
+        completion = p["solution"] if good else p["solution"].replace(right, wrong)
+        rows.append({"id": p["id"], "prompt": common.build_prompt(tokenizer, p["problem"], style),
                      "completion": completion, "finish_reason": "stop", "outcome": good})
-    write = lambda path, rs: path.write_text("".join(json.dumps(r) + "\n" for r in rs))  # noqa: E731
+    return rows
+
+
+def load_or_make_model(work: Path, model_name: str):
+    """(model folder, tokenizer, model): a built-in random-init Llama saved under work/, or --model PATH
+    (built on the meta device: only its parameter count and vocabulary are needed here)."""
+    import common
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_name in MODELS:
+        tokenizer = common.make_char_tokenizer()
+        model = common.make_tiny_llama(tokenizer, **MODELS[model_name], seed=0)
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        return str(work / "model"), tokenizer, model
+    path = str(Path(model_name).resolve())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return path, common.load_tokenizer(path), model
+
+
+def prepare(work: Path, opts) -> dict:
+    """Model, KTO JSONL, the same rows in the order of train.py's batch plan (for TRL), the workers' config."""
+    import torch
+
+    import train
+
+    path, tokenizer, model = load_or_make_model(work, opts.model)
+    rows = kto_rows(tokenizer, opts.rows, "minimal" if opts.model in MODELS else "instruct")
+    write = lambda file, rs: file.write_text("".join(json.dumps(r) + "\n" for r in rs))  # noqa: E731
     write(work / "data.jsonl", rows)
-    args = train.Args(objective="kto", model=str(work / "model"), data=str(work / "data.jsonl"), output_dir="-",
-                      per_device_batch_size=BATCH, seed=0)
-    plan = train.prepare_data(args, train.Env(0, 1, model.device), tokenizer).plan
+    args = train.Args(objective="kto", model=path, data=str(work / "data.jsonl"), output_dir="-",
+                      per_device_batch_size=opts.batch, seed=0)
+    plan = train.prepare_data(args, train.Env(0, 1, torch.device("cpu")), tokenizer).plan
     write(work / "data_plan_order.jsonl", [rows[i] for batch in plan for i in batch.rows])
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {ROWS} rows; "
-          f"{len(plan)} batches of {BATCH}", flush=True)
+    pairs = [train.tokenized_text(tokenizer, r)[:2] for r in rows]
+    source = Path(path) / "source.json"  # the dequantized GGUF's provenance note, where there is one
+    return {"model": path, "batch": opts.batch, "steps": opts.steps, "threads": opts.threads, "chunk": opts.chunk,
+            "vocab": model.config.vocab_size, "params": sum(p.numel() for p in model.parameters()),
+            "note": json.loads(source.read_text()).get("note", "") if source.exists() else "",
+            "prompt_tokens": sum(len(p) for p, _ in pairs) / len(rows),
+            "completion_tokens": sum(len(c) for _, c in pairs) / len(rows), "rows": len(rows), "batches": len(plan)}
 
 
-def run_child(name: str, work: Path, run: str, steps: int, checkpointing: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--run", run, "--steps", str(steps)]
-    cmd += ["--checkpointing"] if checkpointing else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{name}_{run}.err", "w"))
-    _, status, usage = os.wait4(child.pid, 0)
+def run_child(name: str, work: Path, run: str, cfg: dict, checkpointing: bool, profile: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--run", run]
+    cmd += ["--checkpointing", "on" if checkpointing else "off"] + (["--profile"] if profile else [])
+    threads = str(cfg["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    with open(work / f"{name}_{run}.err", "w") as err:
+        child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
     if status != 0:
         sys.exit(f"{name} run {run} failed, see {work / f'{name}_{run}.err'}")
     result = json.loads((work / f"{name}_{run}.json").read_text())
-    return {**result, "rss_mib": usage.ru_maxrss / 1024, "process_cpu": usage.ru_utime + usage.ru_stime}
+    if len(result["stamps"]) != cfg["steps"]:
+        sys.exit(f"{name} run {run}: {len(result['stamps'])} step ends recorded, expected {cfg['steps']}")
+    return {**result, "rss_mib": usage.ru_maxrss / 1024}
 
 
-def compare(work: Path, rounds: int, steps: int, checkpointing: bool) -> None:
+def speeds(run: dict, cfg: dict) -> dict:
+    """samples/s of one run: steps 2..N (wall, CPU), the loop and end to end (wall)."""
+    (wall1, cpu1), (wall_n, cpu_n) = run["stamps"][0], run["stamps"][-1]
+    samples = (cfg["steps"] - 1) * cfg["batch"]
+    all_samples = cfg["steps"] * cfg["batch"]
+    return {"steps_wall": samples / (wall_n - wall1), "steps_cpu": samples / (cpu_n - cpu1),
+            "loop_wall": all_samples / run["loop"]["wall"], "total_wall": all_samples / run["total"]["wall"]}
+
+
+def table(results: dict, cfg: dict, tag: str) -> list[str]:
+    """Markdown rows of one checkpointing setting (fastest run of each side, largest RSS) and the ratios."""
+    lines, best = [], {}
+    for name, runs in results.items():
+        per_run = [speeds(r, cfg) for r in runs]
+        best[name] = {k: max(s[k] for s in per_run) for k in per_run[0]}  # fastest run: least noise
+        best[name]["rss"] = max(r["rss_mib"] for r in runs)
+        b, label = best[name], "train.py" if name == "ours" else "TRL KTOTrainer"
+        lines.append(f"| {tag} | {label} | {b['steps_wall']:.2f} | {b['steps_cpu']:.2f} | {b['loop_wall']:.2f} "
+                     f"| {b['total_wall']:.2f} | {b['rss']:.0f} |")
+    ratio = {k: best["ours"][k] / best["trl"][k] for k in best["ours"]}
+    lines.append(f"| {tag} | ratio ours/TRL | {ratio['steps_wall']:.2f}x | {ratio['steps_cpu']:.2f}x "
+                 f"| {ratio['loop_wall']:.2f}x | {ratio['total_wall']:.2f}x | {ratio['rss']:.2f}x |")
+    return lines
+
+
+def checks(results: dict, tag: str) -> list[str]:
+    """Same tokens, same losses at every step, same gradient norm at step 0 (first run of each side)."""
+    ours, trl = results["ours"][0], results["trl"][0]
+    diffs = [abs(a - b) for a, b in zip(ours["losses"], trl["losses"])]
+    # At step 0 the policy IS the reference: both losses are exactly sigmoid(0) = 0.5 whatever the pairing;
+    # the gradient norm at step 0 and the later losses are the real check.
+    g_ours, g_trl = ours["grad_norm0"], trl["grad_norm0"]
+    return [f"- {tag}: TRL's token ids == train.py's for every row: {trl['same_tokens']}; loss at step 0: ours "
+            f"{ours['losses'][0]:.6f}, TRL {trl['losses'][0]:.6f}; max |loss diff| over {len(diffs)} steps "
+            f"{max(diffs):.2e} ({'OK' if max(diffs) < 1e-4 else 'MISMATCH'}); grad norm at step 0: ours "
+            f"{g_ours:.6f}, TRL {g_trl:.6f} (rel diff {abs(g_ours - g_trl) / g_trl:.1e})"]
+
+
+def compare(work: Path, cfg: dict, rounds: int, checkpointing: bool) -> tuple[list[str], list[str]]:
     """Ours and TRL alternating, `rounds` times each, both with or both without activation checkpointing."""
     results = {"ours": [], "trl": []}
-    tag = "with" if checkpointing else "without"
+    tag = "on" if checkpointing else "off"
     for r in range(rounds):
         for name in results:
-            results[name].append(run_child(name, work, f"{tag}{r}", steps, checkpointing))
-            res = results[name][-1]
-            print(f"{tag} checkpointing, round {r} {name}: loop {res['loop']['wall']:.1f} s wall / "
-                  f"{res['loop']['cpu']:.1f} s CPU, total {res['total']['wall']:.1f} s, peak RSS {res['rss_mib']:.0f} MiB",
-                  flush=True)
-    samples = steps * BATCH
-    print(f"\n{tag} activation checkpointing (both sides)")
-    print("| trainer | train loop samples/s (wall) | (CPU) | end-to-end samples/s (wall) | (CPU) | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
-    best = {}
-    for name, runs in results.items():
-        best[name] = {f"{p}_{k}": samples / min(x[p][k] for x in runs)  # fastest run of each: least noise
-                      for p in ("loop", "total") for k in ("wall", "cpu")}
-        best[name]["rss"] = max(x["rss_mib"] for x in runs)
-        b = best[name]
-        print(f"| {name} | {b['loop_wall']:.2f} | {b['loop_cpu']:.2f} | {b['total_wall']:.2f} | {b['total_cpu']:.2f} "
-              f"| {b['rss']:.0f} |")
-    print("ratio ours/TRL: " + ", ".join(f"{k} {best['ours'][k] / best['trl'][k]:.2f}x" for k in best["ours"]))
-    ours, trl = results["ours"][0]["losses"], results["trl"][0]["losses"]
-    diffs = [abs(a - b) for a, b in zip(ours, trl)]
-    print(f"same tokens as train.py in TRL's dataset: {results['trl'][0]['same_tokens']}")
-    print(f"loss at step 0: ours {ours[0]:.6f}, TRL {trl[0]:.6f}, |diff| {diffs[0]:.2e} "
-          f"({'OK' if diffs[0] < 1e-4 else 'MISMATCH'}); max |diff| over {len(diffs)} steps {max(diffs):.2e}")
-    # At step 0 the policy IS the reference: every log-ratio and z0 are 0 and both losses are exactly
-    # sigmoid(0) = 0.5 whatever the pairing; the gradient norm at step 0 and the later losses are the real check.
-    g_ours, g_trl = results["ours"][0]["grad_norm0"], results["trl"][0]["grad_norm0"]
-    print(f"grad norm at step 0: ours {g_ours:.6f}, TRL {g_trl:.6f}, rel diff {abs(g_ours - g_trl) / g_trl:.1e}\n")
+            results[name].append(run_child(name, work, f"ckpt_{tag}{r}", cfg, checkpointing))
+            res, s = results[name][-1], speeds(results[name][-1], cfg)
+            print(f"checkpointing {tag}, round {r} {name}: steps 2-{cfg['steps']} {s['steps_wall']:.2f} samples/s "
+                  f"wall / {s['steps_cpu']:.2f} CPU, loop {res['loop']['wall']:.1f} s, end to end "
+                  f"{res['total']['wall']:.1f} s, peak RSS {res['rss_mib']:.0f} MiB", flush=True)
+    cfg["logits_chunk_tokens"] = results["ours"][0]["logits_chunk_tokens"]
+    return table(results, cfg, tag), checks(results, tag)
+
+
+def profile_lines(work: Path, cfg: dict, checkpointing: bool) -> list[str]:
+    """One profiled (untimed) run of each side: where the CPU time of a step goes."""
+    last = 2 + min(3, cfg["steps"] - 2)  # start_profiler's schedule
+    steps = f"steps 3-{last}" if last > 3 else "step 3"
+    lines = [f"\nCPU profile (torch.profiler, self time, activation checkpointing {'on' if checkpointing else 'off'}, "
+             f"{steps}; the profiler slows both sides down):\n"]
+    summaries = {name: run_child(name, work, "profile", cfg, checkpointing, True)["profile"]
+                 for name in ("ours", "trl")}
+    ours, trl = summaries["ours"]["kinds"], summaries["trl"]["kinds"]
+    lines += ["| ms per step | train.py | TRL |", "|---|---|---|"]
+    for kind in sorted(ours.keys() | trl.keys(), key=lambda k: -trl.get(k, 0)):
+        lines.append(f"| {kind} | {ours.get(kind, 0):.0f} | {trl.get(kind, 0):.0f} |")
+    lines.append(f"| **total** | {summaries['ours']['ms_per_step']:.0f} | {summaries['trl']['ms_per_step']:.0f} |")
+    for name, summary in summaries.items():
+        lines.append(f"\nTop ops, {'train.py' if name == 'ours' else 'TRL'} (ms per step, input shapes):\n")
+        lines += [f"    {ms:8.1f}  {key}  {shapes}" for key, shapes, ms in summary["top"]]
+    return lines
+
+
+def header(cfg: dict, opts) -> list[str]:
+    import torch
+    import trl
+    import transformers
+
+    model = opts.model if opts.model in MODELS else Path(cfg["model"]).name
+    return [f"# train.py vs TRL {trl.__version__} KTOTrainer: {model}\n",
+            f"Command: `.venv/bin/python bench/bench_train_vs_trl.py {' '.join(sys.argv[1:])}`\n",
+            f"Machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.1f} at the start.\n",
+            f"Model: {model}, {cfg['params'] / 1e6:.1f}M parameters, vocabulary {cfg['vocab']:,}, float32"
+            + (f" ({cfg['note']})" if cfg["note"] else "") + ".\n",
+            f"Data: {cfg['rows']} KTO text rows (half desirable), {cfg['prompt_tokens']:.1f} prompt + "
+            f"{cfg['completion_tokens']:.1f} completion tokens per row on average; batch {cfg['batch']}, "
+            f"{cfg['steps']} steps, {cfg['threads']} torch thread(s) per process, {opts.rounds} round(s) per side.\n"]
+
+
+def report(work: Path, cfg: dict, opts) -> list[str]:
+    lines, notes = header(cfg, opts), []
+    lines += ["| activation checkpointing | trainer | steps 2..N samples/s (wall) | (CPU) | train loop samples/s "
+              "(wall) | end-to-end samples/s (wall) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+    settings = {"off": [False], "on": [True], "both": [False, True]}[opts.checkpointing]
+    for checkpointing in settings:
+        rows, checked = compare(work, cfg, opts.rounds, checkpointing)
+        lines += rows
+        notes += checked
+    lines += ["", f"Reference log-probs: precomputed once before training on both sides (TRL "
+              f"precompute_ref_log_probs=True). train.py --logits_chunk_tokens {cfg['logits_chunk_tokens']}.", ""]
+    lines += notes
+    if opts.profile:
+        lines += profile_lines(work, cfg, settings[0])
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="14m", help="14m | task (random-init Llama) | PATH (save_pretrained folder)")
+    parser.add_argument("--rows", type=int, help="KTO rows (default: 256 for 14m/task, 64 for a PATH)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="default: rows // batch (one epoch)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process, both sides")
+    parser.add_argument("--chunk", type=int, help="train.py --logits_chunk_tokens (default: train.py's)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=ROWS // BATCH)
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--profile", action="store_true", help="add a CPU profile of each side")
+    parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--work", default="/tmp/bench_train_vs_trl")
-    parser.add_argument("--worker", choices=["ours", "trl"])
-    parser.add_argument("--run", default="0")
-    parser.add_argument("--checkpointing", action="store_true", help="worker: activation checkpointing")
-    parser.add_argument("--model", choices=sorted(MODELS), default="14m", help="which random-init model")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", default="0", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     work = Path(opts.work)
     if opts.worker:
         worker = worker_ours if opts.worker == "ours" else worker_trl
-        result = worker(work, opts.run, opts.steps, opts.checkpointing)
+        config = json.loads((work / "config.json").read_text())
+        result = worker(work, config, opts.run, opts.checkpointing == "on", opts.profile)
         (work / f"{opts.worker}_{opts.run}.json").write_text(json.dumps(result))
         return
+    run_bench(work, opts, parser)
+
+
+def run_bench(work: Path, opts, parser) -> None:
+    opts.rows = opts.rows or (256 if opts.model in MODELS else 64)
+    opts.steps = opts.steps or opts.rows // opts.batch
+    if opts.rows % opts.batch or not 2 <= opts.steps <= opts.rows // opts.batch or (opts.profile and opts.steps < 3):
+        parser.error("need --rows a multiple of --batch and 2 <= --steps <= rows / batch (3 with --profile)")
     if work.exists():
         import shutil
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    prepare(work, opts.model)
-    for checkpointing in (False, True):  # TRL's KTOConfig defaults to True, train.py to False: compare like with like
-        compare(work, opts.rounds, opts.steps, checkpointing)
+    cfg = prepare(work, opts)
+    (work / "config.json").write_text(json.dumps(cfg))
+    lines = report(work, cfg, opts)
+    print("\n" + "\n".join(lines))
+    if opts.out:
+        Path(opts.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

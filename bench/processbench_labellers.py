@@ -1,21 +1,38 @@
-"""ProcessBench (GSM8K split) with label.py's step labellers, through label.py's own interface.
+"""ProcessBench (GSM8K split): label.py's step labellers side by side on the same rows.
 
-Each ProcessBench row becomes a label.py row (completion = its steps joined by blank lines, which
-common.split_steps splits back into the same steps) and is labelled by ``label.LABELLERS[name](rows,
-args)``; a step without a verdict gets label.py's UNPARSEABLE_STEP_LABEL (wrong). Predicted first
-error = first step labelled wrong, -1 if none. Metric (ProcessBench, arXiv 2412.06559): F1 = harmonic
+On one fixed subset of ProcessBench GSM8K (``--rows N``, evenly spaced: row i * 400 // N) it scores
+
+* ``check``: label.py's exact labeller (no model);
+* ``judge (step)``: label.JUDGE_PROTOCOLS["step"], one judge call per step;
+* ``judge (first_error)``: label.JUDGE_PROTOCOLS["first_error"], one judge call per solution;
+* ``mc``: label.mc_step_labels, Monte-Carlo rollouts with the judge model as rollout policy
+  (``--mc_rollouts``, ``--mc_max_new_tokens``), graded against GSM8K's gold answer.
+
+ProcessBench rows carry no gold answer: its GSM8K problems are GSM8K test problems, so each row is
+joined on its problem text with ../shared/data/gsm8k_test.jsonl (gold = the number after ``####``,
+commas removed); a row without a match is an error. ``--with_reference`` also gives the judge the
+matching GSM8K worked solution in the step format (grading.gsm8k_reference_solution); off by default, as
+ProcessBench gives judges no reference.
+
+Predicted first error = first step labelled wrong (a step without a verdict is labelled wrong:
+label.UNPARSEABLE_STEP_LABEL), -1 if none. Metric (ProcessBench, arXiv 2412.06559): F1 = harmonic
 mean of the accuracy on rows with an error (exact first-error index) and on rows without one (-1).
+Per labeller it also reports the share of verdicts that parse, the judge tokens per solution
+(prompt + generated, counted from the engine's own ids) and the wall time.
 
-Labellers: ``check`` (exact, no model) and ``judge`` (an LLM judge; by default a tiny UNTRAINED
-char-level Llama built here, which scores what an untrained model scores; ``--judge_model`` takes a
-real one). ``mc`` needs a gold answer per problem, which the ProcessBench rows do not carry: it is
-not scored (the report says why).
+Without ``--judge_model`` the judge is a tiny UNTRAINED char-level Llama built here: a plumbing check
+that runs anywhere, not a judge. Run from the repo root (writes notes/bench_processbench_labellers.md):
 
-Run from the repo root: .venv/bin/python bench/processbench_labellers.py   (writes
-notes/bench_processbench_labellers.md)
+    .venv/bin/python bench/processbench_labellers.py --judge_model models/SmolLM2-135M-Instruct --rows 100
+    .venv-vllm/bin/python bench/processbench_labellers.py --judge_model models/SmolLM2-135M-Instruct --judge_engine vllm --rows 100
+
+Quick plumbing check (tiny judge, another output):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/processbench_labellers.py --rows 2 --out /tmp/pb.md
 """
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -23,162 +40,325 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 import common  # noqa: E402
+import grading  # noqa: E402
+import generate  # noqa: E402
 import label  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-COMMAND = ".venv/bin/python bench/processbench_labellers.py"
+LABELLERS = ("check", "judge_step", "judge_first_error", "mc")
+TITLES = {"check": "check", "judge_step": "judge (`step`)", "judge_first_error": "judge (`first_error`)", "mc": "mc"}
 
 
-def as_label_rows(bench_rows: list[dict]) -> list[dict]:
-    """ProcessBench rows as generate.py rows; no gold answer or reference solution exists for them."""
-    rows = []
-    for row in bench_rows:
-        completion = "\n\n".join(row["steps"])
-        if len(common.split_steps(completion)) != len(row["steps"]):
-            raise ValueError(f"{row['id']}: field 'steps': a step holds a blank line, so it would split in two")
-        rows.append({"id": row["id"], "problem": row["problem"], "answer": "", "prompt": "", "completion": completion})
-    return rows
-
-
-def first_errors(rows: list[dict], args: label.Args, chunk_size: int) -> tuple[list[int], int, int]:
-    """(predicted first-error index per row, steps without a verdict, steps) with labeller args.prm."""
-    predicted, failures, steps = [], 0, 0
-    for chunk in common.chunked(rows, chunk_size):
-        for verdicts in label.LABELLERS[args.prm](chunk, args):
-            labels, row_failures = label.labels_from_verdicts(verdicts)
-            predicted.append(labels.index(False) if False in labels else -1)
-            failures, steps = failures + row_failures, steps + len(labels)
-    return predicted, failures, steps
-
-
-def f1_scores(gold: list[int], predicted: list[int]) -> dict:
-    error_hits = sum(g == p for g, p in zip(gold, predicted) if g != -1)
-    clean_hits = sum(p == -1 for g, p in zip(gold, predicted) if g == -1)
-    error_rows, clean_rows = sum(g != -1 for g in gold), gold.count(-1)
-    error_acc, clean_acc = error_hits / error_rows, clean_hits / clean_rows
-    f1 = 2 * error_acc * clean_acc / (error_acc + clean_acc) if error_acc + clean_acc else 0.0
-    return dict(error_hits=error_hits, error_rows=error_rows, clean_hits=clean_hits, clean_rows=clean_rows,
-                error_acc=error_acc, clean_acc=clean_acc, f1=f1)
-
-
-def build_tiny_judge(folder: Path) -> str:
-    """The tests' tiny char-level Llama (untrained, seed 0), with room for ProcessBench's long prompts."""
-    tok = common.make_char_tokenizer()
-    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, max_len=8192, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
-def judge_reply_example(rows: list[dict], args: label.Args) -> str:
-    """The judge's raw reply to the first step of the first row (the cached model, no reload)."""
-    generate_fn, tokenizer = label.load_generator(
-        args.judge_model, args.judge_engine, 1, 0.0, args.judge_max_new_tokens, args.seed, args.dtype
-    )
-    prompt = label.build_judge_prompt(tokenizer, rows[0]["problem"], None, [], common.split_steps(rows[0]["completion"])[0])
-    return generate_fn([prompt], args.seed)[0][0][0]
-
-
-def score(rows: list[dict], gold: list[int], args: label.Args, chunk_size: int) -> dict:
-    """F1 scores of labeller args.prm, plus its steps without a verdict and its wall time."""
-    start = time.perf_counter()
-    predicted, failures, steps = first_errors(rows, args, chunk_size)
-    return {**f1_scores(gold, predicted), "failures": failures, "steps": steps, "seconds": time.perf_counter() - start}
-
-
-def table_row(name: str, s: dict) -> str:
-    return (f"| {name} | {s['error_acc']:.4f} ({s['error_hits']}/{s['error_rows']}) | "
-            f"{s['clean_acc']:.4f} ({s['clean_hits']}/{s['clean_rows']}) | **{s['f1']:.4f}** | "
-            f"{s['failures']}/{s['steps']} | {s['seconds']:.1f} |")
-
-
-UNTRAINED_JUDGE_READING = """  An untrained model says neither "correct" nor "incorrect" ({failures}/{steps} steps without a
-  verdict), so its steps are labelled wrong and every row is predicted to fail at step 0: it is right
-  on the {step0} judged rows whose first error is step 0 and on none of the rows without an error.
-  This row checks the plumbing, not a judge; a real judge is scored with `--judge_model PATH` (e.g.
-  on a GPU with `--judge_engine vllm`)."""
-
-
-def report(lines: list[str], judge: dict, mc_gold: dict, command: str) -> str:
-    return f"""# ProcessBench GSM8K with label.py's step labellers
-
-Command (repo root): `{command}` (CPU, 2 cores shared with other jobs: the seconds are indicative).
-Data: `../shared/data/processbench_gsm8k.json`; {judge['subset']}. Each row is labelled through
-`label.LABELLERS[prm](rows, args)`; a step without a verdict is labelled wrong
-(`label.UNPARSEABLE_STEP_LABEL`). Predicted first error = first step labelled wrong, -1 if none.
-F1 = harmonic mean of the two accuracies (ProcessBench, arXiv 2412.06559).
-
-| `--prm` | accuracy on rows with an error (exact index) | accuracy on rows without one (-1) | F1 | steps without a verdict | seconds |
-| --- | --- | --- | --- | --- | --- |
-{chr(10).join(lines)}
-| mc | not scored | not scored | - | - | - |
-
-* **check** is label.py's exact labeller (equations; notes/bench_processbench_check.md has the same numbers).
-* **judge** = {judge['model']} (`--judge_engine {judge['engine']}`, greedy,
-  `--judge_max_new_tokens {judge['max_new_tokens']}`, {judge['chunk_size']} rows per generation call).
-  ProcessBench has no reference solutions, so every judge prompt says that none is available. The
-  judge's reply to the first step of the first row: `{judge['example']!r}`.
-{judge['reading']}
-* **mc** is not scored: Monte-Carlo labels need the gold answer that the rollouts must reach, and the
-  ProcessBench rows carry none (fields: {mc_gold['fields']}); GSM8K's gold answers (openai/gsm8k) are
-  not available offline here. `final_answer_correct` gives the gold answer (the row's own last
-  \\boxed{{}}, present in {mc_gold['boxed']} of them) only on the {mc_gold['final_answer_correct']} of {mc_gold['rows']} rows where it is
-  true, and those are {mc_gold['clean']} rows without an error plus {mc_gold['error']} with one: an F1 there
-  would measure almost only the rows without an error, not ProcessBench's F1.
-"""
+# ----------------------------------------------------------------------------- data
 
 
 def evenly_spaced(rows: list, n: int) -> list:
     return rows if not n or n >= len(rows) else [rows[i * len(rows) // n] for i in range(n)]
 
 
-def judge_notes(cli, judged: list[int], bench_rows: list[dict], scores: dict, example: str) -> dict:
-    untrained = not cli.judge_model and scores["failures"] == scores["steps"]
-    step0 = sum(bench_rows[i]["label"] == 0 for i in judged)
-    reading = UNTRAINED_JUDGE_READING.format(failures=scores["failures"], steps=scores["steps"], step0=step0)
-    subset = (f"all {len(bench_rows)} rows" if len(judged) == len(bench_rows) else
-              f"check on all {len(bench_rows)} rows, judge on {len(judged)} evenly spaced rows (row i * {len(bench_rows)} // {len(judged)})")
-    model = f"`{cli.judge_model}`" if cli.judge_model else "a tiny untrained char-level Llama (hidden 64, 1 layer, seed 0)"
-    return dict(model=model, engine=cli.judge_engine, max_new_tokens=cli.judge_max_new_tokens, chunk_size=cli.chunk_size,
-                example=example, subset=subset, reading=reading if untrained else "")
+def join_gsm8k(bench_rows: list[dict], data_dir: Path) -> list[dict]:
+    """Each ProcessBench row plus ``gold`` and ``reference`` of the GSM8K test row with its exact problem
+    (grading.load_benchmark("gsm8k"): gold after ``####``, reference in the step format)."""
+    by_problem = {row["problem"]: row for row in grading.load_benchmark("gsm8k", data_dir=data_dir)}
+    missing = [r["id"] for r in bench_rows if r["problem"] not in by_problem]
+    if missing:
+        raise ValueError(f"{data_dir}/gsm8k_test.jsonl: no GSM8K question equals the problem of {len(missing)} "
+                         f"ProcessBench row(s), e.g. {missing[:5]}: mc has no gold answer for them")
+    return [{**r, "gold": by_problem[r["problem"]]["answer"], "reference": by_problem[r["problem"]]["solution"]}
+            for r in bench_rows]
 
 
-def mc_gold_notes(bench_rows: list[dict]) -> dict:
-    """What ProcessBench offers as gold answers for mc: only final_answer_correct."""
-    with_gold = [r for r in bench_rows if r["final_answer_correct"]]
-    return dict(fields=", ".join(sorted(bench_rows[0])), rows=len(bench_rows), final_answer_correct=len(with_gold),
-                clean=sum(r["label"] == -1 for r in with_gold), error=sum(r["label"] != -1 for r in with_gold),
-                boxed=sum("\\boxed" in r["steps"][-1] for r in with_gold))
+def as_label_rows(bench_rows: list[dict], tokenizer, with_reference: bool) -> list[dict]:
+    """label.py rows: completion = the steps joined by blank lines (split_steps gives them back), answer =
+    GSM8K gold, prompt = the rollout policy's (the judge model's) prompt, solution = reference if asked."""
+    rows = []
+    for row in bench_rows:
+        completion = "\n\n".join(row["steps"])
+        if len(common.split_steps(completion)) != len(row["steps"]):
+            raise ValueError(f"{row['id']}: field 'steps': a step holds a blank line, so it would split in two")
+        rows.append({"id": row["id"], "problem": row["problem"], "answer": row["gold"], "completion": completion,
+                     "prompt": common.build_prompt(tokenizer, row["problem"]),
+                     **({"solution": row["reference"]} if with_reference else {})})
+    return rows
 
 
-def parse_cli() -> argparse.Namespace:
+# ----------------------------------------------------------------------------- token counting
+
+
+class CountingEngine:
+    """Wraps generate.Engine.generate and counts, per prompt, its prompt ids once and the generated ids
+    of every sample (mc samples K per prompt: one prefill, K continuations). Keeps the first reply."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.prompt_tokens = self.generated_tokens = 0
+        self.example = None
+
+    def generate(self, prompts: list[str], sampling, seed: int) -> list[list]:
+        outs = self.engine.generate(prompts, sampling, seed)
+        for samples in outs:
+            self.prompt_tokens += len(samples[0].prompt_ids) if samples else 0
+            self.generated_tokens += sum(len(s.completion_ids) for s in samples)
+        if self.example is None and outs and outs[0]:
+            self.example = outs[0][0].text
+        return outs
+
+    def judge_fn(self, max_new_tokens: int, seed: int):
+        """label.py's judge_fn(prompts) -> [reply text]: greedy, one reply per prompt."""
+        greedy = generate.Sampling(1, 0.0, 1.0, max_new_tokens)
+        return lambda prompts: [samples[0].text for samples in self.generate(prompts, greedy, seed)]
+
+    def rollout_fn(self, sampling, seed: int):
+        """label.mc_step_labels' rollout_fn(prompts) -> [[continuation text] * K per prompt]."""
+        return lambda prompts: [[s.text for s in samples] for samples in self.generate(prompts, sampling, seed)]
+
+
+# ----------------------------------------------------------------------------- labellers
+
+
+def chunk_verdicts(name: str, chunk: list[dict], counter: CountingEngine | None, args: label.Args) -> list[list]:
+    """Verdicts (True / False / None per step) of labeller ``name`` on one chunk of rows."""
+    if name == "check":
+        return label.check_labeller(chunk, args)
+    if name == "mc":  # as label.mc_labeller, through the counting engine
+        sampling = generate.Sampling(args.mc_rollouts, args.mc_temperature, 1.0, args.mc_max_new_tokens)
+        rollout_fn = counter.rollout_fn(sampling, label.chunk_seed(args.seed, [r["id"] for r in chunk]))
+        return label.mc_step_labels(chunk, rollout_fn, args.mc_threshold, args.grade_timeout_s)
+    solutions = [(r["problem"], r.get("solution"), common.split_steps(r["completion"])) for r in chunk]
+    protocol = label.JUDGE_PROTOCOLS[name.removeprefix("judge_")]  # as label.judge_labeller
+    return protocol(solutions, counter.tokenizer, counter.judge_fn(args.judge_max_new_tokens, args.seed))
+
+
+def predicted_first_error(verdicts: list) -> int:
+    labels, _ = label.labels_from_verdicts(verdicts)
+    return labels.index(False) if False in labels else -1
+
+
+def f1_scores(gold: list[int], predicted: list[int]) -> dict:
+    """ProcessBench's metric: accuracies on rows with an error (exact index) and without one (-1), F1."""
+    error_hits = sum(g == p for g, p in zip(gold, predicted) if g != -1)
+    clean_hits = sum(p == -1 for g, p in zip(gold, predicted) if g == -1)
+    error_rows, clean_rows = sum(g != -1 for g in gold), gold.count(-1)
+    error_acc = error_hits / error_rows if error_rows else float("nan")
+    clean_acc = clean_hits / clean_rows if clean_rows else float("nan")
+    f1 = 2 * error_acc * clean_acc / (error_acc + clean_acc) if error_acc + clean_acc else 0.0
+    return dict(error_hits=error_hits, error_rows=error_rows, clean_hits=clean_hits, clean_rows=clean_rows,
+                error_acc=error_acc, clean_acc=clean_acc, f1=f1)
+
+
+def parse_share(name: str, verdicts: list[list]) -> tuple[int, int] | None:
+    """(parsed, total): steps with a verdict (step protocol), solutions whose reply parsed (first_error)."""
+    if name == "judge_step":
+        return sum(v is not None for vs in verdicts for v in vs), sum(map(len, verdicts))
+    if name == "judge_first_error":  # an unparsed reply leaves every step of its solution without a verdict
+        return sum(None not in vs for vs in verdicts if vs), sum(bool(vs) for vs in verdicts)
+    return None
+
+
+def run_labeller(name: str, rows: list[dict], gold: list[int], engine, args: label.Args, chunk_size: int) -> dict:
+    """Scores of one labeller on ``rows``, chunk by chunk, with its token counts and wall time."""
+    counter = None if name == "check" else CountingEngine(engine)
+    start, verdicts = time.perf_counter(), []
+    for chunk in tqdm(common.chunked(rows, chunk_size), desc=name):
+        verdicts += chunk_verdicts(name, chunk, counter, args)
+    predicted = [predicted_first_error(v) for v in verdicts]
+    return {**f1_scores(gold, predicted), "name": name, "predicted": predicted, "seconds": time.perf_counter() - start,
+            "parsed": parse_share(name, verdicts), "rows": len(rows),
+            "prompt_tokens": counter and counter.prompt_tokens, "generated_tokens": counter and counter.generated_tokens,
+            "example": counter and counter.example}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table_row(s: dict) -> str:
+    parsed = f"{s['parsed'][0] / s['parsed'][1]:.3f} ({s['parsed'][0]}/{s['parsed'][1]})" if s["parsed"] else "n/a"
+    tokens = "0"
+    if s["prompt_tokens"] is not None:
+        p, g = s["prompt_tokens"] / s["rows"], s["generated_tokens"] / s["rows"]
+        tokens = f"{p + g:.0f} ({p:.0f} + {g:.0f})"
+    return (f"| {TITLES[s['name']]} | {s['error_acc']:.3f} ({s['error_hits']}/{s['error_rows']}) | "
+            f"{s['clean_acc']:.3f} ({s['clean_hits']}/{s['clean_rows']}) | **{s['f1']:.3f}** | {parsed} | "
+            f"{tokens} | {s['seconds']:.1f} |")
+
+
+TABLE_HEAD = """| labeller | accuracy on rows with an error (exact index) | accuracy on rows without one (-1) | F1 | verdicts that parse | judge tokens per solution (prompt + generated) | seconds |
+| --- | --- | --- | --- | --- | --- | --- |"""
+
+
+def prediction_note(s: dict) -> str:
+    """What the labeller predicts: how often -1, how often step 0, and its first-error index otherwise."""
+    n, p = len(s["predicted"]), s["predicted"]
+    return (f"{TITLES[s['name']]}: predicts -1 (no error) on {p.count(-1)}/{n} rows, step 0 on {p.count(0)}/{n}, "
+            f"a later step on {n - p.count(-1) - p.count(0)}/{n}")
+
+
+def machine() -> str:
+    cpu = f"{os.cpu_count()}-core CPU"
+    return f"{torch.cuda.get_device_name(0)} GPU + {cpu}" if torch.cuda.is_available() else f"{cpu}, no GPU"
+
+
+def model_caveat(model: str) -> str:
+    """The model folder's own provenance note (setup.sh writes source.json for a dequantized GGUF)."""
+    source = Path(model) / "source.json"
+    if not source.exists():
+        return ""
+    note = json.loads(source.read_text())
+    return f" **Weights: {note.get('note', '')}** ({note.get('gguf', '?')}); every number here is of those weights."
+
+
+def command_line() -> str:
+    python = sys.executable
+    if python.startswith(str(REPO) + os.sep):
+        python = os.path.relpath(python, REPO)
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ)
+    return " ".join(filter(None, [env, python, "bench/processbench_labellers.py", *sys.argv[1:]]))
+
+
+def judge_description(cli, engine_name: str, chunk_size: int, load_seconds: float) -> str:
+    model = (f"`{cli.judge_model}`" if cli.judge_model else
+             "a tiny UNTRAINED char-level Llama (hidden 64, 1 layer, seed 0): a plumbing check, not a judge")
+    reference = ("the matching GSM8K worked solution (calculator annotations removed), `--with_reference`"
+                 if cli.with_reference else "none (ProcessBench gives judges no reference; the prompt says so)")
+    return (f"* Judge and mc rollout policy: {model}.{model_caveat(cli.judge_model) if cli.judge_model else ''}\n"
+            f"* Engine: `{engine_name}` (generate.get_engine, dtype {cli.dtype}; loaded once in {load_seconds:.1f} s, "
+            f"not counted in the seconds below); {chunk_size} rows per generation call.\n"
+            f"* Judge: greedy, `--judge_max_new_tokens {cli.judge_max_new_tokens}`; reference solution: {reference}."
+            + (mc_description(cli) if "mc" in cli.labellers.split(",") else ""))
+
+
+def mc_description(cli) -> str:
+    return (f"\n* mc: `--mc_rollouts {cli.mc_rollouts}` at temperature {cli.mc_temperature}, "
+            f"`--mc_max_new_tokens {cli.mc_max_new_tokens}`, a step is right when >= {cli.mc_threshold} rollout(s) "
+            f"reach GSM8K's gold answer (last \\boxed{{}} of prefix + rollout, math-verify). Rollout prompt: "
+            f"common.build_prompt (instruct template in the policy's chat template) + the steps so far.")
+
+
+def subset_description(scores: list[dict], n_all: int) -> str:
+    s = scores[0]
+    n = s["error_rows"] + s["clean_rows"]
+    spacing = "all rows" if n == n_all else f"{n} evenly spaced rows (row i * {n_all} // {n})"
+    return (f"`../shared/data/processbench_gsm8k.json` ({n_all} rows): {spacing}, {s['error_rows']} with an "
+            f"error and {s['clean_rows']} without; gold answers joined from `../shared/data/gsm8k_test.jsonl` "
+            f"on the problem text (all matched).")
+
+
+def examples(scores: list[dict]) -> str:
+    shown = [s for s in scores if s["example"] is not None]
+    return "\n".join(f"  * {TITLES[s['name']]} (first request of the first chunk): `{s['example'][:300]!r}`"
+                     + (" (cut at 300 characters)" if len(s["example"]) > 300 else "") for s in shown)
+
+
+READING = """* Predicted first error = first step labelled wrong, -1 if none; a step without a verdict is labelled
+  wrong (`label.UNPARSEABLE_STEP_LABEL`). F1 = harmonic mean of the two accuracies (ProcessBench,
+  arXiv 2412.06559).
+* Verdicts that parse: `step` = steps with a verdict / steps; `first_error` = solutions whose reply
+  named a step or "none" / solutions (an unparsed reply leaves all its steps without a verdict); n/a
+  for check (exact) and mc (a count of rollouts reaching the gold answer always decides).
+* Judge tokens per solution: prompt + generated token ids as the engine consumed and sampled them
+  (generate.Sample.prompt_ids / completion_ids, judge tokenizer), summed over the labeller's calls and
+  divided by the rows. A prompt counts once per request: for mc once per step prefix, while its
+  `--mc_rollouts` continuations all count as generated. check uses no model.
+* Seconds: wall time of the labeller on the subset (model load excluded), indicative on a shared machine."""
+
+UNTRAINED = """* The tiny untrained judge said neither "correct" nor "incorrect" nor a step number (no reply parsed),
+  so its steps got no verdict and were labelled wrong: this run checks the plumbing, not a judge."""
+
+
+def untrained_unparsed(scores: list[dict], cli) -> bool:
+    """The tiny untrained judge ran and none of its replies parsed (the expected outcome)."""
+    judged = [s["parsed"] for s in scores if s["parsed"]]
+    return not cli.judge_model and bool(judged) and not any(parsed for parsed, _ in judged)
+
+
+def report(scores: list[dict], cli, engine_name: str, chunk_size: int, load_seconds: float, n_all: int) -> str:
+    return "\n".join([
+        "# ProcessBench GSM8K: label.py's step labellers side by side", "",
+        f"Command (repo root): `{command_line()}`", "",
+        f"Machine: {machine()}. Data: {subset_description(scores, n_all)}", "",
+        TABLE_HEAD, *map(table_row, scores), "",
+        judge_description(cli, engine_name, chunk_size, load_seconds),
+        READING, *([UNTRAINED] if untrained_unparsed(scores, cli) else []),
+        "* What each labeller predicts:", *(f"  * {prediction_note(s)}" for s in scores),
+        "* One raw reply per model labeller:", examples(scores), "",
+    ])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_tiny_judge(folder: Path) -> str:
+    """The tests' tiny char-level Llama (untrained, seed 0), with room for ProcessBench's long prompts."""
+    tok = common.make_char_tokenizer()
+    model = common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, max_len=8192, seed=0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="folder with processbench_gsm8k.json")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with processbench_gsm8k.json and gsm8k_test.jsonl")
     parser.add_argument("--out", type=Path, default=REPO / "notes" / "bench_processbench_labellers.md")
-    parser.add_argument("--judge_model", default="", help="judge folder or hub id (default: a tiny untrained char Llama)")
-    parser.add_argument("--judge_engine", default="transformers", help="transformers | vllm | auto")
-    parser.add_argument("--judge_max_new_tokens", type=int, default=16, help="tokens per verdict")
-    parser.add_argument("--judge_rows", type=int, default=0, help="judge only N evenly spaced rows (0 = all)")
-    parser.add_argument("--chunk_size", type=int, default=8, help="rows per judge generation call")
-    return parser.parse_args()
+    parser.add_argument("--rows", type=int, default=100, help="N evenly spaced rows, row i * 400 // N (0 = all 400)")
+    parser.add_argument("--labellers", default=",".join(LABELLERS), help=f"comma-separated subset of {','.join(LABELLERS)}")
+    parser.add_argument("--judge_model", default="",
+                        help="judge (and mc policy) folder or hub id (default: a tiny untrained char Llama)")
+    parser.add_argument("--judge_engine", default="auto", help="transformers | vllm | auto")
+    parser.add_argument("--judge_max_new_tokens", type=int, default=16, help="greedy tokens per judge reply")
+    parser.add_argument("--with_reference", action="store_true", help="give the judge GSM8K's worked solution")
+    parser.add_argument("--mc_rollouts", type=int, default=4)
+    parser.add_argument("--mc_max_new_tokens", type=int, default=256)
+    parser.add_argument("--mc_temperature", type=float, default=1.0)
+    parser.add_argument("--mc_threshold", type=int, default=1,
+                        help="a step is right when >= this many rollouts reach the gold answer")
+    parser.add_argument("--chunk_size", type=int, default=0,
+                        help="rows per generation call (0: 8 with transformers, 100 with vllm)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    cli = parser.parse_args(argv)
+    unknown = set(cli.labellers.split(",")) - set(LABELLERS)
+    if unknown:
+        parser.error(f"unknown --labellers {sorted(unknown)}; choose from {','.join(LABELLERS)}")
+    return cli
+
+
+def label_args(cli, judge_model: str) -> label.Args:
+    args = label.Args("", "", prm="judge", judge_model=judge_model, judge_engine=cli.judge_engine, policy_model=judge_model,
+                      mc_engine=cli.judge_engine, judge_max_new_tokens=cli.judge_max_new_tokens, mc_rollouts=cli.mc_rollouts,
+                      mc_threshold=cli.mc_threshold, mc_temperature=cli.mc_temperature,
+                      mc_max_new_tokens=cli.mc_max_new_tokens, seed=cli.seed, dtype=cli.dtype)
+    label.check_args(args)
+    return args
+
+
+def run(cli, judge_model: str) -> None:
+    """Every labeller of --labellers on the same rows, then the report."""
+    all_rows = json.loads((cli.data / "processbench_gsm8k.json").read_text())
+    bench_rows = join_gsm8k(evenly_spaced(all_rows, cli.rows), cli.data)
+    args, engine_name = label_args(cli, judge_model), generate.resolve_engine(cli.judge_engine)
+    chunk_size = cli.chunk_size or (100 if engine_name == "vllm" else 8)
+    start = time.perf_counter()
+    engine = label.engine_of(judge_model, engine_name, args)
+    load_seconds = time.perf_counter() - start
+    rows, gold = as_label_rows(bench_rows, engine.tokenizer, cli.with_reference), [r["label"] for r in bench_rows]
+    scores = []
+    for name in cli.labellers.split(","):
+        scores.append(run_labeller(name, rows, gold, engine, args, chunk_size))
+        print(table_row(scores[-1]), flush=True)
+    cli.out.parent.mkdir(parents=True, exist_ok=True)
+    cli.out.write_text(report(scores, cli, engine_name, chunk_size, load_seconds, len(all_rows)))
+    print(f"\n{TABLE_HEAD}\n" + "\n".join(map(table_row, scores)) + f"\n\nwrote {cli.out}")
 
 
 def main() -> None:
     cli = parse_cli()
-    bench_rows = json.loads((cli.data / "processbench_gsm8k.json").read_text())
-    rows, gold = as_label_rows(bench_rows), [r["label"] for r in bench_rows]
-    judged = evenly_spaced(list(range(len(rows))), cli.judge_rows)
     with tempfile.TemporaryDirectory() as tmp:
-        judge_args = label.Args("", "", prm="judge", judge_model=cli.judge_model or build_tiny_judge(Path(tmp)),
-                                judge_engine=cli.judge_engine, judge_max_new_tokens=cli.judge_max_new_tokens)
-        check = score(rows, gold, label.Args("", "", prm="check"), cli.chunk_size)
-        print(table_row("check", check))
-        judge = score([rows[i] for i in judged], [gold[i] for i in judged], judge_args, cli.chunk_size)
-        print(table_row("judge", judge))
-        example = judge_reply_example(rows, judge_args)
-    lines = [table_row("check", check), table_row("judge", judge)]
-    notes = judge_notes(cli, judged, bench_rows, judge, example)
-    cli.out.write_text(report(lines, notes, mc_gold_notes(bench_rows), " ".join([COMMAND] + sys.argv[1:])))
+        run(cli, cli.judge_model or build_tiny_judge(Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import re
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ import grading  # noqa: E402
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not (DATA_DIR / "math500.jsonl").is_file(), reason=f"benchmark files not found in {DATA_DIR}"
+)
+needs_gsm8k = pytest.mark.skipif(
+    not all((DATA_DIR / f"gsm8k_{split}.jsonl").is_file() for split in ("test", "train")),
+    reason=f"gsm8k_test.jsonl / gsm8k_train.jsonl not found in {DATA_DIR}",
 )
 HANG = "9^{9^{9^9}}"  # sympy evaluates this power tower forever; math-verify alone would hang
 
@@ -253,7 +258,8 @@ def test_jsonl_path_with_question_field_and_gsm8k_answers(tmp_path):
     ]
     path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
     assert grading.load_benchmark(str(path)) == [
-        {"id": "train-1", "problem": "How many?", "answer": "1234", "solution": "3 + 4 = 7 apples."},
+        {"id": "train-1", "problem": "How many?", "answer": "1234",
+         "solution": "3 + 4 = 7 apples.\n\nThe answer is \\boxed{1234}."},  # the step format
         {"id": "q2", "problem": "Half?", "answer": "\\frac{1}{2}", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
     ]
 
@@ -297,3 +303,99 @@ def test_unknown_name_and_meaningless_split(tmp_path):
 def test_local_benchmark_file_holds_one_split():
     with pytest.raises(ValueError, match="holds only the 'test' split"):
         grading.load_benchmark("math500", split="train", data_dir=DATA_DIR)
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+
+def test_gsm8k_reference_solution_is_in_step_format():
+    worked = "  Half of 48 is 48/2 = <<48/2=24>>24.\n\n \nSo $<<48+24=72>>72 in all. \n"
+    assert grading.gsm8k_reference_solution(worked, "72") == (
+        "Half of 48 is 48/2 = 24.\n\nSo $72 in all.\n\nThe answer is \\boxed{72}."
+    )
+    assert grading.gsm8k_reference_solution("", "5") == "The answer is \\boxed{5}."
+
+
+@needs_gsm8k
+def test_gsm8k_loads_from_the_local_files():
+    test = grading.load_benchmark("gsm8k", data_dir=DATA_DIR)
+    train = grading.load_benchmark("gsm8k_train", data_dir=DATA_DIR)
+    assert (len(test), len(train)) == (1319, 7473)
+    assert test[0] == {
+        "id": "gsm8k_test-1",
+        "problem": test[0]["problem"],
+        "answer": "18",
+        "solution": "Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n\n"
+        "She makes 9 * 2 = $18 every day at the farmer\u2019s market.\n\nThe answer is \\boxed{18}.",
+    }
+    assert test[0]["problem"].startswith("Janet\u2019s ducks lay 16 eggs per day.")
+    assert test[146]["answer"] == "2125"  # "#### 2,125" in the file
+    assert (train[0]["id"], train[0]["answer"]) == ("gsm8k_train-1", "72")
+    ids = [row["id"] for row in test + train]
+    assert len(set(ids)) == len(ids)  # stable (file and line) and unique across both splits
+    with pytest.raises(ValueError, match=r"holds only the 'test' split of gsm8k, not 'train' \(use gsm8k_train\)"):
+        grading.load_benchmark("gsm8k", split="train", data_dir=DATA_DIR)
+
+
+@needs_gsm8k
+@pytest.mark.parametrize("name, file", [("gsm8k", "gsm8k_test.jsonl"), ("gsm8k_train", "gsm8k_train.jsonl")])
+def test_gsm8k_solutions_are_the_worked_lines_as_steps_plus_a_boxed_answer(name, file):
+    import common
+
+    with open(DATA_DIR / file, encoding="utf-8") as f:
+        raw = [json.loads(line)["answer"] for line in f if line.strip()]
+    rows = grading.load_benchmark(name, data_dir=DATA_DIR)
+    assert len(rows) == len(raw)
+    for row, answer in zip(rows, raw):
+        worked, final = answer.split("\n#### ")
+        assert row["answer"] == final.replace(",", "")
+        assert "<<" not in row["solution"] and ">>" not in row["solution"] and "####" not in row["solution"]
+        lines = [re.sub(r"<<.*?>>", "", line).strip() for line in worked.split("\n")]
+        expected = [line for line in lines if line] + [f"The answer is \\boxed{{{row['answer']}}}."]
+        assert common.split_steps(row["solution"]) == expected, row["id"]
+        assert grading.extract_boxed(row["solution"]) == row["answer"]
+
+
+@pytest.mark.parametrize(
+    "name, file, split", [("gsm8k", "gsm8k_test.jsonl", "test"), ("gsm8k_train", "gsm8k_train.jsonl", "train")]
+)
+def test_benchmark_found_nowhere_raises_one_line_naming_both_places(tmp_path, monkeypatch, name, file, split):
+    monkeypatch.setenv("STEPKTO_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # also when datasets was imported before (by another test)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError) as error:
+        grading.load_benchmark(name)
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(tmp_path / file) in message
+    assert f"openai/gsm8k (config main, split {split})" in message
+    assert re.search(r"did not load: \w+: \S", message), message  # the hub error's type and first line
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def _fake_datasets(monkeypatch, load_dataset):
+    for variable in grading._OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(HF_HUB_OFFLINE=False), load_dataset=load_dataset)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+
+def test_hub_fallback_gives_the_rows_and_ids_of_the_local_file(tmp_path, monkeypatch):
+    raw = [{"question": "One?", "answer": "1 = <<1=1>>1\n#### 1"}, {"question": "Big?", "answer": "x\n#### 1,000"}]
+    calls = []
+    _fake_datasets(monkeypatch, lambda *args, **kwargs: calls.append((args, kwargs)) or raw)
+    (tmp_path / "gsm8k_test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in raw))
+    from_hub = grading.load_benchmark("gsm8k", data_dir=tmp_path / "empty")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
+    assert from_hub == grading.load_benchmark("gsm8k", data_dir=tmp_path)
+    assert [row["id"] for row in from_hub] == ["gsm8k_test-1", "gsm8k_test-2"]
+    assert grading.load_benchmark("gsm8k", split="train", data_dir=tmp_path / "empty")[0]["id"] == "openai/gsm8k-0"
+
+
+def test_hub_error_is_cut_to_its_first_line(tmp_path, monkeypatch):
+    def load_dataset(*args, **kwargs):
+        raise FileNotFoundError("Dataset openai/gsm8k is not cached\nTraceback (most recent call last): ...")
+
+    _fake_datasets(monkeypatch, load_dataset)
+    with pytest.raises(ValueError, match=r"did not load: FileNotFoundError: Dataset openai/gsm8k is not cached$"):
+        grading.load_benchmark("gsm8k_train", data_dir=tmp_path)

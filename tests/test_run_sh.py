@@ -45,7 +45,8 @@ def test_run_sh_end_to_end_and_rerun(tmp_path):
 
 def test_run_sh_real_model_path(tmp_path):
     """MODEL / TRAIN_PROBLEMS / BENCHMARK / PRM: the same loop on a given seed model and a real benchmark
-    (AMC23 from ../shared/data by name), with the instruct prompt and the equation checker."""
+    (AMC23 from ../shared/data by name), with the instruct prompt and an LLM judge (the seed model itself)
+    whose dtype run.sh must forward to label.py and evaluate.py."""
     import pytest
 
     import common
@@ -61,11 +62,14 @@ def test_run_sh_real_model_path(tmp_path):
     problems.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
                                 for i in range(4)))
     env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable,
-           "MODEL": str(model), "TRAIN_PROBLEMS": str(problems), "BENCHMARK": "amc23", "PRM": "check",
+           "MODEL": str(model), "TRAIN_PROBLEMS": str(problems), "BENCHMARK": "amc23", "PRM": "judge",
+           "JUDGE_MODEL": str(model), "JUDGE_DTYPE": "float64", "JUDGE_PROTOCOL": "first_error",
            "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12"}
     proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "sft from scratch" not in proc.stdout  # the given model is M0
+    assert "sft from" not in proc.stdout  # the given model is M0
+    judge = f"step labeller: judge with {model} (engine transformers, dtype float64, tensor_parallel_size 1, protocol first_error)"
+    assert proc.stdout.count(judge) == 3  # evaluate M0, label iteration 1, evaluate M1
     rows = [json.loads(l) for l in (tmp_path / "runs" / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["M0", "M1"] and all(r["n_problems"] == 40 for r in rows)
     samples = common.read_jsonl(tmp_path / "runs" / "seed0" / "step-kto" / "iter1" / "samples.jsonl")

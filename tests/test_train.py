@@ -137,13 +137,15 @@ def test_step_ids_follow_character_offsets(which, tokenizer):
     # leading whitespace -> step 0; each blank-line separator -> the step before it
     segments = ["  First step.\n\n", "Second step\n \n", "Third."]
     text = "".join(segments)
-    ids, step_ids = train.tokenize_completion(tok, text, common.step_spans(text))
+    row = {"prompt": "p", "completion": text, "finish_reason": "length"}
+    _, ids, offsets = train.tokenized_text(tok, row)
+    step_ids = train.steps_of_tokens(offsets, common.step_spans(text))
     assert len(ids) == len(step_ids)
     if which == "bpe":
         assert len(ids) < len(text)  # multi-character tokens really occur
     for k, segment in enumerate(segments):
         assert tok.decode([t for t, s in zip(ids, step_ids) if s == k]) == segment
-    _, no_steps = train.tokenize_completion(tok, " \n", common.step_spans(" \n"))
+    no_steps = train.steps_of_tokens([0, 1], common.step_spans(" \n"))
     assert (no_steps == -1).all()
 
 
@@ -195,6 +197,23 @@ def test_completion_logps_match_plain_per_row_forwards(span, tiny_model, tokeniz
                 assert steps[b, k].item() == pytest.approx(expected, rel=1e-6, abs=1e-5)
             if span == "step":  # (with "prefix", padding steps repeat the total: step_mask hides them)
                 assert (steps[b, pair.num_steps :] == 0).all()
+
+
+def test_chunked_lm_head_gives_the_same_log_probs_and_gradients(tiny_model, tokenizer):
+    """--logits_chunk_tokens: chunks of 5 tokens (checkpointed) vs one chunk, float64, values and gradients."""
+    examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
+    batch = train.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    results = []
+    for chunk in (0, 5):
+        policy = train.CompletionLogProbs(common.load_model(str(tiny_model), "float64"), chunk)
+        logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
+        (logps * torch.linspace(0.5, 2.0, len(logps), dtype=torch.float64)).sum().backward()
+        results.append((logps.detach(), {n: p.grad for n, p in policy.named_parameters()}))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert len(whole) > 5 * 10  # many chunks
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -311,9 +330,11 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(objective, tm
                 dtype="float64")
     args |= dict(step_z0="step", nll_weight=0.5) if objective == "step-kto" else dict(prompt_style="minimal")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    result = run_script(*cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two"), launcher=torchrun)
+    # the two ranks also chunk the LM head (checkpointed chunks under FSDP2); the one process does not
+    two = cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two", logits_chunk_tokens=7)
+    result = run_script(*two, launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
-    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "one"))
+    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "one"), logits_chunk_tokens=0)
     two_log, one_log = read_log(tmp_path / "two"), read_log(single)
     assert len(two_log) == len(one_log) == 8
     for two, one in zip(two_log, one_log):
