@@ -234,12 +234,31 @@ def _vllm_sample(tokenizer, prompt_ids, output, stops: list[int]) -> Sample:
 
 
 def token_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
-    """Character offset in ``text`` where each token starts: len(decode(ids[:i])), computed in one batch.
+    """Character offset in ``text`` where each token starts, i.e. len(decode(ids[:i])), in linear time.
 
-    Where decoding a prefix does not give a prefix of ``text`` (a token cut inside a multi-byte character,
-    tokenizer clean-up of spaces), the offset is the length of what the two share: such a token starts at
-    the first character it changes.
+    Decoded incrementally over a window of a few tokens, as vLLM's detokenizer does: text is emitted once
+    it no longer ends inside a multi-byte character. A token whose bytes begin inside such a character
+    starts after the last whole character before it (what exact_token_offsets gives). If the text so built
+    is not ``text`` (a tokenizer whose decoding of pieces is not the decoding of the whole), the exact
+    quadratic rule decides instead.
     """
+    decode = lambda part: tokenizer.decode(part, skip_special_tokens=True)  # noqa: E731
+    starts, pieces, emitted, prefix, read = [], [], 0, 0, 0
+    for i in range(len(ids)):
+        before = decode(ids[prefix:read])
+        pending = decode(ids[prefix:i]).rstrip("\ufffd")  # tokens read..i-1, not emitted yet
+        starts.append(emitted + max(0, len(pending) - len(before)))
+        after = decode(ids[prefix : i + 1])
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            pieces.append(after[len(before) :])
+            emitted += len(pieces[-1])
+            prefix, read = read, i + 1
+    return starts if "".join(pieces) == text else exact_token_offsets(tokenizer, ids, text)
+
+
+def exact_token_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
+    """len(decode(ids[:i])) for every i; where a decoded prefix is not a prefix of ``text`` (a token cut
+    inside a multi-byte character), the length of what the two share."""
     prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], skip_special_tokens=True)
     return [len(p) if text.startswith(p) else len(os.path.commonprefix([p, text])) for p in prefixes]
 

@@ -107,3 +107,56 @@ def test_prompt_minimal_and_chat_template():
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
     chat = common.build_prompt(tok, "Compute 1 + 2.", "instruct")
     assert chat.startswith("<|user|>Solve") and chat.endswith("<|assistant|>")
+
+
+def test_convert_gguf_refuses_a_file_whose_sha256_differs(tmp_path):
+    """setup.sh --models converts only the exact GGUF file whose sha256 common.py records."""
+    import pytest
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF not really")
+    with pytest.raises(common.DataError, match="sha256"):
+        common.convert_gguf(fake, tmp_path / "out", common.SMOLLM2_GGUF_SHA256)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_converted_real_model_is_an_ordinary_save_pretrained_folder():
+    """What setup.sh --models wrote (tests/run.sh runs it): config, weights, tokenizer with a chat template,
+    and a note that the weights are dequantized from 4 bits."""
+    import json
+    import os
+
+    import pytest
+
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
+    if not folder.exists() and not os.environ.get("STEPKTO_REQUIRE_REAL_MODEL"):
+        pytest.skip("bash setup.sh --models has not run")
+    assert common.is_complete_model_dir(folder)
+    source = json.loads((folder / "source.json").read_text())
+    assert source["sha256"] == common.SMOLLM2_GGUF_SHA256 and "dequantized" in source["note"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == 49152 and "quantization_config" not in config
+    tokenizer = common.load_tokenizer(str(folder))
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+
+
+def test_token_offsets_fall_back_to_the_exact_rule_for_a_sentencepiece_style_tokenizer():
+    """A Metaspace ("▁") tokenizer drops the leading space of a decoded piece, so pieces do not add up to
+    the whole text: generate.token_offsets must then give the exact rule's offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import generate
+
+    words = ["▁Step", "▁1:", "▁3", "▁+", "▁4", "▁=", "▁7."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    text = "Step 1: 3 + 4 = 7."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text and 0 not in ids
+    assert generate.token_offsets(tokenizer, ids, text) == generate.exact_token_offsets(tokenizer, ids, text)
+    assert generate.exact_token_offsets(tokenizer, ids, text) == [0, 4, 7, 9, 11, 13, 15]

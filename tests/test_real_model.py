@@ -140,3 +140,14 @@ def test_evaluate_loads_one_engine_for_policy_and_judge(problems, tmp_path, monk
     result = json.loads((tmp_path / "eval" / "result.json").read_text())
     assert result["n_problems"] == 3 and 0 <= result["pass@1"] <= 1 and "maj@2" in result
     assert len(loads) == 1, f"the model was loaded {len(loads)} times"
+
+
+def test_token_offsets_are_the_exact_rule_in_linear_time():
+    """generate.token_offsets (incremental, linear) equals exact_token_offsets (len(decode(ids[:i])),
+    quadratic) on text with multi-byte characters, where BPE tokens begin inside a character."""
+    tokenizer = common.load_tokenizer(str(MODEL))
+    for text in ["café ☕ naïve 日本語 test\n\nok", "😀😀😀\n\n🙂 1 + 1 = 2", "Step 1: 3 + 4 = 7.\n\n\\boxed{7}"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        offsets = generate.token_offsets(tokenizer, ids, text)
+        assert offsets == generate.exact_token_offsets(tokenizer, ids, text)
+        assert offsets == sorted(offsets) and offsets[0] == 0
