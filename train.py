@@ -141,9 +141,14 @@ class Args:
     gradient_checkpointing: bool = option(
         False, help="Recompute each layer's activations in backward: less memory, slower."
     )
-    logits_chunk_tokens: int = option(
-        1024, help="Compute the LM head and log-softmax over at most this many completion tokens at a time, "
-        "recomputing them in backward (0: all at once). Bounds the float32 logits to chunk x vocabulary."
+    logits_chunk_mib: float = option(
+        256.0, help="Compute the LM head and log-softmax over as many completion tokens at a time as keep their "
+        "float32 logits under this many MiB (tokens x vocabulary x 4 bytes), recomputing them in backward (0: all "
+        "at once). Matters for large vocabularies: 256 MiB is 1,365 tokens of SmolLM2's 49,152 entries."
+    )
+    optim: Literal["adamw", "adamw_fused"] = option(
+        "adamw", help="adamw: torch.optim.AdamW's default implementation; adamw_fused: one fused kernel over all "
+        "tensors (TRL's default; about 10x faster updates on CPU for a 135M model, other rounding)."
     )
 
 
@@ -156,7 +161,7 @@ class TrainingError(RuntimeError):
 
 
 # Resuming with other values of these is safe: they do not change what is computed.
-RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_tokens")
+RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib")
 
 
 def check_args(args: Args) -> None:
@@ -177,8 +182,8 @@ def check_args(args: Args) -> None:
         raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u >= 0; got {got}")
     if args.objective == "step-kto" and (min(args.w_outcome, args.w_step) < 0 or args.w_outcome == args.w_step == 0):
         raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
-    if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_tokens < 0 or not 0 <= args.warmup_ratio < 1:
-        raise UsageError("need --max_steps, --save_every, --logits_chunk_tokens >= 0 and 0 <= --warmup_ratio < 1")
+    if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
+        raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -476,17 +481,18 @@ class CompletionLogProbs(nn.Module):
     """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
 
     The LM head and the log-softmax run on the N completion positions alone, never on the prompt's, and
-    never on more than ``chunk_tokens`` of them at once: with a large vocabulary (SmolLM2: 49,152; Llama 3:
-    128,256) the float32 logits of a whole batch would be the largest tensor of the step. Under autograd
-    each chunk is checkpointed, so backward recomputes its logits instead of keeping them all (the cost:
-    one more LM-head matmul per token). Being the FSDP root, this module's forward also gathers the
-    embedding / final norm / head shards.
+    never on more tokens at once than keep their float32 logits under ``chunk_mib`` MiB: with a large
+    vocabulary (SmolLM2: 49,152; Llama 3: 128,256) the logits of a whole batch would be the largest tensor
+    of the step. Under autograd each chunk is checkpointed, so backward recomputes its logits instead of
+    keeping them all (the cost: one more LM-head matmul per token). Being the FSDP root, this module's
+    forward also gathers the embedding / final norm / head shards.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 0):
+    def __init__(self, lm: nn.Module, chunk_mib: float = 0.0):
         super().__init__()
         self.lm = lm
-        self.chunk_tokens = chunk_tokens  # 0: one chunk
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        self.chunk_tokens = max(1, int(chunk_mib * 2**20 / (4 * vocab))) if chunk_mib else 0  # 0: one chunk
 
     def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
         decoder = self.lm.get_decoder()
@@ -524,7 +530,7 @@ def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Mod
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lm.requires_grad_(trainable)
-    policy = CompletionLogProbs(lm, args.logits_chunk_tokens).to(env.device)
+    policy = CompletionLogProbs(lm, args.logits_chunk_mib).to(env.device)
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -807,9 +813,9 @@ def make_optimizer(policy: nn.Module, args: Args, total_steps: int):
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); the per-tensor default
-    # took ~10x the time of the update on SmolLM2-135M on CPU (bench/bench_train_vs_trl.py --profile)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)
+    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); on CPU the default
+    # updates one tensor at a time, ~10x the time on SmolLM2-135M (bench/bench_train_vs_trl.py --profile)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=args.optim == "adamw_fused" or None)
     warmup = round(args.warmup_ratio * total_steps)
     schedule = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=args.lr_schedule)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

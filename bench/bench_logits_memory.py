@@ -1,13 +1,14 @@
-"""Peak RSS of train.py with and without the chunked LM head (--logits_chunk_tokens), side by side.
+"""Peak RSS of train.py with and without the chunked LM head (--logits_chunk_mib), side by side.
 
 A large vocabulary makes the float32 logits of a batch the largest tensor of a step: SmolLM2's 49,152
 entries x 4 bytes = 192 KiB per completion token, before log-softmax and its gradient. train.py computes
-the head over at most --logits_chunk_tokens tokens at a time and recomputes it in backward. This bench
+the head over as many tokens at a time as keep their float32 logits under --logits_chunk_mib MiB and
+recomputes it in backward. This bench
 runs the same few step-kto steps with each setting, in turn (A B A B ...), each in its own process under
 GNU time, and reports peak RSS and wall seconds per run.
 
     .venv/bin/python bench/bench_logits_memory.py --model models/SmolLM2-135M-Instruct \\
-        --data runs/smollm2/seed0/step-kto/iter1/labels.jsonl --batch 16 --steps 3 --chunks 0 1024 256
+        --data runs/smollm2/seed0/step-kto/iter1/labels.jsonl --batch 16 --steps 3 --chunks 0 256 64
 """
 
 import argparse
@@ -29,7 +30,7 @@ def one_run(args, chunk: int, work: Path) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, str(REPO / "train.py"), "--objective", "step-kto",
            "--model", args.model, "--data", args.data, "--output_dir", str(out), "--per_device_batch_size",
            str(args.batch), "--max_steps", str(args.steps), "--lr", "1e-6", "--num_threads", str(args.threads),
-           "--save_every", "0", "--logits_chunk_tokens", str(chunk)]
+           "--save_every", "0", "--logits_chunk_mib", str(chunk)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -47,11 +48,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 1024])
+    parser.add_argument("--chunks", type=float, nargs="+", default=[0, 256], help="--logits_chunk_mib values")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         runs = [one_run(args, chunk, Path(work)) for _ in range(args.rounds) for chunk in args.chunks]
-    print(f"| --logits_chunk_tokens | peak RSS (MiB), min over {args.rounds} runs | wall s (min) |")
+    print(f"| --logits_chunk_mib | peak RSS (MiB), min over {args.rounds} runs | wall s (min) |")
     print("| --- | --- | --- |")
     for chunk in args.chunks:
         mine = [r for r in runs if r["chunk"] == chunk]

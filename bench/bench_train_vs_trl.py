@@ -25,11 +25,12 @@ bench checks that TRL's tokenization of every row gives the same ids. TRL gets t
 train.py's batch plan with its sequential sampler, so both see the same batches and the same rotated KL
 pairs: the two losses must agree at every step, not only the first.
 
-Both optimizers are fused AdamW (TRL: TrainingArguments optim="adamw_torch_fused"; train.py:
-torch.optim.AdamW(fused=True), since the per-tensor default took ~10x the update time on CPU).
+Both optimizers are fused AdamW by default (TRL: TrainingArguments optim="adamw_torch_fused"; train.py:
+--optim adamw_fused; `--optim adamw` gives train.py's default, which on CPU updates one tensor at a time).
 Left at each side's own default (they are what each trainer does): TRL's fused LM head scores EVERY position (prompt and padding too: its compact path
 is for Triton devices only) and also computes entropy and mean logits for its metrics, train.py's head
-runs on the completion tokens only, in chunks of --logits_chunk_tokens (default 1024: with batch 8 and
+runs on the completion tokens only, in chunks of --logits_chunk_mib (default 256 MiB of float32 logits,
+1,365 tokens at SmolLM2's vocabulary: with batch 8 and
 ~47-token completions one chunk, i.e. no chunking).
 
 Each trainer runs in its own subprocess (peak RSS = ru_maxrss of that child from os.wait4: the whole
@@ -160,17 +161,17 @@ def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool, profile: b
 
     train.train = timed_train
     out = work / f"ours_{run}"
-    chunk = {"logits_chunk_tokens": cfg["chunk"]} if cfg["chunk"] is not None else {}  # else train.py's default
+    chunk = {"logits_chunk_mib": cfg["chunk"]} if cfg["chunk"] is not None else {}  # else train.py's default
     args = train.Args(objective="kto", model=cfg["model"], data=str(work / "data.jsonl"), output_dir=str(out),
                       per_device_batch_size=cfg["batch"], max_steps=cfg["steps"], lr=LR, beta=BETA, warmup_ratio=0.0,
                       log_every=1, save_every=0, num_threads=cfg["threads"], seed=0,
-                      gradient_checkpointing=checkpointing, dtype="float32", **chunk)
+                      gradient_checkpointing=checkpointing, dtype="float32", optim=cfg["optim"], **chunk)
     start = clock()
     train.main(args)
     phases["total"] = since(start)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     result = {**phases, "stamps": stamps, "losses": [e["loss/total"] for e in log], "grad_norm0": log[0]["grad_norm"],
-              "logits_chunk_tokens": args.logits_chunk_tokens}
+              "logits_chunk_mib": args.logits_chunk_mib, "optim": args.optim}
     if profiler is not None:
         profiler.stop()
         result["profile"] = summary
@@ -296,6 +297,7 @@ def prepare(work: Path, opts) -> dict:
     pairs = [train.tokenized_text(tokenizer, r)[:2] for r in rows]
     source = Path(path) / "source.json"  # the dequantized GGUF's provenance note, where there is one
     return {"model": path, "batch": opts.batch, "steps": opts.steps, "threads": opts.threads, "chunk": opts.chunk,
+            "optim": opts.optim,
             "vocab": model.config.vocab_size, "params": sum(p.numel() for p in model.parameters()),
             "note": json.loads(source.read_text()).get("note", "") if source.exists() else "",
             "prompt_tokens": sum(len(p) for p, _ in pairs) / len(rows),
@@ -367,7 +369,7 @@ def compare(work: Path, cfg: dict, rounds: int, checkpointing: bool) -> tuple[li
             print(f"checkpointing {tag}, round {r} {name}: steps 2-{cfg['steps']} {s['steps_wall']:.2f} samples/s "
                   f"wall / {s['steps_cpu']:.2f} CPU, loop {res['loop']['wall']:.1f} s, end to end "
                   f"{res['total']['wall']:.1f} s, peak RSS {res['rss_mib']:.0f} MiB", flush=True)
-    cfg["logits_chunk_tokens"] = results["ours"][0]["logits_chunk_tokens"]
+    cfg["logits_chunk_mib"] = results["ours"][0]["logits_chunk_mib"]
     return table(results, cfg, tag), checks(results, tag)
 
 
@@ -417,7 +419,8 @@ def report(work: Path, cfg: dict, opts) -> list[str]:
         lines += rows
         notes += checked
     lines += ["", f"Reference log-probs: precomputed once before training on both sides (TRL "
-              f"precompute_ref_log_probs=True). train.py --logits_chunk_tokens {cfg['logits_chunk_tokens']}.", ""]
+              f"precompute_ref_log_probs=True). train.py --logits_chunk_mib {cfg['logits_chunk_mib']}, "
+              f"--optim {cfg['optim']}.", ""]
     lines += notes
     if opts.profile:
         lines += profile_lines(work, cfg, settings[0])
@@ -431,7 +434,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, help="default: rows // batch (one epoch)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process, both sides")
-    parser.add_argument("--chunk", type=int, help="train.py --logits_chunk_tokens (default: train.py's)")
+    parser.add_argument("--chunk", type=float, help="train.py --logits_chunk_mib (default: train.py's)")
+    parser.add_argument("--optim", default="adamw_fused", choices=["adamw", "adamw_fused"],
+                        help="train.py --optim (default adamw_fused: TRL's optim is adamw_torch_fused)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     parser.add_argument("--profile", action="store_true", help="add a CPU profile of each side")

@@ -200,12 +200,14 @@ def test_completion_logps_match_plain_per_row_forwards(span, tiny_model, tokeniz
 
 
 def test_chunked_lm_head_gives_the_same_log_probs_and_gradients(tiny_model, tokenizer):
-    """--logits_chunk_tokens: chunks of 5 tokens (checkpointed) vs one chunk, float64, values and gradients."""
+    """--logits_chunk_mib: chunks of 5 tokens (checkpointed) vs one chunk, float64, values and gradients."""
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
     batch = train.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     results = []
-    for chunk in (0, 5):
-        policy = train.CompletionLogProbs(common.load_model(str(tiny_model), "float64"), chunk)
+    vocab = len(tokenizer)
+    for chunk_mib in (0, 5.5 * 4 * vocab / 2**20):  # 5.5 tokens' float32 logits: chunks of 5
+        policy = train.CompletionLogProbs(common.load_model(str(tiny_model), "float64"), chunk_mib)
+        assert policy.chunk_tokens == (5 if chunk_mib else 0)
         logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
         (logps * torch.linspace(0.5, 2.0, len(logps), dtype=torch.float64)).sum().backward()
         results.append((logps.detach(), {n: p.grad for n, p in policy.named_parameters()}))
@@ -331,10 +333,10 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(objective, tm
     args |= dict(step_z0="step", nll_weight=0.5) if objective == "step-kto" else dict(prompt_style="minimal")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     # the two ranks also chunk the LM head (checkpointed chunks under FSDP2); the one process does not
-    two = cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two", logits_chunk_tokens=7)
+    two = cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two", logits_chunk_mib=7 * 4 * len(tokenizer) / 2**20)
     result = run_script(*two, launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
-    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "one"), logits_chunk_tokens=0)
+    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "one"), logits_chunk_mib=0)
     two_log, one_log = read_log(tmp_path / "two"), read_log(single)
     assert len(two_log) == len(one_log) == 8
     for two, one in zip(two_log, one_log):
