@@ -292,8 +292,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if sha256_of(gguf_path) != sha256:
-        raise DataError(f"{gguf_path}: sha256 is {sha256_of(gguf_path)}, expected {sha256}: not the file we pinned")
+    found = sha256_of(gguf_path)
+    if found != sha256:
+        raise DataError(f"{gguf_path}: sha256 is {found}, expected {sha256}: not the file we pinned")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     model.hf_quantizer = None

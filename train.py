@@ -306,7 +306,9 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
     file:line and field."""
     if row["finish_reason"] not in ("stop", "length"):
         raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
-    spans = [tuple(span) for span in row.get("step_spans", common.step_spans(row["completion"]))] if with_steps else []
+    spans = []
+    if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
+        spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else common.step_spans(row["completion"])
     labels = row["labels"] if with_steps else []
     if with_steps:
         check_step_fields(row, len(spans), where)
