@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from stepkto_loss import (  # noqa: E402
-    SPANS, estimate_z0, kto_losses, step_logps, step_rewards, stepkto_loss, through_first_error,
+    SPANS, StepKTOTerms, estimate_z0, kto_losses, step_logps, step_rewards, stepkto_loss, through_first_error,
 )
 
 VOCAB_SIZE = 50
@@ -385,3 +385,133 @@ def test_steps_after_the_first_error_get_no_gradient():
     loss.backward()
     assert torch.all(steps.grad[0, :2] != 0) and torch.all(steps.grad[0, 2:] == 0)
     assert loss.item() == pytest.approx(kto_losses(steps[0, :2], labels[0, :2], torch.tensor(0.0)).mean().item())
+
+
+# reduction="none": per-completion terms from which a distributed trainer takes the global means itself.
+
+NONE_OPTIONS = {
+    "defaults": dict(),
+    "lambdas_z0_step": dict(lambda_d=1.3, lambda_u=0.7, step_lambda_d=0.25, step_lambda_u=1.1, z0_step=0.9),
+    "weights_beta": dict(beta=0.5, w_outcome=0.6, w_step=1.5),
+    "step_only": dict(w_outcome=0.0),
+    "outcome_only": dict(w_step=0.0),
+    "first_error": dict(first_error=True, lambda_u=1.4),
+}
+
+
+def loss_both_ways(batch, options, reduction):
+    """stepkto_loss on leaf copies of the batch's log-ratios; returns (loss or terms, metrics, leaves)."""
+    outcome, labels, steps, step_labels, step_mask = batch
+    options = dict(options)
+    if options.pop("first_error", False):
+        step_mask = through_first_error(step_labels, step_mask)
+    if "z0_step" in options:
+        options["z0_step"] = torch.tensor(options["z0_step"], dtype=torch.float64)
+    outcome, steps = outcome.clone().requires_grad_(True), steps.clone().requires_grad_(True)
+    result, metrics = stepkto_loss(outcome, labels, steps, step_labels, step_mask,
+                                   torch.tensor(0.2, dtype=torch.float64), reduction=reduction, **options)
+    return result, metrics, (outcome, steps)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum"])
+@pytest.mark.parametrize("name", sorted(NONE_OPTIONS))
+def test_reduction_none_summed_over_the_counts_is_the_mean(aggregation, name):
+    options = {**NONE_OPTIONS[name], "step_aggregation": aggregation}
+    batch = random_batch(seed=7)
+    loss, mean_metrics, mean_leaves = loss_both_ways(batch, options, "mean")
+    terms, metrics, leaves = loss_both_ways(batch, options, "none")
+    assert isinstance(terms, StepKTOTerms)
+    assert terms.outcome.shape == terms.step.shape == terms.has_outcome.shape == terms.has_step.shape == (5,)
+    assert terms.has_outcome.dtype == terms.has_step.dtype == torch.bool
+    # Outside the masks the terms are exactly 0, so plain sums are the sums over the masked completions.
+    assert torch.all(terms.outcome[~terms.has_outcome] == 0) and torch.all(terms.step[~terms.has_step] == 0)
+    assert terms.has_step.tolist() == ([False] * 5 if options.get("w_step") == 0.0 else
+                                       [True, False, True, True, True])
+    # By hand: sum the per-completion terms, divide by the counts, weight as (8); a level with count 0 is out.
+    w_outcome, w_step = options.get("w_outcome", 1.0), options.get("w_step", 1.0)
+    by_hand = torch.zeros((), dtype=torch.float64)
+    if terms.has_outcome.any():
+        by_hand = by_hand + w_outcome * terms.outcome.sum() / terms.has_outcome.sum()
+    if terms.has_step.any():
+        by_hand = by_hand + w_step * terms.step.sum() / terms.has_step.sum()
+    assert abs(by_hand.item() - loss.item()) < 1e-12
+    # The same through the API, gradients included, and the same metrics.
+    combined = terms.loss(terms.sums())
+    assert abs(combined.item() - loss.item()) < 1e-12
+    loss.backward()
+    combined.backward()
+    for leaf, mean_leaf in zip(leaves, mean_leaves):
+        # A level that reduction="mean" skips sends no gradient (None); reduction="none" sends zeros.
+        mean_grad = torch.zeros_like(leaf) if mean_leaf.grad is None else mean_leaf.grad
+        assert torch.isfinite(leaf.grad).all() and torch.allclose(leaf.grad, mean_grad, rtol=0, atol=1e-12)
+    assert list(metrics) == list(mean_metrics)
+    for key, value in metrics.items():
+        assert not value.requires_grad and abs(value.item() - mean_metrics[key].item()) < 1e-12, key
+
+
+def shard(batch, rows):
+    return tuple(tensor[rows] for tensor in batch)
+
+
+def test_two_shards_of_reduction_none_combine_into_the_whole_batch_mean():
+    """The property a distributed trainer needs: per-shard sums and counts, added (what one all_reduce does),
+    give the whole batch's loss and gradient; averaging per-shard means (what DDP's gradient averaging does
+    to reduction="mean") does not, when the shards hold different numbers of completions with steps."""
+    generator = torch.Generator().manual_seed(11)
+    outcome = torch.randn(6, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([True, False, True, False, False, True])
+    steps = 3 * torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    step_labels = torch.rand(6, 4, generator=generator) < 0.5
+    # Rows with steps: shard A (rows 0-1) has 1 of 2, shard B (rows 2-5) 4 of 4, with 4, 1, 3, 2 steps.
+    step_mask = torch.arange(4)[None, :] < torch.tensor([3, 0, 4, 1, 3, 2])[:, None]
+    steps = steps.masked_fill(~step_mask, float("nan"))
+    shards = (torch.tensor([0, 1]), torch.tensor([2, 3, 4, 5]))
+    z0 = torch.tensor(0.15, dtype=torch.float64)  # one z0 for all shards (estimate_z0 all-reduces)
+    options = dict(beta=0.4, lambda_d=1.2, lambda_u=0.9, w_outcome=0.7, w_step=1.3)
+
+    for aggregation in ("mean", "sum"):
+        leaves = [outcome.clone().requires_grad_(True), steps.clone().requires_grad_(True)]
+        whole, metrics = stepkto_loss(leaves[0], labels, leaves[1], step_labels, step_mask, z0,
+                                      step_aggregation=aggregation, **options)
+        whole.backward()
+        parts = [outcome.clone().requires_grad_(True), steps.clone().requires_grad_(True)]
+        batch = (parts[0], labels, parts[1], step_labels, step_mask)
+        terms = [stepkto_loss(*shard(batch, rows), z0, step_aggregation=aggregation, reduction="none", **options)[0]
+                 for rows in shards]
+        totals = sum(t.sums() for t in terms)  # (4,): what dist.all_reduce(terms.sums()) gives every rank
+        assert totals[1].item() == 6 and totals[3].item() == 5
+        shares = [t.loss(totals) for t in terms]
+        sum(shares).backward()  # each rank's backward; the gradients add up (DDP: mean, times world_size)
+        assert abs(sum(shares).item() - whole.item()) < 1e-12
+        for part, leaf in zip(parts, leaves):
+            assert torch.allclose(part.grad, leaf.grad, rtol=0, atol=1e-12)
+        assert abs((totals[2] / totals[3]).item() - metrics["loss/step"].item()) < 1e-12
+
+        # Averaging the per-shard means gets the step term wrong: shard A's one completion with steps would
+        # weigh 1/2 instead of 1/5. (It is right for the outcome term only when the shards are equal.)
+        shard_metrics = [stepkto_loss(*shard((outcome, labels, steps, step_labels, step_mask), rows), z0,
+                                      step_aggregation=aggregation, **options)[1] for rows in shards]
+        mean_of_step_means = sum(m["loss/step"] for m in shard_metrics) / 2
+        assert abs(mean_of_step_means.item() - metrics["loss/step"].item()) > 1e-3
+
+
+def test_reduction_none_edge_cases():
+    # No scored step anywhere and w_outcome = 0: a zero loss that is still on the graph, as reduction="mean".
+    outcome = torch.tensor([0.3, -0.2], requires_grad=True)
+    labels = torch.tensor([True, False])
+    no_steps = (torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.bool))
+    terms, metrics = stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0), w_outcome=0.0, reduction="none")
+    assert not terms.has_outcome.any() and not terms.has_step.any()
+    assert "loss/outcome" not in metrics and "loss/step" not in metrics and metrics["loss/total"].item() == 0.0
+    loss = terms.loss(terms.sums())
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(outcome.grad == 0)
+    # bfloat16 log-ratios: sums() is float32, so counts stay exact past bfloat16's 256.
+    batch_size = 300
+    ones = torch.ones(batch_size, 1, dtype=torch.bool)
+    zeros = torch.zeros(batch_size, 1, dtype=torch.bfloat16)
+    terms, _ = stepkto_loss(zeros[:, 0], ones[:, 0], zeros, ones, ones, torch.tensor(0.0), reduction="none")
+    totals = terms.sums()
+    assert totals.dtype == torch.float32 and totals[1].item() == totals[3].item() == batch_size
+    with pytest.raises(ValueError, match="reduction"):
+        stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0), reduction="sum")
