@@ -1,7 +1,7 @@
 """The embedded default task: multi-step integer arithmetic whose every step can be checked exactly.
 
 Sized so that a tiny char-level model trained from scratch on a few CPU cores can learn it; its
-step labels come from an exact checker where Step-KTO (arXiv 2501.10799, Sec. 3) uses a PRM.
+step labels come from an exact checker where Step-KTO (arXiv 2501.10799, Sec. 2.1) uses a PRM.
 
 Problems: `Compute (12 + 7) * 3 - 45.`, 2..6 operations over +, -, * and brackets, built top-down
 from the answer, so every intermediate value is a non-negative integer, every * operand is in

@@ -54,7 +54,7 @@ class Args:
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens generated per sample."})
     seed: int = field(default=0, metadata={"help": "Random seed; each chunk is seeded from (seed, chunk index)."})
     engine: str = field(default="auto", metadata={"help": "transformers | vllm | auto (vllm when it imports and a GPU is present)."})
-    prompt_style: str = field(default="instruct", metadata={"help": "Prompt template in common.PROMPT_TEMPLATES: instruct | minimal."})
+    prompt_style: str = field(default="instruct", metadata={"help": "Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot."})
     chunk_size: int = field(default=256, metadata={"help": "Problems per chunk (the unit of batching and of resuming)."})
     max_problems: int = field(default=0, metadata={"help": "Use only the first N problems (0 = all)."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 | bfloat16 | float16."})

@@ -62,6 +62,9 @@ W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level t
 # whose labels after the named step are not verdicts)
 STEP_SCOPE=${STEP_SCOPE:-$([ "$PRM/$JUDGE_PROTOCOL" = judge/first_error ] && echo first_error || echo all)}
 NLL_WEIGHT=${NLL_WEIGHT:-1.0}             # NLL anchor on fully right samples (not the paper's; README "Results")
+LORA_R=${LORA_R:-0}                       # > 0: train LoRA adapters of this rank (peft), merged into each M_i
+GRAD_ACCUM=${GRAD_ACCUM:-1}               # micro-batches of BATCH per optimizer step
+REPORT_TO=${REPORT_TO:-none}              # none | tensorboard | wandb (train.py and evaluate.py)
 
 if [ -z "${PYTHON:-}" ]; then  # idempotent: a stamp in .venv records what was installed
     bash setup.sh
@@ -124,7 +127,7 @@ BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 evaluate() {  # evaluate <model dir> <name> <iteration> <eval dir>
     timed evaluate $GEN_PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
         --benchmark "$BENCHMARK" --results_table "$RUN/results.jsonl" --objective "$OBJECTIVE" \
-        --run_seed "$SEED" "${LABEL[@]}" "${EVAL_JUDGE[@]}" "${GEN[@]}" "${COMMON[@]}"
+        --run_seed "$SEED" --report_to "$REPORT_TO" "${LABEL[@]}" "${EVAL_JUDGE[@]}" "${GEN[@]}" "${COMMON[@]}"
 }
 evaluate "$MODEL" M0 0 "$BASE/eval/M0"
 
@@ -138,7 +141,8 @@ for i in $(seq 1 "$ITERATIONS"); do
     echo "== iteration $i: train M$i ($OBJECTIVE)"
     timed train $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
         --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
-        --w_step "$W_STEP" --step_scope "$STEP_SCOPE" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" "${COMMON[@]}"
+        --w_step "$W_STEP" --step_scope "$STEP_SCOPE" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" \
+        --lora_r "$LORA_R" --gradient_accumulation_steps "$GRAD_ACCUM" --report_to "$REPORT_TO" "${COMMON[@]}"
     evaluate "$RUN/M$i" "M$i" "$i" "$RUN/eval/M$i"
 done
 

