@@ -1,7 +1,7 @@
 """The embedded default task: multi-step integer arithmetic whose every step can be checked exactly.
 
 Sized so that a tiny char-level model trained from scratch on a few CPU cores can learn it; its
-step labels come from an exact checker where Step-KTO (arXiv 2501.10799, Sec. 2.1) uses a PRM.
+step labels come from an exact checker where Step-KTO (arXiv 2501.10799, Section 2.1) uses a PRM.
 
 Problems: `Compute (12 + 7) * 3 - 45.`, 2..6 operations over +, -, * and brackets, built top-down
 from the answer, so every intermediate value is a non-negative integer, every * operand is in
@@ -33,17 +33,21 @@ enough to be sampled, is the paper's situation: its greedy solutions carry wrong
 Checkers: `check_steps` replays a solution on the problem's expression tree; `check_equations`
 judges any text (ProcessBench, real model outputs) by the arithmetic equations it states.
 
-Command line (run.sh): writes train.jsonl and test.jsonl ({id, problem, answer, solution}) and
-sft.jsonl ({id, problem, answer, completion, flaw}: flawed solutions of train problems) to a folder:
+Command line (run.sh): writes train.jsonl and test.jsonl ({id, problem, answer, solution}: common.PROBLEM_ROW) and
+sft.jsonl ({id, problem, answer, completion, flaw}: common.SFT_ROW, flawed solutions of train problems) to a folder:
     python arith_task.py --output_dir runs/seed0/data --num_train 2000 --num_test 500 --num_sft 20000
 """
-import argparse
 import ast
 import hashlib
 import random
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import common
+from common import option
 
 HARD_PRODUCT = 40  # products from here on are beyond the small times tables
 TEST_PERCENT = 20  # share of the problem space (by text hash) reserved for test splits
@@ -297,7 +301,7 @@ def _solve(expression: str, decide_flaw) -> tuple[str, str]:
         lines.append(f"{a} {op} {b} = {stated}")
         _reduce(node, true if flaw == "silent" else stated)  # silent: later steps use the truth
     worst = "propagating" if "propagating" in flaws else "silent" if "silent" in flaws else "none"
-    return "\n\n".join(lines + [f"The answer is \\boxed{{{root.value}}}."]), worst
+    return common.STEP_SEPARATOR.join(lines + [f"The answer is \\boxed{{{root.value}}}."]), worst
 
 
 def write_solution(rng: random.Random, expression_or_problem: str, rates: FlawRates) -> tuple[str, str]:
@@ -459,37 +463,48 @@ def label_steps_by_equations(steps: list[str]) -> list[bool]:
 
 
 # ----------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> None:
-    defaults = FlawRates()
-    parser = argparse.ArgumentParser(description="Write the arithmetic task's train/test/sft JSONL files.")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_train", type=int, default=2000)
-    parser.add_argument("--num_test", type=int, default=500)
-    parser.add_argument("--num_sft", type=int, default=20000, help="flawed solutions of train problems")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shape", default="chain", choices=["chain", "tree"], help="expression shape")
-    parser.add_argument("--max_number", type=int, default=20, help="largest number in a problem")
-    parser.add_argument("--min_ops", type=int, default=2)
-    parser.add_argument("--max_ops", type=int, default=5)
-    for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name}", type=float, default=value)
-    args = parser.parse_args(argv)
-    import common  # imports torch: only the command line needs its crash-safe writer
+@dataclass(frozen=True)
+class Args:
+    output_dir: str = option(help="Folder for train.jsonl, test.jsonl and sft.jsonl.")
+    num_train: int = option(2000, help="Train problems (the problems sampled from at every iteration).")
+    num_test: int = option(500, help="Held-out test problems (never overlapping any train split).")
+    num_sft: int = option(20000, help="Flawed solutions of train problems (sft.jsonl, M0's training data).")
+    seed: int = option(0, help="Seed of the splits and of the slips.")
+    shape: Literal["chain", "tree"] = option("chain", help="Expression shape: chain (left to right) | tree (any bracketing).")
+    max_number: int = option(20, help="Largest number in a problem.")
+    min_ops: int = option(2, help="Fewest operations per problem.")
+    max_ops: int = option(5, help="Most operations per problem.")
+    p_slip_easy: float = option(FlawRates.p_slip_easy, help="FlawRates.p_slip_easy: slip rate of an easy step.")
+    p_slip_hard: float = option(FlawRates.p_slip_hard, help="FlawRates.p_slip_hard: slip rate of a hard step.")
+    p_silent_add: float = option(FlawRates.p_silent_add, help="FlawRates.p_silent_add: share of silent + slips.")
+    p_silent_sub: float = option(FlawRates.p_silent_sub, help="FlawRates.p_silent_sub: share of silent - slips.")
+    p_silent_mul: float = option(FlawRates.p_silent_mul, help="FlawRates.p_silent_mul: share of silent * slips.")
 
-    out = common.Path(args.output_dir)
+    def rates(self) -> FlawRates:
+        return FlawRates(**{name: getattr(self, name) for name in vars(FlawRates())})
+
+
+def sft_rows(args: Args, shape: dict) -> list[dict]:
+    """Flawed solutions (write_solution) of train problems: M0 sees train problems only."""
+    rng, rows, rates = random.Random(f"arith-sft-{args.seed}"), [], args.rates()
+    for i, row in enumerate(make_split("train", args.num_sft, args.seed, **shape)):
+        completion, flaw = write_solution(rng, row["problem"], rates)
+        rows.append({"id": f"arith-sft-{i:06d}", "problem": row["problem"], "answer": row["answer"],
+                     "completion": completion, "flaw": flaw})
+    return rows
+
+
+def main(args: Args) -> None:
+    out = Path(args.output_dir)
     if all((out / f"{name}.jsonl").exists() for name in ("train", "test", "sft")):
         print(f"{out}: data is complete; nothing to do.")
         return
-    rates = FlawRates(**{name: getattr(args, name) for name in vars(defaults)})
+    args.rates()  # bad rates fail before anything is written
     shape = dict(min_ops=args.min_ops, max_ops=args.max_ops, max_number=args.max_number, shape=args.shape)
-    common.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed, **shape))
-    common.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed, **shape))
-    rng, sft = random.Random(f"arith-sft-{args.seed}"), []
-    for i, row in enumerate(make_split("train", args.num_sft, args.seed, **shape)):  # M0 sees train problems only
-        completion, flaw = write_solution(rng, row["problem"], rates)
-        sft.append({"id": f"arith-sft-{i:06d}", "problem": row["problem"], "answer": row["answer"],
-                    "completion": completion, "flaw": flaw})
-    common.write_jsonl_atomic(out / "sft.jsonl", sft)
+    common.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed, **shape), common.PROBLEM_ROW)
+    common.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed, **shape), common.PROBLEM_ROW)
+    sft = sft_rows(args, shape)
+    common.write_jsonl_atomic(out / "sft.jsonl", sft, common.SFT_ROW)
     shares = {flaw: round(sum(r["flaw"] == flaw for r in sft) / max(len(sft), 1), 4)
               for flaw in ("none", "propagating", "silent")}
     print(f"wrote {args.num_train} train, {args.num_test} test, {len(sft)} sft rows to {out}; "
@@ -497,4 +512,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(Args, main)

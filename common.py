@@ -7,10 +7,11 @@ The JSONL contract between stages
 * A stage writes its output to ``OUT.partial`` a chunk at a time (one ``write`` + ``fsync`` per
   chunk) and renames it to ``OUT`` when every chunk is done. ``OUT`` existing means complete; a crash
   leaves only ``OUT.partial``, which the next run resumes from (``resume_rows``).
-* Every row has a unique ``id``. Chunks are fixed by the input order and the chunk size, and each
-  chunk is seeded from (seed, chunk index), so a resumed run writes exactly what an uninterrupted
-  run with the same seed would have written.
-* Reading checks each row against a schema and raises ``DataError`` naming file, line and field.
+* Every row has a unique string ``id``. Chunks are fixed by the input order and the chunk size, and
+  each chunk is seeded from the run seed and the chunk (``derived_seed``), so a resumed run writes
+  exactly what an uninterrupted run with the same seed would have written.
+* Each file's rows follow one schema below (``PROBLEM_ROW`` ... ``RESULTS_TABLE_ROW``), checked on
+  write and on read; a bad row raises ``DataError`` naming file, line and field.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ import os
 import random
 import re
 import string
+import sys
+import zlib
+from dataclasses import MISSING, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,21 +39,57 @@ class DataError(ValueError):
     """Bad input: the message names the file, the line and the field."""
 
 
+# The rows of every file the stages pass to each other: {field: type or tuple of types} of the fields the
+# readers rely on (a row may carry more). Checked when written (append_chunk, write_jsonl_atomic,
+# write_json_atomic) and when read (read_jsonl, read_json). Ids are strings everywhere.
+NONE = type(None)
+# arith_task.py's train.jsonl / test.jsonl (+ "solution"); grading.load_benchmark gives other problem files this form
+PROBLEM_ROW = {"id": str, "problem": str, "answer": str}
+# arith_task.py's sft.jsonl -> train.py --objective sft (M0)
+SFT_ROW = {"id": str, "problem": str, "completion": str}
+# generate.py -> label.py: one sampled solution (+ "sample_index", "gen", and the token ids train.py prefers)
+SAMPLE_ROW = {**PROBLEM_ROW, "problem_id": str, "prompt": str, "completion": str, "finish_reason": str}
+# what train.py --objective kto reads: the outcome label (Section 2.1) of a completion
+KTO_ROW = {"id": str, "prompt": str, "completion": str, "finish_reason": str, "outcome": bool}
+# what train.py --objective step-kto reads: also one label per step (Section 2.1), TRL's stepwise-supervision fields
+STEP_KTO_ROW = {**KTO_ROW, "completions": list, "labels": list}
+# label.py -> train.py, evaluate.py: a sample row with its outcome and step labels
+LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, NONE), "prm": str, "prm_failures": int}
+# evaluate.py's result.json (Section 3 / Table 3: Pass@1 and the stepwise error rate; more keys with --sample_k)
+RESULT = {"model": str, "benchmark": str, "prm": str, "n_problems": int, "pass@1": float,
+          "stepwise_error_rate": (float, NONE), "n_correct": int, "n_correct_with_wrong_step": int, "truncated": int}
+# report.py's RUNS/seed<S>/<objective>/results.jsonl: one row per evaluated model M<iteration> of a run
+RESULTS_TABLE_ROW = {"name": str, "iteration": int, "objective": str, "seed": int, **RESULT}
+
+
 def _check_row(row, schema: dict, where: str) -> None:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field, types in schema.items():
-        if field not in row:
-            raise DataError(f"{where}: missing field '{field}'")
-        value, types = row[field], _as_tuple(types)
+    for field_name, types in schema.items():
+        if field_name not in row:
+            raise DataError(f"{where}: missing field '{field_name}'")
+        value, types = row[field_name], _as_tuple(types)
         # bool is a subclass of int in Python: a label `true` must not pass as a count
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             want = "/".join(t.__name__ for t in types)
-            raise DataError(f"{where}: field '{field}' must be {want}, got {type(value).__name__}")
+            raise DataError(f"{where}: field '{field_name}' must be {want}, got {type(value).__name__}")
 
 
 def _as_tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line; DataError naming file and line on invalid JSON."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
@@ -57,18 +98,38 @@ def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            _check_row(row, schema or {}, f"{path}:{lineno}")
-            rows.append(row)
+    for lineno, row in iter_jsonl(path):
+        _check_row(row, schema or {}, f"{path}:{lineno}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: file is empty (no JSONL rows)")
+    return rows
+
+
+def read_json(path: str | Path, schema: dict | None = None):
+    """Read a JSON file; with ``schema``, it must hold one object carrying it (result.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if schema is not None:
+        _check_row(value, schema, str(path))
+    return value
+
+
+def read_complete_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file that a kill -9 may have cut: every row before the first line that does not
+    parse (that line and everything after it are lost anyway); none when the file does not exist."""
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
     return rows
 
 
@@ -86,12 +147,7 @@ def resume_rows(out: str | Path, chunks: list[list[str]]) -> tuple[list[dict], i
     partial = _partial_path(Path(out))
     if not partial.exists():
         return [], 0
-    rows = []
-    for line in partial.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the line a kill -9 cut short: everything after it is lost anyway
+    rows = read_complete_rows(partial)
     kept, done = [], 0
     for chunk in chunks:
         ids = [r.get("id") for r in rows[len(kept) : len(kept) + len(chunk)]]
@@ -110,8 +166,15 @@ def _write_lines(path: Path, rows: list[dict], mode: str) -> None:
         os.fsync(f.fileno())
 
 
-def append_chunk(out: str | Path, rows: list[dict]) -> None:
-    """Append one finished chunk to ``out.partial`` (one write, then fsync)."""
+def _check_rows(rows: list[dict], schema: dict | None, path: Path) -> None:
+    """Refuse to write a row that breaks the file's contract (before anything is written)."""
+    for index, row in enumerate(rows, start=1):
+        _check_row(row, schema or {}, f"{path}: row {index} to write")
+
+
+def append_chunk(out: str | Path, rows: list[dict], schema: dict) -> None:
+    """Append one finished chunk of rows carrying ``schema`` to ``out.partial`` (one write, then fsync)."""
+    _check_rows(rows, schema, Path(out))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     _write_lines(_partial_path(Path(out)), rows, mode="a")
 
@@ -125,17 +188,23 @@ def finish_output(out: str | Path) -> None:
     os.replace(partial, out)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON through a temporary name so that a crash never leaves a truncated file."""
+def write_json_atomic(path: str | Path, obj, schema: dict | None = None) -> None:
+    """Write JSON (an object carrying ``schema`` when given) through a temporary name, so that a crash
+    never leaves a truncated file."""
     path = Path(path)
+    if schema is not None:
+        _check_row(obj, schema, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
-def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+def write_jsonl_atomic(path: str | Path, rows: list[dict], schema: dict | None = None) -> None:
+    """Write a whole JSONL file at once (rows carrying ``schema``; None: files no other stage reads, such
+    as train.py's log) through a temporary name."""
     path = Path(path)
+    _check_rows(rows, schema, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     _write_lines(tmp, rows, mode="w")
@@ -146,24 +215,58 @@ def chunked(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def derived_seed(*parts) -> int:
+    """One seed in [0, 2**31) from several, the same in every process: how every chunk of a stage's output is
+    seeded (generate.py: run seed and chunk index; label.py mc: run seed and the chunk's row ids), so that a
+    resumed run writes what an uninterrupted one would have. Ints only: Python's hash of a tuple of ints
+    (not salted per process, unlike str); else the CRC-32 of the parts as JSON."""
+    if all(isinstance(part, int) for part in parts):
+        return hash(parts) % 2**31
+    return zlib.crc32(json.dumps(list(parts)).encode()) % 2**31
+
+
 def seed_everything(*seeds: int) -> None:
     """Seed python, numpy and torch from a tuple such as (run seed, chunk index)."""
-    seed = hash(tuple(seeds)) % (2**31)  # hash of ints is stable across processes
+    seed = derived_seed(*seeds)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+# ----------------------------------------------------------------------------- command lines
+
+
+def option(default=MISSING, help: str = ""):
+    """A dataclass field with its --help text (HfArgumentParser reads metadata["help"]): how every stage
+    declares its command-line options."""
+    return field(default=default, metadata={"help": help})
+
+
+def run_cli(args_class, main) -> None:
+    """``main(args)`` with the command line parsed into ``args_class``. A ValueError (common.DataError and
+    grading's loader errors name file, line and field) ends the process with its message, not a traceback."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses()
+    try:
+        main(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
 # ----------------------------------------------------------------------------- steps and prompts
 
 # Steps are separated by a blank line (the format the prompts ask for, and the paper's Fig. 1 style).
-_STEP_SEPARATOR = re.compile(r"\n[ \t]*\n")
+# STEP_SEPARATOR is how steps are written (arith_task.py's solutions, GSM8K references, the prefix an mc
+# rollout continues); step_spans splits on any blank line, whitespace-only lines included.
+STEP_SEPARATOR = "\n\n"
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
 def step_spans(text: str) -> list[tuple[int, int]]:
     """Character spans (start, end) of the non-empty steps of ``text``, separators excluded."""
     spans, start = [], 0
-    for m in list(_STEP_SEPARATOR.finditer(text)) + [None]:
+    for m in list(_BLANK_LINE.finditer(text)) + [None]:
         end = m.start() if m else len(text)
         chunk = text[start:end]
         if chunk.strip():
@@ -207,12 +310,20 @@ def build_prompt(tokenizer, problem: str, style: str = "instruct") -> str:
     if style == "minimal":
         return text
     system = SYSTEM_PROMPTS.get(style)
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if system:  # the ChatML text the Qwen2.5-Math harness hard-codes, whatever the model's own format
+    if system and not getattr(tokenizer, "chat_template", None):
+        # the ChatML text the Qwen2.5-Math harness hard-codes, whatever the model's own format
         return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-    return text + "\n\nSolution:\n"
+    return chat_prompt(tokenizer, text, "\n\nSolution:\n", system)
+
+
+def chat_prompt(tokenizer, text: str, plain_suffix: str, system: str | None = None) -> str:
+    """``text`` as the user message of the tokenizer's chat template (after ``system`` when given), ready for
+    the reply; ``text + plain_suffix`` for a tokenizer without a template. The one place prompts (the
+    policy's here, the judge's in label.py) go through a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text + plain_suffix
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # ----------------------------------------------------------------------------- experiment tracking
@@ -433,3 +544,98 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> Non
     write_json_atomic(tmp / "source.json", {"gguf": gguf_path.name, "sha256": sha256, "note": (
         "dequantized from a 4-bit (Q4_1) GGUF: not the original float weights")})
     os.replace(tmp, out_dir)
+
+
+# ---- training plumbing (train.py): processes, atomic torch.save, RNG state, the training log
+# (appended as one block, so its imports are here rather than at the top)
+
+from typing import NamedTuple  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+
+class Env(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> Env:
+    """One process unless launched by torchrun (even with one process: FSDP2 on one GPU); then gloo on
+    CPU, nccl on GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "LOCAL_RANK" not in os.environ:  # plain `python train.py`
+        return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(dist.get_rank(), world_size, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def all_reduce_sums(sums: dict, device: torch.device) -> dict[str, float]:
+    """Sum each value over the ranks in one collective (and one device-to-host copy). Every rank must
+    pass the same keys."""
+    keys = sorted(sums)
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])  # (S,)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU; a DTensor shard is all-gathered (a collective: every rank, same order)."""
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().cpu()
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary name, fsync, rename: a kill at any moment leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def append_log(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log lines written after a resume state of step last_step (they will be written again), and a
+    line cut by a kill."""
+    if path.exists():
+        write_jsonl_atomic(path, [e for e in read_complete_rows(path) if e["step"] <= last_step])

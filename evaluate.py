@@ -1,4 +1,4 @@
-"""Evaluate a model: Pass@1 with greedy decoding and the stepwise error rate (paper Tables 1 and 3).
+"""Evaluate a model: Pass@1 with greedy decoding and the stepwise error rate (paper Section 3, Tables 1 and 3).
 
 * Pass@1: one greedy solution per problem, graded against the gold answer (math-verify, hard timeout);
   reported with a 95% confidence interval (Wilson).
@@ -8,67 +8,60 @@
   unbiased pass@k for k = 1, 2, 4, ... and K (Chen et al. 2021), Maj@K (majority vote, votes grouped by
   grading equivalence) and the stepwise error rate of samples.
 
-Writes OUTPUT_DIR/{greedy_samples,greedy_labels}.jsonl (resumable, as every stage), OUTPUT_DIR/result.json,
-replaces-or-appends this model's row in the run's results table (``--results_table``, JSONL), and with
-``--report_to tensorboard|wandb`` logs result.json's numbers as eval/<metric> at step --iteration into
-OUTPUT_DIR/tracking.
+Writes OUTPUT_DIR/{greedy_samples,greedy_labels}.jsonl (resumable, as every stage: through
+generate.generate_rows and label.label_file) and OUTPUT_DIR/result.json (common.RESULT), and with
+``--report_to tensorboard|wandb`` logs result.json's numbers as eval/<metric> at step ``--step`` into
+OUTPUT_DIR/tracking. The evaluation's name (printed, and the tracker's run name) is OUTPUT_DIR's folder
+name: M<i> in run.sh's layout. A run's results table (M0, M1, ...) is report.py's: it reads the
+result.json files of run.sh's evaluation folders.
 
 The default budget, 2048 new tokens, is the Qwen2.5-Math evaluation harness's (MATH-500 solutions run to
 1,000+ tokens); its prompt is ``--prompt_style qwen25-math-cot`` and it decodes greedily. Usage:
 
-    python evaluate.py --model runs/stepkto/M1 --benchmark runs/stepkto/data/test.jsonl --max_new_tokens 160 \
-        --output_dir runs/stepkto/eval/M1 --results_table runs/stepkto/results.jsonl --name M1 --iteration 1
+    python evaluate.py --model runs/seed0/step-kto/M1 --benchmark runs/seed0/data/test.jsonl --max_new_tokens 160 \
+        --output_dir runs/seed0/step-kto/eval/M1
     python evaluate.py --model meta-llama/Llama-3.1-8B-Instruct --benchmark math500 --engine vllm \
         --prompt_style qwen25-math-cot --output_dir eval/math500 --sample_k 8 --sample_temperature 0.7 \
-        --report_to tensorboard
+        --report_to tensorboard --step 0
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-from transformers import HfArgumentParser
 
 import common
 import generate
 import grading
 import label
+from common import option
 
 
-@dataclass
-class Args:
-    model: str = field(metadata={"help": "Model folder or hub id."})
-    benchmark: str = field(metadata={"help": "Test problems: a JSONL path or math500|amc23|aime24|gsm8k."})
-    output_dir: str = field(metadata={"help": "Folder for this evaluation's samples, labels and result.json."})
-    results_table: str = field(default="", metadata={"help": "Run-level results JSONL to add this model's row to."})
-    name: str = field(default="", metadata={"help": "Row name in the results table (e.g. M1); default: the model path."})
-    iteration: int = field(default=-1, metadata={"help": "Step-KTO iteration of the model (0 = seed), for the table and as the --report_to step (-1: step 0)."})
-    objective: str = field(default="", metadata={"help": "Training objective of the model, for the table."})
-    run_seed: int = field(default=0, metadata={"help": "Seed of the run the model belongs to, for the table."})
-    prm: str = field(default="check", metadata={"help": "Step labeller for the stepwise error rate (label.py --prm)."})
-    judge_model: str = field(default="", metadata={"help": "--prm judge: the judge model (label.py --judge_model)."})
-    judge_engine: str = field(default="auto", metadata={"help": "--prm judge: its engine (label.py --judge_engine)."})
-    judge_protocol: str = field(default="step", metadata={"help": "--prm judge: step | first_error (label.py --judge_protocol)."})
-    judge_dtype: str = field(default="", metadata={"help": "--prm judge: the judge's dtype (default: --dtype)."})
-    judge_tensor_parallel_size: int = field(default=1, metadata={"help": "--prm judge: the judge's vLLM tensor parallel size."})
-    sample_k: int = field(default=0, metadata={"help": "Also draw K samples per problem for mean Pass@1, pass@k (k = 1, 2, 4, ..., K) and Maj@K (0 = off)."})
-    sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the K samples."})
-    max_new_tokens: int = field(default=2048, metadata={"help": "Maximum tokens generated per solution (2048: the Qwen2.5-Math harness's budget)."})
-    max_problems: int = field(default=0, metadata={"help": "Use only the first N problems (0 = all)."})
-    prompt_style: str = field(default="instruct", metadata={"help": "Prompt template: instruct | minimal | qwen25-math-cot (the Qwen2.5-Math harness's)."})
-    engine: str = field(default="auto", metadata={"help": "transformers | vllm | auto."})
-    chunk_size: int = field(default=256, metadata={"help": "Problems per generation chunk."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (greedy decoding ignores it)."})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = default)."})
-    report_to: str = field(default="none", metadata={"help": "Log result.json's numbers to none | tensorboard | wandb, in OUTPUT_DIR/tracking (wandb offline unless WANDB_MODE=online)."})
+@dataclass(frozen=True, kw_only=True)
+class Args(generate.Policy):
+    """evaluate.py's command line: the evaluated policy (generate.Policy: model, engine, prompt, ...), the
+    benchmark, the step labeller and the tracker."""
+
+    max_new_tokens: int = option(2048, help="Maximum tokens generated per solution (2048: the Qwen2.5-Math harness's budget).")
+    benchmark: str = option(help="Test problems: a JSONL path or math500|amc23|aime24|gsm8k.")
+    output_dir: str = option(help="Folder for this evaluation's samples, labels and result.json.")
+    max_problems: int = option(0, help="Use only the first N problems (0 = all).")
+    sample_k: int = option(0, help="Also draw K samples per problem for mean Pass@1, pass@k (k = 1, 2, 4, ..., K) and Maj@K (0 = off).")
+    sample_temperature: float = option(1.0, help="Temperature of the K samples.")
+    prm: str = option("check", help="Step labeller for the stepwise error rate (label.py --prm).")
+    judge_model: str = option("", help="--prm judge: the judge model (label.py --judge_model).")
+    judge_engine: str = option("auto", help="--prm judge: its engine (label.py --judge_engine).")
+    judge_protocol: str = option("step", help="--prm judge: step | first_error (label.py --judge_protocol).")
+    judge_dtype: str = option("", help="--prm judge: the judge's dtype (default: --dtype).")
+    judge_tensor_parallel_size: int = option(1, help="--prm judge: the judge's vLLM tensor parallel size.")
+    num_threads: int = option(0, help="torch CPU threads (0 = default).")
+    report_to: str = option("none", help="Log result.json's numbers to none | tensorboard | wandb, in OUTPUT_DIR/tracking (wandb offline unless WANDB_MODE=online).")
+    step: Optional[int] = option(None, help="--report_to: the step the numbers are logged at (run.sh: the Step-KTO iteration i of M_i, Section 2.4; default 0).")
 
 
 def check_args(args: Args) -> None:
@@ -81,6 +74,10 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.sample_k < 0:
         raise ValueError(f"--sample_k must be >= 0 (0 = off), got {args.sample_k}")
+    if args.step is not None and args.report_to == "none":
+        raise ValueError("--step is the step of the --report_to tracker: it needs --report_to tensorboard | wandb")
+    if args.step is not None and args.step < 0:
+        raise ValueError(f"--step must be >= 0, got {args.step}")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -155,32 +152,26 @@ def sampled_metrics(rows: list[dict], k: int, timeout_s: float = 5.0) -> dict:
     }
 
 
-def sample_and_label(args: Args, problems: list[dict], tag: str, n: int, temperature: float) -> list[dict]:
-    """Generate (resumable) and label (resumable) one set of solutions; returns the labelled rows."""
-    out = Path(args.output_dir)
-    gen_args = generate.Args(
-        model=args.model, problems=args.benchmark, output=str(out / f"{tag}_samples.jsonl"), num_samples=n,
-        temperature=temperature, max_new_tokens=args.max_new_tokens, seed=args.seed, engine=args.engine,
-        prompt_style=args.prompt_style, chunk_size=args.chunk_size, dtype=args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
-    if not Path(gen_args.output).exists():
-        generate.generate_rows(gen_args, problems, gen_args.output, desc=f"eval {tag}")
-    label_args = label.Args(
-        input=gen_args.output, output=str(out / f"{tag}_labels.jsonl"), prm=args.prm,
-        judge_model=args.judge_model, judge_engine=args.judge_engine, judge_protocol=args.judge_protocol,
+def policy_settings(args: Args, n: int, temperature: float) -> generate.Settings:
+    """How the evaluated model samples: n solutions per problem at ``temperature`` (0: greedy), top_p 1."""
+    policy = {f.name: getattr(args, f.name) for f in fields(generate.Policy)}
+    return generate.Settings(**policy, num_samples=n, temperature=temperature)
+
+
+def label_settings(args: Args) -> label.Settings:
+    """How the solutions are labelled: --prm, and the judge's model, engine, protocol, dtype and TP size."""
+    return label.Settings(
+        prm=args.prm, judge_model=args.judge_model, judge_engine=args.judge_engine, judge_protocol=args.judge_protocol,
         dtype=args.judge_dtype or args.dtype, tensor_parallel_size=args.judge_tensor_parallel_size,
     )
-    label.main(label_args)
-    return common.read_jsonl(label_args.output)
 
 
-def add_to_results_table(path: str, row: dict) -> None:
-    """Replace this model's row (a rerun after a crash must not duplicate it) or append it."""
-    table = Path(path)
-    rows = [json.loads(l) for l in table.read_text().splitlines() if l.strip()] if table.exists() else []
-    rows = [r for r in rows if r.get("name") != row["name"]] + [row]
-    common.write_jsonl_atomic(table, rows)
+def sample_and_label(args: Args, problems: list[dict], tag: str, n: int, temperature: float) -> list[dict]:
+    """Generate (resumable) and label (resumable) one set of solutions; returns the labelled rows."""
+    samples, labels = (str(Path(args.output_dir) / f"{tag}_{kind}.jsonl") for kind in ("samples", "labels"))
+    generate.generate_rows(problems, samples, policy_settings(args, n, temperature), desc=f"eval {tag}")
+    label.label_file(samples, labels, label_settings(args))
+    return common.read_jsonl(labels, common.LABELLED_ROW)
 
 
 def compute_result(args: Args, problems: list[dict]) -> dict:
@@ -200,24 +191,16 @@ def main(args: Args) -> None:
 
         torch.set_num_threads(args.num_threads)
     problems = generate.load_problems(args.benchmark, args.max_problems)
-    step = max(args.iteration, 0)  # the x axis of M0..M3; a model outside the loop (-1) goes at 0
+    step, name = args.step or 0, Path(args.output_dir).name  # the evaluation's name: M<i> in run.sh's layout
     # opened before generating, so that a missing tensorboard/wandb fails now and not after the evaluation
-    tracking = common.open_tracker(args.report_to, Path(args.output_dir) / "tracking", args.name or Path(args.model).name,
-                                   asdict(args), start_step=step)
+    tracking = common.open_tracker(args.report_to, Path(args.output_dir) / "tracking", name, asdict(args), start_step=step)
     with tracking:
         result = compute_result(args, problems)
-        common.write_json_atomic(Path(args.output_dir) / "result.json", result)
+        common.write_json_atomic(Path(args.output_dir) / "result.json", result, common.RESULT)
         tracking.log({f"eval/{key}": value for key, value in result.items()}, step)
-    if args.results_table:
-        meta = {"name": args.name or args.model, "iteration": args.iteration, "objective": args.objective, "seed": args.run_seed}
-        add_to_results_table(args.results_table, {**meta, **result})
     ser = result["stepwise_error_rate"]
-    print(f"{args.name or args.model}: Pass@1 {result['pass@1']:.3f}  stepwise error rate {ser if ser is None else round(ser, 3)}")
+    print(f"{name}: Pass@1 {result['pass@1']:.3f}  stepwise error rate {ser if ser is None else round(ser, 3)}")
 
 
 if __name__ == "__main__":
-    (parsed,) = HfArgumentParser(Args).parse_args_into_dataclasses()
-    try:
-        main(parsed)
-    except ValueError as e:  # common.DataError and grading's loader errors name file, line and field
-        sys.exit(f"error: {e}")
+    common.run_cli(Args, main)

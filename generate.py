@@ -1,6 +1,6 @@
 """Sample step-by-step solutions from a model: N samples per problem, written as JSONL.
 
-The sampling stage of the Step-KTO loop (paper Sec. 2.1 and 2.4: the current policy M(i-1) samples
+The sampling stage of the Step-KTO loop (paper Sections 2.1 and 2.4: the current policy M(i-1) samples
 solutions that are then labelled at the step and outcome level). One output row per sample:
 
     {"id": "<problem id>#<k>", "problem_id", "problem", "answer", "solution"?, "prompt",
@@ -12,7 +12,9 @@ stop token included when finish_reason is "stop"): train.py scores these ids, ne
 the text, which with a BPE tokenizer can differ exactly at step boundaries ("\n\n" sampled as one token
 re-encodes as two). ``completion`` is decoded from the ids; ``completion_offsets[i]`` is the character
 of ``completion`` where token i starts (generate.token_offsets), which is how train.py maps steps onto
-tokens.
+tokens. The fields every row must carry are common.SAMPLE_ROW (checked when written).
+
+Other stages call ``generate_rows(problems, output, Settings(...))`` (evaluate.py does), never ``main``.
 
 Usage (single process; generation does not need torchrun, vLLM shards with --tensor_parallel_size):
 
@@ -23,43 +25,59 @@ Usage (single process; generation does not need torchrun, vLLM shards with --ten
 
 Crash safety: rows go to OUTPUT.partial a chunk of problems at a time and OUTPUT appears only when
 all are done; a rerun resumes after the last complete chunk. Each chunk is seeded from (seed, chunk
-index), so the resumed output equals an uninterrupted run's.
+index) (common.derived_seed), so the resumed output equals an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 import grading
+from common import option
 
 
-@dataclass
-class Args:
-    model: str = field(metadata={"help": "Model folder or hub id to sample from."})
-    problems: str = field(metadata={"help": "Problems: a JSONL path (problem, answer fields) or math500|amc23|aime24|gsm8k."})
-    output: str = field(metadata={"help": "Output JSONL path (written as OUTPUT.partial until complete)."})
-    num_samples: int = field(default=4, metadata={"help": "Samples per problem."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens generated per sample."})
-    seed: int = field(default=0, metadata={"help": "Random seed; each chunk is seeded from (seed, chunk index)."})
-    engine: str = field(default="auto", metadata={"help": "transformers | vllm | auto (vllm when it imports and a GPU is present)."})
-    prompt_style: str = field(default="instruct", metadata={"help": "Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot."})
-    chunk_size: int = field(default=256, metadata={"help": "Problems per chunk (the unit of batching and of resuming)."})
-    max_problems: int = field(default=0, metadata={"help": "Use only the first N problems (0 = all)."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 | bfloat16 | float16."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size (GPUs per model)."})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)."})
+@dataclass(frozen=True)
+class Policy:
+    """The model that samples and how it runs: the options generate.py and evaluate.py share."""
+
+    model: str = option(help="Model folder or hub id to sample from.")
+    max_new_tokens: int = option(256, help="Maximum tokens generated per sample.")
+    seed: int = option(0, help="Random seed; each chunk is seeded from (seed, chunk index).")
+    engine: str = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
+    prompt_style: str = option("instruct", help="Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
+    chunk_size: int = option(256, help="Problems per chunk (the unit of batching and of resuming).")
+    dtype: str = option("float32", help="Model dtype: float32 | bfloat16 | float16.")
+    tensor_parallel_size: int = option(1, help="vLLM tensor parallel size (GPUs per model).")
+
+
+@dataclass(frozen=True)
+class Settings(Policy):
+    """How to sample: every option of generate.py but its files. evaluate.py passes one to generate_rows."""
+
+    num_samples: int = option(4, help="Samples per problem.")
+    temperature: float = option(1.0, help="Sampling temperature; 0 means greedy decoding.")
+    top_p: float = option(1.0, help="Nucleus sampling threshold.")
+
+    def sampling(self) -> "Sampling":
+        return Sampling(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Args(Settings):
+    """generate.py's command line: Settings, plus the files and the process."""
+
+    problems: str = option(help="Problems: a JSONL path (problem, answer fields) or math500|amc23|aime24|gsm8k.")
+    output: str = option(help="Output JSONL path (written as OUTPUT.partial until complete).")
+    max_problems: int = option(0, help="Use only the first N problems (0 = all).")
+    num_threads: int = option(0, help="torch CPU threads (0 = torch's default).")
 
 
 def resolve_engine(engine: str) -> str:
@@ -279,27 +297,27 @@ def make_rows(problems: list[dict], prompts: list[str], samples: list[list[Sampl
     return rows
 
 
-def generation_settings(args: Args, engine: str) -> dict:
+def generation_record(settings: Settings, engine: str) -> dict:
+    """The rows' "gen" field: the settings that decide what was sampled."""
     keys = ("model", "temperature", "top_p", "max_new_tokens", "seed", "num_samples", "prompt_style")
-    return {**{k: asdict(args)[k] for k in keys}, "engine": engine}
+    return {**{key: getattr(settings, key) for key in keys}, "engine": engine}
 
 
-def sampling_of(args: Args) -> Sampling:
-    return Sampling(args.num_samples, args.temperature, args.top_p, args.max_new_tokens)
-
-
-def generate_rows(args: Args, problems: list[dict], output: str, desc: str = "generate") -> None:
-    """Sample every problem, chunk by chunk, resuming after the chunks a crashed run finished."""
-    chunks = common.chunked(problems, args.chunk_size)
-    _, done = common.resume_rows(output, [sample_ids(c, args.num_samples) for c in chunks])
-    engine_name = resolve_engine(args.engine)
-    gen = generation_settings(args, engine_name)
+def generate_rows(problems: list[dict], output: str, settings: Settings, desc: str = "generate") -> None:
+    """Sample every problem into ``output`` (SAMPLE_ROW rows), chunk by chunk, resuming after the chunks a
+    crashed run finished; nothing to do when ``output`` is complete."""
+    if Path(output).exists():
+        return
+    chunks = common.chunked(problems, settings.chunk_size)
+    _, done = common.resume_rows(output, [sample_ids(c, settings.num_samples) for c in chunks])
+    engine_name = resolve_engine(settings.engine)
+    gen = generation_record(settings, engine_name)
     if done < len(chunks):
-        engine = get_engine(args.model, engine_name, args.dtype, args.tensor_parallel_size)
+        engine = get_engine(settings.model, engine_name, settings.dtype, settings.tensor_parallel_size)
     for index in tqdm(range(done, len(chunks)), desc=desc, initial=done, total=len(chunks)):
-        prompts = [common.build_prompt(engine.tokenizer, p["problem"], args.prompt_style) for p in chunks[index]]
-        samples = engine.generate(prompts, sampling_of(args), hash((args.seed, index)) % 2**31)
-        common.append_chunk(output, make_rows(chunks[index], prompts, samples, engine.tokenizer, gen))
+        prompts = [common.build_prompt(engine.tokenizer, p["problem"], settings.prompt_style) for p in chunks[index]]
+        samples = engine.generate(prompts, settings.sampling(), common.derived_seed(settings.seed, index))
+        common.append_chunk(output, make_rows(chunks[index], prompts, samples, engine.tokenizer, gen), common.SAMPLE_ROW)
     common.finish_output(output)
 
 
@@ -310,13 +328,9 @@ def main(args: Args) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     problems = load_problems(args.problems, args.max_problems)
-    generate_rows(args, problems, args.output)
+    generate_rows(problems, args.output, args)
     print(f"wrote {len(problems) * args.num_samples} samples to {args.output}")
 
 
 if __name__ == "__main__":
-    (parsed,) = HfArgumentParser(Args).parse_args_into_dataclasses()
-    try:
-        main(parsed)
-    except ValueError as e:  # common.DataError and grading's loader errors name file, line and field
-        sys.exit(f"error: {e}")
+    common.run_cli(Args, main)

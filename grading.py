@@ -335,7 +335,7 @@ def gsm8k_reference_solution(worked: str, answer: str) -> str:
     """A GSM8K worked solution (the text before ``####``) in the project's step format.
 
     Each non-empty line is one step, stripped, with its ``<<48/2=24>>`` annotations removed; steps
-    are separated by a blank line (what common.split_steps splits on), and a last step
+    are separated by a blank line (common.STEP_SEPARATOR, what common.step_spans splits on), and a last step
     "The answer is \\boxed{answer}." carries the gold answer, as the prompts ask a model to write it.
     """
     # the annotations are the calculator calls the GSM8K authors used to check the arithmetic, not
@@ -359,15 +359,10 @@ def _normalise_rows(located_rows, source: str) -> list[dict]:
 
 
 def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield f"{path}:{lineno}", f"{path.stem}-{lineno}", raw
+    import common  # here, not at the top: common imports torch, which the grading workers must not wait for
+
+    for lineno, raw in common.iter_jsonl(path):
+        yield f"{path}:{lineno}", f"{path.stem}-{lineno}", raw
 
 
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")

@@ -1,13 +1,13 @@
 """Label sampled solutions at two levels: the final answer (outcome) and every step (process).
 
-Paper Sec. 2.1: the outcome label is a rule-based check of the final answer against the gold answer; the
+Paper Section 2.1: the outcome label is a rule-based check of the final answer against the gold answer; the
 step labels come from a process reward model. Step labellers (``--prm``):
 
 * ``check``: exact, no model. On the built-in arithmetic task (arith_task.py) every step is checked
   against the problem's expression tree (a step is wrong when its equation is false or when it starts
   from a value the previous steps did not produce); on any other text a step is wrong when an
   arithmetic equation it states is false.
-* ``judge``: the paper's PRM as we read it (Step-KTO, arXiv 2501.10799, Sec. 2.1): an LLM (``--judge_model``,
+* ``judge``: the paper's PRM as we read it (Step-KTO, arXiv 2501.10799, Section 2.1): an LLM (``--judge_model``,
   greedy) sees the problem, the reference solution (the row's ``solution``; the prompt says so when
   there is none) and the student's steps. ``--judge_protocol step`` (default): one call per step, with
   the previous steps and the current one, answered "correct" or "incorrect" (prompt: ``JUDGE_TEMPLATE``,
@@ -23,11 +23,15 @@ step labels come from a process reward model. Step labellers (``--prm``):
   ``--mc_threshold`` of them end in the gold answer (last \\boxed{} of the completion's first k steps
   plus the continuation, graded by grading.grade_answers).
 
-A labeller is ``fn(rows, args) -> [[True | False | None per step] per row]`` (None: no verdict).
-judge and mc generate through generate.py's engines (transformers | vllm), loaded once per process;
-all judge prompts / rollouts of a chunk go through one generation call.
+A labeller is ``fn(rows, spans, settings, engine=None) -> [[True | False | None per step] per row]``
+(None: no verdict), where ``spans[i]`` are row i's steps (common.step_spans, split once in label_rows).
+judge and mc generate through generate.py's engines (transformers | vllm), loaded once per process
+(``engine`` replaces that engine: the ProcessBench benchmark passes one that counts tokens); all judge
+prompts / rollouts of a chunk go through one generation call.
 
-Output rows are the input rows plus
+Other stages call ``label_file(samples, output, Settings(...))`` (evaluate.py does) or ``label_rows``,
+never ``main``. Input rows must carry common.SAMPLE_ROW; output rows carry common.LABELLED_ROW: the input
+rows plus
 
     {"completions": [step, ...], "step_spans": [[start, end] per step: characters of "completion"],
      "labels": [bool per step], "outcome": bool, "pred": str | None,
@@ -49,79 +53,84 @@ chunk from (--seed, the chunk's row ids), so a resumed run writes what an uninte
 
 from __future__ import annotations
 
-import json
 import re
-import sys
-import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import arith_task
 import common
 import generate
 import grading
+from common import option
 
-# The fields label.py needs from generate.py's rows (the JSONL contract between the two stages).
-SAMPLE_SCHEMA = {"id": str, "problem": str, "answer": str, "prompt": str, "completion": str}
-
-STEP_SEPARATOR = "\n\n"  # what common.split_steps splits on: a rollout prefix ends with it
 # The label of a step whose judge verdict could not be parsed (counted in prm_failures): wrong, because a
 # step that no judge vouched for must not be reinforced as right by the step-level loss.
 UNPARSEABLE_STEP_LABEL = False
 
 
-@dataclass
-class Args:
-    input: str = field(metadata={"help": "Samples JSONL written by generate.py."})
-    output: str = field(metadata={"help": "Labelled JSONL (written as OUTPUT.partial until complete)."})
-    prm: str = field(default="check", metadata={"help": "Step labeller: check | judge | mc."})
-    chunk_size: int = field(default=1024, metadata={"help": (
-        "Rows per chunk: the unit of resuming, and of batching for judge and mc (one generation call per "
-        "chunk; with the transformers engine that is one padded batch, so keep it small there).")})
-    grade_timeout_s: float = field(default=5.0, metadata={"help": "Hard per-answer timeout of the grader."})
-    judge_model: str = field(default="", metadata={"help": "--prm judge: the judge LLM (folder or hub id)."})
-    judge_engine: str = field(default="auto", metadata={"help": "--prm judge: transformers | vllm | auto."})
-    judge_protocol: str = field(default="step", metadata={"help": (
+@dataclass(frozen=True)
+class Settings:
+    """How to label: every option of label.py but its files. evaluate.py passes one to label_file."""
+
+    prm: str = option("check", help="Step labeller: check | judge | mc.")
+    grade_timeout_s: float = option(5.0, help="Hard per-answer timeout of the grader (outcome labels and mc rollouts).")
+    judge_model: str = option("", help="--prm judge: the judge LLM (folder or hub id).")
+    judge_engine: str = option("auto", help="--prm judge: transformers | vllm | auto.")
+    judge_protocol: str = option("step", help=(
         "--prm judge: step (one call per step: is this step correct?) | first_error (one call per solution "
         "naming its first wrong step, as ProcessBench asks; the steps after it are labelled wrong: train with "
-        "--step_scope first_error to score only through it).")})
-    judge_max_new_tokens: int = field(default=16, metadata={"help": (
-        "--prm judge: tokens per verdict (greedy). Raise it for judges that reason before answering.")})
-    policy_model: str = field(default="", metadata={"help": (
-        "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them).")})
-    mc_engine: str = field(default="auto", metadata={"help": "--prm mc: transformers | vllm | auto."})
-    mc_rollouts: int = field(default=4, metadata={"help": "--prm mc: continuations sampled per step (K)."})
-    mc_threshold: int = field(default=1, metadata={"help": "--prm mc: a step is right when >= this many of K reach the gold answer."})
-    mc_temperature: float = field(default=1.0, metadata={"help": "--prm mc: sampling temperature of the rollouts."})
-    mc_max_new_tokens: int = field(default=256, metadata={"help": "--prm mc: maximum tokens per rollout."})
-    seed: int = field(default=0, metadata={"help": "--prm mc: seed; each chunk is seeded from (seed, its row ids)."})
-    dtype: str = field(default="float32", metadata={"help": "dtype of the judge / mc policy: float32 | bfloat16 | float16."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size of the judge / mc policy."})
+        "--step_scope first_error to score only through it)."))
+    judge_max_new_tokens: int = option(16, help=(
+        "--prm judge: tokens per verdict (greedy). Raise it for judges that reason before answering."))
+    policy_model: str = option("", help=(
+        "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them)."))
+    mc_engine: str = option("auto", help="--prm mc: transformers | vllm | auto.")
+    mc_rollouts: int = option(4, help="--prm mc: continuations sampled per step (K).")
+    mc_threshold: int = option(1, help="--prm mc: a step is right when >= this many of K reach the gold answer.")
+    mc_temperature: float = option(1.0, help="--prm mc: sampling temperature of the rollouts.")
+    mc_max_new_tokens: int = option(256, help="--prm mc: maximum tokens per rollout.")
+    seed: int = option(0, help="--prm mc: seed; each chunk is seeded from (seed, its row ids).")
+    dtype: str = option("float32", help="dtype of the judge / mc policy: float32 | bfloat16 | float16.")
+    tensor_parallel_size: int = option(1, help="vLLM tensor parallel size of the judge / mc policy.")
 
 
-def check_args(args: Args) -> None:
+@dataclass(frozen=True, kw_only=True)
+class Args(Settings):
+    """label.py's command line: Settings, plus the files and their chunking."""
+
+    input: str = option(help="Samples JSONL written by generate.py.")
+    output: str = option(help="Labelled JSONL (written as OUTPUT.partial until complete).")
+    chunk_size: int = option(1024, help=(
+        "Rows per chunk: the unit of resuming, and of batching for judge and mc (one generation call per "
+        "chunk; with the transformers engine that is one padded batch, so keep it small there)."))
+
+
+def check_args(settings: Settings) -> None:
     """Fail before any work on an option combination that cannot run."""
-    if args.prm not in LABELLERS:
-        raise ValueError(f"unknown --prm {args.prm!r}; choose one of {sorted(LABELLERS)}")
-    if args.prm == "judge" and not args.judge_model:
+    if settings.prm not in LABELLERS:
+        raise ValueError(f"unknown --prm {settings.prm!r}; choose one of {sorted(LABELLERS)}")
+    if settings.prm == "judge" and not settings.judge_model:
         raise ValueError("--prm judge needs --judge_model (a folder or hub id)")
-    if args.judge_protocol not in JUDGE_PROTOCOLS:
-        raise ValueError(f"unknown --judge_protocol {args.judge_protocol!r}; choose one of {sorted(JUDGE_PROTOCOLS)}")
-    if args.prm == "mc" and not 1 <= args.mc_threshold <= args.mc_rollouts:
-        raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({args.mc_rollouts}), got {args.mc_threshold}")
+    if settings.judge_protocol not in JUDGE_PROTOCOLS:
+        raise ValueError(f"unknown --judge_protocol {settings.judge_protocol!r}; choose one of {sorted(JUDGE_PROTOCOLS)}")
+    if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
+        raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({settings.mc_rollouts}), got {settings.mc_threshold}")
+
+
+def step_texts(completion: str, spans: list[tuple[int, int]]) -> list[str]:
+    return [completion[a:b] for a, b in spans]
 
 
 # ----------------------------------------------------------------------------- check
 
 
-def check_labeller(rows: list[dict], args: Args) -> list[list[bool]]:
-    """Exact step labels: the expression-tree checker on built-in problems, equations elsewhere."""
+def check_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[bool]]:
+    """Exact step labels: the expression-tree checker on built-in problems, equations elsewhere (no model)."""
     labels = []
-    for row in rows:
-        steps = common.split_steps(row["completion"])
+    for row, row_spans in zip(rows, spans):
+        steps = step_texts(row["completion"], row_spans)
         if arith_task.is_arith_problem(row["problem"]):
             labels.append(arith_task.check_steps(row["problem"], steps))
         else:
@@ -132,10 +141,10 @@ def check_labeller(rows: list[dict], args: Args) -> list[list[bool]]:
 # ----------------------------------------------------------------------------- models
 
 
-def engine_of(model: str, engine: str, args: "Args") -> "generate.Engine":
+def engine_of(model: str, engine: str, settings: Settings) -> "generate.Engine":
     """generate.py's engine for the judge or the mc policy, loaded once per process (shared with the
     policy's when the model is the same), with --dtype and --tensor_parallel_size."""
-    return generate.get_engine(model, engine, args.dtype, args.tensor_parallel_size)
+    return generate.get_engine(model, engine, settings.dtype, settings.tensor_parallel_size)
 
 
 # ----------------------------------------------------------------------------- judge
@@ -155,15 +164,16 @@ NO_REFERENCE = "(none available: judge the step on its own)"
 NO_PREVIOUS_STEPS = "(none: this is the first step)"
 
 
+def numbered_steps(steps: list[str]) -> str:
+    return common.STEP_SEPARATOR.join(f"Step {i + 1}: {s}" for i, s in enumerate(steps))
+
+
 def build_judge_prompt(tokenizer, problem: str, reference: str | None, previous: list[str], step: str) -> str:
-    numbered = "\n\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(previous))
     text = JUDGE_TEMPLATE.format(
-        problem=problem, reference=reference or NO_REFERENCE, previous=numbered or NO_PREVIOUS_STEPS, step=step
+        problem=problem, reference=reference or NO_REFERENCE, previous=numbered_steps(previous) or NO_PREVIOUS_STEPS,
+        step=step,
     )
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + "\n\nVerdict:"
+    return common.chat_prompt(tokenizer, text, "\n\nVerdict:")
 
 
 # a verdict word; "not correct" / "isn't correct" first, so that their "correct" is not read alone.
@@ -216,13 +226,13 @@ def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], toke
     return [[next(verdicts) for _ in per_solution] for per_solution in prompts]
 
 
-def judge_labeller(rows: list[dict], args: Args) -> list[list[bool | None]]:
+def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[bool | None]]:
     """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution."""
-    engine = engine_of(args.judge_model, args.judge_engine, args)
-    greedy = generate.Sampling(1, 0.0, 1.0, args.judge_max_new_tokens)
-    solutions = [(r["problem"], r.get("solution"), common.split_steps(r["completion"])) for r in rows]
-    judge_fn = lambda prompts: [o[0].text for o in engine.generate(prompts, greedy, args.seed)]  # noqa: E731
-    return JUDGE_PROTOCOLS[args.judge_protocol](solutions, engine.tokenizer, judge_fn)
+    engine = engine or engine_of(settings.judge_model, settings.judge_engine, settings)
+    greedy = generate.Sampling(1, 0.0, 1.0, settings.judge_max_new_tokens)
+    solutions = [(r["problem"], r.get("solution"), step_texts(r["completion"], s)) for r, s in zip(rows, spans)]
+    judge_fn = lambda prompts: [o[0].text for o in engine.generate(prompts, greedy, settings.seed)]  # noqa: E731
+    return JUDGE_PROTOCOLS[settings.judge_protocol](solutions, engine.tokenizer, judge_fn)
 
 
 # The first-error protocol (ProcessBench, Zheng et al. 2024, arXiv 2412.06559: one reply per solution that
@@ -240,12 +250,8 @@ _NO_ERROR_WORDS = {"none", "-1", "no error", "all correct", "correct"}
 
 
 def build_first_error_prompt(tokenizer, problem: str, reference: str | None, steps: list[str]) -> str:
-    numbered = "\n\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(steps))
-    text = FIRST_ERROR_TEMPLATE.format(problem=problem, reference=reference or NO_REFERENCE, steps=numbered)
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + "\n\nFirst wrong step:"
+    text = FIRST_ERROR_TEMPLATE.format(problem=problem, reference=reference or NO_REFERENCE, steps=numbered_steps(steps))
+    return common.chat_prompt(tokenizer, text, "\n\nFirst wrong step:")
 
 
 def parse_first_error(text: str, num_steps: int) -> int | None:
@@ -292,19 +298,19 @@ JUDGE_PROTOCOLS = {"step": judge_step_verdicts, "first_error": judge_first_error
 # ----------------------------------------------------------------------------- Monte-Carlo rollouts
 
 
-def solution_prefixes(completion: str) -> list[str]:
-    """The completion through the end of each step, followed by the step separator."""
-    return [completion[:end] + STEP_SEPARATOR for _, end in common.step_spans(completion)]
+def solution_prefixes(completion: str, spans: list[tuple[int, int]]) -> list[str]:
+    """The completion through the end of each step (``spans``), followed by the step separator."""
+    return [completion[:end] + common.STEP_SEPARATOR for _, end in spans]
 
 
-def mc_step_labels(rows: list[dict], rollout_fn, threshold: int, timeout_s: float) -> list[list[bool]]:
+def mc_step_labels(rows: list[dict], spans: list, rollout_fn, threshold: int, timeout_s: float) -> list[list[bool]]:
     """Step k is right when >= ``threshold`` rollouts from the prefix through step k reach the gold answer.
 
     rollout_fn(prompts) -> [[continuation text] * K per prompt], all prefixes of all rows in one call.
     A rollout's answer is the last \\boxed{} of (solution prefix + continuation): a continuation that
     stops at once after a step holding the final answer keeps that answer.
     """
-    prefixes = [solution_prefixes(r["completion"]) for r in rows]
+    prefixes = [solution_prefixes(r["completion"], s) for r, s in zip(rows, spans)]
     flat = [(row, prefix) for row, per_row in zip(rows, prefixes) for prefix in per_row]
     rollouts = rollout_fn([row["prompt"] + prefix for row, prefix in flat]) if flat else []  # (P, K)
     golds = [row["answer"] for (row, _), conts in zip(flat, rollouts) for _ in conts]
@@ -314,20 +320,15 @@ def mc_step_labels(rows: list[dict], rollout_fn, threshold: int, timeout_s: floa
     return [[next(hits) >= threshold for _ in per_row] for per_row in prefixes]
 
 
-def chunk_seed(seed: int, ids: list[str]) -> int:
-    """A seed from (run seed, the chunk's row ids): stable across processes, unlike hash() of str."""
-    return zlib.crc32(json.dumps([seed, ids]).encode()) % 2**31  # as generate.py: a valid seed everywhere
-
-
-def mc_labeller(rows: list[dict], args: Args) -> list[list[bool]]:
-    """Math-Shepherd labels from K policy rollouts per step."""
-    if not args.policy_model:
-        raise ValueError("--prm mc needs --policy_model (label.main fills it in from the rows' gen.model)")
-    engine = engine_of(args.policy_model, args.mc_engine, args)
-    sampling = generate.Sampling(args.mc_rollouts, args.mc_temperature, 1.0, args.mc_max_new_tokens)
-    seed = chunk_seed(args.seed, [r["id"] for r in rows])
+def mc_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[bool]]:
+    """Math-Shepherd labels from K policy rollouts per step; the chunk is seeded from (seed, its row ids)."""
+    if engine is None and not settings.policy_model:
+        raise ValueError("--prm mc needs --policy_model (label_file fills it in from the rows' gen.model)")
+    engine = engine or engine_of(settings.policy_model, settings.mc_engine, settings)
+    sampling = generate.Sampling(settings.mc_rollouts, settings.mc_temperature, 1.0, settings.mc_max_new_tokens)
+    seed = common.derived_seed(settings.seed, [r["id"] for r in rows])
     rollout_fn = lambda prompts: [[o.text for o in outs] for outs in engine.generate(prompts, sampling, seed)]  # noqa: E731
-    return mc_step_labels(rows, rollout_fn, args.mc_threshold, args.grade_timeout_s)
+    return mc_step_labels(rows, spans, rollout_fn, settings.mc_threshold, settings.grade_timeout_s)
 
 
 def policy_model_of(rows: list[dict], path: str) -> str:
@@ -353,17 +354,18 @@ def labels_from_verdicts(verdicts: list[bool | None]) -> tuple[list[bool], int]:
     return labels, sum(v is None for v in verdicts)
 
 
-def label_rows(rows: list[dict], args: Args) -> list[dict]:
-    """Outcome label (math-verify, gold first, hard timeout) and one label per step."""
+def label_rows(rows: list[dict], settings: Settings) -> list[dict]:
+    """Outcome label (math-verify, gold first, hard timeout) and one label per step (Section 2.1); each
+    row's steps are split here, once, and passed to the step labeller."""
+    spans = [common.step_spans(r["completion"]) for r in rows]
     preds = [grading.extract_boxed(r["completion"]) for r in rows]
-    outcomes = grading.grade_answers([r["answer"] for r in rows], preds, timeout_s=args.grade_timeout_s)
-    verdicts = LABELLERS[args.prm](rows, args)
+    outcomes = grading.grade_answers([r["answer"] for r in rows], preds, timeout_s=settings.grade_timeout_s)
+    verdicts = LABELLERS[settings.prm](rows, spans, settings)
     out = []
-    for row, pred, outcome, row_verdicts in zip(rows, preds, outcomes, verdicts):
-        spans = common.step_spans(row["completion"])
+    for row, row_spans, pred, outcome, row_verdicts in zip(rows, spans, preds, outcomes, verdicts):
         labels, failures = labels_from_verdicts(row_verdicts)
-        out.append({**row, "completions": [row["completion"][a:b] for a, b in spans], "step_spans": spans,
-                    "labels": labels, "outcome": outcome, "pred": pred, "prm": args.prm, "prm_failures": failures})
+        out.append({**row, "completions": step_texts(row["completion"], row_spans), "step_spans": row_spans,
+                    "labels": labels, "outcome": outcome, "pred": pred, "prm": settings.prm, "prm_failures": failures})
     return out
 
 
@@ -375,38 +377,41 @@ def summary(rows: list[dict]) -> str:
             f"{failures} without a verdict (prm_failures, labelled wrong)")
 
 
-def labeller_settings(args: Args) -> str:
+def labeller_settings(settings: Settings) -> str:
     """One line saying which model labels, and how: the judge / rollout policy's engine, dtype and TP size."""
-    if args.prm == "check":
+    if settings.prm == "check":
         return "step labeller: check (exact, no model)"
-    model, engine = (args.judge_model, args.judge_engine) if args.prm == "judge" else (args.policy_model, args.mc_engine)
-    protocol = f", protocol {args.judge_protocol}" if args.prm == "judge" else f", {args.mc_rollouts} rollouts"
-    return (f"step labeller: {args.prm} with {model} (engine {engine}, dtype {args.dtype}, "
-            f"tensor_parallel_size {args.tensor_parallel_size}{protocol})")
+    judge = settings.prm == "judge"
+    model, engine = (settings.judge_model, settings.judge_engine) if judge else (settings.policy_model, settings.mc_engine)
+    protocol = f", protocol {settings.judge_protocol}" if judge else f", {settings.mc_rollouts} rollouts"
+    return (f"step labeller: {settings.prm} with {model} (engine {engine}, dtype {settings.dtype}, "
+            f"tensor_parallel_size {settings.tensor_parallel_size}{protocol})")
+
+
+def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 1024) -> None:
+    """Label the SAMPLE_ROW rows of ``samples`` into ``output`` (LABELLED_ROW rows), ``chunk_size`` rows at a
+    time, resuming after the chunks a crashed run finished; nothing to do when ``output`` is complete."""
+    if Path(output).exists():
+        print(f"{output} is complete; nothing to do.")
+        return
+    check_args(settings)
+    rows = common.read_jsonl(samples, common.SAMPLE_ROW)
+    if settings.prm == "mc" and not settings.policy_model:
+        settings = replace(settings, policy_model=policy_model_of(rows, samples))
+    print(labeller_settings(settings), flush=True)
+    chunks = common.chunked(rows, chunk_size)
+    labelled, done = common.resume_rows(output, [[r["id"] for r in c] for c in chunks])
+    for chunk in tqdm(chunks[done:], desc=f"label ({settings.prm})", initial=done, total=len(chunks)):
+        labelled_chunk = label_rows(chunk, settings)
+        common.append_chunk(output, labelled_chunk, common.LABELLED_ROW)
+        labelled.extend(labelled_chunk)
+    common.finish_output(output)
+    print(f"labelled {summary(labelled)} into {output}")
 
 
 def main(args: Args) -> None:
-    if Path(args.output).exists():
-        print(f"{args.output} is complete; nothing to do.")
-        return
-    check_args(args)
-    rows = common.read_jsonl(args.input, SAMPLE_SCHEMA)
-    if args.prm == "mc" and not args.policy_model:
-        args = replace(args, policy_model=policy_model_of(rows, args.input))
-    print(labeller_settings(args), flush=True)
-    chunks = common.chunked(rows, args.chunk_size)
-    labelled, done = common.resume_rows(args.output, [[r["id"] for r in c] for c in chunks])
-    for chunk in tqdm(chunks[done:], desc=f"label ({args.prm})", initial=done, total=len(chunks)):
-        labelled_chunk = label_rows(chunk, args)
-        common.append_chunk(args.output, labelled_chunk)
-        labelled.extend(labelled_chunk)
-    common.finish_output(args.output)
-    print(f"labelled {summary(labelled)} into {args.output}")
+    label_file(args.input, args.output, args, args.chunk_size)
 
 
 if __name__ == "__main__":
-    (parsed,) = HfArgumentParser(Args).parse_args_into_dataclasses()
-    try:
-        main(parsed)
-    except ValueError as e:  # common.DataError and grading's loader errors name file, line and field
-        sys.exit(f"error: {e}")
+    common.run_cli(Args, main)

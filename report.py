@@ -1,36 +1,67 @@
-"""The M0..M3 table and plot over every run under a folder (mean and spread over seeds).
+"""The M0..M3 table and plot over every run under a folder (mean and spread over seeds; paper Section 3).
 
-Reads RUNS/seed*/<objective>/results.jsonl (written by evaluate.py), prints a markdown table of
-Pass@1 and the stepwise error rate per objective and iteration, and writes a PNG plot.
+Reads the evaluations of run.sh's layout (paper Section 2.4: M0, then one model per iteration):
+
+    RUNS/seed<S>/eval/M0/result.json              the seed model, shared by every objective of seed S
+    RUNS/seed<S>/<objective>/eval/M<i>/result.json  M_i of that objective's run (i = 1, 2, ...)
+
+writes each run's results table, RUNS/seed<S>/<objective>/results.jsonl (one common.RESULTS_TABLE_ROW per
+evaluated model: name M<i>, iteration i, objective and seed from the folder names, then result.json),
+prints a markdown table of Pass@1 and the stepwise error rate per objective and iteration, and writes a
+PNG plot.
 
     python report.py --runs runs --plot runs/results.png
 """
 
 from __future__ import annotations
 
-import json
+import re
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import HfArgumentParser
+import common
+from common import option
+
+# the folders of RUNS/seed<S> that every objective shares (run.sh): the others are runs, one per objective
+SHARED = ("data", "M0", "eval")
 
 
 @dataclass
 class Args:
-    runs: str = field(default="runs", metadata={"help": "Folder holding seed*/<objective>/results.jsonl."})
-    plot: str = field(default="", metadata={"help": "PNG path for the plot (empty = no plot)."})
+    runs: str = option("runs", help="Folder holding run.sh's runs: seed<S>/eval/M0 and seed<S>/<objective>/eval/M<i>.")
+    plot: str = option("", help="PNG path for the plot (empty = no plot).")
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    """Every run folder RUNS/seed<S>/<objective>."""
+    seeds = [p for p in sorted(runs.glob("seed*")) if re.fullmatch(r"seed\d+", p.name)]
+    return [p for seed in seeds for p in sorted(seed.iterdir()) if p.is_dir() and p.name not in SHARED]
+
+
+def evaluations(run: Path) -> list[tuple[int, Path]]:
+    """(iteration, evaluation folder) of every evaluated model of a run, M0 (the seed's) first."""
+    own = [(int(p.name[1:]), p) for p in (run / "eval").glob("M*") if re.fullmatch(r"M\d+", p.name)]
+    return sorted((i, p) for i, p in [(0, run.parent / "eval" / "M0")] + own if (p / "result.json").exists())
+
+
+def run_table(run: Path) -> list[dict]:
+    """The run's results table: its models' result.json, named by the layout."""
+    seed = int(run.parent.name.removeprefix("seed"))
+    return [{"name": f"M{i}", "iteration": i, "objective": run.name, "seed": seed,
+             **common.read_json(path / "result.json", common.RESULT)} for i, path in evaluations(run)]
 
 
 def collect(runs: Path) -> dict:
-    """{objective: {iteration: [row per seed]}}"""
+    """{objective: {iteration: [row per seed]}}; writes each run's results.jsonl on the way."""
     table = defaultdict(lambda: defaultdict(list))
-    for path in sorted(runs.glob("seed*/*/results.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                table[row["objective"]][row["iteration"]].append(row)
+    for run in run_dirs(runs):
+        rows = run_table(run)
+        if rows:
+            common.write_jsonl_atomic(run / "results.jsonl", rows, common.RESULTS_TABLE_ROW)
+        for row in rows:
+            table[row["objective"]][row["iteration"]].append(row)
     return table
 
 
@@ -82,12 +113,11 @@ def plot(table: dict, path: str) -> None:
 def main(args: Args) -> None:
     table = collect(Path(args.runs))
     if not table:
-        raise SystemExit(f"error: no results under {args.runs}/seed*/*/results.jsonl")
+        raise SystemExit(f"error: no results under {args.runs}/seed*/ (eval/M0 or <objective>/eval/M<i>)")
     print(markdown_table(table))
     if args.plot:
         plot(table, args.plot)
 
 
 if __name__ == "__main__":
-    (parsed,) = HfArgumentParser(Args).parse_args_into_dataclasses()
-    main(parsed)
+    common.run_cli(Args, main)

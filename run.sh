@@ -124,12 +124,14 @@ fi
 TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
 BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 
-evaluate() {  # evaluate <model dir> <name> <iteration> <eval dir>
-    timed evaluate $GEN_PYTHON evaluate.py --model "$1" --name "$2" --iteration "$3" --output_dir "$4" \
-        --benchmark "$BENCHMARK" --results_table "$RUN/results.jsonl" --objective "$OBJECTIVE" \
-        --run_seed "$SEED" --report_to "$REPORT_TO" "${LABEL[@]}" "${EVAL_JUDGE[@]}" "${GEN[@]}" "${COMMON[@]}"
+# evaluate <model dir> <iteration> <eval dir>: the eval dir is report.py's layout, $BASE/eval/M0 and $RUN/eval/M<i>
+evaluate() {
+    local tracking=(--report_to "$REPORT_TO")
+    if [ "$REPORT_TO" != none ]; then tracking+=(--step "$2"); fi  # logged at step i
+    timed evaluate $GEN_PYTHON evaluate.py --model "$1" --output_dir "$3" --benchmark "$BENCHMARK" \
+        "${tracking[@]}" "${LABEL[@]}" "${EVAL_JUDGE[@]}" "${GEN[@]}" "${COMMON[@]}"
 }
-evaluate "$MODEL" M0 0 "$BASE/eval/M0"
+evaluate "$MODEL" 0 "$BASE/eval/M0"
 
 for i in $(seq 1 "$ITERATIONS"); do
     prev=$([ "$i" -eq 1 ] && echo "$MODEL" || echo "$RUN/M$((i - 1))")
@@ -143,10 +145,10 @@ for i in $(seq 1 "$ITERATIONS"); do
         --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
         --w_step "$W_STEP" --step_scope "$STEP_SCOPE" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" \
         --lora_r "$LORA_R" --gradient_accumulation_steps "$GRAD_ACCUM" --report_to "$REPORT_TO" "${COMMON[@]}"
-    evaluate "$RUN/M$i" "M$i" "$i" "$RUN/eval/M$i"
+    evaluate "$RUN/M$i" "$i" "$RUN/eval/M$i"
 done
 
-echo "== results"
+echo "== results"  # also (re)writes each run's results.jsonl from its evaluations' result.json
 $PYTHON report.py --runs "$RUNS" --plot "$RUNS/results.png"
 echo "== wall time of this run by stage ($TIMES)"
 awk -F'\t' '{t[$1] += $2; n[$1]++; all += $2; if ($3 + 0 > m[$1]) m[$1] = $3 + 0}

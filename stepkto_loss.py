@@ -220,24 +220,9 @@ def through_first_error(step_labels, step_mask):
     return step_mask & (wrong_before == 0)  # K_i of (7)
 
 
-def stepkto_loss(
-    outcome_logratios,
-    outcome_labels,
-    step_logratios,
-    step_labels,
-    step_mask,
-    z0,
-    z0_step=None,
-    beta=0.1,
-    lambda_d=1.0,
-    lambda_u=1.0,
-    w_outcome=1.0,
-    w_step=1.0,
-    step_aggregation="mean",
-    step_lambda_d=None,
-    step_lambda_u=None,
-    reduction="mean",
-):
+def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask, z0, z0_step=None,
+                 beta=0.1, lambda_d=1.0, lambda_u=1.0, w_outcome=1.0, w_step=1.0, step_aggregation="mean",
+                 step_lambda_d=None, step_lambda_u=None, reduction="mean"):
     """Step-KTO loss (8)  L = w_outcome * L_outcome + w_step * L_step  (equations in the module docstring).
 
     outcome_logratios: (B,) r(x_i, y_i) of (1), summed over each completion's tokens. outcome_labels: (B,)
@@ -281,6 +266,17 @@ def stepkto_loss(
         metrics.update(_terms_metrics(terms))
         return terms, metrics
 
+    outcome_level = (outcome_logratios, outcome_labels, z0, kto_args, w_outcome)
+    step_level = (step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args, w_step)
+    loss = _mean_loss(outcome_level, step_level, metrics)
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics
+
+
+def _mean_loss(outcome_level: tuple, step_level: tuple, metrics: dict):
+    """reduction="mean": (8) over this batch's means (5) and (7); adds loss/outcome, loss/step to metrics."""
+    outcome_logratios, outcome_labels, z0, kto_args, w_outcome = outcome_level
+    step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args, w_step = step_level
     terms = []
     if w_outcome != 0:
         outcome_loss = kto_losses(outcome_logratios, outcome_labels, z0, **kto_args).mean()  # (5)
@@ -292,9 +288,7 @@ def stepkto_loss(
         terms.append(w_step * step_loss)  # (8)
     # Nothing to learn from (step-only with no real steps): a zero that is still on the graph, so that
     # backward() and DDP's gradient hooks run as usual.
-    loss = sum(terms) if terms else (outcome_logratios * 0).sum()  # (8)
-    metrics["loss/total"] = loss.detach()
-    return loss, metrics
+    return sum(terms) if terms else (outcome_logratios * 0).sum()  # (8)
 
 
 def _step_level(z0, z0_step, kto_args, step_lambda_d, step_lambda_u):

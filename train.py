@@ -7,7 +7,8 @@ The embedded default's seed model M0, a tiny char-level Llama trained from scrat
     python train.py --objective sft --model scratch --data runs/sft.jsonl --output_dir runs/M0 \\
         --prompt_style minimal --lr 3e-3 --epochs 3 --per_device_batch_size 16
 
-One Step-KTO iteration M_t -> M_{t+1} on label.py's output (the reference model defaults to --model):
+One Step-KTO iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M1 -> M2 -> M3 and evaluates
+each, as the results of Sec. 3 do) on label.py's output (the reference model defaults to --model):
 
     python train.py --objective step-kto --model runs/M0 --data runs/iter1/labels.jsonl \\
         --output_dir runs/M1 --lr 1e-5 --beta 0.1
@@ -26,9 +27,15 @@ Objectives and data
 * ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
   --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
 * ``kto`` / ``step-kto``: label.py rows {"id", "prompt", "completion", "finish_reason", "outcome"}, plus
-  {"completions", "labels"} for step-kto. Tokens = tokenize(prompt) + tokenize(completion) (+ EOS when
-  finish_reason == "stop"), tokenized separately without special tokens. The loss is stepkto_loss.py's:
-  kto = outcome level only (w_step = 0), step-kto = outcome + step level (paper Sec. 2.3).
+  {"completions", "labels"} for step-kto (the binary outcome and step feedback of paper Sec. 2.1).
+  Tokens = tokenize(prompt) + tokenize(completion) (+ EOS when finish_reason == "stop"), tokenized
+  separately without special tokens. The loss is stepkto_loss.py's (8) (paper Sec. 2.3): step-kto =
+  outcome + step level; kto = step-kto with w_step = 0, on rows that may lack the step fields.
+  Equation numbers (n) below are stepkto_loss.py's.
+
+Reading order: Args; the data (examples, steps onto tokens, KL pairs, batch plan); the Step-KTO step
+(reference point z0, each micro-batch's share of the loss, the NLL anchor); the training loop. Below the
+"plumbing" line: processes, FSDP, log-probs, the reference cache, resume and saving.
 
 Files
 -----
@@ -49,11 +56,10 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
@@ -61,7 +67,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -69,31 +74,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import common
 import stepkto_loss as sk
-from common import DataError
+from common import DataError, Env, all_reduce_sums, barrier, gather_objects, option, save_atomic
 
-
-def option(default=MISSING, help: str = ""):
-    """A dataclass field with its --help text (HfArgumentParser reads metadata["help"])."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Args:
     objective: Literal["sft", "kto", "step-kto"] = option(help="What to train: sft, kto or step-kto.")
-    model: str = option(
-        help="Policy to start from: a save_pretrained folder, or 'scratch' (sft only: char tokenizer + tiny Llama)."
-    )
+    model: str = option(help="Policy to start from: a save_pretrained folder, or 'scratch' (sft only: char tokenizer "
+        "+ tiny Llama).")
     data: str = option(help="Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py.")
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
-    prompt_style: Literal["instruct", "minimal", "qwen25-math-cot"] = option(
-        "instruct", help="sft: common.PROMPT_TEMPLATES key used to build the prompt."
-    )
+    prompt_style: Literal["instruct", "minimal", "qwen25-math-cot"] = option("instruct", help="sft: "
+        "common.PROMPT_TEMPLATES key used to build the prompt.")
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
     num_layers: int = option(4, help="--model scratch: decoder layers.")
     intermediate_size: int = option(768, help="--model scratch: MLP width.")
@@ -101,73 +101,465 @@ class Args:
     beta: float = option(0.1, help="KTO beta: scale of the implied reward log pi/pi_ref.")
     lambda_d: float = option(1.0, help="KTO weight of desirable items (lambda_D).")
     lambda_u: float = option(1.0, help="KTO weight of undesirable items (lambda_U).")
-    balance_lambdas: bool = option(True, help="Per level, weight the larger side down so that lambda_D * n_D = lambda_U * n_U over the data (the KTO paper's advice for unbalanced data); overrides --lambda_d/--lambda_u. Without it a weak policy (few right answers) collapses: pushing every log-prob down is the cheapest way to lower the loss.")
+    balance_lambdas: bool = option(True, help="Per level, weight the larger side down so that lambda_D * n_D = "
+        "lambda_U * n_U over the data (the KTO paper's advice for unbalanced data); overrides --lambda_d/--lambda_u. "
+        "Without it a weak policy (few right answers) collapses: pushing every log-prob down is the cheapest way to "
+        "lower the loss.")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto uses 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto uses 0).")
-    nll_weight: float = option(
-        0.0, help="kto/step-kto: add this times the mean NLL of the completions that are desirable at every level "
-        "trained on (kto: right answer; step-kto: right answer and every step right), as in Iterative RPO "
-        "(Pang et al. 2024). NOT part of Step-KTO: an anchor against likelihood displacement (README).")
-    step_span: Literal["step", "prefix"] = option(
-        "step", help="Step reward over the step's own tokens (step) or the whole prefix through it (prefix)."
-    )
+    nll_weight: float = option(0.0, help="kto/step-kto: add this times the mean NLL of the completions that are "
+        "desirable at every level trained on (kto: right answer; step-kto: right answer and every step right), as in "
+        "Iterative RPO (Pang et al. 2024). NOT part of Step-KTO: an anchor against likelihood displacement (README).")
+    step_span: Literal["step", "prefix"] = option("step", help="Step reward over the step's own tokens (step) or the "
+        "whole prefix through it (prefix).")
     step_aggregation: Literal["mean", "sum"] = option("mean", help="Step losses of one completion: mean or sum.")
-    step_scope: Literal["all", "first_error"] = option(
-        "all", help="Steps the step level scores: all (as the paper's judge labels every step) or only through "
-        "the first wrong one (first_error: stepkto_loss.through_first_error, for labels that mean nothing after "
-        "an error).")
-    step_z0: Literal["outcome", "step"] = option(
-        "outcome",
-        help="Reference point of the step level: the outcome z0, or estimate_z0 over the KL "
-        "pairs' step log-ratios.",
-    )
+    step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper's "
+        "judge labels every step) or only through the first wrong one (first_error: stepkto_loss.through_first_error, "
+        "for labels that mean nothing after an error).")
+    step_z0: Literal["outcome", "step"] = option("outcome", help="Reference point of the step level: the outcome z0, "
+        "or estimate_z0 over the KL pairs' step log-ratios.")
     per_device_batch_size: int = option(8, help="Rows per process per step; global batch = this * world size.")
     epochs: int = option(1, help="Passes over the data.")
-    max_steps: int = option(
-        0, help="Stop after this many optimizer steps (0: all epochs). The LR schedule spans the steps actually run."
-    )
+    max_steps: int = option(0, help="Stop after this many optimizer steps (0: all epochs). The LR schedule spans the "
+        "steps actually run.")
     lr: float = option(1e-6, help="Peak learning rate of AdamW.")
     weight_decay: float = option(0.0, help="AdamW weight decay (matrices and embeddings only).")
     warmup_ratio: float = option(0.1, help="Fraction of the steps with a linear LR warmup.")
     lr_schedule: Literal["linear", "cosine"] = option("linear", help="LR decay after the warmup, to 0 at the end.")
-    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping).")
+    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping). The log's "
+        "grad_norm is the norm before clipping.")
     seed: int = option(0, help="Seed of the batch plan, of --model scratch's init and of torch/numpy/random.")
     num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
-    dtype: Literal["float32", "bfloat16", "float64"] = option(
-        "float32", help="Parameter dtype (float64: exact comparisons in tests)."
-    )
+    dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype (float64: exact "
+        "comparisons in tests).")
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
-    gradient_checkpointing: bool = option(
-        False, help="Recompute each layer's activations in backward: less memory, slower."
-    )
-    logits_chunk_mib: float = option(
-        256.0, help="Compute the LM head and log-softmax over as many completion tokens at a time as keep their "
-        "float32 logits under this many MiB (tokens x vocabulary x 4 bytes), recomputing them in backward (0: all "
-        "at once). Matters for large vocabularies: 256 MiB is 1,365 tokens of SmolLM2's 49,152 entries."
-    )
-    optim: Literal["adamw", "adamw_fused"] = option(
-        "adamw", help="adamw: torch.optim.AdamW's default implementation; adamw_fused: one fused kernel over all "
-        "tensors (TRL's default; about 10x faster updates on CPU for a 135M model, other rounding)."
-    )
-    gradient_accumulation_steps: int = option(
-        1, help="Micro-batches of --per_device_batch_size per optimizer step: the global batch is per_device_batch_size "
-        "* world size * this, and the update equals one such batch computed at once (KTO's z0 is estimated over all "
-        "of it, not per micro-batch)."
-    )
+    gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory, "
+        "slower.")
+    logits_chunk_mib: float = option(256.0, help="Compute the LM head and log-softmax over as many completion tokens "
+        "at a time as keep their float32 logits under this many MiB (tokens x vocabulary x 4 bytes), recomputing them "
+        "in backward (0: all at once). Matters for large vocabularies: 256 MiB is 1,365 tokens of SmolLM2's 49,152 "
+        "entries.")
+    optim: Literal["adamw", "adamw_fused"] = option("adamw", help="adamw: torch.optim.AdamW's default implementation; "
+        "adamw_fused: one fused kernel over all tensors (TRL's default; about 10x faster updates on CPU for a 135M "
+        "model, other rounding).")
+    gradient_accumulation_steps: int = option(1, help="Micro-batches of --per_device_batch_size per optimizer step: "
+        "the global batch is per_device_batch_size * world size * this, and the update equals one such batch computed "
+        "at once (KTO's z0 is estimated over all of it, not per micro-batch).")
     lora_r: int = option(0, help="LoRA rank (peft): train rank-r adapters on the frozen policy (0: full fine-tuning). "
-                         "OUTPUT holds the merged model and OUTPUT/adapter the adapter alone.")
+        "OUTPUT holds the merged model and OUTPUT/adapter the adapter alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
     lora_dropout: float = option(0.05, help="--lora_r: dropout on the adapters' input.")
-    lora_target_modules: str = option(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        help="--lora_r: comma-separated module names that get adapters (default: every linear layer of a Llama / "
-        "Qwen / Mistral decoder, the LM head excepted)."
+    lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
+        "comma-separated module names that get adapters (default: every linear layer of a Llama / Qwen / Mistral "
+        "decoder, the LM head excepted).")
+    report_to: Literal["none", "tensorboard", "wandb"] = option("none", help="Also send train_log.jsonl's metrics to "
+        "TensorBoard or Weights & Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
+
+
+class Levels(NamedTuple):
+    """The levels of (8) that a kto / step-kto run trains. kto IS step-kto with w_step = 0; the one other
+    difference is the row schema: kto rows may lack label.py's step fields, so their completions have no step."""
+
+    w_outcome: float
+    w_step: float
+    row_steps: bool  # the rows carry steps and step labels (step-kto's schema)
+    step_z0: bool  # the step level has its own reference point (2), over the KL pairs' steps (--step_z0 step)
+
+
+def levels(args: Args) -> Levels:
+    """Decided here, once: the KTO code reads Levels, never whether --objective is kto or step-kto."""
+    if args.objective != "step-kto":
+        return Levels(1.0, 0.0, row_steps=False, step_z0=False)
+    return Levels(args.w_outcome, args.w_step, row_steps=True, step_z0=args.step_z0 == "step")
+
+
+# ----------------------------------------------------------------------------- data (paper Sec. 2.1)
+# Examples with their binary outcome and step labels, steps onto tokens, KL pairs, the batch plan.
+
+
+class Pair(NamedTuple):
+    """A tokenized (prompt, completion): one row of a forward pass."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # EOS included when the completion stopped
+    step_ids: np.ndarray  # (len(completion_ids),) int64: step index of each completion token, -1 = none
+    num_steps: int
+
+
+class Example(NamedTuple):
+    pair: Pair
+    desirable: bool  # outcome label (KTO); unused by sft
+    step_labels: list[bool]  # (num_steps,); [] for sft and kto rows
+
+
+def load_examples(args: Args, tokenizer) -> list[Example]:
+    if args.objective == "sft":
+        return [sft_example(tokenizer, row, args.prompt_style) for row in common.read_jsonl(args.data, common.SFT_ROW)]
+    with_steps = levels(args).row_steps
+    rows = common.read_jsonl(args.data, common.STEP_KTO_ROW if with_steps else common.KTO_ROW)
+    lines = row_line_numbers(args.data)
+    return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps) for row, line in zip(rows, lines)]
+
+
+def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
+    prompt = common.build_prompt(tokenizer, row["problem"], prompt_style)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example(Pair(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
+
+
+def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
+    """One label.py row -> Example, scoring the sampled ids when the row has them; raises DataError naming
+    file:line and field."""
+    if row["finish_reason"] not in ("stop", "length"):
+        raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
+    spans = []
+    if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
+        spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else common.step_spans(row["completion"])
+        check_step_fields(row, len(spans), where)
+    has_ids = "completion_ids" in row
+    prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
+    if not prompt_ids:
+        raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
+    step_ids = steps_of_tokens(offsets, spans)
+    labels = row["labels"] if with_steps else []
+    return Example(Pair(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
+
+
+def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
+    when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
+    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
+        ids, offsets = ids + [tokenizer.eos_token_id], offsets + [len(row["completion"])]
+    return prompt_ids, ids, offsets
+
+
+def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
+    """Step index of each completion token (the step_ids of (6)) from the character where each token starts.
+
+    The rule for a token that straddles a step boundary: it belongs to the step in which its FIRST
+    character lies, where a step runs from its own first character to the next step's (so the blank-line
+    separator after a step stays with that step, and a token such as ".\n\n" ends the step it starts in);
+    leading whitespace goes to step 0, and the stop token (which starts at the end of the text) to the last.
+    -1 everywhere when the completion has no steps.
+    """
+    token_starts = np.asarray(token_starts, dtype=np.int64)  # (C,)
+    if not spans:
+        return np.full_like(token_starts, -1)
+    span_starts = np.array([start for start, _ in spans], dtype=np.int64)  # (K,)
+    return np.maximum(np.searchsorted(span_starts, token_starts, side="right") - 1, 0)  # (C,)
+
+
+def kl_pair(prompt_example: Example, completion_example: Example, keep_steps: bool) -> Pair:
+    """KTO's mismatched pair (x_j, y_{j-1}) of (2), which estimates the reference point z0 (KTO paper Sec. 4.1);
+    keep_steps keeps the completion's steps, for the step level's own z0."""
+    completion = completion_example.pair
+    if keep_steps:
+        return completion._replace(prompt_ids=prompt_example.pair.prompt_ids)
+    no_steps = np.full(len(completion.completion_ids), -1)
+    return Pair(prompt_example.pair.prompt_ids, completion.completion_ids, no_steps, 0)
+
+
+def pair_length(pair: Pair) -> int:
+    return len(pair.prompt_ids) + len(pair.completion_ids)
+
+
+class PlanBatch(NamedTuple):
+    epoch: int
+    rows: list[int]  # global batch, longest row first; rank r takes the r-th equal slice
+
+
+def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: int, seed: int,
+               min_batch_size: int, mega_batches: int = 50) -> list[PlanBatch]:
+    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
+
+    Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
+    that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
+    order is then shuffled. A short last batch is trimmed to a multiple of `shards` (world size x
+    gradient accumulation steps: equal micro-batches) and dropped below min_batch_size (KTO's KL pairs
+    need two rows).
+    """
+    rng = np.random.default_rng(seed)
+    mega = global_batch_size * mega_batches
+    plan = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(lengths)).tolist()
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+            batches += common.chunked(chunk, global_batch_size)
+        batches = [b[: len(b) - len(b) % shards] for b in batches]
+        batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
+        plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
+    return plan
+
+
+def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
+    """Positions of the global batch that this rank computes, one range per micro-batch: the rank's equal,
+    contiguous slice cut into `accumulation` equal parts (build_plan makes the batch divisible)."""
+    per_micro = global_batch_size // (env.world_size * accumulation)
+    first = env.rank * accumulation
+    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
+
+
+def kl_pairs_of_batch(rows: list[int], positions, examples: list[Example], keep_steps: bool) -> list[Pair]:
+    """Item j is paired with item j-1's completion, cyclically within the global batch (as TRL)."""
+    return [kl_pair(examples[rows[j]], examples[rows[j - 1]], keep_steps) for j in positions]
+
+
+@dataclass
+class TrainData:
+    examples: list[Example]
+    plan: list[PlanBatch]
+    kl_offsets: list[int]  # plan item index of the first KL pair of each step
+    reference: Optional[Reference]
+    pad_id: int
+    lambdas: dict  # lambda_d, lambda_u, step_lambda_d, step_lambda_u for stepkto_loss
+
+
+def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
+    """Examples, batch plan and KTO weights; the reference log-probs come later (run: reference_logps)."""
+    examples = load_examples(args, tokenizer)
+    kto = args.objective != "sft"
+    global_batch = args.per_device_batch_size * env.world_size * args.gradient_accumulation_steps
+    lengths = [pair_length(e.pair) for e in examples]
+    shards = env.world_size * args.gradient_accumulation_steps
+    plan = build_plan(lengths, global_batch, shards, args.epochs, args.seed, min_batch_size=2 if kto else 1)
+    plan = plan[: args.max_steps] if args.max_steps else plan
+    if not plan:
+        raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch}: lower the batch size")
+    offsets = np.cumsum([0] + [len(b.rows) for b in plan]).tolist()
+    if env.rank == 0:
+        fraction = plan_token_fraction(plan, examples, shards, with_kl=kto)
+        print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
+        print(f"length-grouped batches: {fraction:.1%} of the computed tokens are real (not padding)", flush=True)
+    lambdas = level_lambdas(examples, args) if kto else {}
+    if env.rank == 0 and kto:
+        print("KTO weights: " + ", ".join(f"{k} {v:.3f}" for k, v in lambdas.items()), flush=True)
+    return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id, lambdas)
+
+
+# ----------------------------------------------------------------------------- the Step-KTO step (paper Sec. 2.3)
+# The reference point z0 (2), each micro-batch's share of the loss (8) through stepkto_loss, the NLL anchor.
+
+
+def kto_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, env: Env) -> dict:
+    """One global batch of Step-KTO (kto: w_step = 0): z0 (2) over all of it, then each of this rank's
+    micro-batches' share of (8) (+ the NLL anchor) and its backward. Returns the metric sums."""
+    micros = micro_batches(len(batch.rows), env, args.gradient_accumulation_steps)
+    z0s, sums = reference_point(policy, step, batch, micros, data, args, env)  # (2)
+    counts = global_counts(batch, data)
+    for positions in micros:
+        loss, micro_sums = kto_micro_batch(policy, positions, batch, data, args, env, z0s, counts)
+        loss.backward()
+        sums = add_sums(sums, micro_sums)
+    return sums
+
+
+@torch.no_grad()
+def reference_point(policy, step: int, batch: PlanBatch, micros: list[range], data: TrainData, args: Args,
+                    env: Env):
+    """((z0, z0_step), metric sums): (2) from the policy's log-ratios on the mismatched KL pairs, under
+    no_grad (as TRL); z0_step (None unless --step_z0 step) from the pairs' step log-ratios.
+
+    Estimated over the whole global batch: every micro-batch of every rank (estimate_z0 all-reduces over
+    the ranks), so that gradient accumulation computes the update of one large batch exactly. TRL
+    estimates it per micro-batch instead; with small micro-batches that estimate is noisier, and the
+    update then depends on how the batch was cut, which accumulation is meant not to change.
+    """
+    own_step_z0 = levels(args).step_z0
+    outcome, steps, sums = [], [], {}
+    for positions in micros:
+        kl = collate(kl_pairs_of_batch(batch.rows, positions, data.examples, own_step_z0), data.pad_id, env.device)
+        sums = add_sums(sums, token_sums([kl]))
+        items = torch.tensor([data.kl_offsets[step] + j for j in positions])
+        totals, step_logps = completion_logps(policy, kl, args.step_span)  # (B,), (B, K)
+        outcome.append(totals - data.reference.kl_total[items].to(totals.device))  # (1) r(x, y')
+        ref_steps = data.reference.kl_steps[items, : kl.step_mask.size(1)].to(totals.device)
+        steps.append((step_logps - ref_steps)[kl.step_mask])  # (6) r_k of the pairs' real steps
+    z0 = sk.estimate_z0(torch.cat(outcome))  # (2) over the whole accumulated batch
+    z0_step = sk.estimate_z0(torch.cat(steps)) if own_step_z0 else None  # (2) over the steps
+    # The same on every rank: logged as the sum over the ranks over their number.
+    sums |= {"ranks": 1, "kl/z0": z0, "kl/z0_step": torch.zeros_like(z0) if z0_step is None else z0_step}
+    return (z0, z0_step), sums
+
+
+def global_counts(batch: PlanBatch, data: TrainData) -> torch.Tensor:
+    """(4,) like StepKTOTerms.sums(), counts only: N_outcome, the global batch's completions, the denominator
+    of (5); N_step, those with a step (every --step_scope scores a completion's first step), that of (7).
+    Known before any forward, as StepKTOTerms.loss needs them before the first backward."""
+    n_step = sum(data.examples[i].pair.num_steps > 0 for i in batch.rows)
+    return torch.tensor([0.0, len(batch.rows), 0.0, n_step])
+
+
+def kto_micro_batch(policy, positions: range, batch: PlanBatch, data: TrainData, args: Args, env: Env, z0s,
+                    counts: torch.Tensor):
+    """(loss, metric sums) of one micro-batch: its share of the global batch's (8), plus the NLL anchor."""
+    rows = torch.tensor([batch.rows[j] for j in positions])
+    examples = [data.examples[i] for i in rows.tolist()]
+    main = collate([e.pair for e in examples], data.pad_id, env.device)
+    ref, device, num_steps = data.reference, env.device, main.step_mask.size(1)
+    totals, steps = completion_logps(policy, main, args.step_span)  # (B,), (B, K) log pi
+    step_labels = step_label_tensor(examples, num_steps, device)  # (B, K)
+    (z0, z0_step), weights = z0s, levels(args)
+    terms, metrics = sk.stepkto_loss(
+        outcome_logratios=totals - ref.row_total[rows].to(device),  # (1) (B,) r(x, y)
+        outcome_labels=torch.tensor([e.desirable for e in examples], device=device),
+        step_logratios=steps - ref.row_steps[rows, :num_steps].to(device),  # (6) (B, K) r_k
+        step_labels=step_labels, step_mask=scored_steps(step_labels, main.step_mask, args),  # K_i of (7)
+        z0=z0, z0_step=z0_step, beta=args.beta, **data.lambdas, w_outcome=weights.w_outcome, w_step=weights.w_step,
+        step_aggregation=args.step_aggregation, reduction="none",
     )
-    report_to: Literal["none", "tensorboard", "wandb"] = option(
-        "none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights & Biases (offline unless "
-        "WANDB_MODE=online); the files end up in OUTPUT/tracking."
-    )
+    # (5) and (7) over the GLOBAL counts: the shares of all micro-batches of all ranks add up to the global
+    # batch's (8). Times world_size because FSDP averages the gradients over the ranks.
+    loss = terms.loss(counts) * env.world_size
+    sums = kto_sums(terms, metrics) | token_sums([main])
+    if args.nll_weight:
+        nll, sums["loss/nll"], sums["items/nll_tokens"] = anchor_nll(totals, examples, batch, data, env)
+        loss = loss + args.nll_weight * nll
+    return loss, sums
+
+
+def scored_steps(step_labels: torch.Tensor, step_mask: torch.Tensor, args: Args) -> torch.Tensor:
+    """(B, K) bool: K_i of (7), the real steps that the step level scores (--step_scope)."""
+    return sk.through_first_error(step_labels, step_mask) if args.step_scope == "first_error" else step_mask
+
+
+def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
+    labels = np.zeros((len(examples), num_steps), dtype=bool)  # (B, K), padding steps False (masked anyway)
+    for b, example in enumerate(examples):
+        labels[b, : len(example.step_labels)] = example.step_labels
+    return torch.from_numpy(labels).to(device)
+
+
+def level_lambdas(examples: list[Example], args: Args) -> dict:
+    """lambda_D / lambda_U of (3) at the outcome and the step level, from --lambda_d/--lambda_u or balanced
+    per level over the whole data."""
+    if not args.balance_lambdas:
+        return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
+    n_d = sum(e.desirable for e in examples)
+    lengths = torch.tensor([len(e.step_labels) for e in examples])  # (N,)
+    labels = step_label_tensor(examples, max(lengths.tolist(), default=0), "cpu")  # (N, K)
+    scored = scored_steps(labels, torch.arange(labels.size(1)) < lengths[:, None], args)  # (N, K)
+    steps_d, steps_all = int((labels & scored).sum()), int(scored.sum())
+    outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
+    return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
+
+
+def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(lambda_D, lambda_U) of (3) with lambda_D * n_D = lambda_U * n_U, the larger side weighted down (KTO paper)."""
+    if min(n_desirable, n_undesirable) == 0:
+        return 1.0, 1.0
+    if n_undesirable > n_desirable:
+        return 1.0, n_desirable / n_undesirable
+    return n_undesirable / n_desirable, 1.0
+
+
+def anchor_nll(totals: torch.Tensor, examples: list[Example], batch: PlanBatch, data: TrainData, env: Env):
+    """--nll_weight, NOT part of Step-KTO (README): (this micro-batch's share of the global batch's mean NLL
+    over the tokens of the fully desirable completions, its sum, its tokens). totals: (B,) log pi(y|x)."""
+    flags = [fully_desirable(e) for e in examples]
+    keep = torch.tensor(flags, device=totals.device)  # (B,)
+    tokens = sum(len(e.pair.completion_ids) for e, kept in zip(examples, flags) if kept)
+    global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows
+                        if fully_desirable(data.examples[i]))
+    nll_sum = -(totals * keep).sum()
+    return share_of_global_mean(nll_sum, global_tokens, env), nll_sum.detach(), tokens
+
+
+def fully_desirable(example: Example) -> bool:
+    """Desirable at every level: the right answer and every step right (kto rows have no step labels)."""
+    return example.desirable and all(example.step_labels)
+
+
+def share_of_global_mean(local_sum: torch.Tensor, global_count: int, env: Env) -> torch.Tensor:
+    """This micro-batch's share of a mean over the global batch: the shares' gradients add up to the mean's.
+    Times world_size because FSDP averages the gradients over the ranks."""
+    return local_sum * env.world_size / max(global_count, 1)
+
+
+def sft_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, env: Env) -> dict:
+    """Mean NLL of the completion tokens (+ EOS) over the GLOBAL batch; backward of each micro-batch."""
+    global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows)
+    sums = {}
+    for positions in micro_batches(len(batch.rows), env, args.gradient_accumulation_steps):
+        main = collate([data.examples[batch.rows[j]].pair for j in positions], data.pad_id, env.device)
+        token_logps = policy(main.input_ids, main.attention_mask, main.positions, main.targets)  # (N,)
+        share_of_global_mean(-token_logps.sum(), global_tokens, env).backward()
+        sums = add_sums(sums, {"loss/nll": -token_logps.detach().sum(), "items/tokens": len(token_logps)})
+        sums = add_sums(sums, token_sums([main]))
+    return sums
+
+
+# ----------------------------------------------------------------------------- the training loop (paper Sec. 2.4)
+# kto / step-kto: one run is one iteration M_t -> M_{t+1}, with pi_ref = M_t (--model, or --ref_model) throughout.
+
+
+def run(args: Args, env: Env) -> None:
+    """One iteration M_t -> M_{t+1} (kto / step-kto; pi_ref = M_t = --model unless --ref_model), or SFT."""
+    common.seed_everything(args.seed)
+    tokenizer = load_tokenizer(args)
+    data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
+    work = Path(args.output_dir + ".resume")
+    work.mkdir(parents=True, exist_ok=True)
+    lm = load_lm(args, tokenizer)
+    policy = build_policy(add_lora(lm, args) if args.lora_r else lm, args, env, trainable=True)
+    policy.train()
+    if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
+        data.reference = reference_logps(args, env, policy, data, work)
+    optimizer, scheduler = make_optimizer(policy, args, len(data.plan))
+    start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
+    train(policy, optimizer, scheduler, data, args, env, work, start_step)
+    save_final_model(policy, tokenizer, args, env, work)
+
+
+def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, work: Path, start_step: int) -> None:
+    step_fn, summarize = (sft_step, sft_metrics) if args.objective == "sft" else (kto_step, kto_metrics)
+    window = Throughput()
+    bar = tqdm(total=len(data.plan), initial=start_step, desc=args.objective, disable=env.rank != 0)
+    tracker = open_tracker(args, env, work, start_step)
+    for step in range(start_step, len(data.plan)):
+        batch, lr = data.plan[step], scheduler.get_last_lr()[0]
+        sums = all_reduce_sums(step_fn(policy, step, batch, data, args, env), env.device)  # forwards + backwards
+        metrics = summarize(sums, args)
+        check_finite("loss", metrics["loss/total"], step, work)
+        grad_norm = clip_gradients(policy, args.max_grad_norm)
+        check_finite("gradient norm", grad_norm, step, work)
+        optimizer.step()
+        # Free the gradients now, not before the next backward: held through the next forward they would
+        # add a model's worth of memory to its activation peak (and fragment the CPU heap between steps).
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        window.add(sums["tokens/real"], sums["tokens/computed"], len(batch.rows))
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == len(data.plan):
+            entry = {"step": step + 1, "epoch": batch.epoch, "lr": lr, "grad_norm": grad_norm, **metrics}
+            entry |= window.stats()
+            if env.rank == 0:
+                common.append_log(work / "train_log.jsonl", entry)
+                tracker.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step + 1)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
+            save_resume_state(policy, optimizer, scheduler, step + 1, args, env, work)
+    bar.close()
+    tracker.close()
+
+
+def check_finite(name: str, value: float, step: int, work: Path) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
+            f"written: --model and the last resume state in {work} (if any) are untouched. "
+            "Lower --lr (or check the data) and rerun."
+        )
+
+
+# ============ plumbing: arguments, processes, FSDP, log-probs, reference cache, resume, saving ============
+# (process groups, atomic torch.save, RNG state and the log file: common.py's "training plumbing")
 
 
 class UsageError(Exception):
@@ -200,7 +592,8 @@ def check_args(args: Args) -> None:
     if not (0 < args.beta < math.inf) or args.lambda_d < 0 or args.lambda_u < 0:
         got = f"{args.beta}, {args.lambda_d}, {args.lambda_u}"
         raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u >= 0; got {got}")
-    if args.objective == "step-kto" and (min(args.w_outcome, args.w_step) < 0 or args.w_outcome == args.w_step == 0):
+    weights = levels(args)
+    if min(weights.w_outcome, weights.w_step) < 0 or weights.w_outcome == weights.w_step == 0:
         raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
     if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
         raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
@@ -219,96 +612,35 @@ def check_ignored_options(args: Args) -> None:
         raise UsageError("--lora_r needs a trained --model: adapters on a random model train nothing useful")
 
 
-# ----------------------------------------------------------------------------- processes
+def main(args: Args) -> None:
+    check_args(args)
+    out = Path(args.output_dir)
+    if common.is_complete_model_dir(out):
+        print(f"{out} is already a complete checkpoint: nothing to do", flush=True)
+        return
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists, is not empty and is not a complete checkpoint: move it away first")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    env = common.init_distributed()
+    try:
+        run(args, env)
+    finally:
+        if dist.is_initialized():
+            # gloo's worker threads can still hold finished async work (FSDP2's collectives) whose tensors
+            # reference Python objects; freed during interpreter teardown they abort the process
+            # ("terminate called without an active exception", seen once in 10 runs here). Drop them first.
+            gc.collect()
+            dist.destroy_process_group()
 
 
-class Env(NamedTuple):
-    rank: int
-    world_size: int
-    device: torch.device
-
-
-def init_distributed() -> Env:
-    """One process unless launched by torchrun (even with one process: FSDP2 on one GPU); then gloo on
-    CPU, nccl on GPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if "LOCAL_RANK" not in os.environ:  # plain `python train.py`
-        return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Env(dist.get_rank(), world_size, device)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] on one process)."""
-    if not dist.is_initialized():
-        return [obj]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def all_reduce_sums(sums: dict, device: torch.device) -> dict[str, float]:
-    """Sum each value over the ranks in one collective (and one device-to-host copy)."""
-    keys = sorted(sums)
-    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])  # (S,)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class Pair(NamedTuple):
-    """A tokenized (prompt, completion): one row of a forward pass."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]  # EOS included when the completion stopped
-    step_ids: np.ndarray  # (len(completion_ids),) int64: step index of each completion token, -1 = none
-    num_steps: int
-
-
-class Example(NamedTuple):
-    pair: Pair
-    desirable: bool  # outcome label (KTO); unused by sft
-    step_labels: list[bool]  # (num_steps,)
-
-
-SFT_SCHEMA = {"id": (str, int), "problem": str, "completion": str}
-KTO_SCHEMA = {"id": (str, int), "prompt": str, "completion": str, "finish_reason": str, "outcome": bool}
-STEP_KTO_SCHEMA = {**KTO_SCHEMA, "completions": list, "labels": list}
+# ----------------------------------------------------------------------------- reading rows
 
 
 def row_line_numbers(path: str) -> list[int]:
     """File line of each row that common.read_jsonl returns (it skips blank lines)."""
     with open(path, encoding="utf-8") as f:
         return [lineno for lineno, line in enumerate(f, start=1) if line.strip()]
-
-
-def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
-    """Step index of each completion token from the character where each token starts.
-
-    The rule for a token that straddles a step boundary: it belongs to the step in which its FIRST
-    character lies, where a step runs from its own first character to the next step's (so the blank-line
-    separator after a step stays with that step, and a token such as ".\n\n" ends the step it starts in);
-    leading whitespace goes to step 0, and the stop token (which starts at the end of the text) to the last.
-    -1 everywhere when the completion has no steps.
-    """
-    token_starts = np.asarray(token_starts, dtype=np.int64)  # (C,)
-    if not spans:
-        return np.full_like(token_starts, -1)
-    span_starts = np.array([start for start, _ in spans], dtype=np.int64)  # (K,)
-    return np.maximum(np.searchsorted(span_starts, token_starts, side="right") - 1, 0)  # (C,)
 
 
 def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[int]]:
@@ -323,36 +655,6 @@ def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[in
     return row["prompt_ids"], row["completion_ids"], row["completion_offsets"]
 
 
-def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
-    """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
-    when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
-    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
-        ids, offsets = ids + [tokenizer.eos_token_id], offsets + [len(row["completion"])]
-    return prompt_ids, ids, offsets
-
-
-def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
-    """One label.py row -> Example, scoring the sampled ids when the row has them; raises DataError naming
-    file:line and field."""
-    if row["finish_reason"] not in ("stop", "length"):
-        raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
-    spans = []
-    if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
-        spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else common.step_spans(row["completion"])
-    labels = row["labels"] if with_steps else []
-    if with_steps:
-        check_step_fields(row, len(spans), where)
-    has_ids = "completion_ids" in row
-    prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
-    if not prompt_ids:
-        raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
-    step_ids = steps_of_tokens(offsets, spans)
-    return Example(Pair(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
-
-
 def check_step_fields(row: dict, num_spans: int, where: str) -> None:
     labels = row["labels"]
     if not all(isinstance(label, bool) for label in labels):
@@ -365,104 +667,56 @@ def check_step_fields(row: dict, num_spans: int, where: str) -> None:
             )
 
 
-def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
-    prompt = common.build_prompt(tokenizer, row["problem"], prompt_style)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Example(Pair(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
+# ----------------------------------------------------------------------------- logged metrics
 
 
-def load_examples(args: Args, tokenizer) -> list[Example]:
-    if args.objective == "sft":
-        return [sft_example(tokenizer, row, args.prompt_style) for row in common.read_jsonl(args.data, SFT_SCHEMA)]
-    with_steps = args.objective == "step-kto"
-    rows = common.read_jsonl(args.data, STEP_KTO_SCHEMA if with_steps else KTO_SCHEMA)
-    lines = row_line_numbers(args.data)
-    return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps) for row, line in zip(rows, lines)]
+def add_sums(total: dict, part: dict) -> dict:
+    return {key: total.get(key, 0) + part.get(key, 0) for key in total.keys() | part.keys()}
 
 
-def kl_pair(prompt_example: Example, completion_example: Example, with_steps: bool) -> Pair:
-    """KTO's mismatched pair (x_j, y_{j-1}) that estimates the reference point z0 (KTO paper Sec. 4.1)."""
-    completion = completion_example.pair
-    if with_steps:
-        return completion._replace(prompt_ids=prompt_example.pair.prompt_ids)
-    no_steps = np.full(len(completion.completion_ids), -1)
-    return Pair(prompt_example.pair.prompt_ids, completion.completion_ids, no_steps, 0)
+LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
 
 
-def pair_length(pair: Pair) -> int:
-    return len(pair.prompt_ids) + len(pair.completion_ids)
+def kto_sums(terms: sk.StepKTOTerms, metrics: dict) -> dict:
+    """What one micro-batch logs, as sums and counts with the same keys on every rank: summed over the
+    micro-batches and the ranks (one all-reduce), they give the global batch's means."""
+    outcome, n_outcome, step, n_step = terms.sums()  # of (5) and of (7)
+    sums = {"loss/outcome": outcome, "items/outcome": n_outcome, "loss/step": step, "items/step": n_step}
+    zero = torch.zeros_like(outcome)
+    for level_side in (f"{level}_{side}" for level in LEVELS for side in SIDES):
+        count = metrics.get(f"count/{level_side}", zero)
+        sums[f"count/{level_side}"] = count
+        sums[f"rewards/{level_side}"] = metrics.get(f"rewards/{level_side}", zero) * count  # mean * count
+    return sums
 
 
-# ----------------------------------------------------------------------------- batch plan
+def kto_metrics(sums: dict, args: Args) -> dict[str, float]:
+    """The global batch's (5), (7), (8) (+ anchor), rewards, counts and z0, from the summed sums."""
+    metrics, total = {}, 0.0
+    weights = levels(args)
+    for level, weight in zip(LEVELS, (weights.w_outcome, weights.w_step)):
+        if sums[f"items/{level}"] > 0:
+            metrics[f"loss/{level}"] = sums[f"loss/{level}"] / sums[f"items/{level}"]
+            total += weight * metrics[f"loss/{level}"]  # (8)
+        for side in SIDES:
+            if sums[f"count/{level}_{side}"] > 0:
+                metrics[f"rewards/{level}_{side}"] = sums[f"rewards/{level}_{side}"] / sums[f"count/{level}_{side}"]
+                metrics[f"count/{level}_{side}"] = sums[f"count/{level}_{side}"]
+    if args.nll_weight:
+        metrics["loss/nll"] = sums["loss/nll"] / max(sums["items/nll_tokens"], 1)
+        total += args.nll_weight * metrics["loss/nll"]
+    metrics["loss/total"] = total
+    metrics["kl/z0"] = sums["kl/z0"] / sums["ranks"]
+    if weights.step_z0:
+        metrics["kl/z0_step"] = sums["kl/z0_step"] / sums["ranks"]
+    return metrics
 
 
-class PlanBatch(NamedTuple):
-    epoch: int
-    rows: list[int]  # global batch, longest row first; rank r takes the r-th equal slice
+def sft_metrics(sums: dict, args: Args) -> dict[str, float]:
+    return {"loss/total": sums["loss/nll"] / sums["items/tokens"]}
 
 
-def build_plan(
-    lengths: list[int],
-    global_batch_size: int,
-    shards: int,
-    epochs: int,
-    seed: int,
-    min_batch_size: int,
-    mega_batches: int = 50,
-) -> list[PlanBatch]:
-    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
-
-    Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
-    that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
-    order is then shuffled. A short last batch is trimmed to a multiple of `shards` (world size x
-    gradient accumulation steps: equal micro-batches) and dropped below min_batch_size (KTO's KL pairs
-    need two rows).
-    """
-    rng = np.random.default_rng(seed)
-    mega = global_batch_size * mega_batches
-    plan = []
-    for epoch in range(epochs):
-        order = rng.permutation(len(lengths)).tolist()
-        batches = []
-        for start in range(0, len(order), mega):
-            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-            batches += common.chunked(chunk, global_batch_size)
-        batches = [b[: len(b) - len(b) % shards] for b in batches]
-        batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
-        plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
-    return plan
-
-
-def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
-    """Positions of the global batch that this rank computes, one range per micro-batch: the rank's equal,
-    contiguous slice cut into `accumulation` equal parts (build_plan makes the batch divisible)."""
-    per_micro = global_batch_size // (env.world_size * accumulation)
-    first = env.rank * accumulation
-    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
-
-
-def kl_pairs_of_batch(rows: list[int], positions, examples: list[Example], with_steps: bool) -> list[Pair]:
-    """Item j is paired with item j-1's completion, cyclically within the global batch (as TRL)."""
-    return [kl_pair(examples[rows[j]], examples[rows[j - 1]], with_steps) for j in positions]
-
-
-def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], shards: int, with_kl: bool) -> float:
-    """Fraction of the computed (padded) token positions that are real tokens, over every forward of the plan."""
-    real = computed = 0
-    for batch in plan:
-        for shard in range(shards):  # a shard is one micro-batch of one rank
-            positions = micro_batches(len(batch.rows), Env(shard, shards, torch.device("cpu")), 1)[0]
-            forwards = [[examples[batch.rows[j]].pair for j in positions]]
-            if with_kl:
-                forwards.append(kl_pairs_of_batch(batch.rows, positions, examples, False))
-            for pairs in forwards:
-                lengths = [pair_length(p) for p in pairs]
-                real, computed = real + sum(lengths), computed + len(lengths) * max(lengths)
-    return real / max(computed, 1)
-
-
-# ----------------------------------------------------------------------------- model and log-probs
+# ----------------------------------------------------------------------------- log-probs
 
 
 class Batch(NamedTuple):
@@ -508,6 +762,11 @@ def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
     return Batch(**tensors, real_tokens=int(seq_lens.sum()), computed_tokens=batch_size * max_len)
 
 
+def token_sums(batches: list[Batch]) -> dict:
+    real, computed = sum(b.real_tokens for b in batches), sum(b.computed_tokens for b in batches)
+    return {"tokens/real": real, "tokens/computed": computed}
+
+
 def head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) of (N, H) hidden states: logit[target] - logsumexp(logits), in float32 at least."""
     logits = head(hidden)  # (N, V)
@@ -550,12 +809,42 @@ class CompletionLogProbs(nn.Module):
 
 
 def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total log-prob of each completion (B,), per-step log-probs (B, K) in the `span` convention)."""
+    """(log pi(y|x) of each completion (B,), per-step log-probs (B, K) in the `span` convention of (6))."""
     token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
     grid = token_logps.new_zeros(batch.step_ids.shape)  # (B, C), 0 at padding
     grid = grid.index_put((batch.token_rows, batch.token_cols), token_logps)  # differentiable scatter
     steps = sk.step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
     return grid.sum(dim=1), steps
+
+
+def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], shards: int, with_kl: bool) -> float:
+    """Fraction of the computed (padded) token positions that are real tokens, over every forward of the plan."""
+    real = computed = 0
+    for batch in plan:
+        for shard in range(shards):  # a shard is one micro-batch of one rank
+            positions = micro_batches(len(batch.rows), Env(shard, shards, torch.device("cpu")), 1)[0]
+            forwards = [[examples[batch.rows[j]].pair for j in positions]]
+            if with_kl:
+                forwards.append(kl_pairs_of_batch(batch.rows, positions, examples, False))
+            for pairs in forwards:
+                lengths = [pair_length(p) for p in pairs]
+                real, computed = real + sum(lengths), computed + len(lengths) * max(lengths)
+    return real / max(computed, 1)
+
+
+# ----------------------------------------------------------------------------- the policy: FSDP2, LoRA
+
+
+def load_tokenizer(args: Args):
+    return common.make_char_tokenizer() if args.model == "scratch" else common.load_tokenizer(args.model)
+
+
+def load_lm(args: Args, tokenizer) -> nn.Module:
+    if args.model != "scratch":
+        return common.load_model(args.model, args.dtype)
+    sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
+    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed)
+    return lm.to(getattr(torch, args.dtype))
 
 
 def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Module:
@@ -605,18 +894,6 @@ def add_lora(lm: nn.Module, args: Args) -> nn.Module:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {error}") from None
 
 
-def load_tokenizer(args: Args):
-    return common.make_char_tokenizer() if args.model == "scratch" else common.load_tokenizer(args.model)
-
-
-def load_lm(args: Args, tokenizer) -> nn.Module:
-    if args.model != "scratch":
-        return common.load_model(args.model, args.dtype)
-    sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
-    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed)
-    return lm.to(getattr(torch, args.dtype))
-
-
 # ----------------------------------------------------------------------------- reference log-probs
 
 
@@ -627,6 +904,50 @@ class Reference(NamedTuple):
     row_steps: torch.Tensor  # (R, K_max) in the --step_span convention, 0 past a row's last step
     kl_total: torch.Tensor  # (P,) one per plan item, in plan order
     kl_steps: torch.Tensor  # (P, K_max) with --step_z0 step, else (P, 0)
+
+
+def reference_logps(args: Args, env: Env, policy, data: TrainData, work: Path) -> Reference:
+    """log pi_ref of all rows and KL pairs, ONCE per run, before any update; cached in the work folder.
+
+    Without --ref_model the (still untrained) policy is the reference, so no second model is loaded;
+    otherwise the reference is loaded, used and freed before training starts.
+    """
+    cache, key = work / "reference_logps.pt", reference_fingerprint(args, data.plan)
+    if cache.exists():
+        saved = torch.load(cache)
+        if saved["key"] == key:
+            print(f"reference log-probs: loaded from {cache}", flush=True)
+            return Reference(**saved["reference"])
+    separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
+    scorer = build_policy(common.load_model(args.ref_model, args.dtype), args, env, False) if separate else policy
+    kl_pairs = [p for batch in data.plan
+                for p in kl_pairs_of_batch(batch.rows, range(len(batch.rows)), data.examples, levels(args).step_z0)]
+    pairs = [e.pair for e in data.examples] + kl_pairs
+    scorer.eval()
+    totals, steps = score_pairs(scorer, pairs, args.step_span, args.per_device_batch_size, env, data.pad_id)
+    if hasattr(policy, "reshard"):
+        # FSDP2 keeps the root's parameters gathered after a forward; the optimizer must be built on the
+        # sharded parameters, or it would update a temporary all-gather buffer.
+        policy.reshard()
+    policy.train()
+    del scorer
+    gc.collect()
+    rows = len(data.examples)
+    kl_steps = steps[rows:, : max((p.num_steps for p in kl_pairs), default=0)]
+    reference = Reference(totals[:rows], steps[:rows], totals[rows:], kl_steps)
+    if env.rank == 0:
+        save_atomic({"key": key, "reference": reference._asdict()}, cache)
+    barrier()
+    return reference
+
+
+def reference_fingerprint(args: Args, plan: list[PlanBatch]) -> str:
+    """What the cached reference log-probs depend on: data bytes, reference model, span and the plan."""
+    digest = hashlib.sha256(Path(args.data).read_bytes())
+    ref = str(Path(args.ref_model or args.model).resolve())
+    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, [b.rows for b in plan]]
+    digest.update(json.dumps(settings).encode())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -654,252 +975,7 @@ def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int
     return totals, steps
 
 
-def plan_kl_pairs(plan: list[PlanBatch], examples: list[Example], with_steps: bool) -> list[Pair]:
-    return [p for batch in plan for p in kl_pairs_of_batch(batch.rows, range(len(batch.rows)), examples, with_steps)]
-
-
-def reference_fingerprint(args: Args, plan: list[PlanBatch]) -> str:
-    """What the cached reference log-probs depend on: data bytes, reference model, span and the plan."""
-    digest = hashlib.sha256(Path(args.data).read_bytes())
-    ref = str(Path(args.ref_model or args.model).resolve())
-    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, [b.rows for b in plan]]
-    digest.update(json.dumps(settings).encode())
-    return digest.hexdigest()
-
-
-def reference_logps(args, env, policy, examples, plan, work: Path, pad_id: int) -> Reference:
-    """log pi_ref of all rows and KL pairs, ONCE per run, before any update; cached in the work folder.
-
-    Without --ref_model the (still untrained) policy is the reference, so no second model is loaded;
-    otherwise the reference is loaded, used and freed before training starts.
-    """
-    cache, key = work / "reference_logps.pt", reference_fingerprint(args, plan)
-    if cache.exists():
-        saved = torch.load(cache)
-        if saved["key"] == key:
-            print(f"reference log-probs: loaded from {cache}", flush=True)
-            return Reference(**saved["reference"])
-    separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
-    scorer = build_policy(common.load_model(args.ref_model, args.dtype), args, env, False) if separate else policy
-    with_steps = args.step_z0 == "step" and args.objective == "step-kto"
-    pairs = [e.pair for e in examples] + plan_kl_pairs(plan, examples, with_steps)
-    scorer.eval()
-    totals, steps = score_pairs(scorer, pairs, args.step_span, args.per_device_batch_size, env, pad_id)
-    if hasattr(policy, "reshard"):
-        # FSDP2 keeps the root's parameters gathered after a forward; the optimizer must be built on the
-        # sharded parameters, or it would update a temporary all-gather buffer.
-        policy.reshard()
-    policy.train()
-    del scorer
-    gc.collect()
-    rows = len(examples)
-    kl_steps = steps[rows:, : max((p.num_steps for p in pairs[rows:]), default=0)]
-    reference = Reference(totals[:rows], steps[:rows], totals[rows:], kl_steps)
-    if env.rank == 0:
-        save_atomic({"key": key, "reference": reference._asdict()}, cache)
-    barrier()
-    return reference
-
-
-# ----------------------------------------------------------------------------- objectives
-
-
-def level_weights(args: Args) -> tuple[float, float]:
-    """(w_outcome, w_step): plain KTO is Step-KTO without the step level (the paper's baseline)."""
-    return (1.0, 0.0) if args.objective == "kto" else (args.w_outcome, args.w_step)
-
-
-def sft_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args, env: Env) -> dict:
-    """Mean NLL of the completion tokens (+ EOS) over the GLOBAL batch; backward of each micro-batch."""
-    global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows)
-    sums = {}
-    for positions in micro_batches(len(batch.rows), env, args.gradient_accumulation_steps):
-        main = collate([data.examples[batch.rows[j]].pair for j in positions], data.pad_id, env.device)
-        token_logps = policy(main.input_ids, main.attention_mask, main.positions, main.targets)  # (N,)
-        # A sum over the global count: the micro-batches' gradients add up to the global mean's. Times
-        # world_size because FSDP averages gradients over ranks.
-        loss = -token_logps.sum() * env.world_size / global_tokens
-        loss.backward()
-        sums = add_sums(sums, {"loss/nll": -token_logps.detach().sum(), "items/tokens": len(token_logps)})
-        sums = add_sums(sums, token_sums([main]))
-    return sums
-
-
-def add_sums(total: dict, part: dict) -> dict:
-    return {key: total.get(key, 0) + part.get(key, 0) for key in total.keys() | part.keys()}
-
-
-def sft_metrics(sums: dict, args: Args) -> dict[str, float]:
-    return {"loss/total": sums["loss/nll"] / sums["items/tokens"]}
-
-
-@torch.no_grad()
-def reference_point(policy, step: int, batch: PlanBatch, micros: list[range], data: "TrainData", args: Args,
-                    env: Env):
-    """(z0, z0_step, token counts) from the policy's log-ratios on the mismatched KL pairs, under no_grad (as TRL).
-
-    Estimated over the whole global batch: every micro-batch of every rank (estimate_z0 all-reduces over
-    the ranks), so that gradient accumulation computes the update of one large batch exactly. TRL
-    estimates it per micro-batch instead; with small micro-batches that estimate is noisier, and the
-    update then depends on how the batch was cut, which accumulation is meant not to change.
-    """
-    with_steps = args.step_z0 == "step" and args.objective == "step-kto"
-    outcome, steps, tokens = [], [], {}
-    for positions in micros:
-        kl = collate(kl_pairs_of_batch(batch.rows, positions, data.examples, with_steps), data.pad_id, env.device)
-        tokens = add_sums(tokens, token_sums([kl]))
-        items = torch.tensor([data.kl_offsets[step] + j for j in positions])
-        totals, step_logps = completion_logps(policy, kl, args.step_span)  # (B,), (B, K)
-        outcome.append(totals - data.reference.kl_total[items].to(totals.device))
-        ref_steps = data.reference.kl_steps[items, : kl.step_mask.size(1)].to(totals.device)
-        steps.append((step_logps - ref_steps)[kl.step_mask])
-    z0 = sk.estimate_z0(torch.cat(outcome))
-    return z0, sk.estimate_z0(torch.cat(steps)) if with_steps else None, tokens
-
-
-def kto_step(policy, step: int, batch: PlanBatch, data: "TrainData", args: Args, env: Env) -> dict:
-    """Step-KTO loss of this rank's micro-batches of one global batch, backward of each (paper Sec. 2.3)."""
-    micros = micro_batches(len(batch.rows), env, args.gradient_accumulation_steps)
-    z0, z0_step, sums = reference_point(policy, step, batch, micros, data, args, env)
-    for positions in micros:
-        loss, micro_sums = kto_micro_batch(policy, positions, batch, data, args, env, (z0, z0_step))
-        loss.backward()
-        sums = add_sums(sums, micro_sums)
-    return sums
-
-
-def kto_micro_batch(policy, positions: range, batch: PlanBatch, data: "TrainData", args: Args, env: Env, z0s):
-    """(loss, metric sums) of one micro-batch: its share of the global batch's Step-KTO loss."""
-    rows = torch.tensor([batch.rows[j] for j in positions])
-    examples = [data.examples[i] for i in rows.tolist()]
-    main = collate([e.pair for e in examples], data.pad_id, env.device)
-    ref, device, num_steps = data.reference, env.device, main.step_mask.size(1)
-    (z0, z0_step), accumulation = z0s, args.gradient_accumulation_steps
-    totals, steps = completion_logps(policy, main, args.step_span)  # (B,), (B, K)
-    shards = env.world_size * accumulation
-    w_outcome, w_step = shard_level_weights(args, examples, [data.examples[i] for i in batch.rows], shards)
-    step_labels = step_label_tensor(examples, num_steps, device)  # (B, K)
-    loss, metrics = sk.stepkto_loss(
-        outcome_logratios=totals - ref.row_total[rows].to(device),  # (B,) r(x, y) = log pi/pi_ref
-        outcome_labels=torch.tensor([e.desirable for e in examples], device=device),
-        step_logratios=steps - ref.row_steps[rows, :num_steps].to(device),  # (B, K) r_k
-        step_labels=step_labels,
-        step_mask=scored_steps(step_labels, main.step_mask, args),
-        z0=z0,
-        z0_step=z0_step,
-        beta=args.beta,
-        **data.lambdas,
-        w_outcome=w_outcome,
-        w_step=w_step,
-        step_aggregation=args.step_aggregation,
-    )
-    step_items = sum(e.pair.num_steps > 0 for e in examples)
-    sums = kto_sums(metrics, len(examples), step_items) | token_sums([main])
-    # The outcome level is a mean over this micro-batch's items: 1 / accumulation of the global mean.
-    loss = loss / accumulation
-    if args.nll_weight:
-        nll, sums["loss/nll"], sums["items/nll_tokens"] = anchor_nll(totals, examples, batch, data, args, env)
-        loss = loss + args.nll_weight * nll
-    return loss, sums
-
-
-def fully_desirable(example: Example, args: Args) -> bool:
-    return example.desirable and (args.objective == "kto" or all(example.step_labels))
-
-
-def anchor_nll(totals, examples: list[Example], batch: PlanBatch, data: "TrainData", args: Args, env: Env):
-    """(this rank's share of the global batch's mean NLL over fully desirable completion tokens, its sum, tokens)."""
-    flags = [fully_desirable(e, args) for e in examples]
-    keep = torch.tensor(flags, device=totals.device)  # (B,)
-    tokens = sum(len(e.pair.completion_ids) for e, kept in zip(examples, flags) if kept)
-    global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows
-                        if fully_desirable(data.examples[i], args))
-    nll_sum = -(totals * keep).sum()  # totals: (B,) summed token log-probs
-    # Times world_size because FSDP averages gradients over ranks (as sft_step).
-    return nll_sum * env.world_size / max(global_tokens, 1), nll_sum.detach(), tokens
-
-
-def scored_steps(step_labels: torch.Tensor, step_mask: torch.Tensor, args: Args) -> torch.Tensor:
-    """(B, K) bool: the real steps that the step level scores (--step_scope)."""
-    return sk.through_first_error(step_labels, step_mask) if args.step_scope == "first_error" else step_mask
-
-
-def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
-    labels = np.zeros((len(examples), num_steps), dtype=bool)  # (B, K), padding steps False (masked anyway)
-    for b, example in enumerate(examples):
-        labels[b, : len(example.step_labels)] = example.step_labels
-    return torch.from_numpy(labels).to(device)
-
-
-def shard_level_weights(args: Args, local: list[Example], global_batch: list[Example], shards: int):
-    """(w_outcome, w_step) for one shard (a micro-batch of one rank), so that the shards together compute
-    the global batch's loss.
-
-    stepkto_loss averages the step level over the shard's n_s completions that have steps; the global
-    batch's L_step averages over all N of them, so the shard's term weighs n_s / N, times the number of
-    shards because kto_micro_batch divides by the accumulation steps and FSDP averages gradients over
-    ranks. The outcome level needs no factor: equal shards.
-    """
-    w_outcome, w_step = level_weights(args)
-    local_items = sum(e.pair.num_steps > 0 for e in local)
-    if w_step and local_items:
-        w_step = w_step * (shards * local_items) / sum(e.pair.num_steps > 0 for e in global_batch)
-    return w_outcome, w_step
-
-
-LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
-
-
-def kto_sums(metrics: dict, batch_size: int, step_items: int) -> dict:
-    """stepkto_loss's means over this rank's items as sums and counts: summed over the ranks they give the
-    global batch's means, i.e. what one process with the whole batch logs."""
-    zero = torch.zeros((), device=metrics["kl/z0"].device)
-    sums = {"ranks": 1, "kl/z0": metrics["kl/z0"], "kl/z0_step": metrics.get("kl/z0_step", zero)}
-    for level, items in zip(LEVELS, (batch_size, step_items)):
-        computed = f"loss/{level}" in metrics
-        sums[f"loss/{level}"] = metrics[f"loss/{level}"] * items if computed else zero
-        sums[f"items/{level}"] = items if computed else 0
-        for side in SIDES:
-            count = metrics.get(f"count/{level}_{side}", zero)
-            sums[f"count/{level}_{side}"] = count
-            sums[f"rewards/{level}_{side}"] = metrics.get(f"rewards/{level}_{side}", zero) * count
-    return sums
-
-
-def kto_metrics(sums: dict, args: Args) -> dict[str, float]:
-    metrics, total = {}, 0.0
-    for level, weight in zip(LEVELS, level_weights(args)):
-        if sums[f"items/{level}"] > 0:
-            metrics[f"loss/{level}"] = sums[f"loss/{level}"] / sums[f"items/{level}"]
-            total += weight * metrics[f"loss/{level}"]
-        for side in SIDES:
-            if sums[f"count/{level}_{side}"] > 0:
-                metrics[f"rewards/{level}_{side}"] = sums[f"rewards/{level}_{side}"] / sums[f"count/{level}_{side}"]
-                metrics[f"count/{level}_{side}"] = sums[f"count/{level}_{side}"]
-    if args.nll_weight:
-        metrics["loss/nll"] = sums["loss/nll"] / max(sums["items/nll_tokens"], 1)
-        total += args.nll_weight * metrics["loss/nll"]
-    metrics["loss/total"] = total
-    metrics["kl/z0"] = sums["kl/z0"] / sums["ranks"]
-    if args.step_z0 == "step" and args.objective == "step-kto":
-        metrics["kl/z0_step"] = sums["kl/z0_step"] / sums["ranks"]
-    return metrics
-
-
-def token_sums(batches: list[Batch]) -> dict:
-    real, computed = sum(b.real_tokens for b in batches), sum(b.computed_tokens for b in batches)
-    return {"tokens/real": real, "tokens/computed": computed}
-
-
-# ----------------------------------------------------------------------------- optimizer, state, files
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup to the peak over `warmup` steps, then linear or cosine decay towards 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+# ----------------------------------------------------------------------------- optimizer, telemetry
 
 
 def make_optimizer(policy: nn.Module, args: Args, total_steps: int):
@@ -917,34 +993,51 @@ def make_optimizer(policy: nn.Module, args: Args, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary name, fsync, rename: a kill at any moment leaves the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to the peak over `warmup` steps, then linear or cosine decay towards 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_gradients(policy: nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+
+
+class Throughput:
+    """Throughput since the last log line: real tokens of all forwards and rows of the global batches, all ranks."""
+
+    def __init__(self):
+        self.start, self.real, self.computed, self.rows = time.perf_counter(), 0.0, 0.0, 0
+
+    def add(self, real: float, computed: float, rows: int) -> None:
+        self.real, self.computed, self.rows = self.real + real, self.computed + computed, self.rows + rows
+
+    def stats(self) -> dict:
+        """The rates since the last call (or since the start), then a new window."""
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        stats = {"tokens_per_s": self.real / seconds, "samples_per_s": self.rows / seconds,
+                 "real_token_fraction": self.real / max(self.computed, 1.0)}
+        self.start, self.real, self.computed, self.rows = now, 0.0, 0.0, 0
+        return stats
+
+
+def open_tracker(args: Args, env: Env, work: Path, start_step: int):
+    """--report_to on rank 0 (the others log nothing), writing into the work folder: save_final_model moves
+    it to OUTPUT/tracking. A resumed run drops what was logged after its resume state (logged steps > start_step)."""
+    report_to = args.report_to if env.rank == 0 else "none"
+    return common.open_tracker(report_to, work / "tracking", Path(args.output_dir).name, asdict(args), start_step + 1)
+
+
+# ----------------------------------------------------------------------------- resume state
 
 
 def run_signature(args: Args, env: Env) -> dict:
     signature = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS}
     return signature | {"world_size": env.world_size}
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_resume_state(policy, optimizer, scheduler, step: int, args: Args, env: Env, work: Path) -> None:
@@ -956,7 +1049,7 @@ def save_resume_state(policy, optimizer, scheduler, step: int, args: Args, env: 
         trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
         model_state = {name: value for name, value in model_state.items() if name in trainable}
     optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
-    rngs = gather_objects(rng_state())
+    rngs = gather_objects(common.rng_state())
     if env.rank == 0:
         state = dict(step=step, model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict())
         save_atomic(state | {"rng": rngs, "run": run_signature(args, env)}, work / "state.pt")
@@ -978,35 +1071,21 @@ def load_resume_state(policy, optimizer, scheduler, args: Args, env: Env, work: 
     set_model_state_dict(policy, state["model"], options=options)
     set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][env.rank])
-    trim_log(work / "train_log.jsonl", state["step"])
+    common.set_rng_state(state["rng"][env.rank])
     if env.rank == 0:
+        common.trim_log(work / "train_log.jsonl", state["step"])
         print(f"resuming from {path} after step {state['step']}", flush=True)
     return state["step"]
 
 
-def trim_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after the resume state (they will be written again), and a line cut by a kill."""
-    if not path.exists() or dist.is_initialized() and dist.get_rank() != 0:
-        return
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    common.write_jsonl_atomic(path, [e for e in entries if e["step"] <= last_step])
-
-
-def append_log(path: Path, entry: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+# ----------------------------------------------------------------------------- the final model
 
 
 def save_final_model(policy, tokenizer, args: Args, env: Env, work: Path) -> None:
     """Gather the weights, save_pretrained them to OUTPUT.tmp, rename to OUTPUT, drop the work folder."""
     if args.lora_r:
-        adapters = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
+        adapters = {name.removeprefix("lm."): common.full_tensor(p)
+                    for name, p in policy.named_parameters() if p.requires_grad}
     else:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(policy, options=options)  # collective; full on rank 0 only
@@ -1034,11 +1113,6 @@ def save_final_model(policy, tokenizer, args: Args, env: Env, work: Path) -> Non
     barrier()
 
 
-def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU; a DTensor shard is all-gathered (a collective: every rank, same order)."""
-    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().cpu()
-
-
 def save_merged_lora(adapters: dict, out: Path, args: Args) -> None:
     """OUTPUT = --model with the adapters merged (an ordinary model for generate.py, evaluate.py and vLLM),
     OUTPUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they
@@ -1051,170 +1125,6 @@ def save_merged_lora(adapters: dict, out: Path, args: Args) -> None:
         raise TrainingError(f"the trained adapters do not fit --model {args.model}: {loaded.unexpected_keys[:3]}")
     model.save_pretrained(out / "adapter")
     model.merge_and_unload().save_pretrained(out)
-
-
-# ----------------------------------------------------------------------------- training loop
-
-
-def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
-    """(lambda_D, lambda_U) with lambda_D * n_D = lambda_U * n_U, the larger side weighted down (KTO paper)."""
-    if min(n_desirable, n_undesirable) == 0:
-        return 1.0, 1.0
-    if n_undesirable > n_desirable:
-        return 1.0, n_desirable / n_undesirable
-    return n_undesirable / n_desirable, 1.0
-
-
-def level_lambdas(examples: list[Example], args: Args) -> dict:
-    """KTO weights of the outcome and the step level, from --lambda_d/--lambda_u or balanced per level."""
-    if not args.balance_lambdas:
-        return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
-    n_d = sum(e.desirable for e in examples)
-    lengths = torch.tensor([len(e.step_labels) for e in examples])  # (N,)
-    labels = step_label_tensor(examples, max(lengths.tolist(), default=0), "cpu")  # (N, K)
-    scored = scored_steps(labels, torch.arange(labels.size(1)) < lengths[:, None], args)  # (N, K)
-    steps_d, steps_all = int((labels & scored).sum()), int(scored.sum())
-    outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
-    return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
-
-
-@dataclass
-class TrainData:
-    examples: list[Example]
-    plan: list[PlanBatch]
-    kl_offsets: list[int]  # plan item index of the first KL pair of each step
-    reference: Optional[Reference]
-    pad_id: int
-    lambdas: dict  # lambda_d, lambda_u, step_lambda_d, step_lambda_u for stepkto_loss
-
-
-def check_finite(name: str, value: float, step: int, work: Path) -> None:
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
-            f"written: --model and the last resume state in {work} (if any) are untouched. "
-            "Lower --lr (or check the data) and rerun."
-        )
-
-
-def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, work: Path, start_step: int) -> None:
-    step_fn, summarize = (sft_step, sft_metrics) if args.objective == "sft" else (kto_step, kto_metrics)
-    window = {"start": time.perf_counter(), "real": 0.0, "computed": 0.0, "rows": 0}
-    bar = tqdm(total=len(data.plan), initial=start_step, desc=args.objective, disable=env.rank != 0)
-    tracker = open_tracker(args, env, work, start_step)
-    for step in range(start_step, len(data.plan)):
-        batch, lr = data.plan[step], scheduler.get_last_lr()[0]
-        sums = all_reduce_sums(step_fn(policy, step, batch, data, args, env), env.device)  # forwards + backwards
-        metrics = summarize(sums, args)
-        check_finite("loss", metrics["loss/total"], step, work)
-        grad_norm = clip_gradients(policy, args.max_grad_norm)
-        check_finite("gradient norm", grad_norm, step, work)
-        optimizer.step()
-        # Free the gradients now, not before the next backward: held through the next forward they would
-        # add a model's worth of memory to its activation peak (and fragment the CPU heap between steps).
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        window["real"] += sums["tokens/real"]
-        window["computed"] += sums["tokens/computed"]
-        window["rows"] += len(batch.rows)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
-        if (step + 1) % args.log_every == 0 or step + 1 == len(data.plan):
-            entry = {"step": step + 1, "epoch": batch.epoch, "lr": lr, "grad_norm": grad_norm, **metrics}
-            entry |= window_stats(window)
-            if env.rank == 0:
-                append_log(work / "train_log.jsonl", entry)
-                tracker.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step + 1)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            save_resume_state(policy, optimizer, scheduler, step + 1, args, env, work)
-    bar.close()
-    tracker.close()
-
-
-def open_tracker(args: Args, env: Env, work: Path, start_step: int):
-    """--report_to on rank 0 (the others log nothing), writing into the work folder: save_final_model moves
-    it to OUTPUT/tracking. A resumed run drops what was logged after its resume state (logged steps > start_step)."""
-    report_to = args.report_to if env.rank == 0 else "none"
-    return common.open_tracker(report_to, work / "tracking", Path(args.output_dir).name, asdict(args), start_step + 1)
-
-
-def clip_gradients(policy: nn.Module, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-
-
-def window_stats(window: dict) -> dict:
-    """Throughput since the last log line (real tokens of all forwards and rows of the global batches, all
-    ranks), then reset the window."""
-    now = time.perf_counter()
-    seconds = max(now - window["start"], 1e-9)
-    stats = {
-        "tokens_per_s": window["real"] / seconds,
-        "samples_per_s": window["rows"] / seconds,
-        "real_token_fraction": window["real"] / max(window["computed"], 1.0),
-    }
-    window.update(start=now, real=0.0, computed=0.0, rows=0)
-    return stats
-
-
-def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
-    examples = load_examples(args, tokenizer)
-    kto = args.objective != "sft"
-    global_batch = args.per_device_batch_size * env.world_size * args.gradient_accumulation_steps
-    lengths = [pair_length(e.pair) for e in examples]
-    shards = env.world_size * args.gradient_accumulation_steps
-    plan = build_plan(lengths, global_batch, shards, args.epochs, args.seed, min_batch_size=2 if kto else 1)
-    plan = plan[: args.max_steps] if args.max_steps else plan
-    if not plan:
-        raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch}: lower the batch size")
-    offsets = np.cumsum([0] + [len(b.rows) for b in plan]).tolist()
-    if env.rank == 0:
-        fraction = plan_token_fraction(plan, examples, shards, with_kl=kto)
-        print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
-        print(f"length-grouped batches: {fraction:.1%} of the computed tokens are real (not padding)", flush=True)
-    lambdas = level_lambdas(examples, args) if kto else {}
-    if env.rank == 0 and kto:
-        print("KTO weights: " + ", ".join(f"{k} {v:.3f}" for k, v in lambdas.items()), flush=True)
-    return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id, lambdas)
-
-
-def main(args: Args) -> None:
-    check_args(args)
-    out = Path(args.output_dir)
-    if common.is_complete_model_dir(out):
-        print(f"{out} is already a complete checkpoint: nothing to do", flush=True)
-        return
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists, is not empty and is not a complete checkpoint: move it away first")
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    env = init_distributed()
-    try:
-        run(args, env)
-    finally:
-        if dist.is_initialized():
-            # gloo's worker threads can still hold finished async work (FSDP2's collectives) whose tensors
-            # reference Python objects; freed during interpreter teardown they abort the process
-            # ("terminate called without an active exception", seen once in 10 runs here). Drop them first.
-            gc.collect()
-            dist.destroy_process_group()
-
-
-def run(args: Args, env: Env) -> None:
-    common.seed_everything(args.seed)
-    tokenizer = load_tokenizer(args)
-    data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
-    work = Path(args.output_dir + ".resume")
-    work.mkdir(parents=True, exist_ok=True)
-    lm = load_lm(args, tokenizer)
-    policy = build_policy(add_lora(lm, args) if args.lora_r else lm, args, env, trainable=True)
-    policy.train()
-    if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
-        data.reference = reference_logps(args, env, policy, data.examples, data.plan, work, data.pad_id)
-    optimizer, scheduler = make_optimizer(policy, args, len(data.plan))
-    start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
-    train(policy, optimizer, scheduler, data, args, env, work, start_step)
-    save_final_model(policy, tokenizer, args, env, work)
 
 
 if __name__ == "__main__":

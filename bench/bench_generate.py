@@ -5,14 +5,13 @@
 Same model, same prompts (the first `--num_problems` problems, run.sh's minimal prompt), the same
 sampling settings (temperature 1, top_p 1, no top_k, `--num_samples` per problem, `--max_new_tokens`), the
 same thread count. "plain loop" = for each problem one `model.generate(prompt, num_return_sequences=n)`;
-"generate.py" = `generate.main` (chunks of 256 problems, left-padded, KV-cached, written to JSONL).
+"generate.py" = `generate.generate_rows` (chunks of 256 problems, left-padded, KV-cached, written to JSONL).
 Generated tokens are counted from the outputs (EOS included when a sample stopped). The two alternate
 `--rounds` times; the fastest of each is reported. Default model: run.sh's seed model (run `bash run.sh`
 first), so that samples stop at EOS the way they do in the loop.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,14 +27,13 @@ import generate  # noqa: E402
 
 
 def run_ours(args, out: Path) -> tuple[float, int]:
-    gen_args = generate.Args(model=args.model, problems=args.problems, output=str(out), num_samples=args.num_samples,
-                             temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0, engine="transformers",
-                             prompt_style="minimal", max_problems=args.num_problems, num_threads=args.threads)
+    settings = generate.Settings(model=args.model, num_samples=args.num_samples, temperature=1.0,
+                                 max_new_tokens=args.max_new_tokens, seed=0, engine="transformers", prompt_style="minimal")
     start = time.perf_counter()
-    generate.main(gen_args)
+    generate.generate_rows(generate.load_problems(args.problems, args.num_problems), str(out), settings)
     seconds = time.perf_counter() - start
     tokenizer = common.load_tokenizer(args.model)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = common.read_jsonl(out, common.SAMPLE_ROW)
     tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + (r["finish_reason"] == "stop")
                  for r in rows)
     return seconds, tokens

@@ -123,82 +123,102 @@ def print_profile(profiler) -> None:
         print(f"  {getattr(e, key) / total:6.1%}  {e.key[:110]}")
 
 
+class Recorder:
+    """Wraps train.py's functions: the end time of every optimizer step (train.train calls zero_grad once, at
+    the end of each), the FLOPs and real tokens of every forward (token_sums sees each collated batch; under
+    no_grad it is a forward without backward: the KL pairs of z0), and the decoder's shape."""
+
+    def __init__(self, profiler):
+        self.stamps, self.flops, self.tokens, self.shape, self.profiler = [], [], [], {}, profiler
+
+    def token_sums(self, inner):
+        import torch
+
+        def recording(batches):
+            s, trained = self.shape, torch.is_grad_enabled()
+            self.flops.append(sum(batch_flops(b, s["params"], s["hidden"], s["layers"], s["vocab"], trained)
+                                  for b in batches))
+            self.tokens.append(sum(b.real_tokens for b in batches))
+            return inner(batches)
+
+        return recording
+
+    def build_policy(self, inner):
+        def recording(lm, *a, **k):
+            layers = lm.get_decoder().layers
+            self.shape.update(params=sum(p.numel() for p in layers.parameters()), hidden=lm.config.hidden_size,
+                              layers=len(layers), vocab=lm.config.vocab_size)
+            return inner(lm, *a, **k)
+
+        return recording
+
+    def make_optimizer(self, inner):
+        def stamping(*a, **k):
+            optimizer, scheduler = inner(*a, **k)
+            inner_zero_grad = optimizer.zero_grad
+
+            def zero_grad(*za, **zk):
+                self.stamps.append(time.perf_counter())
+                if self.profiler is not None:
+                    self.profiler.step()  # one profiler step per training step
+                return inner_zero_grad(*za, **zk)
+
+            optimizer.zero_grad = zero_grad
+            return optimizer, scheduler
+
+        return stamping
+
+    def train(self, inner):
+        import torch
+
+        def timed(*a, **k):
+            self.stamps.clear(), self.flops.clear(), self.tokens.clear()  # the reference pass is not timed
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            inner(*a, **k)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.stamps[-1] = time.perf_counter()  # the last step's end, after the device has finished it
+            if self.profiler is not None:
+                self.profiler.stop()
+
+        return timed
+
+
+def make_profiler(args):
+    """Kernel time of steps warmup+2 .. warmup+4, by category (print_profile), or None."""
+    if not (args.profile and args.steps >= args.warmup + 5):
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities, on_trace_ready=print_profile,
+                       schedule=schedule(wait=args.warmup, warmup=1, active=3, repeat=1))
+    profiler.start()
+    return profiler
+
+
 def worker(args) -> None:
     """One train.main run; writes {tokens/s, FLOP/s, peak memory} of the timed steps to args.result."""
     import torch
 
     import train
 
-    stamps, flops, tokens = [], [], []
-    lm_shape = {}
-    inner_sums = train.token_sums
-
-    def recording_token_sums(batches):
-        shape = lm_shape
-        flops.append(sum(batch_flops(b, shape["params"], shape["hidden"], shape["layers"], shape["vocab"], i == 0)
-                         for i, b in enumerate(batches)))
-        tokens.append(sum(b.real_tokens for b in batches))
-        return inner_sums(batches)
-
-    inner_build = train.build_policy
-
-    def recording_build_policy(lm, *a, **k):
-        layers = lm.get_decoder().layers
-        lm_shape.update(params=sum(p.numel() for p in layers.parameters()), hidden=lm.config.hidden_size,
-                        layers=len(layers), vocab=lm.config.vocab_size)
-        return inner_build(lm, *a, **k)
-
-    inner_optimizer = train.make_optimizer
-
-    def stamping_make_optimizer(*a, **k):  # train.train calls zero_grad once, at the end of every step
-        optimizer, scheduler = inner_optimizer(*a, **k)
-        inner_zero_grad = optimizer.zero_grad
-
-        def zero_grad(*za, **zk):
-            stamps.append(time.perf_counter())
-            return inner_zero_grad(*za, **zk)
-
-        optimizer.zero_grad = zero_grad
-        return optimizer, scheduler
-
-    inner_train = train.train
-
-    def timed_train(*a, **k):
-        stamps.clear(), flops.clear(), tokens.clear()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        inner_train(*a, **k)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        stamps[-1] = time.perf_counter()  # the last step's end, after the device has finished it
-        if profiler is not None:
-            profiler.stop()
-
-    profiler = None
-    if args.profile and args.steps >= args.warmup + 5:  # kernel time of steps warmup+2 .. warmup+4, by category
-        from torch.profiler import ProfilerActivity, profile, schedule
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        profiler = profile(activities=activities, on_trace_ready=print_profile,
-                           schedule=schedule(wait=args.warmup, warmup=1, active=3, repeat=1))
-        profiler.start()
-        inner_record = recording_token_sums
-
-        def recording_token_sums(batches):  # noqa: F811 (one profiler step per training step)
-            profiler.step()
-            return inner_record(batches)
-
-    train.token_sums, train.build_policy, train.train = recording_token_sums, recording_build_policy, timed_train
-    train.make_optimizer = stamping_make_optimizer
+    recorder = Recorder(make_profiler(args))
+    for name in ("token_sums", "build_policy", "make_optimizer", "train"):
+        setattr(train, name, getattr(recorder, name)(getattr(train, name)))
     targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
                        per_device_batch_size=args.batch, max_steps=args.steps, lr=1e-6, dtype=args.dtype,
                        gradient_checkpointing=args.checkpointing, log_every=1000, save_every=0,
                        num_threads=args.threads, prompt_style="minimal", seed=0)
     train.main(targs)
-    w = args.warmup  # timed: steps w .. end, from the end of step w - 1 to the end of the last step
+    w, stamps = args.warmup, recorder.stamps  # timed: steps w .. end, from the end of step w - 1 to the end
     seconds = stamps[-1] - stamps[w - 1]
-    result = {"steps": len(stamps) - w, "seconds": seconds, "tokens_per_s": sum(tokens[w:]) / seconds,
-              "flop_per_s": sum(flops[w:]) / seconds, "decoder_params": lm_shape["params"],
+    per_step = len(recorder.tokens) // len(stamps)  # token_sums calls per step (KL pairs, then each micro-batch)
+    result = {"steps": len(stamps) - w, "seconds": seconds,
+              "tokens_per_s": sum(recorder.tokens[w * per_step:]) / seconds,
+              "flop_per_s": sum(recorder.flops[w * per_step:]) / seconds, "decoder_params": recorder.shape["params"],
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result))

@@ -14,7 +14,6 @@ Run from the repo root: .venv/bin/python bench/processbench_check.py   (writes
 notes/bench_processbench_check.md)
 """
 import argparse
-import json
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
+import common  # noqa: E402
 from arith_task import check_equations, label_steps_by_equations  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -68,8 +68,7 @@ def corrupted_result_recall(rows: list[dict]) -> tuple[int, int]:
 def gold_solution_flags(path: Path, id_field: str) -> tuple[list[str], int]:
     """(ids of flagged paragraphs, paragraphs) over the gold solutions of a jsonl benchmark."""
     flagged, total = [], 0
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in common.read_jsonl(path):
         for paragraph in re.split(r"\n\s*\n|(?<=\.)\s+(?=[A-Z])", row["solution"]):
             total += 1
             if not check_equations(paragraph):
@@ -104,7 +103,11 @@ arithmetic equation, -1 if none.
 | precision: AIME24 gold-solution paragraphs flagged (held out) | {aime_flags} |
 | recall: known-right steps with one stated result `= N` made `N + 1`, flagged | {recall_text} |
 
-Reading: the checker is precise but can only see false arithmetic. On ProcessBench GSM8K it flags
+{reading(s)}"""
+
+
+def reading(s: dict) -> str:
+    return f"""Reading: the checker is precise but can only see false arithmetic. On ProcessBench GSM8K it flags
 none of the steps known to be right, so every row without an error is predicted -1; it finds the
 first error in {s['error_hits']} of {s['error_rows']} rows: the other first-error steps state
 no equation that it finds false (wrong set-ups with right arithmetic, or equations it cannot parse).
@@ -125,7 +128,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the benchmark files")
     parser.add_argument("--out", type=Path, default=REPO / "notes" / "bench_processbench_check.md")
     args = parser.parse_args()
-    rows = json.loads((args.data / "processbench_gsm8k.json").read_text())
+    rows = common.read_json(args.data / "processbench_gsm8k.json")
     start = time.perf_counter()
     scores, recall = first_error_scores(rows), corrupted_result_recall(rows)
     math = gold_solution_flags(args.data / "math500.jsonl", "unique_id")

@@ -31,11 +31,11 @@ Quick plumbing check (tiny judge, another output):
     OMP_NUM_THREADS=1 .venv/bin/python bench/processbench_labellers.py --rows 2 --out /tmp/pb.md
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,8 @@ def as_label_rows(bench_rows: list[dict], tokenizer, with_reference: bool) -> li
     GSM8K gold, prompt = the rollout policy's (the judge model's) prompt, solution = reference if asked."""
     rows = []
     for row in bench_rows:
-        completion = "\n\n".join(row["steps"])
-        if len(common.split_steps(completion)) != len(row["steps"]):
+        completion = common.STEP_SEPARATOR.join(row["steps"])
+        if len(common.step_spans(completion)) != len(row["steps"]):
             raise ValueError(f"{row['id']}: field 'steps': a step holds a blank line, so it would split in two")
         rows.append({"id": row["id"], "problem": row["problem"], "answer": row["gold"], "completion": completion,
                      "prompt": common.build_prompt(tokenizer, row["problem"]),
@@ -90,8 +90,9 @@ def as_label_rows(bench_rows: list[dict], tokenizer, with_reference: bool) -> li
 
 
 class CountingEngine:
-    """Wraps generate.Engine.generate and counts, per prompt, its prompt ids once and the generated ids
-    of every sample (mc samples K per prompt: one prefill, K continuations). Keeps the first reply."""
+    """A generate.Engine for label.py's labellers (their ``engine`` argument) that counts, per prompt, its
+    prompt ids once and the generated ids of every sample (mc samples K per prompt: one prefill, K
+    continuations). Keeps the first reply."""
 
     def __init__(self, engine):
         self.engine, self.tokenizer = engine, engine.tokenizer
@@ -107,30 +108,18 @@ class CountingEngine:
             self.example = outs[0][0].text
         return outs
 
-    def judge_fn(self, max_new_tokens: int, seed: int):
-        """label.py's judge_fn(prompts) -> [reply text]: greedy, one reply per prompt."""
-        greedy = generate.Sampling(1, 0.0, 1.0, max_new_tokens)
-        return lambda prompts: [samples[0].text for samples in self.generate(prompts, greedy, seed)]
-
-    def rollout_fn(self, sampling, seed: int):
-        """label.mc_step_labels' rollout_fn(prompts) -> [[continuation text] * K per prompt]."""
-        return lambda prompts: [[s.text for s in samples] for samples in self.generate(prompts, sampling, seed)]
-
 
 # ----------------------------------------------------------------------------- labellers
 
 
-def chunk_verdicts(name: str, chunk: list[dict], counter: CountingEngine | None, args: label.Args) -> list[list]:
-    """Verdicts (True / False / None per step) of labeller ``name`` on one chunk of rows."""
-    if name == "check":
-        return label.check_labeller(chunk, args)
-    if name == "mc":  # as label.mc_labeller, through the counting engine
-        sampling = generate.Sampling(args.mc_rollouts, args.mc_temperature, 1.0, args.mc_max_new_tokens)
-        rollout_fn = counter.rollout_fn(sampling, label.chunk_seed(args.seed, [r["id"] for r in chunk]))
-        return label.mc_step_labels(chunk, rollout_fn, args.mc_threshold, args.grade_timeout_s)
-    solutions = [(r["problem"], r.get("solution"), common.split_steps(r["completion"])) for r in chunk]
-    protocol = label.JUDGE_PROTOCOLS[name.removeprefix("judge_")]  # as label.judge_labeller
-    return protocol(solutions, counter.tokenizer, counter.judge_fn(args.judge_max_new_tokens, args.seed))
+def chunk_verdicts(name: str, chunk: list[dict], counter: CountingEngine | None, settings: label.Settings) -> list[list]:
+    """Verdicts (True / False / None per step) of labeller ``name`` on one chunk of rows: label.py's labeller,
+    through the counting engine."""
+    prm, _, protocol = name.partition("_")  # check | judge_step | judge_first_error | mc
+    if protocol:
+        settings = replace(settings, judge_protocol=protocol)
+    spans = [common.step_spans(r["completion"]) for r in chunk]
+    return label.LABELLERS[prm](chunk, spans, settings, counter)
 
 
 def predicted_first_error(verdicts: list) -> int:
@@ -159,12 +148,12 @@ def parse_share(name: str, verdicts: list[list]) -> tuple[int, int] | None:
     return None
 
 
-def run_labeller(name: str, rows: list[dict], gold: list[int], engine, args: label.Args, chunk_size: int) -> dict:
+def run_labeller(name: str, rows: list[dict], gold: list[int], engine, settings: label.Settings, chunk_size: int) -> dict:
     """Scores of one labeller on ``rows``, chunk by chunk, with its token counts and wall time."""
     counter = None if name == "check" else CountingEngine(engine)
     start, verdicts = time.perf_counter(), []
     for chunk in tqdm(common.chunked(rows, chunk_size), desc=name):
-        verdicts += chunk_verdicts(name, chunk, counter, args)
+        verdicts += chunk_verdicts(name, chunk, counter, settings)
     predicted = [predicted_first_error(v) for v in verdicts]
     return {**f1_scores(gold, predicted), "name": name, "predicted": predicted, "seconds": time.perf_counter() - start,
             "parsed": parse_share(name, verdicts), "rows": len(rows),
@@ -207,7 +196,7 @@ def model_caveat(model: str) -> str:
     source = Path(model) / "source.json"
     if not source.exists():
         return ""
-    note = json.loads(source.read_text())
+    note = common.read_json(source)
     return f" **Weights: {note.get('note', '')}** ({note.get('gguf', '?')}); every number here is of those weights."
 
 
@@ -327,28 +316,30 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     return cli
 
 
-def label_args(cli, judge_model: str) -> label.Args:
-    args = label.Args("", "", prm="judge", judge_model=judge_model, judge_engine=cli.judge_engine, policy_model=judge_model,
-                      mc_engine=cli.judge_engine, judge_max_new_tokens=cli.judge_max_new_tokens, mc_rollouts=cli.mc_rollouts,
-                      mc_threshold=cli.mc_threshold, mc_temperature=cli.mc_temperature,
-                      mc_max_new_tokens=cli.mc_max_new_tokens, seed=cli.seed, dtype=cli.dtype)
-    label.check_args(args)
-    return args
+def label_settings(cli, judge_model: str) -> label.Settings:
+    settings = label.Settings(
+        prm="judge", judge_model=judge_model, judge_engine=cli.judge_engine, policy_model=judge_model,
+        mc_engine=cli.judge_engine, judge_max_new_tokens=cli.judge_max_new_tokens, mc_rollouts=cli.mc_rollouts,
+        mc_threshold=cli.mc_threshold, mc_temperature=cli.mc_temperature, mc_max_new_tokens=cli.mc_max_new_tokens,
+        seed=cli.seed, dtype=cli.dtype,
+    )
+    label.check_args(settings)
+    return settings
 
 
 def run(cli, judge_model: str) -> None:
     """Every labeller of --labellers on the same rows, then the report."""
-    all_rows = json.loads((cli.data / "processbench_gsm8k.json").read_text())
+    all_rows = common.read_json(cli.data / "processbench_gsm8k.json")
     bench_rows = join_gsm8k(evenly_spaced(all_rows, cli.rows), cli.data)
-    args, engine_name = label_args(cli, judge_model), generate.resolve_engine(cli.judge_engine)
+    settings, engine_name = label_settings(cli, judge_model), generate.resolve_engine(cli.judge_engine)
     chunk_size = cli.chunk_size or (100 if engine_name == "vllm" else 8)
     start = time.perf_counter()
-    engine = label.engine_of(judge_model, engine_name, args)
+    engine = label.engine_of(judge_model, engine_name, settings)
     load_seconds = time.perf_counter() - start
     rows, gold = as_label_rows(bench_rows, engine.tokenizer, cli.with_reference), [r["label"] for r in bench_rows]
     scores = []
     for name in cli.labellers.split(","):
-        scores.append(run_labeller(name, rows, gold, engine, args, chunk_size))
+        scores.append(run_labeller(name, rows, gold, engine, settings, chunk_size))
         print(table_row(scores[-1]), flush=True)
     cli.out.parent.mkdir(parents=True, exist_ok=True)
     cli.out.write_text(report(scores, cli, engine_name, chunk_size, load_seconds, len(all_rows)))

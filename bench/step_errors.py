@@ -8,13 +8,13 @@ right equation that starts from a value the previous steps did not produce. Then
 (right answer, every step right) over the completions. The diagnosis behind README "What it took".
 """
 import collections
-import json
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import arith_task  # noqa: E402
+import common  # noqa: E402
 
 NAMES = {"+": "add", "-": "sub", "*": "mul"}
 
@@ -35,8 +35,7 @@ def step_kind(step: str, label: bool) -> str:
 
 def main(path: str) -> None:
     steps, outcomes = collections.Counter(), collections.Counter()
-    for line in open(path, encoding="utf-8"):
-        row = json.loads(line)
+    for row in common.read_jsonl(path, common.LABELLED_ROW):
         outcomes[(row["outcome"], all(row["labels"]))] += 1
         for step, label in zip(row["completions"][:-1], row["labels"][:-1]):
             steps[step_kind(step, label)] += 1

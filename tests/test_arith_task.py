@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from arith_task import (FlawRates, check_equations, check_steps, is_arith_problem, is_hard_step,
+import common
+from arith_task import (Args, FlawRates, check_equations, check_steps, is_arith_problem, is_hard_step,
                         is_test_problem, label_steps_by_equations, main, make_split, random_expression,
                         slipped_result, tokenize, write_solution)
 
@@ -267,11 +268,15 @@ def test_is_arith_problem():
 
 
 def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
+    from transformers import HfArgumentParser
+
     argv = ["--output_dir", str(tmp_path), "--num_train", "50", "--num_test", "20", "--num_sft", "300",
             "--p_slip_hard", "0.5"]
-    main(argv)
-    read = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("train", "test", "sft")}
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)  # the parser common.run_cli uses
+    assert args.rates() == FlawRates(p_slip_hard=0.5)
+    main(args)
+    schemas = {"train": common.PROBLEM_ROW, "test": common.PROBLEM_ROW, "sft": common.SFT_ROW}
+    read = {name: common.read_jsonl(tmp_path / f"{name}.jsonl", schema) for name, schema in schemas.items()}
     assert [len(read[name]) for name in ("train", "test", "sft")] == [50, 20, 300]
     assert {r["problem"] for r in read["sft"]}.isdisjoint(r["problem"] for r in read["test"])
     assert {r["flaw"] for r in read["sft"]} == {"none", "propagating", "silent"}
@@ -281,5 +286,5 @@ def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
     propagating = [r for r in read["sft"] if r["flaw"] == "propagating"]
     assert sum(not r["completion"].endswith(f"\\boxed{{{r['answer']}}}.") for r in propagating) > 0.9 * len(propagating)
     (tmp_path / "sft.jsonl").write_text("")  # complete outputs are never rewritten
-    main(argv)
+    main(args)
     assert (tmp_path / "sft.jsonl").read_text() == ""

@@ -49,17 +49,20 @@ def rows_of(ids):
     return [{"id": i, "v": i * 2} for i in ids]
 
 
+ROW = {"id": str, "v": str}
+
+
 def test_resume_drops_cut_chunk_and_truncated_line(tmp_path):
     out = tmp_path / "out.jsonl"
     chunks = [["a", "b"], ["c", "d"], ["e"]]
-    common.append_chunk(out, rows_of(["a", "b"]))
+    common.append_chunk(out, rows_of(["a", "b"]), ROW)
     # a kill -9 in the middle of the second chunk's write: one full row and half a line
     with open(str(out) + ".partial", "a") as f:
         f.write(json.dumps({"id": "c", "v": 4}) + '\n{"id": "d", "v"')
     kept, done = common.resume_rows(out, chunks)
     assert done == 1 and [r["id"] for r in kept] == ["a", "b"]
     for chunk in chunks[done:]:
-        common.append_chunk(out, rows_of(chunk))
+        common.append_chunk(out, rows_of(chunk), ROW)
     common.finish_output(out)
     assert not (tmp_path / "out.jsonl.partial").exists()
     assert [r["id"] for r in common.read_jsonl(out)] == ["a", "b", "c", "d", "e"]
@@ -68,8 +71,76 @@ def test_resume_drops_cut_chunk_and_truncated_line(tmp_path):
 def test_resume_with_no_partial_and_a_foreign_partial(tmp_path):
     out = tmp_path / "out.jsonl"
     assert common.resume_rows(out, [["a"]]) == ([], 0)
-    common.append_chunk(out, rows_of(["z"]))  # rows that do not belong to this input are not kept
+    common.append_chunk(out, rows_of(["z"]), ROW)  # rows that do not belong to this input are not kept
     assert common.resume_rows(out, [["a"]]) == ([], 0)
+
+
+def test_writers_refuse_rows_that_break_the_schema_and_write_nothing(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(common.DataError, match=r"out.jsonl: row 2 to write: field 'id' must be str, got int"):
+        common.append_chunk(out, [{"id": "a", "v": "x"}, {"id": 1, "v": "y"}], ROW)
+    with pytest.raises(common.DataError, match=r"out.jsonl: row 1 to write: missing field 'v'"):
+        common.write_jsonl_atomic(out, [{"id": "a"}], ROW)
+    with pytest.raises(common.DataError, match=r"result.json: field 'pass@1' must be float, got str"):
+        common.write_json_atomic(tmp_path / "result.json", {"pass@1": "high"}, {"pass@1": float})
+    assert not list(tmp_path.iterdir())
+
+
+def test_stage_schemas_chain():
+    """What label.py writes is what train.py and evaluate.py read; what generate.py writes, label.py reads."""
+    assert common.SAMPLE_ROW.items() <= common.LABELLED_ROW.items()
+    assert common.STEP_KTO_ROW.items() <= common.LABELLED_ROW.items()
+    assert common.KTO_ROW.items() <= common.STEP_KTO_ROW.items()
+    assert common.RESULT.items() <= common.RESULTS_TABLE_ROW.items()
+    schemas = [common.PROBLEM_ROW, common.SFT_ROW, common.SAMPLE_ROW, common.KTO_ROW, common.LABELLED_ROW]
+    assert all(schema["id"] is str for schema in schemas)
+
+
+def test_read_json_and_complete_rows(tmp_path):
+    path = write(tmp_path / "result.json", '{"pass@1": 0.5,\n "n": }')
+    with pytest.raises(common.DataError, match=r"result.json:2: invalid JSON"):
+        common.read_json(path)
+    write(path, '{"pass@1": 0.5}')
+    assert common.read_json(path, {"pass@1": float}) == {"pass@1": 0.5}
+    with pytest.raises(common.DataError, match="missing field 'n'"):
+        common.read_json(path, {"n": int})
+    cut = write(tmp_path / "log.jsonl", '{"step": 1}\n{"step": 2}\n{"st')
+    assert common.read_complete_rows(cut) == [{"step": 1}, {"step": 2}]
+    assert common.read_complete_rows(tmp_path / "absent.jsonl") == []
+
+
+def test_derived_seed_keeps_the_seeds_outputs_were_made_with():
+    """generate.py's (seed, chunk index) and label.py mc's (seed, row ids) seeds: changing them changes every
+    sample and mc label of a run, so the values are pinned."""
+    assert common.derived_seed(3, 0) == hash((3, 0)) % 2**31 == 2026115375
+    assert common.derived_seed(0) == hash((0,)) % 2**31
+    assert common.derived_seed(1, ["p0#0", "p1#0"]) == 983511498  # zlib.crc32 of '[1, ["p0#0", "p1#0"]]'
+    assert 0 <= common.derived_seed(-5, 2**40) < 2**31
+
+
+def test_option_declares_a_field_with_its_help():
+    from dataclasses import MISSING, dataclass, fields
+
+    @dataclass
+    class Args:
+        path: str = common.option(help="where")
+        n: int = common.option(3, help="how many")
+
+    path, n = fields(Args)
+    assert (path.default, path.metadata["help"]) == (MISSING, "where") and (n.default, n.metadata["help"]) == (3, "how many")
+
+
+def test_every_stage_option_has_help():
+    import arith_task
+    import evaluate
+    import generate
+    import label
+    import report
+    from dataclasses import fields
+
+    for args_class in (generate.Args, label.Args, evaluate.Args, report.Args, arith_task.Args):
+        missing = [f.name for f in fields(args_class) if not f.metadata.get("help")]
+        assert not missing, f"{args_class.__module__}.Args: no help for {missing}"
 
 
 def test_step_spans_and_split():
@@ -97,6 +168,14 @@ def test_char_tokenizer_and_tiny_llama_round_trip(tmp_path):
     assert all(b - a == 1 for a, b in enc.offset_mapping)  # one token per character
     assert model2.config.head_dim == 64
     assert sum(p.numel() for p in model2.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_chat_prompt_with_and_without_a_template():
+    tok = common.make_char_tokenizer()
+    assert common.chat_prompt(tok, "Is it right?", "\n\nVerdict:") == "Is it right?\n\nVerdict:"
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    assert common.chat_prompt(tok, "Is it right?", "\n\nVerdict:") == "<|user|>Is it right?<|assistant|>"
+    assert common.chat_prompt(tok, "q", "", system="s") == "<|system|>s<|user|>q<|assistant|>"
 
 
 def test_prompt_minimal_and_chat_template():

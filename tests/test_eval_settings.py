@@ -101,13 +101,15 @@ def test_evaluate_defaults_to_the_harness_budget():
     assert evaluate.Args(model="m", benchmark="b", output_dir="o").max_new_tokens == 2048
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("report_to", "mlflow", "none | tensorboard | wandb"),
-    ("prompt_style", "qwen", "instruct | minimal | qwen25-math-cot"),
+@pytest.mark.parametrize("settings, message", [
+    ({"report_to": "mlflow"}, "none | tensorboard | wandb"),
+    ({"prompt_style": "qwen"}, "instruct | minimal | qwen25-math-cot"),
+    ({"step": 2}, "--step is the step of the --report_to tracker"),  # with --report_to none: it would do nothing
+    ({"step": -1, "report_to": "tensorboard"}, "--step must be >= 0"),
 ])
-def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, field, value, message):
+def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, settings, message):
     args = evaluate.Args(model="no-such-model", benchmark="no-such-file.jsonl", output_dir=str(tmp_path / "eval"),
-                         **{field: value})
+                         **settings)
     with pytest.raises(ValueError, match=re.escape(message)):
         evaluate.main(args)
     assert not (tmp_path / "eval").exists()
@@ -115,13 +117,13 @@ def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, field, value, m
 
 def test_evaluate_logs_result_to_tensorboard(tiny_model, tmp_path):
     """In process on the untrained tiny model (3 problems, 6 new tokens), with the Qwen preset: result.json's
-    numbers land in OUTPUT_DIR/tracking as eval/<metric> at step --iteration."""
+    numbers land in OUTPUT_DIR/tracking as eval/<metric> at step --step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     bench = tmp_path / "test.jsonl"
     common.write_jsonl_atomic(bench, arith_task.make_split("test", 3, seed=0))
     out = tmp_path / "eval"
-    evaluate.main(evaluate.Args(model=tiny_model, benchmark=str(bench), output_dir=str(out), name="M2", iteration=2,
+    evaluate.main(evaluate.Args(model=tiny_model, benchmark=str(bench), output_dir=str(out), step=2,
                                 max_new_tokens=6, prompt_style="qwen25-math-cot", sample_k=2, report_to="tensorboard"))
     result = json.loads((out / "result.json").read_text())
     prompt = common.read_jsonl(out / "greedy_samples.jsonl")[0]["prompt"]

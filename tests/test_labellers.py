@@ -1,6 +1,7 @@
 """label.py's model-based step labellers: the judge's verdict parser and prompt, the Monte-Carlo rule,
 both end to end with real tiny models, and resuming a partially written output."""
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 import common
+import generate
+import grading
 import label
 
 
@@ -18,7 +21,7 @@ def coin_flip_policy(tmp_path_factory):
     on the seed."""
     tok = common.make_char_tokenizer()
     model = common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0)
-    prefixes = [sample_row(0, "")["prompt"] + p for c in COMPLETIONS for p in label.solution_prefixes(c)]
+    prefixes = [sample_row(0, "")["prompt"] + p for c in COMPLETIONS for p in label.solution_prefixes(c, common.step_spans(c))]
     pairs = [(p, reply) for p in prefixes for reply in ("\\boxed{14}", "\\boxed{16}")]
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
     full_ids = [tok(p + r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p, r in pairs]
@@ -167,8 +170,9 @@ def test_mc_rule_counts_rollouts_that_reach_the_gold_answer():
         return replies
 
     rows = [sample_row(i, c) for i, c in enumerate(COMPLETIONS)]
-    assert label.mc_step_labels(rows, rollout_fn, 1, 5.0) == [[True, True, True], [False, False, False], [True, True], []]
-    assert label.mc_step_labels(rows, rollout_fn, 4, 5.0) == [[False, False, True], [False, False, False], [False, False], []]
+    spans = [common.step_spans(c) for c in COMPLETIONS]
+    assert label.mc_step_labels(rows, spans, rollout_fn, 1, 5.0) == [[True, True, True], [False, False, False], [True, True], []]
+    assert label.mc_step_labels(rows, spans, rollout_fn, 4, 5.0) == [[False, False, True], [False, False, False], [False, False], []]
     # prefix = prompt + completion through the end of step k + the step separator
     assert prompts_seen[:3] == [rows[0]["prompt"] + "3 + 4 = 7\n\n", rows[0]["prompt"] + "3 + 4 = 7\n\n7 * 2 = 14\n\n",
                                 rows[0]["prompt"] + COMPLETIONS[0] + "\n\n"]
@@ -248,3 +252,54 @@ def test_bad_options_and_rows_are_reported(tiny_model, tmp_path):
     common.write_jsonl_atomic(src, rows)
     with pytest.raises(common.DataError, match="2 models"):
         label.main(mc_args(src, tmp_path / "e.jsonl"))
+
+
+# ----------------------------------------------------------------------------- options reach what they set
+
+
+class RecordingEngine:
+    """A generate.Engine stand-in that records the sampling settings and seed of every call; every
+    continuation is "\\boxed{14}" (the gold answer of sample_row)."""
+
+    tokenizer = None
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, sampling, seed):
+        self.calls.append((sampling, seed))
+        return [[generate.Sample("\\boxed{14}", "stop", [], []) for _ in range(sampling.n)] for _ in prompts]
+
+
+def test_mc_settings_reach_the_sampler_and_the_grader(monkeypatch):
+    """--mc_temperature, --mc_rollouts, --mc_max_new_tokens and --seed reach the engine; --grade_timeout_s
+    reaches every grading call (the outcome labels and the rollouts')."""
+    timeouts = []
+    real_grade = grading.grade_answers
+
+    def spy(golds, preds, timeout_s=5.0, num_workers=None):
+        timeouts.append(timeout_s)
+        return real_grade(golds, preds, timeout_s=timeout_s, num_workers=num_workers)
+
+    monkeypatch.setattr(grading, "grade_answers", spy)
+    engine = RecordingEngine()
+    monkeypatch.setattr(label, "engine_of", lambda model, engine_name, settings: engine)
+    settings = label.Settings(prm="mc", policy_model="policy", mc_temperature=0.3, mc_rollouts=3, mc_max_new_tokens=7,
+                              seed=5, grade_timeout_s=4.5)
+    rows = [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])]
+    labelled = label.label_rows(rows, settings)
+    assert engine.calls == [(generate.Sampling(3, 0.3, 1.0, 7), common.derived_seed(5, ["p0#0", "p1#0"]))]
+    assert timeouts == [4.5, 4.5]
+    assert [r["labels"] for r in labelled] == [[True] * 3, [True] * 3]  # every rollout reaches 14
+
+
+def test_grade_timeout_ends_a_hung_grading(tmp_path):
+    """A final answer sympy evaluates forever (a power tower) is graded wrong after --grade_timeout_s, not
+    after the default 5 s."""
+    src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
+    common.write_jsonl_atomic(src, [sample_row(0, "9^9 = x\n\nThe answer is \\boxed{9^{9^{9^9}}}.", answer="1")])
+    start = time.perf_counter()
+    label.main(label.Args(input=str(src), output=str(out), grade_timeout_s=0.2))
+    elapsed = time.perf_counter() - start
+    assert common.read_jsonl(out, common.LABELLED_ROW)[0]["outcome"] is False
+    assert elapsed < label.Settings().grade_timeout_s, f"{elapsed:.1f} s: the timeout did not apply"

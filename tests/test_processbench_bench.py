@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import common
 import generate
+import label
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -67,22 +69,39 @@ class FakeEngine:
                  for k in range(sampling.n)] for p in prompts]
 
 
-def test_counting_judge_fn_counts_prompt_and_generated_ids():
+def test_counting_engine_under_the_judge_counts_prompt_and_generated_ids():
+    """label.judge_labeller through the counting engine: greedy, one reply per step, seed --seed."""
     fake = FakeEngine()
     counter = pb.CountingEngine(fake)
-    judge_fn = counter.judge_fn(max_new_tokens=7, seed=3)
-    assert judge_fn(["abc", "de"]) == ["reply 0 to abc", "reply 0 to de"]
-    assert judge_fn(["f"]) == ["reply 0 to f"]
-    assert fake.calls[0][1:] == (generate.Sampling(1, 0.0, 1.0, 7), 3)  # greedy, one reply
-    assert (counter.prompt_tokens, counter.generated_tokens) == (3 + 2 + 1, 3)
-    assert counter.example == "reply 0 to abc"
+    settings = label.Settings(prm="judge", judge_model="unused", judge_max_new_tokens=7, seed=3)
+    rows = [{"problem": "p", "completion": "abc\n\nde"}, {"problem": "q", "completion": "f"}]
+    spans = [common.step_spans(r["completion"]) for r in rows]
+    assert label.judge_labeller(rows, spans, settings, counter) == [[None, None], [None]]  # "reply 0 to ..." parses to none
+    assert [call[1:] for call in fake.calls] == [(generate.Sampling(1, 0.0, 1.0, 7), 3)]  # one call, greedy, one reply
+    prompt_chars = sum(len(p) for p in fake.calls[0][0])
+    assert (counter.prompt_tokens, counter.generated_tokens) == (prompt_chars, 3)
+    assert counter.example == "reply 0 to " + fake.calls[0][0][0]
 
 
-def test_counting_rollout_fn_counts_a_prompt_once_and_every_sample():
+def test_counting_engine_counts_a_prompt_once_and_every_sample():
     counter = pb.CountingEngine(FakeEngine())
-    rollout_fn = counter.rollout_fn(generate.Sampling(3, 1.0, 1.0, 9), seed=0)
-    assert rollout_fn(["abcd"]) == [["reply 0 to abcd", "reply 1 to abcd", "reply 2 to abcd"]]
+    outs = counter.generate(["abcd"], generate.Sampling(3, 1.0, 1.0, 9), seed=0)
+    assert [s.text for s in outs[0]] == ["reply 0 to abcd", "reply 1 to abcd", "reply 2 to abcd"]
     assert (counter.prompt_tokens, counter.generated_tokens) == (4, 1 + 2 + 3)
+
+
+def test_chunk_verdicts_run_label_pys_labellers():
+    """check, judge (each protocol) and mc: label.py's labellers, the judge protocol taken from the name."""
+    settings = label.Settings(prm="judge", judge_model="unused", mc_rollouts=2, mc_max_new_tokens=5, seed=1)
+    chunk = [{"id": "a", "problem": "Compute 3 + 4.", "answer": "7", "prompt": "P:",
+              "completion": "3 + 4 = 8\n\nThe answer is \\boxed{8}."}]  # a wrong step, then its value boxed
+    assert pb.chunk_verdicts("check", chunk, None, settings) == [[False, True]]
+    fake = FakeEngine()
+    # the fake echoes the prompt, whose last \\boxed{} is the example "\\boxed{none}": no wrong step
+    assert pb.chunk_verdicts("judge_first_error", chunk, pb.CountingEngine(fake), settings) == [[True, True]]
+    assert "first step that is wrong" in fake.calls[-1][0][0]  # the first_error prompt, one call per solution
+    assert pb.chunk_verdicts("mc", chunk, pb.CountingEngine(fake), settings) == [[False, False]]
+    assert fake.calls[-1][1:] == (generate.Sampling(2, 1.0, 1.0, 5), common.derived_seed(1, ["a"]))
 
 
 @needs_data

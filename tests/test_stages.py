@@ -1,5 +1,5 @@
-"""generate.py, label.py and evaluate.py: their JSONL contracts, resuming after kill -9, and their
-outputs on the built-in task with a real tiny model."""
+"""generate.py, label.py, evaluate.py and report.py: their JSONL contracts, resuming after kill -9, their
+outputs on the built-in task with a real tiny model, and the results table built from run.sh's layout."""
 
 import json
 import os
@@ -15,6 +15,7 @@ import arith_task
 import common
 import evaluate
 import label
+import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ TRL_PRM = REPO / ".venv" / "trl-prm"  # TRL 0.29 (setup.sh): TRL 1.16 no longer 
 @pytest.mark.skipif(not TRL_PRM.exists(), reason="TRL 0.29 for PRMTrainer not installed (bash setup.sh)")
 def test_label_feeds_trl_prm_tokenisation(tmp_path):
     """TRL's PRMTrainer tokenises our rows as they are, with its own tokenize_row."""
-    rows = label.label_rows([sample_row(0, "3 + 4 = 8\n\n8 - 1 = 7\n\nThe answer is \\boxed{7}.")], label.Args(input="", output="", prm="check"))
+    rows = label.label_rows([sample_row(0, "3 + 4 = 8\n\n8 - 1 = 7\n\nThe answer is \\boxed{7}.")], label.Settings(prm="check"))
     common.write_jsonl_atomic(tmp_path / "labels.jsonl", rows)
     code = f"""
 import json, sys
@@ -137,16 +138,46 @@ def test_label_rejects_malformed_input_and_writes_nothing(tmp_path, text, messag
     assert not out.exists()
 
 
-def test_evaluate_writes_result_and_one_table_row(tiny_model, problems, tmp_path):
-    args = ["--model", tiny_model, "--benchmark", problems, "--output_dir", tmp_path / "eval", "--name", "M0",
-            "--iteration", 0, "--results_table", tmp_path / "results.jsonl", "--max_new_tokens", 16,
+def test_evaluate_writes_result_and_resumes(tiny_model, problems, tmp_path):
+    args = ["--model", tiny_model, "--benchmark", problems, "--output_dir", tmp_path / "eval", "--max_new_tokens", 16,
             "--prompt_style", "minimal", "--sample_k", 2]
     run("evaluate.py", *args)
-    run("evaluate.py", *args)  # a rerun replaces its row instead of adding one
-    result = json.loads((tmp_path / "eval" / "result.json").read_text())
+    result = common.read_json(tmp_path / "eval" / "result.json", common.RESULT)
     assert result["n_problems"] == 12 and 0 <= result["pass@1"] <= 1 and "maj@2" in result
-    table = common.read_jsonl(tmp_path / "results.jsonl", {"name": str, "pass@1": float})
-    assert [r["name"] for r in table] == ["M0"]
+    samples = (tmp_path / "eval" / "greedy_samples.jsonl").read_text()
+    again = run("evaluate.py", *args)  # a rerun labels nothing again and writes the same result
+    assert "nothing to do" in again.stdout and (tmp_path / "eval" / "greedy_samples.jsonl").read_text() == samples
+    assert common.read_json(tmp_path / "eval" / "result.json") == result
+
+
+def fake_result(pass1: float, ser: float | None) -> dict:
+    return {"model": "m", "benchmark": "b", "prm": "check", "n_problems": 10, "pass@1": pass1,
+            "stepwise_error_rate": ser, "n_correct": int(10 * pass1), "n_correct_with_wrong_step": 0, "truncated": 0}
+
+
+def test_report_builds_each_runs_table_from_run_sh_layout(tmp_path, capsys):
+    """seed<S>/eval/M0 is shared by the objectives of seed S; seed<S>/<objective>/eval/M<i> are the run's."""
+    results = {"seed0/eval/M0": (0.5, 0.2), "seed0/step-kto/eval/M1": (0.6, 0.1), "seed0/step-kto/eval/M2": (0.7, None),
+               "seed0/kto/eval/M1": (0.4, 0.3), "seed1/eval/M0": (0.3, 0.4), "seed1/step-kto/eval/M1": (0.8, 0.0)}
+    for folder, (pass1, ser) in results.items():
+        common.write_json_atomic(tmp_path / folder / "result.json", fake_result(pass1, ser))
+    (tmp_path / "seed0" / "data").mkdir()  # shared folders are not runs
+    (tmp_path / "seed0" / "step-kto" / "eval" / "M3").mkdir()  # an evaluation that has not finished
+    report.main(report.Args(runs=str(tmp_path), plot=str(tmp_path / "results.png")))
+    table = common.read_jsonl(tmp_path / "seed0" / "step-kto" / "results.jsonl", common.RESULTS_TABLE_ROW)
+    assert [(r["name"], r["iteration"], r["objective"], r["seed"], r["pass@1"]) for r in table] == [
+        ("M0", 0, "step-kto", 0, 0.5), ("M1", 1, "step-kto", 0, 0.6), ("M2", 2, "step-kto", 0, 0.7)]
+    assert list(table[0])[:5] == ["name", "iteration", "objective", "seed", "model"]
+    assert [r["name"] for r in common.read_jsonl(tmp_path / "seed0" / "kto" / "results.jsonl")] == ["M0", "M1"]
+    out = capsys.readouterr().out
+    assert "| step-kto | M0 | 2 | 40.0 ± 14.1 | 30.0 ± 14.1 |" in out  # M0 of both seeds
+    assert "| step-kto | M2 | 1 | 70.0 ± 0.0 | nan ± nan |" in out and "| kto | M1 | 1 | 40.0 ± 0.0 | 30.0 ± 0.0 |" in out
+    assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_report_without_results_says_where_it_looked(tmp_path):
+    with pytest.raises(SystemExit, match="no results under"):
+        report.main(report.Args(runs=str(tmp_path)))
 
 
 def test_wilson_interval():

@@ -102,6 +102,20 @@ def cli(**kwargs) -> list[str]:
     return [part for key, value in kwargs.items() for part in (f"--{key}", str(value))]
 
 
+def kill_at_first_resume_state(args: dict, out: Path) -> Path:
+    """Run train.py with --save_every 2 and SIGKILL it (no cleanup code runs) once the first resume state is
+    written; returns that state's path."""
+    state = Path(f"{out}.resume") / "state.pt"
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *cli(**args, save_every=2, output_dir=out, num_threads=1)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.kill()
+    assert process.wait() == -9 and state.exists() and not common.is_complete_model_dir(out)
+    return state
+
+
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -375,14 +389,7 @@ def test_resume_after_kill_ends_with_the_uninterrupted_parameters(tmp_path, tiny
     args = dict(objective="step-kto", model=str(tiny_model), data=str(data), epochs=5, lr=1e-3, per_device_batch_size=4,
                 log_every=1, dtype="float64")
     out = tmp_path / "killed"
-    state = Path(f"{out}.resume") / "state.pt"
-    command = [sys.executable, str(REPO_ROOT / "train.py"), *cli(**args, save_every=2, output_dir=out, num_threads=1)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.kill()  # SIGKILL: no cleanup code runs
-    assert process.wait() == -9 and state.exists() and not common.is_complete_model_dir(out)
+    kill_at_first_resume_state(args, out)
 
     resumed = run_script(*cli(**args, save_every=2, output_dir=out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -3,9 +3,7 @@
 Exact comparisons use --dtype float64 (see test_train.py's docstring); torchrun runs use 2 gloo ranks.
 """
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import common  # noqa: E402
 import train  # noqa: E402
 from test_train import (  # noqa: E402,F401  (fixtures are found by name)
-    cli, label_rows, one_thread, read_log, run_main, run_script, sft_rows, tiny_model, tokenizer, write_jsonl,
+    cli, kill_at_first_resume_state, label_rows, one_thread, read_log, run_main, run_script, sft_rows, tiny_model,
+    tokenizer, write_jsonl,
 )
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -125,20 +124,31 @@ def test_lora_under_torchrun_equals_one_process(tmp_path, tiny_model, tokenizer)
 def test_lora_resumes_after_kill_with_the_uninterrupted_result(tmp_path, tiny_model, tokenizer):
     args = data_args("step-kto", tmp_path, tokenizer, tiny_model) | LORA | dict(epochs=5, per_device_batch_size=4)
     out = tmp_path / "killed"
-    state = Path(f"{out}.resume") / "state.pt"
-    command = [sys.executable, str(REPO_ROOT / "train.py"), *cli(**args, save_every=2, output_dir=out, num_threads=1)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.kill()
-    assert process.wait() == -9 and state.exists()
+    state = kill_at_first_resume_state(args, out)
     saved = torch.load(state, weights_only=False)["model"]
     assert saved and all("lora_" in key for key in saved)  # the resume state holds the adapters alone
     resumed = run_script(*cli(**args, save_every=2, output_dir=out))
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
     uninterrupted = run_main(**args, save_every=0, output_dir=str(tmp_path / "uninterrupted"))
     assert_same_run(out, uninterrupted, 1e-12)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_weight_decay_shrinks_matrices_and_leaves_norm_gains_alone(tmp_path, tiny_model, tokenizer):
+    """One AdamW step with --weight_decay wd against one without: the same gradient, so a matrix ends up
+    lr * wd * its initial value lower (decoupled decay), while 1-D tensors (RMSNorm gains) are not decayed."""
+    lr, wd = 1e-2, 0.5
+    args = data_args("sft", tmp_path, tokenizer, tiny_model) | dict(per_device_batch_size=4, max_steps=1, lr=lr)
+    plain = load_file(run_main(**args, output_dir=str(tmp_path / "plain")) / "model.safetensors")
+    decayed = load_file(run_main(**args, weight_decay=wd, output_dir=str(tmp_path / "decayed")) / "model.safetensors")
+    initial = load_file(tiny_model / "model.safetensors")
+    assert {value.ndim for value in initial.values()} == {1, 2}  # matrices and norm gains
+    for key, value in initial.items():
+        expected = plain[key] - lr * wd * value.to(torch.float64) if value.ndim >= 2 else plain[key]
+        torch.testing.assert_close(decayed[key], expected, rtol=0, atol=1e-12)
+        assert value.ndim < 2 or not torch.equal(decayed[key], plain[key]), key
 
 
 # ----------------------------------------------------------------------------- tracking and usage
