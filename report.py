@@ -8,7 +8,9 @@ Reads the evaluations of run.sh's layout (paper Section 2.4: M0, then one model 
 writes each run's results table, RUNS/seed<S>/<objective>/results.jsonl (one common.RESULTS_TABLE_ROW per
 evaluated model: name M<i>, iteration i, objective and seed from the folder names, then result.json),
 prints a markdown table of Pass@1 and the stepwise error rate per objective and iteration, and writes a
-PNG plot.
+PNG plot of every objective found. Where several seeds share an objective and iteration: their mean and
+sample standard deviation; where there is one: that run's value and its 95% Wilson interval (evaluate.py's
+wilson_interval: Pass@1 over the problems, the wrong-step share over the correct solutions).
 
     python report.py --runs runs --plot runs/results.png
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import common
 from common import option
+from evaluate import wilson_interval
 
 # the folders of RUNS/seed<S> that every objective shares (run.sh): the others are runs, one per objective
 SHARED = ("data", "M0", "eval")
@@ -65,29 +68,54 @@ def collect(runs: Path) -> dict:
     return table
 
 
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single seed), in percent."""
-    values = [100 * v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+METRICS = {"pass@1": "Pass@1 (%)", "stepwise_error_rate": "stepwise error rate among correct (%)"}
+FOOTNOTE = ("Several seeds: mean ± sample standard deviation over the seeds. One seed: that run's value "
+            "[95% Wilson interval] (over the problems for Pass@1, over the correct solutions for the error rate).")
+
+
+@dataclass
+class Cell:
+    """One table cell and plot point, in percent: value with error bars down / up (NaN: no value)."""
+
+    value: float
+    down: float
+    up: float
+    text: str
+
+
+def run_interval(row: dict, key: str) -> tuple[float, float]:
+    """95% Wilson interval of one run's proportion, as evaluate.py computes it: Pass@1 over the problems (its
+    result.json's pass@1_ci95), the stepwise error rate over the correct solutions."""
+    if key == "pass@1":
+        return tuple(row.get("pass@1_ci95") or wilson_interval(row["n_correct"], row["n_problems"]))
+    return wilson_interval(row["n_correct_with_wrong_step"], row["n_correct"])
+
+
+def summarise(rows: list[dict], key: str) -> Cell:
+    """Several seeds: mean ± sample standard deviation; one seed: its value and 95% Wilson interval."""
+    rows = [r for r in rows if r[key] is not None]  # a run without a correct solution has no error rate
+    if not rows:
+        return Cell(float("nan"), float("nan"), float("nan"), "n/a")
+    if len(rows) == 1:
+        value, (lo, hi) = 100 * rows[0][key], (100 * x for x in run_interval(rows[0], key))
+        return Cell(value, value - lo, hi - value, f"{value:.1f} [{lo:.1f}, {hi:.1f}]")
+    values = [100 * r[key] for r in rows]
+    mean, spread = statistics.mean(values), statistics.stdev(values)
+    return Cell(mean, spread, spread, f"{mean:.1f} ± {spread:.1f}")
 
 
 def markdown_table(table: dict) -> str:
-    lines = [
-        "| objective | model | seeds | Pass@1 (%) | stepwise error rate among correct (%) |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [f"| objective | model | seeds | {' | '.join(METRICS.values())} |", "|---|---|---|---|---|"]
     for objective in sorted(table):
         for it in sorted(table[objective]):
             rows = table[objective][it]
-            p, ps = mean_spread([r["pass@1"] for r in rows])
-            e, es = mean_spread([r["stepwise_error_rate"] for r in rows])
-            lines.append(f"| {objective} | M{it} | {len(rows)} | {p:.1f} ± {ps:.1f} | {e:.1f} ± {es:.1f} |")
-    return "\n".join(lines)
+            cells = " | ".join(summarise(rows, key).text for key in METRICS)
+            lines.append(f"| {objective} | M{it} | {len(rows)} | {cells} |")
+    return "\n".join(lines + ["", FOOTNOTE])
 
 
 def plot(table: dict, path: str) -> None:
+    """One line per objective (every objective under RUNS), error bars as in the table."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless machines
@@ -98,8 +126,9 @@ def plot(table: dict, path: str) -> None:
     for ax, (key, title) in zip(axes, metrics):
         for objective in sorted(table):
             its = sorted(table[objective])
-            stats = [mean_spread([r[key] for r in table[objective][i]]) for i in its]
-            ax.errorbar(its, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=objective)
+            cells = [summarise(table[objective][i], key) for i in its]
+            ax.errorbar(its, [c.value for c in cells], yerr=[[c.down for c in cells], [c.up for c in cells]],
+                        marker="o", capsize=3, label=objective)
         ax.set_xticks(range(max(max(t) for t in table.values()) + 1))
         ax.set_xticklabels([f"M{i}" for i in ax.get_xticks()])
         ax.set_title(title)

@@ -5,6 +5,7 @@
 #   bash run.sh                        # embedded default: built-in arithmetic task, tiny model from scratch, CPU
 #   OBJECTIVE=kto bash run.sh          # the outcome-only KTO baseline, into its own run folder
 #   SEED=1 bash run.sh                 # another seed (its own data, M0 and runs)
+#   TASK=hard bash run.sh              # the built-in task with longer chains (4-8 operations), into runs_hard
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct TRAIN_PROBLEMS=train.jsonl BENCHMARK=math500 PRM=judge \
 #     JUDGE_MODEL=Qwen/Qwen2.5-72B-Instruct JUDGE_TP=8 ENGINE=vllm NPROC=8 DTYPE=bfloat16 LR=5e-7 bash run.sh
 #                                      # the real-model path: same loop, hub models, vLLM, a judge PRM
@@ -21,7 +22,14 @@ cd "$(dirname "$0")"
 OBJECTIVE=${OBJECTIVE:-step-kto}          # step-kto | kto
 SEED=${SEED:-0}
 ITERATIONS=${ITERATIONS:-3}
-RUNS=${RUNS:-runs}                        # all runs live here; the report covers every run below it
+TASK=${TASK:-default}                     # built-in task: default (2-5 operations) | hard (MIN_OPS..MAX_OPS, 4-8)
+case $TASK in
+    default) TASK_ARGS=() ;;              # arith_task.py's own shape: nothing added to its command
+    hard) TASK_ARGS=(--min_ops "${MIN_OPS:-4}" --max_ops "${MAX_OPS:-8}") ;;
+    *) echo "error: TASK=$TASK: must be default | hard" >&2; exit 2 ;;
+esac
+RUNS=${RUNS:-$([ "$TASK" = hard ] && echo runs_hard || echo runs)}  # all runs live here; the report covers
+                                          # every run below it (each task its own folder: never mixed)
 NPROC=${NPROC:-1}                         # >1: train under torchrun with FSDP2 on NPROC processes/GPUs
 THREADS=${THREADS:-2}                     # torch CPU threads per process
 # ---- models, problems and labellers (empty MODEL = the embedded default: built-in task, M0 from scratch)
@@ -52,7 +60,7 @@ FFN=${FFN:-384}
 # ---- each iteration
 SAMPLES=${SAMPLES:-4}                     # samples per problem
 TEMPERATURE=${TEMPERATURE:-1.0}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-160}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$([ "$TASK" = hard ] && echo 200 || echo 160)}  # hard: 8-step solutions reach ~150
 LR=${LR:-1e-5}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-32}                        # per process
@@ -111,7 +119,7 @@ timed() {  # timed <stage> <command...>; peak RSS from GNU time where it is inst
 if [ -z "$MODEL" ] || [ -z "$TRAIN_PROBLEMS" ] || [ -z "$BENCHMARK" ]; then
     echo "== data ($BASE/data)"
     timed data $PYTHON arith_task.py --output_dir "$BASE/data" --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" \
-        --num_sft "$NUM_SFT" --seed "$SEED"
+        --num_sft "$NUM_SFT" --seed "$SEED" "${TASK_ARGS[@]}"
 fi
 if [ -z "$MODEL" ]; then
     echo "== M0: sft from ${BASE_MODEL:-scratch}"

@@ -19,7 +19,7 @@ mkdir -p $W
 variant() {  # name objective lr [extra train.py arguments]
     [ -d $W/$1 ] || $PY train.py --objective $2 --model $S/M0 --data $W/labels.jsonl --output_dir $W/$1 --lr $3 \
         --epochs 1 --per_device_batch_size 32 --save_every 0 "${T[@]}" "${@:4}"
-    [ -f $W/eval_$1/result.json ] || $PY evaluate.py --model $W/$1 --output_dir $W/eval_$1 --name $1 \
+    [ -f $W/eval_$1/result.json ] || $PY evaluate.py --model $W/$1 --output_dir $W/eval_$1 \
         --benchmark $S/data/test.jsonl --max_new_tokens 160 "${T[@]}"
 }
 variant kto_1e-5 kto 1e-5

@@ -150,15 +150,18 @@ def test_evaluate_writes_result_and_resumes(tiny_model, problems, tmp_path):
     assert common.read_json(tmp_path / "eval" / "result.json") == result
 
 
-def fake_result(pass1: float, ser: float | None) -> dict:
-    return {"model": "m", "benchmark": "b", "prm": "check", "n_problems": 10, "pass@1": pass1,
-            "stepwise_error_rate": ser, "n_correct": int(10 * pass1), "n_correct_with_wrong_step": 0, "truncated": 0}
+def fake_result(pass1: float, ser: float | None, n: int = 10) -> dict:
+    """A result.json as evaluate.py writes it (pass@1_ci95 left out, as in result.json files from before it)."""
+    solved = round(n * pass1)
+    return {"model": "m", "benchmark": "b", "prm": "check", "n_problems": n, "pass@1": pass1,
+            "stepwise_error_rate": ser, "n_correct": solved,
+            "n_correct_with_wrong_step": round((ser or 0) * solved), "truncated": 0}
 
 
 def test_report_builds_each_runs_table_from_run_sh_layout(tmp_path, capsys):
     """seed<S>/eval/M0 is shared by the objectives of seed S; seed<S>/<objective>/eval/M<i> are the run's."""
     results = {"seed0/eval/M0": (0.5, 0.2), "seed0/step-kto/eval/M1": (0.6, 0.1), "seed0/step-kto/eval/M2": (0.7, None),
-               "seed0/kto/eval/M1": (0.4, 0.3), "seed1/eval/M0": (0.3, 0.4), "seed1/step-kto/eval/M1": (0.8, 0.0)}
+               "seed0/kto/eval/M1": (0.4, 0.25), "seed1/eval/M0": (0.3, 0.4), "seed1/step-kto/eval/M1": (0.8, 0.0)}
     for folder, (pass1, ser) in results.items():
         common.write_json_atomic(tmp_path / folder / "result.json", fake_result(pass1, ser))
     (tmp_path / "seed0" / "data").mkdir()  # shared folders are not runs
@@ -170,8 +173,11 @@ def test_report_builds_each_runs_table_from_run_sh_layout(tmp_path, capsys):
     assert list(table[0])[:5] == ["name", "iteration", "objective", "seed", "model"]
     assert [r["name"] for r in common.read_jsonl(tmp_path / "seed0" / "kto" / "results.jsonl")] == ["M0", "M1"]
     out = capsys.readouterr().out
-    assert "| step-kto | M0 | 2 | 40.0 ± 14.1 | 30.0 ± 14.1 |" in out  # M0 of both seeds
-    assert "| step-kto | M2 | 1 | 70.0 ± 0.0 | nan ± nan |" in out and "| kto | M1 | 1 | 40.0 ± 0.0 | 30.0 ± 0.0 |" in out
+    assert "| step-kto | M0 | 2 | 40.0 ± 14.1 | 30.0 ± 14.1 |" in out  # M0 of both seeds: mean ± spread
+    # one seed: the run's 95% Wilson interval, over 10 problems (7 right) and over the 4 correct solutions (1 flawed)
+    assert "| step-kto | M2 | 1 | 70.0 [39.7, 89.2] | n/a |" in out  # no correct solution labelled: no rate
+    assert "| kto | M1 | 1 | 40.0 [16.8, 68.7] | 25.0 [4.6, 69.9] |" in out
+    assert "± 0.0 |" not in out.replace("30.0 ± 14.1", "") and report.FOOTNOTE in out
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
