@@ -22,6 +22,14 @@ and the result equals one process with per_device_batch_size * 2:
 Under torchrun the model is always FSDP2-sharded, also with --nproc_per_node=1 (one GPU: FSDP2's
 copy-in/out, checkpointing and saving exactly as on many); plain ``python train.py`` does not shard.
 
+An 8B model on one GPU: LoRA adapters (peft; OUTPUT is the merged model, OUTPUT/adapter the adapter) and
+8 micro-batches of 4 per optimizer step (the update of one batch of 32; z0 over all 32), logged to
+TensorBoard in OUTPUT/tracking:
+
+    torchrun --nproc_per_node=1 train.py --objective step-kto --model $MODEL --data it1/labels.jsonl \
+        --output_dir it1/M1 --lora_r 16 --per_device_batch_size 4 --gradient_accumulation_steps 8 \
+        --dtype bfloat16 --gradient_checkpointing --report_to tensorboard
+
 Objectives and data
 -------------------
 * ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
@@ -149,7 +157,9 @@ class Args:
     lora_r: int = option(0, help="LoRA rank (peft): train rank-r adapters on the frozen policy (0: full fine-tuning). "
         "OUTPUT holds the merged model and OUTPUT/adapter the adapter alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
-    lora_dropout: float = option(0.05, help="--lora_r: dropout on the adapters' input.")
+    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0: a rate > 0 "
+        "keeps a dropped copy of every adapted layer's input for backward, +26%% peak memory and -25%% speed on "
+        "SmolLM2-135M at batch 16, BENCHMARKS.md).")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
         "comma-separated module names that get adapters (default: every linear layer of a Llama / Qwen / Mistral "
         "decoder, the LM head excepted).")
