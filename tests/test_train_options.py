@@ -63,10 +63,11 @@ def test_gradient_accumulation_equals_one_batch_that_many_times_larger(objective
         assert any(entry["kl/z0"] > 0 and entry["kl/z0_step"] > 0 for entry in read_log(single))
 
 
-def test_gradient_accumulation_under_torchrun_equals_one_process(tmp_path, tiny_model, tokenizer):
+@pytest.mark.parametrize("objective", ["sft", "kto", "step-kto"])
+def test_gradient_accumulation_under_torchrun_equals_one_process(objective, tmp_path, tiny_model, tokenizer):
     """2 ranks x 2 micro-batches of 1 row = 1 process with batches of 4 (z0 all-reduced over ranks and
-    estimated over both micro-batches; the step level's weights count items over all 4 shards)."""
-    args = data_args("step-kto", tmp_path, tokenizer, tiny_model)
+    estimated over both micro-batches; the step level's means count items over all 4 shards)."""
+    args = data_args(objective, tmp_path, tokenizer, tiny_model)
     two = cli(**args, per_device_batch_size=1, gradient_accumulation_steps=2, output_dir=tmp_path / "two")
     result = run_script(*two, launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,6 +109,16 @@ def test_lora_trains_adapters_only_and_saves_the_merged_model_and_the_adapter(tm
     with torch.no_grad():
         expected = adapted(ids).logits
         torch.testing.assert_close(common.load_model(str(out), "float64")(ids).logits, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["sft", "kto"])
+def test_lora_trains_sft_and_kto_too(objective, tmp_path, tiny_model, tokenizer):
+    args = data_args(objective, tmp_path, tokenizer, tiny_model) | LORA | dict(lr=1e-2, per_device_batch_size=4)
+    out = run_main(**args, output_dir=str(tmp_path / "lora"))
+    merged, base = load_file(out / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    assert not torch.equal(merged["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
+    torch.testing.assert_close(merged["model.norm.weight"], base["model.norm.weight"].to(torch.float64), rtol=0, atol=0)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_lora_under_torchrun_equals_one_process(tmp_path, tiny_model, tokenizer):
