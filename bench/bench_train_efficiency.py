@@ -67,7 +67,7 @@ def write_data(path: Path, rows: int, min_ops: int, max_ops: int) -> None:
         completion, _ = arith_task.write_solution(rng, row["problem"], rates)
         steps = common.split_steps(completion)
         labels = arith_task.check_steps(row["problem"], steps)
-        out.append({"id": i, "problem": row["problem"], "prompt": f"Problem: {row['problem']}\nSolution:\n",
+        out.append({"id": str(i), "problem": row["problem"], "prompt": f"Problem: {row['problem']}\nSolution:\n",
                     "completion": completion,
                     "finish_reason": "stop", "outcome": completion.endswith(f"\\boxed{{{row['answer']}}}."),
                     "completions": steps, "labels": labels})
