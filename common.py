@@ -1,6 +1,6 @@
 """What every stepkto stage needs: JSONL contracts that fail loudly, crash-safe resumable outputs,
-prompts, step splitting, experiment tracking (tensorboard / wandb), and model/tokenizer loading
-(including the tiny char-level seed model of the embedded default).
+prompts, step splitting, experiment tracking (tensorboard / wandb), model/tokenizer loading (including
+the tiny char-level seed model of the embedded default), and at the end train.py's training plumbing.
 
 The JSONL contract between stages
 ---------------------------------
@@ -94,13 +94,18 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
 
 def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
     """Read a JSONL file whose rows must carry ``schema`` = {field: type or tuple of types}."""
+    return [row for _, row in read_numbered_jsonl(path, schema)]
+
+
+def read_numbered_jsonl(path: str | Path, schema: dict | None = None) -> list[tuple[int, dict]]:
+    """read_jsonl's rows with the file line of each, for errors found later that name file:line."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     rows = []
     for lineno, row in iter_jsonl(path):
         _check_row(row, schema or {}, f"{path}:{lineno}")
-        rows.append(row)
+        rows.append((lineno, row))
     if not rows:
         raise DataError(f"{path}: file is empty (no JSONL rows)")
     return rows
@@ -546,12 +551,29 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> Non
     os.replace(tmp, out_dir)
 
 
-# ---- training plumbing (train.py): processes, atomic torch.save, RNG state, the training log
+# ---- training plumbing (train.py): processes, atomic torch.save, RNG state, the training log; the policy
+# (completion log-probs, FSDP2, LoRA); the batch plan; optimizer and LR schedule; resume state and the final
+# model. Nothing here is Step-KTO: train.py passes its settings in. peft and torch.distributed.checkpoint are
+# imported inside the functions that use them (generate.py, label.py and evaluate.py import this module in
+# an environment that may lack peft).
 # (appended as one block, so its imports are here rather than at the top)
 
+import functools  # noqa: E402
+import gc  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+
+class UsageError(Exception):
+    """Arguments that cannot work together; the message says which."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, mismatched resume state); the message says why."""
 
 
 class Env(NamedTuple):
@@ -573,6 +595,35 @@ def init_distributed() -> Env:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Env(dist.get_rank(), world_size, device)
+
+
+def run_in_process_group(fn) -> None:
+    """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises."""
+    env = init_distributed()
+    try:
+        fn(env)
+    finally:
+        if dist.is_initialized():
+            # gloo's worker threads can still hold finished async work (FSDP2's collectives) whose tensors
+            # reference Python objects; freed during interpreter teardown they abort the process
+            # ("terminate called without an active exception", seen once in 10 runs here). Drop them first.
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def exit_under_torchrun() -> None:
+    """After run_in_process_group, under torchrun: everything is saved and the process group destroyed, so
+    skip the interpreter's teardown, where gloo's threads can still abort a finished run (pytorch/pytorch
+    PR 179291 describes the race)."""
+    if "LOCAL_RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun)."""
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:
@@ -639,3 +690,300 @@ def trim_log(path: Path, last_step: int) -> None:
     line cut by a kill."""
     if path.exists():
         write_jsonl_atomic(path, [e for e in read_complete_rows(path) if e["step"] <= last_step])
+
+
+# ---- the policy: completion log-probs, FSDP2, LoRA
+
+
+def build_policy(lm: torch.nn.Module, env: Env, trainable: bool, gradient_checkpointing: bool = False,
+                 chunk_mib: float = 0.0) -> torch.nn.Module:
+    """CompletionLogProbs(lm) on env.device, without KV cache; under torchrun sharded with FSDP2 over all
+    ranks (each decoder layer, then the root: one all-gather per layer, so only one layer is ever whole).
+    trainable: activation checkpointing on request, and requires_grad (a LoRA model keeps what peft set:
+    the base frozen, the adapters trainable); else frozen."""
+    lm.config.use_cache = False
+    if trainable and gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed it
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not (trainable and is_lora(lm)):
+        lm.requires_grad_(trainable)
+    policy = CompletionLogProbs(lm, chunk_mib).to(env.device)
+    if dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
+    return policy
+
+
+def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of (N, H) hidden states: logit[target] - logsumexp(logits), in float32 at least."""
+    logits = head(hidden)  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-probs are too coarse
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+
+
+class CompletionLogProbs(torch.nn.Module):
+    """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
+
+    The LM head and the log-softmax run on the N completion positions alone, never on the prompt's, and
+    never on more tokens at once than keep their float32 logits under ``chunk_mib`` MiB: with a large
+    vocabulary (SmolLM2: 49,152; Llama 3: 128,256) the logits of a whole batch would be the largest tensor
+    of the step. Under autograd each chunk is checkpointed, so backward recomputes its logits instead of
+    keeping them all (the cost: one more LM-head matmul per token). Being the FSDP root, this module's
+    forward also gathers the embedding / final norm / head shards.
+    """
+
+    def __init__(self, lm: torch.nn.Module, chunk_mib: float = 0.0):
+        super().__init__()
+        self.lm = lm
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        self.chunk_tokens = max(1, int(chunk_mib * 2**20 / (4 * vocab))) if chunk_mib else 0  # 0: one chunk
+
+    def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
+        decoder = self.lm.get_decoder()
+        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = outputs.last_hidden_state.flatten(0, 1)[positions]  # (B, T, H) -> (N, H)
+        head = self.lm.get_output_embeddings()
+        if not 0 < self.chunk_tokens < len(targets):
+            return head_logps(head, hidden, targets)
+        parts = []
+        for hidden_chunk, target_chunk in zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens)):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(head_logps, head, hidden_chunk, target_chunk, use_reentrant=False,
+                                        preserve_rng_state=False))
+            else:
+                parts.append(head_logps(head, hidden_chunk, target_chunk))
+        return torch.cat(parts)  # (N,)
+
+
+def is_lora(lm: torch.nn.Module) -> bool:
+    return hasattr(lm, "peft_config")
+
+
+class Lora(NamedTuple):
+    """LoRA settings (peft): rank, scaling numerator (the update is alpha / r * B A), dropout on the
+    adapters' input, comma-separated names of the modules that get adapters."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: str
+
+    def config(self):
+        from peft import LoraConfig
+
+        targets = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+
+
+def add_lora(lm: torch.nn.Module, lora: Lora) -> torch.nn.Module:
+    """LoRA adapters on the model (peft). B starts at 0, so the untrained model is exactly the base model:
+    a trainer can score pi_ref with it before the first update and never load a second copy of the weights."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(lm, lora.config())
+    except ValueError as error:  # e.g. no module matches the target modules
+        raise UsageError(f"--lora_target_modules {lora.target_modules}: {error}") from None
+
+
+# ---- the batch plan
+
+
+class PlanBatch(NamedTuple):
+    epoch: int
+    rows: list[int]  # global batch, longest row first; rank r takes the r-th equal slice
+
+
+
+def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: int, seed: int,
+               min_batch_size: int, mega_batches: int = 50) -> list[PlanBatch]:
+    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
+
+    Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
+    that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
+    order is then shuffled. A short last batch is trimmed to a multiple of `shards` (world size x
+    gradient accumulation steps: equal micro-batches) and dropped below min_batch_size (KTO's KL pairs
+    need two rows).
+    """
+    rng = np.random.default_rng(seed)
+    mega = global_batch_size * mega_batches
+    plan = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(lengths)).tolist()
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+            batches += chunked(chunk, global_batch_size)
+        batches = [b[: len(b) - len(b) % shards] for b in batches]
+        batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
+        plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
+    return plan
+
+
+
+def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
+    """Positions of the global batch that this rank computes, one range per micro-batch: the rank's equal,
+    contiguous slice cut into `accumulation` equal parts (build_plan makes the batch divisible)."""
+    per_micro = global_batch_size // (env.world_size * accumulation)
+    first = env.rank * accumulation
+    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
+
+
+
+# ---- optimizer, LR schedule, gradient clipping, throughput
+
+
+def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_decay: float, warmup_ratio: float,
+                   schedule: str, fused: bool):
+    """(AdamW over the trainable parameters, LambdaLR of lr_factor) for a run of total_steps steps."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    # As HF Trainer: no decay on norm gains and biases (1-D), which decay would only pull towards 0.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); on CPU the default
+    # updates one tensor at a time, ~10x the time on SmolLM2-135M (bench/bench_train_vs_trl.py --profile)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    warmup = round(warmup_ratio * total_steps)
+    factor = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to the peak over `warmup` steps, then linear or cosine decay towards 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_gradients(policy: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+
+
+class Throughput:
+    """Throughput since the last log line: real tokens of all forwards and rows of the global batches, all ranks."""
+
+    def __init__(self):
+        self.start, self.real, self.computed, self.rows = time.perf_counter(), 0.0, 0.0, 0
+
+    def add(self, real: float, computed: float, rows: int) -> None:
+        self.real, self.computed, self.rows = self.real + real, self.computed + computed, self.rows + rows
+
+    def stats(self) -> dict:
+        """The rates since the last call (or since the start), then a new window."""
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        stats = {"tokens_per_s": self.real / seconds, "samples_per_s": self.rows / seconds,
+                 "real_token_fraction": self.real / max(self.computed, 1.0)}
+        self.start, self.real, self.computed, self.rows = now, 0.0, 0.0, 0
+        return stats
+
+
+# ---- resume state and the final model
+
+
+def save_train_state(path: Path, policy, optimizer, scheduler, step: int, signature: dict, adapters_only: bool) -> None:
+    """Full (unsharded) model + optimizer state, scheduler, step, every rank's RNG and the run's signature,
+    in one atomic file. adapters_only (LoRA): the model state is the adapters alone, the frozen base being
+    on disk already. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapters_only)
+    model_state = get_model_state_dict(policy, options=options)
+    if adapters_only:  # a tied LM head is listed beside its frozen embedding: keep the adapters alone
+        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name in trainable}
+    optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
+    rngs = gather_objects(rng_state())
+    if rank() == 0:
+        state = dict(step=step, model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict())
+        save_atomic(state | {"rng": rngs, "run": signature}, path)
+    barrier()
+
+
+def load_train_state(path: Path, policy, optimizer, scheduler, signature: dict, adapters_only: bool) -> int:
+    """Restore what save_train_state wrote, if the file exists; returns its step (0: no file). A state
+    written with another signature raises TrainingError naming the arguments that differ."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)  # our own file; it holds numpy RNG states
+    if state["run"] != signature:
+        changed = sorted(k for k in state["run"] if state["run"][k] != signature.get(k))
+        raise TrainingError(
+            f"{path} was written by a run with other arguments ({', '.join(changed)}): delete {path.parent} to "
+            "start over"
+        )
+    options = StateDictOptions(full_state_dict=True, strict=not adapters_only)
+    set_model_state_dict(policy, state["model"], options=options)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][rank()])
+    return state["step"]
+
+
+def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lora: Lora | None = None,
+                     base_model: str = "", dtype: str = "float32") -> None:
+    """Gather the weights of policy.lm (the causal LM inside the trained wrapper), save_pretrained them with
+    the tokenizer, work's train_log.jsonl and tracking/ and config (train_args.json) to OUT.tmp, rename it to
+    OUT, drop the work folder. With lora, OUT is base_model with the adapters merged. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if lora:
+        weights = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
+    else:
+        weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lora:
+            save_merged_lora(weights, tmp, lora, base_model, dtype)
+        else:
+            # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
+            # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
+            names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
+            weights = {k.removeprefix("lm."): v for k, v in weights.items() if k in names}
+            policy.lm.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        for name in ("train_log.jsonl", "tracking"):
+            if (work / name).is_file():
+                shutil.copy(work / name, tmp / name)
+            elif (work / name).is_dir():
+                shutil.copytree(work / name, tmp / name)
+        write_json_atomic(tmp / "train_args.json", config)
+        os.replace(tmp, out)  # atomic: OUTPUT is either absent (or empty) or complete
+        shutil.rmtree(work)
+        print(f"saved {out}", flush=True)
+    barrier()
+
+
+def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str, dtype: str) -> None:
+    """OUT = base_model with the adapters merged (an ordinary model for generate.py, evaluate.py and vLLM),
+    OUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they
+    are read again from base_model on the CPU, which also works when training sharded them over ranks."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_model(base_model, dtype), lora.config())
+    loaded = model.load_state_dict(adapters, strict=False)
+    if loaded.unexpected_keys or len(adapters) == 0:
+        raise TrainingError(f"the trained adapters do not fit --model {base_model}: {loaded.unexpected_keys[:3]}")
+    model.save_pretrained(out / "adapter")
+    model.merge_and_unload().save_pretrained(out)

@@ -225,52 +225,49 @@ def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels,
                  step_lambda_d=None, step_lambda_u=None, reduction="mean"):
     """Step-KTO loss (8)  L = w_outcome * L_outcome + w_step * L_step  (equations in the module docstring).
 
-    outcome_logratios: (B,) r(x_i, y_i) of (1), summed over each completion's tokens. outcome_labels: (B,)
-    bool. step_logratios: (B, K) r_k of (6), from step_rewards. step_labels: (B, K) bool. step_mask: (B, K)
-    bool, the scored steps K_i: False for padding steps (K may be 0), optionally through_first_error.
-    z0: scalar from estimate_z0 (2) over the outcome-level KL pairs. z0_step: None reuses z0 for the steps
-    (our default), else the step-level estimate (estimate_z0 over mismatched pairs' step log-ratios).
-    L_outcome (5) = mean over the B completions of kto_losses: this is TRL's KTO loss (TRL takes the
-    nanmean of the concatenated desirable and undesirable losses). L_step (7) = mean over completions
-    with >= 1 scored step of the mean (or sum, step_aggregation) of kto_losses over its scored steps.
-    A term whose weight is 0 is skipped, the step term also when no completion has a scored step.
-    step_lambda_d / step_lambda_u: lambda_D / lambda_U of the step level (None: the outcome level's). The
-    two levels are usually unbalanced in different ways (e.g. few right answers but many right steps), and
-    the KTO paper advises lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] at each level.
+    outcome_logratios (B,): r(x_i, y_i) of (1), summed over each completion's tokens; outcome_labels (B,)
+    bool. step_logratios (B, K): r_k of (6), from step_rewards; step_labels (B, K) bool; step_mask (B, K)
+    bool: the scored steps K_i (False for padding steps; K may be 0; optionally through_first_error).
+    z0: scalar from estimate_z0 (2) over the outcome-level KL pairs; z0_step: None reuses z0 for the steps
+    (our default), else estimate_z0 over mismatched pairs' step log-ratios. L_outcome (5): mean over the B
+    completions of kto_losses (TRL's KTO loss). L_step (7): mean over completions with >= 1 scored step of
+    the mean (or sum: step_aggregation) of kto_losses over its scored steps; a term of weight 0 (or with no
+    scored step) is skipped. step_lambda_d / _u: the step level's lambda_D / U (None: the outcome level's;
+    the KTO paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] at each level, and the two differ).
 
-    reduction="mean" returns (loss, metrics), loss the scalar (8) of this batch. reduction="none" returns
-    (terms, metrics), terms a StepKTOTerms: the per-completion summands of (5) and (7) and the masks of
-    which completions are in each mean, from which a distributed trainer (or gradient accumulation) takes
-    the GLOBAL means with one all-reduce (module docstring, "Under torch.distributed");
-    terms.loss(terms.sums()) is reduction="mean"'s loss. metrics (the same keys either way) holds detached
-    tensors: loss/total, loss/outcome, loss/step (when computed; this batch's means), kl/z0, kl/z0_step
-    (when given), and per level and side, rewards/{level}_{side} (mean of beta * log-ratio, TRL's
-    `rewards/chosen` convention) and count/{level}_{side}; a side absent from the batch is absent.
+    reduction="mean": (loss, metrics), loss the scalar (8) of this batch. reduction="none": (terms, metrics),
+    terms a StepKTOTerms (per-completion summands of (5) and (7) and the masks of each mean), from which a
+    distributed trainer takes GLOBAL means with one all-reduce (module docstring, "Under torch.distributed");
+    terms.loss(terms.sums()) is the "mean" loss. metrics, detached: loss/total, loss/outcome, loss/step (this
+    batch's means), kl/z0, kl/z0_step (when given), and per level and side rewards/{level}_{side} (mean of
+    beta * log-ratio, TRL's `rewards/chosen`) and count/{level}_{side}; a side absent from the batch is absent.
     """
     _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask)
     _check_stepkto_options(z0, z0_step, w_outcome, w_step, step_aggregation, reduction)
     kto_args = dict(beta=beta, lambda_d=lambda_d, lambda_u=lambda_u)
     step_z0, step_args = _step_level(z0, z0_step, kto_args, step_lambda_d, step_lambda_u)
-
-    metrics = {"kl/z0": z0.detach()}
-    if z0_step is not None:
-        metrics["kl/z0_step"] = z0_step.detach()
-    metrics.update(_reward_metrics("outcome", outcome_logratios, outcome_labels, beta))
-    metrics.update(_reward_metrics("step", step_logratios[step_mask], step_labels[step_mask], beta))
-    if reduction == "none":
-        outcome_losses = kto_losses(outcome_logratios, outcome_labels, z0, **kto_args)  # (4): summands of (5)
-        step_losses, has_step = _per_completion_step_losses(
-            step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args
-        )
-        terms = _masked_terms(outcome_losses, step_losses, has_step, w_outcome, w_step)
-        metrics.update(_terms_metrics(terms))
-        return terms, metrics
-
+    metrics = {"kl/z0": z0.detach(), **({} if z0_step is None else {"kl/z0_step": z0_step.detach()}),
+               **_reward_metrics("outcome", outcome_logratios, outcome_labels, beta),
+               **_reward_metrics("step", step_logratios[step_mask], step_labels[step_mask], beta)}
     outcome_level = (outcome_logratios, outcome_labels, z0, kto_args, w_outcome)
     step_level = (step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args, w_step)
+    if reduction == "none":
+        return _per_completion_terms(outcome_level, step_level, metrics), metrics
     loss = _mean_loss(outcome_level, step_level, metrics)
     metrics["loss/total"] = loss.detach()
     return loss, metrics
+
+
+def _per_completion_terms(outcome_level: tuple, step_level: tuple, metrics: dict) -> "StepKTOTerms":
+    """reduction="none": the per-completion summands of (5) and (7) and the masks of their means."""
+    outcome_logratios, outcome_labels, z0, kto_args, w_outcome = outcome_level
+    step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args, w_step = step_level
+    outcome_losses = kto_losses(outcome_logratios, outcome_labels, z0, **kto_args)  # (4): summands of (5)
+    step_losses, has_step = _per_completion_step_losses(step_logratios, step_labels, step_mask, step_z0,
+                                                        step_aggregation, step_args)
+    terms = _masked_terms(outcome_losses, step_losses, has_step, w_outcome, w_step)
+    metrics.update(_terms_metrics(terms))
+    return terms
 
 
 def _mean_loss(outcome_level: tuple, step_level: tuple, metrics: dict):

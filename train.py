@@ -1,59 +1,29 @@
 """Train a policy with SFT, KTO or Step-KTO (Lin et al., 2025, arXiv:2501.10799) in one file.
 
-Commands (from the repository root)
------------------------------------
-The embedded default's seed model M0, a tiny char-level Llama trained from scratch on solutions:
+    python train.py --objective step-kto --model runs/M0 --data runs/iter1/labels.jsonl --output_dir runs/M1
 
-    python train.py --objective sft --model scratch --data runs/sft.jsonl --output_dir runs/M0 \\
-        --prompt_style minimal --lr 3e-3 --epochs 3 --per_device_batch_size 16
+is one Step-KTO iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3) on label.py's output,
+with pi_ref = M_t (--model, or --ref_model); ``--objective kto`` is the paper's KTO baseline, ``sft`` trains
+the seed (``--model scratch``: the embedded default's tiny char-level Llama). Under torchrun the model is
+FSDP2-sharded (also with one process) and the result equals one process with the same global batch.
 
-One Step-KTO iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M1 -> M2 -> M3 and evaluates
-each, as the results of Sec. 3 do) on label.py's output (the reference model defaults to --model):
-
-    python train.py --objective step-kto --model runs/M0 --data runs/iter1/labels.jsonl \\
-        --output_dir runs/M1 --lr 1e-5 --beta 0.1
-
-Plain KTO on the outcome labels only (the paper's baseline): ``--objective kto``.
-Two processes, FSDP2-sharded (gloo on CPU, nccl on GPU); the global batch is per_device_batch_size * 2
-and the result equals one process with per_device_batch_size * 2:
-
-    torchrun --nproc_per_node=2 train.py --objective step-kto --model runs/M0 ...
-
-Under torchrun the model is always FSDP2-sharded, also with --nproc_per_node=1 (one GPU: FSDP2's
-copy-in/out, checkpointing and saving exactly as on many); plain ``python train.py`` does not shard.
-
-An 8B model on one GPU: LoRA adapters (peft; OUTPUT is the merged model, OUTPUT/adapter the adapter) and
-8 micro-batches of 4 per optimizer step (the update of one batch of 32; z0 over all 32), logged to
-TensorBoard in OUTPUT/tracking:
-
-    torchrun --nproc_per_node=1 train.py --objective step-kto --model $MODEL --data it1/labels.jsonl \
-        --output_dir it1/M1 --lora_r 16 --per_device_batch_size 4 --gradient_accumulation_steps 8 \
-        --dtype bfloat16 --gradient_checkpointing --report_to tensorboard
-
-Objectives and data
--------------------
 * ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
   --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
 * ``kto`` / ``step-kto``: label.py rows {"id", "prompt", "completion", "finish_reason", "outcome"}, plus
-  {"completions", "labels"} for step-kto (the binary outcome and step feedback of paper Sec. 2.1).
-  Tokens = tokenize(prompt) + tokenize(completion) (+ EOS when finish_reason == "stop"), tokenized
-  separately without special tokens. The loss is stepkto_loss.py's (8) (paper Sec. 2.3): step-kto =
-  outcome + step level; kto = step-kto with w_step = 0, on rows that may lack the step fields.
-  Equation numbers (n) below are stepkto_loss.py's.
+  {"completions", "labels"} for step-kto (the outcome and step feedback of paper Sec. 2.1), scored on
+  generate.py's sampled token ids where the row has them. The loss is stepkto_loss.py's (8) (Sec. 2.3;
+  equation numbers (n) are stepkto_loss.py's): step-kto = outcome + step level; kto = step-kto with
+  w_step = 0, on rows that may lack the step fields.
 
-Reading order: Args; the data (examples, steps onto tokens, KL pairs, batch plan); the Step-KTO step
-(reference point z0, each micro-batch's share of the loss, the NLL anchor); the training loop. Below the
-"plumbing" line: processes, FSDP, log-probs, the reference cache, resume and saving.
+Reading order: Args; the data; the Step-KTO step; the training loop. Below the "plumbing" line: arguments,
+reading rows, metrics, log-probs, the reference cache. What is not Step-KTO at all (processes, FSDP2, LoRA,
+batch plan, optimizer, resume state, saving) is common.py's "training plumbing".
 
-Files
------
-* OUTPUT.resume/: the work folder while training: train_log.jsonl (rank 0, every --log_every steps),
-  reference_logps.pt (log pi_ref of every row and KL pair, computed once), state.pt (model, optimizer,
-  scheduler, step, RNG; every --save_every steps, atomically). A rerun after a crash (even kill -9)
-  resumes from state.pt and ends with the parameters of an uninterrupted run.
-* OUTPUT/: written as OUTPUT.tmp and renamed when complete: save_pretrained model + tokenizer,
-  train_log.jsonl, train_args.json. If OUTPUT is already complete, the script exits at once.
-* A NaN / inf loss or gradient norm stops the run (exit 1) before anything of that step is written.
+Files: OUTPUT.resume/ while training: train_log.jsonl, reference_logps.pt (log pi_ref of every row and KL
+pair, computed once) and state.pt (every --save_every steps, atomically; a rerun after a crash, even kill
+-9, resumes from it and ends with the parameters of an uninterrupted run). OUTPUT/ is written as OUTPUT.tmp
+and renamed when complete (model, tokenizer, train_log.jsonl, train_args.json); a complete OUTPUT makes the
+script exit at once. A NaN / inf loss or gradient norm stops the run before anything of that step is written.
 """
 
 from __future__ import annotations
@@ -63,33 +33,23 @@ import gc
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import common
 import stepkto_loss as sk
-from common import DataError, Env, all_reduce_sums, barrier, gather_objects, option, save_atomic
-
+from common import (
+    DataError, Env, PlanBatch, TrainingError, UsageError, all_reduce_sums, barrier, build_plan, gather_objects,
+    micro_batches, option, save_atomic,
+)
 
 
 @dataclass
@@ -185,7 +145,7 @@ def levels(args: Args) -> Levels:
 
 
 # ----------------------------------------------------------------------------- data (paper Sec. 2.1)
-# Examples with their binary outcome and step labels, steps onto tokens, KL pairs, the batch plan.
+# Examples with their binary outcome and step labels, steps onto tokens, the KL pairs of each batch.
 
 
 class Pair(NamedTuple):
@@ -204,48 +164,12 @@ class Example(NamedTuple):
 
 
 def load_examples(args: Args, tokenizer) -> list[Example]:
+    """The rows of --data as Examples (reading rows, below the plumbing line); bad rows raise DataError."""
     if args.objective == "sft":
         return [sft_example(tokenizer, row, args.prompt_style) for row in common.read_jsonl(args.data, common.SFT_ROW)]
     with_steps = levels(args).row_steps
-    rows = common.read_jsonl(args.data, common.STEP_KTO_ROW if with_steps else common.KTO_ROW)
-    lines = row_line_numbers(args.data)
-    return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps) for row, line in zip(rows, lines)]
-
-
-def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
-    prompt = common.build_prompt(tokenizer, row["problem"], prompt_style)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Example(Pair(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
-
-
-def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
-    """One label.py row -> Example, scoring the sampled ids when the row has them; raises DataError naming
-    file:line and field."""
-    if row["finish_reason"] not in ("stop", "length"):
-        raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
-    spans = []
-    if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
-        spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else common.step_spans(row["completion"])
-        check_step_fields(row, len(spans), where)
-    has_ids = "completion_ids" in row
-    prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
-    if not prompt_ids:
-        raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
-    step_ids = steps_of_tokens(offsets, spans)
-    labels = row["labels"] if with_steps else []
-    return Example(Pair(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
-
-
-def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
-    """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
-    when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
-    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
-        ids, offsets = ids + [tokenizer.eos_token_id], offsets + [len(row["completion"])]
-    return prompt_ids, ids, offsets
+    rows = common.read_numbered_jsonl(args.data, common.STEP_KTO_ROW if with_steps else common.KTO_ROW)
+    return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps) for line, row in rows]
 
 
 def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
@@ -278,44 +202,6 @@ def pair_length(pair: Pair) -> int:
     return len(pair.prompt_ids) + len(pair.completion_ids)
 
 
-class PlanBatch(NamedTuple):
-    epoch: int
-    rows: list[int]  # global batch, longest row first; rank r takes the r-th equal slice
-
-
-def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: int, seed: int,
-               min_batch_size: int, mega_batches: int = 50) -> list[PlanBatch]:
-    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
-
-    Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
-    that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
-    order is then shuffled. A short last batch is trimmed to a multiple of `shards` (world size x
-    gradient accumulation steps: equal micro-batches) and dropped below min_batch_size (KTO's KL pairs
-    need two rows).
-    """
-    rng = np.random.default_rng(seed)
-    mega = global_batch_size * mega_batches
-    plan = []
-    for epoch in range(epochs):
-        order = rng.permutation(len(lengths)).tolist()
-        batches = []
-        for start in range(0, len(order), mega):
-            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-            batches += common.chunked(chunk, global_batch_size)
-        batches = [b[: len(b) - len(b) % shards] for b in batches]
-        batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
-        plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
-    return plan
-
-
-def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
-    """Positions of the global batch that this rank computes, one range per micro-batch: the rank's equal,
-    contiguous slice cut into `accumulation` equal parts (build_plan makes the batch divisible)."""
-    per_micro = global_batch_size // (env.world_size * accumulation)
-    first = env.rank * accumulation
-    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
-
-
 def kl_pairs_of_batch(rows: list[int], positions, examples: list[Example], keep_steps: bool) -> list[Pair]:
     """Item j is paired with item j-1's completion, cyclically within the global batch (as TRL)."""
     return [kl_pair(examples[rows[j]], examples[rows[j - 1]], keep_steps) for j in positions]
@@ -328,6 +214,7 @@ class TrainData:
     kl_offsets: list[int]  # plan item index of the first KL pair of each step
     reference: Optional[Reference]
     pad_id: int
+    levels: Levels  # levels(args), decided once
     lambdas: dict  # lambda_d, lambda_u, step_lambda_d, step_lambda_u for stepkto_loss
 
 
@@ -350,7 +237,7 @@ def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
     lambdas = level_lambdas(examples, args) if kto else {}
     if env.rank == 0 and kto:
         print("KTO weights: " + ", ".join(f"{k} {v:.3f}" for k, v in lambdas.items()), flush=True)
-    return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id, lambdas)
+    return TrainData(examples, plan, offsets, None, tokenizer.pad_token_id, levels(args), lambdas)
 
 
 # ----------------------------------------------------------------------------- the Step-KTO step (paper Sec. 2.3)
@@ -381,7 +268,7 @@ def reference_point(policy, step: int, batch: PlanBatch, micros: list[range], da
     estimates it per micro-batch instead; with small micro-batches that estimate is noisier, and the
     update then depends on how the batch was cut, which accumulation is meant not to change.
     """
-    own_step_z0 = levels(args).step_z0
+    own_step_z0 = data.levels.step_z0
     outcome, steps, sums = [], [], {}
     for positions in micros:
         kl = collate(kl_pairs_of_batch(batch.rows, positions, data.examples, own_step_z0), data.pad_id, env.device)
@@ -415,7 +302,7 @@ def kto_micro_batch(policy, positions: range, batch: PlanBatch, data: TrainData,
     ref, device, num_steps = data.reference, env.device, main.step_mask.size(1)
     totals, steps = completion_logps(policy, main, args.step_span)  # (B,), (B, K) log pi
     step_labels = step_label_tensor(examples, num_steps, device)  # (B, K)
-    (z0, z0_step), weights = z0s, levels(args)
+    (z0, z0_step), weights = z0s, data.levels
     terms, metrics = sk.stepkto_loss(
         outcome_logratios=totals - ref.row_total[rows].to(device),  # (1) (B,) r(x, y)
         outcome_labels=torch.tensor([e.desirable for e in examples], device=device),
@@ -517,27 +404,28 @@ def run(args: Args, env: Env) -> None:
     work = Path(args.output_dir + ".resume")
     work.mkdir(parents=True, exist_ok=True)
     lm = load_lm(args, tokenizer)
-    policy = build_policy(add_lora(lm, args) if args.lora_r else lm, args, env, trainable=True)
+    policy = build_policy(common.add_lora(lm, lora(args)) if args.lora_r else lm, args, env, trainable=True)
     policy.train()
     if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
         data.reference = reference_logps(args, env, policy, data, work)
     optimizer, scheduler = make_optimizer(policy, args, len(data.plan))
     start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
     train(policy, optimizer, scheduler, data, args, env, work, start_step)
-    save_final_model(policy, tokenizer, args, env, work)
+    config = asdict(args) | {"world_size": env.world_size}  # OUTPUT/train_args.json
+    common.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora(args), args.model, args.dtype)
 
 
 def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, work: Path, start_step: int) -> None:
     step_fn, summarize = (sft_step, sft_metrics) if args.objective == "sft" else (kto_step, kto_metrics)
-    window = Throughput()
+    window = common.Throughput()
     bar = tqdm(total=len(data.plan), initial=start_step, desc=args.objective, disable=env.rank != 0)
     tracker = open_tracker(args, env, work, start_step)
     for step in range(start_step, len(data.plan)):
         batch, lr = data.plan[step], scheduler.get_last_lr()[0]
         sums = all_reduce_sums(step_fn(policy, step, batch, data, args, env), env.device)  # forwards + backwards
-        metrics = summarize(sums, args)
+        metrics = summarize(sums, args, data.levels)
         check_finite("loss", metrics["loss/total"], step, work)
-        grad_norm = clip_gradients(policy, args.max_grad_norm)
+        grad_norm = common.clip_gradients(policy, args.max_grad_norm)
         check_finite("gradient norm", grad_norm, step, work)
         optimizer.step()
         # Free the gradients now, not before the next backward: held through the next forward they would
@@ -554,30 +442,14 @@ def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, w
                 common.append_log(work / "train_log.jsonl", entry)
                 tracker.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            save_resume_state(policy, optimizer, scheduler, step + 1, args, env, work)
+            common.save_train_state(work / "state.pt", policy, optimizer, scheduler, step + 1,
+                                    run_signature(args, env), adapters_only=bool(args.lora_r))
     bar.close()
     tracker.close()
 
 
-def check_finite(name: str, value: float, step: int, work: Path) -> None:
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
-            f"written: --model and the last resume state in {work} (if any) are untouched. "
-            "Lower --lr (or check the data) and rerun."
-        )
-
-
-# ============ plumbing: arguments, processes, FSDP, log-probs, reference cache, resume, saving ============
-# (process groups, atomic torch.save, RNG state and the log file: common.py's "training plumbing")
-
-
-class UsageError(Exception):
-    """Arguments that cannot work together; the message says which."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, mismatched resume state); the message says why."""
+# ============ plumbing: arguments, reading rows, metrics, log-probs, the reference cache, the policy ============
+# (what is not Step-KTO at all: common.py's "training plumbing")
 
 
 # Resuming with other values of these is safe: they do not change what is computed.
@@ -632,25 +504,55 @@ def main(args: Args) -> None:
         raise UsageError(f"{out} exists, is not empty and is not a complete checkpoint: move it away first")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    env = common.init_distributed()
-    try:
-        run(args, env)
-    finally:
-        if dist.is_initialized():
-            # gloo's worker threads can still hold finished async work (FSDP2's collectives) whose tensors
-            # reference Python objects; freed during interpreter teardown they abort the process
-            # ("terminate called without an active exception", seen once in 10 runs here). Drop them first.
-            gc.collect()
-            dist.destroy_process_group()
+    common.run_in_process_group(functools.partial(run, args))
+
+
+def check_finite(name: str, value: float, step: int, work: Path) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
+            f"written: --model and the last resume state in {work} (if any) are untouched. "
+            "Lower --lr (or check the data) and rerun."
+        )
 
 
 # ----------------------------------------------------------------------------- reading rows
 
 
-def row_line_numbers(path: str) -> list[int]:
-    """File line of each row that common.read_jsonl returns (it skips blank lines)."""
-    with open(path, encoding="utf-8") as f:
-        return [lineno for lineno, line in enumerate(f, start=1) if line.strip()]
+def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
+    prompt = common.build_prompt(tokenizer, row["problem"], prompt_style)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example(Pair(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
+
+
+def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
+    """One label.py row -> Example, scoring the sampled ids when the row has them; raises DataError naming
+    file:line and field."""
+    if row["finish_reason"] not in ("stop", "length"):
+        raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
+    spans = []
+    if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
+        spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else common.step_spans(row["completion"])
+        check_step_fields(row, len(spans), where)
+    has_ids = "completion_ids" in row
+    prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
+    if not prompt_ids:
+        raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
+    step_ids = steps_of_tokens(offsets, spans)
+    labels = row["labels"] if with_steps else []
+    return Example(Pair(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
+
+
+def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
+    when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
+    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
+        ids, offsets = ids + [tokenizer.eos_token_id], offsets + [len(row["completion"])]
+    return prompt_ids, ids, offsets
 
 
 def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[int]]:
@@ -700,18 +602,19 @@ def kto_sums(terms: sk.StepKTOTerms, metrics: dict) -> dict:
     return sums
 
 
-def kto_metrics(sums: dict, args: Args) -> dict[str, float]:
+def kto_metrics(sums: dict, args: Args, weights: Levels) -> dict[str, float]:
     """The global batch's (5), (7), (8) (+ anchor), rewards, counts and z0, from the summed sums."""
-    metrics, total = {}, 0.0
-    weights = levels(args)
-    for level, weight in zip(LEVELS, (weights.w_outcome, weights.w_step)):
+    metrics = {}
+    for level in LEVELS:
         if sums[f"items/{level}"] > 0:
             metrics[f"loss/{level}"] = sums[f"loss/{level}"] / sums[f"items/{level}"]
-            total += weight * metrics[f"loss/{level}"]  # (8)
         for side in SIDES:
             if sums[f"count/{level}_{side}"] > 0:
                 metrics[f"rewards/{level}_{side}"] = sums[f"rewards/{level}_{side}"] / sums[f"count/{level}_{side}"]
                 metrics[f"count/{level}_{side}"] = sums[f"count/{level}_{side}"]
+    # (8) by StepKTOTerms.loss, the one place it is written: over the level means, each with count 1.
+    means = [torch.tensor([metrics.get(f"loss/{level}", 0.0)], dtype=torch.float64) for level in LEVELS]
+    total = float(sk.StepKTOTerms(*means, None, None, weights.w_outcome, weights.w_step).loss(torch.ones(4)))
     if args.nll_weight:
         metrics["loss/nll"] = sums["loss/nll"] / max(sums["items/nll_tokens"], 1)
         total += args.nll_weight * metrics["loss/nll"]
@@ -722,7 +625,7 @@ def kto_metrics(sums: dict, args: Args) -> dict[str, float]:
     return metrics
 
 
-def sft_metrics(sums: dict, args: Args) -> dict[str, float]:
+def sft_metrics(sums: dict, args: Args, weights: Levels) -> dict[str, float]:
     return {"loss/total": sums["loss/nll"] / sums["items/tokens"]}
 
 
@@ -777,47 +680,6 @@ def token_sums(batches: list[Batch]) -> dict:
     return {"tokens/real": real, "tokens/computed": computed}
 
 
-def head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) of (N, H) hidden states: logit[target] - logsumexp(logits), in float32 at least."""
-    logits = head(hidden)  # (N, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-probs are too coarse
-    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
-
-
-class CompletionLogProbs(nn.Module):
-    """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
-
-    The LM head and the log-softmax run on the N completion positions alone, never on the prompt's, and
-    never on more tokens at once than keep their float32 logits under ``chunk_mib`` MiB: with a large
-    vocabulary (SmolLM2: 49,152; Llama 3: 128,256) the logits of a whole batch would be the largest tensor
-    of the step. Under autograd each chunk is checkpointed, so backward recomputes its logits instead of
-    keeping them all (the cost: one more LM-head matmul per token). Being the FSDP root, this module's
-    forward also gathers the embedding / final norm / head shards.
-    """
-
-    def __init__(self, lm: nn.Module, chunk_mib: float = 0.0):
-        super().__init__()
-        self.lm = lm
-        vocab = lm.get_output_embeddings().weight.shape[0]
-        self.chunk_tokens = max(1, int(chunk_mib * 2**20 / (4 * vocab))) if chunk_mib else 0  # 0: one chunk
-
-    def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
-        decoder = self.lm.get_decoder()
-        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = outputs.last_hidden_state.flatten(0, 1)[positions]  # (B, T, H) -> (N, H)
-        head = self.lm.get_output_embeddings()
-        if not 0 < self.chunk_tokens < len(targets):
-            return head_logps(head, hidden, targets)
-        parts = []
-        for hidden_chunk, target_chunk in zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens)):
-            if torch.is_grad_enabled():
-                parts.append(checkpoint(head_logps, head, hidden_chunk, target_chunk, use_reentrant=False,
-                                        preserve_rng_state=False))
-            else:
-                parts.append(head_logps(head, hidden_chunk, target_chunk))
-        return torch.cat(parts)  # (N,)
-
-
 def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi(y|x) of each completion (B,), per-step log-probs (B, K) in the `span` convention of (6))."""
     token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
@@ -840,68 +702,6 @@ def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], shards: 
                 lengths = [pair_length(p) for p in pairs]
                 real, computed = real + sum(lengths), computed + len(lengths) * max(lengths)
     return real / max(computed, 1)
-
-
-# ----------------------------------------------------------------------------- the policy: FSDP2, LoRA
-
-
-def load_tokenizer(args: Args):
-    return common.make_char_tokenizer() if args.model == "scratch" else common.load_tokenizer(args.model)
-
-
-def load_lm(args: Args, tokenizer) -> nn.Module:
-    if args.model != "scratch":
-        return common.load_model(args.model, args.dtype)
-    sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
-    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed)
-    return lm.to(getattr(torch, args.dtype))
-
-
-def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Module:
-    """CompletionLogProbs(lm) on the device; under torchrun sharded with FSDP2 (each layer, then the root)."""
-    lm.config.use_cache = False
-    if trainable and args.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed it
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if not (trainable and is_lora(lm)):  # peft froze the base and left the adapters trainable
-        lm.requires_grad_(trainable)
-    policy = CompletionLogProbs(lm, args.logits_chunk_mib).to(env.device)
-    if dist.is_initialized():
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        for layer in lm.get_decoder().layers:  # one all-gather per layer: only one layer is ever whole
-            fully_shard(layer, mesh=mesh)
-        fully_shard(policy, mesh=mesh)
-    return policy
-
-
-def is_lora(lm: nn.Module) -> bool:
-    return hasattr(lm, "peft_config")
-
-
-def lora_config(args: Args):
-    from peft import LoraConfig
-
-    targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-
-
-def add_lora(lm: nn.Module, args: Args) -> nn.Module:
-    """LoRA adapters on the policy (peft). B starts at 0, so the untrained policy is exactly the base model:
-    reference_logps scores pi_ref with it before the first update, and no second copy of the weights is
-    ever loaded."""
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(lm, lora_config(args))
-    except ValueError as error:  # e.g. no module matches --lora_target_modules
-        raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {error}") from None
 
 
 # ----------------------------------------------------------------------------- reference log-probs
@@ -931,7 +731,7 @@ def reference_logps(args: Args, env: Env, policy, data: TrainData, work: Path) -
     separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
     scorer = build_policy(common.load_model(args.ref_model, args.dtype), args, env, False) if separate else policy
     kl_pairs = [p for batch in data.plan
-                for p in kl_pairs_of_batch(batch.rows, range(len(batch.rows)), data.examples, levels(args).step_z0)]
+                for p in kl_pairs_of_batch(batch.rows, range(len(batch.rows)), data.examples, data.levels.step_z0)]
     pairs = [e.pair for e in data.examples] + kl_pairs
     scorer.eval()
     totals, steps = score_pairs(scorer, pairs, args.step_span, args.per_device_batch_size, env, data.pad_id)
@@ -985,54 +785,35 @@ def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int
     return totals, steps
 
 
-# ----------------------------------------------------------------------------- optimizer, telemetry
+# ----------------------------------------------------------------------------- the policy, optimizer, tracking, resume
+
+
+def load_tokenizer(args: Args):
+    return common.make_char_tokenizer() if args.model == "scratch" else common.load_tokenizer(args.model)
+
+
+def load_lm(args: Args, tokenizer) -> nn.Module:
+    if args.model != "scratch":
+        return common.load_model(args.model, args.dtype)
+    sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
+    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed)
+    return lm.to(getattr(torch, args.dtype))
+
+
+def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Module:
+    """common.CompletionLogProbs(lm) on the device; under torchrun sharded with FSDP2."""
+    return common.build_policy(lm, env, trainable, args.gradient_checkpointing, args.logits_chunk_mib)
+
+
+def lora(args: Args) -> Optional[common.Lora]:
+    """--lora_r and its settings (None: full fine-tuning)."""
+    lora_args = (args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    return common.Lora(*lora_args) if args.lora_r else None
 
 
 def make_optimizer(policy: nn.Module, args: Args, total_steps: int):
-    params = [p for p in policy.parameters() if p.requires_grad]
-    # As HF Trainer: no decay on norm gains and biases (1-D), which decay would only pull towards 0.
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); on CPU the default
-    # updates one tensor at a time, ~10x the time on SmolLM2-135M (bench/bench_train_vs_trl.py --profile)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=args.optim == "adamw_fused" or None)
-    warmup = round(args.warmup_ratio * total_steps)
-    schedule = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=args.lr_schedule)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup to the peak over `warmup` steps, then linear or cosine decay towards 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def clip_gradients(policy: nn.Module, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-
-
-class Throughput:
-    """Throughput since the last log line: real tokens of all forwards and rows of the global batches, all ranks."""
-
-    def __init__(self):
-        self.start, self.real, self.computed, self.rows = time.perf_counter(), 0.0, 0.0, 0
-
-    def add(self, real: float, computed: float, rows: int) -> None:
-        self.real, self.computed, self.rows = self.real + real, self.computed + computed, self.rows + rows
-
-    def stats(self) -> dict:
-        """The rates since the last call (or since the start), then a new window."""
-        now = time.perf_counter()
-        seconds = max(now - self.start, 1e-9)
-        stats = {"tokens_per_s": self.real / seconds, "samples_per_s": self.rows / seconds,
-                 "real_token_fraction": self.real / max(self.computed, 1.0)}
-        self.start, self.real, self.computed, self.rows = now, 0.0, 0.0, 0
-        return stats
+    settings = (args.lr, args.weight_decay, args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
+    return common.make_optimizer(policy, total_steps, *settings)
 
 
 def open_tracker(args: Args, env: Env, work: Path, start_step: int):
@@ -1042,99 +823,20 @@ def open_tracker(args: Args, env: Env, work: Path, start_step: int):
     return common.open_tracker(report_to, work / "tracking", Path(args.output_dir).name, asdict(args), start_step + 1)
 
 
-# ----------------------------------------------------------------------------- resume state
-
-
 def run_signature(args: Args, env: Env) -> dict:
+    """What a resume state must have been written with: every argument that changes what is computed."""
     signature = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS}
     return signature | {"world_size": env.world_size}
-
-
-def save_resume_state(policy, optimizer, scheduler, step: int, args: Args, env: Env, work: Path) -> None:
-    """Full (unsharded) model + optimizer state, scheduler, step and every rank's RNG, in one atomic file.
-    With LoRA the model state is the adapters alone: the frozen base is --model on disk."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(args.lora_r))
-    model_state = get_model_state_dict(policy, options=options)  # collective: every rank calls it
-    if args.lora_r:  # a tied LM head is listed beside its frozen embedding: keep the adapters alone
-        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
-        model_state = {name: value for name, value in model_state.items() if name in trainable}
-    optimizer_state = get_optimizer_state_dict(policy, optimizer, options=options)
-    rngs = gather_objects(common.rng_state())
-    if env.rank == 0:
-        state = dict(step=step, model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict())
-        save_atomic(state | {"rng": rngs, "run": run_signature(args, env)}, work / "state.pt")
-    barrier()
 
 
 def load_resume_state(policy, optimizer, scheduler, args: Args, env: Env, work: Path) -> int:
     """Restore state.pt if a previous run left one; returns the number of steps already done."""
     path = work / "state.pt"
-    if not path.exists():
-        return 0
-    state = torch.load(path, weights_only=False)  # our own file; it holds numpy RNG states
-    if state["run"] != run_signature(args, env):
-        changed = sorted(k for k in state["run"] if state["run"][k] != run_signature(args, env).get(k))
-        raise TrainingError(
-            f"{path} was written by a run with other arguments ({', '.join(changed)}): delete {work} to start over"
-        )
-    options = StateDictOptions(full_state_dict=True, strict=not args.lora_r)  # LoRA: adapters only
-    set_model_state_dict(policy, state["model"], options=options)
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
-    scheduler.load_state_dict(state["scheduler"])
-    common.set_rng_state(state["rng"][env.rank])
-    if env.rank == 0:
-        common.trim_log(work / "train_log.jsonl", state["step"])
-        print(f"resuming from {path} after step {state['step']}", flush=True)
-    return state["step"]
-
-
-# ----------------------------------------------------------------------------- the final model
-
-
-def save_final_model(policy, tokenizer, args: Args, env: Env, work: Path) -> None:
-    """Gather the weights, save_pretrained them to OUTPUT.tmp, rename to OUTPUT, drop the work folder."""
-    if args.lora_r:
-        adapters = {name.removeprefix("lm."): common.full_tensor(p)
-                    for name, p in policy.named_parameters() if p.requires_grad}
-    else:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(policy, options=options)  # collective; full on rank 0 only
-    if env.rank == 0:
-        out = Path(args.output_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if args.lora_r:
-            save_merged_lora(adapters, tmp, args)
-        else:
-            # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
-            # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
-            names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
-            policy.lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in state.items() if k in names})
-        tokenizer.save_pretrained(tmp)
-        for name in ("train_log.jsonl", "tracking"):
-            if (work / name).is_file():
-                shutil.copy(work / name, tmp / name)
-            elif (work / name).is_dir():
-                shutil.copytree(work / name, tmp / name)
-        common.write_json_atomic(tmp / "train_args.json", asdict(args) | {"world_size": env.world_size})
-        os.replace(tmp, out)  # atomic: OUTPUT is either absent (or empty) or complete
-        shutil.rmtree(work)
-        print(f"saved {out}", flush=True)
-    barrier()
-
-
-def save_merged_lora(adapters: dict, out: Path, args: Args) -> None:
-    """OUTPUT = --model with the adapters merged (an ordinary model for generate.py, evaluate.py and vLLM),
-    OUTPUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they
-    are read again from --model on the CPU, which also works when training sharded them over ranks."""
-    from peft import get_peft_model
-
-    model = get_peft_model(common.load_model(args.model, args.dtype), lora_config(args))
-    loaded = model.load_state_dict(adapters, strict=False)
-    if loaded.unexpected_keys or len(adapters) == 0:
-        raise TrainingError(f"the trained adapters do not fit --model {args.model}: {loaded.unexpected_keys[:3]}")
-    model.save_pretrained(out / "adapter")
-    model.merge_and_unload().save_pretrained(out)
+    step = common.load_train_state(path, policy, optimizer, scheduler, run_signature(args, env), bool(args.lora_r))
+    if step and env.rank == 0:
+        common.trim_log(work / "train_log.jsonl", step)
+        print(f"resuming from {path} after step {step}", flush=True)
+    return step
 
 
 if __name__ == "__main__":
@@ -1142,9 +844,4 @@ if __name__ == "__main__":
         main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
     except (DataError, UsageError, TrainingError) as error:
         sys.exit(f"train.py: error: {error}")
-    if "LOCAL_RANK" in os.environ:
-        # Everything is saved and the process group is destroyed: skip the interpreter's teardown, where
-        # gloo's threads can still abort a finished run (pytorch/pytorch PR 179291 describes the race).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    common.exit_under_torchrun()

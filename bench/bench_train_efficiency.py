@@ -125,11 +125,13 @@ def print_profile(profiler) -> None:
 
 class Recorder:
     """Wraps train.py's functions: the end time of every optimizer step (train.train calls zero_grad once, at
-    the end of each), the FLOPs and real tokens of every forward (token_sums sees each collated batch; under
-    no_grad it is a forward without backward: the KL pairs of z0), and the decoder's shape."""
+    the end of each) and how many forwards were recorded by then, the FLOPs and real tokens of every forward
+    (token_sums sees each collated batch; under no_grad it is a forward without backward: the KL pairs of
+    z0), and the decoder's shape."""
 
     def __init__(self, profiler):
         self.stamps, self.flops, self.tokens, self.shape, self.profiler = [], [], [], {}, profiler
+        self.forwards_done = []  # len(self.tokens) at the end of each step
 
     def token_sums(self, inner):
         import torch
@@ -159,6 +161,7 @@ class Recorder:
 
             def zero_grad(*za, **zk):
                 self.stamps.append(time.perf_counter())
+                self.forwards_done.append(len(self.tokens))
                 if self.profiler is not None:
                     self.profiler.step()  # one profiler step per training step
                 return inner_zero_grad(*za, **zk)
@@ -172,7 +175,8 @@ class Recorder:
         import torch
 
         def timed(*a, **k):
-            self.stamps.clear(), self.flops.clear(), self.tokens.clear()  # the reference pass is not timed
+            for recorded in (self.stamps, self.flops, self.tokens, self.forwards_done):
+                recorded.clear()  # the reference pass is not timed
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             inner(*a, **k)
@@ -215,10 +219,10 @@ def worker(args) -> None:
     train.main(targs)
     w, stamps = args.warmup, recorder.stamps  # timed: steps w .. end, from the end of step w - 1 to the end
     seconds = stamps[-1] - stamps[w - 1]
-    per_step = len(recorder.tokens) // len(stamps)  # token_sums calls per step (KL pairs, then each micro-batch)
+    first = recorder.forwards_done[w - 1]  # the first forward of step w
     result = {"steps": len(stamps) - w, "seconds": seconds,
-              "tokens_per_s": sum(recorder.tokens[w * per_step:]) / seconds,
-              "flop_per_s": sum(recorder.flops[w * per_step:]) / seconds, "decoder_params": recorder.shape["params"],
+              "tokens_per_s": sum(recorder.tokens[first:]) / seconds,
+              "flop_per_s": sum(recorder.flops[first:]) / seconds, "decoder_params": recorder.shape["params"],
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result))

@@ -197,7 +197,7 @@ def test_completion_logps_match_plain_per_row_forwards(span, tiny_model, tokeniz
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
     batch = train.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
-        totals, steps = train.completion_logps(train.CompletionLogProbs(lm), batch, span)  # (B,), (B, K)
+        totals, steps = train.completion_logps(common.CompletionLogProbs(lm), batch, span)  # (B,), (B, K)
         for b, example in enumerate(examples):
             pair = example.pair
             ids = torch.tensor([pair.prompt_ids + pair.completion_ids])
@@ -220,7 +220,7 @@ def test_chunked_lm_head_gives_the_same_log_probs_and_gradients(tiny_model, toke
     results = []
     vocab = len(tokenizer)
     for chunk_mib in (0, 5.5 * 4 * vocab / 2**20):  # 5.5 tokens' float32 logits: chunks of 5
-        policy = train.CompletionLogProbs(common.load_model(str(tiny_model), "float64"), chunk_mib)
+        policy = common.CompletionLogProbs(common.load_model(str(tiny_model), "float64"), chunk_mib)
         assert policy.chunk_tokens == (5 if chunk_mib else 0)
         logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
         (logps * torch.linspace(0.5, 2.0, len(logps), dtype=torch.float64)).sum().backward()
