@@ -53,7 +53,8 @@ class Policy:
     seed: int = option(0, help="Random seed; each chunk is seeded from (seed, chunk index).")
     engine: str = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
     prompt_style: str = option("instruct", help="Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
-    chunk_size: int = option(256, help="Problems per chunk (the unit of batching and of resuming).")
+    chunk_size: int = option(256, help="Problems per chunk (the unit of batching, of seeding and of resuming). With "
+        "transformers on a CPU smaller is faster (a batch runs until its longest sample ends; run.sh uses 64).")
     dtype: str = option("float32", help="Model dtype: float32 | bfloat16 | float16.")
     tensor_parallel_size: int = option(1, help="vLLM tensor parallel size (GPUs per model).")
 

@@ -2,8 +2,9 @@
 # The Step-KTO loop (paper Sec. 2.4): seed M0, then for i = 1..ITERATIONS
 #   generate with M(i-1) -> label steps and answers -> train M(i) from M(i-1) (reference M(i-1)) -> evaluate M(i)
 #
-#   bash run.sh                        # embedded default: built-in arithmetic task, tiny model from scratch, CPU
-#   OBJECTIVE=kto bash run.sh          # the outcome-only KTO baseline, into its own run folder
+#   bash run.sh                        # embedded default: built-in arithmetic task, tiny model from scratch, CPU;
+#                                      # Step-KTO and the outcome-only KTO baseline from the same M0, side by side
+#   OBJECTIVES=step-kto bash run.sh    # one objective only (each objective has its own run folder)
 #   SEED=1 bash run.sh                 # another seed (its own data, M0 and runs)
 #   TASK=hard bash run.sh              # the built-in task with longer chains (4-8 operations), into runs_hard
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct TRAIN_PROBLEMS=train.jsonl BENCHMARK=math500 PRM=judge \
@@ -19,7 +20,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # ---- what to run
-OBJECTIVE=${OBJECTIVE:-step-kto}          # step-kto | kto
+if [ -n "${OBJECTIVE:-}" ]; then          # the former single-objective setting: refused, never ignored
+    echo "error: OBJECTIVE=$OBJECTIVE: the setting is OBJECTIVES now (e.g. OBJECTIVES=$OBJECTIVE)" >&2; exit 2
+fi
+OBJECTIVES=${OBJECTIVES:-step-kto kto}    # each trained from the same M0, iteration by iteration: step-kto | kto
+for objective in $OBJECTIVES; do
+    case $objective in step-kto|kto) ;; *) echo "error: OBJECTIVES: $objective: must be step-kto | kto" >&2; exit 2 ;; esac
+done
 SEED=${SEED:-0}
 ITERATIONS=${ITERATIONS:-3}
 TASK=${TASK:-default}                     # built-in task: default (2-5 operations) | hard (MIN_OPS..MAX_OPS, 4-8)
@@ -44,6 +51,10 @@ JUDGE_DTYPE=${JUDGE_DTYPE:-${DTYPE:-float32}}  # PRM=judge / mc: dtype of the ju
 JUDGE_TP=${JUDGE_TP:-1}                   # PRM=judge / mc: vLLM tensor parallel size of the judge / rollout policy
 ENGINE=${ENGINE:-auto}                    # generation engine: transformers | vllm | auto
 TP=${TP:-1}                               # vLLM tensor parallel size of the policy
+# problems per generate call: transformers' generate runs a batch until its longest sample ends, so on a CPU smaller
+# batches waste less (the embedded default: 64 problems x 4 samples samples 2x faster than 256, BENCHMARKS.md
+# section 12); vLLM schedules its own batches and gains from large calls
+GEN_CHUNK=${GEN_CHUNK:-$([ "$ENGINE" = vllm ] && echo 256 || echo 64)}
 DTYPE=${DTYPE:-float32}
 PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL$BASE_MODEL" ] && echo minimal || echo instruct)}
 # ---- the built-in task (embedded default)
@@ -69,6 +80,8 @@ W_STEP=${W_STEP:-1.0}                     # step-kto: weight of the step-level t
 # step-kto: steps scored: all | first_error (through the first wrong one; the default with JUDGE_PROTOCOL=first_error,
 # whose labels after the named step are not verdicts)
 STEP_SCOPE=${STEP_SCOPE:-$([ "$PRM/$JUDGE_PROTOCOL" = judge/first_error ] && echo first_error || echo all)}
+STEP_SPAN=${STEP_SPAN:-step}              # step-kto: step reward over the step's tokens (step) or its prefix (prefix)
+STEP_AGGREGATION=${STEP_AGGREGATION:-mean}  # step-kto: step losses of a completion: mean | sum (README "Which reading")
 NLL_WEIGHT=${NLL_WEIGHT:-1.0}             # NLL anchor on fully right samples (not the paper's; README "Results")
 LORA_R=${LORA_R:-0}                       # > 0: train LoRA adapters of this rank (peft), merged into each M_i
 GRAD_ACCUM=${GRAD_ACCUM:-1}               # micro-batches of BATCH per optimizer step
@@ -87,12 +100,12 @@ if [ -z "${GEN_PYTHON:-}" ]; then
 fi
 export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false
 
-BASE=$RUNS/seed$SEED                     # data, M0 and its evaluation are shared by both objectives
-RUN=$BASE/$OBJECTIVE
+BASE=$RUNS/seed$SEED                     # data, M0, its evaluation (and iteration 1's samples) are shared by
+                                          # the objectives; each objective's run is $BASE/<objective>
 TRAIN="$PYTHON train.py"
 [ "$NPROC" -gt 1 ] && TRAIN="$PYTHON -m torch.distributed.run --nproc_per_node=$NPROC train.py"
 COMMON=(--prompt_style "$PROMPT_STYLE" --num_threads "$THREADS" --dtype "$DTYPE")
-GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS" --tensor_parallel_size "$TP")
+GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS" --tensor_parallel_size "$TP" --chunk_size "$GEN_CHUNK")
 LABEL=(--prm "$PRM")        # label.py and evaluate.py share these; the judge's dtype / TP differ in name
 LABEL_MODEL=(--dtype "$JUDGE_DTYPE" --tensor_parallel_size "$JUDGE_TP")
 EVAL_JUDGE=(--judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
@@ -100,8 +113,8 @@ if [ -n "$JUDGE_MODEL" ]; then
     LABEL+=(--judge_model "$JUDGE_MODEL" --judge_engine "$ENGINE" --judge_protocol "$JUDGE_PROTOCOL")
 fi
 
-mkdir -p "$RUN"
-TIMES=$RUN/stage_times.tsv               # this invocation's wall time (s) and peak RSS (MiB) of each stage
+mkdir -p "$BASE"
+TIMES=$BASE/stage_times.tsv              # this invocation's wall time (s) and peak RSS (MiB) of each stage
 : > "$TIMES"
 timed() {  # timed <stage> <command...>; peak RSS from GNU time where it is installed (else "-")
     local stage=$1 start rss=-
@@ -132,7 +145,7 @@ fi
 TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
 BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 
-# evaluate <model dir> <iteration> <eval dir>: the eval dir is report.py's layout, $BASE/eval/M0 and $RUN/eval/M<i>
+# evaluate <model dir> <iteration> <eval dir>: the eval dir is report.py's layout, $BASE/eval/M0 and $BASE/<objective>/eval/M<i>
 evaluate() {
     local tracking=(--report_to "$REPORT_TO")
     if [ "$REPORT_TO" != none ]; then tracking+=(--step "$2"); fi  # logged at step i
@@ -141,19 +154,38 @@ evaluate() {
 }
 evaluate "$MODEL" 0 "$BASE/eval/M0"
 
-for i in $(seq 1 "$ITERATIONS"); do
-    prev=$([ "$i" -eq 1 ] && echo "$MODEL" || echo "$RUN/M$((i - 1))")
-    echo "== iteration $i: generate with $prev"
-    timed generate $GEN_PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$RUN/iter$i/samples.jsonl" \
-        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + i))" "${GEN[@]}" "${COMMON[@]}"
-    timed label $GEN_PYTHON label.py --input "$RUN/iter$i/samples.jsonl" --output "$RUN/iter$i/labels.jsonl" \
+# samples <objective> <i> <M(i-1)>: M(i-1)'s labelled samples of the run. M0 and the sampling seed are the same for every
+# objective, so iteration 1's samples are too: the first objective samples them, the others copy its files.
+samples() {  # samples <objective> <i> <model M(i-1)>
+    local run=$BASE/$1 prev=$3 first=$BASE/${OBJECTIVES%% *}
+    if [ "$2" -eq 1 ] && [ "$run" != "$first" ]; then
+        if [ ! -f "$run/iter1/labels.jsonl" ]; then  # copied whole, then renamed: a crash leaves no half copy
+            rm -rf "$run/iter1.tmp" && mkdir -p "$run" && cp -r "$first/iter1" "$run/iter1.tmp" && mv "$run/iter1.tmp" "$run/iter1"
+        fi
+        return
+    fi
+    echo "== iteration $2 ($1): generate with $prev"
+    timed generate $GEN_PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$run/iter$2/samples.jsonl" \
+        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + $2))" "${GEN[@]}" "${COMMON[@]}"
+    timed label $GEN_PYTHON label.py --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl" \
         "${LABEL[@]}" "${LABEL_MODEL[@]}"
-    echo "== iteration $i: train M$i ($OBJECTIVE)"
-    timed train $TRAIN --objective "$OBJECTIVE" --model "$prev" --data "$RUN/iter$i/labels.jsonl" --output_dir "$RUN/M$i" \
-        --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
-        --w_step "$W_STEP" --step_scope "$STEP_SCOPE" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" \
-        --lora_r "$LORA_R" --gradient_accumulation_steps "$GRAD_ACCUM" --report_to "$REPORT_TO" "${COMMON[@]}"
-    evaluate "$RUN/M$i" "$i" "$RUN/eval/M$i"
+}
+
+for i in $(seq 1 "$ITERATIONS"); do  # the objectives side by side, iteration by iteration
+    for objective in $OBJECTIVES; do
+        run=$BASE/$objective
+        prev=$([ "$i" -eq 1 ] && echo "$MODEL" || echo "$run/M$((i - 1))")
+        samples "$objective" "$i" "$prev"
+        echo "== iteration $i: train M$i ($objective)"
+        step_level=()  # the step level's settings, for the objective that has one
+        [ "$objective" = step-kto ] && step_level=(--w_step "$W_STEP" --step_scope "$STEP_SCOPE" \
+            --step_span "$STEP_SPAN" --step_aggregation "$STEP_AGGREGATION")
+        timed "train_$objective" $TRAIN --objective "$objective" --model "$prev" --data "$run/iter$i/labels.jsonl" \
+            --output_dir "$run/M$i" --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
+            "${step_level[@]}" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" --lora_r "$LORA_R" \
+            --gradient_accumulation_steps "$GRAD_ACCUM" --report_to "$REPORT_TO" "${COMMON[@]}"
+        evaluate "$run/M$i" "$i" "$run/eval/M$i"
+    done
 done
 
 echo "== results"  # also (re)writes each run's results.jsonl from its evaluations' result.json

@@ -39,17 +39,18 @@ import common  # noqa: E402
 import report  # noqa: E402
 
 # run.sh's train.py options of an iteration in the embedded default (LR, EPOCHS, BATCH, BETA, W_STEP, STEP_SCOPE,
-# NLL_WEIGHT, LORA_R, GRAD_ACCUM, REPORT_TO, PROMPT_STYLE, DTYPE); model, data, output, seed and threads are added
+# STEP_SPAN, STEP_AGGREGATION, NLL_WEIGHT, LORA_R, GRAD_ACCUM, REPORT_TO, PROMPT_STYLE, DTYPE); model, data, output, seed and threads are added
 TRAIN_OPTIONS = {
     "--objective": "step-kto", "--lr": "1e-5", "--epochs": "1", "--per_device_batch_size": "32", "--beta": "0.1",
-    "--w_step": "1.0", "--step_scope": "all", "--nll_weight": "1.0", "--lora_r": "0",
+    "--w_step": "1.0", "--step_scope": "all", "--step_span": "step", "--step_aggregation": "mean",
+    "--nll_weight": "1.0", "--lora_r": "0",
     "--gradient_accumulation_steps": "1", "--report_to": "none", "--prompt_style": "minimal", "--dtype": "float32",
 }
 # run.sh's evaluate.py options in the embedded default (LABEL, EVAL_JUDGE, GEN, COMMON)
 EVAL_OPTIONS = {
     "--report_to": "none", "--prm": "check", "--judge_dtype": "float32", "--judge_tensor_parallel_size": "1",
     "--engine": "auto", "--max_new_tokens": "160", "--tensor_parallel_size": "1", "--prompt_style": "minimal",
-    "--dtype": "float32",
+    "--dtype": "float32", "--chunk_size": "64",
 }
 SETTINGS = {  # name: the train.py options it changes from TRAIN_OPTIONS
     "default": {},

@@ -117,14 +117,15 @@ def test_ablation_rejects_unknown_settings(tmp_path, capsys):
 
 
 def run_sh_commands(tmp_path, **env) -> list[list[str]]:
-    """The stage commands run.sh issues, from a copy of it whose PYTHON only logs its arguments (nothing runs)."""
+    """The stage commands run.sh issues, from a copy of it whose PYTHON only logs its arguments (nothing runs; so
+    one objective, since a second one copies the first one's iteration-1 samples, which a stub never writes)."""
     tmp_path.mkdir(exist_ok=True)
     shutil.copy(REPO / "run.sh", tmp_path / "run.sh")
     stub, log = tmp_path / "python", tmp_path / "log"
     stub.write_text(f'#!/bin/bash\necho "$@" >> {log}\n')
     stub.chmod(0o755)
     proc = subprocess.run(["bash", str(tmp_path / "run.sh")], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHON": str(stub), **env})
+                          env={**os.environ, "PYTHON": str(stub), "OBJECTIVES": "step-kto", **env})
     assert proc.returncode == 0, proc.stderr
     return [line.split() for line in log.read_text().splitlines()]
 

@@ -15,32 +15,49 @@ TINY = dict(
 )
 
 
-def run_sh(runs: Path, objective: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(runs), "OBJECTIVE": objective,
-           "PYTHON": sys.executable}
+def run_sh(runs: Path, **settings) -> subprocess.CompletedProcess:
+    env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(runs), "PYTHON": sys.executable, **settings}
     return subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
+def results(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()]
+
+
 def test_run_sh_end_to_end_and_rerun(tmp_path):
-    first = run_sh(tmp_path, "step-kto")
+    """The default runs Step-KTO and KTO from the same M0, iteration 1 on the same samples, and a rerun skips
+    every finished stage with the same results."""
+    first = run_sh(tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    rows = [json.loads(l) for l in (tmp_path / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in rows] == ["M0", "M1", "M2"]
-    assert all(0 <= r["pass@1"] <= 1 and r["n_problems"] == 6 for r in rows)
+    seed = tmp_path / "seed0"
+    for objective in ("step-kto", "kto"):
+        rows = results(seed / objective)
+        assert [r["name"] for r in rows] == ["M0", "M1", "M2"]
+        assert all(0 <= r["pass@1"] <= 1 and r["n_problems"] == 6 for r in rows)
+        assert f"| {objective} | M2 |" in first.stdout
+    assert results(seed / "kto")[0] == {**results(seed / "step-kto")[0], "objective": "kto"}  # the one M0
+    for name in ("samples.jsonl", "labels.jsonl"):  # sampled once, by the first objective
+        assert (seed / "kto" / "iter1" / name).read_bytes() == (seed / "step-kto" / "iter1" / name).read_bytes()
+    assert first.stdout.count("== iteration 1 (") == 1 and first.stdout.count("== iteration 2 (") == 2
     assert (tmp_path / "results.png").stat().st_size > 1000
-    assert "| step-kto | M2 |" in first.stdout
+    times = (seed / "stage_times.tsv").read_text()
+    assert "train_step-kto" in times and "train_kto" in times
 
-    kto = run_sh(tmp_path, "kto")  # the baseline reuses the seed's data, M0 and M0's evaluation
-    assert kto.returncode == 0, kto.stderr[-3000:]
-    assert "M0: sft from scratch" in kto.stdout and "is complete" in kto.stdout + kto.stderr
-    assert "| kto | M2 |" in kto.stdout and "| step-kto | M2 |" in kto.stdout
-
-    again = run_sh(tmp_path, "step-kto")
+    before = {objective: results(seed / objective) for objective in ("step-kto", "kto")}
+    again = run_sh(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("nothing to do") + again.stderr.count("nothing to do") >= 5  # stages skipped
-    rows_again = [json.loads(l) for l in (tmp_path / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
-    assert rows_again == rows
+    assert again.stdout.count("nothing to do") + again.stderr.count("nothing to do") >= 9  # stages skipped
+    assert {objective: results(seed / objective) for objective in before} == before
+
+
+def test_run_sh_refuses_the_former_objective_setting(tmp_path):
+    """OBJECTIVE (one objective) became OBJECTIVES: the old name is refused, never silently ignored."""
+    proc = run_sh(tmp_path, OBJECTIVE="kto")
+    assert proc.returncode == 2 and "OBJECTIVES=kto" in proc.stderr
+    proc = run_sh(tmp_path, OBJECTIVES="step-kto dpo")
+    assert proc.returncode == 2 and "dpo" in proc.stderr
+    assert not (tmp_path / "seed0").exists()
 
 
 def test_run_sh_real_model_path(tmp_path):
@@ -64,7 +81,7 @@ def test_run_sh_real_model_path(tmp_path):
     env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable,
            "MODEL": str(model), "TRAIN_PROBLEMS": str(problems), "BENCHMARK": "amc23", "PRM": "judge",
            "JUDGE_MODEL": str(model), "JUDGE_DTYPE": "float64", "JUDGE_PROTOCOL": "first_error",
-           "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12"}
+           "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12", "OBJECTIVES": "step-kto"}
     proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "sft from" not in proc.stdout  # the given model is M0
