@@ -51,9 +51,10 @@ JUDGE_DTYPE=${JUDGE_DTYPE:-${DTYPE:-float32}}  # PRM=judge / mc: dtype of the ju
 JUDGE_TP=${JUDGE_TP:-1}                   # PRM=judge / mc: vLLM tensor parallel size of the judge / rollout policy
 ENGINE=${ENGINE:-auto}                    # generation engine: transformers | vllm | auto
 TP=${TP:-1}                               # vLLM tensor parallel size of the policy
-# problems per generate call: transformers' generate runs a batch until its longest sample ends, so on a CPU smaller
-# batches waste less (the embedded default: 64 problems x 4 samples samples 2x faster than 256, BENCHMARKS.md
-# section 12); vLLM schedules its own batches and gains from large calls
+# problems per generate.py call (SAMPLES each): transformers' generate runs a batch until its longest sample ends and
+# slows down past a few hundred sequences on a CPU, so 64 problems x 4 samples samples the embedded default about 2x
+# faster than 256 x 4 (BENCHMARKS.md section 12); evaluate.py's greedy pass keeps its 256 problems x 1. vLLM schedules
+# its own batches and gains from large calls.
 GEN_CHUNK=${GEN_CHUNK:-$([ "$ENGINE" = vllm ] && echo 256 || echo 64)}
 DTYPE=${DTYPE:-float32}
 PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL$BASE_MODEL" ] && echo minimal || echo instruct)}
@@ -105,7 +106,7 @@ BASE=$RUNS/seed$SEED                     # data, M0, its evaluation (and iterati
 TRAIN="$PYTHON train.py"
 [ "$NPROC" -gt 1 ] && TRAIN="$PYTHON -m torch.distributed.run --nproc_per_node=$NPROC train.py"
 COMMON=(--prompt_style "$PROMPT_STYLE" --num_threads "$THREADS" --dtype "$DTYPE")
-GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS" --tensor_parallel_size "$TP" --chunk_size "$GEN_CHUNK")
+GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS" --tensor_parallel_size "$TP")
 LABEL=(--prm "$PRM")        # label.py and evaluate.py share these; the judge's dtype / TP differ in name
 LABEL_MODEL=(--dtype "$JUDGE_DTYPE" --tensor_parallel_size "$JUDGE_TP")
 EVAL_JUDGE=(--judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
@@ -166,7 +167,8 @@ samples() {  # samples <objective> <i> <model M(i-1)>
     fi
     echo "== iteration $2 ($1): generate with $prev"
     timed generate $GEN_PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$run/iter$2/samples.jsonl" \
-        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + $2))" "${GEN[@]}" "${COMMON[@]}"
+        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + $2))" --chunk_size "$GEN_CHUNK" \
+        "${GEN[@]}" "${COMMON[@]}"
     timed label $GEN_PYTHON label.py --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl" \
         "${LABEL[@]}" "${LABEL_MODEL[@]}"
 }

@@ -456,6 +456,8 @@ def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, w
 RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to")
 LORA_DEFAULTS = {name: Args.__dataclass_fields__[name].default
                  for name in ("lora_alpha", "lora_dropout", "lora_target_modules")}
+STEP_LEVEL_DEFAULTS = {name: Args.__dataclass_fields__[name].default
+                       for name in ("w_step", "step_span", "step_aggregation", "step_scope", "step_z0")}
 
 
 def check_args(args: Args) -> None:
@@ -492,6 +494,9 @@ def check_ignored_options(args: Args) -> None:
         raise UsageError(f"--{', --'.join(changed) or 'lora_r'} need --lora_r > 0 (LoRA is off at 0)")
     if args.lora_r and args.model == "scratch":
         raise UsageError("--lora_r needs a trained --model: adapters on a random model train nothing useful")
+    step_level = [name for name, default in STEP_LEVEL_DEFAULTS.items() if getattr(args, name) != default]
+    if args.objective != "step-kto" and step_level:
+        raise UsageError(f"--{', --'.join(step_level)}: only --objective step-kto has a step level")
 
 
 def main(args: Args) -> None:

@@ -50,7 +50,7 @@ TRAIN_OPTIONS = {
 EVAL_OPTIONS = {
     "--report_to": "none", "--prm": "check", "--judge_dtype": "float32", "--judge_tensor_parallel_size": "1",
     "--engine": "auto", "--max_new_tokens": "160", "--tensor_parallel_size": "1", "--prompt_style": "minimal",
-    "--dtype": "float32", "--chunk_size": "64",
+    "--dtype": "float32",
 }
 SETTINGS = {  # name: the train.py options it changes from TRAIN_OPTIONS
     "default": {},

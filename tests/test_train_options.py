@@ -181,6 +181,7 @@ def test_report_to_tensorboard_logs_the_train_log_scalars(tmp_path, tiny_model, 
     (dict(lora_alpha=32.0), "need --lora_r > 0"),
     (dict(lora_r=4, lora_target_modules="no_such_proj"), "--lora_target_modules no_such_proj"),
     (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be > 0"),
+    (dict(step_aggregation="sum"), "only --objective step-kto has a step level"),  # the args are kto's
 ])
 def test_options_that_would_do_nothing_or_cannot_work_are_refused(options, message, tmp_path, tiny_model, tokenizer):
     args = data_args("kto", tmp_path, tokenizer, tiny_model) | dict(per_device_batch_size=4)
