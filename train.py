@@ -318,6 +318,7 @@ def kto_micro_batch(policy, positions: range, batch: PlanBatch, data: TrainData,
     if args.nll_weight:
         nll, sums["loss/nll"], sums["items/nll_tokens"] = anchor_nll(totals, examples, batch, data, env)
         loss = loss + args.nll_weight * nll
+    sums["loss/total"] = loss.detach() / env.world_size  # summed over micro-batches and ranks: (8) + anchor
     return loss, sums
 
 
@@ -617,13 +618,9 @@ def kto_metrics(sums: dict, args: Args, weights: Levels) -> dict[str, float]:
             if sums[f"count/{level}_{side}"] > 0:
                 metrics[f"rewards/{level}_{side}"] = sums[f"rewards/{level}_{side}"] / sums[f"count/{level}_{side}"]
                 metrics[f"count/{level}_{side}"] = sums[f"count/{level}_{side}"]
-    # (8) by StepKTOTerms.loss, the one place it is written: over the level means, each with count 1.
-    means = [torch.tensor([metrics.get(f"loss/{level}", 0.0)], dtype=torch.float64) for level in LEVELS]
-    total = float(sk.StepKTOTerms(*means, None, None, weights.w_outcome, weights.w_step).loss(torch.ones(4)))
     if args.nll_weight:
         metrics["loss/nll"] = sums["loss/nll"] / max(sums["items/nll_tokens"], 1)
-        total += args.nll_weight * metrics["loss/nll"]
-    metrics["loss/total"] = total
+    metrics["loss/total"] = sums["loss/total"]  # the backpropagated shares of (8) + anchor, added up
     metrics["kl/z0"] = sums["kl/z0"] / sums["ranks"]
     if weights.step_z0:
         metrics["kl/z0_step"] = sums["kl/z0_step"] / sums["ranks"]
