@@ -1,12 +1,15 @@
 """Time one SFT step of the embedded default's tiny model (eager, torch.compile, bf16 autocast) and profile it.
 
     .venv/bin/python bench/bench_sft_step.py                      # eager, compile, bf16: ms/step and tokens/s
+    .venv/bin/python bench/bench_sft_step.py --modes eager eager_attention bf16_compile eager eager_attention bf16_compile
     .venv/bin/python bench/bench_sft_step.py --modes eager --profile   # where an eager step's CPU time goes
 
 The model is run.sh's M0 architecture (common.make_tiny_llama: hidden 128, 2 layers, MLP 384, char tokenizer), a
 batch of 32 rows x 110 tokens (the length of the built-in task's SFT rows), the causal-LM loss, backward and an
 AdamW step: what `train.py --objective sft` spends 488 of its 512 s on in the default run (BENCHMARKS.md
-section 12). Each mode builds a fresh model, runs 5 untimed steps, then times --steps steps.
+section 12). Each mode builds a fresh model, runs 5 untimed steps, then times --steps steps. Modes: eager (as
+train.py), compile (torch.compile of the forward), bf16 (bf16 autocast), bf16_compile (both), eager_attention
+(transformers' plain attention instead of SDPA).
 """
 import argparse
 import sys
@@ -19,16 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 
+MODES = ["eager", "compile", "bf16", "bf16_compile", "eager_attention"]
+
+
 def sft_step_fn(mode: str, batch: int, length: int):
     """A closure doing one SFT step of a fresh tiny model in this mode."""
     model = common.make_tiny_llama(common.make_char_tokenizer(), 128, 2, 384, 512)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(4, 90, (batch, length), generator=torch.Generator().manual_seed(0))  # (B, S)
-    if mode == "compile":
+    if mode == "eager_attention":
+        model.set_attn_implementation("eager")
+    if mode in ("compile", "bf16_compile"):
         model.forward = torch.compile(model.forward)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -39,7 +47,7 @@ def sft_step_fn(mode: str, batch: int, length: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", default=["eager", "compile", "bf16"], choices=["eager", "compile", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compile", "bf16"], choices=MODES)
     parser.add_argument("--steps", type=int, default=40, help="Timed steps per mode.")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=110)

@@ -91,3 +91,26 @@ def test_run_sh_real_model_path(tmp_path):
     assert [r["name"] for r in rows] == ["M0", "M1"] and all(r["n_problems"] == 40 for r in rows)
     samples = common.read_jsonl(tmp_path / "runs" / "seed0" / "step-kto" / "iter1" / "samples.jsonl")
     assert len(samples) == 4 * TINY["SAMPLES"] and "step by step" in samples[0]["prompt"]
+
+
+def test_ablation_loop_starts_each_setting_from_the_default_runs_files(tmp_path):
+    """bench/ablation_loop.sh: a setting's loop reuses the default run's data, M0 and iteration-1 samples (no SFT,
+    no sampling at iteration 1), trains with the setting, and its table comes out beside the default's."""
+    default, out = tmp_path / "runs", tmp_path / "runs_loop"
+    first = run_sh(default, OBJECTIVES="step-kto", ITERATIONS="1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "ITERATIONS": "1", "PYTHON": sys.executable,
+           "DEFAULT": str(default), "OUT": str(out), "SEEDS": "0", "SETTINGS": "BETA=0.05"}
+    loop = subprocess.run(["bash", str(REPO / "bench" / "ablation_loop.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert loop.returncode == 0, loop.stdout[-2000:] + loop.stderr[-3000:]
+    seed, base = out / "BETA=0.05" / "seed0", default / "seed0"
+    assert (seed / "M0" / "model.safetensors").read_bytes() == (base / "M0" / "model.safetensors").read_bytes()
+    for name in ("samples.jsonl", "labels.jsonl"):  # iteration 1's samples came from the default, not sampled again
+        assert f"iter1/{name} is complete; nothing to do" in loop.stdout
+    assert json.loads((seed / "step-kto" / "M1" / "train_args.json").read_text())["beta"] == 0.05
+    assert loop.stdout.count("| step-kto | M1 | 1 |") == 3  # run.sh's own table, then the default's and the setting's
+
+    bad = subprocess.run(["bash", str(REPO / "bench" / "ablation_loop.sh")], cwd=REPO, capture_output=True, text=True,
+                         env={**env, "SEEDS": "1"})
+    assert bad.returncode == 2 and "seed1/data missing" in bad.stderr
