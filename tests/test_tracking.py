@@ -84,7 +84,8 @@ def test_wandb_offline_writes_a_run_and_reuses_its_id(wandb_env):
         tracker.log({"eval/pass@1": 0.6}, step=2)
     assert (log_dir / "wandb_run_id.txt").read_text().strip() == run_id
     runs = sorted((log_dir / "wandb").glob("offline-run-*"))
-    assert runs and all(r.name.endswith(f"-{run_id}") for r in runs)
+    # wandb names a run's folder offline-run-<time>-<id>, adding -1, -2 ... when a rerun starts within the same second
+    assert runs and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs)
     files = [r / f"run-{run_id}.wandb" for r in runs]
     assert all(f.exists() for f in files)
     assert any(b"eval/pass@1" in f.read_bytes() for f in files)  # the history record is in the run file
