@@ -3,7 +3,7 @@
 # beside run.sh's default: does a one-iteration difference hold over three iterations?
 #
 #   for s in 0 1 2; do SEED=$s bash run.sh; done     # the default, both objectives: runs/seed<S>
-#   bash bench/ablation_loop.sh                      # STEP_AGGREGATION=sum and BETA=0.05, seeds 0 1 2 (~5 min per run)
+#   bash bench/ablation_loop.sh                      # STEP_AGGREGATION=sum and BETA=0.05, seeds 0 1 2 (about 4 min per run)
 #   SEEDS="0" SETTINGS="W_STEP=2" bash bench/ablation_loop.sh
 #
 # Each setting is one run.sh setting (NAME=VALUE) and gets its own runs folder, $OUT/NAME=VALUE, where run.sh runs
@@ -33,7 +33,7 @@ for s in $SEEDS; do
             rm -rf "$dst.tmp" && mkdir -p "$dst.tmp/step-kto/iter1"
             cp -r "$src/data" "$src/M0" "$src/eval" "$dst.tmp/"
             cp "$src/step-kto/iter1/samples.jsonl" "$src/step-kto/iter1/labels.jsonl" "$dst.tmp/step-kto/iter1/"
-            mkdir -p "$OUT/$setting" && mv "$dst.tmp" "$dst"
+            mv "$dst.tmp" "$dst"
         fi
         echo "== seed $s: $setting"
         env "$setting" SEED="$s" OBJECTIVES=step-kto RUNS="$OUT/$setting" PYTHON="$PY" bash run.sh
