@@ -3,7 +3,8 @@
     .venv/bin/python bench/step_errors.py runs/seed1/eval/M0/greedy_labels.jsonl
 
 For every `a op b = c` step: easy or hard (arith_task.is_hard_step), the operation, and whether c is the
-true result, the seed data's habit (arith_task.slipped_result) or another number; "(wrong start)" marks a
+true result, the seed data's habit (arith_task.slipped_result), an over-carry (an easy addition stated exactly
+10 too high: a carry where there is none, README "What it took", 4) or another number; "(wrong start)" marks a
 right equation that starts from a value the previous steps did not produce. Then the counts of
 (right answer, every step right) over the completions. The diagnosis behind README "What it took".
 """
@@ -27,10 +28,13 @@ def step_kind(step: str, label: bool) -> str:
         return "unparsed"
     if op not in NAMES or len(parts) != 5:
         return "unparsed"
-    kind = ("hard " if arith_task.is_hard_step(a, op, b) else "easy ") + NAMES[op]
+    hard = arith_task.is_hard_step(a, op, b)
+    kind = ("hard " if hard else "easy ") + NAMES[op]
     if c == int(arith_task.apply_op(op, Fraction(a), Fraction(b))):
         return kind + " right" + ("" if label else " (wrong start)")
-    return kind + (" habit" if c == arith_task.slipped_result(a, op, b) else " other")
+    if c == arith_task.slipped_result(a, op, b):
+        return kind + " habit"
+    return kind + (" over-carry" if op == "+" and not hard and c == a + b + 10 else " other")
 
 
 def main(path: str) -> None:

@@ -288,3 +288,20 @@ def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
     (tmp_path / "sft.jsonl").write_text("")  # complete outputs are never rewritten
     main(args)
     assert (tmp_path / "sft.jsonl").read_text() == ""
+
+
+def test_step_errors_names_each_kind_of_step():
+    """bench/step_errors.py's kinds (README "What it took"): the habit, an easy addition carried where there is no
+    carry (exactly 10 too high), any other wrong number, and a right equation started from a wrong value."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("step_errors", Path(__file__).resolve().parents[1] / "bench" / "step_errors.py")
+    step_errors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_errors)
+    assert not is_hard_step(12, "+", 5)
+    assert step_errors.step_kind("12 + 5 = 17", True) == "easy add right"
+    assert step_errors.step_kind("12 + 5 = 17", False) == "easy add right (wrong start)"
+    assert step_errors.step_kind("12 + 5 = 27", False) == "easy add over-carry"
+    assert step_errors.step_kind("12 + 5 = 26", False) == "easy add other"
+    assert step_errors.step_kind(f"18 + 5 = {slipped_result(18, '+', 5)}", False) == "hard add habit"
+    assert step_errors.step_kind("18 + 5 = 33", False) == "hard add other"  # a carry too many on a hard step: not easy
+    assert step_errors.step_kind("The answer is 17", True) == "unparsed"
