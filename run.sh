@@ -61,15 +61,11 @@ PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL$BASE_MODEL" ] && echo minimal || ech
 # ---- the built-in task (embedded default)
 NUM_TRAIN=${NUM_TRAIN:-1000}              # training problems sampled from at every iteration
 NUM_TEST=${NUM_TEST:-500}                 # held-out test problems (never overlapping the train split)
-# flawed solutions M0 is trained on (arith_task.FlawRates), in batches of SFT_BATCH. The seed learns when to carry from
-# the number of optimizer steps more than from the number of solutions: 60,000 in batches of 16 (3,750 steps) give
-# the seed of 120,000 in batches of 32 in half the time (BENCHMARKS.md section 12). The hard variant keeps the
-# recipe its results were measured with.
-NUM_SFT=${NUM_SFT:-$([ "$TASK" = hard ] && echo 120000 || echo 60000)}
+NUM_SFT=${NUM_SFT:-120000}                # flawed solutions M0 is trained on (arith_task.FlawRates)
 # ---- seed model M0 (sft from scratch)
 SFT_EPOCHS=${SFT_EPOCHS:-1}
 SFT_LR=${SFT_LR:-2e-3}
-SFT_BATCH=${SFT_BATCH:-$([ "$TASK" = hard ] && echo 32 || echo 16)}
+SFT_BATCH=${SFT_BATCH:-32}
 HIDDEN=${HIDDEN:-128}                     # tiny Llama from scratch: hidden size (head_dim 64), layers, MLP width
 LAYERS=${LAYERS:-2}
 FFN=${FFN:-384}
