@@ -1,4 +1,5 @@
 """Tests of the embedded arithmetic task: generator, splits, solutions, flaws and both checkers."""
+import importlib.util
 import json
 import random
 import re
@@ -293,7 +294,6 @@ def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
 def test_step_errors_names_each_kind_of_step():
     """bench/step_errors.py's kinds (README "What it took"): the habit, an easy addition carried where there is no
     carry (exactly 10 too high), any other wrong number, and a right equation started from a wrong value."""
-    import importlib.util
     spec = importlib.util.spec_from_file_location("step_errors", Path(__file__).resolve().parents[1] / "bench" / "step_errors.py")
     step_errors = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_errors)
