@@ -1,11 +1,12 @@
-"""Make the top-level scripts importable as modules (they are scripts, not a package), and fixtures
-shared by several test files."""
+"""Make the top-level scripts importable as modules (they are scripts, not a package), then the bench/ scripts
+some tests check (after the top level, so that none shadows a stage), and fixtures shared by several test files."""
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 import common  # noqa: E402
 

@@ -1,5 +1,4 @@
 """Tests of the embedded arithmetic task: generator, splits, solutions, flaws and both checkers."""
-import importlib.util
 import json
 import random
 import re
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import common
+import step_errors  # bench/step_errors.py (tests/conftest.py)
 from arith_task import (Args, FlawRates, check_equations, check_steps, is_arith_problem, is_hard_step,
                         is_test_problem, label_steps_by_equations, main, make_split, random_expression,
                         slipped_result, tokenize, write_solution)
@@ -294,9 +294,6 @@ def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
 def test_step_errors_names_each_kind_of_step():
     """bench/step_errors.py's kinds (README "What it took"): the habit, an easy addition carried where there is no
     carry (exactly 10 too high), any other wrong number, and a right equation started from a wrong value."""
-    spec = importlib.util.spec_from_file_location("step_errors", Path(__file__).resolve().parents[1] / "bench" / "step_errors.py")
-    step_errors = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_errors)
     assert not is_hard_step(12, "+", 5)
     assert step_errors.step_kind("12 + 5 = 17", True) == "easy add right"
     assert step_errors.step_kind("12 + 5 = 17", False) == "easy add right (wrong start)"

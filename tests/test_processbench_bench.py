@@ -1,6 +1,5 @@
 """bench/processbench_labellers.py: the GSM8K join that gives ProcessBench rows their gold answers, the F1
 helper, the token-counting wrapper around generate.Engine, and a short end-to-end run with the tiny judge."""
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,14 +9,11 @@ import pytest
 import common
 import generate
 import label
+import processbench_labellers as pb  # bench/ (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "processbench_gsm8k.json").exists(), reason="../shared/data is absent")
-
-_spec = importlib.util.spec_from_file_location("processbench_labellers", REPO / "bench" / "processbench_labellers.py")
-pb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pb)
 
 
 @needs_data

@@ -2,7 +2,6 @@
 objective; bench/ablation.py's commands (--dry_run only: nothing is trained here) and its table; run.sh's TASK
 setting. run.sh is read through a copy whose PYTHON only logs the stage commands: no stage runs."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,15 +11,13 @@ import matplotlib.figure
 import pytest
 from transformers import HfArgumentParser
 
+import ablation  # bench/ablation.py (tests/conftest.py)
 import common
 import evaluate
 import report
 import train
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
-ablation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablation)
 
 
 def result(solved: int, flawed: int, n: int = 500, ci95: tuple | None = None) -> dict:
