@@ -43,6 +43,7 @@ THREADS=${THREADS:-2}                     # torch CPU threads per process
 MODEL=${MODEL:-}                          # seed model M0: a folder or hub id
 BASE_MODEL=${BASE_MODEL:-}                # empty MODEL: M0 = sft of this pretrained model (empty: from scratch)
 TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-}        # JSONL (problem, answer[, solution]) or hub/benchmark name; default: built-in
+MAX_PROBLEMS=${MAX_PROBLEMS:-0}           # sample from the first N of TRAIN_PROBLEMS at every iteration (0: all)
 BENCHMARK=${BENCHMARK:-}                  # math500 | amc23 | aime24 | gsm8k | JSONL; default: built-in test split
 PRM=${PRM:-check}                         # step labeller: check | judge | mc (label.py --prm)
 JUDGE_MODEL=${JUDGE_MODEL:-}              # PRM=judge: the judge model
@@ -167,8 +168,8 @@ samples() {  # samples <objective> <i> <model M(i-1)>
     fi
     echo "== iteration $2 ($1): generate with $prev"
     timed generate $GEN_PYTHON generate.py --model "$prev" --problems "$TRAIN_PROBLEMS" --output "$run/iter$2/samples.jsonl" \
-        --num_samples "$SAMPLES" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + $2))" --chunk_size "$GEN_CHUNK" \
-        "${GEN[@]}" "${COMMON[@]}"
+        --num_samples "$SAMPLES" --max_problems "$MAX_PROBLEMS" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + $2))" \
+        --chunk_size "$GEN_CHUNK" "${GEN[@]}" "${COMMON[@]}"
     timed label $GEN_PYTHON label.py --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl" \
         "${LABEL[@]}" "${LABEL_MODEL[@]}"
 }

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The full M0 -> M3 loop for the best settings of the one-iteration ablation (bench/ablation.py; issue 13, item 2),
-# beside run.sh's default: does a one-iteration difference hold over three iterations?
+# The full M0 -> M3 loop under other run.sh settings, beside run.sh's default runs of the same seeds: does a
+# one-iteration difference of the ablation (bench/ablation.py; issue 13, item 2) hold over three iterations, and
+# how do the two objectives compare when feedback is scarcer (README "Where step feedback pays in Pass@1")?
 #
 #   for s in 0 1 2; do SEED=$s bash run.sh; done     # the default, both objectives: runs/seed<S>
 #   bash bench/ablation_loop.sh                      # STEP_AGGREGATION=sum and BETA=0.05, seeds 0 1 2 (about 4 min per run)
 #   SEEDS="0" SETTINGS="W_STEP=2" bash bench/ablation_loop.sh
+#   TASK=hard OBJECTIVES="step-kto kto" SETTINGS="SAMPLES=2 SAMPLES=1 MAX_PROBLEMS=250" bash bench/ablation_loop.sh
+#                                                    # both objectives on the hard task's runs (runs_hard), less feedback
 #
 # Each setting is one run.sh setting (NAME=VALUE) and gets its own runs folder, $OUT/NAME=VALUE, where run.sh runs
-# Step-KTO (OBJECTIVES=step-kto) for each seed. A seed starts from the default run's files that the setting does not
-# change, copied in: data, M0, M0's evaluation and Step-KTO's iteration-1 samples and labels (run.sh would make the
-# same files again: same M0, same sampling seed). Training starts at iteration 1. Resumable like run.sh: a rerun skips
-# what is complete. At the end, report.py's table for the default and for each setting.
+# OBJECTIVES (Step-KTO alone unless set) for each seed. A seed starts from the default run's files that the setting
+# does not change, copied in: data, M0, M0's evaluation and, unless the setting changes what is sampled or how it
+# is labelled (SAMPLES, MAX_PROBLEMS, TEMPERATURE, MAX_NEW_TOKENS, GEN_CHUNK, PRM, JUDGE_*), Step-KTO's iteration-1
+# samples and labels (run.sh would make the same files again: same M0, same sampling seed). Training starts at iteration 1. Resumable like run.sh: a
+# rerun skips what is complete. At the end, report.py's table for the default and for each setting. Other run.sh
+# settings in the environment (TASK, ITERATIONS, ...) reach every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEFAULT=${DEFAULT:-runs}                  # run.sh's default runs (RUNS): seed<S>/{data,M0,eval,step-kto/iter1}
-OUT=${OUT:-runs_loop}
+HARD=$([ "${TASK:-default}" = hard ] && echo _hard || true)
+DEFAULT=${DEFAULT:-runs$HARD}             # run.sh's default runs (RUNS): seed<S>/{data,M0,eval,step-kto/iter1}
+OUT=${OUT:-runs${HARD}_loop}
+OBJECTIVES=${OBJECTIVES:-step-kto}
 SEEDS=${SEEDS:-0 1 2}
 SETTINGS=${SETTINGS:-STEP_AGGREGATION=sum BETA=0.05}
 PY=${PYTHON:-.venv/bin/python}
@@ -29,14 +36,18 @@ for s in $SEEDS; do
     done
     for setting in $SETTINGS; do
         dst=$OUT/$setting/seed$s
-        if [ ! -d "$dst/step-kto/iter1" ]; then  # copied whole, then renamed: a crash leaves no half copy
-            rm -rf "$dst.tmp" && mkdir -p "$dst.tmp/step-kto/iter1"
+        if [ ! -d "$dst" ]; then  # copied whole, then renamed: a crash leaves no half copy
+            rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
             cp -r "$src/data" "$src/M0" "$src/eval" "$dst.tmp/"
-            cp "$src/step-kto/iter1/samples.jsonl" "$src/step-kto/iter1/labels.jsonl" "$dst.tmp/step-kto/iter1/"
+            case ${setting%%=*} in
+                SAMPLES|MAX_PROBLEMS|TEMPERATURE|MAX_NEW_TOKENS|GEN_CHUNK|PRM|JUDGE_*) ;;  # iteration 1's files made anew
+                *) mkdir -p "$dst.tmp/step-kto/iter1"
+                   cp "$src/step-kto/iter1/samples.jsonl" "$src/step-kto/iter1/labels.jsonl" "$dst.tmp/step-kto/iter1/" ;;
+            esac
             mv "$dst.tmp" "$dst"
         fi
         echo "== seed $s: $setting"
-        env "$setting" SEED="$s" OBJECTIVES=step-kto RUNS="$OUT/$setting" PYTHON="$PY" bash run.sh
+        env "$setting" SEED="$s" OBJECTIVES="$OBJECTIVES" RUNS="$OUT/$setting" PYTHON="$PY" bash run.sh
     done
 done
 echo "== default ($DEFAULT)"

@@ -1,6 +1,7 @@
 """Count the kinds of arithmetic steps in a label.py / evaluate.py output of the embedded default.
 
     .venv/bin/python bench/step_errors.py runs/seed1/eval/M0/greedy_labels.jsonl
+    .venv/bin/python bench/step_errors.py runs_hard/seed{0,1,2}/kto/eval/M3/greedy_labels.jsonl   # summed over files
 
 For every `a op b = c` step: easy or hard (arith_task.is_hard_step), the operation, and whether c is the
 true result, the seed data's habit (arith_task.slipped_result), an over-carry (an easy addition stated exactly
@@ -37,9 +38,9 @@ def step_kind(step: str, label: bool) -> str:
     return kind + (" over-carry" if op == "+" and not hard and c == a + b + 10 else " other")
 
 
-def main(path: str) -> None:
+def main(paths: list[str]) -> None:
     steps, outcomes = collections.Counter(), collections.Counter()
-    for row in common.read_jsonl(path, common.LABELLED_ROW):
+    for row in (row for path in paths for row in common.read_jsonl(path, common.LABELLED_ROW)):
         outcomes[(row["outcome"], all(row["labels"]))] += 1
         for step, label in zip(row["completions"][:-1], row["labels"][:-1]):
             steps[step_kind(step, label)] += 1
@@ -50,4 +51,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])

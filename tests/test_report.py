@@ -1,7 +1,8 @@
 """report.py's uncertainty (one seed: the run's 95% Wilson interval; several: mean ± spread) and its plot of every
-objective; bench/ablation.py's commands (--dry_run only: nothing is trained here) and its table; run.sh's TASK
-setting. run.sh is read through a copy whose PYTHON only logs the stage commands: no stage runs."""
+objective; bench/ablation.py's commands (--dry_run only: nothing is trained here) and its table; bench/paired.py's
+comparison of the objectives; run.sh's TASK and MAX_PROBLEMS settings. run.sh is read through a copy whose PYTHON only logs the stage commands: no stage runs."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from transformers import HfArgumentParser
 import ablation  # bench/ablation.py (tests/conftest.py)
 import common
 import evaluate
+import paired  # bench/paired.py (tests/conftest.py)
 import report
 import train
 
@@ -150,3 +152,46 @@ def test_run_sh_task_hard_has_its_own_runs_folder_and_longer_chains(tmp_path):
     assert all("runs/" not in " ".join(c) for c in hard) and hard[-1] == ["report.py", "--runs", "runs_hard", "--plot",
                                                                            "runs_hard/results.png"]
     assert {c[c.index("--max_new_tokens") + 1] for c in hard if "--max_new_tokens" in c} == {"200"}
+
+
+def test_run_sh_max_problems_samples_from_the_first_problems_only(tmp_path):
+    """MAX_PROBLEMS reaches generate.py at every iteration (README "Where step feedback pays": less feedback); by
+    default every training problem is sampled from."""
+    generate = lambda commands: [c for c in commands if c[0] == "generate.py"]
+    default = generate(run_sh_commands(tmp_path / "default", ITERATIONS="2"))
+    fewer = generate(run_sh_commands(tmp_path / "fewer", ITERATIONS="2", MAX_PROBLEMS="250"))
+    assert len(default) == len(fewer) == 2
+    assert [c[c.index("--max_problems") + 1] for c in default] == ["0", "0"]
+    assert [c[c.index("--max_problems") + 1] for c in fewer] == ["250", "250"]
+
+
+def write_eval(folder: Path, right: list[bool]) -> None:
+    """An evaluation folder as evaluate.py writes it: result.json and one greedy label row per problem."""
+    folder.mkdir(parents=True)
+    result = {"model": "m", "benchmark": "b", "prm": "check", "n_problems": len(right), "pass@1": sum(right) / len(right),
+              "stepwise_error_rate": 0.0, "n_correct": sum(right), "n_correct_with_wrong_step": 0, "truncated": 0}
+    (folder / "result.json").write_text(json.dumps(result))
+    (folder / "greedy_labels.jsonl").write_text("".join(json.dumps({"problem_id": f"p{i}", "outcome": r}) + "\n"
+                                                        for i, r in enumerate(right)))
+
+
+def test_paired_counts_the_problems_only_one_objective_solves(tmp_path):
+    """bench/paired.py: Pass@1 differences per seed and iteration, the discordant problems at the last iteration
+    both objectives reached, pooled over seeds, and an exact two-sided sign test on them."""
+    write_eval(tmp_path / "seed0" / "eval" / "M0", [False] * 6)
+    write_eval(tmp_path / "seed0" / "step-kto" / "eval" / "M1", [True] * 5 + [False])
+    write_eval(tmp_path / "seed0" / "kto" / "eval" / "M1", [True] + [False] * 5)
+    write_eval(tmp_path / "seed1" / "eval" / "M0", [False] * 6)
+    write_eval(tmp_path / "seed1" / "step-kto" / "eval" / "M1", [False] * 6)
+    write_eval(tmp_path / "seed1" / "kto" / "eval" / "M1", [False] * 5 + [True])
+    write_eval(tmp_path / "seed1" / "kto" / "eval" / "M2", [True] * 6)  # Step-KTO has no M2: compared at M1
+    write_eval(tmp_path / "seed2" / "eval" / "M0", [False] * 6)  # one objective only: not a pair
+    write_eval(tmp_path / "seed2" / "step-kto" / "eval" / "M1", [True] * 6)
+    result = paired.compare(tmp_path)
+    assert result["seeds"] == 2 and result["last"] == 1 and result["only"] == [4, 1]
+    assert [round(d, 1) for d in result["diffs"][1]] == [66.7, -16.7]
+    assert result["p"] == pytest.approx(2 * (1 + 5) / 2**5)  # P(X <= 1 | n = 5), both tails
+    assert paired.sign_test(3, 3) == 1.0 and paired.sign_test(0, 0) == 1.0
+    assert "| 2 | +25.0 (+66.7, -16.7) | M1: 4 / 1 (p = 0.38) |" in paired.table({"x": result})
+    with pytest.raises(common.DataError, match="no seed"):
+        paired.compare(tmp_path / "seed2")

@@ -94,22 +94,30 @@ def test_run_sh_real_model_path(tmp_path):
 
 
 def test_ablation_loop_starts_each_setting_from_the_default_runs_files(tmp_path):
-    """bench/ablation_loop.sh: a setting's loop reuses the default run's data, M0 and iteration-1 samples (no SFT,
-    no sampling at iteration 1), trains with the setting, and its table comes out beside the default's."""
+    """bench/ablation_loop.sh: a setting's loop reuses the default run's data, M0 and, unless the setting changes
+    what is sampled, its iteration-1 samples (no SFT; no sampling at iteration 1), trains every objective asked for
+    with the setting, and its table comes out beside the default's."""
     default, out = tmp_path / "runs", tmp_path / "runs_loop"
     first = run_sh(default, OBJECTIVES="step-kto", ITERATIONS="1")
     assert first.returncode == 0, first.stderr[-3000:]
     env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "ITERATIONS": "1", "PYTHON": sys.executable,
-           "DEFAULT": str(default), "OUT": str(out), "SEEDS": "0", "SETTINGS": "BETA=0.05"}
+           "DEFAULT": str(default), "OUT": str(out), "SEEDS": "0", "SETTINGS": "BETA=0.05 SAMPLES=1",
+           "OBJECTIVES": "step-kto kto"}
     loop = subprocess.run(["bash", str(REPO / "bench" / "ablation_loop.sh")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert loop.returncode == 0, loop.stdout[-2000:] + loop.stderr[-3000:]
     seed, base = out / "BETA=0.05" / "seed0", default / "seed0"
     assert (seed / "M0" / "model.safetensors").read_bytes() == (base / "M0" / "model.safetensors").read_bytes()
     for name in ("samples.jsonl", "labels.jsonl"):  # iteration 1's samples came from the default, not sampled again
-        assert f"iter1/{name} is complete; nothing to do" in loop.stdout
-    assert json.loads((seed / "step-kto" / "M1" / "train_args.json").read_text())["beta"] == 0.05
-    assert loop.stdout.count("| step-kto | M1 | 1 |") == 3  # run.sh's own table, then the default's and the setting's
+        assert f"BETA=0.05/seed0/step-kto/iter1/{name} is complete; nothing to do" in loop.stdout
+        assert (seed / "step-kto" / "iter1" / name).read_bytes() == (base / "step-kto" / "iter1" / name).read_bytes()
+    for objective in ("step-kto", "kto"):
+        assert json.loads((seed / objective / "M1" / "train_args.json").read_text())["beta"] == 0.05
+    one = out / "SAMPLES=1" / "seed0" / "step-kto" / "iter1" / "samples.jsonl"  # sampled anew: 1 per problem
+    assert len(one.read_text().splitlines()) == TINY["NUM_TRAIN"]
+    assert loop.stdout.count("/seed0/M0 is already a complete checkpoint: nothing to do") == 2  # no SFT
+    # run.sh's own table for each setting, then the default's (Step-KTO only) and each setting's
+    assert loop.stdout.count("| step-kto | M1 | 1 |") == 5 and loop.stdout.count("| kto | M1 | 1 |") == 4
 
     bad = subprocess.run(["bash", str(REPO / "bench" / "ablation_loop.sh")], cwd=REPO, capture_output=True, text=True,
                          env={**env, "SEEDS": "1"})
