@@ -31,11 +31,12 @@ def right_answers(eval_dir: Path) -> dict[str, bool]:
     return {row["problem_id"]: row["outcome"] for row in rows}
 
 
-def seed_runs(runs: Path) -> dict[str, dict[str, dict[int, Path]]]:
-    """{seed<S>: {objective: {iteration: evaluation folder}}} for the seeds that ran both objectives."""
+def seed_runs(runs: Path) -> dict[str, dict[str, dict[int, tuple[Path, float]]]]:
+    """{seed<S>: {objective: {iteration: (evaluation folder, Pass@1)}}} for the seeds that ran both objectives."""
     found = {}
     for run in report.run_dirs(runs):
-        found.setdefault(run.parent.name, {})[run.name] = dict(report.evaluations(run))
+        pass_at_1 = {row["iteration"]: row["pass@1"] for row in report.run_table(run)}
+        found.setdefault(run.parent.name, {})[run.name] = {i: (d, pass_at_1[i]) for i, d in report.evaluations(run)}
     return {seed: runs_of for seed, runs_of in found.items() if all(o in runs_of for o in OBJECTIVES)}
 
 
@@ -44,14 +45,15 @@ def compare(runs: Path) -> dict:
     seeds = seed_runs(runs)
     if not seeds:
         raise common.DataError(f"{runs}: no seed<S> folder with both {' and '.join(OBJECTIVES)} evaluated")
-    last = min(max(evals) for runs_of in seeds.values() for evals in runs_of.values())
+    last = min(max(evals, default=0) for runs_of in seeds.values() for evals in runs_of.values())
+    if last < 1:
+        raise common.DataError(f"{runs}: some seed has no iteration past M0 evaluated under both objectives")
     diffs, only = {i: [] for i in range(1, last + 1)}, [0, 0]
     for runs_of in seeds.values():
         ours, theirs = (runs_of[o] for o in OBJECTIVES)
         for i in diffs:
-            pass_at_1 = [common.read_json(d[i] / "result.json", common.RESULT)["pass@1"] for d in (ours, theirs)]
-            diffs[i].append(100 * (pass_at_1[0] - pass_at_1[1]))
-        a, b = right_answers(ours[last]), right_answers(theirs[last])
+            diffs[i].append(100 * (ours[i][1] - theirs[i][1]))
+        a, b = right_answers(ours[last][0]), right_answers(theirs[last][0])
         only[0] += sum(a[p] and not b.get(p, False) for p in a)
         only[1] += sum(b[p] and not a.get(p, False) for p in b)
     return {"seeds": len(seeds), "last": last, "diffs": diffs, "only": only, "p": sign_test(*only)}

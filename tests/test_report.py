@@ -195,3 +195,8 @@ def test_paired_counts_the_problems_only_one_objective_solves(tmp_path):
     assert "| 2 | +25.0 (+66.7, -16.7) | M1: 4 / 1 (p = 0.38) |" in paired.table({"x": result})
     with pytest.raises(common.DataError, match="no seed"):
         paired.compare(tmp_path / "seed2")
+    write_eval(tmp_path / "m0_only" / "seed0" / "eval" / "M0", [True] * 6)  # both objectives started, none evaluated
+    for objective in ("step-kto", "kto"):
+        (tmp_path / "m0_only" / "seed0" / objective).mkdir()
+    with pytest.raises(common.DataError, match="no iteration past M0"):
+        paired.compare(tmp_path / "m0_only")
