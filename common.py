@@ -696,11 +696,11 @@ def trim_log(path: Path, last_step: int) -> None:
 
 
 def build_policy(lm: torch.nn.Module, env: Env, trainable: bool, gradient_checkpointing: bool = False,
-                 chunk_mib: float = 0.0) -> torch.nn.Module:
+                 chunk_mib: float = 0.0, autocast: torch.dtype | None = None) -> torch.nn.Module:
     """CompletionLogProbs(lm) on env.device, without KV cache; under torchrun sharded with FSDP2 over all
     ranks (each decoder layer, then the root: one all-gather per layer, so only one layer is ever whole).
     trainable: activation checkpointing on request, and requires_grad (a LoRA model keeps what peft set:
-    the base frozen, the adapters trainable); else frozen."""
+    the base frozen, the adapters trainable); else frozen. autocast: the forward's compute dtype."""
     lm.config.use_cache = False
     if trainable and gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -710,7 +710,7 @@ def build_policy(lm: torch.nn.Module, env: Env, trainable: bool, gradient_checkp
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not (trainable and is_lora(lm)):
         lm.requires_grad_(trainable)
-    policy = CompletionLogProbs(lm, chunk_mib).to(env.device)
+    policy = CompletionLogProbs(lm, chunk_mib, autocast).to(env.device)
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -738,15 +738,25 @@ class CompletionLogProbs(torch.nn.Module):
     of the step. Under autograd each chunk is checkpointed, so backward recomputes its logits instead of
     keeping them all (the cost: one more LM-head matmul per token). Being the FSDP root, this module's
     forward also gathers the embedding / final norm / head shards.
+
+    With ``autocast`` (e.g. torch.bfloat16) the forward runs under torch.autocast: matmuls in that dtype,
+    the weights (and so their gradients and optimizer states) in their own, float32 for mixed precision.
+    Backward follows the forward's dtypes, and the checkpointed head chunks recompute under the same
+    autocast state. The log-probs are float32 either way.
     """
 
-    def __init__(self, lm: torch.nn.Module, chunk_mib: float = 0.0):
+    def __init__(self, lm: torch.nn.Module, chunk_mib: float = 0.0, autocast: torch.dtype | None = None):
         super().__init__()
         self.lm = lm
         vocab = lm.get_output_embeddings().weight.shape[0]
         self.chunk_tokens = max(1, int(chunk_mib * 2**20 / (4 * vocab))) if chunk_mib else 0  # 0: one chunk
+        self.autocast = autocast
 
     def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
+        with torch.autocast(input_ids.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.completion_logps(input_ids, attention_mask, positions, targets)
+
+    def completion_logps(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
         decoder = self.lm.get_decoder()
         outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = outputs.last_hidden_state.flatten(0, 1)[positions]  # (B, T, H) -> (N, H)

@@ -57,7 +57,7 @@ TP=${TP:-1}                               # vLLM tensor parallel size of the pol
 # faster than 256 x 4 (BENCHMARKS.md section 12); evaluate.py's greedy pass keeps its 256 problems x 1. vLLM schedules
 # its own batches and gains from large calls.
 GEN_CHUNK=${GEN_CHUNK:-$([ "$ENGINE" = vllm ] && echo 256 || echo 64)}
-DTYPE=${DTYPE:-float32}
+DTYPE=${DTYPE:-float32}                   # float32 | bfloat16 (train.py: float32 weights, bf16 autocast) | float64
 PROMPT_STYLE=${PROMPT_STYLE:-$([ -z "$MODEL$BASE_MODEL" ] && echo minimal || echo instruct)}
 # ---- the built-in task (embedded default)
 NUM_TRAIN=${NUM_TRAIN:-1000}              # training problems sampled from at every iteration
@@ -106,8 +106,14 @@ BASE=$RUNS/seed$SEED                     # data, M0, its evaluation (and iterati
                                           # the objectives; each objective's run is $BASE/<objective>
 TRAIN="$PYTHON train.py"
 [ "$NPROC" -gt 1 ] && TRAIN="$PYTHON -m torch.distributed.run --nproc_per_node=$NPROC train.py"
-COMMON=(--prompt_style "$PROMPT_STYLE" --num_threads "$THREADS" --dtype "$DTYPE")
-GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS" --tensor_parallel_size "$TP")
+COMMON=(--prompt_style "$PROMPT_STYLE" --num_threads "$THREADS")
+GEN=(--engine "$ENGINE" --max_new_tokens "$MAX_NEW_TOKENS" --tensor_parallel_size "$TP" --dtype "$DTYPE")
+# train.py: weights it trains stay float32 and DTYPE=bfloat16 becomes bf16 compute (autocast): a bf16 weight loses the
+# small AdamW updates (train.py refuses it). A LoRA base may stay bf16: peft's adapters are float32.
+FULL_DTYPE=(--dtype "$DTYPE")
+[ "$DTYPE" = bfloat16 ] && FULL_DTYPE=(--dtype float32 --autocast bfloat16)
+ITER_DTYPE=("${FULL_DTYPE[@]}")
+[ "$LORA_R" != 0 ] && ITER_DTYPE=(--dtype "$DTYPE")
 LABEL=(--prm "$PRM")        # label.py and evaluate.py share these; the judge's dtype / TP differ in name
 LABEL_MODEL=(--dtype "$JUDGE_DTYPE" --tensor_parallel_size "$JUDGE_TP")
 EVAL_JUDGE=(--judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
@@ -141,7 +147,8 @@ if [ -z "$MODEL" ]; then
     SCRATCH=(--model scratch --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN")
     [ -n "$BASE_MODEL" ] && SCRATCH=(--model "$BASE_MODEL")
     timed sft_M0 $TRAIN --objective sft "${SCRATCH[@]}" --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
-        --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}"
+        --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}" \
+        "${FULL_DTYPE[@]}"
     MODEL=$BASE/M0
 fi
 TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
@@ -186,7 +193,7 @@ for i in $(seq 1 "$ITERATIONS"); do  # the objectives side by side, iteration by
         timed "train_$objective" $TRAIN --objective "$objective" --model "$prev" --data "$run/iter$i/labels.jsonl" \
             --output_dir "$run/M$i" --lr "$LR" --epochs "$EPOCHS" --per_device_batch_size "$BATCH" --beta "$BETA" \
             "${step_level[@]}" --nll_weight "$NLL_WEIGHT" --seed "$((SEED * 1000 + i))" --lora_r "$LORA_R" \
-            --gradient_accumulation_steps "$GRAD_ACCUM" --report_to "$REPORT_TO" "${COMMON[@]}"
+            --gradient_accumulation_steps "$GRAD_ACCUM" --report_to "$REPORT_TO" "${COMMON[@]}" "${ITER_DTYPE[@]}"
         evaluate "$run/M$i" "$i" "$run/eval/M$i"
     done
 done

@@ -98,8 +98,13 @@ class Args:
         "grad_norm is the norm before clipping.")
     seed: int = option(0, help="Seed of the batch plan, of --model scratch's init and of torch/numpy/random.")
     num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
-    dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype (float64: exact "
-        "comparisons in tests).")
+    dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype of the loaded "
+        "model(s) and of the saved one (float64: exact comparisons in tests). Weights trained in place must not be "
+        "bfloat16 (refused): use --autocast for bf16 compute. A LoRA base may be bfloat16 (peft's adapters are "
+        "float32).")
+    autocast: Literal["none", "bfloat16"] = option("none", help="Compute dtype: every forward, and so its backward, "
+        "runs under torch.autocast in it, while the weights, gradients and AdamW states stay in --dtype. With "
+        "--dtype float32: mixed precision (bf16 matmuls, float32 updates), the way to train in bf16.")
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
     gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory, "
@@ -482,6 +487,11 @@ def check_args(args: Args) -> None:
         raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
     if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
         raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
+    if args.dtype == "bfloat16" and not args.lora_r:
+        # bf16 keeps 8 bits of mantissa: an update under ~1/256 of a weight rounds away. Measured (README
+        # "Practitioner options"): at lr 5e-7, one AdamW step left 99.7% of SmolLM2-135M's bf16 weights unchanged.
+        raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
+                         "1/256 of the weight: use --dtype float32 --autocast bfloat16 (mixed precision)")
     check_ignored_options(args)
 
 
@@ -757,7 +767,7 @@ def reference_fingerprint(args: Args, plan: list[PlanBatch]) -> str:
     """What the cached reference log-probs depend on: data bytes, reference model, span and the plan."""
     digest = hashlib.sha256(Path(args.data).read_bytes())
     ref = str(Path(args.ref_model or args.model).resolve())
-    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, [b.rows for b in plan]]
+    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, args.autocast, [b.rows for b in plan]]
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()
 
@@ -804,7 +814,8 @@ def load_lm(args: Args, tokenizer) -> nn.Module:
 
 def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Module:
     """common.CompletionLogProbs(lm) on the device; under torchrun sharded with FSDP2."""
-    return common.build_policy(lm, env, trainable, args.gradient_checkpointing, args.logits_chunk_mib)
+    autocast = None if args.autocast == "none" else getattr(torch, args.autocast)
+    return common.build_policy(lm, env, trainable, args.gradient_checkpointing, args.logits_chunk_mib, autocast)
 
 
 def lora(args: Args) -> Optional[common.Lora]:

@@ -2,7 +2,7 @@
 
     # CPU, the 10-20M model, 2 threads, float32 (BENCHMARKS.md "CPU efficiency"):
     .venv/bin/python bench/bench_train_efficiency.py --device cpu
-    # GPU, a ~0.5B random-init Llama in bf16, FSDP2 on one GPU (torchrun, 1 process), with and without
+    # GPU, a ~0.5B random-init Llama in mixed precision (float32 weights, bf16 autocast), FSDP2 on one GPU (torchrun, 1 process), with and without
     # activation checkpointing (BENCHMARKS.md "GPU"):
     python3 bench/bench_train_efficiency.py --device cuda
 
@@ -15,7 +15,7 @@ train.token_sums) and counts model FLOPs (activation-checkpointing recompute not
     KL batch (no grad, kto and step-kto): 2 * P * T + 2 * L * H * sum_b s_b^2 + 2 * H * V * N
 with P the parameters of the decoder layers, T the real tokens, s_b each row's length (causal attention:
 QK^T and AV each cost 2 * s^2 * H / 2 forward), N the completion tokens whose log-prob the head computes,
-V the vocabulary. MFU = model FLOP/s / peak, the peak being a square matmul of the same dtype measured
+V the vocabulary. MFU = model FLOP/s / peak, the peak being a square matmul of the compute dtype measured
 in the same process group (torch.mm, `--peak_size`), and, on a GPU, also the card's datasheet number.
 """
 
@@ -30,9 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SETTINGS = {  # model, data and batch per device
-    "cpu": dict(hidden_size=384, num_layers=6, intermediate_size=1536, dtype="float32", batch=8, steps=12,
+    "cpu": dict(hidden_size=384, num_layers=6, intermediate_size=1536, dtype="float32", autocast="none", batch=8,
+                steps=12,
                 min_ops=4, max_ops=8, threads=2),
-    "cuda": dict(hidden_size=1024, num_layers=24, intermediate_size=4096, dtype="bfloat16", batch=32, steps=25,
+    "cuda": dict(hidden_size=1024, num_layers=24, intermediate_size=4096, dtype="float32", autocast="bfloat16",
+                 batch=32, steps=25,
                  min_ops=24, max_ops=40, threads=0),
 }
 DATASHEET_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12}  # dense, no sparsity
@@ -214,6 +216,7 @@ def worker(args) -> None:
         setattr(train, name, getattr(recorder, name)(getattr(train, name)))
     targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
                        per_device_batch_size=args.batch, max_steps=args.steps, lr=1e-6, dtype=args.dtype,
+                       autocast=args.autocast,
                        gradient_checkpointing=args.checkpointing, log_every=1000, save_every=0,
                        num_threads=args.threads, prompt_style="minimal", seed=0)
     train.main(targs)
@@ -235,7 +238,8 @@ def run_config(work: Path, setting: dict, device: str, objective: str, checkpoin
     command = launcher + [__file__, "--worker", "--objective", objective, "--model", str(work / "model"),
                           "--data", str(work / "data.jsonl"), "--output_dir", str(work / name),
                           "--batch", str(setting["batch"]), "--steps", str(setting["steps"]),
-                          "--dtype", setting["dtype"], "--threads", str(setting["threads"]),
+                          "--dtype", setting["dtype"], "--autocast", setting["autocast"],
+                          "--threads", str(setting["threads"]),
                           "--warmup", str(warmup), "--result", str(work / f"{name}.json")]
     command += ["--checkpointing"] if checkpointing else []
     command += ["--profile"] if profile else []
@@ -250,7 +254,7 @@ def main() -> None:
     parser.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 1024 CPU, 8192 GPU)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing (>= 1)")
     parser.add_argument("--worker", action="store_true")
-    for name in ("objective", "model", "data", "output_dir", "dtype", "result"):
+    for name in ("objective", "model", "data", "output_dir", "dtype", "autocast", "result"):
         parser.add_argument(f"--{name}")
     for name in ("batch", "steps", "threads"):
         parser.add_argument(f"--{name}", type=int)
@@ -272,7 +276,7 @@ def main() -> None:
     write_data(work / "data.jsonl", setting["batch"] * setting["steps"], setting["min_ops"], setting["max_ops"])
     if not (work / "model" / "config.json").exists():
         write_model(work / "model", setting)
-    dtype = getattr(torch, setting["dtype"])
+    dtype = getattr(torch, setting["dtype"] if setting["autocast"] == "none" else setting["autocast"])  # compute
     peak = measure_matmul_peak(args.device, dtype, args.peak_size or (8192 if args.device == "cuda" else 1024))
     configs = [("sft", False), ("kto", False), ("step-kto", False), ("kto", True)]
     if args.device == "cuda":
@@ -291,7 +295,7 @@ def report(args, setting: dict, peak: float, results: dict) -> None:
     card = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in card), None) if args.device == "cuda" else None
     first = next(iter(results.values()))
-    print(f"\nmachine: {card}, torch {torch.__version__}, {setting['dtype']}, threads {setting['threads'] or 'default'}; "
+    print(f"\nmachine: {card}, torch {torch.__version__}, {setting['dtype']} (autocast {setting['autocast']}), threads {setting['threads'] or 'default'}; "
           f"decoder parameters {first['decoder_params'] / 1e6:.1f}M (hidden {setting['hidden_size']}, "
           f"{setting['num_layers']} layers, MLP {setting['intermediate_size']}), batch {setting['batch']}/device, "
           f"{setting['steps']} steps ({args.warmup} untimed)")

@@ -3,6 +3,7 @@
 Exact comparisons use --dtype float64 (see test_train.py's docstring); torchrun runs use 2 gloo ranks.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -174,6 +175,48 @@ def test_report_to_tensorboard_logs_the_train_log_scalars(tmp_path, tiny_model, 
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train/loss/total")}
     assert logged == pytest.approx({e["step"]: e["loss/total"] for e in read_log(out)}, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def test_autocast_computes_the_log_probs_in_bf16_and_keeps_float32_gradients(tiny_model, tokenizer):
+    """CompletionLogProbs(autocast=bf16): log-probs within bf16 rounding of float32's but not equal to them, float32
+    out; the gradients land on the float32 weights."""
+    examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
+    batch = train.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    logps = {}
+    for autocast in (None, torch.bfloat16):
+        policy = common.CompletionLogProbs(common.load_model(str(tiny_model)), autocast=autocast)
+        logps[autocast] = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
+        logps[autocast].sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in policy.parameters())
+    assert logps[torch.bfloat16].dtype == torch.float32
+    difference = (logps[torch.bfloat16] - logps[None]).abs().max().item()
+    assert 1e-5 < difference < 0.1
+
+
+def test_bf16_weights_are_refused_and_autocast_trains_float32_weights(tmp_path, tiny_model, tokenizer):
+    """--dtype bfloat16 on weights trained in place would round small AdamW updates away: refused. --autocast
+    bfloat16 updates float32 weights, so at a learning rate far under bf16's resolution (1/256 of a weight) the
+    matrices still move, where the same update added to bf16 weights mostly rounds away. Before the first update
+    the policy matches its cached reference up to bf16 rounding."""
+    args = data_args("step-kto", tmp_path, tokenizer, tiny_model) | dict(per_device_batch_size=4, epochs=1, lr=1e-6)
+    with pytest.raises(train.UsageError, match="--dtype float32 --autocast bfloat16"):
+        run_main(**args | dict(dtype="bfloat16"), output_dir=str(tmp_path / "bf16"))
+    out = run_main(**args | dict(dtype="float32", autocast="bfloat16"), output_dir=str(tmp_path / "mixed"))
+    first = read_log(out)[0]
+    assert all(abs(value) < 1e-3 for key, value in first.items() if key.startswith("rewards/"))
+    weights, base = load_file(out / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    assert all(weights[key].dtype == torch.float32 for key in weights)
+    matrices = [key for key in base if base[key].dim() == 2]
+    updates = {key: weights[key] - base[key] for key in matrices}
+    moved = sum((updates[k] != 0).float().mean().item() for k in matrices) / len(matrices)
+    in_bf16 = sum((base[k].bfloat16() + updates[k].bfloat16() != base[k].bfloat16()).float().mean().item()
+                  for k in matrices) / len(matrices)
+    assert moved > 0.9 and in_bf16 < 0.1
+    lora = run_main(**args | LORA | dict(dtype="bfloat16", lr=1e-2), output_dir=str(tmp_path / "lora_bf16"))
+    assert math.isfinite(read_log(lora)[-1]["loss/total"])  # a bf16 base is fine: peft's adapters are float32
 
 
 @pytest.mark.parametrize("options, message", [
