@@ -12,9 +12,9 @@
 # Each setting is one run.sh setting (NAME=VALUE) and gets its own runs folder, $OUT/NAME=VALUE, where run.sh runs
 # OBJECTIVES (Step-KTO alone unless set) for each seed. A seed starts from the default run's files that the setting
 # does not change, copied in: data, M0, M0's evaluation and, unless the setting changes what is sampled or how it
-# is labelled (SAMPLES, MAX_PROBLEMS, TEMPERATURE, MAX_NEW_TOKENS, GEN_CHUNK, PRM, JUDGE_*), Step-KTO's iteration-1
-# samples and labels (run.sh would make the same files again: same M0, same sampling seed). Training starts at iteration 1. Resumable like run.sh: a
-# rerun skips what is complete. At the end, report.py's table for the default and for each setting. Other run.sh
+# is labelled (SAMPLES, MAX_PROBLEMS, TEMPERATURE, MAX_NEW_TOKENS, GEN_CHUNK, ENGINE, DTYPE, PRM, JUDGE_*),
+# Step-KTO's iteration-1 samples and labels (run.sh would make the same files again: same M0, same sampling seed).
+# Training starts at iteration 1. Resumable like run.sh: a rerun skips what is complete. At the end, report.py's table for the default and for each setting. Other run.sh
 # settings in the environment (TASK, ITERATIONS, ...) reach every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +40,7 @@ for s in $SEEDS; do
             rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
             cp -r "$src/data" "$src/M0" "$src/eval" "$dst.tmp/"
             case ${setting%%=*} in
-                SAMPLES|MAX_PROBLEMS|TEMPERATURE|MAX_NEW_TOKENS|GEN_CHUNK|PRM|JUDGE_*) ;;  # iteration 1's files made anew
+                SAMPLES|MAX_PROBLEMS|TEMPERATURE|MAX_NEW_TOKENS|GEN_CHUNK|ENGINE|DTYPE|PRM|JUDGE_*) ;;  # iteration 1's files made anew
                 *) mkdir -p "$dst.tmp/step-kto/iter1"
                    cp "$src/step-kto/iter1/samples.jsonl" "$src/step-kto/iter1/labels.jsonl" "$dst.tmp/step-kto/iter1/" ;;
             esac

@@ -63,7 +63,8 @@ def test_run_sh_refuses_the_former_objective_setting(tmp_path):
 def test_run_sh_real_model_path(tmp_path):
     """MODEL / TRAIN_PROBLEMS / BENCHMARK / PRM: the same loop on a given seed model and a real benchmark
     (AMC23 from ../shared/data by name), with the instruct prompt and an LLM judge (the seed model itself)
-    whose dtype run.sh must forward to label.py and evaluate.py."""
+    whose dtype run.sh must forward to label.py and evaluate.py. DTYPE=bfloat16 samples in bf16 and trains in mixed
+    precision (float32 weights, bf16 autocast): train.py refuses bf16 weights."""
     import pytest
 
     import common
@@ -81,7 +82,8 @@ def test_run_sh_real_model_path(tmp_path):
     env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable,
            "MODEL": str(model), "TRAIN_PROBLEMS": str(problems), "BENCHMARK": "amc23", "PRM": "judge",
            "JUDGE_MODEL": str(model), "JUDGE_DTYPE": "float64", "JUDGE_PROTOCOL": "first_error",
-           "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12", "OBJECTIVES": "step-kto"}
+           "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12", "OBJECTIVES": "step-kto",
+           "DTYPE": "bfloat16"}
     proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "sft from" not in proc.stdout  # the given model is M0
@@ -91,6 +93,8 @@ def test_run_sh_real_model_path(tmp_path):
     assert [r["name"] for r in rows] == ["M0", "M1"] and all(r["n_problems"] == 40 for r in rows)
     samples = common.read_jsonl(tmp_path / "runs" / "seed0" / "step-kto" / "iter1" / "samples.jsonl")
     assert len(samples) == 4 * TINY["SAMPLES"] and "step by step" in samples[0]["prompt"]
+    trained = json.loads((tmp_path / "runs" / "seed0" / "step-kto" / "M1" / "train_args.json").read_text())
+    assert (trained["dtype"], trained["autocast"]) == ("float32", "bfloat16")
 
 
 def test_ablation_loop_starts_each_setting_from_the_default_runs_files(tmp_path):
