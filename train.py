@@ -489,9 +489,12 @@ def check_args(args: Args) -> None:
         raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
     if args.dtype == "bfloat16" and not args.lora_r:
         # bf16 keeps 8 bits of mantissa: an update under ~1/256 of a weight rounds away. Measured (README
-        # "Practitioner options"): at lr 5e-7, one AdamW step left 99.7% of SmolLM2-135M's bf16 weights unchanged.
+        # "Mixed precision"): at lr 5e-7, one AdamW step left 99.7% of SmolLM2-135M's bf16 weights unchanged.
         raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
                          "1/256 of the weight: use --dtype float32 --autocast bfloat16 (mixed precision)")
+    if args.dtype == "float64" and args.autocast != "none":
+        raise UsageError("--autocast leaves float64 weights' matmuls in float64 (it casts float32 only): "
+                         "use --dtype float32")
     check_ignored_options(args)
 
 
