@@ -1,6 +1,6 @@
 """The embedded default task: multi-step integer arithmetic whose every step can be checked exactly.
 
-Sized so that a tiny char-level model trained from scratch on a few CPU cores can learn it; its
+Sized so that a tiny model trained from scratch (digits one token each) on a few CPU cores can learn it; its
 step labels come from an exact checker where Step-KTO (arXiv 2501.10799, Section 2.1) uses a PRM.
 
 Problems: `Compute (12 + 7) * 3 - 45.`, 2..6 operations over +, -, * and brackets, built top-down

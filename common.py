@@ -1,6 +1,6 @@
 """What every stepkto stage needs: JSONL contracts that fail loudly, crash-safe resumable outputs,
 prompts, step splitting, experiment tracking (tensorboard / wandb), model/tokenizer loading (including
-the tiny char-level seed model of the embedded default), and at the end train.py's training plumbing.
+the tiny seed model of the embedded default and its tokenizer), and at the end train.py's training plumbing.
 
 The JSONL contract between stages
 ---------------------------------
@@ -287,7 +287,7 @@ def split_steps(text: str) -> list[str]:
 
 # The one place where prompts are written. "instruct" is used inside the tokenizer's chat template
 # when it has one (instruct models) and as plain text otherwise; "minimal" is for the embedded
-# default's tiny char-level model, where every prompt character costs training compute;
+# default's tiny model trained from scratch, where every prompt token costs training compute;
 # "qwen25-math-cot" is the prompt of the Qwen2.5-Math evaluation harness (QwenLM/Qwen2.5-Math,
 # evaluation/utils.py), with which published MATH-500 numbers are measured: the instruction is a system
 # message, the user message is the problem alone. It does not ask for blank-line-separated steps, which
@@ -442,8 +442,19 @@ def wandb_run_id(log_dir: str | Path) -> str:
 # ----------------------------------------------------------------------------- models
 
 
-def make_char_tokenizer():
-    """A character-level tokenizer (printable ASCII) built with the `tokenizers` library.
+# The scratch model's multi-character tokens (train.py --scratch_tokenizer phrase): the fixed strings of the minimal
+# prompt and of the built-in task's solutions (arith_task.py), one token each. A row of the embedded default's SFT
+# data is then 45 positions instead of 121 characters, and every stage of the loop runs on 2.6x fewer positions
+# (issue 13; BENCHMARKS.md section 13). Digits stay one per token, so the model still does its arithmetic digit by
+# digit, and no phrase crosses a step separator (STEP_SEPARATOR is its own token), so every token lies in one step.
+SCRATCH_PHRASES = (
+    "The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", STEP_SEPARATOR, " + ", " - ", " * ", " = ", "}.",
+)
+
+
+def make_char_tokenizer(phrases: tuple[str, ...] = ()):
+    """A character-level tokenizer (printable ASCII) built with the `tokenizers` library, where each of
+    ``phrases`` is one token too (the longest match first, then single characters).
 
     Saved with ``save_pretrained`` and loaded back with ``AutoTokenizer`` like any hub tokenizer.
     """
@@ -452,9 +463,11 @@ def make_char_tokenizer():
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    longest_first = sorted(dict.fromkeys(phrases), key=len, reverse=True)
+    vocab = {tok: i for i, tok in enumerate(specials + chars + longest_first)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    pattern = "|".join([re.escape(phrase) for phrase in longest_first] + [r"[\s\S]"])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"

@@ -70,10 +70,17 @@ SFT_BATCH=${SFT_BATCH:-32}
 HIDDEN=${HIDDEN:-128}                     # tiny Llama from scratch: hidden size (head_dim 64), layers, MLP width
 LAYERS=${LAYERS:-2}
 FFN=${FFN:-384}
+SCRATCH_TOKENIZER=${SCRATCH_TOKENIZER:-phrase}  # phrase (the task's fixed strings one token each) | char (BENCHMARKS 13)
 # ---- each iteration
 SAMPLES=${SAMPLES:-4}                     # samples per problem
 TEMPERATURE=${TEMPERATURE:-1.0}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$([ "$TASK" = hard ] && echo 200 || echo 160)}  # hard: 8-step solutions reach ~150
+# tokens per sample: the built-in task's longest solutions (default / hard) are 57 / 94 tokens of the phrase
+# tokenizer and 103 / 155 characters; models of your own (MODEL, BASE_MODEL) keep the character-sized limits
+case $([ -z "$MODEL$BASE_MODEL" ] && echo "$SCRATCH_TOKENIZER" || echo char)/$TASK in
+    phrase/default) TOKEN_LIMIT=96 ;; phrase/hard) TOKEN_LIMIT=128 ;; char/default) TOKEN_LIMIT=160 ;; char/hard) TOKEN_LIMIT=200 ;;
+    *) echo "error: SCRATCH_TOKENIZER=$SCRATCH_TOKENIZER: must be phrase | char" >&2; exit 2 ;;
+esac
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$TOKEN_LIMIT}
 LR=${LR:-1e-5}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-32}                        # per process
@@ -144,7 +151,8 @@ if [ -z "$MODEL" ] || [ -z "$TRAIN_PROBLEMS" ] || [ -z "$BENCHMARK" ]; then
 fi
 if [ -z "$MODEL" ]; then
     echo "== M0: sft from ${BASE_MODEL:-scratch}"
-    SCRATCH=(--model scratch --hidden_size "$HIDDEN" --num_layers "$LAYERS" --intermediate_size "$FFN")
+    SCRATCH=(--model scratch --scratch_tokenizer "$SCRATCH_TOKENIZER" --hidden_size "$HIDDEN" --num_layers "$LAYERS" \
+        --intermediate_size "$FFN")
     [ -n "$BASE_MODEL" ] && SCRATCH=(--model "$BASE_MODEL")
     timed sft_M0 $TRAIN --objective sft "${SCRATCH[@]}" --data "$BASE/data/sft.jsonl" --output_dir "$BASE/M0" \
         --lr "$SFT_LR" --epochs "$SFT_EPOCHS" --per_device_batch_size "$SFT_BATCH" --seed "$SEED" "${COMMON[@]}" \

@@ -170,6 +170,39 @@ def test_char_tokenizer_and_tiny_llama_round_trip(tmp_path):
     assert sum(p.numel() for p in model2.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+def test_phrase_tokenizer_keeps_digits_and_steps_whole(tmp_path):
+    """The embedded default's tokenizer: each fixed string of the built-in task is one token, every digit its own
+    token, no token crosses a step boundary, and the text decodes back exactly, also after save and load."""
+    import random
+
+    import arith_task
+    from transformers import AutoTokenizer
+
+    common.make_char_tokenizer(common.SCRATCH_PHRASES).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    rng, rates = random.Random(0), arith_task.FlawRates()
+    rows, seen = arith_task.make_split("train", 30, seed=0, min_ops=2, max_ops=8), set()
+    for row in rows:
+        completion, _ = arith_task.write_solution(rng, row["problem"], rates)
+        text = common.build_prompt(tok, row["problem"], "minimal") + completion
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert tok.decode(enc.input_ids) == text
+        pieces = [text[a:b] for a, b in enc.offset_mapping]
+        assert "".join(pieces) == text and tok.unk_token_id not in enc.input_ids
+        seen.update(pieces)
+        assert all(len(p) == 1 or p in common.SCRATCH_PHRASES for p in pieces)
+        assert all(not any(ch.isdigit() for ch in p) for p in pieces if len(p) > 1)  # digits stay single
+        inside = [i for a, b in common.step_spans(completion) for i in range(a, b)]
+        cut = len(text) - len(completion)
+        for a, b in enc.offset_mapping:  # a token is inside one step or outside every step
+            covered = {i + cut for i in inside} & set(range(a, b))
+            assert not covered or len(covered) == b - a
+    assert seen >= set(common.SCRATCH_PHRASES)  # the list matches what the built-in task writes
+    ids = tok("Problem: Compute 12 + 7.\nSolution:\n12 + 7 = 19\n\nThe answer is \\boxed{19}.")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["Problem: ", "Compute ", "1", "2", " + ", "7", ".", "\nSolution:\n",
+        "1", "2", " + ", "7", " = ", "1", "9", "\n\n", "The answer is \\boxed{", "1", "9", "}."]
+
+
 def test_chat_prompt_with_and_without_a_template():
     tok = common.make_char_tokenizer()
     assert common.chat_prompt(tok, "Is it right?", "\n\nVerdict:") == "Is it right?\n\nVerdict:"

@@ -57,6 +57,8 @@ def test_run_sh_refuses_the_former_objective_setting(tmp_path):
     assert proc.returncode == 2 and "OBJECTIVES=kto" in proc.stderr
     proc = run_sh(tmp_path, OBJECTIVES="step-kto dpo")
     assert proc.returncode == 2 and "dpo" in proc.stderr
+    proc = run_sh(tmp_path, SCRATCH_TOKENIZER="bpe")
+    assert proc.returncode == 2 and "SCRATCH_TOKENIZER=bpe" in proc.stderr
     assert not (tmp_path / "seed0").exists()
 
 

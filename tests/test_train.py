@@ -261,6 +261,11 @@ def test_sft_from_scratch_learns_and_saves_a_loadable_checkpoint(tmp_path, token
     run_main(**args)  # complete output: nothing to do, nothing touched
     assert "already a complete checkpoint" in capsys.readouterr().out and tree_digest(out) == before
 
+    # the default tokenizer has the task's fixed strings as tokens; --scratch_tokenizer char one per character
+    assert tok.tokenize("12 + 7 = 19") == ["1", "2", " + ", "7", " = ", "1", "9"]
+    char = run_main(**{**args, "scratch_tokenizer": "char", "epochs": 1, "output_dir": str(tmp_path / "M0char")})
+    assert AutoTokenizer.from_pretrained(char).tokenize("2 + 7") == ["2", " ", "+", " ", "7"]
+
 
 def test_kto_and_step_kto_train_one_epoch_and_step_kto_without_steps_is_kto(tmp_path, tiny_model, tokenizer):
     data = write_jsonl(tmp_path / "labels.jsonl", label_rows(tokenizer))
