@@ -7,6 +7,8 @@
 #   OBJECTIVES=step-kto bash run.sh    # one objective only (each objective has its own run folder)
 #   SEED=1 bash run.sh                 # another seed (its own data, M0 and runs)
 #   TASK=hard bash run.sh              # the built-in task with longer chains (4-8 operations), into runs_hard
+#   SCRATCH_TOKENIZER=char bash run.sh # the previous default's seed model, one token per character (README "Seed 0
+#                                      # on other machines"); a run made with it needs it on every later command
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct TRAIN_PROBLEMS=train.jsonl BENCHMARK=math500 PRM=judge \
 #     JUDGE_MODEL=Qwen/Qwen2.5-72B-Instruct JUDGE_TP=8 ENGINE=vllm NPROC=8 DTYPE=bfloat16 LR=5e-7 bash run.sh
 #                                      # the real-model path: same loop, hub models, vLLM, a judge PRM
@@ -70,14 +72,15 @@ SFT_BATCH=${SFT_BATCH:-32}
 HIDDEN=${HIDDEN:-128}                     # tiny Llama from scratch: hidden size (head_dim 64), layers, MLP width
 LAYERS=${LAYERS:-2}
 FFN=${FFN:-384}
-SCRATCH_TOKENIZER=${SCRATCH_TOKENIZER:-phrase}  # phrase (the task's fixed strings one token each) | char (BENCHMARKS 13)
+SCRATCH_TOKENIZER=${SCRATCH_TOKENIZER:-phrase}  # phrase (the task's fixed strings a token each) | char (BENCHMARKS 13)
 # ---- each iteration
 SAMPLES=${SAMPLES:-4}                     # samples per problem
 TEMPERATURE=${TEMPERATURE:-1.0}
 # tokens per sample: the built-in task's longest solutions (default / hard) are 57 / 94 tokens of the phrase
 # tokenizer and 103 / 155 characters; models of your own (MODEL, BASE_MODEL) keep the character-sized limits
 case $([ -z "$MODEL$BASE_MODEL" ] && echo "$SCRATCH_TOKENIZER" || echo char)/$TASK in
-    phrase/default) TOKEN_LIMIT=96 ;; phrase/hard) TOKEN_LIMIT=128 ;; char/default) TOKEN_LIMIT=160 ;; char/hard) TOKEN_LIMIT=200 ;;
+    phrase/default) TOKEN_LIMIT=96 ;; phrase/hard) TOKEN_LIMIT=128 ;;
+    char/default) TOKEN_LIMIT=160 ;; char/hard) TOKEN_LIMIT=200 ;;
     *) echo "error: SCRATCH_TOKENIZER=$SCRATCH_TOKENIZER: must be phrase | char" >&2; exit 2 ;;
 esac
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$TOKEN_LIMIT}

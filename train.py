@@ -4,8 +4,9 @@
 
 is one Step-KTO iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3) on label.py's output,
 with pi_ref = M_t (--model, or --ref_model); ``--objective kto`` is the paper's KTO baseline, ``sft`` trains
-the seed (``--model scratch``: the embedded default's tiny Llama and its digit-level tokenizer). Under torchrun the model is
-FSDP2-sharded (also with one process) and the result equals one process with the same global batch.
+the seed (``--model scratch``: the embedded default's tiny Llama and its tokenizer, --scratch_tokenizer). Under
+torchrun the model is FSDP2-sharded (also with one process) and the result equals one process with the same global
+batch.
 
 * ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
   --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
