@@ -11,7 +11,8 @@ run.sh's train.py arguments for the embedded default; options run.sh does not pa
 --step_span step, --step_aggregation mean, --step_z0 outcome, --balance_lambdas True). Every setting trains
 M1 from RUN/M0 (reference RUN/M0) on RUN/step-kto/iter1/labels.jsonl (run.sh's iteration-1 samples: M0,
 1,000 train problems x 4, temperature 1) with train.py --seed S for each --seeds S, then runs evaluate.py as
-run.sh does (greedy, --prm check, --max_new_tokens 160, --prompt_style minimal). The stages are subprocesses,
+run.sh does (greedy, --prm check, --prompt_style minimal, and run.sh's --max_new_tokens for that M0: 96 with the
+phrase tokenizer, 160 with one token per character, as RUN/M0/train_args.json says). The stages are subprocesses,
 as in run.sh, with OMP_NUM_THREADS (default 2) threads. Layout, resumable (a setting's seed whose result.json
 is written is skipped, a complete model is not trained again, train.py / evaluate.py resume partial work):
 
@@ -27,6 +28,7 @@ seeds; M0's own evaluation (RUN/eval/M0) on top. Training seed 1 is run.sh's see
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -49,9 +51,10 @@ TRAIN_OPTIONS = {
 # run.sh's evaluate.py options in the embedded default (LABEL, EVAL_JUDGE, GEN, COMMON)
 EVAL_OPTIONS = {
     "--report_to": "none", "--prm": "check", "--judge_dtype": "float32", "--judge_tensor_parallel_size": "1",
-    "--engine": "auto", "--max_new_tokens": "160", "--tensor_parallel_size": "1", "--prompt_style": "minimal",
-    "--dtype": "float32",
+    "--engine": "auto", "--tensor_parallel_size": "1", "--prompt_style": "minimal", "--dtype": "float32",
 }
+# run.sh's MAX_NEW_TOKENS for the embedded default, by the seed model's tokenizer (train.py --scratch_tokenizer)
+TOKEN_LIMITS = {"phrase": "96", "char": "160"}
 SETTINGS = {  # name: the train.py options it changes from TRAIN_OPTIONS
     "default": {},
     "step_span=prefix": {"--step_span": "prefix"},  # step reward over the prefix through the step, not the step
@@ -110,8 +113,16 @@ def commands(args: argparse.Namespace, name: str, seed: int, threads: int) -> li
              *flat({**TRAIN_OPTIONS, **SETTINGS[name]})]
     evaluate = [sys.executable, script("evaluate.py"), "--model", str(work / "M1"), "--output_dir",
                 str(work / "eval"), "--benchmark", str(run / "data" / "test.jsonl"), "--num_threads", str(threads),
-                *flat(EVAL_OPTIONS)]
+                *flat({**EVAL_OPTIONS, "--max_new_tokens": token_limit(run)})]
     return [(work / "M1", train), (work / "eval" / "result.json", evaluate)]
+
+
+def token_limit(run: Path) -> str:
+    """run.sh's --max_new_tokens for the run's M0. An M0 trained before train.py had --scratch_tokenizer has one
+    token per character; a run without M0 yet (a dry run) gets run.sh's default tokenizer's limit."""
+    config = run / "M0" / "train_args.json"
+    tokenizer = json.loads(config.read_text()).get("scratch_tokenizer", "char") if config.is_file() else "phrase"
+    return TOKEN_LIMITS[tokenizer]
 
 
 def is_done(output: Path) -> bool:

@@ -83,7 +83,7 @@ def test_ablation_dry_run_commands_carry_each_settings_options(tmp_path, capsys)
     evals = [c for c in commands if c[1] == "evaluate.py"]
     for cmd in evals:
         (args,) = HfArgumentParser(evaluate.Args).parse_args_into_dataclasses(args=cmd[2:])
-        assert (args.max_new_tokens, args.prm, args.prompt_style, args.sample_k) == (160, "check", "minimal", 0)
+        assert (args.max_new_tokens, args.prm, args.prompt_style, args.sample_k) == (96, "check", "minimal", 0)
         assert args.benchmark == str(tmp_path / "run" / "data" / "test.jsonl")
 
 
@@ -141,6 +141,14 @@ def test_ablation_trains_and_evaluates_as_run_sh(tmp_path, capsys):
     ours = {c[1]: c[1:] for c in dry_run(tmp_path, capsys, "--only", "default", "--seeds", "1")}
     assert options(ours["train.py"]) == options(run_train) and options(ours["evaluate.py"]) == options(run_eval)
     assert run_train[run_train.index("--seed") + 1] == ours["train.py"][ours["train.py"].index("--seed") + 1] == "1"
+    # a run made with SCRATCH_TOKENIZER=char (or before the option: no scratch_tokenizer in its M0's train_args.json)
+    run_eval = next(c for c in run_sh_commands(tmp_path / "char", ITERATIONS="1", SCRATCH_TOKENIZER="char")
+                    if c[0] == "evaluate.py" and "M1" in c[c.index("--model") + 1])
+    (tmp_path / "run" / "M0").mkdir(parents=True)
+    for saved in ({"model": "scratch", "scratch_tokenizer": "char"}, {"model": "scratch"}):
+        (tmp_path / "run" / "M0" / "train_args.json").write_text(json.dumps(saved))
+        ours = {c[1]: c[1:] for c in dry_run(tmp_path, capsys, "--only", "default", "--seeds", "1")}
+        assert options(ours["evaluate.py"]) == options(run_eval) and "160" in run_eval
 
 
 def test_run_sh_task_hard_has_its_own_runs_folder_and_longer_chains(tmp_path):
@@ -151,7 +159,10 @@ def test_run_sh_task_hard_has_its_own_runs_folder_and_longer_chains(tmp_path):
     assert hard[0][-4:] == ["--min_ops", "4", "--max_ops", "8"]
     assert all("runs/" not in " ".join(c) for c in hard) and hard[-1] == ["report.py", "--runs", "runs_hard", "--plot",
                                                                            "runs_hard/results.png"]
-    assert {c[c.index("--max_new_tokens") + 1] for c in hard if "--max_new_tokens" in c} == {"200"}
+    assert {c[c.index("--max_new_tokens") + 1] for c in hard if "--max_new_tokens" in c} == {"128"}
+    hard_char = run_sh_commands(tmp_path / "hard_char", ITERATIONS="1", TASK="hard", SCRATCH_TOKENIZER="char")
+    assert {c[c.index("--max_new_tokens") + 1] for c in hard_char if "--max_new_tokens" in c} == {"200"}
+    assert any(c[0] == "train.py" and c[c.index("--scratch_tokenizer") + 1] == "char" for c in hard_char)
 
 
 def test_run_sh_max_problems_samples_from_the_first_problems_only(tmp_path):
