@@ -4,13 +4,13 @@
     .venv/bin/python bench/bench_sft_step.py --modes eager eager_attention bf16_compile eager eager_attention bf16_compile
     .venv/bin/python bench/bench_sft_step.py --modes eager --profile   # where an eager step's CPU time goes
 
-The model is run.sh's M0 architecture (common.make_tiny_llama: hidden 128, 2 layers, MLP 384), a batch of 32 rows
-x 110 tokens (--length). That is the previous default's row, one token per character (SCRATCH_TOKENIZER=char): seed
-0's SFT rows average 121.5 tokens with run.sh's minimal prompt (the mean of train.pair_length over
-train.load_examples of runs/seed0/data/sft.jsonl, so real rows are about 10% longer), and 49.2 tokens with the phrase
-tokenizer that run.sh now uses (--length 49 times that step; BENCHMARKS.md section 13), the causal-LM loss,
-backward and an AdamW step: what `train.py --objective sft` spent 488 of its 512 s on in the previous default's
-run (BENCHMARKS.md section 12). Each mode builds a fresh model, runs 5 untimed steps, then times
+The model is run.sh's M0 architecture (common.make_tiny_llama: hidden 128, 2 layers, MLP 384); a step is a batch of
+32 rows x 110 tokens (--length), the causal-LM loss, backward and an AdamW step: what `train.py --objective sft`
+spent 488 of its 512 s on in the previous default's run (BENCHMARKS.md section 12). 110 tokens is the previous
+default's row, one token per character (SCRATCH_TOKENIZER=char): seed 0's SFT rows average 121.5 tokens with run.sh's
+minimal prompt (the mean of train.pair_length over train.load_examples of runs/seed0/data/sft.jsonl), so real rows
+are about 10% longer. With the phrase tokenizer run.sh now uses they average 49.2 tokens (--length 49; BENCHMARKS.md
+section 13). Each mode builds a fresh model, runs 5 untimed steps, then times
 --steps steps. Modes: eager (as train.py), compile (torch.compile of the forward), bf16 (bf16 autocast),
 bf16_compile (both), eager_attention (transformers' plain attention instead of SDPA).
 """
