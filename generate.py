@@ -75,7 +75,8 @@ class Settings(Policy):
 class Args(Settings):
     """generate.py's command line: Settings, plus the files and the process."""
 
-    problems: str = option(help="Problems: a JSONL path (problem, answer fields) or math500|amc23|aime24|gsm8k.")
+    problems: str = option(help="Problems: a JSONL path (problem, answer fields) or "
+                           "math500|amc23|aime24|gsm8k|gsm8k_train|math_train|numina_cot.")
     output: str = option(help="Output JSONL path (written as OUTPUT.partial until complete).")
     max_problems: int = option(0, help="Use only the first N problems (0 = all).")
     num_threads: int = option(0, help="torch CPU threads (0 = torch's default).")

@@ -266,11 +266,25 @@ def majority_answer(answers: list[str | None], timeout_s: float = 5.0, num_worke
 # ----------------------------------------------------------------------------- benchmark loading
 
 
+# Where a row's gold answer comes from (Benchmark.gold):
+ANSWER_FIELD = "answer"  # its 'answer' field; a row without one may give it as its solution's last \boxed{}
+SOLUTION_BOX = "solution_box"  # only its solution's last \boxed{}: sets published without an answer field
+
+
 class Benchmark(NamedTuple):
+    """A named problem set: where its rows are (a local file, else the hub) and where its gold answer is.
+
+    math500 (HuggingFaceH4/MATH-500), amc23 (math-ai/amc23), aime24 (HuggingFaceH4/aime_2024), gsm8k and
+    gsm8k_train (openai/gsm8k); the training sets math_train (MATH's 7,500 training problems,
+    DigitalLearningGmbH/MATH-lighteval) and numina_cot (AI-MO/NuminaMath-CoT), whose gold answer is the
+    last \\boxed{} of the reference solution: their rows without one cannot be graded and are dropped.
+    """
+
     local_file: str | None  # file name in the data dir (read offline), None: hub only
     hub_id: str  # used when the local file is absent
     hub_config: str | None
     split: str
+    gold: str = ANSWER_FIELD  # ANSWER_FIELD | SOLUTION_BOX
 
 
 BENCHMARKS = {
@@ -281,6 +295,12 @@ BENCHMARKS = {
     # "#### N"; normalise_problem turns it into gold N and a step-format reference solution
     "gsm8k": Benchmark("gsm8k_test.jsonl", "openai/gsm8k", "main", "test"),
     "gsm8k_train": Benchmark("gsm8k_train.jsonl", "openai/gsm8k", "main", "train"),
+    # training sets with a reference solution (what the judge sees) and no answer field; the local files
+    # are the hub rows as JSONL (MATH: problem, level, solution, type; Numina: source, problem, solution, messages)
+    "math_train": Benchmark(
+        "math_train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "default", "train", SOLUTION_BOX
+    ),
+    "numina_cot": Benchmark("numina_cot.jsonl", "AI-MO/NuminaMath-CoT", None, "train", SOLUTION_BOX),
 }
 
 
@@ -303,19 +323,24 @@ def normalise_answer(value, where: str) -> str:
     return text
 
 
-def normalise_problem(raw, where: str, default_id: str) -> dict:
-    """One benchmark row -> {"id", "problem", "answer"(, "solution")}; ``where`` names file and line."""
+def normalise_problem(raw, where: str, default_id: str, gold: str = ANSWER_FIELD) -> dict | None:
+    """One benchmark row -> {"id", "problem", "answer"(, "solution")}; ``where`` names file and line.
+
+    ``gold`` says where the answer is (Benchmark.gold). None for a SOLUTION_BOX row whose solution
+    has no \\boxed{} answer: it cannot be graded.
+    """
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     key = "problem" if "problem" in raw else "question"
     if not isinstance(raw.get(key), str) or not raw[key].strip():
         got = repr(raw.get(key))[:40]
         raise ValueError(f"{where}: field 'problem' (or 'question') must be a non-empty string, got {got}")
-    if "answer" not in raw:
-        raise ValueError(f"{where}: missing field 'answer'")
-    answer, solution = raw["answer"], raw.get("solution")
+    solution = raw.get("solution")
     if solution is not None and not isinstance(solution, str):
         raise ValueError(f"{where}: field 'solution' must be a string, got {type(solution).__name__}")
+    answer = _raw_gold_answer(raw, solution, gold, where)
+    if answer is None:
+        return None
     row = {"id": str(raw.get("id", raw.get("unique_id", default_id))), "problem": raw[key]}
     if solution is None and isinstance(answer, str) and "####" in answer:
         worked, answer = answer.rsplit("####", 1)  # GSM8K: "<one step per line>\n#### 1,234"
@@ -326,6 +351,21 @@ def normalise_problem(raw, where: str, default_id: str) -> dict:
     if solution is not None:
         row["solution"] = solution.strip()
     return row
+
+
+def _raw_gold_answer(raw: dict, solution: str | None, gold: str, where: str):
+    """A row's gold answer before normalise_answer: the 'answer' field, else the last \\boxed{} of the
+    solution; for SOLUTION_BOX only that box, None when there is none (or it is empty)."""
+    if gold not in (ANSWER_FIELD, SOLUTION_BOX):
+        raise ValueError(f"gold must be {ANSWER_FIELD!r} or {SOLUTION_BOX!r}, got {gold!r}")
+    if gold == ANSWER_FIELD and "answer" in raw:
+        return raw["answer"]
+    boxed = extract_boxed(solution) if solution is not None else None
+    if boxed is None or not boxed.strip():
+        boxed = None  # an empty box gives no answer to grade against
+    if boxed is None and gold == ANSWER_FIELD:
+        raise ValueError(f"{where}: missing field 'answer' (and no \\boxed{{}} answer in field 'solution')")
+    return boxed
 
 
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
@@ -344,15 +384,29 @@ def gsm8k_reference_solution(worked: str, answer: str) -> str:
     return "\n\n".join([line for line in lines if line] + [f"The answer is \\boxed{{{answer}}}."])
 
 
-def _normalise_rows(located_rows, source: str) -> list[dict]:
-    """``located_rows`` yields (where, default_id, raw row); ids must be unique."""
-    rows, seen = [], set()
+def _normalise_rows(located_rows, source: str, gold: str = ANSWER_FIELD, name: str | None = None) -> list[dict]:
+    """``located_rows`` yields (where, default_id, raw row); ids must be unique.
+
+    Rows that cannot be graded (SOLUTION_BOX rows without a \\boxed{} answer) are dropped, and one
+    printed line says how many; ValueError when no row is left.
+    """
+    rows, seen, dropped = [], set(), 0
     for where, default_id, raw in located_rows:
-        row = normalise_problem(raw, where, default_id)
+        row = normalise_problem(raw, where, default_id, gold)
+        if row is None:
+            dropped += 1
+            continue
         if row["id"] in seen:
             raise ValueError(f"{where}: field 'id': duplicate id {row['id']!r}")
         seen.add(row["id"])
         rows.append(row)
+    label, total = name or source, len(rows) + dropped
+    if dropped and not rows:
+        raise ValueError(f"{label}: none of the {total:,} rows of {source} has a final \\boxed{{}} answer in its "
+                         "solution, so none can be graded")
+    if dropped:
+        line = f"{label}: dropped {dropped:,} of {total:,} rows without a final \\boxed{{}} answer in their solution"
+        print(line, file=sys.stderr, flush=True)
     if not rows:
         raise ValueError(f"{source}: no rows (empty file?)")
     return rows
@@ -401,10 +455,12 @@ def _hub_rows(benchmark: Benchmark, split: str, dataset):
 def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
     """Rows {"id", "problem", "answer", "solution" (when present)} of a benchmark or problem file.
 
-    ``name_or_path``: math500 | amc23 | aime24 | gsm8k | gsm8k_train, read from ``data_dir``
-    (default ``default_data_dir()``) when the file is there, else from the hub (``split`` overrides
-    the hub split); or a JSONL path with fields problem (or question), answer and optionally
-    solution, id. ValueError (one line) when the rows cannot be found or are malformed.
+    ``name_or_path``: a name in BENCHMARKS (math500 | amc23 | aime24 | gsm8k | gsm8k_train, and the
+    training sets math_train | numina_cot, hub ids in Benchmark), read from ``data_dir`` (default
+    ``default_data_dir()``) when the file is there, else from the hub (``split`` overrides the hub split);
+    or a JSONL path with fields problem (or question), answer and optionally solution, id. A row of such
+    a file without an answer field takes its answer from the last \\boxed{} of its solution. ValueError
+    (one line) when the rows cannot be found or are malformed.
     """
     if name_or_path in BENCHMARKS:
         benchmark = BENCHMARKS[name_or_path]
@@ -412,13 +468,14 @@ def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | 
         if local is None or not local.is_file():
             split = split or benchmark.split
             dataset = _load_from_hub(name_or_path, benchmark, split, local)
-            return _normalise_rows(_hub_rows(benchmark, split, dataset), benchmark.hub_id)
+            located = _hub_rows(benchmark, split, dataset)
+            return _normalise_rows(located, benchmark.hub_id, benchmark.gold, name_or_path)
         if split not in (None, benchmark.split):
             other = [n for n, b in BENCHMARKS.items() if b.hub_id == benchmark.hub_id and b.split == split]
             hint = f" (use {other[0]})" if other else ""
             where = f"{local}: holds only the '{benchmark.split}' split of {name_or_path}"
             raise ValueError(f"{where}, not '{split}'{hint}")
-        return _normalise_rows(_jsonl_rows(local), str(local))
+        return _normalise_rows(_jsonl_rows(local), str(local), benchmark.gold, name_or_path)
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file, and not a benchmark name ({' | '.join(BENCHMARKS)})")
