@@ -201,6 +201,25 @@ def test_hedged_replies_are_never_read_as_right():
     assert {reply: label.parse_verdict(reply) for reply in HEDGED_REPLIES if label.parse_verdict(reply)} == {}
 
 
+@pytest.mark.parametrize(
+    "reply, first_error",
+    [
+        ("\\boxed{2}", 1),
+        ("3", 2),
+        ("Step 3", 2),
+        ("\\boxed{none}", -1),
+        ("Step 2 looks fine... the error is in step 3. \\boxed{3}", 2),  # reasoning first: the box decides
+        ("\\boxed{2} Wait, step 1 already divides by zero. \\boxed{1}", 0),  # the last box wins
+        ("Step 1: 3 + 4 = 7 is correct. Every step checks out. \\boxed{none}", -1),
+        ("\\boxed{7}", None),  # no such step
+        ("\\boxed{2} Hmm, actually \\boxed{3", None),  # the last box never closes: a truncated reply
+        ("I cannot tell.", None),
+    ],
+)
+def test_parse_first_error(reply, first_error):
+    assert label.parse_first_error(reply, 4) == first_error
+
+
 # ----------------------------------------------------------------------------- judge
 
 
