@@ -11,8 +11,10 @@ step labels come from a process reward model. Step labellers (``--prm``):
   greedy) sees the problem, the reference solution (the row's ``solution``; the prompt says so when
   there is none) and the student's steps. ``--judge_protocol step`` (default): one call per step, with
   the previous steps and the current one, answered "correct" or "incorrect" (prompt: ``JUDGE_TEMPLATE``,
-  parser: ``parse_verdict``). ``--judge_protocol first_error``: one call per solution naming its first
-  wrong step, as ProcessBench asks (``FIRST_ERROR_TEMPLATE``, ``parse_first_error``): the steps before it
+  parser: ``parse_verdict``: an explicit marker such as "Verdict:" or \\boxed{} decides, else a verdict
+  the reply opens with, else its last one; a hedge such as "not entirely correct" is never read as
+  right). ``--judge_protocol first_error``: one call per solution naming its first wrong step, as
+  ProcessBench asks (``FIRST_ERROR_TEMPLATE``, ``parse_first_error``): the steps before it
   are right, it and the steps after it wrong (train with ``--step_scope first_error`` to score only
   through it). A verdict that cannot be parsed is a
   failure: the step is labelled WRONG (``UNPARSEABLE_STEP_LABEL``: a step nobody vouched for must not
@@ -150,7 +152,8 @@ def engine_of(model: str, engine: str, settings: Settings) -> "generate.Engine":
 # ----------------------------------------------------------------------------- judge
 
 # The one place where the judge prompt is written. Inside the judge tokenizer's chat template when it
-# has one; as plain text followed by "Verdict:" otherwise.
+# has one; as plain text followed by "Verdict:" otherwise. A judge may reason before its verdict or
+# explain after it; parse_verdict reads which words decide.
 JUDGE_TEMPLATE = (
     "You are checking one step of a student's solution to a math problem.\n\n"
     "Problem:\n{problem}\n\n"
@@ -176,40 +179,161 @@ def build_judge_prompt(tokenizer, problem: str, reference: str | None, previous:
     return common.chat_prompt(tokenizer, text, "\n\nVerdict:")
 
 
-# a verdict word; "not correct" / "isn't correct" first, so that their "correct" is not read alone.
-# \b keeps the "correct" inside "incorrect" from matching.
-_VERDICT_WORD = re.compile(r"(?:\bnot|n't)\s+correct\b|\bincorrect\b|\bwrong\b|\bcorrect\b", re.IGNORECASE)
-# explicit answer markers: \boxed{...} (also \boxed{\text{...}}) and "verdict: ..." / "judgement is ..."
-_MARKED = re.compile(
-    r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}|\b(?:verdict|judge?ment)\b\W*(?:is\W+)?(.{0,40})", re.IGNORECASE
+# A verdict's contrast and condition words. A positive verdict followed by one is qualified (a hedge):
+# "correct, but the sign is off", "correct except for the sign", "correct if x > 0". Verdicts after one
+# are a concession or a part of the qualification, and only their negatives count ("incorrect, but the
+# final answer is correct" is a negative).
+_CONTRAST = re.compile(
+    r"\b(?:but|however|though|although|except|yet|whereas|while|wait|if|unless|assuming|provided"
+    r"|apart\s+from|aside\s+from|other\s+than|save\s+for)\b",
+    re.IGNORECASE,
 )
-_LEADING_NOISE = re.compile(r"^[\s*#_`\"'(\[:>-]*")
+# Sentence breaks: after . ! ? or at a line break; not before a contrast word, so that "Correct. However,
+# the sign is off." stays one phrase and is read as the hedge it is.
+_SENTENCE_BREAK = re.compile(
+    r"(?:(?<=[.!?])[ \t]+|[ \t]*\n\s*)(?=\S)(?!(?:but|however|though|although|except|yet|wait)\b)",
+    re.IGNORECASE,
+)
+# A verb before "right" / "true" / "false": those words are verdicts only in this position ("is right",
+# "that's true"), never in "right triangle" or "the right side".
+_COPULA = r"(?:\bis|\bwas|\bare|\bbe|\bbeen|'s|\bseems?|\blooks?|\bsounds?|\bappears?)\s+(?:to\s+be\s+)?"
+# Adverbs that hedge a positive word into something short of right: "partially correct", "mostly right".
+_HEDGE = (r"(?:partially|partly|mostly|almost|largely|somewhat|half|nearly|essentially|basically|mainly"
+          r"|roughly|approximately|technically|arguably|probably|possibly|likely|seemingly|apparently"
+          r"|hardly|barely|scarcely|kind\s+of|sort\s+of|more\s+or\s+less)")
+# The verdict phrases of a reply, tried left to right, each alternative in this order at a position.
+# void: words that look like verdicts and are not ("not wrong" is no vouching; "the correct value is 12"
+# and "correct answer: 21" name a value; "to correct it" is a verb). neg: negated or hedged positives
+# ("not entirely correct", "isn't right", "neither correct nor ...", "partially correct", "correct up
+# to a sign", "correct in its setup"), negative words, "is false", "contains an error". pos: correct,
+# valid, "is right" / "is true", "no errors", "error-free", "nothing is wrong". \b keeps the "correct"
+# in "incorrect", "correctly", "correction", "correctness" from being read.
+_TOKEN = re.compile(
+    r"(?P<void>(?:\bnot|n't)\s+(?:\w+\s+)?(?:wrong|incorrect|invalid)\b|\bthe\s+correct\s+\w+"
+    r"|\bcorrect\s+(?:value|answer|result|product|sum|total|number|expression|equation|formula)s?\b"
+    r"|\b(?:to|must|should|can|could|would|please|we|i)\s+correct\b)"
+    r"|(?P<neg>(?:\bnot|n't|\bnever|\bneither|\bnor)\s+(?:[\w']+\s+){0,4}?(?:correct|valid)\b"
+    r"|(?:\bnot|n't)\s+(?:\w+\s+)?(?:right|true)\b"
+    rf"|\b{_HEDGE}(?:\s+\w+)?[\s-]+(?:correct|valid|right|true)\b"
+    r"|\b(?:correct|valid)\s+(?:in\b|up\s+to|only|as\s+far\s+as|for\s+the\s+most\s+part|to\s+some\s+extent)"
+    r"|\b(?:incorrect|wrong|invalid|erroneous|flawed|mistaken)\b"
+    rf"|{_COPULA}false\b"
+    r"|\b(?:contains?|has|had|have|makes?|made|is|was|there's|there\s+(?:is|are|was))\s+(?!no\b|not\b|any\b)"
+    r"(?:[\w-]+\s+){0,2}?(?:errors?|mistakes?|flaws?)\b(?!-free))"
+    r"|(?P<pos>\bnothing\s+(?:is\s+)?wrong\b|\bno\s+(?:[\w-]+\s+)?(?:errors?|mistakes?)\b"
+    r"|\b(?:error|mistake)-free\b"
+    rf"|{_COPULA}(?:right|true)\b|\b(?:correct|valid)\b)",
+    re.IGNORECASE,
+)
+# A one-word answer at the start of an opening or marked phrase: alone ("Yes.", "**No**", "True") or
+# before a statement about the step ("No, the step is wrong"); not "No error ..." or "Right triangle",
+# nor the filler "Right, let me check".
+_ANSWER_WORD = re.compile(
+    r"(?:(?P<pos>yes|right|true)|(?P<neg>no|false))\b"
+    r"(?=[ \t*_}]*(?:[.!:;)\n]|$)|[ \t*_]*,\s*(?:the|this|it|that)\b)",
+    re.IGNORECASE,
+)
+# Explicit answer markers: \boxed{...} (also \boxed{\text{...}}), whose content is the phrase; "Verdict:",
+# "Final verdict:", "The verdict is", "Judgement:" / "Judgment:", "Final answer:" and a line's opening
+# "Answer:" ("check the answer: 3 + 4 = 7 ..." is reasoning), markdown-bold or not ("**Verdict:**
+# Incorrect"), whose phrase is the sentence after them.
+_MARKER = re.compile(
+    r"\\boxed\s*\{(?P<boxed>(?:[^{}]|\{[^{}]*\})*)\}"
+    r"|(?<![a-z])(?:verdict|judge?ment)\b[\s*_:#=-]*(?:is\b)?"
+    r"|(?:\bfinal\s+|(?:^|\n)[\s*#_>-]*)answer[\s*_]*:[\s*_]*",
+    re.IGNORECASE,
+)
+# Markdown, punctuation and LaTeX wrappers before a reply's or a phrase's first word.
+_LEADING_NOISE = re.compile(r"^(?:\\(?:boxed|text|textbf|mathrm)\b|[\W_])*")
+# The subject before an opening verdict: "The step is", "This step is", "It's", "That is", "I think it is".
+_SUBJECT = re.compile(
+    r"(?:i\s+(?:think|believe)\s+)?"
+    r"(?:(?:(?:the|this)(?:\s+[\w'-]+){0,2}?\s+)?step(?:\s+\d+|\s+to\s+check)?\s+(?:is|was)"
+    r"|it\s+is|it's|that\s+is|that's|this\s+is)\s+",
+    re.IGNORECASE,
+)
 
 
-def _word_value(word: str) -> bool:
-    return word.lower() == "correct"
+def _phrase_verdicts(phrase: str, answer_first: bool = False) -> list[bool]:
+    """The verdicts of one phrase, in order (rules 4 and 5 of parse_verdict); a one-word answer at its
+    start counts when ``answer_first``."""
+    phrase = _LEADING_NOISE.sub("", phrase)
+    answer = _ANSWER_WORD.match(phrase) if answer_first else None
+    head, *qualified = _CONTRAST.split(phrase[answer.end():] if answer else phrase, maxsplit=1)
+    values = [answer.group("pos") is not None] if answer else []
+    values += [t.group("pos") is not None for t in _TOKEN.finditer(head) if not t.group("void")]
+    if qualified:  # a qualified positive is a hedge; after the contrast word only negatives count
+        values = [False] * len(values) + [False for t in _TOKEN.finditer(qualified[0]) if t.group("neg")]
+    return values
 
 
-def _unanimous(words: list[str]) -> bool | None:
-    values = {_word_value(w) for w in words}
-    return values.pop() if len(values) == 1 else None
+def _decide(values: list[bool]) -> bool | None:
+    """True when all verdicts are positive, False when all are negative, None for a contradiction."""
+    return values[0] if len(set(values)) == 1 else None
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_BREAK.split(text) if s.strip()]
+
+
+def _marked_phrases(text: str) -> list[str]:
+    """The phrases of the reply's explicit markers, in order: a box's content, a marker's next sentence."""
+    phrases = []
+    for marker in _MARKER.finditer(text):
+        rest = marker.group("boxed") if marker.group("boxed") is not None else text[marker.end():]
+        phrases.append((_sentences(rest) or [""])[0])
+    return phrases
+
+
+def _opening_phrase(text: str) -> str | None:
+    """The reply's first sentence from its verdict on, when it opens with one (after noise and subject);
+    a question ("Correct? ...") opens with none."""
+    first = (_sentences(_LEADING_NOISE.sub("", text)) or [""])[0]
+    if first.rstrip().endswith("?"):
+        return None
+    subject = _SUBJECT.match(first)
+    rest = first[subject.end():] if subject else first
+    token = _TOKEN.match(rest)
+    return rest if _ANSWER_WORD.match(rest) or (token and not token.group("void")) else None
 
 
 def parse_verdict(text: str) -> bool | None:
-    """True for "correct", False for "incorrect" / "wrong" / "not correct", None when undecidable.
+    """The judge's verdict on a step: True (right), False (wrong) or None (no verdict, or a contradiction).
 
-    In order: explicit markers (\\boxed{...}, "Verdict: ...") when they agree; else the first word
-    ("Incorrect. The correct value is 12."); else every verdict word in the text when they agree.
-    Conflicting or absent verdicts give None: a guess would be a silent label.
+    Rules, in order:
+
+    1. Explicit markers decide first, and the last one that holds a verdict wins: \\boxed{...} (also
+       \\boxed{\\text{...}}), "Verdict: ...", "Final verdict: ...", "Judgement: ...", "Final answer: ...",
+       "Answer: ..." at a line's start, markdown-bold or not ("**Verdict:** Incorrect").
+    2. Else a reply that opens with a verdict ("Incorrect. The correct value is 12.", "The step is not
+       quite correct."; after markdown / punctuation noise and a subject such as "The step is") is read
+       by its first sentence.
+    3. Else the last sentence (not a question) that holds a verdict decides: a judge that reasons first
+       ends on its verdict.
+    4. A phrase's verdicts. Positive: correct, valid, "is right" / "is true", "no errors", "nothing is
+       wrong", and yes / right / true as the first word of an opening or marked phrase. Negative:
+       incorrect, wrong, invalid, erroneous, flawed, mistaken, "not / isn't / never ... correct", "not
+       right", "is false", "contains an error / a mistake", no / false as that first word, and hedges
+       ("not entirely / quite ... correct", "partially / mostly / almost ... correct", "correct up to").
+       "right" / "true" / "false" count only after a verb ("is right", not "right triangle"); "the
+       correct value", "correctly", "correction", "not wrong" are no verdict.
+    5. A positive followed by a qualification (but, however, except, though, if, ...; also in the next
+       sentence: "Correct. However, ...") is a hedge, a negative; after the qualification word only
+       negatives count ("Incorrect, but the final answer is correct" is negative).
+    6. All verdicts positive -> True; negatives and no positive -> False; both -> None (a contradiction);
+       none -> None. A hedge is never True: a step nobody vouched for must not be reinforced.
     """
-    marked = [m.group(1) if m.group(1) is not None else m.group(2) for m in _MARKED.finditer(text)]
-    marked_words = [found.group(0) for found in map(_VERDICT_WORD.search, marked) if found]
-    if marked_words:
-        return _unanimous(marked_words)
-    first = _VERDICT_WORD.match(_LEADING_NOISE.sub("", text))
-    if first:
-        return _word_value(first.group(0))
-    return _unanimous([w.group(0) for w in _VERDICT_WORD.finditer(text)])
+    text = text.replace("\u2019", "'")  # a typographic apostrophe: "isn\u2019t correct"
+    for phrase in reversed(_marked_phrases(text)):
+        if values := _phrase_verdicts(phrase, answer_first=True):
+            return _decide(values)
+    opening = _opening_phrase(text)
+    if opening is not None:
+        return _decide(_phrase_verdicts(opening, answer_first=True))
+    for sentence in reversed(_sentences(text)):
+        if not sentence.rstrip().endswith("?") and (values := _phrase_verdicts(sentence)):
+            return _decide(values)
+    return None
 
 
 def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], tokenizer, judge_fn) -> list[list[bool | None]]:

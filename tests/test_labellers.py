@@ -67,39 +67,157 @@ COMPLETIONS = [
 @pytest.mark.parametrize(
     "reply, verdict",
     [
+        # bare verdict words, any case, punctuation and markdown
         ("correct", True),
         (" Correct.", True),
         ("CORRECT!", True),
         ("**Correct**", True),
-        ("Verdict: correct", True),
-        ("verdict - Correct", True),
-        ("\\boxed{correct}", True),
-        ("\\boxed{\\text{Correct}}", True),
-        ("The step is correct.", True),
-        ("The verdict is that the step is correct", True),
         ("incorrect", False),
         (" Incorrect.", False),
         ("INCORRECT", False),
-        ("**Verdict:** Incorrect", False),
-        ("\\boxed{incorrect}", False),
-        ("\\boxed{\\text{incorrect}}", False),
+        ("- **Incorrect**: 7 * 3 = 21", False),
         ("wrong", False),
+        ("Wrong!", False),
+        ("Invalid.", False),
+        ("The step is valid.", True),
+        ("The step is correct.", True),
         ("The step is not correct.", False),
         ("It isn't correct.", False),
-        ("Incorrect. The correct value is 12.", False),  # the first word decides
+        ("It isn\u2019t correct.", False),  # typographic apostrophe
+        ("It wasn't correct.", False),
+        ("The step is not valid.", False),
+        ("The step is erroneous.", False),
+        ("The reasoning in this step is flawed.", False),
+        ("The step contains an error: 7 * 3 is 21, not 24.", False),
+        ("The student made a sign mistake.", False),
+        ("The step has no errors.", True),
+        ("There is nothing wrong with this step.", True),
+        ("I don't think the step is correct.", False),
+        # hedges and qualifications: never True
+        ("The step is not entirely correct.", False),
+        ("Partially correct: the sign is off.", False),
+        ("This step is not quite correct.", False),
+        ("Mostly correct.", False),
+        ("The step is almost right.", False),
+        ("Correct, but the sign is off.", False),
+        ("Correct. However, 7 * 3 is 21, not 24.", False),  # the qualification in the next sentence
+        ("The step is correct except for the final multiplication.", False),
+        ("Correct up to a sign.", False),
+        ("That's not right.", False),
+        ("It isn't right.", False),
+        ("Not wrong.", None),  # a double negative vouches for nothing
+        # explicit markers decide, the last one wins
+        ("Verdict: correct", True),
+        ("verdict - Correct", True),
+        ("The verdict is that the step is correct", True),
+        ("\\boxed{correct}", True),
+        ("\\boxed{\\text{Correct}}", True),
+        ("**Verdict:** Incorrect", False),
+        ("**Final verdict:** Correct", True),
+        ("\\boxed{incorrect}", False),
+        ("\\boxed{\\text{incorrect}}", False),
+        ("Final answer: Incorrect", False),
+        ("Answer: yes", True),
+        ("Judgment: wrong", False),
+        ("Verdict:\nIncorrect", False),
+        ("Verdict: correct, but the sign is off.", False),
         ("Verdict: incorrect. The final answer is correct though.", False),  # the marker decides
+        ("\\boxed{correct} \\boxed{incorrect}", False),  # the last marker wins
+        ("\\boxed{incorrect} Wait, let me recheck: 7 * 3 = 21. \\boxed{correct}", True),
+        ("The step says 3 + 4 = 7, which is correct. Verdict: incorrect", False),
+        ("Verdict: unsure", None),
+        # reasoning first: the last sentence with a verdict decides
+        ("Let me check: 3 + 4 = 7, which is correct. But 7 * 3 is 21, not 24. So the step is incorrect.", False),
+        ("3 + 4 = 7 is correct. 7 * 3 = 24 is wrong. So the step is incorrect.", False),
+        ("First, 3 + 4 = 8 would be wrong, but the student wrote 7. So the step is correct.", True),
+        ("Let me verify. 7 * 3 = 21 and the step says 21. The step is correct.", True),
+        ("Is the step correct? Let me compute: 7 * 3 = 21.", None),  # a question is no verdict
+        # an opening verdict decides; "correct" as an adjective in its explanation is no verdict
+        ("Incorrect. The correct value is 12.", False),
+        ("Incorrect: the student should have written 21; the correct product is 21.", False),
         ("Correct. Nothing is wrong with it.", True),
+        ("Correct. The student correctly adds 3 and 4.", True),
+        ("The step is incorrect. 3 + 4 = 7 is correct, but 7 * 3 is not 24.", False),
+        ("Incorrect, but the final answer is correct.", False),  # a concession
+        # yes / no and true / false answers
+        ("Yes", True),
+        ("Yes, the step is correct.", True),
+        ("No.", False),
+        ("No, the step is wrong.", False),
+        ("True", True),
+        ("False.", False),
+        ("The claim 7 * 3 = 24 is false.", False),
+        ("\\boxed{\\text{No}}", False),
+        # "right" only in a verdict position
+        ("Right.", True),
+        ("right", True),
+        ("That's right.", True),
+        ("The triangle is a right triangle, so the hypotenuse is 5.", None),
+        ("Using the right triangle, 3^2 + 4^2 = 25, so the step is correct.", True),
+        ("The right side is 21, not 24. The step is wrong.", False),
+        # no verdict, garbage, contradictions
         ("", None),
         ("asdkj 7 7 7", None),
+        ("??? ...", None),
+        ("Step 2: 3 + 4 = 7", None),
         ("correctness", None),  # not the word
         ("incorrectly", None),
         ("It could be correct or incorrect.", None),  # conflicting, no marker, no leading verdict
-        ("\\boxed{correct} \\boxed{incorrect}", None),  # conflicting markers
-        ("Verdict: unsure", None),
+        ("The step is correct and incorrect.", None),
     ],
 )
 def test_parse_verdict(reply, verdict):
     assert label.parse_verdict(reply) is verdict
+
+
+HEDGED_REPLIES = [
+    "The step is not entirely correct.",
+    "Partially correct: the sign is off.",
+    "This step is not quite correct.",
+    "Not fully correct.",
+    "The step is not completely right.",
+    "It is not exactly correct.",
+    "Not necessarily correct.",
+    "Partly correct.",
+    "Mostly right, but 7 * 3 is 21.",
+    "Almost correct: the last digit is off.",
+    "Largely correct.",
+    "The step is somewhat valid.",
+    "Half correct.",
+    "The step is correct, however the sign is wrong.",
+    "Correct except for the sign.",
+    "Correct if x > 0.",
+    "The step is not strictly correct.",
+    "Verdict: partially correct",
+    "\\boxed{\\text{mostly correct}}",
+    "It's not right.",
+    "It isn't right.",
+    "Correct.\nBut the product should be 21.",
+]
+
+
+def test_hedged_replies_are_never_read_as_right():
+    """A hedge gives False or None, never True: a step the judge did not fully vouch for is not reinforced."""
+    assert {reply: label.parse_verdict(reply) for reply in HEDGED_REPLIES if label.parse_verdict(reply)} == {}
+
+
+@pytest.mark.parametrize(
+    "reply, first_error",
+    [
+        ("\\boxed{2}", 1),
+        ("3", 2),
+        ("Step 3", 2),
+        ("\\boxed{none}", -1),
+        ("Step 2 looks fine... the error is in step 3. \\boxed{3}", 2),  # reasoning first: the box decides
+        ("\\boxed{2} Wait, step 1 already divides by zero. \\boxed{1}", 0),  # the last box wins
+        ("Step 1: 3 + 4 = 7 is correct. Every step checks out. \\boxed{none}", -1),
+        ("\\boxed{7}", None),  # no such step
+        ("\\boxed{2} Hmm, actually \\boxed{3", None),  # the last box never closes: a truncated reply
+        ("I cannot tell.", None),
+    ],
+)
+def test_parse_first_error(reply, first_error):
+    assert label.parse_first_error(reply, 4) == first_error
 
 
 # ----------------------------------------------------------------------------- judge
