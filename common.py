@@ -25,9 +25,9 @@ import re
 import string
 import sys
 import zlib
-from dataclasses import MISSING, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -259,6 +259,144 @@ def run_cli(args_class, main) -> None:
         sys.exit(f"error: {e}")
 
 
+# ----------------------------------------------------------------------------- shards: data-parallel stages
+# A stage's chunks are split over processes (a node of 8 GPUs samples with 8 / TP engines at once): chunk i is
+# shard i % N's. Shard K writes OUT.shard-K-of-N (OUT.shard-K-of-N.partial until its chunks are done, resumable as
+# any output), and the last shard to finish merges the parts into OUT in chunk order. Chunks are seeded from their
+# index, so OUT is byte for byte what one process writes. Every shard first checks OUT.settings.json (written by
+# the first one to start): parts made with other settings are refused, never merged.
+
+
+class Shard(NamedTuple):
+    index: int = 0
+    count: int = 1
+
+    def chunk_indices(self, num_chunks: int) -> list[int]:
+        return list(range(self.index, num_chunks, self.count))
+
+
+@dataclass(frozen=True)
+class ShardArgs:
+    """The data-parallel options of generate.py, label.py and evaluate.py."""
+
+    num_shards: int = option(1, help="Processes that split this stage's chunks (chunk i goes to shard i %% N); "
+                             "the last shard to finish merges their parts into the output, byte for byte what one "
+                             "process writes. run.sh starts them: one per TP GPUs of each node.")
+    shard_index: int = option(0, help="This process's shard: 0 .. --num_shards - 1.")
+
+    def shard(self) -> "Shard":
+        return shard_of(self.shard_index, self.num_shards)
+
+
+def shard_of(index: int, count: int) -> Shard:
+    """The Shard of --shard_index / --num_shards, checked."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"need --num_shards >= 1 and 0 <= --shard_index < --num_shards, got {index} of {count}")
+    return Shard(index, count)
+
+
+def part_path(out: Path, shard: Shard) -> Path:
+    """Where a shard writes its chunks: OUT itself for one process, else OUT.shard-K-of-N."""
+    return out if shard.count == 1 else out.with_name(f"{out.name}.shard-{shard.index}-of-{shard.count}")
+
+
+def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, schema: dict, shard: Shard,
+                 settings: dict, desc: str) -> bool:
+    """Write this shard's chunks of ``out``: ``rows_of_chunk(i)`` gives chunk i's rows, whose ids must be
+    ``chunk_ids[i]``. Resumes after the chunks a killed run finished. True when ``out`` is complete (this shard
+    merged it, or it already was); False while other shards' parts are missing."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    if out.exists():
+        return True
+    check_settings(out, {**settings, "num_shards": shard.count, "chunks": digest(chunk_ids)})
+    part, mine = part_path(out, shard), shard.chunk_indices(len(chunk_ids))
+    if not part.exists():
+        _, done = resume_rows(part, [chunk_ids[i] for i in mine])
+        for i in tqdm(mine[done:], desc=desc, initial=done, total=len(mine)):
+            append_chunk(part, rows_of_chunk(i), schema)
+        finish_output(part)
+    return merge_parts(out, chunk_ids, shard.count)
+
+
+def merge_parts(out: Path, chunk_ids: list[list[str]], count: int) -> bool:
+    """OUT from the complete parts of all ``count`` shards, chunk by chunk (lines copied as written); False while
+    a part is missing. Two shards finishing at once may both merge: each writes the same bytes."""
+    parts = [part_path(out, Shard(k, count)) for k in range(count)]
+    if count > 1 and all(p.exists() for p in parts):
+        try:
+            lines = [p.read_text(encoding="utf-8").splitlines(keepends=True) for p in parts]
+        except FileNotFoundError:  # another shard merged and removed the parts meanwhile
+            return out.exists()
+        tmp = out.with_name(f"{out.name}.merge-{os.getpid()}.tmp")
+        tmp.write_text("".join(_lines_in_chunk_order(lines, chunk_ids, parts)), encoding="utf-8")
+        os.replace(tmp, out)
+        for p in parts:
+            p.unlink(missing_ok=True)
+    if out.exists():
+        _settings_path(out).unlink(missing_ok=True)
+    return out.exists()
+
+
+def _lines_in_chunk_order(lines: list[list[str]], chunk_ids: list[list[str]], parts: list[Path]) -> list[str]:
+    """Chunk i's lines are the next len(chunk_ids[i]) lines of part i % N; their ids are checked."""
+    merged, taken = [], [0] * len(parts)
+    for i, ids in enumerate(chunk_ids):
+        k = i % len(parts)
+        chunk = lines[k][taken[k] : taken[k] + len(ids)]
+        taken[k] += len(ids)
+        if [json.loads(line)["id"] for line in chunk] != ids:
+            raise DataError(f"{parts[k]}: chunk {i} does not hold the rows expected there: delete the parts to redo")
+        merged += chunk
+    return merged
+
+
+def _settings_path(out: Path) -> Path:
+    return out.with_name(out.name + ".settings.json")
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Record ``settings`` in OUT.settings.json, or, when a shard or an earlier run wrote it, refuse other ones:
+    their rows must never be merged or resumed into one file."""
+    path = _settings_path(out)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, path)  # create-if-absent, atomic: two shards starting at once keep the first file
+        except FileExistsError:
+            pass
+        tmp.unlink()
+    written = read_json(path)
+    if written != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in written.keys() | settings.keys() if written.get(k) != settings.get(k))
+        raise DataError(f"{path}: the parts of {out.name} were written with other settings ({', '.join(changed)}): "
+                        f"rerun with those, or delete {out.name}.* to start over")
+
+
+def digest(value) -> str:
+    """A short fingerprint of a JSON value (what a part was made from)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def shard_rows(out: Path, chunk_ids: list[list[str]], shard: Shard) -> dict[int, list[dict]]:
+    """{chunk index: rows} of this shard's chunks of a complete output: from OUT once merged, else from the
+    shard's own complete part."""
+    for _ in range(2):  # the part may be merged into OUT and removed between the check and the read
+        source = out if out.exists() else part_path(out, shard)
+        try:
+            text = source.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        by_id = {row["id"]: row for row in map(json.loads, text.splitlines())}
+        return {i: [by_id[x] for x in chunk_ids[i]] for i in shard.chunk_indices(len(chunk_ids))}
+    raise DataError(f"{out}: neither it nor {part_path(out, shard).name} can be read")
+
+
 # ----------------------------------------------------------------------------- steps and prompts
 
 # Steps are separated by a blank line (the format the prompts ask for, and the paper's Fig. 1 style).
@@ -331,6 +469,25 @@ def chat_prompt(tokenizer, text: str, plain_suffix: str, system: str | None = No
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """The token ids a model is prompted with: ``text`` encoded as it is, with BOS in front when the tokenizer's
+    own encoding starts with one (Llama, Mistral, Gemma base models were trained so) and the text does not
+    already begin with it. A chat template writes BOS into the text itself, so it is never doubled; a base model
+    prompted with plain text gets it; a tokenizer that adds none (Qwen, SmolLM2, the scratch model's) is left as
+    it is. The one rule for every prompt: the policy's (both engines), the judge's, mc rollouts', train.py's."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos) and adds_bos(tokenizer):
+        ids = [bos] + ids
+    return ids
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encoding (add_special_tokens=True) puts BOS first."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 # ----------------------------------------------------------------------------- experiment tracking
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -397,6 +554,16 @@ def open_tracker(report_to: str, log_dir: str | Path, run_name: str, config: dic
     if report_to == "tensorboard":
         return _tensorboard_tracker(log_dir, start_step)
     return _wandb_tracker(log_dir, run_name, config)
+
+
+def check_tracker_backend(report_to: str) -> None:
+    """Import --report_to's backend now, so that a missing one fails before the work it would log."""
+    if report_to not in REPORT_TO:
+        raise ValueError(f"unknown report_to {report_to!r}: {' | '.join(REPORT_TO)}")
+    import importlib
+
+    if report_to != "none":
+        importlib.import_module({"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}[report_to])
 
 
 def _tensorboard_tracker(log_dir: Path, start_step: int) -> Tracker:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -43,22 +43,19 @@ from common import option
 
 
 @dataclass(frozen=True, kw_only=True)
-class Args(generate.Policy):
-    """evaluate.py's command line: the evaluated policy (generate.Policy: model, engine, prompt, ...), the
-    benchmark, the step labeller and the tracker."""
+class Args(common.ShardArgs, generate.Policy, label.Settings):
+    """evaluate.py's command line: the evaluated policy (generate.Policy: model, engine, prompt, ...), the step
+    labeller (label.Settings: --prm, the judge's and mc's options, as label.py takes them), the benchmark and
+    the tracker. With --prm mc the rollouts run on the evaluated model's own engine (--policy_model: another)."""
 
     max_new_tokens: int = option(2048, help="Maximum tokens generated per solution (2048: the Qwen2.5-Math harness's budget).")
+    seed: int = option(0, help="Seed of the sampled solutions (--sample_k) and of mc rollouts; each chunk is seeded "
+                       "from (seed, chunk).")
     benchmark: str = option(help="Test problems: a JSONL path or math500|amc23|aime24|gsm8k.")
     output_dir: str = option(help="Folder for this evaluation's samples, labels and result.json.")
     max_problems: int = option(0, help="Use only the first N problems (0 = all).")
     sample_k: int = option(0, help="Also draw K samples per problem for mean Pass@1, pass@k (k = 1, 2, 4, ..., K) and Maj@K (0 = off).")
     sample_temperature: float = option(1.0, help="Temperature of the K samples.")
-    prm: str = option("check", help="Step labeller for the stepwise error rate (label.py --prm).")
-    judge_model: str = option("", help="--prm judge: the judge model (label.py --judge_model).")
-    judge_engine: str = option("auto", help="--prm judge: its engine (label.py --judge_engine).")
-    judge_protocol: str = option("step", help="--prm judge: step | first_error (label.py --judge_protocol).")
-    judge_dtype: str = option("", help="--prm judge: the judge's dtype (default: --dtype).")
-    judge_tensor_parallel_size: int = option(1, help="--prm judge: the judge's vLLM tensor parallel size.")
     num_threads: int = option(0, help="torch CPU threads (0 = default).")
     report_to: str = option("none", help="Log result.json's numbers to none | tensorboard | wandb, in OUTPUT_DIR/tracking (wandb offline unless WANDB_MODE=online).")
     step: Optional[int] = option(None, help="--report_to: the step the numbers are logged at (run.sh: the Step-KTO iteration i of M_i, Section 2.4; default 0).")
@@ -159,27 +156,47 @@ def policy_settings(args: Args, n: int, temperature: float) -> generate.Settings
 
 
 def label_settings(args: Args) -> label.Settings:
-    """How the solutions are labelled: --prm, and the judge's model, engine, protocol, dtype and TP size."""
-    return label.Settings(
-        prm=args.prm, judge_model=args.judge_model, judge_engine=args.judge_engine, judge_protocol=args.judge_protocol,
-        dtype=args.judge_dtype or args.dtype, tensor_parallel_size=args.judge_tensor_parallel_size,
-    )
+    """How the solutions are labelled: label.py's settings as given; mc rolls out with the evaluated model."""
+    settings = label.Settings(**{f.name: getattr(args, f.name) for f in fields(label.Settings)})
+    return replace(settings, policy_model=args.policy_model or args.model)
 
 
-def sample_and_label(args: Args, problems: list[dict], tag: str, n: int, temperature: float) -> list[dict]:
-    """Generate (resumable) and label (resumable) one set of solutions; returns the labelled rows."""
-    samples, labels = (str(Path(args.output_dir) / f"{tag}_{kind}.jsonl") for kind in ("samples", "labels"))
-    generate.generate_rows(problems, samples, policy_settings(args, n, temperature), desc=f"eval {tag}")
-    label.label_file(samples, labels, label_settings(args))
-    return common.read_jsonl(labels, common.LABELLED_ROW)
+def solution_sets(args: Args) -> list[tuple[str, int, float]]:
+    """(tag, samples per problem, temperature) of each set of solutions: greedy, and with --sample_k sampled."""
+    return [("greedy", 1, 0.0)] + ([("sampled", args.sample_k, args.sample_temperature)] if args.sample_k else [])
 
 
-def compute_result(args: Args, problems: list[dict]) -> dict:
-    """result.json's content: greedy metrics, and sampled ones with --sample_k."""
+def output_file(args: Args, tag: str, kind: str) -> str:
+    return str(Path(args.output_dir) / f"{tag}_{kind}.jsonl")
+
+
+def evaluate_shard(args: Args, problems: list[dict], shard: common.Shard) -> bool:
+    """Generate, then label, this shard's chunks of every set of solutions: all generation first, so that the
+    policy's engine runs once and the judge's after it (one engine at a time). True when every set is labelled."""
+    for tag, n, temperature in solution_sets(args):
+        generate.generate_rows(problems, output_file(args, tag, "samples"), policy_settings(args, n, temperature), shard,
+                               desc=f"eval {tag}")
+    return all([label_set(args, problems, tag, n, shard) for tag, n, _ in solution_sets(args)])
+
+
+def label_set(args: Args, problems: list[dict], tag: str, n: int, shard: common.Shard) -> bool:
+    """Label a set's samples in the chunks they were generated in (a chunk of problems is a chunk of labels), so
+    that every shard labels its own chunks without waiting for the others' samples."""
+    samples, labels = output_file(args, tag, "samples"), output_file(args, tag, "labels")
+    if Path(labels).exists():
+        print(f"{labels} is complete; nothing to do.")
+        return True
+    chunk_ids = [generate.sample_ids(c, n) for c in common.chunked(problems, args.chunk_size)]
+    rows = common.shard_rows(Path(samples), chunk_ids, shard)
+    return label.label_chunks(chunk_ids, rows.__getitem__, labels, label_settings(args), shard)
+
+
+def compute_result(args: Args) -> dict:
+    """result.json's content, from the labelled solutions: greedy metrics, and sampled ones with --sample_k."""
     result = {"model": args.model, "benchmark": args.benchmark, "prm": args.prm}
-    result.update(greedy_metrics(sample_and_label(args, problems, "greedy", 1, 0.0)))
+    result.update(greedy_metrics(common.read_jsonl(output_file(args, "greedy", "labels"), common.LABELLED_ROW)))
     if args.sample_k:
-        rows = sample_and_label(args, problems, "sampled", args.sample_k, args.sample_temperature)
+        rows = common.read_jsonl(output_file(args, "sampled", "labels"), common.LABELLED_ROW)
         result.update(sampled_metrics(rows, args.sample_k))
     return result
 
@@ -190,13 +207,15 @@ def main(args: Args) -> None:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    problems = generate.load_problems(args.benchmark, args.max_problems)
+    common.check_tracker_backend(args.report_to)  # a missing tensorboard / wandb fails now, not after the evaluation
+    problems, shard = generate.load_problems(args.benchmark, args.max_problems), args.shard()
+    if not evaluate_shard(args, problems, shard):
+        print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes result.json")
+        return
+    result = compute_result(args)
+    common.write_json_atomic(Path(args.output_dir) / "result.json", result, common.RESULT)
     step, name = args.step or 0, Path(args.output_dir).name  # the evaluation's name: M<i> in run.sh's layout
-    # opened before generating, so that a missing tensorboard/wandb fails now and not after the evaluation
-    tracking = common.open_tracker(args.report_to, Path(args.output_dir) / "tracking", name, asdict(args), start_step=step)
-    with tracking:
-        result = compute_result(args, problems)
-        common.write_json_atomic(Path(args.output_dir) / "result.json", result, common.RESULT)
+    with common.open_tracker(args.report_to, Path(args.output_dir) / "tracking", name, asdict(args), step) as tracking:
         tracking.log({f"eval/{key}": value for key, value in result.items()}, step)
     ser = result["stepwise_error_rate"]
     print(f"{name}: Pass@1 {result['pass@1']:.3f}  stepwise error rate {ser if ser is None else round(ser, 3)}")

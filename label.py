@@ -56,7 +56,7 @@ chunk from (--seed, the chunk's row ids), so a resumed run writes what an uninte
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -72,41 +72,48 @@ from common import option
 UNPARSEABLE_STEP_LABEL = False
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How to label: every option of label.py but its files. evaluate.py passes one to label_file."""
+@dataclass(frozen=True, kw_only=True)
+class Settings(generate.EngineSettings):
+    """How to label: every option of label.py but its files; evaluate.py takes them as it takes generate.py's.
+    The engine settings (engine, dtype, ...) are those of the mc rollouts' policy; the judge has its own."""
 
     prm: str = option("check", help="Step labeller: check | judge | mc.")
     grade_timeout_s: float = option(5.0, help="Hard per-answer timeout of the grader (outcome labels and mc rollouts).")
     judge_model: str = option("", help="--prm judge: the judge LLM (folder or hub id).")
-    judge_engine: str = option("auto", help="--prm judge: transformers | vllm | auto.")
     judge_protocol: str = option("step", help=(
         "--prm judge: step (one call per step: is this step correct?) | first_error (one call per solution "
         "naming its first wrong step, as ProcessBench asks; the steps after it are labelled wrong: train with "
         "--step_scope first_error to score only through it)."))
-    judge_max_new_tokens: int = option(16, help=(
-        "--prm judge: tokens per verdict (greedy). Raise it for judges that reason before answering."))
+    judge_max_new_tokens: int = option(512, help=(
+        "--prm judge: tokens per reply (greedy). A judge that reasons before its verdict needs room: a reply cut "
+        "off before it has no verdict, and its step is labelled wrong."))
+    judge_engine: str = option("auto", help="--prm judge: the judge's engine: transformers | vllm | auto.")
+    judge_dtype: str = option("auto", help="--prm judge: the judge's dtype (as --dtype).")
+    judge_tensor_parallel_size: int = option(1, help="--prm judge: vLLM tensor parallel size of the judge.")
+    judge_gpu_memory_utilization: float = option(0.9, help="--prm judge: vLLM's share of GPU memory for the judge.")
+    judge_max_model_len: int = option(0, help="--prm judge: vLLM context length of the judge (0: the model's own).")
+    allow_missing_reference: bool = option(False, help=(
+        "--prm judge: label even when no row has a reference solution (field 'solution'), which the paper's judge "
+        "compares each step with (Section 2.1). Rows without one are always counted and reported."))
     policy_model: str = option("", help=(
-        "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them)."))
-    mc_engine: str = option("auto", help="--prm mc: transformers | vllm | auto.")
+        "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them); its engine "
+        "runs with --engine, --dtype, --tensor_parallel_size, ..."))
     mc_rollouts: int = option(4, help="--prm mc: continuations sampled per step (K).")
     mc_threshold: int = option(1, help="--prm mc: a step is right when >= this many of K reach the gold answer.")
     mc_temperature: float = option(1.0, help="--prm mc: sampling temperature of the rollouts.")
-    mc_max_new_tokens: int = option(256, help="--prm mc: maximum tokens per rollout.")
+    mc_max_new_tokens: int = option(1024, help="--prm mc: maximum tokens per rollout.")
     seed: int = option(0, help="--prm mc: seed; each chunk is seeded from (seed, its row ids).")
-    dtype: str = option("float32", help="dtype of the judge / mc policy: float32 | bfloat16 | float16.")
-    tensor_parallel_size: int = option(1, help="vLLM tensor parallel size of the judge / mc policy.")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Args(Settings):
+class Args(common.ShardArgs, Settings):
     """label.py's command line: Settings, plus the files and their chunking."""
 
     input: str = option(help="Samples JSONL written by generate.py.")
     output: str = option(help="Labelled JSONL (written as OUTPUT.partial until complete).")
     chunk_size: int = option(1024, help=(
-        "Rows per chunk: the unit of resuming, and of batching for judge and mc (one generation call per "
-        "chunk; with the transformers engine that is one padded batch, so keep it small there)."))
+        "Rows per chunk: the unit of resuming and sharding, and of batching for judge and mc (one generation call "
+        "per chunk; with the transformers engine that is one padded batch, so keep it small there)."))
 
 
 def check_args(settings: Settings) -> None:
@@ -119,6 +126,15 @@ def check_args(settings: Settings) -> None:
         raise ValueError(f"unknown --judge_protocol {settings.judge_protocol!r}; choose one of {sorted(JUDGE_PROTOCOLS)}")
     if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
         raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({settings.mc_rollouts}), got {settings.mc_threshold}")
+
+
+def judge_engine_settings(settings: Settings) -> generate.EngineSettings:
+    """The judge's engine: its own engine, dtype, TP size, memory share and context; prefix caching as the process's."""
+    return generate.EngineSettings(
+        engine=settings.judge_engine, dtype=settings.judge_dtype, tensor_parallel_size=settings.judge_tensor_parallel_size,
+        gpu_memory_utilization=settings.judge_gpu_memory_utilization, max_model_len=settings.judge_max_model_len,
+        enable_prefix_caching=settings.enable_prefix_caching,
+    )
 
 
 def step_texts(completion: str, spans: list[tuple[int, int]]) -> list[str]:
@@ -141,12 +157,6 @@ def check_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def engine_of(model: str, engine: str, settings: Settings) -> "generate.Engine":
-    """generate.py's engine for the judge or the mc policy, loaded once per process (shared with the
-    policy's when the model is the same), with --dtype and --tensor_parallel_size."""
-    return generate.get_engine(model, engine, settings.dtype, settings.tensor_parallel_size)
 
 
 # ----------------------------------------------------------------------------- judge
@@ -352,7 +362,7 @@ def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], toke
 
 def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[bool | None]]:
     """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution."""
-    engine = engine or engine_of(settings.judge_model, settings.judge_engine, settings)
+    engine = engine or generate.get_engine(settings.judge_model, judge_engine_settings(settings))
     greedy = generate.Sampling(1, 0.0, 1.0, settings.judge_max_new_tokens)
     solutions = [(r["problem"], r.get("solution"), step_texts(r["completion"], s)) for r, s in zip(rows, spans)]
     judge_fn = lambda prompts: [o[0].text for o in engine.generate(prompts, greedy, settings.seed)]  # noqa: E731
@@ -448,7 +458,7 @@ def mc_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) 
     """Math-Shepherd labels from K policy rollouts per step; the chunk is seeded from (seed, its row ids)."""
     if engine is None and not settings.policy_model:
         raise ValueError("--prm mc needs --policy_model (label_file fills it in from the rows' gen.model)")
-    engine = engine or engine_of(settings.policy_model, settings.mc_engine, settings)
+    engine = engine or generate.get_engine(settings.policy_model, settings)
     sampling = generate.Sampling(settings.mc_rollouts, settings.mc_temperature, 1.0, settings.mc_max_new_tokens)
     seed = common.derived_seed(settings.seed, [r["id"] for r in rows])
     rollout_fn = lambda prompts: [[o.text for o in outs] for outs in engine.generate(prompts, sampling, seed)]  # noqa: E731
@@ -502,39 +512,66 @@ def summary(rows: list[dict]) -> str:
 
 
 def labeller_settings(settings: Settings) -> str:
-    """One line saying which model labels, and how: the judge / rollout policy's engine, dtype and TP size."""
+    """One line saying which model labels, and how: the judge's / rollout policy's engine, dtype and TP size."""
     if settings.prm == "check":
         return "step labeller: check (exact, no model)"
     judge = settings.prm == "judge"
-    model, engine = (settings.judge_model, settings.judge_engine) if judge else (settings.policy_model, settings.mc_engine)
-    protocol = f", protocol {settings.judge_protocol}" if judge else f", {settings.mc_rollouts} rollouts"
-    return (f"step labeller: {settings.prm} with {model} (engine {engine}, dtype {settings.dtype}, "
-            f"tensor_parallel_size {settings.tensor_parallel_size}{protocol})")
+    model = settings.judge_model if judge else settings.policy_model
+    engine = judge_engine_settings(settings) if judge else settings
+    how = f"protocol {settings.judge_protocol}, up to {settings.judge_max_new_tokens} tokens per reply" if judge else \
+        f"{settings.mc_rollouts} rollouts of up to {settings.mc_max_new_tokens} tokens"
+    return (f"step labeller: {settings.prm} with {model} (engine {engine.engine}, dtype {engine.dtype}, "
+            f"tensor_parallel_size {engine.tensor_parallel_size}; {how})")
 
 
-def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 1024) -> None:
-    """Label the SAMPLE_ROW rows of ``samples`` into ``output`` (LABELLED_ROW rows), ``chunk_size`` rows at a
-    time, resuming after the chunks a crashed run finished; nothing to do when ``output`` is complete."""
+def check_references(rows: list[dict], settings: Settings, path: str) -> None:
+    """The paper's judge compares each step with a reference solution (Section 2.1): say how many rows lack
+    one, and refuse when none has one (unless --allow_missing_reference)."""
+    if settings.prm != "judge":
+        return
+    missing = sum(not isinstance(r.get("solution"), str) or not r["solution"].strip() for r in rows)
+    if missing == len(rows) and not settings.allow_missing_reference:
+        raise common.DataError(
+            f"{path}: no row has a reference solution (field 'solution'), which the judge compares each step with: "
+            "sample from problems that carry one (e.g. math_train, gsm8k_train), or pass --allow_missing_reference")
+    if missing:
+        print(f"{path}: {missing} of {len(rows)} rows have no reference solution: the judge sees none for them",
+              flush=True)
+
+
+def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 1024,
+               shard: common.Shard = common.Shard()) -> bool:
+    """Label this shard's chunks (``chunk_size`` rows each) of the SAMPLE_ROW rows of ``samples`` into ``output``
+    (LABELLED_ROW rows), resuming after the chunks a killed run finished. True when ``output`` is complete."""
     if Path(output).exists():
         print(f"{output} is complete; nothing to do.")
-        return
+        return True
     check_args(settings)
     rows = common.read_jsonl(samples, common.SAMPLE_ROW)
     if settings.prm == "mc" and not settings.policy_model:
         settings = replace(settings, policy_model=policy_model_of(rows, samples))
-    print(labeller_settings(settings), flush=True)
+    check_references(rows, settings, samples)
     chunks = common.chunked(rows, chunk_size)
-    labelled, done = common.resume_rows(output, [[r["id"] for r in c] for c in chunks])
-    for chunk in tqdm(chunks[done:], desc=f"label ({settings.prm})", initial=done, total=len(chunks)):
-        labelled_chunk = label_rows(chunk, settings)
-        common.append_chunk(output, labelled_chunk, common.LABELLED_ROW)
-        labelled.extend(labelled_chunk)
-    common.finish_output(output)
-    print(f"labelled {summary(labelled)} into {output}")
+    return label_chunks([[r["id"] for r in c] for c in chunks], chunks.__getitem__, output, settings, shard)
+
+
+def label_chunks(chunk_ids: list[list[str]], rows_of_chunk, output: str, settings: Settings,
+                 shard: common.Shard) -> bool:
+    """Label chunk i's rows (``rows_of_chunk(i)``, ids ``chunk_ids[i]``) for this shard's chunks into ``output``;
+    True when ``output`` is complete, after which the summary line is printed."""
+    print(labeller_settings(settings), flush=True)
+    signature = {"labeller": {f.name: getattr(settings, f.name) for f in fields(Settings)}}
+    label = lambda i: label_rows(rows_of_chunk(i), settings)  # noqa: E731
+    done = common.write_chunks(output, chunk_ids, label, common.LABELLED_ROW, shard, signature, f"label ({settings.prm})")
+    if done:
+        print(f"labelled {summary(common.read_jsonl(output, common.LABELLED_ROW))} into {output}")
+    return done
 
 
 def main(args: Args) -> None:
-    label_file(args.input, args.output, args, args.chunk_size)
+    shard = args.shard()
+    if not label_file(args.input, args.output, args, args.chunk_size, shard):
+        print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes {args.output}")
 
 
 if __name__ == "__main__":

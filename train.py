@@ -544,7 +544,7 @@ def check_finite(name: str, value: float, step: int, work: Path) -> None:
 
 def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
     prompt = common.build_prompt(tokenizer, row["problem"], prompt_style)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = common.encode_prompt(tokenizer, prompt)
     completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Example(Pair(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
 
@@ -570,7 +570,7 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
 def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
     """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
     when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    prompt_ids = common.encode_prompt(tokenizer, row["prompt"])
     encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
     if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded

@@ -319,9 +319,9 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
 def label_settings(cli, judge_model: str) -> label.Settings:
     settings = label.Settings(
         prm="judge", judge_model=judge_model, judge_engine=cli.judge_engine, policy_model=judge_model,
-        mc_engine=cli.judge_engine, judge_max_new_tokens=cli.judge_max_new_tokens, mc_rollouts=cli.mc_rollouts,
+        engine=cli.judge_engine, judge_max_new_tokens=cli.judge_max_new_tokens, mc_rollouts=cli.mc_rollouts,
         mc_threshold=cli.mc_threshold, mc_temperature=cli.mc_temperature, mc_max_new_tokens=cli.mc_max_new_tokens,
-        seed=cli.seed, dtype=cli.dtype,
+        seed=cli.seed, dtype=cli.dtype, judge_dtype=cli.dtype,
     )
     label.check_args(settings)
     return settings
@@ -334,7 +334,7 @@ def run(cli, judge_model: str) -> None:
     settings, engine_name = label_settings(cli, judge_model), generate.resolve_engine(cli.judge_engine)
     chunk_size = cli.chunk_size or (100 if engine_name == "vllm" else 8)
     start = time.perf_counter()
-    engine = label.engine_of(judge_model, engine_name, settings)
+    engine = generate.get_engine(judge_model, label.judge_engine_settings(settings))
     load_seconds = time.perf_counter() - start
     rows, gold = as_label_rows(bench_rows, engine.tokenizer, cli.with_reference), [r["label"] for r in bench_rows]
     scores = []

@@ -297,7 +297,7 @@ def test_mc_rule_counts_rollouts_that_reach_the_gold_answer():
 
 
 def mc_args(src, out, **overrides):
-    return label.Args(input=str(src), output=str(out), prm="mc", mc_engine="transformers", mc_rollouts=2,
+    return label.Args(input=str(src), output=str(out), prm="mc", engine="transformers", mc_rollouts=2,
                       mc_max_new_tokens=12, chunk_size=2, seed=1, **overrides)
 
 
@@ -341,7 +341,7 @@ def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm
         if prm == "mc":
             return mc_args(src, output)
         return label.Args(input=str(src), output=str(output), prm="judge", judge_model=tiny_model,
-                          judge_engine="transformers", judge_max_new_tokens=4, chunk_size=2)
+                          judge_engine="transformers", judge_max_new_tokens=4, chunk_size=2, allow_missing_reference=True)
 
     label.main(args(ref))
     done = ref.read_text().splitlines(keepends=True)
@@ -401,7 +401,7 @@ def test_mc_settings_reach_the_sampler_and_the_grader(monkeypatch):
 
     monkeypatch.setattr(grading, "grade_answers", spy)
     engine = RecordingEngine()
-    monkeypatch.setattr(label, "engine_of", lambda model, engine_name, settings: engine)
+    monkeypatch.setattr(generate, "get_engine", lambda model, settings: engine)
     settings = label.Settings(prm="mc", policy_model="policy", mc_temperature=0.3, mc_rollouts=3, mc_max_new_tokens=7,
                               seed=5, grade_timeout_s=4.5)
     rows = [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])]
@@ -421,3 +421,17 @@ def test_grade_timeout_ends_a_hung_grading(tmp_path):
     elapsed = time.perf_counter() - start
     assert common.read_jsonl(out, common.LABELLED_ROW)[0]["outcome"] is False
     assert elapsed < label.Settings().grade_timeout_s, f"{elapsed:.1f} s: the timeout did not apply"
+
+
+def test_judge_counts_rows_without_a_reference_and_refuses_when_none_has_one(tiny_model, tmp_path, capsys):
+    """The paper's judge compares each step with a reference solution (Section 2.1)."""
+    src = tmp_path / "samples.jsonl"
+    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])])
+    settings = label.Settings(prm="judge", judge_model=tiny_model, judge_engine="transformers", judge_max_new_tokens=2)
+    with pytest.raises(common.DataError, match="no row has a reference solution.*--allow_missing_reference"):
+        label.label_file(str(src), str(tmp_path / "refused.jsonl"), settings)
+    assert not (tmp_path / "refused.jsonl").exists()
+    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0], solution="3 + 4 = 7"), sample_row(1, COMPLETIONS[1])])
+    assert label.label_file(str(src), str(tmp_path / "labels.jsonl"), settings)
+    assert "1 of 2 rows have no reference solution" in capsys.readouterr().out
+    generate.close_engine()

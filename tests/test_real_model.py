@@ -98,7 +98,7 @@ def test_bpe_retokenization_differs_at_a_step_boundary_and_train_keeps_the_sampl
 def test_labellers_on_the_real_model(samples, tmp_path):
     """check, judge (step and first_error protocols) and mc, with SmolLM2 as judge and rollout policy."""
     base = label.Args(input=str(samples["transformers"]), output="", judge_model=str(MODEL),
-                      judge_engine="transformers", judge_max_new_tokens=8, mc_engine="transformers",
+                      judge_engine="transformers", judge_max_new_tokens=8, engine="transformers",
                       mc_rollouts=2, mc_max_new_tokens=16, chunk_size=3)
     settings = {"check": {}, "judge_step": dict(prm="judge"), "judge_first": dict(prm="judge", judge_protocol="first_error"),
                 "mc": dict(prm="mc")}
@@ -133,7 +133,7 @@ def test_evaluate_loads_one_engine_for_policy_and_judge(problems, tmp_path, monk
     loads = []
     real_load = common.load_model
     monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    generate.get_engine.cache_clear()
+    generate.close_engine()
     args = evaluate.Args(model=str(MODEL), benchmark=str(problems), output_dir=str(tmp_path / "eval"), prm="judge",
                          judge_model=str(MODEL), judge_engine="transformers", engine="transformers", sample_k=2,
                          max_new_tokens=32, judge_protocol="first_error")

@@ -10,6 +10,7 @@ top-2 by > 3 logits at every step, see notes/vllm.md), and the greedy test uses 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,65 @@ def test_sampling_reproducible_with_transformers_schema(runs):
     # it does sample: the two samples of the problem the model never saw differ
     unseen = [r["completion"] for r in first if r["problem_id"] == "unseen-1"]
     assert unseen[0] != unseen[1]
+
+
+# ----------------------------------------------------------------------------- shards, one engine at a time
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(workdir, runs) -> dict[int, bytes]:
+    """The sampled run split over 2 and over 3 vLLM processes, each set started at once (after `runs`)."""
+    merged = {}
+    for count in (2, 3):
+        output = workdir / f"sampled_vllm_{count}_shards.jsonl"
+        command = generate_command(VLLM_PYTHON, "vllm", workdir, output, SAMPLED)
+        processes = [subprocess.Popen([*command, "--num_shards", str(count), "--shard_index", str(k)], cwd=REPO_ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(count)]
+        for process in processes:
+            _, err = process.communicate(timeout=600)
+            assert process.returncode == 0, err[-4000:]
+        merged[count] = output.read_bytes()
+    return merged
+
+
+def test_vllm_shards_merge_to_one_process_bytes(workdir, sharded_runs):
+    single = (workdir / "sampled_vllm_a.jsonl").read_bytes()
+    assert sharded_runs[2] == single and sharded_runs[3] == single
+
+
+ENGINE_COUNT = """
+import gc, json, sys, weakref
+sys.path.insert(0, ".")
+import evaluate, generate
+starts, alive = [], []
+real_start = generate.start_engine
+def start(key):
+    gc.collect()
+    starts.append([key.model, sum(ref() is not None for ref in alive)])
+    engine = real_start(key)
+    alive.append(weakref.ref(engine.model))
+    return engine
+generate.start_engine = start
+evaluate.main(evaluate.Args(**json.loads(sys.argv[1])))
+generate.close_engine()
+gc.collect()
+print("ENGINES " + json.dumps({"starts": starts, "alive_at_end": sum(ref() is not None for ref in alive)}))
+"""
+
+
+@pytest.mark.parametrize("prm", ["judge", "mc"])
+def test_vllm_evaluate_holds_one_engine_at_a_time(workdir, prm, tmp_path):
+    """evaluate.py on vLLM: the policy's engine is shut down and freed before the judge's starts; mc's rollouts
+    run on the policy's own engine."""
+    judge = tmp_path / "judge"
+    shutil.copytree(workdir / "model", judge)  # another folder: another engine
+    args = dict(model=str(workdir / "model"), benchmark=str(workdir / "problems.jsonl"), output_dir=str(tmp_path / "e"),
+                engine="vllm", max_new_tokens=8, prompt_style="minimal", max_problems=NUM_LEARNT, sample_k=2, prm=prm,
+                judge_model=str(judge), judge_engine="vllm", judge_max_new_tokens=4, allow_missing_reference=True,
+                mc_rollouts=2, mc_max_new_tokens=4)
+    proc = subprocess.run([str(VLLM_PYTHON), "-c", ENGINE_COUNT, json.dumps(args)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.split("ENGINES ")[-1])
+    expected = [[args["model"], 0]] + ([[str(judge), 0]] if prm == "judge" else [])
+    assert report == {"starts": expected, "alive_at_end": 0}
