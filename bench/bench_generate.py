@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+
+import models  # noqa: E402
 import generate  # noqa: E402
 
 
@@ -32,7 +34,7 @@ def run_ours(args, out: Path) -> tuple[float, int]:
     start = time.perf_counter()
     generate.generate_rows(generate.load_problems(args.problems, args.num_problems), str(out), settings)
     seconds = time.perf_counter() - start
-    tokenizer = common.load_tokenizer(args.model)
+    tokenizer = models.load_tokenizer(args.model)
     rows = common.read_jsonl(out, common.SAMPLE_ROW)
     tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + (r["finish_reason"] == "stop")
                  for r in rows)
@@ -42,8 +44,8 @@ def run_ours(args, out: Path) -> tuple[float, int]:
 @torch.no_grad()
 def run_plain(args) -> tuple[float, int]:
     start = time.perf_counter()
-    tokenizer = common.load_tokenizer(args.model)
-    model = common.load_model(args.model).eval()
+    tokenizer = models.load_tokenizer(args.model)
+    model = models.load_model(args.model).eval()
     problems = generate.load_problems(args.problems, args.num_problems)
     torch.manual_seed(0)
     tokens = 0

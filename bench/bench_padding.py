@@ -20,14 +20,16 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import arith_task  # noqa: E402
 import common  # noqa: E402
+import policy  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 
 def fractions(objective: str, data: Path, batch: int) -> tuple[float, float, int]:
     args = train.Args(objective=objective, model="scratch", data=str(data), output_dir="-", prompt_style="minimal",
                       per_device_batch_size=batch)
-    examples = train.load_examples(args, common.make_char_tokenizer())
-    lengths = [train.pair_length(e.pair) for e in examples]
+    examples = train.load_examples(args, models.make_char_tokenizer())
+    lengths = [policy.pair_length(e.pair) for e in examples]
     kto = objective != "sft"
     out = []
     for mega_batches in (1, 50):

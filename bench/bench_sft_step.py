@@ -4,11 +4,11 @@
     .venv/bin/python bench/bench_sft_step.py --modes eager eager_attention bf16_compile eager eager_attention bf16_compile
     .venv/bin/python bench/bench_sft_step.py --modes eager --profile   # where an eager step's CPU time goes
 
-The model is run.sh's M0 architecture (common.make_tiny_llama: hidden 128, 2 layers, MLP 384); a step is a batch of
+The model is run.sh's M0 architecture (models.make_tiny_llama: hidden 128, 2 layers, MLP 384); a step is a batch of
 32 rows x 110 tokens (--length), the causal-LM loss, backward and an AdamW step: what `train.py --objective sft`
 spent 488 of its 512 s on in the previous default's run (BENCHMARKS.md section 12). 110 tokens is the previous
 default's row, one token per character (SCRATCH_TOKENIZER=char): seed 0's SFT rows average 121.5 tokens with run.sh's
-minimal prompt (the mean of train.pair_length over train.load_examples of runs/seed0/data/sft.jsonl), so real rows
+minimal prompt (the mean of policy.pair_length over train.load_examples of runs/seed0/data/sft.jsonl), so real rows
 are about 10% longer. With the phrase tokenizer run.sh now uses they average 49.2 tokens (--length 49; BENCHMARKS.md
 section 13). Each mode builds a fresh model, runs 5 untimed steps, then times
 --steps steps. Modes: eager (as train.py), compile (torch.compile of the forward), bf16 (bf16 autocast),
@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import policy  # noqa: E402
+import models  # noqa: E402
 
 
 MODES = ["eager", "compile", "bf16", "bf16_compile", "eager_attention"]
@@ -30,7 +32,7 @@ MODES = ["eager", "compile", "bf16", "bf16_compile", "eager_attention"]
 
 def sft_step_fn(mode: str, batch: int, length: int):
     """A closure doing one SFT step of a fresh tiny model in this mode."""
-    model = common.make_tiny_llama(common.make_char_tokenizer(), 128, 2, 384, 512)
+    model = models.make_tiny_llama(models.make_char_tokenizer(), 128, 2, 384, 512)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(4, 90, (batch, length), generator=torch.Generator().manual_seed(0))  # (B, S)
     if mode == "eager_attention":

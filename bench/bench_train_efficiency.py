@@ -10,7 +10,7 @@ Every configuration runs train.main itself (the product, not a copy) in its own 
 saved random-init model and the same labelled data (long arith_task solutions with flawed steps, so that
 kto and step-kto have both labels). The timed region is the training loop after `--warmup` steps: the
 reference pass, loading and saving are outside it. The worker records each step's batches (through
-train.token_sums) and counts model FLOPs (activation-checkpointing recompute not counted):
+policy.token_sums) and counts model FLOPs (activation-checkpointing recompute not counted):
     trained batch: 6 * P * T + 6 * L * H * sum_b s_b^2 / 2 * 2 + 6 * H * V * N
     KL batch (no grad, kto and step-kto): 2 * P * T + 2 * L * H * sum_b s_b^2 + 2 * H * V * N
 with P the parameters of the decoder layers, T the real tokens, s_b each row's length (causal attention:
@@ -63,6 +63,8 @@ def write_data(path: Path, rows: int, min_ops: int, max_ops: int) -> None:
 
     import arith_task
     import common
+    import policy
+    import models
 
     rng, rates, out = random.Random(0), arith_task.FlawRates(p_slip_hard=0.3), []
     for i, row in enumerate(arith_task.make_split("train", rows, 0, min_ops, max_ops, 99, "tree")):
@@ -81,9 +83,9 @@ def write_model(path: Path, setting: dict) -> None:
 
     import common
 
-    tokenizer = common.make_char_tokenizer()
+    tokenizer = models.make_char_tokenizer()
     sizes = {k: setting[k] for k in ("hidden_size", "num_layers", "intermediate_size")}
-    lm = common.make_tiny_llama(tokenizer, **sizes, max_len=4096, seed=0).to(getattr(torch, setting["dtype"]))
+    lm = models.make_tiny_llama(tokenizer, **sizes, max_len=4096, seed=0).to(getattr(torch, setting["dtype"]))
     lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
 

@@ -128,7 +128,9 @@ def profile_summary(profiler, vocab_dims: set, steps: int) -> dict:
 def stamp_steps(train, stamps: list, profiler) -> None:
     """Record (wall, CPU) at the end of every step of train.train: it calls optimizer.zero_grad once per step,
     right after optimizer.step."""
-    inner_optimizer = train.make_optimizer
+    import plumbing
+
+    inner_optimizer = plumbing.make_optimizer
 
     def stamping_make_optimizer(*args, **kwargs):
         optimizer, scheduler = inner_optimizer(*args, **kwargs)
@@ -143,7 +145,7 @@ def stamp_steps(train, stamps: list, profiler) -> None:
         optimizer.zero_grad = zero_grad
         return optimizer, scheduler
 
-    train.make_optimizer = stamping_make_optimizer
+    plumbing.make_optimizer = stamping_make_optimizer
 
 
 def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool, profile: bool) -> dict:
@@ -195,7 +197,7 @@ def same_tokens(trainer, rows: list[dict], model: str) -> bool:
     """TRL's prompt / completion ids of every row == train.py's own tokenization of the text row."""
     import train
 
-    tokenizer = train.load_tokenizer(train.Args(objective="kto", model=model, data="-", output_dir="-"))
+    tokenizer = train.tokenizer_of(train.Args(objective="kto", model=model, data="-", output_dir="-"))
     for example, row in zip(trainer.train_dataset, rows):
         prompt_ids, completion_ids, _ = train.tokenized_text(tokenizer, row)
         if (example["prompt_ids"], example["completion_ids"]) != (prompt_ids, completion_ids):
@@ -248,6 +250,7 @@ def kto_rows(tokenizer, n: int, style: str) -> list[dict]:
     """label.py's KTO fields as text only (no ids): arith_task problems, every other solution made wrong."""
     import arith_task
     import common
+    import models
 
     problems = arith_task.make_split("train", n, seed=0, shape="chain", max_number=20, min_ops=2, max_ops=5)
     rng, rows = random.Random(0), []
@@ -269,15 +272,15 @@ def load_or_make_model(work: Path, model_name: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_name in MODELS:
-        tokenizer = common.make_char_tokenizer()
-        model = common.make_tiny_llama(tokenizer, **MODELS[model_name], seed=0)
+        tokenizer = models.make_char_tokenizer()
+        model = models.make_tiny_llama(tokenizer, **MODELS[model_name], seed=0)
         model.save_pretrained(work / "model")
         tokenizer.save_pretrained(work / "model")
         return str(work / "model"), tokenizer, model
     path = str(Path(model_name).resolve())
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    return path, common.load_tokenizer(path), model
+    return path, models.load_tokenizer(path), model
 
 
 def prepare(work: Path, opts) -> dict:

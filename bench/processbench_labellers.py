@@ -44,6 +44,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
+
+import models  # noqa: E402
 import grading  # noqa: E402
 import generate  # noqa: E402
 import label  # noqa: E402
@@ -282,8 +284,8 @@ def report(scores: list[dict], cli, engine_name: str, chunk_size: int, load_seco
 
 def build_tiny_judge(folder: Path) -> str:
     """The tests' tiny char-level Llama (untrained, seed 0), with room for ProcessBench's long prompts."""
-    tok = common.make_char_tokenizer()
-    model = common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, max_len=8192, seed=0)
+    tok = models.make_char_tokenizer()
+    model = models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, max_len=8192, seed=0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

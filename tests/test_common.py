@@ -7,6 +7,10 @@ import pytest
 
 import common
 
+import setup_models
+
+import models
+
 
 def write(path, text):
     path.write_text(text, encoding="utf-8")
@@ -156,11 +160,11 @@ def test_step_spans_and_split():
 def test_char_tokenizer_and_tiny_llama_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = common.make_char_tokenizer()
-    model = common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128)
+    tok = models.make_char_tokenizer()
+    model = models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128)
     tok.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
-    assert common.is_complete_model_dir(tmp_path)
+    assert models.is_complete_model_dir(tmp_path)
     tok2, model2 = AutoTokenizer.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)
     text = "Problem: Compute (12 + 7) * 3.\nSolution:\n12 + 7 = 19\n\nThe answer is \\boxed{57}."
     enc = tok2(text, return_offsets_mapping=True)
@@ -178,7 +182,7 @@ def test_phrase_tokenizer_keeps_digits_and_steps_whole(tmp_path):
     import arith_task
     from transformers import AutoTokenizer
 
-    common.make_char_tokenizer(common.SCRATCH_PHRASES).save_pretrained(tmp_path)
+    models.make_char_tokenizer(models.SCRATCH_PHRASES).save_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     rng, rates = random.Random(0), arith_task.FlawRates()
     rows, seen = arith_task.make_split("train", 30, seed=0, min_ops=2, max_ops=8), set()
@@ -190,21 +194,21 @@ def test_phrase_tokenizer_keeps_digits_and_steps_whole(tmp_path):
         pieces = [text[a:b] for a, b in enc.offset_mapping]
         assert "".join(pieces) == text and tok.unk_token_id not in enc.input_ids
         seen.update(pieces)
-        assert all(len(p) == 1 or p in common.SCRATCH_PHRASES for p in pieces)
+        assert all(len(p) == 1 or p in models.SCRATCH_PHRASES for p in pieces)
         assert all(not any(ch.isdigit() for ch in p) for p in pieces if len(p) > 1)  # digits stay single
         inside = [i for a, b in common.step_spans(completion) for i in range(a, b)]
         cut = len(text) - len(completion)
         for a, b in enc.offset_mapping:  # a token is inside one step or outside every step
             covered = {i + cut for i in inside} & set(range(a, b))
             assert not covered or len(covered) == b - a
-    assert seen >= set(common.SCRATCH_PHRASES)  # the list matches what the built-in task writes
+    assert seen >= set(models.SCRATCH_PHRASES)  # the list matches what the built-in task writes
     ids = tok("Problem: Compute 12 + 7.\nSolution:\n12 + 7 = 19\n\nThe answer is \\boxed{19}.")["input_ids"]
     assert tok.convert_ids_to_tokens(ids) == ["Problem: ", "Compute ", "1", "2", " + ", "7", ".", "\nSolution:\n",
         "1", "2", " + ", "7", " = ", "1", "9", "\n\n", "The answer is \\boxed{", "1", "9", "}."]
 
 
 def test_chat_prompt_with_and_without_a_template():
-    tok = common.make_char_tokenizer()
+    tok = models.make_char_tokenizer()
     assert common.chat_prompt(tok, "Is it right?", "\n\nVerdict:") == "Is it right?\n\nVerdict:"
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
     assert common.chat_prompt(tok, "Is it right?", "\n\nVerdict:") == "<|user|>Is it right?<|assistant|>"
@@ -212,7 +216,7 @@ def test_chat_prompt_with_and_without_a_template():
 
 
 def test_prompt_minimal_and_chat_template():
-    tok = common.make_char_tokenizer()
+    tok = models.make_char_tokenizer()
     assert common.build_prompt(tok, "Compute 1 + 2.", "minimal") == "Problem: Compute 1 + 2.\nSolution:\n"
     plain = common.build_prompt(tok, "Compute 1 + 2.", "instruct")
     assert "\\boxed{}" in plain and "Compute 1 + 2." in plain and "blank line" in plain
@@ -228,7 +232,7 @@ def test_convert_gguf_refuses_a_file_whose_sha256_differs(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF not really")
     with pytest.raises(common.DataError, match="sha256"):
-        common.convert_gguf(fake, tmp_path / "out", common.SMOLLM2_GGUF_SHA256)
+        setup_models.convert_gguf(fake, tmp_path / "out", setup_models.SMOLLM2_GGUF_SHA256)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
@@ -245,12 +249,12 @@ def test_converted_real_model_is_an_ordinary_save_pretrained_folder():
     folder = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
     if not folder.exists() and not os.environ.get("STEPKTO_REQUIRE_REAL_MODEL"):
         pytest.skip("bash setup.sh --models has not run")
-    assert common.is_complete_model_dir(folder)
+    assert models.is_complete_model_dir(folder)
     source = json.loads((folder / "source.json").read_text())
-    assert source["sha256"] == common.SMOLLM2_GGUF_SHA256 and "dequantized" in source["note"]
+    assert source["sha256"] == setup_models.SMOLLM2_GGUF_SHA256 and "dequantized" in source["note"]
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 49152 and "quantization_config" not in config
-    tokenizer = common.load_tokenizer(str(folder))
+    tokenizer = models.load_tokenizer(str(folder))
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
 
 

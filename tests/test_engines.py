@@ -12,6 +12,7 @@ from tokenizers import processors
 
 import arith_task
 import common
+import models
 import evaluate
 import generate
 import label
@@ -22,8 +23,8 @@ import train
 def judge_model(tmp_path_factory) -> str:
     """A second tiny model (another folder, other weights): the judge."""
     path = tmp_path_factory.mktemp("judge")
-    tok = common.make_char_tokenizer()
-    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=1).save_pretrained(path)
+    tok = models.make_char_tokenizer()
+    models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=1).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -97,17 +98,17 @@ def test_dtype_auto_is_float32_on_a_cpu(tiny_model):
 @pytest.fixture(scope="module")
 def bos_model(tmp_path_factory) -> str:
     """A tiny model whose tokenizer adds <bos> (as Llama's base tokenizers do) and has no chat template."""
-    tok = common.make_char_tokenizer()
+    tok = models.make_char_tokenizer()
     tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     assert tok("ab")["input_ids"][0] == tok.bos_token_id and not tok.chat_template
     path = tmp_path_factory.mktemp("bos_model")
-    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128).save_pretrained(path)
+    models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
 def test_encode_prompt_adds_bos_once_and_only_where_the_tokenizer_does(bos_model, tiny_model):
-    bos_tok, plain = common.load_tokenizer(bos_model), common.load_tokenizer(tiny_model)
+    bos_tok, plain = models.load_tokenizer(bos_model), models.load_tokenizer(tiny_model)
     assert common.encode_prompt(bos_tok, "Problem: 1")[:2] == [bos_tok.bos_token_id, bos_tok("P", add_special_tokens=False)["input_ids"][0]]
     assert common.encode_prompt(bos_tok, "<bos>Problem: 1").count(bos_tok.bos_token_id) == 1  # a template's own BOS
     assert common.encode_prompt(plain, "Problem: 1") == plain("Problem: 1", add_special_tokens=False)["input_ids"]
@@ -120,7 +121,7 @@ def test_every_prompt_of_a_base_model_starts_with_bos(bos_model, benchmark, tmp_
                                  prompt_style="minimal")
     generate.generate_rows(generate.load_problems(str(benchmark), 0), str(out), settings)
     rows = common.read_jsonl(out)
-    bos = common.load_tokenizer(bos_model).bos_token_id
+    bos = models.load_tokenizer(bos_model).bos_token_id
     assert all(r["prompt_ids"][0] == bos and r["prompt_ids"].count(bos) == 1 for r in rows)
     prompted = []
     real = common.encode_prompt
@@ -135,7 +136,7 @@ def test_every_prompt_of_a_base_model_starts_with_bos(bos_model, benchmark, tmp_
 
 
 def test_train_prompts_a_base_model_with_bos(bos_model):
-    tok = common.load_tokenizer(bos_model)
+    tok = models.load_tokenizer(bos_model)
     example = train.sft_example(tok, {"id": "a", "problem": "Compute 1 + 2.", "completion": "3"}, "minimal")
     assert example.pair.prompt_ids[0] == tok.bos_token_id
     row = {"prompt": "Problem: x\nSolution:\n", "completion": "1 + 2 = 3", "finish_reason": "stop"}

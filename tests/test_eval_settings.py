@@ -13,6 +13,7 @@ import pytest
 
 import arith_task
 import common
+import models
 import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,14 +27,14 @@ PROBLEM = "Find $x$ if $\\frac{x}{2} = \\{3\\}$."  # braces of its own: the prob
 
 
 def test_qwen_prompt_without_chat_template_is_the_harness_text():
-    tok = common.make_char_tokenizer()
+    tok = models.make_char_tokenizer()
     assert not getattr(tok, "chat_template", None)
     assert common.build_prompt(tok, PROBLEM, "qwen25-math-cot") == QWEN25_MATH_COT.format(input=PROBLEM)
     assert common.SYSTEM_PROMPTS["qwen25-math-cot"].endswith("within \\boxed{}.")  # a literal \boxed{}
 
 
 def test_qwen_prompt_uses_a_system_message_in_the_chat_template():
-    tok = common.make_char_tokenizer()
+    tok = models.make_char_tokenizer()
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
     system = "Please reason step by step, and put your final answer within \\boxed{}."
     assert common.build_prompt(tok, PROBLEM, "qwen25-math-cot") == f"<|system|>{system}<|user|>{PROBLEM}<|assistant|>"
@@ -44,14 +45,14 @@ def test_qwen_prompt_uses_a_system_message_in_the_chat_template():
                     reason=f"{REAL_MODEL} is absent: run `bash setup.sh --models`")
 def test_qwen_prompt_in_a_real_chatml_template_equals_the_harness_text():
     """SmolLM2's ChatML template, given a system message, yields the harness's text to the character."""
-    tok = common.load_tokenizer(str(REAL_MODEL))
+    tok = models.load_tokenizer(str(REAL_MODEL))
     assert tok.chat_template
     assert common.build_prompt(tok, PROBLEM, "qwen25-math-cot") == QWEN25_MATH_COT.format(input=PROBLEM)
 
 
 def test_unknown_prompt_style_is_refused():
     with pytest.raises(ValueError, match=re.escape("instruct | minimal | qwen25-math-cot")):
-        common.build_prompt(common.make_char_tokenizer(), PROBLEM, "qwen")
+        common.build_prompt(models.make_char_tokenizer(), PROBLEM, "qwen")
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:

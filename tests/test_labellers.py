@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+
+import models
 import generate
 import grading
 import label
@@ -19,8 +21,8 @@ def coin_flip_policy(tmp_path_factory):
     """A tiny Llama trained to continue every step prefix of COMPLETIONS with \\boxed{14} or \\boxed{16},
     each about half of the time: its rollouts reach the gold answer 14 by chance, so mc labels depend
     on the seed."""
-    tok = common.make_char_tokenizer()
-    model = common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0)
+    tok = models.make_char_tokenizer()
+    model = models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0)
     prefixes = [sample_row(0, "")["prompt"] + p for c in COMPLETIONS for p in label.solution_prefixes(c, common.step_spans(c))]
     pairs = [(p, reply) for p in prefixes for reply in ("\\boxed{14}", "\\boxed{16}")]
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
@@ -224,7 +226,7 @@ def test_parse_first_error(reply, first_error):
 
 
 def test_judge_prompt_holds_problem_reference_previous_and_current_step():
-    tok = common.make_char_tokenizer()
+    tok = models.make_char_tokenizer()
     prompt = label.build_judge_prompt(tok, "Compute 3 + 4.", "3 + 4 = 7", ["a = 3", "b = 4"], "a + b = 8")
     assert "Compute 3 + 4." in prompt and "Reference solution:\n3 + 4 = 7" in prompt
     assert "Step 1: a = 3\n\nStep 2: b = 4" in prompt and "Step to check:\na + b = 8" in prompt
@@ -238,7 +240,7 @@ def test_judge_prompt_holds_problem_reference_previous_and_current_step():
 
 def test_judge_step_verdicts_keeps_row_and_step_order():
     """One call for all steps; replies map back to their (row, step); unparseable replies give None."""
-    tok = common.make_char_tokenizer()
+    tok = models.make_char_tokenizer()
     calls = []
 
     def judge_fn(prompts):

@@ -17,6 +17,7 @@ import pytest
 
 import arith_task
 import common
+import models
 import evaluate
 import generate
 import label
@@ -62,7 +63,7 @@ def test_train_scores_exactly_the_sampled_ids(samples, engine, tmp_path):
         pytest.skip(f"no vLLM interpreter at {VLLM_PYTHON} (bash setup.sh --vllm)")
     labelled = tmp_path / "labels.jsonl"
     label.main(label.Args(input=str(samples[engine]), output=str(labelled), prm="check"))
-    tokenizer = common.load_tokenizer(str(MODEL))
+    tokenizer = models.load_tokenizer(str(MODEL))
     rows = common.read_jsonl(labelled)
     assert len(rows) == 6 and {r["gen"]["engine"] for r in rows} == {engine}
     for line, row in enumerate(rows, start=1):
@@ -80,7 +81,7 @@ def test_train_scores_exactly_the_sampled_ids(samples, engine, tmp_path):
 
 def test_bpe_retokenization_differs_at_a_step_boundary_and_train_keeps_the_sampled_ids():
     """The defect this contract fixes: "\\n\\n" sampled as ONE token re-encodes as two before a word."""
-    tokenizer = common.load_tokenizer(str(MODEL))
+    tokenizer = models.load_tokenizer(str(MODEL))
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     blank_line = tokenizer.convert_tokens_to_ids("ĊĊ")  # byte-level BPE's "\n\n"
     ids = encode("3 + 4 = 7") + [blank_line] + encode("7 * 2 = 14")
@@ -123,7 +124,7 @@ def test_step_kto_steps_on_the_real_model(samples, tmp_path):
     train.main(train.Args(objective="step-kto", model=str(MODEL), data=str(labelled), output_dir=str(out),
                           per_device_batch_size=2, max_steps=2, lr=1e-5, num_threads=2, logits_chunk_mib=3.0,
                           optim="adamw_fused"))  # 3 MiB: chunks of 16 tokens
-    assert common.is_complete_model_dir(out)
+    assert models.is_complete_model_dir(out)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and all(map(lambda e: e["loss/total"] == e["loss/total"], log))  # finite
 
@@ -131,7 +132,7 @@ def test_step_kto_steps_on_the_real_model(samples, tmp_path):
 def test_evaluate_loads_one_engine_for_policy_and_judge(problems, tmp_path, monkeypatch):
     """evaluate.py with --sample_k and the policy as its own judge: one model load in the process."""
     loads = []
-    real_load = common.load_model
+    real_load = models.load_model
     monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     generate.close_engine()
     args = evaluate.Args(model=str(MODEL), benchmark=str(problems), output_dir=str(tmp_path / "eval"), prm="judge",
@@ -146,7 +147,7 @@ def test_evaluate_loads_one_engine_for_policy_and_judge(problems, tmp_path, monk
 def test_token_offsets_are_the_exact_rule_in_linear_time():
     """generate.token_offsets (incremental, linear) equals exact_token_offsets (len(decode(ids[:i])),
     quadratic) on text with multi-byte characters, where BPE tokens begin inside a character."""
-    tokenizer = common.load_tokenizer(str(MODEL))
+    tokenizer = models.load_tokenizer(str(MODEL))
     for text in ["café ☕ naïve 日本語 test\n\nok", "😀😀😀\n\n🙂 1 + 1 = 2", "Step 1: 3 + 4 = 7.\n\n\\boxed{7}"]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         offsets = generate.token_offsets(tokenizer, ids, text)

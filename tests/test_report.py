@@ -4,6 +4,7 @@ comparison of the objectives; run.sh's TASK and MAX_PROBLEMS settings. run.sh is
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -59,23 +60,33 @@ def test_report_summarise_several_seeds_and_missing_rates():
     assert report.summarise([result(0, 0)], "stepwise_error_rate").text == "n/a"
 
 
-def dry_run(tmp_path, capsys, *extra) -> list[list[str]]:
-    ablation.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--dry_run", *extra])
+def logged_run(tmp_path, **env) -> Path:
+    """A run folder whose commands.log run.sh wrote (through a stub python that runs nothing): RUNS/seed0."""
+    runs = tmp_path / f"runs_{'_'.join(env.values()) or 'default'}"
+    if not (runs / "seed0" / "commands.log").exists():
+        run_sh_commands(tmp_path / runs.name, ITERATIONS="1", RUNS=str(runs), **env)
+    return runs / "seed0"
+
+
+def dry_run(tmp_path, capsys, *extra, run: Path | None = None) -> list[list[str]]:
+    run = run or logged_run(tmp_path)
+    ablation.main(["--run", str(run), "--out", str(tmp_path / "out"), "--dry_run", *extra])
     return [line.split() for line in capsys.readouterr().out.splitlines()]
 
 
 def test_ablation_dry_run_commands_carry_each_settings_options(tmp_path, capsys):
     commands = dry_run(tmp_path, capsys, "--seeds", "0", "2")
     assert len(commands) == 2 * 2 * len(ablation.SETTINGS)  # train + evaluate per setting and seed
-    trains = [c for c in commands if c[1] == "train.py"]
+    trains, run = [c for c in commands if c[1] == "train.py"], logged_run(tmp_path)
+    run_sh = ablation.logged_options(run, "train.py", run / "step-kto" / "M1")
     for cmd in trains:
         (args,) = HfArgumentParser(train.Args).parse_args_into_dataclasses(args=cmd[2:])
         name = Path(args.output_dir).parts[-3]
-        expected = {**ablation.TRAIN_OPTIONS, **ablation.SETTINGS[name]}
+        expected = {**options(["train.py", *(x for kv in run_sh.items() for x in kv)]), **ablation.SETTINGS[name]}
         for option, value in expected.items():  # the setting's value wins over run.sh's, each option once
             assert cmd.count(option) == 1 and cmd[cmd.index(option) + 1] == value
-        assert args.model == str(tmp_path / "run" / "M0") and args.seed in (0, 2)
-        assert args.data == str(tmp_path / "run" / "step-kto" / "iter1" / "labels.jsonl")  # the same samples
+        assert args.model == str(run / "M0") and args.seed in (0, 2)
+        assert args.data == str(run / "step-kto" / "iter1" / "labels.jsonl")  # the same samples
     parsed = {Path(c[c.index("--output_dir") + 1]).parts[-3]: c for c in trains}
     (z0,) = HfArgumentParser(train.Args).parse_args_into_dataclasses(args=parsed["step_z0=step"][2:])
     (off,) = HfArgumentParser(train.Args).parse_args_into_dataclasses(args=parsed["balance_lambdas=off"][2:])
@@ -84,7 +95,7 @@ def test_ablation_dry_run_commands_carry_each_settings_options(tmp_path, capsys)
     for cmd in evals:
         (args,) = HfArgumentParser(evaluate.Args).parse_args_into_dataclasses(args=cmd[2:])
         assert (args.max_new_tokens, args.prm, args.prompt_style, args.sample_k) == (96, "check", "minimal", 0)
-        assert args.benchmark == str(tmp_path / "run" / "data" / "test.jsonl")
+        assert args.benchmark == str(run / "data" / "test.jsonl")
 
 
 def test_ablation_skips_finished_stages_and_tabulates(tmp_path, capsys):
@@ -101,8 +112,8 @@ def test_ablation_skips_finished_stages_and_tabulates(tmp_path, capsys):
         ("train.py", ("default", "seed1", "M1")), ("evaluate.py", ("default", "seed1", "eval")),
         ("train.py", ("default", "seed2", "M1")), ("evaluate.py", ("default", "seed2", "eval")),
         ("evaluate.py", ("beta=0.3", "seed2", "eval"))]  # seeds 0 and 1 of beta=0.3 are evaluated: skipped
-    common.write_json_atomic(tmp_path / "run" / "eval" / "M0" / "result.json", result(287, 68))
-    args = ablation.parse_args(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+    common.write_json_atomic(logged_run(tmp_path) / "eval" / "M0" / "result.json", result(287, 68))
+    args = ablation.parse_args(["--run", str(logged_run(tmp_path)), "--out", str(tmp_path / "out"),
                                 "--only", "beta=0.3,default"])
     lines = ablation.table(args).splitlines()
     assert "| M0 (no training) |  | 1 | 57.4 [53.0, 61.7] | 23.7 [19.1, 28.9] |" in lines
@@ -121,7 +132,7 @@ def run_sh_commands(tmp_path, **env) -> list[list[str]]:
     tmp_path.mkdir(exist_ok=True)
     shutil.copy(REPO / "run.sh", tmp_path / "run.sh")
     stub, log = tmp_path / "python", tmp_path / "log"
-    stub.write_text(f'#!/bin/bash\necho "$@" >> {log}\n')
+    stub.write_text(f'#!/bin/bash\n[ "$1" = -c ] && exit 0  # run.sh\'s settings line\necho "$@" >> {log}\n')
     stub.chmod(0o755)
     proc = subprocess.run(["bash", str(tmp_path / "run.sh")], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": str(stub), "OBJECTIVES": "step-kto", **env})
@@ -134,21 +145,17 @@ def options(cmd: list[str], drop=("--model", "--data", "--output_dir", "--seed",
 
 
 def test_ablation_trains_and_evaluates_as_run_sh(tmp_path, capsys):
-    """Every option of run.sh's iteration-1 train.py and evaluate.py is the default setting's, with run.sh's value."""
-    commands = run_sh_commands(tmp_path, ITERATIONS="1")
-    run_train = next(c for c in commands if c[0] == "train.py" and "step-kto" in c)
-    run_eval = next(c for c in commands if c[0] == "evaluate.py" and "M1" in c[c.index("--model") + 1])
-    ours = {c[1]: c[1:] for c in dry_run(tmp_path, capsys, "--only", "default", "--seeds", "1")}
-    assert options(ours["train.py"]) == options(run_train) and options(ours["evaluate.py"]) == options(run_eval)
-    assert run_train[run_train.index("--seed") + 1] == ours["train.py"][ours["train.py"].index("--seed") + 1] == "1"
-    # a run made with SCRATCH_TOKENIZER=char (or before the option: no scratch_tokenizer in its M0's train_args.json)
-    run_eval = next(c for c in run_sh_commands(tmp_path / "char", ITERATIONS="1", SCRATCH_TOKENIZER="char")
-                    if c[0] == "evaluate.py" and "M1" in c[c.index("--model") + 1])
-    (tmp_path / "run" / "M0").mkdir(parents=True)
-    for saved in ({"model": "scratch", "scratch_tokenizer": "char"}, {"model": "scratch"}):
-        (tmp_path / "run" / "M0" / "train_args.json").write_text(json.dumps(saved))
-        ours = {c[1]: c[1:] for c in dry_run(tmp_path, capsys, "--only", "default", "--seeds", "1")}
-        assert options(ours["evaluate.py"]) == options(run_eval) and "160" in run_eval
+    """The ablation's train.py and evaluate.py are run.sh's own iteration-1 commands of the run (its commands.log),
+    with the setting's changes: for the default tokenizer and the char one (their token limits differ)."""
+    for tokenizer, limit in (("phrase", "96"), ("char", "160")):
+        run = logged_run(tmp_path, SCRATCH_TOKENIZER=tokenizer)
+        logged = [shlex.split(line) for line in (run / "commands.log").read_text().splitlines()]
+        run_train = next(c[2:] for c in logged if c[2] == "train.py" and "step-kto" in c)
+        run_eval = next(c[2:] for c in logged if c[2] == "evaluate.py" and "M1" in c[c.index("--model") + 1])
+        ours = {c[1]: c[1:] for c in dry_run(tmp_path, capsys, "--only", "default", "--seeds", "1", run=run)}
+        assert options(ours["train.py"]) == options(run_train) and options(ours["evaluate.py"]) == options(run_eval)
+        assert ours["train.py"][ours["train.py"].index("--seed") + 1] == "1"
+        assert run_eval[run_eval.index("--max_new_tokens") + 1] == limit
 
 
 def test_run_sh_task_hard_has_its_own_runs_folder_and_longer_chains(tmp_path):

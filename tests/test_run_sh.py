@@ -70,13 +70,15 @@ def test_run_sh_real_model_path(tmp_path):
     import pytest
 
     import common
+
+    import models
     import grading
 
     if not (grading.default_data_dir() / "amc23.jsonl").exists():
         pytest.skip("../shared/data/amc23.jsonl is absent")
     model = tmp_path / "seed-model"
-    tok = common.make_char_tokenizer()
-    common.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=64, max_len=2048).save_pretrained(model)
+    tok = models.make_char_tokenizer()
+    models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=64, max_len=2048).save_pretrained(model)
     tok.save_pretrained(model)
     problems = tmp_path / "train.jsonl"
     problems.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"

@@ -16,7 +16,7 @@ VLLM_GPU_VERSION = re.findall(r"^VLLM_GPU_VERSION=(\S+)", (REPO / "setup.sh").re
 def copy_of_repo(tmp_path: Path, *names: str) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("setup.sh", "requirements.txt", "common.py", *names):
+    for name in ("setup.sh", "requirements.txt", "setup_models.py", *names):
         shutil.copy(REPO / name, repo / name)
     return repo
 
@@ -93,7 +93,7 @@ def test_unknown_flags_are_refused(tmp_path):
     for flags in (["--cuda"], ["--dry-run", "--cuda"], ["--gpu", "gpu"]):
         proc = setup(repo, *flags)
         assert proc.returncode == 2 and proc.stdout == "" and f"unknown flag {flags[-1]}" in proc.stderr
-    assert files_under(repo) == {repo / n for n in ("setup.sh", "requirements.txt", "common.py")}
+    assert files_under(repo) == {repo / n for n in ("setup.sh", "requirements.txt", "setup_models.py")}
 
 
 def fake_venv(repo: Path, variant: str | None) -> None:
@@ -134,8 +134,10 @@ def test_a_gpu_venv_is_reused_and_its_stamp_names_the_vllm_version(tmp_path):
 
 
 FAKE_PYTHON = """#!/bin/sh
-# answers `-c 'import vllm'` with {vllm}; logs every other call and fails it, which stops run.sh there
+# answers `-c 'import vllm'` with {vllm} and run.sh's other -c calls (its settings line) with nothing; logs every
+# other call and fails it, which stops run.sh there
 if [ "$1" = -c ] && [ "$2" = "import vllm" ]; then exit {vllm}; fi
+if [ "$1" = -c ]; then exit 0; fi
 echo "$0 $*" >> "$FAKE_LOG"
 exit 3
 """

@@ -13,6 +13,7 @@ import pytest
 
 import arith_task
 import common
+import models
 import evaluate
 import label
 import report
@@ -110,7 +111,7 @@ sys.path.insert(0, {str(REPO)!r})
 from trl.experimental.prm import PRMTrainer
 import common
 row = json.loads(open({str(tmp_path / "labels.jsonl")!r}).readline())
-out = PRMTrainer.tokenize_row(row, common.make_char_tokenizer(), "\\n\\n", None, None, False, False)
+out = PRMTrainer.tokenize_row(row, models.make_char_tokenizer(), "\\n\\n", None, None, False, False)
 print(json.dumps(out))
 """
     env = {**os.environ, "PYTHONPATH": str(TRL_PRM), "TRL_EXPERIMENTAL_SILENCE": "1"}
@@ -118,7 +119,7 @@ print(json.dumps(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [l for l in out["labels"] if l != -100] == [0, 0, 0]  # one label per step, from our bools
-    decoded = common.make_char_tokenizer().decode(out["input_ids"], skip_special_tokens=True)
+    decoded = models.make_char_tokenizer().decode(out["input_ids"], skip_special_tokens=True)
     assert decoded == rows[0]["prompt"] + rows[0]["completion"] + "\n\n"  # steps + separators = our text
 
 

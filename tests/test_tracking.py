@@ -1,4 +1,4 @@
-"""common.open_tracker, the experiment tracking train.py and evaluate.py share: tensorboard (read back with
+"""tracking.open_tracker, the experiment tracking train.py and evaluate.py share: tensorboard (read back with
 TensorBoard's own loader, purge on resume), wandb offline (a run folder, one run id across reruns), none."""
 
 import re
@@ -7,6 +7,8 @@ import time
 import pytest
 
 import common
+
+import tracking
 
 
 def scalars(log_dir, tag: str) -> list[tuple[int, float]]:
@@ -33,7 +35,7 @@ def test_tensorboard_logs_only_finite_numbers(tmp_path):
     metrics = {"train/loss": 0.25, "count": 3, "model": "M1", "ci95": [0.1, 0.2], "ser": None, "flag": True,
                "np_flag": np.bool_(True), "nan": float("nan"), "np": np.float32(0.5), "t": torch.tensor(1.5),
                "vector": torch.ones(2)}
-    with common.open_tracker("tensorboard", tmp_path, "run", {}) as tracker:
+    with tracking.open_tracker("tensorboard", tmp_path, "run", {}) as tracker:
         tracker.log(metrics, step=7)
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert scalar_tags(tmp_path) == ["count", "np", "t", "train/loss"]
@@ -44,7 +46,7 @@ def test_tensorboard_logs_only_finite_numbers(tmp_path):
 
 
 def log_steps(log_dir, steps, value_of, start_step: int) -> None:
-    with common.open_tracker("tensorboard", log_dir, "run", {}, start_step=start_step) as tracker:
+    with tracking.open_tracker("tensorboard", log_dir, "run", {}, start_step=start_step) as tracker:
         for step in steps:
             tracker.log({"loss": value_of(step)}, step)
 
@@ -76,11 +78,11 @@ def wandb_env(tmp_path, monkeypatch):
 
 def test_wandb_offline_writes_a_run_and_reuses_its_id(wandb_env):
     log_dir = wandb_env
-    with common.open_tracker("wandb", log_dir, "M1", {"lr": 1e-5}) as tracker:
+    with tracking.open_tracker("wandb", log_dir, "M1", {"lr": 1e-5}) as tracker:
         tracker.log({"eval/pass@1": 0.5, "model": "M1"}, step=1)
     run_id = (log_dir / "wandb_run_id.txt").read_text().strip()
     assert re.fullmatch(r"[a-z0-9]{8}", run_id)
-    with common.open_tracker("wandb", log_dir, "M1", {"lr": 1e-5}) as tracker:  # a rerun after a crash
+    with tracking.open_tracker("wandb", log_dir, "M1", {"lr": 1e-5}) as tracker:  # a rerun after a crash
         tracker.log({"eval/pass@1": 0.6}, step=2)
     assert (log_dir / "wandb_run_id.txt").read_text().strip() == run_id
     runs = sorted((log_dir / "wandb").glob("offline-run-*"))
@@ -92,15 +94,15 @@ def test_wandb_offline_writes_a_run_and_reuses_its_id(wandb_env):
 
 
 def test_none_writes_nothing(tmp_path):
-    with common.open_tracker("none", tmp_path / "tracking", "run", {}) as tracker:
+    with tracking.open_tracker("none", tmp_path / "tracking", "run", {}) as tracker:
         tracker.log({"loss": 1.0}, step=0)
     assert not (tmp_path / "tracking").exists()
 
 
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match=re.escape("none | tensorboard | wandb")):
-        common.open_tracker("mlflow", tmp_path, "run", {})
+        tracking.open_tracker("mlflow", tmp_path, "run", {})
     with pytest.raises(ValueError, match="start_step"):
-        common.open_tracker("tensorboard", tmp_path, "run", {}, start_step=-1)
-    assert common.REPORT_TO == ("none", "tensorboard", "wandb")
+        tracking.open_tracker("tensorboard", tmp_path, "run", {}, start_step=-1)
+    assert tracking.REPORT_TO == ("none", "tensorboard", "wandb")
     assert not list(tmp_path.iterdir())  # refused before anything is written

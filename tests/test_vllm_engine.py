@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import common  # noqa: E402
 
+import models  # noqa: E402
+
 VLLM_PYTHON = Path(os.environ.get("STEPKTO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 pytestmark = pytest.mark.skipif(
     not VLLM_PYTHON.exists(), reason=f"no vLLM interpreter at {VLLM_PYTHON} (build it with `bash setup.sh --vllm`)"
@@ -77,8 +79,8 @@ def train_to_recite(model, batch: dict, steps: int = 80, lr: float = 3e-3) -> fl
 def workdir(tmp_path_factory) -> Path:
     """A folder with model/ (trained tiny Llama + char tokenizer) and problems.jsonl."""
     root = tmp_path_factory.mktemp("vllm_engine")
-    tokenizer = common.make_char_tokenizer()
-    model = common.make_tiny_llama(tokenizer, hidden_size=128, num_layers=2, intermediate_size=256, max_len=MAX_LEN)
+    tokenizer = models.make_char_tokenizer()
+    model = models.make_tiny_llama(tokenizer, hidden_size=128, num_layers=2, intermediate_size=256, max_len=MAX_LEN)
     learnt = PROBLEMS[:NUM_LEARNT]
     texts = [common.build_prompt(tokenizer, problem, "minimal") + solution for _, problem, solution in learnt]
     assert train_to_recite(model, recitation_batch(tokenizer, texts)) < 0.1

@@ -1,0 +1,507 @@
+"""Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision, loading a
+model sharded from rank 0, LoRA, the batch plan, the optimizer and LR schedule, the sharded resume state and the
+final save_pretrained folder. train.py passes its settings in.
+
+At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
+* no process builds the whole model but rank 0, on the CPU: every other rank builds a meta-device skeleton,
+  FSDP2 shards it, and the weights are broadcast from rank 0 one tensor at a time, each rank keeping its shard
+  (build_policy). Host RAM holds one copy of the model, and no GPU holds more than one tensor of it whole.
+* bf16 compute under FSDP2 is its MixedPrecisionPolicy (bf16 parameters for compute, float32 gradient reduction,
+  float32 master weights); torch.autocast only in one process without torchrun.
+* the resume state is torch.distributed.checkpoint's: each rank writes and reads its own shards.
+* collectives wait up to --dist_timeout_minutes; rank 0's long writes (the final model) come after the last
+  collective, so no rank waits on them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import random
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import common
+import models
+from policy import CompletionLogProbs
+
+
+class UsageError(Exception):
+    """Arguments that cannot work together; the message says which."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, mismatched resume state); the message says why."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Env(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed(timeout_minutes: float) -> Env:
+    """One process unless launched by torchrun (even with one process: FSDP2 on one GPU); then gloo on CPU,
+    nccl on GPU, every collective waiting up to ``timeout_minutes``."""
+    if "LOCAL_RANK" not in os.environ:  # plain `python train.py`
+        return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return Env(dist.get_rank(), dist.get_world_size(), device)
+
+
+def run_in_process_group(fn: Callable[[Env], None], timeout_minutes: float) -> None:
+    """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises."""
+    env = init_distributed(timeout_minutes)
+    try:
+        fn(env)
+    finally:
+        if dist.is_initialized():
+            # gloo's worker threads can still hold finished async work (FSDP2's collectives) whose tensors
+            # reference Python objects; freed during interpreter teardown they abort the process
+            # ("terminate called without an active exception", seen once in 10 runs here). Drop them first.
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def exit_under_torchrun() -> None:
+    """After run_in_process_group, under torchrun: everything is saved and the process group destroyed, so
+    skip the interpreter's teardown, where gloo's threads can still abort a finished run (pytorch/pytorch
+    PR 179291 describes the race)."""
+    if "LOCAL_RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def all_reduce_sums(sums: dict, device: torch.device) -> dict[str, float]:
+    """Sum each value over the ranks in one collective (and one device-to-host copy). Every rank must
+    pass the same keys."""
+    keys = sorted(sums)
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])  # (S,)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
+
+
+def check_shared_folder(folder: Path, env: Env) -> None:
+    """Every rank must see the same work folder: each decides from its files whether a cache or a resume state
+    exists, and ranks that disagree would hang in different collectives. Rank 0 writes a random token there and
+    every rank reads it; on node-local disks (or another --output_dir on another node) all ranks stop with one
+    error instead."""
+    if env.world_size == 1:
+        return
+    token_file = folder / "shared_folder_check"
+    token = secrets.token_hex(8) if env.rank == 0 else None
+    if env.rank == 0:
+        common.write_json_atomic(token_file, token)
+    barrier()
+    seen = common.read_json(token_file) if token_file.exists() else None
+    tokens = gather_objects(seen)
+    if len(set(tokens)) != 1 or tokens[0] is None:
+        missing = [r for r, t in enumerate(tokens) if t != tokens[0] or t is None]
+        raise UsageError(f"{folder} is not one folder shared by every rank: rank(s) {missing} do not see what rank 0 "
+                         "wrote there. Put --output_dir on a filesystem all nodes share, with the same path on each")
+
+
+# ----------------------------------------------------------------------------- the policy: FSDP2, mixed precision, LoRA
+
+
+MIXED_PRECISION = ("none", "bfloat16")
+
+
+class Lora(NamedTuple):
+    """LoRA settings (peft): rank, scaling numerator (the update is alpha / r * B A), dropout on the
+    adapters' input, comma-separated names of the modules that get adapters."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: str
+
+    def config(self):
+        from peft import LoraConfig
+
+        targets = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+
+
+def is_lora(lm: torch.nn.Module) -> bool:
+    return hasattr(lm, "peft_config")
+
+
+def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
+    """LoRA adapters on the model (peft; None: the model as it is). B starts at 0, so the untrained model is
+    exactly the base model: a trainer can score pi_ref with it before the first update and never load a second
+    copy of the weights."""
+    if lora is None:
+        return lm
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(lm, lora.config())
+    except ValueError as error:  # e.g. no module matches the target modules
+        raise UsageError(f"--lora_target_modules {lora.target_modules}: {error}") from None
+
+
+class PolicySpec(NamedTuple):
+    """How to build the policy: ``load_lm(meta)`` gives the causal LM (meta=True: its meta-device skeleton),
+    then LoRA, checkpointing, the LM-head chunking and the compute dtype."""
+
+    load_lm: Callable[[bool], torch.nn.Module]
+    lora: Lora | None
+    gradient_checkpointing: bool
+    chunk_mib: float
+    mixed_precision: str  # MIXED_PRECISION
+
+
+def build_policy(spec: PolicySpec, env: Env, trainable: bool) -> torch.nn.Module:
+    """CompletionLogProbs of the LM on env.device, without KV cache. One process: built whole, mixed precision by
+    autocast. Under torchrun: FSDP2-sharded over all ranks (each decoder layer, then the root: one all-gather per
+    layer), mixed precision by FSDP2's policy, the weights loaded from rank 0 shard by shard (load_sharded).
+    trainable: requires_grad (a LoRA model keeps what peft set: the base frozen) and checkpointing on request."""
+    if not dist.is_initialized():
+        policy = _wrap(add_lora(spec.load_lm(False), spec.lora), spec, trainable, autocast=True)
+        return policy.to(env.device)
+    full = _wrap(add_lora(spec.load_lm(False), spec.lora), spec, trainable, False) if env.rank == 0 else None
+    skeleton = _wrap(add_lora(spec.load_lm(True), spec.lora), spec, trainable, autocast=False)
+    shard(skeleton, env, spec.mixed_precision)
+    return load_sharded(skeleton, full, env)
+
+
+def _wrap(lm: torch.nn.Module, spec: PolicySpec, trainable: bool, autocast: bool) -> CompletionLogProbs:
+    lm.config.use_cache = False
+    if trainable and spec.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed it
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not (trainable and is_lora(lm)):
+        lm.requires_grad_(trainable)
+    compute = getattr(torch, spec.mixed_precision) if autocast and spec.mixed_precision != "none" else None
+    return CompletionLogProbs(lm, spec.chunk_mib, compute)
+
+
+def shard(policy: CompletionLogProbs, env: Env, mixed_precision: str) -> None:
+    """FSDP2 over all ranks: each decoder layer its own unit, then the root (embedding, final norm, head). With
+    bf16 mixed precision: bf16 parameters in forward and backward, gradients reduced in float32, the sharded
+    master weights (and AdamW's states) in their own dtype."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mp = MixedPrecisionPolicy()
+    if mixed_precision != "none":
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
+    for layer in policy.lm.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+
+
+def load_sharded(skeleton: CompletionLogProbs, full: CompletionLogProbs | None, env: Env) -> CompletionLogProbs:
+    """The sharded skeleton, allocated on the device (its shards only) and filled from rank 0's whole model on the
+    CPU: parameters and persistent buffers broadcast one tensor at a time (set_model_state_dict), and the buffers
+    no state dict holds (rotary frequencies) copied from rank 0's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    skeleton.to_empty(device=env.device)
+    state = full.state_dict() if full is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(skeleton, state, options=options)
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in skeleton.named_buffers():
+        if full is not None:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
+    del full, state
+    gc.collect()
+    return skeleton
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU; a DTensor shard is all-gathered (a collective: every rank, same order)."""
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().cpu()
+
+
+# ----------------------------------------------------------------------------- the batch plan
+
+
+class PlanBatch(NamedTuple):
+    epoch: int
+    rows: list[int]  # global batch, longest row first; rank r takes the r-th equal slice
+
+
+def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: int, seed: int,
+               min_batch_size: int, mega_batches: int = 50) -> list[PlanBatch]:
+    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
+
+    Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
+    that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
+    order is then shuffled. A short last batch is trimmed to a multiple of `shards` (world size x
+    gradient accumulation steps: equal micro-batches) and dropped below min_batch_size (KTO's KL pairs
+    need two rows).
+    """
+    rng = np.random.default_rng(seed)
+    mega = global_batch_size * mega_batches
+    plan = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(lengths)).tolist()
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+            batches += common.chunked(chunk, global_batch_size)
+        batches = [b[: len(b) - len(b) % shards] for b in batches]
+        batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
+        plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
+    return plan
+
+
+def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
+    """Positions of the global batch that this rank computes, one range per micro-batch: the rank's equal,
+    contiguous slice cut into `accumulation` equal parts (build_plan makes the batch divisible)."""
+    per_micro = global_batch_size // (env.world_size * accumulation)
+    first = env.rank * accumulation
+    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
+
+
+# ----------------------------------------------------------------------------- optimizer, LR schedule, clipping, throughput
+
+
+def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_decay: float, warmup_ratio: float,
+                   schedule: str, fused: bool):
+    """(AdamW over the trainable parameters, LambdaLR of lr_factor) for a run of total_steps steps."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    # As HF Trainer: no decay on norm gains and biases (1-D), which decay would only pull towards 0.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); on CPU the default
+    # updates one tensor at a time, ~10x the time on SmolLM2-135M (bench/bench_train_vs_trl.py --profile)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    warmup = round(warmup_ratio * total_steps)
+    factor = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to the peak over `warmup` steps, then linear or cosine decay towards 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_gradients(policy: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+
+
+class Throughput:
+    """Throughput since the last log line: real tokens of all forwards and rows of the global batches, all ranks."""
+
+    def __init__(self):
+        self.start, self.real, self.computed, self.rows = time.perf_counter(), 0.0, 0.0, 0
+
+    def add(self, real: float, computed: float, rows: int) -> None:
+        self.real, self.computed, self.rows = self.real + real, self.computed + computed, self.rows + rows
+
+    def stats(self) -> dict:
+        """The rates since the last call (or since the start), then a new window."""
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        stats = {"tokens_per_s": self.real / seconds, "samples_per_s": self.rows / seconds,
+                 "real_token_fraction": self.real / max(self.computed, 1.0)}
+        self.start, self.real, self.computed, self.rows = now, 0.0, 0.0, 0
+        return stats
+
+
+# ----------------------------------------------------------------------------- the training log, RNG states
+
+
+def append_log(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log lines written after a resume state of step last_step (they will be written again), and a
+    line cut by a kill."""
+    if path.exists():
+        common.write_jsonl_atomic(path, [e for e in common.read_complete_rows(path) if e["step"] <= last_step])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary name, fsync, rename: a kill at any moment leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- the sharded resume state
+# WORK/state-<step>/: torch.distributed.checkpoint's files (each rank its own shards of the model and the AdamW
+# state) and rank<r>.pt (that rank's RNG and the scheduler). WORK/state.json names the newest complete one; rank 0
+# rewrites it atomically once every rank has written, so a kill at any moment leaves a complete state to resume.
+
+
+def _state_dicts(policy, optimizer, adapters_only: bool):
+    """(model, optimizer) state dicts of this rank's shards; with LoRA the adapters alone (the base is on disk)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(policy, optimizer,
+                                                  options=StateDictOptions(ignore_frozen_params=adapters_only))
+    if adapters_only:  # a tied LM head is listed beside its frozen embedding: keep the adapters alone
+        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name in trainable}
+    return model_state, optimizer_state
+
+
+def save_train_state(work: Path, policy, optimizer, scheduler, step: int, signature: dict, adapters_only: bool) -> None:
+    """The resume state after ``step`` steps, every rank writing its own part. A collective."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = work / f"state-{step}"
+    model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    save_atomic({"rng": rng_state(), "scheduler": scheduler.state_dict()}, folder / f"rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
+        common.write_json_atomic(work / "state.json", {"step": step, "folder": folder.name, "run": signature})
+        for old in work.glob("state-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_train_state(work: Path, policy, optimizer, scheduler, signature: dict, adapters_only: bool) -> int:
+    """Restore the newest resume state, if any; returns its step (0: none). A state written with other arguments
+    raises TrainingError naming those that differ."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if not (work / "state.json").exists():
+        return 0
+    state = common.read_json(work / "state.json")
+    if state["run"] != json.loads(json.dumps(signature)):
+        changed = sorted(k for k in state["run"] if state["run"][k] != signature.get(k))
+        raise TrainingError(f"{work} holds the resume state of a run with other arguments ({', '.join(changed)}): "
+                            f"delete {work} to start over")
+    folder = work / state["folder"]
+    model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(strict=not adapters_only))
+    extras = torch.load(folder / f"rank{rank()}.pt", weights_only=False)  # our own file; it holds numpy RNG states
+    scheduler.load_state_dict(extras["scheduler"])
+    set_rng_state(extras["rng"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- the final model
+
+
+def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lora: Lora | None = None,
+                     base_model: str = "", dtype: str = "float32") -> None:
+    """Gather the weights of policy.lm (never the optimizer's state) to rank 0, which save_pretrained's them with
+    the tokenizer, work's train_log.jsonl and tracking/ and config (train_args.json) to OUT.tmp, renames it to
+    OUT and drops the work folder. With lora, OUT is base_model with the adapters merged. The gather is the last
+    collective: the other ranks are done then, and none waits on rank 0's writing."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if lora:
+        weights = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
+    else:
+        weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() != 0:
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lora:
+        save_merged_lora(weights, tmp, lora, base_model, dtype)
+    else:
+        # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
+        # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
+        names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
+        weights = {k.removeprefix("lm."): v for k, v in weights.items() if k in names}
+        policy.lm.save_pretrained(tmp, state_dict=weights)
+    tokenizer.save_pretrained(tmp)
+    for name in ("train_log.jsonl", "tracking"):
+        if (work / name).is_file():
+            shutil.copy(work / name, tmp / name)
+        elif (work / name).is_dir():
+            shutil.copytree(work / name, tmp / name)
+    common.write_json_atomic(tmp / "train_args.json", config)
+    os.replace(tmp, out)  # atomic: OUTPUT is either absent (or empty) or complete
+    shutil.rmtree(work)
+    print(f"saved {out}", flush=True)
+
+
+def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str, dtype: str) -> None:
+    """OUT = base_model with the adapters merged (an ordinary model for generate.py, evaluate.py and vLLM),
+    OUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they
+    are read again from base_model on the CPU, which also works when training sharded them over ranks."""
+    model = add_lora(models.load_model(base_model, dtype), lora)
+    loaded = model.load_state_dict(adapters, strict=False)
+    if loaded.unexpected_keys or len(adapters) == 0:
+        raise TrainingError(f"the trained adapters do not fit --model {base_model}: {loaded.unexpected_keys[:3]}")
+    model.save_pretrained(out / "adapter")
+    model.merge_and_unload().save_pretrained(out)

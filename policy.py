@@ -1,0 +1,190 @@
+"""The policy's log-probs: log pi(token | prefix) of the completion tokens of (prompt, completion) pairs, per
+completion and per step (the r(x, y) of (1) and r_k of (6) in stepkto_loss.py, paper Sec. 2.3), and the reference
+log-probs of every row and KL pair of a run, computed once and cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import common
+import stepkto_loss as sk
+
+class Pair(NamedTuple):
+    """A tokenized (prompt, completion): one row of a forward pass."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # EOS included when the completion stopped
+    step_ids: np.ndarray  # (len(completion_ids),) int64: step index of each completion token, -1 = none
+    num_steps: int
+
+
+def pair_length(pair: Pair) -> int:
+    return len(pair.prompt_ids) + len(pair.completion_ids)
+
+
+def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of (N, H) hidden states: logit[target] - logsumexp(logits), in float32 at least."""
+    logits = head(hidden)  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-probs are too coarse
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+
+
+class CompletionLogProbs(torch.nn.Module):
+    """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
+
+    The LM head and the log-softmax run on the N completion positions alone, never on the prompt's, and
+    never on more tokens at once than keep their float32 logits under ``chunk_mib`` MiB: with a large
+    vocabulary (SmolLM2: 49,152; Llama 3: 128,256) the logits of a whole batch would be the largest tensor
+    of the step. Under autograd each chunk is checkpointed, so backward recomputes its logits instead of
+    keeping them all (the cost: one more LM-head matmul per token). Being the FSDP root, this module's
+    forward also gathers the embedding / final norm / head shards.
+
+    With ``autocast`` (e.g. torch.bfloat16) the forward runs under torch.autocast: matmuls in that dtype,
+    the weights (and so their gradients and optimizer states) in their own, float32 for mixed precision.
+    Backward follows the forward's dtypes, and the checkpointed head chunks recompute under the same
+    autocast state. The log-probs are float32 either way.
+    """
+
+    def __init__(self, lm: torch.nn.Module, chunk_mib: float = 0.0, autocast: torch.dtype | None = None):
+        super().__init__()
+        self.lm = lm
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        self.chunk_tokens = max(1, int(chunk_mib * 2**20 / (4 * vocab))) if chunk_mib else 0  # 0: one chunk
+        self.autocast = autocast
+
+    def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
+        with torch.autocast(input_ids.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.completion_logps(input_ids, attention_mask, positions, targets)
+
+    def completion_logps(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
+        decoder = self.lm.get_decoder()
+        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = outputs.last_hidden_state.flatten(0, 1)[positions]  # (B, T, H) -> (N, H)
+        head = self.lm.get_output_embeddings()
+        if not 0 < self.chunk_tokens < len(targets):
+            return head_logps(head, hidden, targets)
+        parts = []
+        for hidden_chunk, target_chunk in zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens)):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(head_logps, head, hidden_chunk, target_chunk, use_reentrant=False,
+                                        preserve_rng_state=False))
+            else:
+                parts.append(head_logps(head, hidden_chunk, target_chunk))
+        return torch.cat(parts)  # (N,)
+
+
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T) prompt + completion, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (N,) flat index b*T + t of the position whose logits predict each completion token
+    targets: torch.Tensor  # (N,) the completion tokens
+    token_rows: torch.Tensor  # (N,) row of each completion token
+    token_cols: torch.Tensor  # (N,) index of the token within its completion
+    step_ids: torch.Tensor  # (B, C) long: step of each completion token, -1 for none / padding
+    step_mask: torch.Tensor  # (B, K) bool: real steps
+    real_tokens: int
+    computed_tokens: int
+
+
+def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
+    """Right-padded token matrix plus flat indices of the completion tokens (numpy, no per-token loop)."""
+    prompt_lens = np.array([len(p.prompt_ids) for p in pairs])  # (B,)
+    completion_lens = np.array([len(p.completion_ids) for p in pairs])  # (B,)
+    seq_lens = prompt_lens + completion_lens
+    batch_size, max_len, max_completion = len(pairs), int(seq_lens.max()), int(completion_lens.max())
+    input_ids = np.full((batch_size, max_len), pad_id, dtype=np.int64)
+    step_ids = np.full((batch_size, max_completion), -1, dtype=np.int64)
+    for b, pair in enumerate(pairs):  # a loop over rows, not tokens
+        input_ids[b, : seq_lens[b]] = pair.prompt_ids + pair.completion_ids
+        step_ids[b, : completion_lens[b]] = pair.step_ids
+    token_rows = np.repeat(np.arange(batch_size), completion_lens)  # (N,)
+    token_cols = np.arange(len(token_rows)) - np.repeat(np.cumsum(completion_lens) - completion_lens, completion_lens)
+    # Causal LM: the logits at position t predict token t+1, so completion token j is scored at prompt_len + j - 1.
+    positions = token_rows * max_len + np.repeat(prompt_lens, completion_lens) + token_cols - 1  # (N,)
+    num_steps = np.array([p.num_steps for p in pairs])
+    arrays = dict(
+        input_ids=input_ids,
+        attention_mask=np.arange(max_len)[None, :] < seq_lens[:, None],
+        positions=positions,
+        targets=input_ids.reshape(-1)[positions + 1],
+        token_rows=token_rows,
+        token_cols=token_cols,
+        step_ids=step_ids,
+        step_mask=np.arange(num_steps.max())[None, :] < num_steps[:, None],
+    )
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+    return Batch(**tensors, real_tokens=int(seq_lens.sum()), computed_tokens=batch_size * max_len)
+
+
+def token_sums(batches: list[Batch]) -> dict:
+    real, computed = sum(b.real_tokens for b in batches), sum(b.computed_tokens for b in batches)
+    return {"tokens/real": real, "tokens/computed": computed}
+
+
+def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y|x) of each completion (B,), per-step log-probs (B, K) in the `span` convention of (6))."""
+    token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
+    grid = token_logps.new_zeros(batch.step_ids.shape)  # (B, C), 0 at padding
+    grid = grid.index_put((batch.token_rows, batch.token_cols), token_logps)  # differentiable scatter
+    steps = sk.step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
+    return grid.sum(dim=1), steps
+
+
+class Reference(NamedTuple):
+    """log pi_ref of every row and every KL pair of the plan, per step and in total (never per token)."""
+
+    row_total: torch.Tensor  # (R,)
+    row_steps: torch.Tensor  # (R, K_max) in the --step_span convention, 0 past a row's last step
+    kl_total: torch.Tensor  # (P,) one per plan item, in plan order
+    kl_steps: torch.Tensor  # (P, K_max) with --step_z0 step, else (P, 0)
+
+
+def cached_reference(cache: Path, key: str, compute: Callable[[], Reference], rank: int) -> Reference:
+    """The reference log-probs of ``cache`` when it was written for ``key`` (what they depend on), else
+    ``compute()``, saved there by rank 0. A resumed run never recomputes them."""
+    import plumbing
+
+    if cache.exists():
+        saved = torch.load(cache)
+        if saved["key"] == key:
+            print(f"reference log-probs: loaded from {cache}", flush=True)
+            return Reference(**saved["reference"])
+    reference = compute()
+    if rank == 0:
+        plumbing.save_atomic({"key": key, "reference": reference._asdict()}, cache)
+    plumbing.barrier()
+    return reference
+
+
+@torch.no_grad()
+def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int, env, pad_id: int):
+    """(totals (P,), steps (P, K_max)) of many pairs: length-sorted batches, spread over the ranks (env: plumbing.Env)."""
+    import plumbing
+
+    # Longest first: if memory runs out, it does so at once.
+    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
+    batches = common.chunked(order, batch_size)
+    rounds = -(-len(batches) // env.world_size)
+    local, dtype = {}, None
+    for b in tqdm(range(env.rank, rounds * env.world_size, env.world_size), desc="reference", disable=env.rank != 0):
+        # Every FSDP forward all-gathers weights, so all ranks must run the same number: a rank with no
+        # batch left recomputes batch 0 and drops the result.
+        indices = batches[b] if b < len(batches) else batches[0]
+        totals, steps = completion_logps(policy, collate([pairs[i] for i in indices], pad_id, env.device), span)
+        dtype = totals.dtype
+        if b < len(batches):
+            local.update((i, (t, s[: pairs[i].num_steps])) for i, t, s in zip(indices, totals.tolist(), steps.tolist()))
+    totals = torch.zeros(len(pairs), dtype=dtype)
+    steps = torch.zeros(len(pairs), max(p.num_steps for p in pairs), dtype=dtype)
+    for part in plumbing.gather_objects(local):
+        for i, (total, row) in part.items():
+            totals[i] = total
+            steps[i, : len(row)] = torch.tensor(row)
+    return totals, steps

