@@ -189,8 +189,11 @@ def label_set(args: Args, problems: list[dict], tag: str, n: int, shard: common.
         print(f"{labels} is complete; nothing to do.")
         return True
     chunk_ids = [generate.sample_ids(c, n) for c in common.chunked(problems, args.chunk_size)]
-    rows = common.shard_rows(Path(samples), chunk_ids, shard)
-    return label.label_chunks(chunk_ids, rows.__getitem__, labels, label_settings(args), shard)
+    rows, settings = common.shard_rows(Path(samples), chunk_ids, shard), label_settings(args)
+    # a benchmark may have no reference solutions (AMC23): say how many rows the judge sees none for, never refuse
+    label.check_references([r for chunk in rows.values() for r in chunk], replace(settings, allow_missing_reference=True),
+                           samples)
+    return label.label_chunks(chunk_ids, rows.__getitem__, labels, settings, shard)
 
 
 def compute_result(args: Args) -> dict:

@@ -25,7 +25,9 @@ OBJECTIVES=${OBJECTIVES:-step-kto kto}    # each trained from the same M0, itera
 for objective in $OBJECTIVES; do
     case $objective in step-kto|kto) ;; *) echo "error: OBJECTIVES: $objective: must be step-kto | kto" >&2; exit 2 ;; esac
 done
-SEED=${SEED:-0}
+SEED=${SEED:-0}                           # the run's seed: its data, M0 and runs (RUNS/seed<SEED>)
+SAMPLING_SEED=${SAMPLING_SEED:-$SEED}     # the seed of each iteration's samples and training: another draw from
+                                          # the same M0 (bench/ablation_loop.sh SETTINGS=SAMPLING_SEED=1)
 ITERATIONS=${ITERATIONS:-3}
 TASK=${TASK:-default}                     # built-in task: default (2-5 operations) | hard (MIN_OPS..MAX_OPS, 4-8)
 case $TASK in
@@ -301,7 +303,7 @@ samples() {
     echo "== iteration $2 ($1): generate with $prev"
     timed generate sharded "$TP" "$run/iter$2/samples.jsonl" "$GEN_PYTHON" generate.py --model "$prev" \
         --problems "$TRAIN_PROBLEMS" --output "$run/iter$2/samples.jsonl" --num_samples "$SAMPLES" \
-        --max_problems "$MAX_PROBLEMS" --temperature "$TEMPERATURE" --seed "$((SEED * 1000 + $2))" \
+        --max_problems "$MAX_PROBLEMS" --temperature "$TEMPERATURE" --seed "$((SAMPLING_SEED * 1000 + $2))" \
         --chunk_size "$GEN_CHUNK" --max_new_tokens "$MAX_NEW_TOKENS" --prompt_style "$PROMPT_STYLE" \
         "${ENGINE_ARGS[@]}" "${COMMON[@]}"
     case $PRM in judge) label_tp=$JUDGE_TP ;; mc) label_tp=$TP ;; esac
@@ -319,7 +321,7 @@ for i in $(seq 1 "$ITERATIONS"); do  # the objectives side by side, iteration by
         [ "$objective" = step-kto ] && step_level=("${STEP_LEVEL[@]}")
         timed "train_$objective" run_logged "${TRAIN[@]}" --objective "$objective" --model "$prev" \
             --data "$run/iter$i/labels.jsonl" --output_dir "$run/M$i" --per_device_batch_size "$BATCH" \
-            --gradient_accumulation_steps "$GRAD_ACCUM" "${RECIPE[@]}" "${step_level[@]}" --seed "$((SEED * 1000 + i))" \
+            --gradient_accumulation_steps "$GRAD_ACCUM" "${RECIPE[@]}" "${step_level[@]}" --seed "$((SAMPLING_SEED * 1000 + i))" \
             --lora_r "$LORA_R" --report_to "$REPORT_TO" "${COMMON[@]}" "${ITER_DTYPE[@]}" "${SCALE[@]}"
         evaluate "$run/M$i" "$i" "$run/eval/M$i"
     done

@@ -30,8 +30,9 @@ A trailing `# (n)` in the code marks the line that implements equation (n).
                          a term whose weight is 0 is left out; L_step also when S is empty
 
 Where the code is: (1) is the caller's (the sum over the completion's tokens; step_rewards per token),
-(2) estimate_z0, (3)-(4) kto_losses, (5) and (8) stepkto_loss, (6) step_logps / step_rewards, (7)
-_per_completion_step_losses and _step_loss, K_i optionally through_first_error.
+(2) estimate_z0, (3)-(4) kto_losses, (5) and (7) per_completion's summands and StepKTOTerms.loss's means (one
+path for both reductions: the "mean" loss is terms.loss(terms.sums())), (6) step_logps / step_rewards, (8)
+StepKTOTerms.loss, K_i optionally through_first_error.
 
 What is the paper's and what is ours:
   * the paper's (Section 2.3): the KTO value function (1)-(5) on the outcome label -- plain KTO, TRL's
@@ -70,18 +71,17 @@ Under torch.distributed (each rank calls stepkto_loss on its slice of the global
     and the masks of which completions are in each mean. The trainer takes the global means itself:
 
         terms, metrics = stepkto_loss(..., reduction="none")
-        totals = terms.sums()                 # (4,) [sum, count] of (5) and of (7), detached
-        dist.all_reduce(totals)               # ONE collective: the global sums and counts
-        loss = terms.loss(totals)             # this rank's sums over the GLOBAL counts: its share of (8)
-        (loss * dist.get_world_size()).backward()   # times world_size: DDP / FSDP average over ranks
+        totals = terms.sums()                           # LevelSums: sums and counts of (5) and (7), detached
+        totals = LevelSums(*all_reduce(totals.stack())) # ONE collective: the global sums and counts
+        loss = terms.loss(totals)                       # this rank's sums over the GLOBAL counts: its share of (8)
+        (loss * dist.get_world_size()).backward()       # times world_size: DDP / FSDP average over ranks
 
-    Summed over the ranks, the shares are (8) of the global batch, value and gradient. The global value
-    of (8), for logging, is w_outcome * totals[0] / totals[1] + w_step * totals[2] / totals[3], a level
-    with count 0 left out. Gradient accumulation is the same with micro-batches for ranks, except that
-    loss() must know the counts of ALL the optimizer step's micro-batches before the first backward. It
-    reads only the counts, and they need no forward pass (N_outcome: the completions, N_step: those with
-    a scored step, i.e. step_mask.any(dim=1)), so count them up front; add the micro-batches' sums() for
-    the logged value.
+    Summed over the ranks, the shares are (8) of the global batch, value and gradient; totals.loss_metrics()
+    gives its logged value (and those of (5) and (7)). Gradient accumulation is the same with micro-batches for
+    ranks, except that loss() must know the counts of ALL the optimizer step's micro-batches before the first
+    backward. It reads only the counts, and they need no forward pass (n_outcome: the completions, n_step: those
+    with a scored step, i.e. step_mask.any(dim=1)), so count them up front; add the micro-batches' sums() for
+    the logged value. The other metrics come as sums too (reward_sums): add them, then reward_means.
 """
 
 from typing import NamedTuple
@@ -92,6 +92,33 @@ import torch.distributed as dist
 SPANS = ("step", "prefix")
 STEP_AGGREGATIONS = ("mean", "sum")
 REDUCTIONS = ("mean", "none")
+
+
+class LevelSums(NamedTuple):
+    """Sums of the summands of (5) and (7) over some completions (a batch, a rank's, all ranks'), and how many
+    completions each mean runs over: (5) = outcome / n_outcome, (7) = step / n_step. Detached scalars, at least
+    float32 (exact counts). They add over micro-batches and ranks: add(), or all-reduce stack()."""
+
+    outcome: torch.Tensor
+    n_outcome: torch.Tensor
+    step: torch.Tensor
+    n_step: torch.Tensor
+
+    def add(self, other: "LevelSums") -> "LevelSums":
+        return LevelSums(*(a + b for a, b in zip(self, other)))
+
+    def stack(self) -> torch.Tensor:
+        return torch.stack(tuple(self))  # (4,): one tensor to all-reduce
+
+    def loss_metrics(self, w_outcome: float, w_step: float) -> dict:
+        """loss/outcome (5), loss/step (7) and loss/total (8) of these sums; a level of weight 0 or count 0 left out."""
+        metrics, total = {}, 0.0
+        for name, value, count, weight in (("outcome", self.outcome, self.n_outcome, w_outcome),
+                                           ("step", self.step, self.n_step, w_step)):
+            if weight != 0 and count > 0:
+                metrics[f"loss/{name}"] = value / count  # (5), (7)
+                total = total + weight * metrics[f"loss/{name}"]  # (8)
+        return metrics | {"loss/total": torch.as_tensor(total, dtype=self.outcome.dtype)}
 
 
 class StepKTOTerms(NamedTuple):
@@ -112,22 +139,21 @@ class StepKTOTerms(NamedTuple):
     w_outcome: float
     w_step: float
 
-    def sums(self):
-        """(4,) detached [sum of outcome, count of has_outcome, sum of step, count of has_step], at least
-        float32 (exact counts): all-reduce it (or add it over micro-batches) in one go."""
+    def sums(self) -> LevelSums:
+        """This batch's LevelSums, detached: all-reduce them (or add them over micro-batches) in one go."""
         dtype = torch.promote_types(self.outcome.dtype, torch.float32)
         parts = (self.outcome.sum(), self.has_outcome.sum(), self.step.sum(), self.has_step.sum())
-        return torch.stack([part.detach().to(dtype) for part in parts])
+        return LevelSums(*(part.detach().to(dtype) for part in parts))
 
-    def loss(self, totals):
-        """This shard's share of (8): w_outcome * sum(outcome) / N_outcome + w_step * sum(step) / N_step.
+    def loss(self, totals: LevelSums):
+        """This shard's share of (8): w_outcome * sum(outcome) / n_outcome + w_step * sum(step) / n_step.
 
-        totals: (4,) from sums(); only its counts N_outcome = totals[1], N_step = totals[3] are used. With
-        this batch's own sums() it equals reduction="mean"; with the sums of all shards (ranks or
-        micro-batches) of one step, the shards' losses add up to (8) of the whole step's batch. A level
-        with count 0 adds a zero that is still on the graph.
+        Only the counts of ``totals`` are used. With this batch's own sums() it is the batch's (8), which is
+        what reduction="mean" returns; with the sums of all shards (ranks or micro-batches) of one step, the
+        shards' losses add up to (8) of the whole step's batch. A level with count 0 adds a zero that is still
+        on the graph.
         """
-        n_outcome, n_step = totals[1].clamp(min=1), totals[3].clamp(min=1)
+        n_outcome, n_step = totals.n_outcome.clamp(min=1), totals.n_step.clamp(min=1)
         return self.w_outcome * self.outcome.sum() / n_outcome + self.w_step * self.step.sum() / n_step  # (8)
 
 
@@ -232,131 +258,96 @@ def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels,
     (our default), else estimate_z0 over mismatched pairs' step log-ratios. L_outcome (5): mean over the B
     completions of kto_losses (TRL's KTO loss). L_step (7): mean over completions with >= 1 scored step of
     the mean (or sum: step_aggregation) of kto_losses over its scored steps; a term of weight 0 (or with no
-    scored step) is skipped. step_lambda_d / _u: the step level's lambda_D / U (None: the outcome level's;
+    scored step) is left out. step_lambda_d / _u: the step level's lambda_D / U (None: the outcome level's;
     the KTO paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] at each level, and the two differ).
 
-    reduction="mean": (loss, metrics), loss the scalar (8) of this batch. reduction="none": (terms, metrics),
-    terms a StepKTOTerms (per-completion summands of (5) and (7) and the masks of each mean), from which a
-    distributed trainer takes GLOBAL means with one all-reduce (module docstring, "Under torch.distributed");
-    terms.loss(terms.sums()) is the "mean" loss. metrics, detached: loss/total, loss/outcome, loss/step (this
-    batch's means), kl/z0, kl/z0_step (when given), and per level and side rewards/{level}_{side} (mean of
-    beta * log-ratio, TRL's `rewards/chosen`) and count/{level}_{side}; a side absent from the batch is absent.
+    reduction="mean": (loss, metrics), loss the scalar (8) of this batch, terms.loss(terms.sums()); metrics,
+    detached: loss/total, loss/outcome, loss/step (this batch's means), kl/z0, kl/z0_step (when given), and per
+    level and side rewards/{level}_{side} (mean of beta * log-ratio, TRL's `rewards/chosen`) and
+    count/{level}_{side}; a side absent from the batch is absent.
+    reduction="none": (terms, metrics), terms a StepKTOTerms (per-completion summands of (5) and (7) and the
+    masks of each mean), from which a distributed trainer takes GLOBAL means with one all-reduce (module
+    docstring, "Under torch.distributed"); metrics: kl/z0 (kl/z0_step) and reward_sums' sums and counts, every
+    key present, to be added over micro-batches and ranks and divided by reward_means; the losses' own
+    metrics are terms.sums(), added the same way, through LevelSums.loss_metrics.
     """
     _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask)
     _check_stepkto_options(z0, z0_step, w_outcome, w_step, step_aggregation, reduction)
-    kto_args = dict(beta=beta, lambda_d=lambda_d, lambda_u=lambda_u)
-    step_z0, step_args = _step_level(z0, z0_step, kto_args, step_lambda_d, step_lambda_u)
-    metrics = {"kl/z0": z0.detach(), **({} if z0_step is None else {"kl/z0_step": z0_step.detach()}),
-               **_reward_metrics("outcome", outcome_logratios, outcome_labels, beta),
-               **_reward_metrics("step", step_logratios[step_mask], step_labels[step_mask], beta)}
-    outcome_level = (outcome_logratios, outcome_labels, z0, kto_args, w_outcome)
-    step_level = (step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args, w_step)
-    if reduction == "none":
-        return _per_completion_terms(outcome_level, step_level, metrics), metrics
-    loss = _mean_loss(outcome_level, step_level, metrics)
-    metrics["loss/total"] = loss.detach()
-    return loss, metrics
+    outcome = Level(outcome_logratios[:, None], outcome_labels[:, None], torch.ones_like(outcome_labels[:, None]),
+                    z0, KTOWeights(beta, lambda_d, lambda_u), w_outcome)
+    step = Level(step_logratios, step_labels, step_mask, z0 if z0_step is None else z0_step,
+                 KTOWeights(beta, _or(step_lambda_d, lambda_d), _or(step_lambda_u, lambda_u)), w_step)
+    outcome_summands, has_outcome = per_completion(outcome, "mean")  # (4) of the one item: the summand of (5)
+    step_summands, has_step = per_completion(step, step_aggregation)  # the summand of (7)
+    terms = StepKTOTerms(outcome_summands, step_summands, has_outcome, has_step, w_outcome, w_step)
+    metrics = {"kl/z0": z0.detach(), **({} if z0_step is None else {"kl/z0_step": z0_step.detach()})}
+    if reduction == "none":  # sums, which a trainer adds over micro-batches and ranks before it divides
+        return terms, metrics | reward_sums(outcome, step)
+    metrics |= reward_means(reward_sums(outcome, step)) | terms.sums().loss_metrics(w_outcome, w_step)
+    return terms.loss(terms.sums()), metrics
 
 
-def _per_completion_terms(outcome_level: tuple, step_level: tuple, metrics: dict) -> "StepKTOTerms":
-    """reduction="none": the per-completion summands of (5) and (7) and the masks of their means."""
-    outcome_logratios, outcome_labels, z0, kto_args, w_outcome = outcome_level
-    step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args, w_step = step_level
-    outcome_losses = kto_losses(outcome_logratios, outcome_labels, z0, **kto_args)  # (4): summands of (5)
-    step_losses, has_step = _per_completion_step_losses(step_logratios, step_labels, step_mask, step_z0,
-                                                        step_aggregation, step_args)
-    terms = _masked_terms(outcome_losses, step_losses, has_step, w_outcome, w_step)
-    metrics.update(_terms_metrics(terms))
-    return terms
+class KTOWeights(NamedTuple):
+    beta: float
+    lambda_d: float
+    lambda_u: float
 
 
-def _mean_loss(outcome_level: tuple, step_level: tuple, metrics: dict):
-    """reduction="mean": (8) over this batch's means (5) and (7); adds loss/outcome, loss/step to metrics."""
-    outcome_logratios, outcome_labels, z0, kto_args, w_outcome = outcome_level
-    step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args, w_step = step_level
-    terms = []
-    if w_outcome != 0:
-        outcome_loss = kto_losses(outcome_logratios, outcome_labels, z0, **kto_args).mean()  # (5)
-        metrics["loss/outcome"] = outcome_loss.detach()
-        terms.append(w_outcome * outcome_loss)  # (8)
-    if w_step != 0 and bool(step_mask.any()):
-        step_loss = _step_loss(step_logratios, step_labels, step_mask, step_z0, step_aggregation, step_args)
-        metrics["loss/step"] = step_loss.detach()
-        terms.append(w_step * step_loss)  # (8)
-    # Nothing to learn from (step-only with no real steps): a zero that is still on the graph, so that
-    # backward() and DDP's gradient hooks run as usual.
-    return sum(terms) if terms else (outcome_logratios * 0).sum()  # (8)
+class Level(NamedTuple):
+    """One level of (8) as (B, K) items: the outcome with K = 1 (the completion), the steps with K steps."""
+
+    logratios: torch.Tensor  # (B, K): r(x, y) of (1), or r_k of (6)
+    labels: torch.Tensor  # (B, K) bool: desirable
+    mask: torch.Tensor  # (B, K) bool: the items scored (every completion; K_i of (7))
+    z0: torch.Tensor  # the level's reference point (2)
+    kto: KTOWeights  # beta, lambda_D, lambda_U of (3)
+    weight: float  # w_outcome or w_step of (8)
 
 
-def _step_level(z0, z0_step, kto_args, step_lambda_d, step_lambda_u):
-    """(z0 of the step level, kto_losses arguments of the step level): each None falls back to the outcome's."""
-    step_z0 = z0 if z0_step is None else z0_step
-    step_args = dict(
-        beta=kto_args["beta"],
-        lambda_d=kto_args["lambda_d"] if step_lambda_d is None else step_lambda_d,
-        lambda_u=kto_args["lambda_u"] if step_lambda_u is None else step_lambda_u,
-    )
-    return step_z0, step_args
-
-
-def _per_completion_step_losses(step_logratios, step_labels, step_mask, z0, step_aggregation, kto_args):
-    """(B,) AGG_{k in K_i} l_k, the summands of (7) (0 for a completion without scored steps), and (B,) bool
-    has_step: the completions with >= 1 scored step, the set S of (7)."""
-    # Padding steps may hold anything (even NaN): replace them before the sigmoid so that neither the
+def per_completion(level: Level, aggregation: str):
+    """((B,) summands AGG_{k in K_i} l_k of the level's mean, (B,) bool: the completions in that mean, those with a
+    scored item; none when the level's weight is 0). Losses outside the mask are 0, still on the graph."""
+    # Padding items may hold anything (even NaN): replace them before the sigmoid so that neither the
     # loss nor its gradient sees them (torch.where sends zero gradient to the unselected branch).
-    real_logratios = torch.where(step_mask, step_logratios, torch.zeros_like(step_logratios))  # (B, K)
-    per_step = kto_losses(real_logratios, step_labels, z0, **kto_args) * step_mask  # (B, K) l_k of (7)
-    steps_per_completion = step_mask.sum(dim=1)  # (B,) |K_i|
-    per_completion = per_step.sum(dim=1)  # (B,) AGG = sum
-    if step_aggregation == "mean":
-        per_completion = per_completion / steps_per_completion.clamp(min=1)  # (B,) AGG = mean
-    return per_completion, steps_per_completion > 0
+    real = torch.where(level.mask, level.logratios, torch.zeros_like(level.logratios))  # (B, K)
+    losses = kto_losses(real, level.labels, level.z0, *level.kto) * level.mask  # (B, K) l of (4), l_k of (7)
+    count = level.mask.sum(dim=1)  # (B,) |K_i|
+    summands = losses.sum(dim=1)  # (B,) AGG = sum
+    if aggregation == "mean":
+        summands = summands / count.clamp(min=1)  # (B,) AGG = mean
+    in_mean = (count > 0) & (level.weight != 0)  # (B,) S of (7); every completion for (5)
+    return torch.where(in_mean, summands, torch.zeros_like(summands)), in_mean
 
 
-def _step_loss(step_logratios, step_labels, step_mask, z0, step_aggregation, kto_args):
-    """L_step (7) = mean over completions with >= 1 scored step of (mean | sum) over its scored steps of l_k."""
-    per_completion, has_step = _per_completion_step_losses(
-        step_logratios, step_labels, step_mask, z0, step_aggregation, kto_args
-    )
-    return per_completion[has_step].mean()  # (7)
+LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
 
 
-def _masked_terms(outcome_losses, step_losses, has_step, w_outcome, w_step):
-    """StepKTOTerms of reduction="none": a level whose weight is 0 has no completion in its mean, as in
-    reduction="mean" where it is skipped; losses outside the masks are 0 (still on the graph)."""
-    has_outcome = torch.full_like(has_step, w_outcome != 0)  # (B,) bool
-    has_step = has_step & (w_step != 0)  # (B,) bool
-    return StepKTOTerms(
-        outcome=torch.where(has_outcome, outcome_losses, torch.zeros_like(outcome_losses)),
-        step=torch.where(has_step, step_losses, torch.zeros_like(step_losses)),
-        has_outcome=has_outcome,
-        has_step=has_step,
-        w_outcome=w_outcome,
-        w_step=w_step,
-    )
+def reward_sums(outcome: Level, step: Level) -> dict:
+    """rewards_sum/{level}_{side} (sum of beta * r over the scored items) and count/{level}_{side}, detached, every
+    key present (0 for an absent side), so that they add over micro-batches and ranks; reward_means divides."""
+    sums = {}
+    for name, level in zip(LEVELS, (outcome, step)):
+        values, labels = level.logratios[level.mask].detach(), level.labels[level.mask]  # (N,)
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        for side, is_side in zip(SIDES, (labels, ~labels)):
+            sums[f"rewards_sum/{name}_{side}"] = (level.kto.beta * values[is_side]).to(dtype).sum()
+            sums[f"count/{name}_{side}"] = is_side.sum().to(dtype)
+    return sums
 
 
-def _terms_metrics(terms):
-    """loss/* of reduction="none", as reduction="mean" logs them: this batch's means of (5), (7) and (8)."""
-    totals = terms.sums()  # (4,)
-    metrics = {}
-    if terms.w_outcome != 0:
-        metrics["loss/outcome"] = totals[0] / totals[1]
-    if terms.w_step != 0 and totals[3] > 0:
-        metrics["loss/step"] = totals[2] / totals[3]
-    metrics["loss/total"] = terms.loss(totals).detach()
-    return metrics
+def reward_means(sums: dict) -> dict:
+    """rewards/{level}_{side} (mean of beta * r, TRL's `rewards/chosen`) and count/{level}_{side}, for each side
+    with a count, from reward_sums (of one batch, or added over micro-batches and ranks)."""
+    means = {}
+    for key in (f"{level}_{side}" for level in LEVELS for side in SIDES):
+        if sums[f"count/{key}"] > 0:
+            means[f"rewards/{key}"] = sums[f"rewards_sum/{key}"] / sums[f"count/{key}"]
+            means[f"count/{key}"] = sums[f"count/{key}"]
+    return means
 
 
-def _reward_metrics(level, logratios, labels, beta):
-    """rewards/{level}_{side} (mean of beta * r) and count/{level}_{side}, only for sides present."""
-    metrics = {}
-    for side, is_side in (("desirable", labels), ("undesirable", ~labels)):
-        count = is_side.sum()
-        if count > 0:
-            metrics[f"rewards/{level}_{side}"] = (beta * logratios[is_side]).mean().detach()
-            metrics[f"count/{level}_{side}"] = count.detach().float()
-    return metrics
+def _or(value, default):
+    return default if value is None else value
 
 
 def _check_step_inputs(token_logps, step_ids, num_steps, span):

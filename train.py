@@ -245,9 +245,10 @@ def prepare_data(args: Args, env: Env, tokenizer) -> TrainData:
 # The reference point z0 (2), each micro-batch's share of the loss (8) through stepkto_loss, the NLL anchor.
 
 
-def kto_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, env: Env) -> dict:
+def kto_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, env: Env) -> tuple[dict, dict]:
     """One global batch of Step-KTO (kto: w_step = 0): z0 (2) over all of it, then each of this rank's
-    micro-batches' share of (8) (+ the NLL anchor) and its backward. Returns the metric sums."""
+    micro-batches' share of (8) (+ the NLL anchor) and its backward. Returns (metric sums to add over the ranks,
+    the reference points, the same on every rank)."""
     micros = micro_batches(len(batch.rows), env, args.gradient_accumulation_steps)
     z0s, sums = reference_point(policy, step, batch, micros, data, args, env)  # (2)
     counts = global_counts(batch, data)
@@ -255,14 +256,15 @@ def kto_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, e
         loss, micro_sums = kto_micro_batch(policy, positions, batch, data, args, env, z0s, counts)
         loss.backward()
         sums = add_sums(sums, micro_sums)
-    return sums
+    z0, z0_step = z0s
+    return sums, {"kl/z0": z0, **({} if z0_step is None else {"kl/z0_step": z0_step})}
 
 
 @torch.no_grad()
 def reference_point(policy, step: int, batch: PlanBatch, micros: list[range], data: TrainData, args: Args,
                     env: Env):
-    """((z0, z0_step), metric sums): (2) from the policy's log-ratios on the mismatched KL pairs, under
-    no_grad (as TRL); z0_step (None unless --step_z0 step) from the pairs' step log-ratios.
+    """((z0, z0_step), token sums of the KL forwards): (2) from the policy's log-ratios on the mismatched KL
+    pairs, under no_grad (as TRL); z0_step (None unless --step_z0 step) from the pairs' step log-ratios.
 
     Estimated over the whole global batch: every micro-batch of every rank (estimate_z0 all-reduces over
     the ranks), so that gradient accumulation computes the update of one large batch exactly. TRL
@@ -281,17 +283,15 @@ def reference_point(policy, step: int, batch: PlanBatch, micros: list[range], da
         steps.append((step_logps - ref_steps)[kl.step_mask])  # (6) r_k of the pairs' real steps
     z0 = sk.estimate_z0(torch.cat(outcome))  # (2) over the whole accumulated batch
     z0_step = sk.estimate_z0(torch.cat(steps)) if own_step_z0 else None  # (2) over the steps
-    # The same on every rank: logged as the sum over the ranks over their number.
-    sums |= {"ranks": 1, "kl/z0": z0, "kl/z0_step": torch.zeros_like(z0) if z0_step is None else z0_step}
     return (z0, z0_step), sums
 
 
-def global_counts(batch: PlanBatch, data: TrainData) -> torch.Tensor:
-    """(4,) like StepKTOTerms.sums(), counts only: N_outcome, the global batch's completions, the denominator
-    of (5); N_step, those with a step (every --step_scope scores a completion's first step), that of (7).
-    Known before any forward, as StepKTOTerms.loss needs them before the first backward."""
+def global_counts(batch: PlanBatch, data: TrainData) -> sk.LevelSums:
+    """The counts of the global batch's means, which StepKTOTerms.loss needs before the first backward and which
+    need no forward: n_outcome, its completions, the denominator of (5); n_step, those with a step (every
+    --step_scope scores a completion's first step), that of (7)."""
     n_step = sum(data.examples[i].pair.num_steps > 0 for i in batch.rows)
-    return torch.tensor([0.0, len(batch.rows), 0.0, n_step])
+    return sk.LevelSums(*torch.tensor([0.0, len(batch.rows), 0.0, n_step]))
 
 
 def kto_micro_batch(policy, positions: range, batch: PlanBatch, data: TrainData, args: Args, env: Env, z0s,
@@ -315,7 +315,7 @@ def kto_micro_batch(policy, positions: range, batch: PlanBatch, data: TrainData,
     # (5) and (7) over the GLOBAL counts: the shares of all micro-batches of all ranks add up to the global
     # batch's (8). Times world_size because FSDP averages the gradients over the ranks.
     loss = terms.loss(counts) * env.world_size
-    sums = kto_sums(terms, metrics) | token_sums([main])
+    sums = level_sums(terms.sums()) | {k: v for k, v in metrics.items() if not k.startswith("kl/")} | token_sums([main])
     if args.nll_weight:
         nll, sums["loss/nll"], sums["items/nll_tokens"] = anchor_nll(totals, examples, batch, data, env)
         loss = loss + args.nll_weight * nll
@@ -381,7 +381,7 @@ def share_of_global_mean(local_sum: torch.Tensor, global_count: int, env: Env) -
     return local_sum * env.world_size / max(global_count, 1)
 
 
-def sft_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, env: Env) -> dict:
+def sft_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, env: Env) -> tuple[dict, dict]:
     """Mean NLL of the completion tokens (+ EOS) over the GLOBAL batch; backward of each micro-batch."""
     global_tokens = sum(len(data.examples[i].pair.completion_ids) for i in batch.rows)
     sums = {}
@@ -391,7 +391,7 @@ def sft_step(policy, step: int, batch: PlanBatch, data: TrainData, args: Args, e
         share_of_global_mean(-token_logps.sum(), global_tokens, env).backward()
         sums = add_sums(sums, {"loss/nll": -token_logps.detach().sum(), "items/tokens": len(token_logps)})
         sums = add_sums(sums, token_sums([main]))
-    return sums
+    return sums, {}
 
 
 # ----------------------------------------------------------------------------- the training loop (paper Sec. 2.4)
@@ -429,8 +429,9 @@ def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, w
                                     Path(args.output_dir).name, asdict(args), start_step + 1)
     for step in range(start_step, len(data.plan)):
         batch, lr = data.plan[step], scheduler.get_last_lr()[0]
-        sums = all_reduce_sums(step_fn(policy, step, batch, data, args, env), env.device)  # forwards + backwards
-        metrics = summarize(sums, args, data.levels)
+        local_sums, shared = step_fn(policy, step, batch, data, args, env)  # forwards + backwards
+        sums = all_reduce_sums(local_sums, env.device)
+        metrics = summarize(sums, args, data.levels) | {key: float(value) for key, value in shared.items()}
         check_finite("loss", metrics["loss/total"], step, work)
         grad_norm = plumbing.clip_gradients(policy, args.max_grad_norm)
         check_finite("gradient norm", grad_norm, step, work)
@@ -619,38 +620,18 @@ def add_sums(total: dict, part: dict) -> dict:
     return {key: total.get(key, 0) + part.get(key, 0) for key in total.keys() | part.keys()}
 
 
-LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
-
-
-def kto_sums(terms: sk.StepKTOTerms, metrics: dict) -> dict:
-    """What one micro-batch logs, as sums and counts with the same keys on every rank: summed over the
-    micro-batches and the ranks (one all-reduce), they give the global batch's means."""
-    outcome, n_outcome, step, n_step = terms.sums()  # of (5) and of (7)
-    sums = {"loss/outcome": outcome, "items/outcome": n_outcome, "loss/step": step, "items/step": n_step}
-    zero = torch.zeros_like(outcome)
-    for level_side in (f"{level}_{side}" for level in LEVELS for side in SIDES):
-        count = metrics.get(f"count/{level_side}", zero)
-        sums[f"count/{level_side}"] = count
-        sums[f"rewards/{level_side}"] = metrics.get(f"rewards/{level_side}", zero) * count  # mean * count
-    return sums
+def level_sums(sums: sk.LevelSums) -> dict:
+    return {f"level/{name}": value for name, value in sums._asdict().items()}
 
 
 def kto_metrics(sums: dict, args: Args, weights: Levels) -> dict[str, float]:
-    """The global batch's (5), (7), (8) (+ anchor), rewards, counts and z0, from the summed sums."""
-    metrics = {}
-    for level in LEVELS:
-        if sums[f"items/{level}"] > 0:
-            metrics[f"loss/{level}"] = sums[f"loss/{level}"] / sums[f"items/{level}"]
-        for side in SIDES:
-            if sums[f"count/{level}_{side}"] > 0:
-                metrics[f"rewards/{level}_{side}"] = sums[f"rewards/{level}_{side}"] / sums[f"count/{level}_{side}"]
-                metrics[f"count/{level}_{side}"] = sums[f"count/{level}_{side}"]
+    """The global batch's (5), (7), (8) (+ anchor), rewards and counts, from the sums added over the ranks."""
+    totals = sk.LevelSums(*(torch.tensor(sums[f"level/{name}"]) for name in sk.LevelSums._fields))
+    metrics = totals.loss_metrics(weights.w_outcome, weights.w_step) | sk.reward_means(sums)
+    metrics = {key: float(value) for key, value in metrics.items()}
+    metrics["loss/total"] = sums["loss/total"]  # the backpropagated shares of (8) + anchor, added up
     if args.nll_weight:
         metrics["loss/nll"] = sums["loss/nll"] / max(sums["items/nll_tokens"], 1)
-    metrics["loss/total"] = sums["loss/total"]  # the backpropagated shares of (8) + anchor, added up
-    metrics["kl/z0"] = sums["kl/z0"] / sums["ranks"]
-    if weights.step_z0:
-        metrics["kl/z0_step"] = sums["kl/z0_step"] / sums["ranks"]
     return metrics
 
 

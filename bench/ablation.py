@@ -50,6 +50,8 @@ SETTINGS = {  # name: the train.py options it changes from run.sh's iteration 1
     "nll_weight=0": {"--nll_weight": "0.0"},  # no NLL anchor (the paper's loss alone)
     "beta=0.05": {"--beta": "0.05"},
     "beta=0.3": {"--beta": "0.3"},
+    "lr=3e-6": {"--lr": "3e-6"},  # the learning rate (a real model's sweep: README "A real pretrained model")
+    "lr=3e-5": {"--lr": "3e-5"},
     "kto": {"--objective": "kto"},  # reference: outcome-only KTO on the same samples (run.sh's kto/iter1 are these too)
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full M0 -> M3 loop under other run.sh settings, beside run.sh's default runs of the same seeds: does a
-# one-iteration difference of the ablation (bench/ablation.py; issue 13, item 2) hold over three iterations, and
+# one-iteration difference of the ablation (bench/ablation.py) hold over three iterations, and
 # how do the two objectives compare when feedback is scarcer (README "Where step feedback pays in Pass@1")?
 #
 #   for s in 0 1 2; do SEED=$s bash run.sh; done     # the default, both objectives: runs/seed<S>
@@ -12,7 +12,7 @@
 # Each setting is one run.sh setting (NAME=VALUE) and gets its own runs folder, $OUT/NAME=VALUE, where run.sh runs
 # OBJECTIVES (Step-KTO alone unless set) for each seed. A seed starts from the default run's files that the setting
 # does not change, copied in: data, M0, M0's evaluation and, unless the setting changes what is sampled or how it
-# is labelled (SAMPLES, MAX_PROBLEMS, TEMPERATURE, MAX_NEW_TOKENS, GEN_CHUNK, ENGINE, DTYPE, PRM, JUDGE_*),
+# is labelled (SAMPLES, MAX_PROBLEMS, TEMPERATURE, MAX_NEW_TOKENS, GEN_CHUNK, ENGINE, GEN_DTYPE, PRM, JUDGE_*, SAMPLING_SEED),
 # Step-KTO's iteration-1 samples and labels (run.sh would make the same files again: same M0, same sampling seed).
 # Training starts at iteration 1. Resumable like run.sh: a rerun skips what is complete. At the end, report.py's table for the default and for each setting. Other run.sh
 # settings in the environment (TASK, ITERATIONS, ...) reach every run.
@@ -40,7 +40,7 @@ for s in $SEEDS; do
             rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
             cp -r "$src/data" "$src/M0" "$src/eval" "$dst.tmp/"
             case ${setting%%=*} in
-                SAMPLES|MAX_PROBLEMS|TEMPERATURE|MAX_NEW_TOKENS|GEN_CHUNK|ENGINE|DTYPE|PRM|JUDGE_*) ;;  # iteration 1's files made anew
+                SAMPLES|MAX_PROBLEMS|TEMPERATURE|MAX_NEW_TOKENS|GEN_CHUNK|ENGINE|GEN_DTYPE|PRM|JUDGE_*|SAMPLING_SEED) ;;  # made anew
                 *) mkdir -p "$dst.tmp/step-kto/iter1"
                    cp "$src/step-kto/iter1/samples.jsonl" "$src/step-kto/iter1/labels.jsonl" "$dst.tmp/step-kto/iter1/" ;;
             esac

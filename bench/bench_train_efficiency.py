@@ -2,7 +2,7 @@
 
     # CPU, the 10-20M model, 2 threads, float32 (BENCHMARKS.md "CPU efficiency"):
     .venv/bin/python bench/bench_train_efficiency.py --device cpu
-    # GPU, a ~0.5B random-init Llama in mixed precision (float32 weights, bf16 autocast), FSDP2 on one GPU (torchrun, 1 process), with and without
+    # GPU, a ~0.5B random-init Llama in mixed precision (float32 weights, bf16 compute: FSDP2's MixedPrecisionPolicy), FSDP2 on one GPU (torchrun, 1 process), with and without
     # activation checkpointing (BENCHMARKS.md "GPU"):
     python3 bench/bench_train_efficiency.py --device cuda
 
@@ -30,10 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SETTINGS = {  # model, data and batch per device
-    "cpu": dict(hidden_size=384, num_layers=6, intermediate_size=1536, dtype="float32", autocast="none", batch=8,
+    "cpu": dict(hidden_size=384, num_layers=6, intermediate_size=1536, dtype="float32", mixed_precision="none", batch=8,
                 steps=12,
                 min_ops=4, max_ops=8, threads=2),
-    "cuda": dict(hidden_size=1024, num_layers=24, intermediate_size=4096, dtype="float32", autocast="bfloat16",
+    "cuda": dict(hidden_size=1024, num_layers=24, intermediate_size=4096, dtype="float32", mixed_precision="bfloat16",
                  batch=32, steps=25,
                  min_ops=24, max_ops=40, threads=0),
 }
@@ -150,11 +150,13 @@ class Recorder:
         return recording
 
     def build_policy(self, inner):
-        def recording(lm, *a, **k):
+        def recording(*a, **k):
+            policy = inner(*a, **k)
+            lm = policy.lm
             layers = lm.get_decoder().layers
             self.shape.update(params=sum(p.numel() for p in layers.parameters()), hidden=lm.config.hidden_size,
                               layers=len(layers), vocab=lm.config.vocab_size)
-            return inner(lm, *a, **k)
+            return policy
 
         return recording
 
@@ -211,14 +213,16 @@ def worker(args) -> None:
     """One train.main run; writes {tokens/s, FLOP/s, peak memory} of the timed steps to args.result."""
     import torch
 
+    import plumbing
     import train
 
     recorder = Recorder(make_profiler(args))
-    for name in ("token_sums", "build_policy", "make_optimizer", "train"):
-        setattr(train, name, getattr(recorder, name)(getattr(train, name)))
+    for module, name in ((train, "token_sums"), (plumbing, "build_policy"), (plumbing, "make_optimizer"),
+                         (train, "train")):
+        setattr(module, name, getattr(recorder, name)(getattr(module, name)))
     targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
                        per_device_batch_size=args.batch, max_steps=args.steps, lr=1e-6, dtype=args.dtype,
-                       autocast=args.autocast,
+                       mixed_precision=args.mixed_precision,
                        gradient_checkpointing=args.checkpointing, log_every=1000, save_every=0,
                        num_threads=args.threads, prompt_style="minimal", seed=0)
     train.main(targs)
@@ -240,7 +244,7 @@ def run_config(work: Path, setting: dict, device: str, objective: str, checkpoin
     command = launcher + [__file__, "--worker", "--objective", objective, "--model", str(work / "model"),
                           "--data", str(work / "data.jsonl"), "--output_dir", str(work / name),
                           "--batch", str(setting["batch"]), "--steps", str(setting["steps"]),
-                          "--dtype", setting["dtype"], "--autocast", setting["autocast"],
+                          "--dtype", setting["dtype"], "--mixed_precision", setting["mixed_precision"],
                           "--threads", str(setting["threads"]),
                           "--warmup", str(warmup), "--result", str(work / f"{name}.json")]
     command += ["--checkpointing"] if checkpointing else []
@@ -256,7 +260,7 @@ def main() -> None:
     parser.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 1024 CPU, 8192 GPU)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing (>= 1)")
     parser.add_argument("--worker", action="store_true")
-    for name in ("objective", "model", "data", "output_dir", "dtype", "autocast", "result"):
+    for name in ("objective", "model", "data", "output_dir", "dtype", "mixed_precision", "result"):
         parser.add_argument(f"--{name}")
     for name in ("batch", "steps", "threads"):
         parser.add_argument(f"--{name}", type=int)
@@ -278,7 +282,7 @@ def main() -> None:
     write_data(work / "data.jsonl", setting["batch"] * setting["steps"], setting["min_ops"], setting["max_ops"])
     if not (work / "model" / "config.json").exists():
         write_model(work / "model", setting)
-    dtype = getattr(torch, setting["dtype"] if setting["autocast"] == "none" else setting["autocast"])  # compute
+    dtype = getattr(torch, setting["dtype"] if setting["mixed_precision"] == "none" else setting["mixed_precision"])  # compute
     peak = measure_matmul_peak(args.device, dtype, args.peak_size or (8192 if args.device == "cuda" else 1024))
     configs = [("sft", False), ("kto", False), ("step-kto", False), ("kto", True)]
     if args.device == "cuda":
@@ -297,7 +301,7 @@ def report(args, setting: dict, peak: float, results: dict) -> None:
     card = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in card), None) if args.device == "cuda" else None
     first = next(iter(results.values()))
-    print(f"\nmachine: {card}, torch {torch.__version__}, {setting['dtype']} (autocast {setting['autocast']}), threads {setting['threads'] or 'default'}; "
+    print(f"\nmachine: {card}, torch {torch.__version__}, {setting['dtype']} (mixed precision {setting['mixed_precision']}), threads {setting['threads'] or 'default'}; "
           f"decoder parameters {first['decoder_params'] / 1e6:.1f}M (hidden {setting['hidden_size']}, "
           f"{setting['num_layers']} layers, MLP {setting['intermediate_size']}), batch {setting['batch']}/device, "
           f"{setting['steps']} steps ({args.warmup} untimed)")

@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import stepkto_loss as sk  # noqa: E402
 from stepkto_loss import (  # noqa: E402
     SPANS, StepKTOTerms, estimate_z0, kto_losses, step_logps, step_rewards, stepkto_loss, through_first_error,
 )
@@ -441,10 +442,12 @@ def test_reduction_none_summed_over_the_counts_is_the_mean(aggregation, name):
     loss.backward()
     combined.backward()
     for leaf, mean_leaf in zip(leaves, mean_leaves):
-        # A level that reduction="mean" skips sends no gradient (None); reduction="none" sends zeros.
-        mean_grad = torch.zeros_like(leaf) if mean_leaf.grad is None else mean_leaf.grad
-        assert torch.isfinite(leaf.grad).all() and torch.allclose(leaf.grad, mean_grad, rtol=0, atol=1e-12)
-    assert list(metrics) == list(mean_metrics)
+        # one path: a level left out of (8) sends zeros either way
+        assert torch.isfinite(leaf.grad).all() and torch.allclose(leaf.grad, mean_leaf.grad, rtol=0, atol=1e-12)
+    # reduction="none" gives sums; divided, they are reduction="mean"'s metrics
+    metrics = {k: v for k, v in metrics.items() if k.startswith("kl/")} | sk.reward_means(metrics) | \
+        terms.sums().loss_metrics(w_outcome, w_step)
+    assert sorted(metrics) == sorted(mean_metrics)
     for key, value in metrics.items():
         assert not value.requires_grad and abs(value.item() - mean_metrics[key].item()) < 1e-12, key
 
@@ -478,14 +481,14 @@ def test_two_shards_of_reduction_none_combine_into_the_whole_batch_mean():
         batch = (parts[0], labels, parts[1], step_labels, step_mask)
         terms = [stepkto_loss(*shard(batch, rows), z0, step_aggregation=aggregation, reduction="none", **options)[0]
                  for rows in shards]
-        totals = sum(t.sums() for t in terms)  # (4,): what dist.all_reduce(terms.sums()) gives every rank
-        assert totals[1].item() == 6 and totals[3].item() == 5
+        totals = terms[0].sums().add(terms[1].sums())  # what all-reducing terms.sums().stack() gives every rank
+        assert totals.n_outcome.item() == 6 and totals.n_step.item() == 5
         shares = [t.loss(totals) for t in terms]
         sum(shares).backward()  # each rank's backward; the gradients add up (DDP: mean, times world_size)
         assert abs(sum(shares).item() - whole.item()) < 1e-12
         for part, leaf in zip(parts, leaves):
             assert torch.allclose(part.grad, leaf.grad, rtol=0, atol=1e-12)
-        assert abs((totals[2] / totals[3]).item() - metrics["loss/step"].item()) < 1e-12
+        assert abs(totals.loss_metrics(1.0, 1.0)["loss/step"].item() - metrics["loss/step"].item()) < 1e-12
 
         # Averaging the per-shard means gets the step term wrong: shard A's one completion with steps would
         # weigh 1/2 instead of 1/5. (It is right for the outcome term only when the shards are equal.)
@@ -502,7 +505,8 @@ def test_reduction_none_edge_cases():
     no_steps = (torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.bool))
     terms, metrics = stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0), w_outcome=0.0, reduction="none")
     assert not terms.has_outcome.any() and not terms.has_step.any()
-    assert "loss/outcome" not in metrics and "loss/step" not in metrics and metrics["loss/total"].item() == 0.0
+    losses = terms.sums().loss_metrics(0.0, 1.0)
+    assert "loss/outcome" not in losses and "loss/step" not in losses and losses["loss/total"].item() == 0.0
     loss = terms.loss(terms.sums())
     loss.backward()
     assert loss.item() == 0.0 and torch.all(outcome.grad == 0)
@@ -512,6 +516,6 @@ def test_reduction_none_edge_cases():
     zeros = torch.zeros(batch_size, 1, dtype=torch.bfloat16)
     terms, _ = stepkto_loss(zeros[:, 0], ones[:, 0], zeros, ones, ones, torch.tensor(0.0), reduction="none")
     totals = terms.sums()
-    assert totals.dtype == torch.float32 and totals[1].item() == totals[3].item() == batch_size
+    assert totals.stack().dtype == torch.float32 and totals.n_outcome.item() == totals.n_step.item() == batch_size
     with pytest.raises(ValueError, match="reduction"):
         stepkto_loss(outcome, labels, *no_steps, torch.tensor(0.0), reduction="sum")

