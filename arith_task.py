@@ -30,8 +30,8 @@ against 21.7% when sampling), so the seed would show none of the flaws Step-KTO 
 A seed that PREFERS the careless result on hard steps, while still producing the right one often
 enough to be sampled, is the paper's situation: its greedy solutions carry wrong steps.
 
-Checkers: `check_steps` replays a solution on the problem's expression tree; `check_equations`
-judges any text (ProcessBench, real model outputs) by the arithmetic equations it states.
+Checker: `check_steps` replays a solution on the problem's expression tree (equations.py judges text of any other
+kind by the arithmetic equations it states).
 
 Command line (run.sh): writes train.jsonl and test.jsonl ({id, problem, answer, solution}: common.PROBLEM_ROW) and
 sft.jsonl ({id, problem, answer, completion, flaw}: common.SFT_ROW, flawed solutions of train problems) to a folder:
@@ -51,10 +51,14 @@ from common import option
 
 HARD_PRODUCT = 40  # products from here on are beyond the small times tables
 TEST_PERCENT = 20  # share of the problem space (by text hash) reserved for test splits
+# Tokens a sample may take (run.sh's MAX_NEW_TOKENS on this task), by the scratch tokenizer (train.py
+# --scratch_tokenizer) and the task (default: 2-5 operations, hard: 4-8): the longest solutions are 57 / 94 tokens of
+# the phrase tokenizer and 103 / 155 characters, a bound for any tokenizer of a model of your own (tests check both).
+TOKEN_LIMITS = {("phrase", "default"): 96, ("phrase", "hard"): 128, ("char", "default"): 160, ("char", "hard"): 200}
 OPERATORS = set("+-*/^")
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "^"}
 _PRECEDENCE = {"+": 0, "-": 0, "*": 1}
-_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
+NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
 
 
 @dataclass
@@ -107,10 +111,10 @@ def parse_expression(text: str, percent: Fraction = Fraction(1)) -> Node:
     by Python and "0.1" stays exact. ValueError if malformed."""
     tokens, source, values = tokenize(text), [], []
     for i, token in enumerate(tokens):
-        if _NUMBER.fullmatch(token):
+        if NUMBER.fullmatch(token):
             values.append(Fraction(token) * (percent if tokens[i + 1:i + 2] == ["%"] else 1))
             source.append(f"n{len(values) - 1}")
-        elif token == "%" and i > 0 and _NUMBER.fullmatch(tokens[i - 1]):
+        elif token == "%" and i > 0 and NUMBER.fullmatch(tokens[i - 1]):
             continue  # folded into the number before it
         elif token in ("+", "-", "*", "/", "^", "(", ")"):
             source.append("**" if token == "^" else token)
@@ -323,7 +327,16 @@ def is_arith_problem(problem: str) -> bool:
     """True for this task's problem texts (label.py then uses the exact `check_steps`)."""
     if not re.fullmatch(r"Compute [\d+\-*() ]+\.", problem):
         return False
-    return _value(tokenize(_expression_of(problem))) is not None
+    return value_of(tokenize(_expression_of(problem))) is not None
+
+
+def value_of(tokens: list[str], percent: Fraction = Fraction(1)) -> Fraction | None:
+    """The exact value of an arithmetic expression's tokens (`%` read as ``percent``), None when it does not parse."""
+    try:
+        return parse_expression(" ".join(tokens), percent).true_value
+    except ValueError:
+        return None
+
 
 
 # ----------------------------------------------------------------------------- exact step checker
@@ -366,100 +379,6 @@ def _apply_step(root: Node, a: Fraction, op: str, b: Fraction, c: Fraction) -> b
             _reduce(node, c)
             return False
     return False
-
-
-# ----------------------------------------------------------------------------- equations in any text
-_REWRITES = [  # in order: LaTeX, markdown, currency, remarks and units -> plain arithmetic
-    (r"(\d+)[ \t]*\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)"),  # mixed number 4\frac{5}{8}
-    (r"\\text\{([^{}]*)\}", r" \1 "), (r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))"),
-    (r"\^\{([^{}]*)\}", r"^(\1)"), (r"\{,\}|\\!|\\left|\\right", ""), (r"\\%", "%"), (r"\*\*", " "),
-    (r"\\times|\\cdot|[×·⋅∗]", "*"), (r"\\div|÷", "/"), (r"[−–]", "-"),
-    (r"\\[()\[\]]", "\n"), (r"\\[,; ]", " "), (r"\\?\$|[€£]", ""),  # math delimiters end a run
-    (r"(?<=\d),(?=\d{3}(?!\d))", ""),  # 1,000 -> 1000
-    (r"(\d%?)[ \t]+of[ \t]+(?=[\d(])", r"\1 * "),  # 1/3 of 18, 20% of 50
-    (r"[ \t]*\([A-Za-z][A-Za-z' ]+\)", ""),  # remarks: 9 (red) + 14 (blue)
-    # units between a number and an operator: 33 classes * 15 students/class = 495 students
-    (r"([\d)]%?)(?:(?:[ \t]+[A-Za-z]{2,}){1,2}"  # one or two words ...
-     r"(?:[ \t]*/[ \t]*[A-Za-z]{2,}|[ \t]+(?:per|of)[ \t]+[A-Za-z]{2,})?"  # ... then /unit, per unit
-     r"|[ \t]*/[ \t]*[A-Za-z]{2,})\b(?=[ \t]*(?:[+*/=)](?![ \t]*[A-Za-z])|[-x][ \t]))", r"\1"),
-    (r"(?<=[\d)%])[ \t]*[xX][ \t]*(?=[\d(.])", " * "),  # 2 x 3
-    (r"(?<![\d.])\d+(?:\.\d+)?[a-zA-Z]\b", " var "),  # 1.5x, 2f: a variable, not a number
-    (r"(?<=[\d)])\(", "*("), (r"\)(?=\d)", ")*"),  # implicit products: 2(5), (3)(4)
-]
-_MATH_RUN = re.compile(r"[\d.+\-*/^()%= \t]*=[\d.+\-*/^()%= \t]*")
-_WORDY = re.compile(r"[\w\\{}\[\]@|]")  # a run touching one is inside a formula: p(1), a_1^3, 3\pi
-GLUED = "~"  # token marking such a side: nothing next to it is a whole expression
-
-
-def _equation_sides(text: str):
-    """(left tokens, right tokens) around every `=` in every run of arithmetic characters."""
-    for pattern, replacement in _REWRITES:
-        text = re.sub(pattern, replacement, text)
-    for match in _MATH_RUN.finditer(text):
-        run, start, end = match.group(), match.start(), match.end()
-        if _WORDY.fullmatch(text[start - 1:start]) and not run[0].isspace():
-            run = run[1:] if run[0] == ")" else GLUED + run  # `(see above) 5 + 3`, else glued
-        if _WORDY.fullmatch(text[end:end + 1]) and not run[-1].isspace():
-            run = run[:-1] if run[-1] == "(" else run + GLUED  # `= 12 (for ...`, else glued
-        parts = [tokenize(part) for part in run.split("=")]
-        yield from zip(parts, parts[1:])
-
-
-def _value(tokens: list[str], percent: Fraction = Fraction(1)) -> Fraction | None:
-    try:
-        return parse_expression(" ".join(tokens), percent).true_value
-    except ValueError:
-        return None
-
-
-def _left_expression(tokens: list[str]) -> list[str]:
-    """Longest parseable tail not cut out of a longer expression (`2x + 3`: none)."""
-    for start in range(len(tokens)):
-        if start > 0 and tokens[start - 1] in OPERATORS | {")", GLUED}:
-            continue  # `2x + 3`, `(1)(2 + 3)`: the expression goes on to the left
-        if tokens[start] != "-" and _value(tokens[start:]) is not None:  # `x - 3 = 7`
-            return tokens[start:]
-    return []
-
-
-def _right_expression(tokens: list[str]) -> list[str]:
-    """Longest parseable head not cut out of a longer expression (`= 495 students.` -> 495)."""
-    for end in range(len(tokens), 0, -1):
-        if end < len(tokens) and tokens[end] in OPERATORS | {"(", GLUED}:
-            continue  # `(1)/(x)`, `12 - x`, `3\pi`: the expression goes on to the right
-        if _value(tokens[:end]) is not None:
-            return tokens[:end]
-    return []
-
-
-def _matches(value: Fraction, stated: list[str], percent: Fraction) -> bool:
-    """`stated` equals `value`; a single number may be rounded or truncated at its last digit
-    (10/3 = 3.33 or 3.34; 370/110 = 3.363...) but only where `value` needs it (2 + 3 = 6 is false)."""
-    numbers, stated_value = _NUMBER.findall(" ".join(stated)), _value(stated, percent)
-    if stated_value is None or len(numbers) != 1:
-        return value == stated_value
-    unit = Fraction(1, 10 ** len(numbers[0].partition(".")[2])) * (percent if "%" in stated else 1)
-    return value == stated_value if (value / unit).denominator == 1 else abs(value - stated_value) < unit
-
-
-def check_equations(step: str) -> bool:
-    """False iff the text states an equation with an operator on its left that is false under both
-    readings of `%` (a unit, or /100); in a chain `2 + 3 = 5 + 1 = 6` each side may also equal the
-    next side's first number. Whatever cannot be parsed is ignored."""
-    for left_tokens, right_tokens in _equation_sides(step):
-        left, right = _left_expression(left_tokens), _right_expression(right_tokens)
-        if not right or not OPERATORS & set(left):
-            continue  # not a computation: `1 hour = 60 minutes`, `x = 5`, `Time to 400 degrees = 28`
-        head = right[:2] if right[1:2] == ["%"] else right[:1]
-        readings = (Fraction(1), Fraction(1, 100)) if "%" in left + right else (Fraction(1),)
-        if not any(_matches(_value(left, p), side, p) for p in readings for side in (right, head)):
-            return False
-    return True
-
-
-def label_steps_by_equations(steps: list[str]) -> list[bool]:
-    """One label per step: True unless the step states a false equation."""
-    return [check_equations(step) for step in steps]
 
 
 # ----------------------------------------------------------------------------- command line

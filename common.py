@@ -19,11 +19,13 @@ No torch here: grading.py's worker processes and report.py import this module wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
 import sys
+import typing
 import zlib
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -33,8 +35,16 @@ from typing import Iterator, NamedTuple
 # ----------------------------------------------------------------------------- JSONL contract
 
 
-class DataError(ValueError):
+class StageError(Exception):
+    """An error whose message says all there is to say: run_cli prints it as one line, without a traceback."""
+
+
+class DataError(StageError, ValueError):
     """Bad input: the message names the file, the line and the field."""
+
+
+class UsageError(StageError, ValueError):
+    """Arguments that cannot work together; the message says which."""
 
 
 # The rows of every file the stages pass to each other: {field: type or tuple of types} of the fields the
@@ -54,8 +64,9 @@ STEP_KTO_ROW = {**KTO_ROW, "completions": list, "labels": list}
 # label.py -> train.py, evaluate.py: a sample row with its outcome and step labels
 LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, NONE), "prm": str, "prm_failures": int}
 # evaluate.py's result.json (Section 3 / Table 3: Pass@1 and the stepwise error rate; more keys with --sample_k)
-RESULT = {"model": str, "benchmark": str, "prm": str, "n_problems": int, "pass@1": float,
-          "stepwise_error_rate": (float, NONE), "n_correct": int, "n_correct_with_wrong_step": int, "truncated": int}
+RESULT = {"model": str, "benchmark": str, "prm": str, "n_problems": int, "pass@1": float, "pass@1_ci95": (list, tuple),
+          "stepwise_error_rate": (float, NONE), "stepwise_error_rate_ci95": (list, tuple), "n_correct": int,
+          "n_correct_with_wrong_step": int, "truncated": int}
 # report.py's RUNS/seed<S>/<objective>/results.jsonl: one row per evaluated model M<iteration> of a run
 RESULTS_TABLE_ROW = {"name": str, "iteration": int, "objective": str, "seed": int, **RESULT}
 
@@ -249,15 +260,27 @@ def option(default=MISSING, help: str = ""):
 
 
 def run_cli(args_class, main) -> None:
-    """``main(args)`` with the command line parsed into ``args_class``. A ValueError (common.DataError and
-    grading's loader errors name file, line and field) ends the process with its message, not a traceback."""
+    """Every stage's entry: ``main(args)`` with the command line parsed into ``args_class`` (argparse refuses a
+    value outside a Literal field's choices). A StageError or ValueError (DataError and grading's loader errors
+    name file, line and field) ends the process with its message in one line, not a traceback."""
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses()
     try:
         main(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (StageError, ValueError) as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
+def check_choices(args) -> None:
+    """Every Literal field of the dataclass ``args`` holds one of its choices: argparse checks the command line,
+    this an Args built in code (one stage calling another's functions)."""
+    hints = typing.get_type_hints(type(args))
+    for f in dataclasses.fields(args):
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+        value = getattr(args, f.name)
+        if choices and value not in choices:
+            raise UsageError(f"--{f.name} {value!r}: must be one of {' | '.join(map(str, choices))}")
 
 
 # ----------------------------------------------------------------------------- shards: data-parallel stages
@@ -420,8 +443,9 @@ def step_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def split_steps(text: str) -> list[str]:
-    return [text[a:b] for a, b in step_spans(text)]
+def step_texts(text: str, spans: list[tuple[int, int]]) -> list[str]:
+    """The steps of ``text`` at its step_spans (split once, carried in the rows as step_spans)."""
+    return [text[a:b] for a, b in spans]
 
 
 # The one place where prompts are written. "instruct" is used inside the tokenizer's chat template
@@ -432,6 +456,7 @@ def split_steps(text: str) -> list[str]:
 # message, the user message is the problem alone. It does not ask for blank-line-separated steps, which
 # the step labeller splits on: generation for training keeps "instruct" (or "minimal", whose tiny model
 # was trained on that format).
+PromptStyle = typing.Literal["instruct", "minimal", "qwen25-math-cot"]  # the keys of PROMPT_TEMPLATES
 PROMPT_TEMPLATES = {
     "instruct": (
         "Solve the following math problem step by step. Separate the steps with a blank line and "

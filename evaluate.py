@@ -59,16 +59,13 @@ class Args(common.ShardArgs, generate.Policy, label.Settings):
     sample_k: int = option(0, help="Also draw K samples per problem for mean Pass@1, pass@k (k = 1, 2, 4, ..., K) and Maj@K (0 = off).")
     sample_temperature: float = option(1.0, help="Temperature of the K samples.")
     num_threads: int = option(0, help="torch CPU threads (0 = default).")
-    report_to: str = option("none", help="Log result.json's numbers to none | tensorboard | wandb, in OUTPUT_DIR/tracking (wandb offline unless WANDB_MODE=online).")
+    report_to: tracking.ReportTo = option("none", help="Log result.json's numbers to none | tensorboard | wandb, in OUTPUT_DIR/tracking (wandb offline unless WANDB_MODE=online).")
     step: Optional[int] = option(None, help="--report_to: the step the numbers are logged at (run.sh: the Step-KTO iteration i of M_i, Section 2.4; default 0).")
 
 
 def check_args(args: Args) -> None:
     """Refuse bad settings before any model is loaded, not after an hour of generation."""
-    if args.prompt_style not in common.PROMPT_TEMPLATES:
-        raise ValueError(f"--prompt_style {args.prompt_style!r}: must be one of {' | '.join(common.PROMPT_TEMPLATES)}")
-    if args.report_to not in tracking.REPORT_TO:
-        raise ValueError(f"--report_to {args.report_to!r}: must be one of {' | '.join(tracking.REPORT_TO)}")
+    common.check_choices(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.sample_k < 0:
@@ -106,6 +103,7 @@ def greedy_metrics(rows: list[dict]) -> dict:
         "pass@1": solved / n,
         "pass@1_ci95": wilson_interval(solved, n),
         "stepwise_error_rate": ser,
+        "stepwise_error_rate_ci95": wilson_interval(flawed, solved),  # over the correct solutions
         "n_correct": solved,
         "n_correct_with_wrong_step": flawed,
         "truncated": sum(r["finish_reason"] == "length" for r in rows),

@@ -36,7 +36,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
@@ -47,12 +47,16 @@ import grading
 from common import option
 
 
+EngineName = Literal["auto", "transformers", "vllm"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """How a model runs when it samples: the policy's (generate.py, evaluate.py) and the mc rollouts' (label.py)."""
 
-    engine: str = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
-    dtype: str = option("auto", help="auto (the checkpoint's own dtype on a GPU, float32 checkpoints in bfloat16 as "
+    engine: EngineName = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
+    dtype: Dtype = option("auto", help="auto (the checkpoint's own dtype on a GPU, float32 checkpoints in bfloat16 as "
                         "vLLM does; float32 on a CPU) | float32 | bfloat16 | float16.")
     tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine (tensor parallel).")
     gpu_memory_utilization: float = option(0.9, help="vLLM: share of each GPU's memory the engine takes for weights "
@@ -70,7 +74,7 @@ class Policy(EngineSettings):
     model: str = option(help="Model folder or hub id to sample from.")
     max_new_tokens: int = option(1024, help="Maximum tokens generated per sample.")
     seed: int = option(0, help="Random seed; each chunk is seeded from (seed, chunk index).")
-    prompt_style: str = option("instruct", help="Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
+    prompt_style: common.PromptStyle = option("instruct", help="Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
     chunk_size: int = option(256, help="Problems per chunk: the unit of batching, seeding, resuming and sharding. With "
         "transformers on a CPU smaller is faster (a batch runs until its longest sample ends; run.sh uses 64); with "
         "--num_shards, at least one chunk per shard.")
@@ -198,9 +202,8 @@ VLLM_ONLY = {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_mode
 def engine_key(model: str, settings: EngineSettings) -> EngineKey:
     """The resolved engine of ``model`` under ``settings``; refuses vLLM settings the transformers engine would
     not use (no option silently does nothing)."""
+    common.check_choices(settings)
     engine = resolve_engine(settings.engine)
-    if engine not in ("transformers", "vllm"):
-        raise ValueError(f"unknown engine {settings.engine!r}: transformers | vllm | auto")
     changed = [name for name, default in VLLM_ONLY.items() if getattr(settings, name) != default]
     if engine == "transformers" and changed:
         why = "" if settings.engine == "transformers" else f" (--engine {settings.engine} resolved to transformers)"

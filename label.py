@@ -58,11 +58,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Literal
 
 from tqdm import tqdm
 
 import arith_task
 import common
+import equations
 import generate
 import grading
 from common import option
@@ -77,18 +79,18 @@ class Settings(generate.EngineSettings):
     """How to label: every option of label.py but its files; evaluate.py takes them as it takes generate.py's.
     The engine settings (engine, dtype, ...) are those of the mc rollouts' policy; the judge has its own."""
 
-    prm: str = option("check", help="Step labeller: check | judge | mc.")
+    prm: Literal["check", "judge", "mc"] = option("check", help="Step labeller: check | judge | mc.")
     grade_timeout_s: float = option(5.0, help="Hard per-answer timeout of the grader (outcome labels and mc rollouts).")
     judge_model: str = option("", help="--prm judge: the judge LLM (folder or hub id).")
-    judge_protocol: str = option("step", help=(
+    judge_protocol: Literal["step", "first_error"] = option("step", help=(
         "--prm judge: step (one call per step: is this step correct?) | first_error (one call per solution "
         "naming its first wrong step, as ProcessBench asks; the steps after it are labelled wrong: train with "
         "--step_scope first_error to score only through it)."))
     judge_max_new_tokens: int = option(512, help=(
         "--prm judge: tokens per reply (greedy). A judge that reasons before its verdict needs room: a reply cut "
         "off before it has no verdict, and its step is labelled wrong."))
-    judge_engine: str = option("auto", help="--prm judge: the judge's engine: transformers | vllm | auto.")
-    judge_dtype: str = option("auto", help="--prm judge: the judge's dtype (as --dtype).")
+    judge_engine: generate.EngineName = option("auto", help="--prm judge: the judge's engine: transformers | vllm | auto.")
+    judge_dtype: generate.Dtype = option("auto", help="--prm judge: the judge's dtype (as --dtype).")
     judge_tensor_parallel_size: int = option(1, help="--prm judge: vLLM tensor parallel size of the judge.")
     judge_gpu_memory_utilization: float = option(0.9, help="--prm judge: vLLM's share of GPU memory for the judge.")
     judge_max_model_len: int = option(0, help="--prm judge: vLLM context length of the judge (0: the model's own).")
@@ -118,12 +120,9 @@ class Args(common.ShardArgs, Settings):
 
 def check_args(settings: Settings) -> None:
     """Fail before any work on an option combination that cannot run."""
-    if settings.prm not in LABELLERS:
-        raise ValueError(f"unknown --prm {settings.prm!r}; choose one of {sorted(LABELLERS)}")
+    common.check_choices(settings)
     if settings.prm == "judge" and not settings.judge_model:
         raise ValueError("--prm judge needs --judge_model (a folder or hub id)")
-    if settings.judge_protocol not in JUDGE_PROTOCOLS:
-        raise ValueError(f"unknown --judge_protocol {settings.judge_protocol!r}; choose one of {sorted(JUDGE_PROTOCOLS)}")
     if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
         raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({settings.mc_rollouts}), got {settings.mc_threshold}")
 
@@ -137,10 +136,6 @@ def judge_engine_settings(settings: Settings) -> generate.EngineSettings:
     )
 
 
-def step_texts(completion: str, spans: list[tuple[int, int]]) -> list[str]:
-    return [completion[a:b] for a, b in spans]
-
-
 # ----------------------------------------------------------------------------- check
 
 
@@ -148,11 +143,11 @@ def check_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
     """Exact step labels: the expression-tree checker on built-in problems, equations elsewhere (no model)."""
     labels = []
     for row, row_spans in zip(rows, spans):
-        steps = step_texts(row["completion"], row_spans)
+        steps = common.step_texts(row["completion"], row_spans)
         if arith_task.is_arith_problem(row["problem"]):
             labels.append(arith_task.check_steps(row["problem"], steps))
         else:
-            labels.append(arith_task.label_steps_by_equations(steps))
+            labels.append(equations.label_steps_by_equations(steps))
     return labels
 
 
@@ -364,7 +359,7 @@ def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
     """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution."""
     engine = engine or generate.get_engine(settings.judge_model, judge_engine_settings(settings))
     greedy = generate.Sampling(1, 0.0, 1.0, settings.judge_max_new_tokens)
-    solutions = [(r["problem"], r.get("solution"), step_texts(r["completion"], s)) for r, s in zip(rows, spans)]
+    solutions = [(r["problem"], r.get("solution"), common.step_texts(r["completion"], s)) for r, s in zip(rows, spans)]
     judge_fn = lambda prompts: [o[0].text for o in engine.generate(prompts, greedy, settings.seed)]  # noqa: E731
     return JUDGE_PROTOCOLS[settings.judge_protocol](solutions, engine.tokenizer, judge_fn)
 
@@ -498,7 +493,7 @@ def label_rows(rows: list[dict], settings: Settings) -> list[dict]:
     out = []
     for row, row_spans, pred, outcome, row_verdicts in zip(rows, spans, preds, outcomes, verdicts):
         labels, failures = labels_from_verdicts(row_verdicts)
-        out.append({**row, "completions": step_texts(row["completion"], row_spans), "step_spans": row_spans,
+        out.append({**row, "completions": common.step_texts(row["completion"], row_spans), "step_spans": row_spans,
                     "labels": labels, "outcome": outcome, "pred": pred, "prm": settings.prm, "prm_failures": failures})
     return out
 

@@ -35,14 +35,11 @@ import torch.distributed as dist
 
 import common
 import models
+from common import UsageError
 from policy import CompletionLogProbs
 
 
-class UsageError(Exception):
-    """Arguments that cannot work together; the message says which."""
-
-
-class TrainingError(RuntimeError):
+class TrainingError(common.StageError, RuntimeError):
     """Training cannot go on (non-finite loss, mismatched resume state); the message says why."""
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import common
 from common import option
-from evaluate import wilson_interval
 
 # the folders of RUNS/seed<S> that every objective shares (run.sh): the others are runs, one per objective
 SHARED = ("data", "M0", "eval")
@@ -57,15 +56,19 @@ def run_table(run: Path) -> list[dict]:
 
 
 def collect(runs: Path) -> dict:
-    """{objective: {iteration: [row per seed]}}; writes each run's results.jsonl on the way."""
+    """{objective: {iteration: [row per seed]}} of every run under ``runs``."""
     table = defaultdict(lambda: defaultdict(list))
     for run in run_dirs(runs):
-        rows = run_table(run)
-        if rows:
-            common.write_jsonl_atomic(run / "results.jsonl", rows, common.RESULTS_TABLE_ROW)
-        for row in rows:
+        for row in run_table(run):
             table[row["objective"]][row["iteration"]].append(row)
     return table
+
+
+def write_run_tables(runs: Path) -> None:
+    """Each run's results table, RUNS/seed<S>/<objective>/results.jsonl."""
+    for run in run_dirs(runs):
+        if rows := run_table(run):
+            common.write_jsonl_atomic(run / "results.jsonl", rows, common.RESULTS_TABLE_ROW)
 
 
 METRICS = {"pass@1": "Pass@1 (%)", "stepwise_error_rate": "stepwise error rate among correct (%)"}
@@ -84,11 +87,9 @@ class Cell:
 
 
 def run_interval(row: dict, key: str) -> tuple[float, float]:
-    """95% Wilson interval of one run's proportion, as evaluate.py computes it: Pass@1 over the problems (its
-    result.json's pass@1_ci95), the stepwise error rate over the correct solutions."""
-    if key == "pass@1":
-        return tuple(row.get("pass@1_ci95") or wilson_interval(row["n_correct"], row["n_problems"]))
-    return wilson_interval(row["n_correct_with_wrong_step"], row["n_correct"])
+    """One run's 95% Wilson interval, as evaluate.py wrote it: Pass@1's over the problems, the stepwise error
+    rate's over the correct solutions."""
+    return tuple(row[f"{key}_ci95"])
 
 
 def summarise(rows: list[dict], key: str) -> Cell:
@@ -140,6 +141,7 @@ def plot(table: dict, path: str) -> None:
 
 
 def main(args: Args) -> None:
+    write_run_tables(Path(args.runs))
     table = collect(Path(args.runs))
     if not table:
         raise SystemExit(f"error: no results under {args.runs}/seed*/ (eval/M0 or <objective>/eval/M<i>)")

@@ -86,26 +86,11 @@ HIDDEN=${HIDDEN:-128}                     # tiny Llama from scratch: hidden size
 LAYERS=${LAYERS:-2}
 FFN=${FFN:-384}
 SCRATCH_TOKENIZER=${SCRATCH_TOKENIZER:-phrase}  # phrase (the task's fixed strings a token each) | char
+case $SCRATCH_TOKENIZER in phrase|char) ;; *) echo "error: SCRATCH_TOKENIZER=$SCRATCH_TOKENIZER: must be phrase | char" >&2
+    exit 2 ;; esac
 # ---- each iteration
 SAMPLES=${SAMPLES:-4}                     # samples per problem
 TEMPERATURE=${TEMPERATURE:-1.0}
-# tokens per sample: the built-in task's longest solutions (default / hard) are 57 / 94 tokens of the phrase
-# tokenizer and 103 / 155 characters (an upper bound for any tokenizer); problems of your own get real budgets
-if [ -n "$TRAIN_PROBLEMS" ]; then
-    TOKEN_LIMIT=1024
-else
-    case $([ -z "$MODEL$BASE_MODEL" ] && echo "$SCRATCH_TOKENIZER" || echo char)/$TASK in
-        phrase/default) TOKEN_LIMIT=96 ;; phrase/hard) TOKEN_LIMIT=128 ;;
-        char/default) TOKEN_LIMIT=160 ;; char/hard) TOKEN_LIMIT=200 ;;
-        *) echo "error: SCRATCH_TOKENIZER=$SCRATCH_TOKENIZER: must be phrase | char" >&2; exit 2 ;;
-    esac
-fi
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$TOKEN_LIMIT}
-# evaluation: on a benchmark of your own, the Qwen2.5-Math harness's preset (README "Standard evaluation settings":
-# its prompt, 2048 tokens, greedy), with which published MATH-500 numbers are measured; on the built-in task, the
-# training prompt and budget
-EVAL_PROMPT_STYLE=${EVAL_PROMPT_STYLE:-$([ -n "$BENCHMARK" ] && echo qwen25-math-cot || echo "$PROMPT_STYLE")}
-EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-$([ -n "$BENCHMARK" ] && echo 2048 || echo "$MAX_NEW_TOKENS")}
 # train.py's recipe (empty: train.py's own default, printed below; README "The recipe")
 LR=${LR:-}
 BETA=${BETA:-}
@@ -145,6 +130,20 @@ if [ -z "${GEN_PYTHON:-}" ]; then
     fi
 fi
 export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false
+
+# tokens per sample: on the built-in task its longest solutions' (arith_task.TOKEN_LIMITS); problems of your own get
+# real budgets
+if [ -z "${MAX_NEW_TOKENS:-}" ] && [ -n "$TRAIN_PROBLEMS" ]; then
+    MAX_NEW_TOKENS=1024
+elif [ -z "${MAX_NEW_TOKENS:-}" ]; then  # arith_task.TOKEN_LIMITS: the task's longest solutions, by tokenizer
+    MAX_NEW_TOKENS=$("$PYTHON" -c 'import sys, arith_task; print(arith_task.TOKEN_LIMITS[tuple(sys.argv[1:])])' \
+        "$([ -z "$MODEL$BASE_MODEL" ] && echo "$SCRATCH_TOKENIZER" || echo char)" "$TASK")
+fi
+# evaluation: on a benchmark of your own, the Qwen2.5-Math harness's preset (README "Standard evaluation settings":
+# its prompt, 2048 tokens, greedy), with which published MATH-500 numbers are measured; on the built-in task, the
+# training prompt and budget
+EVAL_PROMPT_STYLE=${EVAL_PROMPT_STYLE:-$([ -n "$BENCHMARK" ] && echo qwen25-math-cot || echo "$PROMPT_STYLE")}
+EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-$([ -n "$BENCHMARK" ] && echo 2048 || echo "$MAX_NEW_TOKENS")}
 
 BASE=$RUNS/seed$SEED                     # data, M0, its evaluation (and iteration 1's samples) are shared by
                                           # the objectives; each objective's run is $BASE/<objective>

@@ -7,9 +7,11 @@ import math
 import numbers
 import os
 import string
+import typing
 from pathlib import Path
 
-REPORT_TO = ("none", "tensorboard", "wandb")
+ReportTo = typing.Literal["none", "tensorboard", "wandb"]
+REPORT_TO = typing.get_args(ReportTo)
 
 
 class Tracker:

@@ -34,7 +34,6 @@ import gc
 import hashlib
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -43,15 +42,14 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 import models
 import plumbing
 import stepkto_loss as sk
 import tracking
-from common import DataError, option
-from plumbing import Env, PlanBatch, TrainingError, UsageError, all_reduce_sums, build_plan, micro_batches
+from common import DataError, UsageError, option
+from plumbing import Env, PlanBatch, TrainingError, all_reduce_sums, build_plan, micro_batches
 from policy import Pair, Reference, cached_reference, collate, completion_logps, pair_length, score_pairs, token_sums
 
 
@@ -63,7 +61,7 @@ class Args:
     data: str = option(help="Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py.")
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
-    prompt_style: Literal["instruct", "minimal", "qwen25-math-cot"] = option("instruct", help="sft: "
+    prompt_style: common.PromptStyle = option("instruct", help="sft: "
         "common.PROMPT_TEMPLATES key used to build the prompt.")
     scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: 'char', one token per "
         "character, or 'phrase', where the built-in task's fixed strings (common.SCRATCH_PHRASES) are one token each "
@@ -137,7 +135,7 @@ class Args:
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
         "comma-separated module names that get adapters (default: every linear layer of a Llama / Qwen / Mistral "
         "decoder, the LM head excepted).")
-    report_to: Literal["none", "tensorboard", "wandb"] = option("none", help="Also send train_log.jsonl's metrics to "
+    report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to "
         "TensorBoard or Weights & Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
 
 
@@ -471,6 +469,7 @@ STEP_LEVEL_DEFAULTS = {name: Args.__dataclass_fields__[name].default
 
 def check_args(args: Args) -> None:
     """Fail before loading anything on arguments that cannot work."""
+    common.check_choices(args)
     if args.model == "scratch" and args.objective != "sft":
         raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
     out = Path(args.output_dir).resolve()
@@ -739,8 +738,5 @@ def load_resume_state(policy, optimizer, scheduler, args: Args, env: Env, work: 
 
 
 if __name__ == "__main__":
-    try:
-        main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
-    except (DataError, UsageError, TrainingError) as error:
-        sys.exit(f"train.py: error: {error}")
+    common.run_cli(Args, main)
     plumbing.exit_under_torchrun()

@@ -38,7 +38,7 @@ def rows(model: str, path: Path) -> Path:
     for i in range(8):
         a, b = 10 + i, 20 + 3 * i
         completion = f"We add {a} and {b}.\n\n{a} + {b} = {a + b + i % 2}\n\nThe answer is \\boxed{{{a + b}}}."
-        steps = common.split_steps(completion)
+        steps = common.step_texts(completion, common.step_spans(completion))
         out.append({"id": f"r{i}", "prompt": common.build_prompt(tokenizer, f"What is {a} + {b}?"),
                     "completion": completion, "finish_reason": "stop", "outcome": i % 2 == 0, "completions": steps,
                     "labels": [True, i % 2 == 0, True]})

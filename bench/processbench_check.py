@@ -1,4 +1,4 @@
-"""ProcessBench (GSM8K split) with the equation checker `arith_task.check_equations` as step labeller.
+"""ProcessBench (GSM8K split) with the equation checker `equations.check_equations` as step labeller.
 
 The predicted first error of a row is the first step that states a false arithmetic equation, -1 if
 none. Metric (ProcessBench, arXiv 2412.06559): F1 = harmonic mean of the accuracy on rows with an
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import common  # noqa: E402
-from arith_task import check_equations, label_steps_by_equations  # noqa: E402
+from equations import check_equations, label_steps_by_equations  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 COMMAND = ".venv/bin/python bench/processbench_check.py"
@@ -82,7 +82,7 @@ def report(s: dict, recall: tuple[int, int], math: tuple, aime: tuple, seconds: 
     math_flags = f"{len(math[0])}/{math[1]} {math[0]}"
     aime_flags = f"{len(aime[0])}/{aime[1]} {aime[0]}"
     recall_text = f"{recall[0]}/{recall[1]} ({recall[0] / recall[1]:.1%})"
-    return f"""# ProcessBench GSM8K with the equation checker (`arith_task.check_equations`)
+    return f"""# ProcessBench GSM8K with the equation checker (`equations.check_equations`)
 
 Command (repo root): `{COMMAND}` (CPU, {seconds:.1f} s for everything below).
 Data: `../shared/data/processbench_gsm8k.json` ({s['error_rows'] + s['clean_rows']} rows),

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 import common
+from equations import check_equations, label_steps_by_equations
 import step_errors  # bench/step_errors.py (tests/conftest.py)
-from arith_task import (Args, FlawRates, check_equations, check_steps, is_arith_problem, is_hard_step,
-                        is_test_problem, label_steps_by_equations, main, make_split, random_expression,
+from arith_task import (Args, FlawRates, check_steps, is_arith_problem, is_hard_step,
+                        is_test_problem, main, make_split, random_expression,
                         slipped_result, tokenize, write_solution)
 
 PROCESSBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "processbench_gsm8k.json"

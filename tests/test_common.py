@@ -149,12 +149,12 @@ def test_every_stage_option_has_help():
 
 def test_step_spans_and_split():
     text = "\n2 + 3 = 5\n\n5 * 4 = 20  \n \n\n\nThe answer is \\boxed{20}.\n"
-    steps = common.split_steps(text)
+    steps = common.step_texts(text, common.step_spans(text))
     assert steps == ["2 + 3 = 5", "5 * 4 = 20", "The answer is \\boxed{20}."]
     for (a, b), step in zip(common.step_spans(text), steps):
         assert text[a:b] == step
-    assert common.split_steps("one step only") == ["one step only"]
-    assert common.split_steps("  \n\n ") == []
+    assert common.step_texts("one step only", common.step_spans("one step only")) == ["one step only"]
+    assert common.step_texts("  \n\n ", common.step_spans("  \n\n ")) == []
 
 
 def test_char_tokenizer_and_tiny_llama_round_trip(tmp_path):

@@ -352,7 +352,7 @@ def test_gsm8k_solutions_are_the_worked_lines_as_steps_plus_a_boxed_answer(name,
         assert "<<" not in row["solution"] and ">>" not in row["solution"] and "####" not in row["solution"]
         lines = [re.sub(r"<<.*?>>", "", line).strip() for line in worked.split("\n")]
         expected = [line for line in lines if line] + [f"The answer is \\boxed{{{row['answer']}}}."]
-        assert common.split_steps(row["solution"]) == expected, row["id"]
+        assert common.step_texts(row["solution"], common.step_spans(row["solution"])) == expected, row["id"]
         assert grading.extract_boxed(row["solution"]) == row["answer"]
 
 

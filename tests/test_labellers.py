@@ -363,7 +363,7 @@ def test_bad_options_and_rows_are_reported(tiny_model, tmp_path):
         label.main(label.Args(input=str(src), output=str(tmp_path / "a.jsonl"), prm="judge"))
     with pytest.raises(ValueError, match="--mc_threshold"):
         label.main(mc_args(src, tmp_path / "b.jsonl", mc_threshold=3))
-    with pytest.raises(ValueError, match="unknown --prm"):
+    with pytest.raises(ValueError, match="--prm .oracle.: must be one of check"):
         label.main(label.Args(input=str(src), output=str(tmp_path / "c.jsonl"), prm="oracle"))
     with pytest.raises(common.DataError, match=rf"{src}: row 2 \(id 'p1#0'\): field 'gen.model'"):
         label.main(mc_args(src, tmp_path / "d.jsonl"))

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import stepkto_loss as sk  # noqa: E402
+from helpers import perturbed_copy, tiny_llama  # noqa: E402
 from stepkto_loss import (  # noqa: E402
     SPANS, StepKTOTerms, estimate_z0, kto_losses, step_logps, step_rewards, stepkto_loss, through_first_error,
 )
@@ -26,27 +26,6 @@ PAD_ID = 0
 # (prompt length, token count of each step): unequal prompts, steps and step counts, one row of 1 step.
 EXAMPLES = [(5, [3, 2, 4]), (2, [1, 5]), (7, [2, 2, 2, 3]), (3, [6])]
 NUM_STEPS = max(len(steps) for _, steps in EXAMPLES)
-
-
-def tiny_llama(seed, initializer_range=0.2):
-    """A real LlamaForCausalLM, small enough for CPU tests; a wide init makes log-probs non-uniform."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-        initializer_range=initializer_range, pad_token_id=PAD_ID,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def perturbed_copy(model, seed, scale=0.05):
-    """A reference model near the policy, so that the log-ratios are small but not zero."""
-    reference = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return reference
 
 
 def make_sequences(seed):
@@ -101,7 +80,7 @@ def per_prefix_logp(model, tokens, step_lens, k, span):
 
 @pytest.mark.parametrize("span", SPANS)
 def test_step_rewards_one_pass_equal_one_forward_per_prefix(span):
-    policy = tiny_llama(seed=0)
+    policy = tiny_llama(VOCAB_SIZE, seed=0, pad_token_id=PAD_ID).eval()
     reference = perturbed_copy(policy, seed=1)
     rows = make_sequences(seed=2)
     policy_logps, step_ids = one_pass_logps(policy, rows, span)
@@ -303,7 +282,7 @@ def test_no_real_steps_skips_the_step_term_and_stays_differentiable():
 
 def test_one_optimizer_step_moves_step_logps_by_label():
     """A real tiny model: desirable steps become more likely, undesirable ones less likely."""
-    policy = tiny_llama(seed=5, initializer_range=0.02)
+    policy = tiny_llama(VOCAB_SIZE, seed=5, initializer_range=0.02, pad_token_id=PAD_ID).eval()
     reference = copy.deepcopy(policy)
     rows = make_sequences(seed=6)
     input_ids, attention_mask, token_step_ids = pad_batch(rows)

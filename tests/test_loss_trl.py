@@ -7,7 +7,6 @@ the batch's KL rows (TRL cycles completions within the batch) as the mismatched 
 calls stepkto_loss with w_step=0. Nothing of TRL's formula is re-typed here.
 """
 
-import copy
 import sys
 from pathlib import Path
 
@@ -15,10 +14,11 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 from trl import KTOConfig, KTOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import perturbed_copy, tiny_llama  # noqa: E402
 from stepkto_loss import estimate_z0, step_rewards, stepkto_loss  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
@@ -44,25 +44,6 @@ def tiny_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def tiny_llama(vocab_size, seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config)
-
-
-def perturbed_copy(model, seed, scale=0.05):
-    reference = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return reference
 
 
 def completion_logratios(policy, reference, input_ids, attention_mask, completion_mask):

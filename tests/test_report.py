@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.figure
@@ -27,7 +28,8 @@ def result(solved: int, flawed: int, n: int = 500, ci95: tuple | None = None) ->
     """A result.json as evaluate.py writes it (its pass@1_ci95 is evaluate.wilson_interval(solved, n))."""
     return {"model": "m", "benchmark": "b", "prm": "check", "n_problems": n, "pass@1": solved / n,
             "pass@1_ci95": list(ci95 or evaluate.wilson_interval(solved, n)),
-            "stepwise_error_rate": flawed / solved if solved else None, "n_correct": solved,
+            "stepwise_error_rate": flawed / solved if solved else None,
+            "stepwise_error_rate_ci95": list(evaluate.wilson_interval(flawed, solved)), "n_correct": solved,
             "n_correct_with_wrong_step": flawed, "truncated": 0}
 
 
@@ -132,7 +134,8 @@ def run_sh_commands(tmp_path, **env) -> list[list[str]]:
     tmp_path.mkdir(exist_ok=True)
     shutil.copy(REPO / "run.sh", tmp_path / "run.sh")
     stub, log = tmp_path / "python", tmp_path / "log"
-    stub.write_text(f'#!/bin/bash\n[ "$1" = -c ] && exit 0  # run.sh\'s settings line\necho "$@" >> {log}\n')
+    # run.sh's own python -c calls (the token limit, the settings line) run for real; every stage is logged
+    stub.write_text(f'#!/bin/bash\n[ "$1" = -c ] && PYTHONPATH={REPO} exec {sys.executable} "$@"\necho "$@" >> {log}\n')
     stub.chmod(0o755)
     proc = subprocess.run(["bash", str(tmp_path / "run.sh")], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": str(stub), "OBJECTIVES": "step-kto", **env})
@@ -187,7 +190,8 @@ def write_eval(folder: Path, right: list[bool]) -> None:
     """An evaluation folder as evaluate.py writes it: result.json and one greedy label row per problem."""
     folder.mkdir(parents=True)
     result = {"model": "m", "benchmark": "b", "prm": "check", "n_problems": len(right), "pass@1": sum(right) / len(right),
-              "stepwise_error_rate": 0.0, "n_correct": sum(right), "n_correct_with_wrong_step": 0, "truncated": 0}
+              "pass@1_ci95": [0.0, 1.0], "stepwise_error_rate": 0.0, "stepwise_error_rate_ci95": [0.0, 1.0],
+              "n_correct": sum(right), "n_correct_with_wrong_step": 0, "truncated": 0}
     (folder / "result.json").write_text(json.dumps(result))
     (folder / "greedy_labels.jsonl").write_text("".join(json.dumps({"problem_id": f"p{i}", "outcome": r}) + "\n"
                                                         for i, r in enumerate(right)))

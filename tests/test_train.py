@@ -69,7 +69,7 @@ def label_rows(tokenizer, count=16) -> list[dict]:
         steps = [f"We add {a} and {b}.", f"{a} + {b} = {a + b}{dots}", f"The answer is {a + b}."]
         steps = steps[: 1 + i % 3]
         completion = "\n\n".join(steps) if i != 5 else "\n"
-        steps = common.split_steps(completion)
+        steps = common.step_texts(completion, common.step_spans(completion))
         rows.append({
             "id": f"p{i}#0",
             "prompt": common.build_prompt(tokenizer, f"{a} + {b}", "minimal"),
