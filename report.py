@@ -34,6 +34,8 @@ SHARED = ("data", "M0", "eval")
 class Args:
     runs: str = option("runs", help="Folder holding run.sh's runs: seed<S>/eval/M0 and seed<S>/<objective>/eval/M<i>.")
     plot: str = option("", help="PNG path for the plot (empty = no plot).")
+    title: str = option("", help="What the runs are, for the plot's title (empty: the benchmark and the seed model, "
+                        "from M0's result.json); the seeds and what the error bars are follow.")
 
 
 def run_dirs(runs: Path) -> list[Path]:
@@ -115,16 +117,17 @@ def markdown_table(table: dict) -> str:
     return "\n".join(lines + ["", FOOTNOTE])
 
 
-def plot(table: dict, path: str) -> None:
-    """One line per objective (every objective under RUNS), error bars as in the table."""
+def plot(table: dict, path: str, title: str = "") -> None:
+    """One line per objective (every objective under RUNS), error bars as in the table; the title names the
+    benchmark, the seed model and the seeds, and says what the bars are."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless machines
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     metrics = [("pass@1", "Pass@1 (%)"), ("stepwise_error_rate", "correct solutions with a wrong step (%)")]
-    for ax, (key, title) in zip(axes, metrics):
+    for ax, (key, label) in zip(axes, metrics):
         for objective in sorted(table):
             its = sorted(table[objective])
             cells = [summarise(table[objective][i], key) for i in its]
@@ -132,12 +135,25 @@ def plot(table: dict, path: str) -> None:
                         marker="o", capsize=3, label=objective)
         ax.set_xticks(range(max(max(t) for t in table.values()) + 1))
         ax.set_xticklabels([f"M{i}" for i in ax.get_xticks()])
-        ax.set_title(title)
+        ax.set_xlabel("model (iteration of the loop, paper Sec. 2.4)")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.suptitle(plot_title(table, title), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
+
+
+def plot_title(table: dict, what: str = "") -> str:
+    """``what`` was run (default: the benchmark and the seed model M0, from M0's result.json), then the seeds and
+    what the bars are (as in markdown_table)."""
+    rows = [row for iterations in table.values() for seeds in iterations.values() for row in seeds]
+    seeds = sorted({row["seed"] for row in rows})
+    m0 = next((row for row in rows if row["iteration"] == 0), rows[0])
+    what = what or f"{Path(m0['benchmark']).name}, M0 = {Path(m0['model']).name}"
+    bars = "mean ± sd over seeds" if len(seeds) > 1 else "bars: its 95% Wilson interval"
+    return f"{what}; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} ({bars})"
 
 
 def main(args: Args) -> None:
@@ -147,7 +163,7 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: no results under {args.runs}/seed*/ (eval/M0 or <objective>/eval/M<i>)")
     print(markdown_table(table))
     if args.plot:
-        plot(table, args.plot)
+        plot(table, args.plot, args.title)
 
 
 if __name__ == "__main__":

@@ -273,6 +273,7 @@ if [ -z "$MODEL" ]; then
         --seed "$SEED" --prompt_style "$PROMPT_STYLE" "${COMMON[@]}" "${FULL_DTYPE[@]}" "${SCALE[@]}"
     MODEL=$BASE/M0
 fi
+PLOTTED="${BENCHMARK:-built-in task ($TASK)}, M0 = $([ "$MODEL" = "$BASE/M0" ] && echo "SFT of ${BASE_MODEL:-a tiny Llama from scratch}" || echo "$MODEL")"
 TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
 BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 
@@ -328,7 +329,7 @@ done
 
 [ "$NODE_RANK" -eq 0 ] || exit 0           # the report is node 0's
 echo "== results"  # also (re)writes each run's results.jsonl from its evaluations' result.json
-"$PYTHON" report.py --runs "$RUNS" --plot "$RUNS/results.png"
+"$PYTHON" report.py --runs "$RUNS" --plot "$RUNS/results.png" --title "$PLOTTED"
 echo "== wall time of this run by stage ($TIMES)"
 awk -F'\t' '{t[$1] += $2; n[$1]++; all += $2; if ($3 + 0 > m[$1]) m[$1] = $3 + 0}
     END {for (k in t) printf "%-9s %7.1f s  (%d runs)  peak RSS %s MiB\n", k, t[k], n[k], m[k] ? m[k] : "-";
