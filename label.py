@@ -46,8 +46,8 @@ Usage:
 
     python label.py --input runs/stepkto/iter1/samples.jsonl --output runs/stepkto/iter1/labels.jsonl --prm check
     python label.py --input samples.jsonl --output labels.jsonl --prm judge \\
-        --judge_model Qwen/Qwen2.5-72B-Instruct --judge_engine vllm --dtype bfloat16
-    python label.py --input samples.jsonl --output labels.jsonl --prm mc --mc_rollouts 8 --mc_engine vllm
+        --judge_model Qwen/Qwen2.5-72B-Instruct --judge_engine vllm --judge_tensor_parallel_size 8
+    python label.py --input samples.jsonl --output labels.jsonl --prm mc --mc_rollouts 8 --engine vllm
 
 Crash safety as in generate.py: OUTPUT.partial grows a chunk at a time; a rerun resumes. mc seeds each
 chunk from (--seed, the chunk's row ids), so a resumed run writes what an uninterrupted one would have.

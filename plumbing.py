@@ -457,7 +457,7 @@ def load_train_state(work: Path, policy, optimizer, scheduler, signature: dict, 
 
 
 def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lora: Lora | None = None,
-                     base_model: str = "", dtype: str = "float32") -> None:
+                     base_model: str = "") -> None:
     """Gather the weights of policy.lm (never the optimizer's state) to rank 0, which save_pretrained's them with
     the tokenizer, work's train_log.jsonl and tracking/ and config (train_args.json) to OUT.tmp, renames it to
     OUT and drops the work folder. With lora, OUT is base_model with the adapters merged. The gather is the last
@@ -473,7 +473,7 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if lora:
-        save_merged_lora(weights, tmp, lora, base_model, dtype)
+        save_merged_lora(weights, tmp, lora, base_model)
     else:
         # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
         # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
@@ -492,11 +492,13 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
     print(f"saved {out}", flush=True)
 
 
-def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str, dtype: str) -> None:
-    """OUT = base_model with the adapters merged (an ordinary model for generate.py, evaluate.py and vLLM),
-    OUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they
-    are read again from base_model on the CPU, which also works when training sharded them over ranks."""
-    model = add_lora(models.load_model(base_model, dtype), lora)
+def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str) -> None:
+    """OUT = base_model with the adapters merged, in float32 (an ordinary model for generate.py, evaluate.py and
+    vLLM), OUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they are
+    read again from base_model on the CPU, which also works when training sharded them over ranks. float32, not
+    the base's bf16: a bf16 merge rounds most of an iteration's small update away (BENCHMARKS.md "LoRA merged
+    into a bf16 base"), and the merged M_i is the next iteration's policy and reference."""
+    model = add_lora(models.load_model(base_model, "float32"), lora)
     loaded = model.load_state_dict(adapters, strict=False)
     if loaded.unexpected_keys or len(adapters) == 0:
         raise TrainingError(f"the trained adapters do not fit --model {base_model}: {loaded.unexpected_keys[:3]}")

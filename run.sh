@@ -177,12 +177,11 @@ if [ -n "$JUDGE_MODEL" ]; then
         --judge_max_new_tokens "$JUDGE_MAX_NEW_TOKENS" --judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
     set_only LABEL judge_gpu_memory_utilization "$GPU_MEMORY_UTILIZATION" judge_max_model_len "$JUDGE_MAX_MODEL_LEN"
 fi
-# train.py: weights it trains stay float32 and DTYPE=bfloat16 becomes bf16 compute (FSDP2's mixed precision, autocast
-# in one process): a bf16 weight loses the small AdamW updates (train.py refuses it). A LoRA base may stay bf16.
+# train.py: weights stay float32 and DTYPE=bfloat16 becomes bf16 compute (FSDP2's mixed precision, autocast in one
+# process): a bf16 weight loses the small AdamW updates (train.py refuses it). With LoRA too: M_i, the next
+# iteration's base, is merged in float32, which a bf16 load would round again.
 FULL_DTYPE=(--dtype "$DTYPE")
 [ "$DTYPE" = bfloat16 ] && FULL_DTYPE=(--dtype float32 --mixed_precision bfloat16)
-ITER_DTYPE=("${FULL_DTYPE[@]}")
-[ "$LORA_R" != 0 ] && ITER_DTYPE=(--dtype "$DTYPE")
 SCALE=(--gradient_checkpointing "$GRADIENT_CHECKPOINTING")  # train.py's settings for large models, every call
 set_only SCALE optim "$OPTIM" dist_timeout_minutes "$DIST_TIMEOUT" save_every "$SAVE_EVERY"
 RECIPE=()                                 # train.py's recipe: passed only when set here
@@ -205,7 +204,7 @@ print(" ".join(f"{k}={train.Args.__dataclass_fields__[k].default}" for k in sys.
     echo "   engine: $ENGINE (TP $TP, dtype $GEN_DTYPE) in $GEN_PYTHON; $((GPUS / TP > 0 ? GPUS / TP : 1))" \
         "sampling shard(s) per node x $NNODES node(s)"
     echo "   training: $WORLD_SIZE process(es) ($NNODES x $NPROC), global batch $GLOBAL_BATCH = $BATCH per process x" \
-        "$WORLD_SIZE x $GRAD_ACCUM accumulated, dtype ${ITER_DTYPE[*]}, LoRA r $LORA_R; set here: ${RECIPE[*]:-nothing}" \
+        "$WORLD_SIZE x $GRAD_ACCUM accumulated, dtype ${FULL_DTYPE[*]}, LoRA r $LORA_R; set here: ${RECIPE[*]:-none}; for scale:" \
         "${SCALE[*]}; train.py's defaults: $recipe"
 }
 print_settings
@@ -322,7 +321,7 @@ for i in $(seq 1 "$ITERATIONS"); do  # the objectives side by side, iteration by
         timed "train_$objective" run_logged "${TRAIN[@]}" --objective "$objective" --model "$prev" \
             --data "$run/iter$i/labels.jsonl" --output_dir "$run/M$i" --per_device_batch_size "$BATCH" \
             --gradient_accumulation_steps "$GRAD_ACCUM" "${RECIPE[@]}" "${step_level[@]}" --seed "$((SAMPLING_SEED * 1000 + i))" \
-            --lora_r "$LORA_R" --report_to "$REPORT_TO" "${COMMON[@]}" "${ITER_DTYPE[@]}" "${SCALE[@]}"
+            --lora_r "$LORA_R" --report_to "$REPORT_TO" "${COMMON[@]}" "${FULL_DTYPE[@]}" "${SCALE[@]}"
         evaluate "$run/M$i" "$i" "$run/eval/M$i"
     done
 done

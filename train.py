@@ -64,7 +64,7 @@ class Args:
     prompt_style: common.PromptStyle = option("instruct", help="sft: "
         "common.PROMPT_TEMPLATES key used to build the prompt.")
     scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: 'char', one token per "
-        "character, or 'phrase', where the built-in task's fixed strings (common.SCRATCH_PHRASES) are one token each "
+        "character, or 'phrase', where the built-in task's fixed strings (models.SCRATCH_PHRASES) are one token each "
         "too: 2.5x fewer positions per row, so every stage of the embedded loop runs faster.")
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
     num_layers: int = option(4, help="--model scratch: decoder layers.")
@@ -127,7 +127,8 @@ class Args:
         "the global batch is per_device_batch_size * world size * this, and the update equals one such batch computed "
         "at once (KTO's z0 is estimated over all of it, not per micro-batch).")
     lora_r: int = option(0, help="LoRA rank (peft): train rank-r adapters on the frozen policy (0: full fine-tuning). "
-        "OUTPUT holds the merged model and OUTPUT/adapter the adapter alone.")
+        "OUTPUT holds the model with the adapters merged, in float32 (a bf16 merge drops most of a small update), "
+        "and OUTPUT/adapter the adapters alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
     lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0: a rate > 0 "
         "keeps a dropped copy of every adapted layer's input for backward, +26%% peak memory and -25%% speed on "
@@ -413,8 +414,7 @@ def run(args: Args, env: Env) -> None:
     start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
     train(policy, optimizer, scheduler, data, args, env, work, start_step)
     config = asdict(args) | {"world_size": env.world_size}  # OUTPUT/train_args.json
-    plumbing.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora_settings(args), args.model,
-                              args.dtype)
+    plumbing.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora_settings(args), args.model)
 
 
 def train(policy, optimizer, scheduler, data: TrainData, args: Args, env: Env, work: Path, start_step: int) -> None:

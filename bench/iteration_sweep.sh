@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One KTO / Step-KTO iteration from run.sh's seed-0 model M0 under several settings: the experiment behind
-# the README's "What it took" table. Every variant starts from the same M0, trains on the same 4,000
+# docs/experiments.md's "What it took" table (measured with SCRATCH_TOKENIZER=char: such an M0, 160 tokens).
+# Every variant starts from the same M0, trains on the same 4,000
 # labelled samples (run.sh's iteration-1 samples: 1,000 problems x 4, temperature 1, seed 1) and is
 # evaluated greedily on the same 500 held-out problems.
 #   bash run.sh && bash bench/iteration_sweep.sh     # ~25 min on 2 cores after run.sh
@@ -16,9 +17,9 @@ mkdir -p $W
         --temperature 1.0 --max_new_tokens 160 --seed 1 "${T[@]}"
     $PY label.py --input $W/samples.jsonl --output $W/labels.jsonl --prm check
 }
-variant() {  # name objective lr [extra train.py arguments]
+variant() {  # name objective lr [extra train.py arguments]; no NLL anchor unless a variant adds one
     [ -d $W/$1 ] || $PY train.py --objective $2 --model $S/M0 --data $W/labels.jsonl --output_dir $W/$1 --lr $3 \
-        --epochs 1 --per_device_batch_size 32 --save_every 0 "${T[@]}" "${@:4}"
+        --epochs 1 --per_device_batch_size 32 --save_every 0 --nll_weight 0 "${T[@]}" "${@:4}"
     [ -f $W/eval_$1/result.json ] || $PY evaluate.py --model $W/$1 --output_dir $W/eval_$1 \
         --benchmark $S/data/test.jsonl --max_new_tokens 160 "${T[@]}"
 }

@@ -8,16 +8,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
-import common  # noqa: E402
-
-import models  # noqa: E402
+from helpers import save_char_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """An untrained char-level Llama saved with its tokenizer: real transformers classes, garbage outputs."""
-    path = tmp_path_factory.mktemp("model")
-    tok = models.make_char_tokenizer()
-    models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_char_llama(tmp_path_factory.mktemp("model"), seed=0)

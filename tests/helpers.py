@@ -1,9 +1,12 @@
 """Small real models that several test files build: a tiny LlamaForCausalLM and a reference near it."""
 
 import copy
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+import models
 
 
 def tiny_llama(vocab_size: int, seed: int, initializer_range: float = 0.2, pad_token_id: int | None = None):
@@ -25,3 +28,11 @@ def perturbed_copy(model, seed: int, scale: float = 0.05):
         for parameter in reference.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
     return reference
+
+
+def save_char_llama(path: Path, seed: int) -> str:
+    """An untrained char-level Llama saved with its tokenizer: real transformers classes, garbage outputs."""
+    tok = models.make_char_tokenizer()
+    models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

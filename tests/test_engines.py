@@ -17,16 +17,13 @@ import evaluate
 import generate
 import label
 import train
+from helpers import save_char_llama
 
 
 @pytest.fixture(scope="module")
 def judge_model(tmp_path_factory) -> str:
     """A second tiny model (another folder, other weights): the judge."""
-    path = tmp_path_factory.mktemp("judge")
-    tok = models.make_char_tokenizer()
-    models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=1).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_char_llama(tmp_path_factory.mktemp("judge"), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -234,6 +234,14 @@ def test_lora_on_a_bf16_base_trains_and_under_torchrun_matches_one_process(tmp_p
     assert logs[-1][1]["loss/total"] != logs[0][1]["loss/total"]
     assert load_file(single / "adapter" / "adapter_model.safetensors")["base_model.model.model.layers.0.mlp.down_proj"
                                                                        ".lora_B.weight"].dtype == torch.float32
+    # merged in float32: the base as saved plus the whole update, nothing rounded away
+    merged, base = load_file(single / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    adapters = load_file(single / "adapter" / "adapter_model.safetensors")
+    a, b = (adapters[f"base_model.model.{key[:-len('.weight')]}.lora_{x}.weight"] for x in "AB")
+    update = LORA["lora_alpha"] / LORA["lora_r"] * b @ a
+    assert merged[key].dtype == torch.float32
+    torch.testing.assert_close(merged[key], base[key] + update, rtol=0, atol=1e-6)
 
 
 def test_mixed_precision_under_torchrun_matches_one_process(tmp_path, tiny_model, tokenizer):
