@@ -60,7 +60,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-from tqdm import tqdm
 
 import arith_task
 import common

@@ -19,7 +19,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import arith_task  # noqa: E402
-import common  # noqa: E402
 import policy  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
@@ -52,7 +51,7 @@ def main() -> None:
              ("step-kto", tmp / "long.jsonl", "long solutions, 24-40 steps (GPU bench data)")]
     if opts.labels:
         cases.insert(1, ("step-kto", Path(opts.labels), f"{opts.labels}"))
-    print(f"\n| data | objective | rows | real tokens, random batches | real tokens, length-grouped |")
+    print("\n| data | objective | rows | real tokens, random batches | real tokens, length-grouped |")
     print("|---|---|---|---|---|")
     for objective, path, name in cases:
         before, after, rows = fractions(objective, path, opts.batch)

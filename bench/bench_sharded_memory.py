@@ -2,13 +2,17 @@
 rank, on a real model; run for two checkouts side by side (e.g. before and after a change to the plumbing).
 
     .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . --repo ../old
+    .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . --repo ../old \
+        --ld_preload /usr/lib/x86_64-linux-gnu/libjemalloc.so.2      # Debian's libjemalloc2
 
 For each --repo and each launch (1 process; torchrun with 2 ranks) it trains the same 3 step-kto steps of a global
 batch of 4 rows (float32, fused AdamW, a resume state after every step) in its own processes, each rank under GNU
 time, and reports each rank's peak RSS and the largest resume state on disk per rank while it ran: the files of
 torch.distributed.checkpoint that rank wrote (plus its RNG file), or a single state file written by rank 0.
 On a CPU a rank's RSS holds what a GPU would (its parameters, gradients, AdamW states, activations) and what the
-host holds (a checkpoint being loaded).
+host holds (a checkpoint being loaded). glibc's malloc keeps freed memory in per-thread arenas, which the ranks' many
+threads (gloo, autograd) fill each its own: with it a rank's peak RSS overstates what it holds; --ld_preload runs
+every process with another allocator (jemalloc), which returns it.
 """
 
 import argparse
@@ -78,7 +82,7 @@ class StateWatcher(threading.Thread):
             return {}
 
 
-def launch(repo: Path, model: str, data: Path, ranks: int, work: Path) -> dict:
+def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, ld_preload: str) -> dict:
     out = work / f"out{ranks}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}.resume", ignore_errors=True)
@@ -95,7 +99,8 @@ def launch(repo: Path, model: str, data: Path, ranks: int, work: Path) -> dict:
     watcher.start()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                               **({"LD_PRELOAD": ld_preload} if ld_preload else {})})
     watcher.done = True
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -108,10 +113,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--repo", action="append", required=True, help="A checkout whose train.py to run (repeatable).")
+    parser.add_argument("--ld_preload", default="", help="A malloc to run every process with (LD_PRELOAD).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = rows(args.model, Path(tmp) / "rows.jsonl")
-        results = [launch(Path(repo).resolve(), str(Path(args.model).resolve()), data, ranks, Path(tmp))
+        results = [launch(Path(repo).resolve(), str(Path(args.model).resolve()), data, ranks, Path(tmp), args.ld_preload)
                    for repo in args.repo for ranks in (1, 2)]
     print("| checkout | processes | peak RSS per rank (MiB) | resume state per rank (MiB) | wall s |")
     print("|---|---|---|---|---|")

@@ -63,8 +63,6 @@ def write_data(path: Path, rows: int, min_ops: int, max_ops: int) -> None:
 
     import arith_task
     import common
-    import policy
-    import models
 
     rng, rates, out = random.Random(0), arith_task.FlawRates(p_slip_hard=0.3), []
     for i, row in enumerate(arith_task.make_split("train", rows, 0, min_ops, max_ops, 99, "tree")):
@@ -81,7 +79,7 @@ def write_data(path: Path, rows: int, min_ops: int, max_ops: int) -> None:
 def write_model(path: Path, setting: dict) -> None:
     import torch
 
-    import common
+    import models
 
     tokenizer = models.make_char_tokenizer()
     sizes = {k: setting[k] for k in ("hidden_size", "num_layers", "intermediate_size")}

@@ -250,7 +250,6 @@ def kto_rows(tokenizer, n: int, style: str) -> list[dict]:
     """label.py's KTO fields as text only (no ids): arith_task problems, every other solution made wrong."""
     import arith_task
     import common
-    import models
 
     problems = arith_task.make_split("train", n, seed=0, shape="chain", max_number=20, min_ops=2, max_ops=5)
     rng, rows = random.Random(0), []
@@ -267,9 +266,10 @@ def kto_rows(tokenizer, n: int, style: str) -> list[dict]:
 def load_or_make_model(work: Path, model_name: str):
     """(model folder, tokenizer, model): a built-in random-init Llama saved under work/, or --model PATH
     (built on the meta device: only its parameter count and vocabulary are needed here)."""
-    import common
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import models
 
     if model_name in MODELS:
         tokenizer = models.make_char_tokenizer()

@@ -121,3 +121,14 @@ def test_reference_is_complete():
     missing += [f"setup.sh {name}" for name in sorted(script_settings(ROOT / "setup.sh"))
                 if f"| `{name}` |" not in reference.get("setup.sh", "")]
     assert not missing, f"docs/reference.md lacks: {', '.join(missing)}"
+
+
+def test_readme_loss_snippet_runs_as_written():
+    """The README's "Using the loss in your own trainer" snippet, run as it stands: every tensor it needs is in it."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Using the loss in your own trainer", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md (loss snippet)", "exec"), namespace)
+    assert namespace["policy_logps"].grad is not None  # the snippet ran its backward
+    assert set(namespace["metrics"]) >= {"loss/total", "loss/outcome", "loss/step", "kl/z0"}

@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-import common
 
 import tracking
 

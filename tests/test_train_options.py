@@ -3,7 +3,6 @@
 Exact comparisons use --dtype float64 (see test_train.py's docstring); torchrun runs use 2 gloo ranks.
 """
 
-import math
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import common  # noqa: E402
 
 import policy  # noqa: E402
 
