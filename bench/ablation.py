@@ -94,25 +94,28 @@ def commands(args: argparse.Namespace, name: str, seed: int, threads: int) -> li
     """(output that marks the stage done, command) of the setting's train.py and evaluate.py at one seed: run.sh's
     own iteration-1 commands of the run (RUN/commands.log), with this setting's changes, model, data and output."""
     run, work = Path(args.run), Path(args.out) / name / f"seed{seed}"
-    train = {**logged_options(run, "train.py", run / "step-kto" / "M1"), **SETTINGS[name]}
-    train |= {"--model": str(run / "M0"), "--data": args.labels, "--output_dir": str(work / "M1"), "--seed": str(seed),
-              "--num_threads": str(threads)}
-    evaluate = logged_options(run, "evaluate.py", run / "step-kto" / "eval" / "M1")
+    train_python, train = logged_command(run, "train.py", run / "step-kto" / "M1")
+    train |= SETTINGS[name] | {"--model": str(run / "M0"), "--data": args.labels, "--output_dir": str(work / "M1"),
+                               "--seed": str(seed), "--num_threads": str(threads)}
+    eval_python, evaluate = logged_command(run, "evaluate.py", run / "step-kto" / "eval" / "M1")
     evaluate |= {"--model": str(work / "M1"), "--output_dir": str(work / "eval"), "--num_threads": str(threads)}
-    return [(work / "M1", [sys.executable, script("train.py"), *flat(train)]),
-            (work / "eval" / "result.json", [sys.executable, script("evaluate.py"), *flat(evaluate)])]
+    return [(work / "M1", [train_python, script("train.py"), *flat(train)]),
+            (work / "eval" / "result.json", [eval_python, script("evaluate.py"), *flat(evaluate)])]
 
 
-def logged_options(run: Path, stage: str, output: Path) -> dict:
-    """{option: value} of the command run.sh logged for ``stage`` writing ``output`` (RUN/commands.log)."""
+def logged_command(run: Path, stage: str, output: Path) -> tuple[str, dict]:
+    """(interpreter, {option: value}) of the command run.sh logged for ``stage`` writing ``output`` (RUN/commands.log):
+    evaluate.py runs where run.sh ran it (with ENGINE=vllm on a CPU: .venv-vllm)."""
     log = run / "commands.log"
     if not log.exists():
         raise SystemExit(f"error: {log} not found: run.sh writes it; run `bash run.sh` first")
     for line in log.read_text().splitlines():
         words = shlex.split(line)
         if stage in [Path(w).name for w in words] and output.resolve() in [Path(w).resolve() for w in words]:
-            words = words[[Path(w).name for w in words].index(stage) + 1 :]
-            return dict(zip(words[::2], words[1::2]))
+            at = [Path(w).name for w in words].index(stage)
+            python = words[1]  # after CUDA_VISIBLE_DEVICES=...; under torchrun its python runs train.py in one process
+            python = python if Path(python).is_absolute() or "/" not in python else str(REPO / python)
+            return python, dict(zip(words[at + 1 :: 2], words[at + 2 :: 2]))
     raise SystemExit(f"error: {log} has no {stage} command writing {output}")
 
 

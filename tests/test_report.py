@@ -80,7 +80,7 @@ def test_ablation_dry_run_commands_carry_each_settings_options(tmp_path, capsys)
     commands = dry_run(tmp_path, capsys, "--seeds", "0", "2")
     assert len(commands) == 2 * 2 * len(ablation.SETTINGS)  # train + evaluate per setting and seed
     trains, run = [c for c in commands if c[1] == "train.py"], logged_run(tmp_path)
-    run_sh = ablation.logged_options(run, "train.py", run / "step-kto" / "M1")
+    _, run_sh = ablation.logged_command(run, "train.py", run / "step-kto" / "M1")
     for cmd in trains:
         (args,) = HfArgumentParser(train.Args).parse_args_into_dataclasses(args=cmd[2:])
         name = Path(args.output_dir).parts[-3]
