@@ -23,6 +23,9 @@ The default budget, 2048 new tokens, is the Qwen2.5-Math evaluation harness's (M
     python evaluate.py --model meta-llama/Llama-3.1-8B-Instruct --benchmark math500 --engine vllm \
         --prompt_style qwen25-math-cot --output_dir eval/math500 --sample_k 8 --sample_temperature 0.7 \
         --report_to tensorboard --step 0
+
+With --num_shards N every process samples and labels its own chunks (one engine at a time: the policy's, then the
+judge's), and the last to finish writes result.json.
 """
 
 from __future__ import annotations

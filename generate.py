@@ -16,16 +16,19 @@ tokens. The fields every row must carry are common.SAMPLE_ROW (checked when writ
 
 Other stages call ``generate_rows(problems, output, Settings(...))`` (evaluate.py does), never ``main``.
 
-Usage (single process; generation does not need torchrun, vLLM shards with --tensor_parallel_size):
+Usage (one process; a model over several GPUs with --tensor_parallel_size; data-parallel over processes with
+--num_shards, one per TP GPUs, the last to finish merging the output):
 
     python generate.py --model runs/stepkto/M0 --problems runs/stepkto/data/train.jsonl \
         --output runs/stepkto/iter1/samples.jsonl --num_samples 4 --temperature 1.0
-    python generate.py --model meta-llama/Llama-3.1-8B-Instruct --problems math500 --engine vllm \
-        --output samples.jsonl --num_samples 8 --temperature 0.7 --max_new_tokens 1024
+    for k in 0 1 2 3 4 5 6 7; do
+        CUDA_VISIBLE_DEVICES=$k python generate.py --model meta-llama/Llama-3.1-8B-Instruct --problems math_train \
+            --engine vllm --output samples.jsonl --num_samples 8 --temperature 0.7 --num_shards 8 --shard_index $k &
+    done; wait
 
-Crash safety: rows go to OUTPUT.partial a chunk of problems at a time and OUTPUT appears only when
-all are done; a rerun resumes after the last complete chunk. Each chunk is seeded from (seed, chunk
-index) (common.derived_seed), so the resumed output equals an uninterrupted run's.
+Crash safety: rows go to OUTPUT.partial (a shard's: OUTPUT.shard-K-of-N.partial) a chunk of problems at a time and
+OUTPUT appears only when all are done; a rerun resumes after the last complete chunk. Each chunk is seeded from
+(seed, chunk index) (common.derived_seed), so the resumed or sharded output equals an uninterrupted run's.
 """
 
 from __future__ import annotations

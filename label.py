@@ -49,8 +49,9 @@ Usage:
         --judge_model Qwen/Qwen2.5-72B-Instruct --judge_engine vllm --judge_tensor_parallel_size 8
     python label.py --input samples.jsonl --output labels.jsonl --prm mc --mc_rollouts 8 --engine vllm
 
-Crash safety as in generate.py: OUTPUT.partial grows a chunk at a time; a rerun resumes. mc seeds each
-chunk from (--seed, the chunk's row ids), so a resumed run writes what an uninterrupted one would have.
+Crash safety and shards (--num_shards, --shard_index) as in generate.py: OUTPUT.partial grows a chunk at a time; a
+rerun resumes. mc seeds each chunk from (--seed, the chunk's row ids), so a resumed or sharded run writes what an
+uninterrupted one would have.
 """
 
 from __future__ import annotations

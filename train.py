@@ -5,8 +5,11 @@
 is one Step-KTO iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3) on label.py's output,
 with pi_ref = M_t (--model, or --ref_model); ``--objective kto`` is the paper's KTO baseline, ``sft`` trains
 the seed (``--model scratch``: the embedded default's tiny Llama and its tokenizer, --scratch_tokenizer). Under
-torchrun the model is FSDP2-sharded (also with one process) and the result equals one process with the same global
-batch.
+torchrun (one node or several) the model is FSDP2-sharded, loaded from rank 0 shard by shard, and the result equals
+one process with the same global batch:
+
+    torchrun --nproc_per_node 8 train.py --objective step-kto --model M0 --data labels.jsonl --output_dir M1 \
+        --mixed_precision bfloat16 --gradient_checkpointing true --per_device_batch_size 4
 
 * ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
   --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
@@ -17,14 +20,15 @@ batch.
   w_step = 0, on rows that may lack the step fields.
 
 Reading order: Args; the data; the Step-KTO step; the training loop. Below the "plumbing" line: arguments,
-reading rows, metrics, log-probs, the reference cache. What is not Step-KTO at all (processes, FSDP2, LoRA,
-batch plan, optimizer, resume state, saving) is common.py's "training plumbing".
+reading rows, metrics, the reference cache, the policy's settings. What is not Step-KTO at all (processes, FSDP2,
+mixed precision, LoRA, batch plan, optimizer, resume state, saving) is plumbing.py's; the log-probs are policy.py's.
 
 Files: OUTPUT.resume/ while training: train_log.jsonl, reference_logps.pt (log pi_ref of every row and KL
-pair, computed once) and state.pt (every --save_every steps, atomically; a rerun after a crash, even kill
--9, resumes from it and ends with the parameters of an uninterrupted run). OUTPUT/ is written as OUTPUT.tmp
-and renamed when complete (model, tokenizer, train_log.jsonl, train_args.json); a complete OUTPUT makes the
-script exit at once. A NaN / inf loss or gradient norm stops the run before anything of that step is written.
+pair, computed once) and the resume state every --save_every steps (state-<step>/, each rank its own shards, and
+state.json; a rerun after a crash, even kill -9 of one rank, resumes from it and ends with the parameters of an
+uninterrupted run). OUTPUT/ is written as OUTPUT.tmp and renamed when complete (model, tokenizer, train_log.jsonl,
+train_args.json); a complete OUTPUT makes the script exit at once. A NaN / inf loss or gradient norm stops the run
+before anything of that step is written.
 """
 
 from __future__ import annotations

@@ -59,10 +59,7 @@ def completion_logratios(policy, reference, input_ids, attention_mask, completio
 
 
 @pytest.mark.parametrize("beta, desirable_weight, undesirable_weight", [(0.1, 1.0, 1.0), (0.5, 1.33, 0.7)])
-def test_outcome_only_equals_trl_kto_trainer_loss(tmp_path, beta, desirable_weight, undesirable_weight):
-    tokenizer = tiny_tokenizer()
-    policy = tiny_llama(len(tokenizer), seed=0)
-    reference = perturbed_copy(policy, seed=0)  # seeds chosen so that z0 is clamped in one batch, not the other
+def trl_trainer(tmp_path, policy, reference, tokenizer, beta, desirable_weight, undesirable_weight):
     prompts, completions, labels = zip(*ROWS)
     dataset = Dataset.from_dict({"prompt": list(prompts), "completion": list(completions), "label": list(labels)})
     args = KTOConfig(
@@ -70,10 +67,14 @@ def test_outcome_only_equals_trl_kto_trainer_loss(tmp_path, beta, desirable_weig
         desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
         report_to="none", use_cpu=True, max_length=None, disable_tqdm=True,
     )
-    trainer = KTOTrainer(
-        model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
+    return KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
 
+
+def test_outcome_only_equals_trl_kto_trainer_loss(tmp_path, beta, desirable_weight, undesirable_weight):
+    tokenizer = tiny_tokenizer()
+    policy = tiny_llama(len(tokenizer), seed=0)
+    reference = perturbed_copy(policy, seed=0)  # seeds chosen so that z0 is clamped in one batch, not the other
+    trainer = trl_trainer(tmp_path, policy, reference, tokenizer, beta, desirable_weight, undesirable_weight)
     batches = list(trainer.get_train_dataloader())
     assert len(batches) == len(ROWS) // BATCH_SIZE
     raw_kl_means, z0s = [], []

@@ -197,9 +197,18 @@ def test_run_sh_gpu_recipe_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    logged = logged_commands(runs / "seed0")
+    check_gpu_recipe_commands(runs / "seed0", model)
+    for folder in (runs / "seed0" / "eval" / "M0", runs / "seed0" / "step-kto" / "eval" / "M1"):
+        result = json.loads((folder / "result.json").read_text())
+        assert result["prm"] == "judge" and result["n_problems"] == 2
+    assert len((runs / "seed0" / "step-kto" / "iter1" / "labels.jsonl").read_text().splitlines()) == 4
+    assert "| step-kto | M1 | 1 |" in proc.stdout
+
+
+def check_gpu_recipe_commands(run: Path, model: Path) -> None:
+    """What each stage of the GPU recipe received: its shard and GPU slice, the judge, the presets, torchrun."""
     by_stage = {}
-    for devices, command in logged:
+    for devices, command in logged_commands(run):
         by_stage.setdefault(command[0], []).append((devices, command))
     for stage in ("evaluate.py", "generate.py", "label.py"):  # 2 shards each time, one GPU slice each
         shards = {(d, option_of(c, "--shard_index"), option_of(c, "--num_shards")) for d, c in by_stage[stage]}
@@ -209,13 +218,8 @@ def test_run_sh_gpu_recipe_on_cpu(tmp_path):
         assert option_of(command, "--judge_max_new_tokens") == "8" and option_of(command, "--engine") == "vllm"
     for _, command in by_stage["evaluate.py"]:
         assert option_of(command, "--prompt_style") == "qwen25-math-cot" and option_of(command, "--max_new_tokens") == "24"
-    (train_line,) = [line for line in (runs / "seed0" / "commands.log").read_text().splitlines() if "train.py" in line]
+    (train_line,) = [line for line in (run / "commands.log").read_text().splitlines() if "train.py" in line]
     assert "torch.distributed.run" in train_line and "--nproc_per_node 2" in train_line
-    (_, train_command), = by_stage["train.py"]
-    assert option_of(train_command, "--mixed_precision") == "bfloat16" and option_of(train_command, "--optim") == "adamw_fused"
-    assert (option_of(train_command, "--per_device_batch_size"), option_of(train_command, "--gradient_accumulation_steps")) == ("1", "2")
-    for folder in (runs / "seed0" / "eval" / "M0", runs / "seed0" / "step-kto" / "eval" / "M1"):
-        result = json.loads((folder / "result.json").read_text())
-        assert result["prm"] == "judge" and result["n_problems"] == 2
-    assert len((runs / "seed0" / "step-kto" / "iter1" / "labels.jsonl").read_text().splitlines()) == 4
-    assert "| step-kto | M1 | 1 |" in proc.stdout
+    (_, train), = by_stage["train.py"]
+    assert option_of(train, "--mixed_precision") == "bfloat16" and option_of(train, "--optim") == "adamw_fused"
+    assert (option_of(train, "--per_device_batch_size"), option_of(train, "--gradient_accumulation_steps")) == ("1", "2")
