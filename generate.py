@@ -51,7 +51,7 @@ from common import option
 
 
 EngineName = Literal["auto", "transformers", "vllm"]
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class EngineSettings:
 
     engine: EngineName = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
     dtype: Dtype = option("auto", help="auto (the checkpoint's own dtype on a GPU, float32 checkpoints in bfloat16 as "
-                        "vLLM does; float32 on a CPU) | float32 | bfloat16 | float16.")
+                        "vLLM does; float32 on a CPU) | float32 | bfloat16 | float16 | float64 (transformers only: exact checks).")
     tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine (tensor parallel).")
     gpu_memory_utilization: float = option(0.9, help="vLLM: share of each GPU's memory the engine takes for weights "
                                            "and KV cache.")

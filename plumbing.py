@@ -493,12 +493,14 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
 
 
 def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str) -> None:
-    """OUT = base_model with the adapters merged, in float32 (an ordinary model for generate.py, evaluate.py and
-    vLLM), OUT/adapter = the adapters alone (peft's save_pretrained). The base weights never trained, so they are
-    read again from base_model on the CPU, which also works when training sharded them over ranks. float32, not
-    the base's bf16: a bf16 merge rounds most of an iteration's small update away (BENCHMARKS.md "LoRA merged
-    into a bf16 base"), and the merged M_i is the next iteration's policy and reference."""
-    model = add_lora(models.load_model(base_model, "float32"), lora)
+    """OUT = base_model with the adapters merged, in the adapters' dtype (float32, or float64 when trained in it;
+    an ordinary model for generate.py, evaluate.py and vLLM), OUT/adapter = the adapters alone (peft's
+    save_pretrained). The base weights never trained, so they are read again from base_model on the CPU, which
+    also works when training sharded them over ranks. Never the base's bf16: a bf16 merge rounds most of an
+    iteration's small update away (BENCHMARKS.md "LoRA merged into a bf16 base"), and the merged M_i is the next
+    iteration's policy and reference."""
+    dtype = str(next(iter(adapters.values())).dtype).removeprefix("torch.") if adapters else "float32"
+    model = add_lora(models.load_model(base_model, dtype), lora)
     loaded = model.load_state_dict(adapters, strict=False)
     if loaded.unexpected_keys or len(adapters) == 0:
         raise TrainingError(f"the trained adapters do not fit --model {base_model}: {loaded.unexpected_keys[:3]}")

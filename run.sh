@@ -21,6 +21,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # ---- what to run
+if [ -n "${OBJECTIVE:-}" ]; then          # a slip for OBJECTIVES: refused, never silently ignored
+    echo "error: OBJECTIVE=$OBJECTIVE is not a setting: OBJECTIVES=$OBJECTIVE runs one objective" >&2; exit 2
+fi
 OBJECTIVES=${OBJECTIVES:-step-kto kto}    # each trained from the same M0, iteration by iteration: step-kto | kto
 for objective in $OBJECTIVES; do
     case $objective in step-kto|kto) ;; *) echo "error: OBJECTIVES: $objective: must be step-kto | kto" >&2; exit 2 ;; esac

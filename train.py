@@ -131,8 +131,8 @@ class Args:
         "the global batch is per_device_batch_size * world size * this, and the update equals one such batch computed "
         "at once (KTO's z0 is estimated over all of it, not per micro-batch).")
     lora_r: int = option(0, help="LoRA rank (peft): train rank-r adapters on the frozen policy (0: full fine-tuning). "
-        "OUTPUT holds the model with the adapters merged, in float32 (a bf16 merge drops most of a small update), "
-        "and OUTPUT/adapter the adapters alone.")
+        "OUTPUT holds the model with the adapters merged, in float32 (float64 when trained in it; a bf16 merge "
+        "drops most of a small update), and OUTPUT/adapter the adapters alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
     lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0: a rate > 0 "
         "keeps a dropped copy of every adapted layer's input for backward, +26%% peak memory and -25%% speed on "

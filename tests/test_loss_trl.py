@@ -58,7 +58,6 @@ def completion_logratios(policy, reference, input_ids, attention_mask, completio
         return step_rewards(token_logps(policy), token_logps(reference), step_ids, num_steps=1)[:, 0]
 
 
-@pytest.mark.parametrize("beta, desirable_weight, undesirable_weight", [(0.1, 1.0, 1.0), (0.5, 1.33, 0.7)])
 def trl_trainer(tmp_path, policy, reference, tokenizer, beta, desirable_weight, undesirable_weight):
     prompts, completions, labels = zip(*ROWS)
     dataset = Dataset.from_dict({"prompt": list(prompts), "completion": list(completions), "label": list(labels)})
@@ -70,6 +69,7 @@ def trl_trainer(tmp_path, policy, reference, tokenizer, beta, desirable_weight, 
     return KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
+@pytest.mark.parametrize("beta, desirable_weight, undesirable_weight", [(0.1, 1.0, 1.0), (0.5, 1.33, 0.7)])
 def test_outcome_only_equals_trl_kto_trainer_loss(tmp_path, beta, desirable_weight, undesirable_weight):
     tokenizer = tiny_tokenizer()
     policy = tiny_llama(len(tokenizer), seed=0)

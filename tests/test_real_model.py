@@ -133,7 +133,7 @@ def test_evaluate_loads_one_engine_for_policy_and_judge(problems, tmp_path, monk
     """evaluate.py with --sample_k and the policy as its own judge: one model load in the process."""
     loads = []
     real_load = models.load_model
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     generate.close_engine()
     args = evaluate.Args(model=str(MODEL), benchmark=str(problems), output_dir=str(tmp_path / "eval"), prm="judge",
                          judge_model=str(MODEL), judge_engine="transformers", engine="transformers", sample_k=2,

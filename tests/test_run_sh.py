@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(
     NUM_TRAIN=6, NUM_TEST=6, NUM_SFT=32, SFT_EPOCHS=1, SFT_BATCH=8, HIDDEN=64, LAYERS=1, FFN=64,
-    SAMPLES=2, MAX_NEW_TOKENS=24, BATCH=4, ITERATIONS=2, THREADS=1,
+    SAMPLES=2, MAX_NEW_TOKENS=24, GLOBAL_BATCH=4, ITERATIONS=2, THREADS=1,
 )
 
 
@@ -51,8 +51,8 @@ def test_run_sh_end_to_end_and_rerun(tmp_path):
     assert {objective: results(seed / objective) for objective in before} == before
 
 
-def test_run_sh_refuses_the_former_objective_setting(tmp_path):
-    """OBJECTIVE (one objective) became OBJECTIVES: the old name is refused, never silently ignored."""
+def test_run_sh_refuses_unknown_objectives_and_tokenizers(tmp_path):
+    """OBJECTIVE (a slip for OBJECTIVES), an unknown objective or scratch tokenizer: refused before anything runs."""
     proc = run_sh(tmp_path, OBJECTIVE="kto")
     assert proc.returncode == 2 and "OBJECTIVES=kto" in proc.stderr
     proc = run_sh(tmp_path, OBJECTIVES="step-kto dpo")

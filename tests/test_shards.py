@@ -84,7 +84,7 @@ def test_parts_with_other_settings_are_refused_in_one_line(tiny_model, problems,
     other = stage("generate.py", *gen_args(tiny_model, problems, out, temperature=0.7), shard=(1, 2), check=False)
     assert other.returncode != 0 and not out.exists()
     message = other.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "samples.jsonl.settings.json" in message and "gen" in message
+    assert message.startswith("generate.py: error: ") and "samples.jsonl.settings.json" in message and "gen" in message
     assert "Traceback" not in other.stderr
     three = stage("generate.py", *gen_args(tiny_model, problems, out), shard=(0, 3), check=False)
     assert three.returncode != 0 and "num_shards" in three.stderr  # 2 shards' parts never merge with 3 shards'

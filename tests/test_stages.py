@@ -109,7 +109,7 @@ def test_label_feeds_trl_prm_tokenisation(tmp_path):
 import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from trl.experimental.prm import PRMTrainer
-import common
+import models
 row = json.loads(open({str(tmp_path / "labels.jsonl")!r}).readline())
 out = PRMTrainer.tokenize_row(row, models.make_char_tokenizer(), "\\n\\n", None, None, False, False)
 print(json.dumps(out))
@@ -152,11 +152,13 @@ def test_evaluate_writes_result_and_resumes(tiny_model, problems, tmp_path):
 
 
 def fake_result(pass1: float, ser: float | None, n: int = 10) -> dict:
-    """A result.json as evaluate.py writes it (pass@1_ci95 left out, as in result.json files from before it)."""
+    """A result.json as evaluate.py writes it, with its 95% Wilson intervals."""
     solved = round(n * pass1)
+    flawed = round((ser or 0) * solved)
     return {"model": "m", "benchmark": "b", "prm": "check", "n_problems": n, "pass@1": pass1,
-            "stepwise_error_rate": ser, "n_correct": solved,
-            "n_correct_with_wrong_step": round((ser or 0) * solved), "truncated": 0}
+            "pass@1_ci95": evaluate.wilson_interval(solved, n), "stepwise_error_rate": ser,
+            "stepwise_error_rate_ci95": evaluate.wilson_interval(flawed, solved), "n_correct": solved,
+            "n_correct_with_wrong_step": flawed, "truncated": 0}
 
 
 def test_report_builds_each_runs_table_from_run_sh_layout(tmp_path, capsys):
