@@ -5,9 +5,9 @@
 
 For every `a op b = c` step: easy or hard (arith_task.is_hard_step), the operation, and whether c is the
 true result, the seed data's habit (arith_task.slipped_result), an over-carry (an easy addition stated exactly
-10 too high: a carry where there is none, README "What it took", 4) or another number; "(wrong start)" marks a
+10 too high: a carry where there is none, docs/experiments.md "What it took", 4) or another number; "(wrong start)" marks a
 right equation that starts from a value the previous steps did not produce. Then the counts of
-(right answer, every step right) over the completions. The diagnosis behind README "What it took".
+(right answer, every step right) over the completions. The diagnosis behind docs/experiments.md "What it took".
 """
 import collections
 import sys

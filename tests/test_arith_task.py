@@ -293,7 +293,7 @@ def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
 
 
 def test_step_errors_names_each_kind_of_step():
-    """bench/step_errors.py's kinds (README "What it took"): the habit, an easy addition carried where there is no
+    """bench/step_errors.py's kinds (docs/experiments.md "What it took"): the habit, an easy addition carried where there is no
     carry (exactly 10 too high), any other wrong number, and a right equation started from a wrong value."""
     assert not is_hard_step(12, "+", 5)
     assert step_errors.step_kind("12 + 5 = 17", True) == "easy add right"
