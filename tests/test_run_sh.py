@@ -185,6 +185,8 @@ def test_run_sh_gpu_recipe_on_cpu(tmp_path):
     if not (model.exists() and vllm.exists()) and not os.environ.get("STEPKTO_REQUIRE_REAL_MODEL"):
         pytest.skip("needs models/SmolLM2-135M-Instruct and .venv-vllm (bash setup.sh --vllm --models)")
     data = grading.default_data_dir()
+    if not all((data / name).exists() for name in ("gsm8k_train.jsonl", "math500.jsonl")):
+        pytest.skip("../shared/data/gsm8k_train.jsonl and math500.jsonl are needed (a checkout beside shared/)")
     train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     train_file.write_text("".join((data / "gsm8k_train.jsonl").read_text().splitlines(keepends=True)[:2]))
     test_file.write_text("".join((data / "math500.jsonl").read_text().splitlines(keepends=True)[:2]))
