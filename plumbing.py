@@ -16,6 +16,7 @@ At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import functools
 import gc
 import json
@@ -68,7 +69,10 @@ def init_distributed(timeout_minutes: float) -> Env:
 
 
 def run_in_process_group(fn: Callable[[Env], None], timeout_minutes: float) -> None:
-    """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises."""
+    """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises. A native crash
+    (SIGSEGV, SIGABRT from a corrupted heap) prints the Python stack of every thread first, so that a rank's
+    death under torchrun says where it happened."""
+    faulthandler.enable(all_threads=True)
     env = init_distributed(timeout_minutes)
     try:
         fn(env)
