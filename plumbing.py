@@ -71,8 +71,9 @@ def init_distributed(timeout_minutes: float) -> Env:
 def run_in_process_group(fn: Callable[[Env], None], timeout_minutes: float) -> None:
     """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises. A native crash
     (SIGSEGV, SIGABRT from a corrupted heap) prints the Python stack of every thread first, so that a rank's
-    death under torchrun says where it happened."""
-    faulthandler.enable(all_threads=True)
+    death under torchrun says where it happened (torchrun workers only)."""
+    if "LOCAL_RANK" in os.environ and not faulthandler.is_enabled():  # a torchrun worker: stderr is a real file
+        faulthandler.enable(all_threads=True)
     env = init_distributed(timeout_minutes)
     try:
         fn(env)
