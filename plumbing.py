@@ -58,6 +58,9 @@ def init_distributed(timeout_minutes: float) -> Env:
     nccl on GPU, every collective waiting up to ``timeout_minutes``."""
     if "LOCAL_RANK" not in os.environ:  # plain `python train.py`
         return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # A rank's native crash (SIGSEGV, SIGABRT from a corrupted heap) prints every thread's Python stack first, so
+    # that its death under torchrun says where it happened. Only here: a torchrun worker's stderr is a real file.
+    faulthandler.enable(all_threads=True)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -69,11 +72,7 @@ def init_distributed(timeout_minutes: float) -> Env:
 
 
 def run_in_process_group(fn: Callable[[Env], None], timeout_minutes: float) -> None:
-    """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises. A native crash
-    (SIGSEGV, SIGABRT from a corrupted heap) prints the Python stack of every thread first, so that a rank's
-    death under torchrun says where it happened (torchrun workers only)."""
-    if "LOCAL_RANK" in os.environ and not faulthandler.is_enabled():  # a torchrun worker: stderr is a real file
-        faulthandler.enable(all_threads=True)
+    """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises."""
     env = init_distributed(timeout_minutes)
     try:
         fn(env)
