@@ -252,8 +252,12 @@ def test_mixed_precision_under_torchrun_matches_one_process(tmp_path, tiny_model
         assert result.returncode == 0, result.stderr[-3000:]
     single = run_main(**args, per_device_batch_size=4, output_dir=str(tmp_path / "single"))
     two, one_rank = read_log(tmp_path / "two"), read_log(tmp_path / "one_rank")
+    assert two[0]["loss/total"] == pytest.approx(one_rank[0]["loss/total"], rel=1e-6)  # before any update
+    # After an update, a float32 weight that the two reduction orders leave on either side of a bf16 rounding
+    # boundary is cast to bf16 one ulp apart. Measured largest relative loss difference: under 1e-4 on an AMD
+    # EPYC Zen 4, 1.4e-4 on an Intel Xeon with AMX; the bound is a quarter of bf16's relative precision (2^-8).
     for a, b, c in zip(two, one_rank, read_log(single), strict=True):
-        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4) and a["step"] == b["step"]
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-3) and a["step"] == b["step"]
         assert a["loss/total"] == pytest.approx(c["loss/total"], rel=1e-2)
     weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("two", "one_rank")}
     autocast, base = load_file(single / "model.safetensors"), load_file(tiny_model / "model.safetensors")
