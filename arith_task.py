@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Literal
 
 import common
+import options
 from common import option
 
 HARD_PRODUCT = 40  # products from here on are beyond the small times tables
@@ -414,6 +415,7 @@ def sft_rows(args: Args, shape: dict) -> list[dict]:
 
 
 def main(args: Args) -> None:
+    options.refuse_inapplicable("arith_task.py", args)
     out = Path(args.output_dir)
     if all((out / f"{name}.jsonl").exists() for name in ("train", "test", "sft")):
         print(f"{out}: data is complete; nothing to do.")

@@ -29,7 +29,7 @@ import typing
 import zlib
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 
 # ----------------------------------------------------------------------------- JSONL contract
@@ -202,27 +202,44 @@ def finish_output(out: str | Path) -> None:
     os.replace(partial, out)
 
 
-def write_json_atomic(path: str | Path, obj, schema: dict | None = None) -> None:
-    """Write JSON (an object carrying ``schema`` when given) through a temporary name, so that a crash
-    never leaves a truncated file."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], exclusive: bool = False) -> None:
+    """The one way a whole file is written: ``write(f)`` fills a temporary file beside ``path`` (a name of this
+    process's own), which is flushed to disk and renamed to ``path``, so a kill at any moment leaves the old file or
+    the new one, never a part of one. exclusive: only create ``path``, atomically, when no process has yet (the
+    first writer's file stays)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # create-if-absent, atomic
+    except FileExistsError:
+        pass
+    tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str, exclusive: bool = False) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), exclusive)
+
+
+def write_json_atomic(path: str | Path, obj, schema: dict | None = None) -> None:
+    """Write JSON (an object carrying ``schema`` when given), atomically (write_atomic)."""
     if schema is not None:
         _check_row(obj, schema, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict], schema: dict | None = None) -> None:
     """Write a whole JSONL file at once (rows carrying ``schema``; None: files no other stage reads, such
-    as train.py's log) through a temporary name."""
-    path = Path(path)
-    _check_rows(rows, schema, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    _write_lines(tmp, rows, mode="w")
-    os.replace(tmp, path)
+    as train.py's log), atomically (write_atomic)."""
+    _check_rows(rows, schema, Path(path))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def chunked(items: list, size: int) -> list[list]:
@@ -326,14 +343,12 @@ def part_path(out: Path, shard: Shard) -> Path:
 
 def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, schema: dict, shard: Shard,
                  settings: dict, desc: str) -> bool:
-    """Write this shard's chunks of ``out``: ``rows_of_chunk(i)`` gives chunk i's rows, whose ids must be
-    ``chunk_ids[i]``. Resumes after the chunks a killed run finished. True when ``out`` is complete (this shard
-    merged it, or it already was); False while other shards' parts are missing."""
+    """Write this shard's chunks of ``out``, which the caller found incomplete: ``rows_of_chunk(i)`` gives chunk i's
+    rows, whose ids must be ``chunk_ids[i]``. Resumes after the chunks a killed run finished. True when ``out`` is
+    complete (this shard merged it); False while other shards' parts are missing."""
     from tqdm import tqdm
 
     out = Path(out)
-    if out.exists():
-        return True
     check_settings(out, {**settings, "num_shards": shard.count, "chunks": digest(chunk_ids)})
     part, mine = part_path(out, shard), shard.chunk_indices(len(chunk_ids))
     if not part.exists():
@@ -353,9 +368,7 @@ def merge_parts(out: Path, chunk_ids: list[list[str]], count: int) -> bool:
             lines = [p.read_text(encoding="utf-8").splitlines(keepends=True) for p in parts]
         except FileNotFoundError:  # another shard merged and removed the parts meanwhile
             return out.exists()
-        tmp = out.with_name(f"{out.name}.merge-{os.getpid()}.tmp")
-        tmp.write_text("".join(_lines_in_chunk_order(lines, chunk_ids, parts)), encoding="utf-8")
-        os.replace(tmp, out)
+        write_text_atomic(out, "".join(_lines_in_chunk_order(lines, chunk_ids, parts)))
         for p in parts:
             p.unlink(missing_ok=True)
     if out.exists():
@@ -384,15 +397,8 @@ def check_settings(out: Path, settings: dict) -> None:
     """Record ``settings`` in OUT.settings.json, or, when a shard or an earlier run wrote it, refuse other ones:
     their rows must never be merged or resumed into one file."""
     path = _settings_path(out)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(settings, sort_keys=True, indent=1) + "\n", encoding="utf-8")
-        try:
-            os.link(tmp, path)  # create-if-absent, atomic: two shards starting at once keep the first file
-        except FileExistsError:
-            pass
-        tmp.unlink()
+    if not path.exists():  # two shards starting at once: the first one's file stays
+        write_text_atomic(path, json.dumps(settings, sort_keys=True, indent=1) + "\n", exclusive=True)
     written = read_json(path)
     if written != json.loads(json.dumps(settings)):
         changed = sorted(k for k in written.keys() | settings.keys() if written.get(k) != settings.get(k))

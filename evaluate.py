@@ -44,6 +44,7 @@ import tracking
 import generate
 import grading
 import label
+import options
 from common import option
 
 
@@ -69,12 +70,12 @@ class Args(common.ShardArgs, generate.Policy, label.Settings):
 def check_args(args: Args) -> None:
     """Refuse bad settings before any model is loaded, not after an hour of generation."""
     common.check_choices(args)
+    options.refuse_inapplicable("evaluate.py", args, engine=lambda: generate.resolve_engine(args.engine),
+                                judge_engine=lambda: generate.resolve_engine(args.judge_engine))
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.sample_k < 0:
         raise ValueError(f"--sample_k must be >= 0 (0 = off), got {args.sample_k}")
-    if args.step is not None and args.report_to == "none":
-        raise ValueError("--step is the step of the --report_to tracker: it needs --report_to tensorboard | wandb")
     if args.step is not None and args.step < 0:
         raise ValueError(f"--step must be >= 0, got {args.step}")
 
@@ -186,7 +187,7 @@ def label_set(args: Args, problems: list[dict], tag: str, n: int, shard: common.
     """Label a set's samples in the chunks they were generated in (a chunk of problems is a chunk of labels), so
     that every shard labels its own chunks without waiting for the others' samples."""
     samples, labels = output_file(args, tag, "samples"), output_file(args, tag, "labels")
-    if Path(labels).exists():
+    if Path(labels).exists():  # the one place that looks
         print(f"{labels} is complete; nothing to do.")
         return True
     chunk_ids = [generate.sample_ids(c, n) for c in common.chunked(problems, args.chunk_size)]

@@ -47,6 +47,7 @@ import common
 
 import models
 import grading
+import options
 from common import option
 
 
@@ -199,18 +200,11 @@ def resolve_dtype(model: str, dtype: str) -> str:
     return "bfloat16" if found == "float32" else found
 
 
-VLLM_ONLY = {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": 0}
-
-
 def engine_key(model: str, settings: EngineSettings) -> EngineKey:
-    """The resolved engine of ``model`` under ``settings``; refuses vLLM settings the transformers engine would
-    not use (no option silently does nothing)."""
+    """The resolved engine of ``model`` under ``settings`` (a stage refused settings its engine would not use before:
+    options.py)."""
     common.check_choices(settings)
     engine = resolve_engine(settings.engine)
-    changed = [name for name, default in VLLM_ONLY.items() if getattr(settings, name) != default]
-    if engine == "transformers" and changed:
-        why = "" if settings.engine == "transformers" else f" (--engine {settings.engine} resolved to transformers)"
-        raise ValueError(f"--{', --'.join(changed)}: vLLM settings, and the engine is transformers{why}")
     return EngineKey(str(model), engine, resolve_dtype(model, settings.dtype), settings.tensor_parallel_size,
                      settings.gpu_memory_utilization, settings.max_model_len, settings.enable_prefix_caching)
 
@@ -443,7 +437,8 @@ def generate_rows(problems: list[dict], output: str, settings: Settings, shard: 
                   desc: str = "generate") -> bool:
     """Sample this shard's chunks of the problems into ``output`` (SAMPLE_ROW rows), resuming after the chunks a
     killed run finished. True when ``output`` is complete (common.write_chunks: the last shard merges)."""
-    if Path(output).exists():
+    if Path(output).exists():  # the one place that looks
+        print(f"{output} is complete; nothing to do.")
         return True
     chunks = common.chunked(problems, settings.chunk_size)
     key = engine_key(settings.model, settings)
@@ -461,15 +456,13 @@ def generate_rows(problems: list[dict], output: str, settings: Settings, shard: 
 
 
 def main(args: Args) -> None:
-    if Path(args.output).exists():
-        print(f"{args.output} is complete; nothing to do.")
-        return
+    options.refuse_inapplicable("generate.py", args, engine=lambda: resolve_engine(args.engine))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     problems = load_problems(args.problems, args.max_problems)
     shard = args.shard()
     if generate_rows(problems, args.output, args, shard):
-        print(f"wrote {len(problems) * args.num_samples} samples to {args.output}")
+        print(f"{args.output} holds {len(problems) * args.num_samples} samples")
     else:
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes {args.output}")
 

@@ -67,6 +67,7 @@ import common
 import equations
 import generate
 import grading
+import options
 from common import option
 
 # The label of a step whose judge verdict could not be parsed (counted in prm_failures): wrong, because a
@@ -121,6 +122,8 @@ class Args(common.ShardArgs, Settings):
 def check_args(settings: Settings) -> None:
     """Fail before any work on an option combination that cannot run."""
     common.check_choices(settings)
+    options.refuse_inapplicable("label.py", settings, engine=lambda: generate.resolve_engine(settings.engine),
+                                judge_engine=lambda: generate.resolve_engine(settings.judge_engine))
     if settings.prm == "judge" and not settings.judge_model:
         raise ValueError("--prm judge needs --judge_model (a folder or hub id)")
     if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
@@ -538,7 +541,7 @@ def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 
                shard: common.Shard = common.Shard()) -> bool:
     """Label this shard's chunks (``chunk_size`` rows each) of the SAMPLE_ROW rows of ``samples`` into ``output``
     (LABELLED_ROW rows), resuming after the chunks a killed run finished. True when ``output`` is complete."""
-    if Path(output).exists():
+    if Path(output).exists():  # the one place that looks
         print(f"{output} is complete; nothing to do.")
         return True
     check_args(settings)

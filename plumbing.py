@@ -33,11 +33,11 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import common
 import models
 from common import UsageError
-from policy import CompletionLogProbs
 
 
 class TrainingError(common.StageError, RuntimeError):
@@ -79,8 +79,8 @@ def run_in_process_group(fn: Callable[[Env], None], timeout_minutes: float) -> N
     finally:
         if dist.is_initialized():
             # gloo's worker threads can still hold finished async work (FSDP2's collectives) whose tensors
-            # reference Python objects; freed during interpreter teardown they abort the process
-            # ("terminate called without an active exception", seen once in 10 runs here). Drop them first.
+            # reference Python objects; freed during interpreter teardown they can abort the process
+            # ("terminate called without an active exception"). Drop them first.
             gc.collect()
             dist.destroy_process_group()
 
@@ -114,14 +114,19 @@ def gather_objects(obj) -> list:
     return parts
 
 
+def all_reduce(values: torch.Tensor) -> torch.Tensor:
+    """The sum of ``values`` over the ranks, on every rank (``values`` itself on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
 def all_reduce_sums(sums: dict, device: torch.device) -> dict[str, float]:
     """Sum each value over the ranks in one collective (and one device-to-host copy). Every rank must
     pass the same keys."""
     keys = sorted(sums)
     values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])  # (S,)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
+    return dict(zip(keys, all_reduce(values).tolist()))
 
 
 def check_shared_folder(folder: Path, env: Env) -> None:
@@ -145,9 +150,6 @@ def check_shared_folder(folder: Path, env: Env) -> None:
 
 
 # ----------------------------------------------------------------------------- the policy: FSDP2, mixed precision, LoRA
-
-
-MIXED_PRECISION = ("none", "bfloat16")
 
 
 class Lora(NamedTuple):
@@ -186,18 +188,19 @@ def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
 
 
 class PolicySpec(NamedTuple):
-    """How to build the policy: ``load_lm(meta)`` gives the causal LM (meta=True: its meta-device skeleton),
-    then LoRA, checkpointing, the LM-head chunking and the compute dtype."""
+    """How to build the policy: ``load_lm(meta)`` gives the causal LM (meta=True: its meta-device skeleton), then
+    LoRA, checkpointing and the compute dtype; ``wrap(lm, autocast_dtype or None)`` is the module training calls
+    (train.py: policy.CompletionLogProbs), the FSDP2 root, which holds the LM as ``.lm``."""
 
     load_lm: Callable[[bool], torch.nn.Module]
+    wrap: Callable[[torch.nn.Module, torch.dtype | None], torch.nn.Module]
     lora: Lora | None
     gradient_checkpointing: bool
-    chunk_mib: float
-    mixed_precision: str  # MIXED_PRECISION
+    mixed_precision: str  # "none" | "bfloat16"
 
 
 def build_policy(spec: PolicySpec, env: Env, trainable: bool) -> torch.nn.Module:
-    """CompletionLogProbs of the LM on env.device, without KV cache. One process: built whole, mixed precision by
+    """spec.wrap of the LM on env.device, without KV cache. One process: built whole, mixed precision by
     autocast. Under torchrun: FSDP2-sharded over all ranks (each decoder layer, then the root: one all-gather per
     layer), mixed precision by FSDP2's policy, the weights loaded from rank 0 shard by shard (load_sharded).
     trainable: requires_grad (a LoRA model keeps what peft set: the base frozen) and checkpointing on request."""
@@ -210,7 +213,7 @@ def build_policy(spec: PolicySpec, env: Env, trainable: bool) -> torch.nn.Module
     return load_sharded(skeleton, full, env)
 
 
-def _wrap(lm: torch.nn.Module, spec: PolicySpec, trainable: bool, autocast: bool) -> CompletionLogProbs:
+def _wrap(lm: torch.nn.Module, spec: PolicySpec, trainable: bool, autocast: bool) -> torch.nn.Module:
     lm.config.use_cache = False
     if trainable and spec.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -221,10 +224,10 @@ def _wrap(lm: torch.nn.Module, spec: PolicySpec, trainable: bool, autocast: bool
     if not (trainable and is_lora(lm)):
         lm.requires_grad_(trainable)
     compute = getattr(torch, spec.mixed_precision) if autocast and spec.mixed_precision != "none" else None
-    return CompletionLogProbs(lm, spec.chunk_mib, compute)
+    return spec.wrap(lm, compute)
 
 
-def shard(policy: CompletionLogProbs, env: Env, mixed_precision: str) -> None:
+def shard(policy: torch.nn.Module, env: Env, mixed_precision: str) -> None:
     """FSDP2 over all ranks: each decoder layer its own unit, then the root (embedding, final norm, head). With
     bf16 mixed precision: bf16 parameters in forward and backward, gradients reduced in float32, the sharded
     master weights (and AdamW's states) in their own dtype."""
@@ -240,7 +243,7 @@ def shard(policy: CompletionLogProbs, env: Env, mixed_precision: str) -> None:
     fully_shard(policy, mesh=mesh, mp_policy=mp)
 
 
-def load_sharded(skeleton: CompletionLogProbs, full: CompletionLogProbs | None, env: Env) -> CompletionLogProbs:
+def load_sharded(skeleton: torch.nn.Module, full: torch.nn.Module | None, env: Env) -> torch.nn.Module:
     """The sharded skeleton, allocated on the device (its shards only) and filled from rank 0's whole model on the
     CPU: parameters and persistent buffers broadcast one tensor at a time (set_model_state_dict), and the buffers
     no state dict holds (rotary frequencies) copied from rank 0's."""
@@ -298,14 +301,6 @@ def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: 
     return plan
 
 
-def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
-    """Positions of the global batch that this rank computes, one range per micro-batch: the rank's equal,
-    contiguous slice cut into `accumulation` equal parts (build_plan makes the batch divisible)."""
-    per_micro = global_batch_size // (env.world_size * accumulation)
-    first = env.rank * accumulation
-    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
-
-
 # ----------------------------------------------------------------------------- optimizer, LR schedule, clipping, throughput
 
 
@@ -318,8 +313,8 @@ def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); on CPU the default
-    # updates one tensor at a time, ~10x the time on SmolLM2-135M (bench/bench_train_vs_trl.py --profile)
+    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); the default updates one tensor
+    # at a time, which on a CPU is the slower (BENCHMARKS.md)
     optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     warmup = round(warmup_ratio * total_steps)
     factor = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=schedule)
@@ -334,10 +329,30 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def clip_gradients(policy: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to max_norm; returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+def update(policy: torch.nn.Module, optimizer, scheduler, loss: float, max_grad_norm: float, step: int,
+           work: Path) -> float:
+    """The optimizer step after a step's backward passes: the gradient norm clipped to max_grad_norm, AdamW's update,
+    the gradients freed, the LR schedule advanced; returns the norm before clipping. A non-finite loss or norm stops
+    the run first, before anything of this step is written."""
+    check_finite("loss", loss, step, work)
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+    check_finite("gradient norm", grad_norm, step, work)
+    optimizer.step()
+    # Free the gradients now, not before the next backward: held through the next forward they would
+    # add a model's worth of memory to its activation peak (and fragment the CPU heap between steps).
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm
+
+
+def check_finite(name: str, value: float, step: int, work: Path) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
+            f"written: --model and the last resume state in {work} (if any) are untouched. "
+            "Lower --lr (or check the data) and rerun."
+        )
 
 
 class Throughput:
@@ -362,9 +377,32 @@ class Throughput:
 # ----------------------------------------------------------------------------- the training log, RNG states
 
 
-def append_log(path: Path, entry: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+class TrainLog:
+    """What a run shows and keeps of each step: the tqdm bar, and every ``every`` steps (and at the last) one line
+    of WORK/train_log.jsonl, written by rank 0 and also sent to ``tracker``: the step's metrics and the throughput
+    since the previous line."""
+
+    def __init__(self, work: Path, every: int, total: int, start_step: int, desc: str, tracker, rank: int):
+        self.path, self.every, self.total, self.tracker, self.rank = work / "train_log.jsonl", every, total, tracker, rank
+        self.bar = tqdm(total=total, initial=start_step, desc=desc, disable=rank != 0)
+        self.window = Throughput()
+
+    def step(self, step: int, epoch: int, lr: float, grad_norm: float, metrics: dict, sums: dict, rows: int) -> None:
+        """After step ``step`` (0-based); ``sums``: the step's tokens/real and tokens/computed over all ranks."""
+        self.window.add(sums["tokens/real"], sums["tokens/computed"], rows)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            entry = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **metrics}
+            entry |= self.window.stats()
+            if self.rank == 0:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
+                self.tracker.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step + 1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tracker.close()
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -372,16 +410,6 @@ def trim_log(path: Path, last_step: int) -> None:
     line cut by a kill."""
     if path.exists():
         common.write_jsonl_atomic(path, [e for e in common.read_complete_rows(path) if e["step"] <= last_step])
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary name, fsync, rename: a kill at any moment leaves the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -424,7 +452,8 @@ def save_train_state(work: Path, policy, optimizer, scheduler, step: int, signat
     folder = work / f"state-{step}"
     model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    save_atomic({"rng": rng_state(), "scheduler": scheduler.state_dict()}, folder / f"rank{rank()}.pt")
+    extras = {"rng": rng_state(), "scheduler": scheduler.state_dict()}
+    common.write_atomic(folder / f"rank{rank()}.pt", lambda f: torch.save(extras, f))
     barrier()
     if rank() == 0:
         common.write_json_atomic(work / "state.json", {"step": step, "folder": folder.name, "run": signature})

@@ -1,6 +1,6 @@
-"""The policy's log-probs: log pi(token | prefix) of the completion tokens of (prompt, completion) pairs, per
-completion and per step (the r(x, y) of (1) and r_k of (6) in stepkto_loss.py, paper Sec. 2.3), and the reference
-log-probs of every row and KL pair of a run, computed once and cached."""
+"""The policy's log-probs: log pi(token | prefix) of the completion tokens of tokenized (prompt, completion) rows,
+per completion and per step (the r(x, y) of (1) and r_k of (6) in stepkto_loss.py, paper Sec. 2.3), and the
+reference log-probs of every row and KL pair of a run, computed once and cached."""
 
 from __future__ import annotations
 
@@ -14,19 +14,21 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
+import plumbing
 import stepkto_loss as sk
 
-class Pair(NamedTuple):
-    """A tokenized (prompt, completion): one row of a forward pass."""
+
+class Tokenized(NamedTuple):
+    """A prompt and its completion as token ids, with the step of each completion token: one row of a forward
+    pass (a training row, or a KL pair's prompt with another row's completion)."""
 
     prompt_ids: list[int]
     completion_ids: list[int]  # EOS included when the completion stopped
     step_ids: np.ndarray  # (len(completion_ids),) int64: step index of each completion token, -1 = none
     num_steps: int
 
-
-def pair_length(pair: Pair) -> int:
-    return len(pair.prompt_ids) + len(pair.completion_ids)
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
 
 
 def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -93,22 +95,22 @@ class Batch(NamedTuple):
     computed_tokens: int
 
 
-def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
+def collate(rows: list[Tokenized], pad_id: int, device: torch.device) -> Batch:
     """Right-padded token matrix plus flat indices of the completion tokens (numpy, no per-token loop)."""
-    prompt_lens = np.array([len(p.prompt_ids) for p in pairs])  # (B,)
-    completion_lens = np.array([len(p.completion_ids) for p in pairs])  # (B,)
+    prompt_lens = np.array([len(r.prompt_ids) for r in rows])  # (B,)
+    completion_lens = np.array([len(r.completion_ids) for r in rows])  # (B,)
     seq_lens = prompt_lens + completion_lens
-    batch_size, max_len, max_completion = len(pairs), int(seq_lens.max()), int(completion_lens.max())
+    batch_size, max_len, max_completion = len(rows), int(seq_lens.max()), int(completion_lens.max())
     input_ids = np.full((batch_size, max_len), pad_id, dtype=np.int64)
     step_ids = np.full((batch_size, max_completion), -1, dtype=np.int64)
-    for b, pair in enumerate(pairs):  # a loop over rows, not tokens
-        input_ids[b, : seq_lens[b]] = pair.prompt_ids + pair.completion_ids
-        step_ids[b, : completion_lens[b]] = pair.step_ids
+    for b, row in enumerate(rows):  # a loop over rows, not tokens
+        input_ids[b, : seq_lens[b]] = row.prompt_ids + row.completion_ids
+        step_ids[b, : completion_lens[b]] = row.step_ids
     token_rows = np.repeat(np.arange(batch_size), completion_lens)  # (N,)
     token_cols = np.arange(len(token_rows)) - np.repeat(np.cumsum(completion_lens) - completion_lens, completion_lens)
     # Causal LM: the logits at position t predict token t+1, so completion token j is scored at prompt_len + j - 1.
     positions = token_rows * max_len + np.repeat(prompt_lens, completion_lens) + token_cols - 1  # (N,)
-    num_steps = np.array([p.num_steps for p in pairs])
+    num_steps = np.array([r.num_steps for r in rows])
     arrays = dict(
         input_ids=input_ids,
         attention_mask=np.arange(max_len)[None, :] < seq_lens[:, None],
@@ -121,11 +123,6 @@ def collate(pairs: list[Pair], pad_id: int, device: torch.device) -> Batch:
     )
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
     return Batch(**tensors, real_tokens=int(seq_lens.sum()), computed_tokens=batch_size * max_len)
-
-
-def token_sums(batches: list[Batch]) -> dict:
-    real, computed = sum(b.real_tokens for b in batches), sum(b.computed_tokens for b in batches)
-    return {"tokens/real": real, "tokens/computed": computed}
 
 
 def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +146,6 @@ class Reference(NamedTuple):
 def cached_reference(cache: Path, key: str, compute: Callable[[], Reference], rank: int) -> Reference:
     """The reference log-probs of ``cache`` when it was written for ``key`` (what they depend on), else
     ``compute()``, saved there by rank 0. A resumed run never recomputes them."""
-    import plumbing
-
     if cache.exists():
         saved = torch.load(cache)
         if saved["key"] == key:
@@ -158,18 +153,16 @@ def cached_reference(cache: Path, key: str, compute: Callable[[], Reference], ra
             return Reference(**saved["reference"])
     reference = compute()
     if rank == 0:
-        plumbing.save_atomic({"key": key, "reference": reference._asdict()}, cache)
+        common.write_atomic(cache, lambda f: torch.save({"key": key, "reference": reference._asdict()}, f))
     plumbing.barrier()
     return reference
 
 
 @torch.no_grad()
-def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int, env, pad_id: int):
-    """(totals (P,), steps (P, K_max)) of many pairs: length-sorted batches, spread over the ranks (env: plumbing.Env)."""
-    import plumbing
-
+def score_rows(policy: nn.Module, rows: list[Tokenized], span: str, batch_size: int, env: plumbing.Env, pad_id: int):
+    """(totals (R,), steps (R, K_max)) of many rows: length-sorted batches, spread over the ranks."""
     # Longest first: if memory runs out, it does so at once.
-    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].length())
     batches = common.chunked(order, batch_size)
     rounds = -(-len(batches) // env.world_size)
     local, dtype = {}, None
@@ -177,12 +170,12 @@ def score_pairs(policy: nn.Module, pairs: list[Pair], span: str, batch_size: int
         # Every FSDP forward all-gathers weights, so all ranks must run the same number: a rank with no
         # batch left recomputes batch 0 and drops the result.
         indices = batches[b] if b < len(batches) else batches[0]
-        totals, steps = completion_logps(policy, collate([pairs[i] for i in indices], pad_id, env.device), span)
+        totals, steps = completion_logps(policy, collate([rows[i] for i in indices], pad_id, env.device), span)
         dtype = totals.dtype
         if b < len(batches):
-            local.update((i, (t, s[: pairs[i].num_steps])) for i, t, s in zip(indices, totals.tolist(), steps.tolist()))
-    totals = torch.zeros(len(pairs), dtype=dtype)
-    steps = torch.zeros(len(pairs), max(p.num_steps for p in pairs), dtype=dtype)
+            local.update((i, (t, s[: rows[i].num_steps])) for i, t, s in zip(indices, totals.tolist(), steps.tolist()))
+    totals = torch.zeros(len(rows), dtype=dtype)
+    steps = torch.zeros(len(rows), max(r.num_steps for r in rows), dtype=dtype)
     for part in plumbing.gather_objects(local):
         for i, (total, row) in part.items():
             totals[i] = total

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import options
 from common import option
 
 # the folders of RUNS/seed<S> that every objective shares (run.sh): the others are runs, one per objective
@@ -157,6 +158,7 @@ def plot_title(table: dict, what: str = "") -> str:
 
 
 def main(args: Args) -> None:
+    options.refuse_inapplicable("report.py", args)
     write_run_tables(Path(args.runs))
     table = collect(Path(args.runs))
     if not table:

@@ -180,6 +180,11 @@ if [ -n "$JUDGE_MODEL" ]; then
         --judge_max_new_tokens "$JUDGE_MAX_NEW_TOKENS" --judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
     set_only LABEL judge_gpu_memory_utilization "$GPU_MEMORY_UTILIZATION" judge_max_model_len "$JUDGE_MAX_MODEL_LEN"
 fi
+if [ -n "$JUDGE_MODEL" ] && [ "$PRM" != judge ]; then  # refused, never silently ignored
+    echo "error: JUDGE_MODEL is the judge of PRM=judge, and PRM=$PRM" >&2; exit 2
+fi
+LABEL_ENGINE=()                           # label.py's own engine is mc's rollout policy's (the judge has its own)
+[ "$PRM" = mc ] && LABEL_ENGINE=("${ENGINE_ARGS[@]}")
 # train.py: weights stay float32 and DTYPE=bfloat16 becomes bf16 compute (FSDP2's mixed precision, autocast in one
 # process): a bf16 weight loses the small AdamW updates (train.py refuses it). With LoRA too: M_i, the next
 # iteration's base, is merged in float32, which a bf16 load would round again.
@@ -310,7 +315,7 @@ samples() {
         "${ENGINE_ARGS[@]}" "${COMMON[@]}"
     case $PRM in judge) label_tp=$JUDGE_TP ;; mc) label_tp=$TP ;; esac
     timed label sharded "$label_tp" "$run/iter$2/labels.jsonl" "$GEN_PYTHON" label.py \
-        --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl" "${LABEL[@]}" "${ENGINE_ARGS[@]}"
+        --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl" "${LABEL[@]}" "${LABEL_ENGINE[@]}"
 }
 
 for i in $(seq 1 "$ITERATIONS"); do  # the objectives side by side, iteration by iteration

@@ -148,7 +148,8 @@ class StepKTOTerms(NamedTuple):
     def loss(self, totals: LevelSums):
         """This shard's share of (8): w_outcome * sum(outcome) / n_outcome + w_step * sum(step) / n_step.
 
-        Only the counts of ``totals`` are used. With this batch's own sums() it is the batch's (8), which is
+        Only the counts of ``totals`` are used: a LevelSums, or any tuple with n_outcome and n_step (a trainer that
+        counts them up front, see the module docstring). With this batch's own sums() it is the batch's (8), which is
         what reduction="mean" returns; with the sums of all shards (ranks or micro-batches) of one step, the
         shards' losses add up to (8) of the whole step's batch. A level with count 0 adds a zero that is still
         on the graph.
@@ -267,9 +268,9 @@ def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels,
     count/{level}_{side}; a side absent from the batch is absent.
     reduction="none": (terms, metrics), terms a StepKTOTerms (per-completion summands of (5) and (7) and the
     masks of each mean), from which a distributed trainer takes GLOBAL means with one all-reduce (module
-    docstring, "Under torch.distributed"); metrics: kl/z0 (kl/z0_step) and reward_sums' sums and counts, every
-    key present, to be added over micro-batches and ranks and divided by reward_means; the losses' own
-    metrics are terms.sums(), added the same way, through LevelSums.loss_metrics.
+    docstring, "Under torch.distributed"); metrics: reward_sums' sums and counts, every key present, to be added
+    over micro-batches and ranks and divided by reward_means (z0 is the caller's own); the losses' own metrics
+    are terms.sums(), added the same way, through LevelSums.loss_metrics.
     """
     _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask)
     _check_stepkto_options(z0, z0_step, w_outcome, w_step, step_aggregation, reduction)
@@ -280,9 +281,9 @@ def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels,
     outcome_summands, has_outcome = per_completion(outcome, "mean")  # (4) of the one item: the summand of (5)
     step_summands, has_step = per_completion(step, step_aggregation)  # the summand of (7)
     terms = StepKTOTerms(outcome_summands, step_summands, has_outcome, has_step, w_outcome, w_step)
-    metrics = {"kl/z0": z0.detach(), **({} if z0_step is None else {"kl/z0_step": z0_step.detach()})}
     if reduction == "none":  # sums, which a trainer adds over micro-batches and ranks before it divides
-        return terms, metrics | reward_sums(outcome, step)
+        return terms, reward_sums(outcome, step)
+    metrics = {"kl/z0": z0.detach(), **({} if z0_step is None else {"kl/z0_step": z0_step.detach()})}
     metrics |= reward_means(reward_sums(outcome, step)) | terms.sums().loss_metrics(w_outcome, w_step)
     return terms.loss(terms.sums()), metrics
 

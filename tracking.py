@@ -10,6 +10,8 @@ import string
 import typing
 from pathlib import Path
 
+import common
+
 ReportTo = typing.Literal["none", "tensorboard", "wandb"]
 REPORT_TO = typing.get_args(ReportTo)
 
@@ -121,7 +123,5 @@ def wandb_run_id(log_dir: str | Path) -> str:
         import secrets
 
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's own form
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)  # never a half-written id
+        common.write_text_atomic(path, run_id + "\n")  # never a half-written id
     return path.read_text().strip()

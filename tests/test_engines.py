@@ -79,12 +79,6 @@ def test_an_engine_of_another_setting_replaces_the_live_one(tiny_model, engine_l
     assert engine_log == [(tiny_model, 0), (tiny_model, 0)]
 
 
-def test_vllm_settings_are_refused_on_the_transformers_engine(tiny_model):
-    settings = generate.EngineSettings(engine="transformers", max_model_len=4096)
-    with pytest.raises(ValueError, match="--max_model_len: vLLM settings"):
-        generate.engine_key(tiny_model, settings)
-
-
 def test_dtype_auto_is_float32_on_a_cpu(tiny_model):
     assert generate.engine_key(tiny_model, generate.EngineSettings(engine="transformers")).dtype == "float32"
 
@@ -135,6 +129,6 @@ def test_every_prompt_of_a_base_model_starts_with_bos(bos_model, benchmark, tmp_
 def test_train_prompts_a_base_model_with_bos(bos_model):
     tok = models.load_tokenizer(bos_model)
     example = train.sft_example(tok, {"id": "a", "problem": "Compute 1 + 2.", "completion": "3"}, "minimal")
-    assert example.pair.prompt_ids[0] == tok.bos_token_id
+    assert example.tokens.prompt_ids[0] == tok.bos_token_id
     row = {"prompt": "Problem: x\nSolution:\n", "completion": "1 + 2 = 3", "finish_reason": "stop"}
     assert train.tokenized_text(tok, row)[0][0] == tok.bos_token_id

@@ -424,7 +424,8 @@ def test_reduction_none_summed_over_the_counts_is_the_mean(aggregation, name):
         # one path: a level left out of (8) sends zeros either way
         assert torch.isfinite(leaf.grad).all() and torch.allclose(leaf.grad, mean_leaf.grad, rtol=0, atol=1e-12)
     # reduction="none" gives sums; divided, they are reduction="mean"'s metrics
-    metrics = {k: v for k, v in metrics.items() if k.startswith("kl/")} | sk.reward_means(metrics) | \
+    assert not any(k.startswith("kl/") for k in metrics)  # z0 is the caller's own
+    metrics = {k: v for k, v in mean_metrics.items() if k.startswith("kl/")} | sk.reward_means(metrics) | \
         terms.sums().loss_metrics(w_outcome, w_step)
     assert sorted(metrics) == sorted(mean_metrics)
     for key, value in metrics.items():

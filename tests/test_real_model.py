@@ -67,16 +67,16 @@ def test_train_scores_exactly_the_sampled_ids(samples, engine, tmp_path):
     rows = common.read_jsonl(labelled)
     assert len(rows) == 6 and {r["gen"]["engine"] for r in rows} == {engine}
     for line, row in enumerate(rows, start=1):
-        pair = train.kto_example(tokenizer, row, f"labels.jsonl:{line}", with_steps=True).pair
-        assert pair.prompt_ids == row["prompt_ids"] and pair.completion_ids == row["completion_ids"]
-        assert pair.prompt_ids == tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        tokens = train.kto_example(tokenizer, row, f"labels.jsonl:{line}", with_steps=True).tokens
+        assert tokens.prompt_ids == row["prompt_ids"] and tokens.completion_ids == row["completion_ids"]
+        assert tokens.prompt_ids == tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         stopped = row["finish_reason"] == "stop"
         text_ids = row["completion_ids"][:-1] if stopped else row["completion_ids"]
         assert tokenizer.decode(text_ids, skip_special_tokens=True) == row["completion"]
         if stopped:
             assert row["completion_ids"][-1] in generate.stop_token_ids(tokenizer)
         assert [tuple(s) for s in row["step_spans"]] == common.step_spans(row["completion"])
-        assert len(pair.step_ids) == len(pair.completion_ids)
+        assert len(tokens.step_ids) == len(tokens.completion_ids)
 
 
 def test_bpe_retokenization_differs_at_a_step_boundary_and_train_keeps_the_sampled_ids():
@@ -90,10 +90,10 @@ def test_bpe_retokenization_differs_at_a_step_boundary_and_train_keeps_the_sampl
     row = {"prompt": "Compute (3 + 4) * 2.", "completion": text, "finish_reason": "length", "outcome": True,
            "completions": ["3 + 4 = 7", "7 * 2 = 14"], "labels": [True, True], "prompt_ids": encode("Compute"),
            "completion_ids": ids, "completion_offsets": generate.token_offsets(tokenizer, ids, text)}
-    pair = train.kto_example(tokenizer, row, "f.jsonl:1", with_steps=True).pair
-    assert pair.completion_ids == ids
+    tokens = train.kto_example(tokenizer, row, "f.jsonl:1", with_steps=True).tokens
+    assert tokens.completion_ids == ids
     boundary = ids.index(blank_line)
-    assert list(pair.step_ids) == [0] * (boundary + 1) + [1] * (len(ids) - boundary - 1)  # "\n\n" ends step 0
+    assert list(tokens.step_ids) == [0] * (boundary + 1) + [1] * (len(ids) - boundary - 1)  # "\n\n" ends step 0
 
 
 def test_labellers_on_the_real_model(samples, tmp_path):

@@ -217,8 +217,11 @@ def check_gpu_recipe_commands(run: Path, model: Path) -> None:
         assert shards == {("0", "0", "2"), ("1", "1", "2")}, (stage, shards)
     for _, command in by_stage["evaluate.py"] + by_stage["label.py"]:
         assert option_of(command, "--judge_model") == str(model) and option_of(command, "--prm") == "judge"
-        assert option_of(command, "--judge_max_new_tokens") == "8" and option_of(command, "--engine") == "vllm"
+        assert option_of(command, "--judge_max_new_tokens") == "8" and option_of(command, "--judge_engine") == "vllm"
+    for _, command in by_stage["label.py"]:  # its own engine is mc's rollout policy's: none with a judge
+        assert option_of(command, "--engine") is None
     for _, command in by_stage["evaluate.py"]:
+        assert option_of(command, "--engine") == "vllm"
         assert option_of(command, "--prompt_style") == "qwen25-math-cot" and option_of(command, "--max_new_tokens") == "24"
     (train_line,) = [line for line in (run / "commands.log").read_text().splitlines() if "train.py" in line]
     assert "torch.distributed.run" in train_line and "--nproc_per_node 2" in train_line

@@ -182,27 +182,36 @@ def test_step_ids_follow_character_offsets(which, tokenizer):
 def test_kto_example_appends_eos_to_the_last_step_and_rejects_mismatched_labels(tokenizer):
     row = label_rows(tokenizer)[2]  # three steps, finish_reason "stop"
     example = train.kto_example(tokenizer, row, "f.jsonl:3", with_steps=True)
-    pair = example.pair
-    assert pair.completion_ids[-1] == tokenizer.eos_token_id and pair.step_ids[-1] == 2 and pair.num_steps == 3
-    assert tokenizer.decode(pair.prompt_ids + pair.completion_ids[:-1]) == row["prompt"] + row["completion"]
+    tokens = example.tokens
+    assert tokens.completion_ids[-1] == tokenizer.eos_token_id and tokens.step_ids[-1] == 2 and tokens.num_steps == 3
+    assert tokenizer.decode(tokens.prompt_ids + tokens.completion_ids[:-1]) == row["prompt"] + row["completion"]
     with pytest.raises(DataError, match=r"f\.jsonl:3: field 'labels' has 2 items but the completion has 3 steps"):
         train.kto_example(tokenizer, {**row, "labels": [True, False]}, "f.jsonl:3", with_steps=True)
+
+
+def real_token_fraction(plan, lengths: list[int], shards: int) -> float:
+    """Share of the computed (padded) positions that are real tokens, over every shard's forward of the plan."""
+    real = computed = 0
+    for batch in plan:
+        for part in common.chunked(batch.rows, len(batch.rows) // shards):
+            part_lengths = [lengths[i] for i in part]
+            real, computed = real + sum(part_lengths), computed + len(part) * max(part_lengths)
+    return real / computed
 
 
 def test_plan_is_seeded_length_grouped_and_rank_aligned():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(5.5, 0.6, size=2003), 20, 2000).astype(int).tolist()
-    examples = [train.Example(policy.Pair([1] * 10, [1] * (n - 10), np.full(n - 10, -1), 0), True, []) for n in lengths]
     plan = train.build_plan(lengths, global_batch_size=16, shards=2, epochs=2, seed=3, min_batch_size=2)
     assert plan == train.build_plan(lengths, 16, 2, 2, 3, 2) != train.build_plan(lengths, 16, 2, 2, 4, 2)
     for epoch in (0, 1):
         rows = [i for b in plan if b.epoch == epoch for i in b.rows]
         assert len(rows) == len(set(rows)) >= len(lengths) - 1  # each row once; at most shards - 1 dropped
     assert all(len(b.rows) % 2 == 0 and len(b.rows) <= 16 for b in plan)
-    grouped = train.plan_token_fraction(plan, examples, shards=2, with_kl=True)
+    grouped = real_token_fraction(plan, lengths, shards=2)
     random_batches = common.chunked(rng.permutation(len(lengths)).tolist()[:2000], 16)
     random_plan = [train.PlanBatch(0, batch) for batch in random_batches]
-    ungrouped = train.plan_token_fraction(random_plan, examples, shards=2, with_kl=True)
+    ungrouped = real_token_fraction(random_plan, lengths, shards=2)
     assert grouped >= 0.9 > ungrouped
 
 
@@ -211,28 +220,28 @@ def test_completion_logps_match_plain_per_row_forwards(span, tiny_model, tokeniz
     """Padded batch + completion-only LM head vs one unpadded full-logits forward per row."""
     lm = models.load_model(str(tiny_model))
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
-    batch = policy.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = policy.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         totals, steps = policy.completion_logps(policy.CompletionLogProbs(lm), batch, span)  # (B,), (B, K)
         for b, example in enumerate(examples):
-            pair = example.pair
-            ids = torch.tensor([pair.prompt_ids + pair.completion_ids])
+            row = example.tokens
+            ids = torch.tensor([row.prompt_ids + row.completion_ids])
             logps = lm(ids).logits[0, :-1].double().log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
-            completion = logps[len(pair.prompt_ids) - 1 :]  # (C,)
+            completion = logps[len(row.prompt_ids) - 1 :]  # (C,)
             # float32 sums of ~100 log-probs: relative 1e-6
             assert totals[b].item() == pytest.approx(completion.sum().item(), rel=1e-6, abs=1e-5)
-            for k in range(pair.num_steps):
-                in_step = (pair.step_ids == k) if span == "step" else ((pair.step_ids >= 0) & (pair.step_ids <= k))
+            for k in range(row.num_steps):
+                in_step = (row.step_ids == k) if span == "step" else ((row.step_ids >= 0) & (row.step_ids <= k))
                 expected = completion[torch.from_numpy(in_step)].sum().item()
                 assert steps[b, k].item() == pytest.approx(expected, rel=1e-6, abs=1e-5)
             if span == "step":  # (with "prefix", padding steps repeat the total: step_mask hides them)
-                assert (steps[b, pair.num_steps :] == 0).all()
+                assert (steps[b, row.num_steps :] == 0).all()
 
 
 def test_chunked_lm_head_gives_the_same_log_probs_and_gradients(tiny_model, tokenizer):
     """--logits_chunk_mib: chunks of 5 tokens (checkpointed) vs one chunk, float64, values and gradients."""
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
-    batch = policy.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = policy.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     results = []
     vocab = len(tokenizer)
     for chunk_mib in (0, 5.5 * 4 * vocab / 2**20):  # 5.5 tokens' float32 logits: chunks of 5

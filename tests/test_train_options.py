@@ -187,7 +187,7 @@ def test_autocast_computes_the_log_probs_in_bf16_and_keeps_float32_gradients(tin
     """CompletionLogProbs(autocast=bf16): log-probs within bf16 rounding of float32's but not equal to them, float32
     out; the gradients land on the float32 weights."""
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
-    batch = policy.collate([e.pair for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = policy.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     logps = {}
     for autocast in (None, torch.bfloat16):
         scorer = policy.CompletionLogProbs(models.load_model(str(tiny_model)), autocast=autocast)
@@ -271,11 +271,11 @@ def test_mixed_precision_under_torchrun_matches_one_process(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(lambda_d=2.0), "ignored while --balance_lambdas"),
-    (dict(lora_alpha=32.0), "need --lora_r > 0"),
+    (dict(lambda_d=2.0), "--lambda_d does nothing unless .* --balance_lambdas is false"),
+    (dict(lora_alpha=32.0), "--lora_alpha does nothing unless --lora_r is not 0"),
     (dict(lora_r=4, lora_target_modules="no_such_proj"), "--lora_target_modules no_such_proj"),
     (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be > 0"),
-    (dict(step_aggregation="sum"), "only --objective step-kto has a step level"),  # the args are kto's
+    (dict(step_aggregation="sum"), "--step_aggregation does nothing unless --objective is step-kto"),  # kto's args
     (dict(mixed_precision="bfloat16"), "casts float32 only"),  # the args are float64
 ])
 def test_options_that_would_do_nothing_or_cannot_work_are_refused(options, message, tmp_path, tiny_model, tokenizer):

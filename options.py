@@ -1,0 +1,155 @@
+"""When each stage's command-line options apply: one table for every stage, and the one check that refuses an option
+that would do nothing (no option silently does nothing).
+
+A row of TABLE says when an option applies: ALWAYS; only(...), conditions on other options that must all hold;
+either(...), alternatives of such conditions; or NEVER. An option set to anything but its default where its row does
+not hold is refused with one line that names it and what it needs. A condition reads another option, or a value the
+stage resolves when it runs and passes to refuse_inapplicable (the engine that --engine auto becomes; whether torchrun
+started the process), which then takes the place of the option of that name. tests/test_options.py walks every option
+of every stage through every case of its row, and fails on an option that has no row: a new option needs one here.
+
+No torch here, and no stage imported: every stage imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+from common import UsageError
+
+
+class When(NamedTuple):
+    """A condition: the value of ``field`` (an option, or a value the stage resolves, described by ``text``) is one of
+    ``values``, or with ``negate`` none of them."""
+
+    field: str
+    values: tuple
+    negate: bool = False
+    text: str = ""
+
+    def holds(self, value) -> bool:
+        return (value in self.values) != self.negate
+
+    def __str__(self) -> str:
+        shown = " | ".join(_shown(v) for v in self.values)
+        return self.text or f"--{self.field} is {'not ' if self.negate else ''}{shown}"
+
+    def here(self, value) -> str:
+        return f"{self.field}: {_shown(value)}" if self.text else f"--{self.field} {_shown(value)}"
+
+
+def _shown(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+Rule = tuple  # alternatives, each a tuple of Whens that must all hold; () never holds
+ALWAYS: Rule = ((),)
+NEVER: Rule = ()
+
+
+def only(*conditions: When) -> Rule:
+    return (conditions,)
+
+
+def either(*alternatives: Rule) -> Rule:
+    return tuple(alternative for rule in alternatives for alternative in rule)
+
+
+def when(field: str, *values) -> When:
+    return When(field, values)
+
+
+def unless(field: str, *values) -> When:
+    return When(field, values, negate=True)
+
+
+# ----------------------------------------------------------------------------- the table
+
+SFT, KTO, STEP_KTO = when("objective", "sft"), when("objective", "kto", "step-kto"), when("objective", "step-kto")
+JUDGE, MC = when("prm", "judge"), when("prm", "mc")
+VLLM, JUDGE_VLLM = when("engine", "vllm"), when("judge_engine", "vllm")
+
+# common.ShardArgs, generate.EngineSettings, generate.Policy: the sampling options of generate.py and evaluate.py
+SHARDS = {"num_shards": ALWAYS, "shard_index": ALWAYS}
+ENGINE = {"engine": ALWAYS, "dtype": ALWAYS, "tensor_parallel_size": only(VLLM), "gpu_memory_utilization": only(VLLM),
+          "max_model_len": only(VLLM), "enable_prefix_caching": only(VLLM)}
+POLICY = {name: ALWAYS for name in ("model", "max_new_tokens", "seed", "prompt_style", "chunk_size")}
+# label.Settings: the step labeller of label.py and evaluate.py (in label.py the engine options are mc's rollouts')
+LABELLER = {
+    "prm": ALWAYS, "grade_timeout_s": ALWAYS,
+    **{name: only(JUDGE) for name in ("judge_model", "judge_protocol", "judge_max_new_tokens", "judge_engine",
+                                      "judge_dtype", "allow_missing_reference")},
+    **{name: only(JUDGE, JUDGE_VLLM) for name in ("judge_tensor_parallel_size", "judge_gpu_memory_utilization",
+                                                  "judge_max_model_len")},
+    **{name: only(MC) for name in ("policy_model", "mc_rollouts", "mc_threshold", "mc_temperature",
+                                   "mc_max_new_tokens", "seed")},
+}
+PREFIX_CACHING_OF_JUDGE = only(JUDGE, JUDGE_VLLM)  # the judge's engine takes --enable_prefix_caching too
+
+TABLE: dict[str, dict[str, Rule]] = {
+    "arith_task.py": {name: ALWAYS for name in (
+        "output_dir", "num_train", "num_test", "num_sft", "seed", "shape", "max_number", "min_ops", "max_ops",
+        "p_slip_easy", "p_slip_hard", "p_silent_add", "p_silent_sub", "p_silent_mul")},
+    "generate.py": {**SHARDS, **ENGINE, **POLICY, "num_samples": ALWAYS, "temperature": ALWAYS,
+                    "top_p": only(unless("temperature", 0.0)), "problems": ALWAYS, "output": ALWAYS,
+                    "max_problems": ALWAYS, "num_threads": ALWAYS},
+    "label.py": {
+        **SHARDS, **LABELLER, "engine": only(MC), "dtype": only(MC),
+        **{name: only(MC, VLLM) for name in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")},
+        "enable_prefix_caching": either(only(MC, VLLM), PREFIX_CACHING_OF_JUDGE),
+        "input": ALWAYS, "output": ALWAYS, "chunk_size": ALWAYS},
+    "evaluate.py": {
+        **SHARDS, **ENGINE, **POLICY, **LABELLER, "enable_prefix_caching": either(only(VLLM), PREFIX_CACHING_OF_JUDGE),
+        "allow_missing_reference": NEVER,  # evaluate.py labels every benchmark, and counts the rows without one
+        "seed": either(only(unless("sample_k", 0)), only(MC)), "benchmark": ALWAYS, "output_dir": ALWAYS,
+        "max_problems": ALWAYS, "sample_k": ALWAYS, "sample_temperature": only(unless("sample_k", 0)),
+        "num_threads": ALWAYS, "report_to": ALWAYS, "step": only(unless("report_to", "none"))},
+    "train.py": {
+        **{name: ALWAYS for name in (
+            "objective", "model", "data", "output_dir", "per_device_batch_size", "epochs", "max_steps", "lr",
+            "weight_decay", "warmup_ratio", "lr_schedule", "max_grad_norm", "seed", "num_threads", "dtype",
+            "mixed_precision", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "optim",
+            "gradient_accumulation_steps", "lora_r", "report_to")},
+        "prompt_style": only(SFT), "ref_model": only(KTO), "beta": only(KTO), "balance_lambdas": only(KTO),
+        "nll_weight": only(KTO), "lambda_d": only(KTO, when("balance_lambdas", False)),
+        "lambda_u": only(KTO, when("balance_lambdas", False)),
+        **{name: only(STEP_KTO) for name in ("w_outcome", "w_step", "step_span", "step_aggregation", "step_scope",
+                                             "step_z0")},
+        **{name: only(when("model", "scratch")) for name in ("scratch_tokenizer", "hidden_size", "num_layers",
+                                                             "intermediate_size", "max_len")},
+        **{name: only(unless("lora_r", 0)) for name in ("lora_alpha", "lora_dropout", "lora_target_modules")},
+        "dist_timeout_minutes": only(When("torchrun", (True,), text="the process runs under torchrun"))},
+    "report.py": {"runs": ALWAYS, "plot": ALWAYS, "title": only(unless("plot", ""))},
+}
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def refuse_inapplicable(stage: str, args, **resolved) -> None:
+    """Raise UsageError for the first option of ``args`` (a stage's Args, or a dataclass of some of its options) that
+    differs from its default where its row in TABLE[stage] does not hold. ``resolved``: values the stage decides when
+    it runs, by the name conditions read, each a value or a callable called only when a condition needs it."""
+    rows, cache = TABLE[stage], {}
+
+    def value(name: str):
+        if name not in cache:
+            found = resolved[name] if name in resolved else getattr(args, name)
+            cache[name] = found() if callable(found) else found
+        return cache[name]
+
+    for f in dataclasses.fields(args):
+        rule = rows.get(f.name, ALWAYS)  # tests/test_options.py fails on an option without a row
+        if getattr(args, f.name) == default_of(f) or any(all(c.holds(value(c.field)) for c in alt) for alt in rule):
+            continue
+        if not rule:
+            raise UsageError(f"--{f.name} does nothing in {stage}: drop it")
+        needs = " or ".join(" and ".join(map(str, alternative)) for alternative in rule)
+        failing = {c.field: c.here(value(c.field)) for alt in rule for c in alt if not c.holds(value(c.field))}
+        raise UsageError(f"--{f.name} does nothing unless {needs} (here {', '.join(failing.values())}): drop it")
+
+
+def default_of(f: dataclasses.Field):
+    """A field's default (MISSING for a required option, which no value equals)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
