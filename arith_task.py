@@ -25,8 +25,8 @@ the answer is wrong. By default a dropped carry (+) and a product slip (*) mostl
 unpaid borrow (-) is mostly silent, so the seed shows both kinds of flaw under greedy decoding.
 Why rates above 1/2 on hard steps: the paper evaluates the greedy output, and greedy decoding keeps
 only a model's most likely habit. Slips drawn at low rates are noise that the seed model's argmax
-averages away (measured: 3.5% of greedy-correct solutions with a wrong step at p_slip_hard=0.15,
-against 21.7% when sampling), so the seed would show none of the flaws Step-KTO is meant to remove.
+averages away (notes/embedded_default_findings.md, design A), so the seed would show none of the flaws
+Step-KTO is meant to remove.
 A seed that PREFERS the careless result on hard steps, while still producing the right one often
 enough to be sampled, is the paper's situation: its greedy solutions carry wrong steps.
 
@@ -77,9 +77,8 @@ class Node:
 
 @dataclass(frozen=True)
 class FlawRates:
-    """Slip rates of `write_solution` (definitions in the module docstring). With the defaults,
-    120000 train problems (seed 0, `python arith_task.py --output_dir D --num_sft 120000`, run.sh's
-    default) got 42.7% flawless solutions, 37.7% with a propagating slip and 19.7% with silent slips only."""
+    """Slip rates of `write_solution` (definitions in the module docstring); the shares of flawless, propagating
+    and silent solutions they give run.sh's SFT data: docs/experiments.md."""
 
     p_slip_easy: float = 0.03  # per step without carry/borrow and with a product < HARD_PRODUCT
     p_slip_hard: float = 0.6  # per step with a carry, a borrow, or a product >= HARD_PRODUCT
@@ -206,8 +205,8 @@ def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int
     Brackets appear where precedence needs them: `(3 + 4) * 5 - 2`. Every intermediate value is an
     integer in 0..max_value and every * is a times-table product (both operands <= 9), so that a tiny
     model can learn the arithmetic in minutes on a CPU (the embedded default): with two-digit running
-    values times 2..9 the seed's own product errors outnumbered its habits (measured), and a Step-KTO
-    iteration only moved the habit's probability onto other wrong products."""
+    values times 2..9 the seed's own product errors outnumbered its habits (notes/embedded_default_findings.md),
+    and a Step-KTO iteration only moved the habit's probability onto other wrong products."""
     value = rng.randint(1, max_number)
     node = Node(value=Fraction(value))
     for _ in range(n_ops):

@@ -311,7 +311,7 @@ def _vllm_cpu_engine_args() -> dict:
     # run the engine in this process: no engine-core and worker processes that each import vLLM again
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return {
-        "enforce_eager": True,  # torch.compile: +6 s start-up, no faster sampling on small models (notes/vllm.md)
+        "enforce_eager": True,  # torch.compile: a slower start, no faster sampling on small models (notes/vllm.md)
         # a prompt prefilled in pieces gets its seeded generator rewound with set_offset, which CPU
         # generators lack ("CPU Generator does not use offset"); unchunked, every prefill is whole
         "enable_chunked_prefill": False,

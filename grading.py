@@ -75,7 +75,7 @@ def _as_boxed_latex(answer: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------- worker processes
 
-_WORKER_START_TIMEOUT_S = 60.0  # python + sympy + math-verify import takes ~0.3 s; this is a hang
+_WORKER_START_TIMEOUT_S = 60.0  # far above python + sympy + math-verify's import time (notes/grading.md): a hang
 
 
 class _Worker:
@@ -428,8 +428,8 @@ def _load_from_hub(name: str, benchmark: Benchmark, split: str, local: Path | No
     try:
         import datasets  # lazily: only users without the local files need it
 
-        # datasets reads the offline variables once, at import: set later, they would not stop it from
-        # spending ~24 s on connection retries, so the hub is not tried at all
+        # datasets reads the offline variables once, at import: set later, they would not stop its connection
+        # retries (notes/grading.md), so the hub is not tried at all
         if offline and not datasets.config.HF_HUB_OFFLINE:
             raise ConnectionError(f"{offline[0]} is set (after datasets was imported), so the hub was not tried")
         return datasets.load_dataset(benchmark.hub_id, benchmark.hub_config, split=split)

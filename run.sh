@@ -70,9 +70,9 @@ GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-}  # vLLM: share of each GPU's 
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-}          # vLLM: the policy's context (empty: the model's own; Llama-3.1: 128k)
 JUDGE_MAX_MODEL_LEN=${JUDGE_MAX_MODEL_LEN:-}  # vLLM: the judge's context (empty: the model's own)
 # problems per generate.py call (SAMPLES each): transformers' generate runs a batch until its longest sample ends and
-# slows down past a few hundred sequences on a CPU, so 64 problems x 4 samples samples the embedded default about 2x
-# faster than 256 x 4 (BENCHMARKS.md section 12); vLLM schedules its own batches and gains from large calls. It is
-# also the unit of sharding: at least one chunk per shard.
+# slows down past a few hundred sequences on a CPU, so 64 problems x 4 samples beat 256 x 4 on the embedded default
+# (BENCHMARKS.md section 12); vLLM schedules its own batches and gains from large calls. It is also the unit of
+# sharding: at least one chunk per shard.
 GEN_CHUNK=${GEN_CHUNK:-$([ "$ENGINE" = vllm ] && echo 256 || echo 64)}
 EVAL_CHUNK=${EVAL_CHUNK:-256}             # problems per chunk of evaluate.py (the unit of its shards)
 DTYPE=${DTYPE:-float32}                   # float32 | bfloat16 (train.py: float32 weights, bf16 compute) | float64

