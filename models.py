@@ -14,9 +14,9 @@ import common
 
 # The scratch model's multi-character tokens (train.py --scratch_tokenizer phrase): the fixed strings of the minimal
 # prompt and of the built-in task's solutions (arith_task.py), one token each, so every stage of the loop runs on
-# fewer positions than with one token per character (BENCHMARKS.md section 13). Digits stay one per token, so the model still does its arithmetic
-# digit by digit, and no phrase crosses a step separator (common.STEP_SEPARATOR is its own token): every token lies in one
-# step.
+# fewer positions than with one token per character (BENCHMARKS.md section 13). Digits stay one per token, so the
+# model still does its arithmetic digit by digit, and no phrase crosses a step separator (common.STEP_SEPARATOR is its
+# own token): every token lies in one step.
 SCRATCH_PHRASES = (
     "The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", common.STEP_SEPARATOR,
     " + ", " - ", " * ", " = ", "}.",

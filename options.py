@@ -131,6 +131,24 @@ def refuse_inapplicable(stage: str, args, **resolved) -> None:
     """Raise UsageError for the first option of ``args`` (a stage's Args, or a dataclass of some of its options) that
     differs from its default where its row in TABLE[stage] does not hold. ``resolved``: values the stage decides when
     it runs, by the name conditions read, each a value or a callable called only when a condition needs it."""
+    for name, rule, failing in inapplicable(stage, args, resolved):
+        if not rule:
+            raise UsageError(f"--{name} does nothing in {stage}: drop it")
+        needs = " or ".join(" and ".join(map(str, alternative)) for alternative in rule)
+        raise UsageError(f"--{name} does nothing unless {needs} (here {', '.join(failing)}): drop it")
+
+
+def applicable(stage: str, args, **resolved):
+    """``args`` with every option that would do nothing set back to its default: for a caller that holds the options
+    of several runs in one (bench/processbench_labellers.py: one command line, several labellers)."""
+    fields = {f.name: f for f in dataclasses.fields(args)}
+    reset = {name: default_of(fields[name]) for name, _, _ in inapplicable(stage, args, resolved)}
+    return dataclasses.replace(args, **reset)
+
+
+def inapplicable(stage: str, args, resolved: dict):
+    """(option, its row, the failing conditions' values) of every option of ``args`` that differs from its default
+    where its row does not hold."""
     rows, cache = TABLE[stage], {}
 
     def value(name: str):
@@ -143,11 +161,8 @@ def refuse_inapplicable(stage: str, args, **resolved) -> None:
         rule = rows.get(f.name, ALWAYS)  # tests/test_options.py fails on an option without a row
         if getattr(args, f.name) == default_of(f) or any(all(c.holds(value(c.field)) for c in alt) for alt in rule):
             continue
-        if not rule:
-            raise UsageError(f"--{f.name} does nothing in {stage}: drop it")
-        needs = " or ".join(" and ".join(map(str, alternative)) for alternative in rule)
         failing = {c.field: c.here(value(c.field)) for alt in rule for c in alt if not c.holds(value(c.field))}
-        raise UsageError(f"--{f.name} does nothing unless {needs} (here {', '.join(failing.values())}): drop it")
+        yield f.name, rule, list(failing.values())
 
 
 def default_of(f: dataclasses.Field):

@@ -383,7 +383,8 @@ class TrainLog:
     since the previous line."""
 
     def __init__(self, work: Path, every: int, total: int, start_step: int, desc: str, tracker, rank: int):
-        self.path, self.every, self.total, self.tracker, self.rank = work / "train_log.jsonl", every, total, tracker, rank
+        self.path, self.every, self.total = work / "train_log.jsonl", every, total
+        self.tracker, self.rank = tracker, rank
         self.bar = tqdm(total=total, initial=start_step, desc=desc, disable=rank != 0)
         self.window = Throughput()
 

@@ -56,7 +56,8 @@ import stepkto_loss as sk
 import tracking
 from common import DataError, UsageError, option
 from plumbing import Env, PlanBatch, build_plan
-from policy import Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, completion_logps, score_rows
+from policy import (Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, completion_logps,
+                    score_rows)
 
 
 @dataclass

@@ -31,6 +31,7 @@ Quick plumbing check (tiny judge, another output):
     OMP_NUM_THREADS=1 .venv/bin/python bench/processbench_labellers.py --rows 2 --out /tmp/pb.md
 """
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -49,6 +50,7 @@ import models  # noqa: E402
 import grading  # noqa: E402
 import generate  # noqa: E402
 import label  # noqa: E402
+import options  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 LABELLERS = ("check", "judge_step", "judge_first_error", "mc")
@@ -117,11 +119,9 @@ class CountingEngine:
 def chunk_verdicts(name: str, chunk: list[dict], counter: CountingEngine | None, settings: label.Settings) -> list[list]:
     """Verdicts (True / False / None per step) of labeller ``name`` on one chunk of rows: label.py's labeller,
     through the counting engine."""
-    prm, _, protocol = name.partition("_")  # check | judge_step | judge_first_error | mc
-    if protocol:
-        settings = replace(settings, judge_protocol=protocol)
+    settings = labeller_settings(name, settings)
     spans = [common.step_spans(r["completion"]) for r in chunk]
-    return label.LABELLERS[prm](chunk, spans, settings, counter)
+    return label.LABELLERS[settings.prm](chunk, spans, settings, counter)
 
 
 def predicted_first_error(verdicts: list) -> int:
@@ -325,8 +325,19 @@ def label_settings(cli, judge_model: str) -> label.Settings:
         mc_threshold=cli.mc_threshold, mc_temperature=cli.mc_temperature, mc_max_new_tokens=cli.mc_max_new_tokens,
         seed=cli.seed, dtype=cli.dtype, judge_dtype=cli.dtype,
     )
-    label.check_args(settings)
+    for name in cli.labellers.split(","):  # each labeller's own, as label.py checks them
+        label.check_args(labeller_settings(name, settings))
     return settings
+
+
+def labeller_settings(name: str, settings: label.Settings) -> label.Settings:
+    """Labeller ``name``'s settings (check | judge_step | judge_first_error | mc): its prm and judge protocol, and of
+    the command line's options those that it uses."""
+    prm, _, protocol = name.partition("_")
+    settings = replace(settings, prm=prm, **({"judge_protocol": protocol} if protocol else {}))
+    engines = {field: functools.partial(generate.resolve_engine, getattr(settings, field))
+               for field in ("engine", "judge_engine")}
+    return options.applicable("label.py", settings, **engines)
 
 
 def run(cli, judge_model: str) -> None:

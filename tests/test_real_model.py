@@ -98,11 +98,10 @@ def test_bpe_retokenization_differs_at_a_step_boundary_and_train_keeps_the_sampl
 
 def test_labellers_on_the_real_model(samples, tmp_path):
     """check, judge (step and first_error protocols) and mc, with SmolLM2 as judge and rollout policy."""
-    base = label.Args(input=str(samples["transformers"]), output="", judge_model=str(MODEL),
-                      judge_engine="transformers", judge_max_new_tokens=8, engine="transformers",
-                      mc_rollouts=2, mc_max_new_tokens=16, chunk_size=3)
-    settings = {"check": {}, "judge_step": dict(prm="judge"), "judge_first": dict(prm="judge", judge_protocol="first_error"),
-                "mc": dict(prm="mc")}
+    base = label.Args(input=str(samples["transformers"]), output="", chunk_size=3)
+    judge = dict(prm="judge", judge_model=str(MODEL), judge_engine="transformers", judge_max_new_tokens=8)
+    settings = {"check": {}, "judge_step": judge, "judge_first": dict(judge, judge_protocol="first_error"),
+                "mc": dict(prm="mc", engine="transformers", mc_rollouts=2, mc_max_new_tokens=16)}
     for name, changes in settings.items():
         args = replace(base, output=str(tmp_path / f"{name}.jsonl"), **changes)
         label.main(args)

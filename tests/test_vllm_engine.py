@@ -214,9 +214,9 @@ def test_vllm_evaluate_holds_one_engine_at_a_time(workdir, prm, tmp_path):
     judge = tmp_path / "judge"
     shutil.copytree(workdir / "model", judge)  # another folder: another engine
     args = dict(model=str(workdir / "model"), benchmark=str(workdir / "problems.jsonl"), output_dir=str(tmp_path / "e"),
-                engine="vllm", max_new_tokens=8, prompt_style="minimal", max_problems=NUM_LEARNT, sample_k=2, prm=prm,
-                judge_model=str(judge), judge_engine="vllm", judge_max_new_tokens=4, allow_missing_reference=True,
-                mc_rollouts=2, mc_max_new_tokens=4)
+                engine="vllm", max_new_tokens=8, prompt_style="minimal", max_problems=NUM_LEARNT, sample_k=2, prm=prm)
+    args |= dict(judge_model=str(judge), judge_engine="vllm", judge_max_new_tokens=4) if prm == "judge" else \
+        dict(mc_rollouts=2, mc_max_new_tokens=4)
     proc = subprocess.run([str(VLLM_PYTHON), "-c", ENGINE_COUNT, json.dumps(args)], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
