@@ -437,7 +437,7 @@ def generate_rows(problems: list[dict], output: str, settings: Settings, shard: 
                   desc: str = "generate") -> bool:
     """Sample this shard's chunks of the problems into ``output`` (SAMPLE_ROW rows), resuming after the chunks a
     killed run finished. True when ``output`` is complete (common.write_chunks: the last shard merges)."""
-    if Path(output).exists():  # the one place that looks
+    if Path(output).exists():
         print(f"{output} is complete; nothing to do.")
         return True
     chunks = common.chunked(problems, settings.chunk_size)
@@ -457,12 +457,15 @@ def generate_rows(problems: list[dict], output: str, settings: Settings, shard: 
 
 def main(args: Args) -> None:
     options.refuse_inapplicable("generate.py", args, engine=lambda: resolve_engine(args.engine))
+    if Path(args.output).exists():  # before the problems are loaded (generate_rows looks again, for evaluate.py)
+        print(f"{args.output} is complete; nothing to do.")
+        return
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     problems = load_problems(args.problems, args.max_problems)
     shard = args.shard()
     if generate_rows(problems, args.output, args, shard):
-        print(f"{args.output} holds {len(problems) * args.num_samples} samples")
+        print(f"wrote {len(problems) * args.num_samples} samples to {args.output}")
     else:
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes {args.output}")
 

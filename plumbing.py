@@ -1,6 +1,6 @@
 """Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision, loading a
-model sharded from rank 0, LoRA, the batch plan, the optimizer and LR schedule, the sharded resume state and the
-final save_pretrained folder. train.py passes its settings in.
+model sharded from rank 0, LoRA, the batch plan, the optimizer, LR schedule and update, the training log, the sharded
+resume state and the final save_pretrained folder. train.py passes its settings in.
 
 At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
 * no process builds the whole model but rank 0, on the CPU: every other rank builds a meta-device skeleton,

@@ -283,8 +283,8 @@ def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) 
         prompt, completion = examples[rows[j]].tokens, examples[rows[j - 1]].tokens
         if keep_steps:
             pairs.append(completion._replace(prompt_ids=prompt.prompt_ids))
-        else:
-            no_steps = np.full(len(completion.completion_ids), -1)
+        else:  # one read-only -1 per token, no copy: a run keeps every pair of its plan
+            no_steps = np.broadcast_to(np.int64(-1), (len(completion.completion_ids),))
             pairs.append(Tokenized(prompt.prompt_ids, completion.completion_ids, no_steps, 0))
     return pairs
 

@@ -105,7 +105,7 @@ def test_evaluate_defaults_to_the_harness_budget():
 @pytest.mark.parametrize("settings, message", [
     ({"report_to": "mlflow"}, "none | tensorboard | wandb"),
     ({"prompt_style": "qwen"}, "instruct | minimal | qwen25-math-cot"),
-    ({"step": 2}, "--step is the step of the --report_to tracker"),  # with --report_to none: it would do nothing
+    ({"step": 2}, "--step does nothing unless --report_to is not none"),
     ({"step": -1, "report_to": "tensorboard"}, "--step must be >= 0"),
 ])
 def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, settings, message):
