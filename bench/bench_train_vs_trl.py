@@ -73,6 +73,7 @@ def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
     chunk = {"logits_chunk_mib": cfg["chunk"]} if cfg["chunk"] is not None else {}  # else train.py's default
     args = train.Args(objective="kto", model=cfg["model"], data=str(work / "data.jsonl"), output_dir=str(out),
                       per_device_batch_size=cfg["batch"], max_steps=cfg["steps"], lr=LR, beta=BETA, warmup_ratio=0.0,
+                      nll_weight=0.0,  # KTO's loss alone, as TRL's (train.py's NLL anchor is not KTO's)
                       log_every=1, save_every=0, num_threads=cfg["threads"], seed=0,
                       gradient_checkpointing=checkpointing, dtype="float32", optim=cfg["optim"], **chunk)
     start = time.perf_counter()
