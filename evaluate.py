@@ -69,6 +69,7 @@ class Args(common.ShardArgs, generate.Policy, label.Settings):
 def check_args(args: Args) -> None:
     """Refuse bad settings before any model is loaded, not after an hour of generation."""
     common.check_choices(args)
+    label.check_args(label_settings(args))
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.sample_k < 0:
