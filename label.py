@@ -44,7 +44,8 @@ rows plus
     {"completions": [step, ...], "step_spans": [[start, end] per step: characters of "completion"],
      "labels": [bool per step], "outcome": bool, "pred": str | None,
      "prm": str, "prm_failures": int (steps without a verdict, labelled wrong),
-     "step_scores": [float | None per step] (a scoring labeller's only)}
+     "step_scores": [float | None per step], "step_scorer": {...} (a scoring labeller's only: P(step right)
+     per step, and the settings that decide them; labelled again with another threshold, the scores are kept)}
 
 where ``prompt`` / ``completions`` / ``labels`` are TRL's stepwise-supervision fields, so the file feeds
 TRL's PRMTrainer as it is.
@@ -619,17 +620,37 @@ def score_threshold(settings: Settings) -> float | None:
     return None
 
 
+def step_scorer(settings: Settings) -> dict | None:
+    """Who scored a row's steps (its ``step_scorer`` field): the settings that decide a scoring labeller's scores,
+    not its threshold nor how its server is reached. None for a labeller that gives verdicts."""
+    if score_threshold(settings) is None:
+        return None
+    return {"prm": "judge", "model": settings.judge_model, "protocol": settings.judge_protocol,
+            "verdict": settings.judge_verdict}
+
+
+def step_verdicts(rows: list[dict], spans: list, settings: Settings) -> list[list]:
+    """The step labeller's verdicts (or scores) of ``rows``. Rows that carry step_scores from this labeller's
+    scorer (a labelled file labelled again with another threshold) keep them: no model is loaded for them."""
+    scorer = step_scorer(settings)
+    reuse = [scorer is not None and r.get("step_scorer") == scorer and len(r.get("step_scores") or []) == len(s)
+             for r, s in zip(rows, spans)]
+    todo = [i for i, kept in enumerate(reuse) if not kept]
+    fresh = iter(LABELLERS[settings.prm]([rows[i] for i in todo], [spans[i] for i in todo], settings) if todo else [])
+    return [row["step_scores"] if kept else next(fresh) for row, kept in zip(rows, reuse)]
+
+
 def label_rows(rows: list[dict], settings: Settings) -> list[dict]:
     """Outcome label (math-verify, gold first, hard timeout) and one label per step (Section 2.1); each
     row's steps are split here, once, and passed to the step labeller. A scoring labeller's scores are written
-    as step_scores and thresholded into the labels."""
+    as step_scores, with their step_scorer, and thresholded into the labels."""
     spans = [common.step_spans(r["completion"]) for r in rows]
     preds = [grading.extract_boxed(r["completion"]) for r in rows]
     outcomes = grading.grade_answers([r["answer"] for r in rows], preds, timeout_s=settings.grade_timeout_s)
-    verdicts, threshold = LABELLERS[settings.prm](rows, spans, settings), score_threshold(settings)
+    verdicts, threshold, scorer = step_verdicts(rows, spans, settings), score_threshold(settings), step_scorer(settings)
     out = []
     for row, row_spans, pred, outcome, row_verdicts in zip(rows, spans, preds, outcomes, verdicts):
-        scores = {"step_scores": row_verdicts} if threshold is not None else {}
+        scores = {"step_scores": row_verdicts, "step_scorer": scorer} if scorer is not None else {}
         if threshold is not None:
             row_verdicts = [None if score is None else score >= threshold for score in row_verdicts]
         labels, failures = labels_from_verdicts(row_verdicts)
@@ -704,8 +725,6 @@ def label_chunks(chunk_ids: list[list[str]], rows_of_chunk, output: str, setting
     """Label chunk i's rows (``rows_of_chunk(i)``, ids ``chunk_ids[i]``) for this shard's chunks into ``output``;
     True when ``output`` is complete, after which the summary line is printed."""
     print(labeller_settings(settings), flush=True)
-    if settings.prm == "judge" and settings.judge_engine == "openai":
-        served.check_endpoint(judge_endpoint(settings))
     # what decides the labels: a served judge's model id, never its URL, key or transport settings
     signature = {"labeller": {f.name: getattr(settings, f.name) for f in fields(Settings) if f.name not in TRANSPORT}}
     label = lambda i: label_rows(rows_of_chunk(i), settings)  # noqa: E731

@@ -101,9 +101,11 @@ _ENGINES: dict = {}  # Endpoint -> generate.Engine: one tokenizer per endpoint a
 
 
 def get_engine(endpoint: Endpoint) -> generate.Engine:
-    """The served model as an engine: ``generate(prompts, sampling, seed)`` takes prompt texts (completions) or
-    chat message lists (chat), and ``tokenizer`` is None for chat, whose prompts are the messages themselves."""
+    """The served model as an engine, once the server is seen to serve it: ``generate(prompts, sampling, seed)``
+    takes prompt texts (completions) or chat message lists (chat), and ``tokenizer`` is None for chat, whose prompts
+    are the messages themselves."""
     if endpoint not in _ENGINES:
+        check_endpoint(endpoint)
         tokenizer, stops = None, []
         if endpoint.api == "completions":
             tokenizer = models.load_tokenizer(endpoint.tokenizer or endpoint.model)
@@ -161,9 +163,9 @@ def completion_sample(tokenizer, prompt_ids: list[int], choice, stops: list[int]
     if ids is None:
         sample = generate.Sample(choice.text, finish, prompt_ids, [])
     else:
-        ids = list(ids)
-        if finish == "stop" and (not ids or ids[-1] not in stops):
-            ids.append(choice.stop_reason if isinstance(getattr(choice, "stop_reason", None), int) else stops[0])
+        ids, reason = list(ids), getattr(choice, "stop_reason", None)
+        if finish == "stop" and (not ids or ids[-1] not in stops) and (isinstance(reason, int) or stops):
+            ids.append(reason if isinstance(reason, int) else stops[0])  # the stop token, as the vLLM engine keeps it
         sample = generate.make_sample(tokenizer, prompt_ids, ids, stops)
     if choice.logprobs is None:
         return sample

@@ -146,6 +146,20 @@ def test_label_py_through_the_server_writes_the_in_process_rows(server, in_proce
     assert all(len(r["step_scores"]) == len(r["labels"]) == 3 and r["prm_failures"] == 0 for r in mine)
 
 
+@needs_server
+def test_another_threshold_relabels_the_scores_without_loading_the_judge(in_process, workdir):
+    """Labelled rows that carry step_scores from the same judge, labelled again at --judge_threshold 0.9: the scores
+    are kept and thresholded again; the judge is never started (its vLLM engine cannot even import here)."""
+    scored, output = workdir / "in_process_logprobs.jsonl", workdir / "rethresholded.jsonl"
+    generate.close_engine()  # another test's engine
+    settings = {**JUDGE, **RUNS["logprobs"], "judge_model": str(SMOLLM2), "judge_engine": "vllm"}
+    label.main(label.Args(input=str(scored), output=str(output), **settings, judge_threshold=0.9))
+    before, after = common.read_jsonl(scored), common.read_jsonl(output)
+    assert not generate._LIVE and [r["step_scores"] for r in after] == [r["step_scores"] for r in before]
+    assert [r["labels"] for r in after] == [[s >= 0.9 for s in r["step_scores"]] for r in before]
+    assert [r["labels"] for r in after] != [r["labels"] for r in before]  # the threshold did change some
+
+
 def label_command(output: Path, options: dict) -> list[str]:
     flags = [f"--{k}={v}" for k, v in options.items()]
     return [sys.executable, "label.py", f"--input={output.parent / 'samples.jsonl'}", f"--output={output}", *flags]
