@@ -72,6 +72,7 @@ def check_args(args: Args) -> None:
     common.check_choices(args)
     options.refuse_inapplicable("evaluate.py", args, engine=lambda: generate.resolve_engine(args.engine),
                                 judge_engine=lambda: generate.resolve_engine(args.judge_engine))
+    label.check_args(label_settings(args))
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.sample_k < 0:

@@ -126,6 +126,14 @@ class Sampling(NamedTuple):
     temperature: float  # 0 = greedy
     top_p: float
     max_new_tokens: int
+    logprobs: int = 0  # > 0: also return the top-k log-probs at every generated token (Sample.logprobs)
+
+
+class TokenLogprobs(NamedTuple):
+    """One generated token and the top-k alternatives at its position (Sampling.logprobs > 0)."""
+
+    token: str  # the generated token's text: tokenizer.decode([id]) (a served API's own text when it gives no id)
+    top: dict[str, float]  # text -> log-prob of the k most likely tokens at this position (ids decoded as above)
 
 
 class Sample(NamedTuple):
@@ -135,6 +143,7 @@ class Sample(NamedTuple):
     finish_reason: str  # "stop" (a stop token was sampled) | "length"
     prompt_ids: list[int]  # the prompt's token ids exactly as the engine consumed them (common.encode_prompt)
     completion_ids: list[int]  # the sampled ids, the stop token included when finish_reason == "stop"
+    logprobs: list[TokenLogprobs] | None = None  # per generated token, with Sampling.logprobs > 0
 
 
 class Engine(NamedTuple):
@@ -281,6 +290,7 @@ def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: 
     prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts]
     input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
     greedy, stops = sampling.temperature == 0, stop_token_ids(tokenizer, model.generation_config)
+    recorder = TopLogprobsRecorder(sampling.logprobs)
     out = model.generate(
         input_ids=input_ids,  # (P, S)
         attention_mask=attention_mask,  # (P, S)
@@ -292,10 +302,45 @@ def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: 
         num_return_sequences=sampling.n,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stops,
+        logits_processor=[recorder] if sampling.logprobs else None,
     )  # (P * n, S + new)
     width = input_ids.shape[1]
     samples = [make_sample(tokenizer, prompt_ids[i // sampling.n], row[width:].tolist(), stops) for i, row in enumerate(out)]
+    if sampling.logprobs:
+        samples = [s._replace(logprobs=recorder.of_row(tokenizer, i, s.completion_ids)) for i, s in enumerate(samples)]
     return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+
+
+class TopLogprobsRecorder:
+    """A logits processor that keeps the top-k log-probs of every generation step and changes nothing: the
+    transformers engine's Sampling.logprobs (only k entries per row and step are kept, never the logits)."""
+
+    def __init__(self, k: int):
+        self.k, self.steps = k, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, indices = torch.log_softmax(scores.float(), dim=-1).topk(self.k, dim=-1)  # (P * n, k) each
+        self.steps.append((values.cpu(), indices.cpu()))
+        return scores
+
+    def of_row(self, tokenizer, row: int, ids: list[int]) -> list[TokenLogprobs]:
+        """Row ``row``'s entries at its generated tokens ``ids``."""
+        return [token_logprobs(tokenizer, token, zip(indices[row].tolist(), values[row].tolist()))
+                for token, (values, indices) in zip(ids, self.steps)]
+
+
+def decode_token(tokenizer, token_id: int) -> str:
+    """A token's text as the log-prob entries name it, special tokens included."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def token_logprobs(tokenizer, token_id: int, top) -> TokenLogprobs:
+    """The entry of one generated token from (id, log-prob) pairs; ids that decode to the same text keep the
+    most likely one. Every engine, the served one included, builds its entries here from token ids."""
+    texts = {}
+    for candidate, logprob in sorted(top, key=lambda pair: -pair[1]):
+        texts.setdefault(decode_token(tokenizer, candidate), logprob)
+    return TokenLogprobs(decode_token(tokenizer, token_id), texts)
 
 
 def _vllm_cpu_engine_args() -> dict:
@@ -325,7 +370,7 @@ def _vllm_engine(key: EngineKey, tokenizer) -> Engine:
               gpu_memory_utilization=key.gpu_memory_utilization, enable_prefix_caching=key.enable_prefix_caching,
               **optional, **_vllm_cpu_engine_args())
     drop_vllm_tracebacks()
-    stops = stop_token_ids(tokenizer, _generation_config(key.model))
+    stops = stop_token_ids(tokenizer, generation_config(key.model))
     return Engine(tokenizer, functools.partial(_vllm_generate, llm, tokenizer, stops), llm,
                   functools.partial(_close_vllm, llm))
 
@@ -343,6 +388,7 @@ def _vllm_generate(llm, tokenizer, stops: list[int], prompts: list[str], samplin
             # sample k of a request with seed + k, so a stride of n gives every sample its own stream.
             seed=seed + i * sampling.n,
             stop_token_ids=stops,
+            logprobs=sampling.logprobs or None,
         )
         for i in range(len(prompts))
     ]
@@ -361,7 +407,7 @@ def _close_vllm(llm) -> None:
     cleanup_dist_env_and_memory()
 
 
-def _generation_config(model: str):
+def generation_config(model: str):
     """The model's generation_config.json (its extra stop ids), None when it has none."""
     from transformers import GenerationConfig
 
@@ -375,7 +421,12 @@ def _vllm_sample(tokenizer, prompt_ids, output, stops: list[int]) -> Sample:
     ids = list(output.token_ids)
     if output.finish_reason == "stop" and (not ids or ids[-1] not in stops):
         ids.append(output.stop_reason if isinstance(output.stop_reason, int) else tokenizer.eos_token_id)
-    return make_sample(tokenizer, list(prompt_ids), ids, stops)
+    sample = make_sample(tokenizer, list(prompt_ids), ids, stops)
+    if not output.logprobs:
+        return sample
+    entries = [token_logprobs(tokenizer, token, [(i, lp.logprob) for i, lp in top.items()])
+               for token, top in zip(sample.completion_ids, output.logprobs)]
+    return sample._replace(logprobs=entries)
 
 
 # ----------------------------------------------------------------------------- rows

@@ -19,6 +19,11 @@ step labels come from a process reward model. Step labellers (``--prm``):
   through it). A verdict that cannot be parsed is a
   failure: the step is labelled WRONG (``UNPARSEABLE_STEP_LABEL``: a step nobody vouched for must not
   be reinforced as right) and counted in the row's ``prm_failures`` and in the printed summary.
+  ``--judge_verdict logprobs`` (step protocol) parses nothing: the step's score is P(correct) /
+  (P(correct) + P(incorrect)) at the reply's first word (``verdict_score``), written as ``step_scores`` and
+  thresholded by ``--judge_threshold``. The judge runs in this process (``--judge_engine transformers | vllm``)
+  or on a server (``--judge_engine openai --judge_base_url URL``: served.py; a vLLM or SGLang server, or any
+  OpenAI-compatible API), which starts once for a whole run instead of once per stage.
 * ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k
   (prompt + completion through the end of step k + "\\n\\n") the policy (``--policy_model``, default the
   rows' ``gen.model``) samples ``--mc_rollouts`` continuations; step k is right when at least
@@ -26,7 +31,8 @@ step labels come from a process reward model. Step labellers (``--prm``):
   plus the continuation, graded by grading.grade_answers).
 
 A labeller is ``fn(rows, spans, settings, engine=None) -> [[True | False | None per step] per row]``
-(None: no verdict), where ``spans[i]`` are row i's steps (common.step_spans, split once in label_rows).
+(None: no verdict), or, when it scores steps (``score_threshold``), ``[[P(step right) | None per step] per row]``,
+where ``spans[i]`` are row i's steps (common.step_spans, split once in label_rows).
 judge and mc generate through generate.py's engines (transformers | vllm), loaded once per process
 (``engine`` replaces that engine: the ProcessBench benchmark passes one that counts tokens); all judge
 prompts / rollouts of a chunk go through one generation call.
@@ -37,7 +43,9 @@ rows plus
 
     {"completions": [step, ...], "step_spans": [[start, end] per step: characters of "completion"],
      "labels": [bool per step], "outcome": bool, "pred": str | None,
-     "prm": str, "prm_failures": int (steps without a verdict, labelled wrong)}
+     "prm": str, "prm_failures": int (steps without a verdict, labelled wrong),
+     "step_scores": [float | None per step], "step_scorer": {...} (a scoring labeller's only: P(step right)
+     per step, and the settings that decide them; labelled again with another threshold, the scores are kept)}
 
 where ``prompt`` / ``completions`` / ``labels`` are TRL's stepwise-supervision fields, so the file feeds
 TRL's PRMTrainer as it is.
@@ -47,6 +55,8 @@ Usage:
     python label.py --input runs/stepkto/iter1/samples.jsonl --output runs/stepkto/iter1/labels.jsonl --prm check
     python label.py --input samples.jsonl --output labels.jsonl --prm judge \\
         --judge_model Qwen/Qwen2.5-72B-Instruct --judge_engine vllm --judge_tensor_parallel_size 8
+    python label.py --input samples.jsonl --output labels.jsonl --prm judge --judge_model Qwen/Qwen2.5-72B-Instruct \
+        --judge_engine openai --judge_base_url http://127.0.0.1:8000/v1 --judge_verdict logprobs
     python label.py --input samples.jsonl --output labels.jsonl --prm mc --mc_rollouts 8 --engine vllm
 
 Crash safety and shards (--num_shards, --shard_index) as in generate.py: OUTPUT.partial grows a chunk at a time; a
@@ -56,6 +66,7 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -68,7 +79,13 @@ import equations
 import generate
 import grading
 import options
+import served
 from common import option
+
+JudgeEngine = Literal["auto", "transformers", "vllm", "openai"]
+# The top log-probs asked for at every token of a judge reply (--judge_verdict logprobs): the most OpenAI's API
+# and a vLLM server (its default --max-logprobs) return.
+JUDGE_TOP_LOGPROBS = 20
 
 # The label of a step whose judge verdict could not be parsed (counted in prm_failures): wrong, because a
 # step that no judge vouched for must not be reinforced as right by the step-level loss.
@@ -90,7 +107,28 @@ class Settings(generate.EngineSettings):
     judge_max_new_tokens: int = option(512, help=(
         "--prm judge: tokens per reply (greedy). A judge that reasons before its verdict needs room: a reply cut "
         "off before it has no verdict, and its step is labelled wrong."))
-    judge_engine: generate.EngineName = option("auto", help="--prm judge: the judge's engine: transformers | vllm | auto.")
+    judge_engine: JudgeEngine = option("auto", help=(
+        "--prm judge: the judge's engine: transformers | vllm | auto (in this process) | openai (a served judge "
+        "at --judge_base_url: a vLLM or SGLang server, or any OpenAI-compatible API)."))
+    judge_base_url: str = option("", help="--judge_engine openai: the server's API root, e.g. http://127.0.0.1:8000/v1.")
+    judge_api: served.Api = option("completions", help=(
+        "--judge_engine openai: completions (a self-hosted vLLM / SGLang server: the in-process engines' exact "
+        "prompt token ids) | chat (an API with only /v1/chat/completions: the same user message, its template)."))
+    judge_tokenizer: str = option("", help=(
+        "--judge_api completions: folder or hub id of the judge's tokenizer, which encodes the prompts (default: "
+        "--judge_model; set it when the server knows the model by another name)."))
+    judge_api_key_env: str = option("OPENAI_API_KEY", help=(
+        "--judge_engine openai: the environment variable that holds the API key (read there, written nowhere)."))
+    judge_max_concurrency: int = option(8, help="--judge_engine openai: requests in flight at once.")
+    judge_timeout_s: float = option(600.0, help="--judge_engine openai: seconds a request may take before it is retried.")
+    judge_retries: int = option(5, help=(
+        "--judge_engine openai: retries of a transient fault (timeout, refused or reset connection, 408, 409, 429, "
+        "5xx), with exponential backoff; then the stage stops, keeping every chunk written."))
+    judge_verdict: Literal["text", "logprobs"] = option("text", help=(
+        "--prm judge: text (parse_verdict reads the reply) | logprobs (--judge_protocol step: the step's score is "
+        "P(correct) / (P(correct) + P(incorrect)) at the reply's first word, from the top log-probs; written as "
+        "step_scores and thresholded by --judge_threshold)."))
+    judge_threshold: float = option(0.5, help="--judge_verdict logprobs: a step is right when its score is >= this.")
     judge_dtype: generate.Dtype = option("auto", help="--prm judge: the judge's dtype (as --dtype).")
     judge_tensor_parallel_size: int = option(1, help="--prm judge: vLLM tensor parallel size of the judge.")
     judge_gpu_memory_utilization: float = option(0.9, help="--prm judge: vLLM's share of GPU memory for the judge.")
@@ -120,14 +158,38 @@ class Args(common.ShardArgs, Settings):
 
 
 def check_args(settings: Settings) -> None:
-    """Fail before any work on an option combination that cannot run."""
+    """Fail before any work on an option combination that cannot run (main refuses those that would do nothing)."""
     common.check_choices(settings)
-    options.refuse_inapplicable("label.py", settings, engine=lambda: generate.resolve_engine(settings.engine),
-                                judge_engine=lambda: generate.resolve_engine(settings.judge_engine))
     if settings.prm == "judge" and not settings.judge_model:
-        raise ValueError("--prm judge needs --judge_model (a folder or hub id)")
+        raise ValueError("--prm judge needs --judge_model (a folder or hub id; a served judge's name on its server)")
+    check_judge_args(settings)
     if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
         raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({settings.mc_rollouts}), got {settings.mc_threshold}")
+
+
+def check_judge_args(settings: Settings) -> None:
+    """The judge's option combinations that cannot run (which options a served or in-process judge uses: options.py)."""
+    is_served = settings.judge_engine == "openai"
+    if is_served and not settings.judge_base_url:
+        raise common.UsageError("--judge_engine openai needs --judge_base_url (e.g. http://127.0.0.1:8000/v1)")
+    if settings.judge_verdict == "logprobs" and settings.judge_protocol != "step":
+        raise common.UsageError("--judge_verdict logprobs reads a one-word verdict: it needs --judge_protocol step")
+    if is_served and (settings.judge_max_concurrency < 1 or settings.judge_retries < 0 or settings.judge_timeout_s <= 0):
+        raise common.UsageError("need --judge_max_concurrency >= 1, --judge_retries >= 0 and --judge_timeout_s > 0")
+
+
+def judge_endpoint(settings: Settings) -> served.Endpoint:
+    """The served judge (--judge_engine openai)."""
+    return served.Endpoint(settings.judge_base_url, settings.judge_model, settings.judge_api, settings.judge_tokenizer,
+                           settings.judge_api_key_env, settings.judge_max_concurrency, settings.judge_timeout_s,
+                           settings.judge_retries)
+
+
+def get_judge(settings: Settings) -> generate.Engine:
+    """The judge's engine: the served one, or one loaded in this process (generate.get_engine: one at a time)."""
+    if settings.judge_engine == "openai":
+        return served.get_engine(judge_endpoint(settings))
+    return generate.get_engine(settings.judge_model, judge_engine_settings(settings))
 
 
 def judge_engine_settings(settings: Settings) -> generate.EngineSettings:
@@ -179,12 +241,20 @@ def numbered_steps(steps: list[str]) -> str:
     return common.STEP_SEPARATOR.join(f"Step {i + 1}: {s}" for i, s in enumerate(steps))
 
 
-def build_judge_prompt(tokenizer, problem: str, reference: str | None, previous: list[str], step: str) -> str:
-    text = JUDGE_TEMPLATE.format(
+def judge_step_question(problem: str, reference: str | None, previous: list[str], step: str) -> str:
+    """The judge's user message about one step (JUDGE_TEMPLATE)."""
+    return JUDGE_TEMPLATE.format(
         problem=problem, reference=reference or NO_REFERENCE, previous=numbered_steps(previous) or NO_PREVIOUS_STEPS,
         step=step,
     )
-    return common.chat_prompt(tokenizer, text, "\n\nVerdict:")
+
+
+def judge_prompt(tokenizer, text: str, plain_suffix: str):
+    """A judge prompt as its engine takes it: ``text`` as the user message of the judge tokenizer's chat template
+    (``text + plain_suffix`` without one); the message itself for a chat API, which has no tokenizer here."""
+    if tokenizer is None:
+        return [{"role": "user", "content": text}]
+    return common.chat_prompt(tokenizer, text, plain_suffix)
 
 
 # A verdict's contrast and condition words. A positive verdict followed by one is qualified (a hedge):
@@ -344,27 +414,71 @@ def parse_verdict(text: str) -> bool | None:
     return None
 
 
-def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], tokenizer, judge_fn) -> list[list[bool | None]]:
-    """Verdict of every step; ``solutions`` = (problem, reference solution or None, steps) each.
+def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], tokenizer, ask, read) -> list[list]:
+    """Verdict (or score) of every step; ``solutions`` = (problem, reference solution or None, steps) each.
 
-    judge_fn(prompts) -> [reply text per prompt]: all steps of all solutions go through one call.
+    ask(prompts) -> [generate.Sample per prompt]: all steps of all solutions go through one call; read(sample) ->
+    the step's verdict (parse_verdict of its text) or score (verdict_score of its log-probs).
     """
     prompts = [
-        [build_judge_prompt(tokenizer, problem, reference, steps[:k], steps[k]) for k in range(len(steps))]
+        [judge_prompt(tokenizer, judge_step_question(problem, reference, steps[:k], steps[k]), "\n\nVerdict:")
+         for k in range(len(steps))]
         for problem, reference, steps in solutions
     ]
     flat = [prompt for per_solution in prompts for prompt in per_solution]
-    verdicts = iter([parse_verdict(reply) for reply in judge_fn(flat)] if flat else [])
+    verdicts = iter([read(reply) for reply in ask(flat)] if flat else [])
     return [[next(verdicts) for _ in per_solution] for per_solution in prompts]
 
 
-def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[bool | None]]:
-    """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution."""
-    engine = engine or generate.get_engine(settings.judge_model, judge_engine_settings(settings))
-    greedy = generate.Sampling(1, 0.0, 1.0, settings.judge_max_new_tokens)
+VERDICTS = ("correct", "incorrect")  # the one-word answers JUDGE_TEMPLATE asks for
+
+
+def _word(token: str) -> str:
+    """A token's text without case, spaces and markup: what decides which verdict it begins."""
+    return re.sub(r"^[\W_]+|[\W_]+$", "", token.lower())
+
+
+def verdict_pieces(tokenizer) -> dict[str, set[str]]:
+    """By verdict, the tokens (as _word) that begin it in a reply: with the judge's tokenizer, the first token of
+    each way of writing it ("correct", " Correct", "INCORRECT", ...); without one (a chat API), any start of the
+    word of 3 letters or more."""
+    if tokenizer is None:
+        return {v: {v[:k] for k in range(3, len(v) + 1)} for v in VERDICTS}
+    pieces = {v: set() for v in VERDICTS}
+    for verdict in VERDICTS:
+        for form in (verdict, verdict.capitalize(), verdict.upper()):
+            for text in (form, " " + form):
+                words = [_word(generate.decode_token(tokenizer, i)) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+                pieces[verdict].add(next(w for w in words if w))
+    return pieces
+
+
+def verdict_score(logprobs: list[generate.TokenLogprobs] | None, pieces: dict[str, set[str]]) -> float | None:
+    """P(correct) / (P(correct) + P(incorrect)) at the reply's first word (its first token with a letter or digit),
+    from the top log-probs there: the probability mass on the tokens that begin each verdict (verdict_pieces).
+    None when neither is among them."""
+    first = next((entry for entry in logprobs or [] if re.search(r"\w", entry.token)), None)
+    if first is None:
+        return None
+    mass = {verdict: sum(math.exp(logprob) for token, logprob in first.top.items() if _word(token) in words)
+            for verdict, words in pieces.items()}
+    total = mass["correct"] + mass["incorrect"]
+    return mass["correct"] / total if total > 0 else None
+
+
+def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list]:
+    """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution; with
+    --judge_verdict logprobs a score per step instead (verdict_score)."""
+    engine = engine or get_judge(settings)
+    logprobs = JUDGE_TOP_LOGPROBS if settings.judge_verdict == "logprobs" else 0
+    greedy = generate.Sampling(1, 0.0, 1.0, settings.judge_max_new_tokens, logprobs)
     solutions = [(r["problem"], r.get("solution"), common.step_texts(r["completion"], s)) for r, s in zip(rows, spans)]
-    judge_fn = lambda prompts: [o[0].text for o in engine.generate(prompts, greedy, settings.seed)]  # noqa: E731
-    return JUDGE_PROTOCOLS[settings.judge_protocol](solutions, engine.tokenizer, judge_fn)
+    ask = lambda prompts: [o[0] for o in engine.generate(prompts, greedy, settings.seed)]  # noqa: E731
+    if settings.judge_protocol == "first_error":
+        return judge_first_error_verdicts(solutions, engine.tokenizer, ask)
+    pieces = verdict_pieces(engine.tokenizer)
+    read = (lambda s: verdict_score(s.logprobs, pieces)) if logprobs else (lambda s: parse_verdict(s.text))
+    return judge_step_verdicts(solutions, engine.tokenizer, ask, read)
 
 
 # The first-error protocol (ProcessBench, Zheng et al. 2024, arXiv 2412.06559: one reply per solution that
@@ -381,9 +495,9 @@ FIRST_ERROR_TEMPLATE = (
 _NO_ERROR_WORDS = {"none", "-1", "no error", "all correct", "correct"}
 
 
-def build_first_error_prompt(tokenizer, problem: str, reference: str | None, steps: list[str]) -> str:
-    text = FIRST_ERROR_TEMPLATE.format(problem=problem, reference=reference or NO_REFERENCE, steps=numbered_steps(steps))
-    return common.chat_prompt(tokenizer, text, "\n\nFirst wrong step:")
+def first_error_question(problem: str, reference: str | None, steps: list[str]) -> str:
+    """The judge's user message about a whole solution (FIRST_ERROR_TEMPLATE)."""
+    return FIRST_ERROR_TEMPLATE.format(problem=problem, reference=reference or NO_REFERENCE, steps=numbered_steps(steps))
 
 
 def parse_first_error(text: str, num_steps: int) -> int | None:
@@ -413,18 +527,15 @@ def verdicts_from_first_error(first_error: int | None, num_steps: int) -> list[b
     return [True] * first_error + [False] * (num_steps - first_error)
 
 
-def judge_first_error_verdicts(solutions, tokenizer, judge_fn) -> list[list[bool | None]]:
+def judge_first_error_verdicts(solutions, tokenizer, ask) -> list[list[bool | None]]:
     """One judge call per solution (with steps): it names the first wrong step; see judge_step_verdicts."""
     with_steps = [i for i, (_, _, steps) in enumerate(solutions) if steps]
-    prompts = [build_first_error_prompt(tokenizer, *solutions[i]) for i in with_steps]
-    replies = dict(zip(with_steps, judge_fn(prompts) if prompts else []))
+    prompts = [judge_prompt(tokenizer, first_error_question(*solutions[i]), "\n\nFirst wrong step:") for i in with_steps]
+    replies = dict(zip(with_steps, [reply.text for reply in ask(prompts)] if prompts else []))
     return [
         verdicts_from_first_error(parse_first_error(replies[i], len(steps)), len(steps)) if steps else []
         for i, (_, _, steps) in enumerate(solutions)
     ]
-
-
-JUDGE_PROTOCOLS = {"step": judge_step_verdicts, "first_error": judge_first_error_verdicts}
 
 
 # ----------------------------------------------------------------------------- Monte-Carlo rollouts
@@ -486,18 +597,51 @@ def labels_from_verdicts(verdicts: list[bool | None]) -> tuple[list[bool], int]:
     return labels, sum(v is None for v in verdicts)
 
 
+def score_threshold(settings: Settings) -> float | None:
+    """The threshold of a labeller that scores steps (a float per step, P(step right)); None for one that gives
+    verdicts."""
+    if settings.prm == "judge" and settings.judge_verdict == "logprobs":
+        return settings.judge_threshold
+    return None
+
+
+def step_scorer(settings: Settings) -> dict | None:
+    """Who scored a row's steps (its ``step_scorer`` field): the settings that decide a scoring labeller's scores,
+    not its threshold nor how its server is reached. None for a labeller that gives verdicts."""
+    if score_threshold(settings) is None:
+        return None
+    return {"prm": "judge", "model": settings.judge_model, "protocol": settings.judge_protocol,
+            "verdict": settings.judge_verdict}
+
+
+def step_verdicts(rows: list[dict], spans: list, settings: Settings) -> list[list]:
+    """The step labeller's verdicts (or scores) of ``rows``. Rows that carry step_scores from this labeller's
+    scorer (a labelled file labelled again with another threshold) keep them: no model is loaded for them."""
+    scorer = step_scorer(settings)
+    reuse = [scorer is not None and r.get("step_scorer") == scorer and len(r.get("step_scores") or []) == len(s)
+             for r, s in zip(rows, spans)]
+    todo = [i for i, kept in enumerate(reuse) if not kept]
+    fresh = iter(LABELLERS[settings.prm]([rows[i] for i in todo], [spans[i] for i in todo], settings) if todo else [])
+    return [row["step_scores"] if kept else next(fresh) for row, kept in zip(rows, reuse)]
+
+
 def label_rows(rows: list[dict], settings: Settings) -> list[dict]:
     """Outcome label (math-verify, gold first, hard timeout) and one label per step (Section 2.1); each
-    row's steps are split here, once, and passed to the step labeller."""
+    row's steps are split here, once, and passed to the step labeller. A scoring labeller's scores are written
+    as step_scores, with their step_scorer, and thresholded into the labels."""
     spans = [common.step_spans(r["completion"]) for r in rows]
     preds = [grading.extract_boxed(r["completion"]) for r in rows]
     outcomes = grading.grade_answers([r["answer"] for r in rows], preds, timeout_s=settings.grade_timeout_s)
-    verdicts = LABELLERS[settings.prm](rows, spans, settings)
+    verdicts, threshold, scorer = step_verdicts(rows, spans, settings), score_threshold(settings), step_scorer(settings)
     out = []
     for row, row_spans, pred, outcome, row_verdicts in zip(rows, spans, preds, outcomes, verdicts):
+        scores = {"step_scores": row_verdicts, "step_scorer": scorer} if scorer is not None else {}
+        if threshold is not None:
+            row_verdicts = [None if score is None else score >= threshold for score in row_verdicts]
         labels, failures = labels_from_verdicts(row_verdicts)
         out.append({**row, "completions": common.step_texts(row["completion"], row_spans), "step_spans": row_spans,
-                    "labels": labels, "outcome": outcome, "pred": pred, "prm": settings.prm, "prm_failures": failures})
+                    "labels": labels, **scores, "outcome": outcome, "pred": pred, "prm": settings.prm,
+                    "prm_failures": failures})
     return out
 
 
@@ -510,16 +654,20 @@ def summary(rows: list[dict]) -> str:
 
 
 def labeller_settings(settings: Settings) -> str:
-    """One line saying which model labels, and how: the judge's / rollout policy's engine, dtype and TP size."""
+    """One line saying which model labels, and how: the judge's endpoint or engine, the rollout policy's engine."""
     if settings.prm == "check":
         return "step labeller: check (exact, no model)"
-    judge = settings.prm == "judge"
-    model = settings.judge_model if judge else settings.policy_model
-    engine = judge_engine_settings(settings) if judge else settings
-    how = f"protocol {settings.judge_protocol}, up to {settings.judge_max_new_tokens} tokens per reply" if judge else \
-        f"{settings.mc_rollouts} rollouts of up to {settings.mc_max_new_tokens} tokens"
-    return (f"step labeller: {settings.prm} with {model} (engine {engine.engine}, dtype {engine.dtype}, "
-            f"tensor_parallel_size {engine.tensor_parallel_size}; {how})")
+    if settings.prm == "mc":
+        return (f"step labeller: mc with {settings.policy_model} (engine {settings.engine}, dtype {settings.dtype}, "
+                f"tensor_parallel_size {settings.tensor_parallel_size}; {settings.mc_rollouts} rollouts of up to "
+                f"{settings.mc_max_new_tokens} tokens)")
+    engine = judge_engine_settings(settings)
+    where = (f"served at {settings.judge_base_url} (api {settings.judge_api}, up to {settings.judge_max_concurrency} "
+             f"requests at once)" if settings.judge_engine == "openai" else
+             f"(engine {engine.engine}, dtype {engine.dtype}, tensor_parallel_size {engine.tensor_parallel_size})")
+    verdict = settings.judge_verdict + (f", threshold {settings.judge_threshold}" if score_threshold(settings) else "")
+    return (f"step labeller: judge with {settings.judge_model} {where}; protocol {settings.judge_protocol}, verdict "
+            f"{verdict}, up to {settings.judge_max_new_tokens} tokens per reply")
 
 
 def check_references(rows: list[dict], settings: Settings, path: str) -> None:
@@ -553,12 +701,17 @@ def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 
     return label_chunks([[r["id"] for r in c] for c in chunks], chunks.__getitem__, output, settings, shard)
 
 
+# How a served judge is reached: settings that never change what it replies, left out of a resume signature.
+TRANSPORT = ("judge_base_url", "judge_api_key_env", "judge_max_concurrency", "judge_timeout_s", "judge_retries")
+
+
 def label_chunks(chunk_ids: list[list[str]], rows_of_chunk, output: str, settings: Settings,
                  shard: common.Shard) -> bool:
     """Label chunk i's rows (``rows_of_chunk(i)``, ids ``chunk_ids[i]``) for this shard's chunks into ``output``;
     True when ``output`` is complete, after which the summary line is printed."""
     print(labeller_settings(settings), flush=True)
-    signature = {"labeller": {f.name: getattr(settings, f.name) for f in fields(Settings)}}
+    # what decides the labels: a served judge's model id, never its URL, key or transport settings
+    signature = {"labeller": {f.name: getattr(settings, f.name) for f in fields(Settings) if f.name not in TRANSPORT}}
     label = lambda i: label_rows(rows_of_chunk(i), settings)  # noqa: E731
     done = common.write_chunks(output, chunk_ids, label, common.LABELLED_ROW, shard, signature, f"label ({settings.prm})")
     if done:
@@ -567,6 +720,8 @@ def label_chunks(chunk_ids: list[list[str]], rows_of_chunk, output: str, setting
 
 
 def main(args: Args) -> None:
+    options.refuse_inapplicable("label.py", args, engine=lambda: generate.resolve_engine(args.engine),
+                                judge_engine=lambda: generate.resolve_engine(args.judge_engine))
     shard = args.shard()
     if not label_file(args.input, args.output, args, args.chunk_size, shard):
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes {args.output}")

@@ -68,7 +68,7 @@ def unless(field: str, *values) -> When:
 
 SFT, KTO, STEP_KTO = when("objective", "sft"), when("objective", "kto", "step-kto"), when("objective", "step-kto")
 JUDGE, MC = when("prm", "judge"), when("prm", "mc")
-VLLM, JUDGE_VLLM = when("engine", "vllm"), when("judge_engine", "vllm")
+VLLM, JUDGE_VLLM, SERVED = when("engine", "vllm"), when("judge_engine", "vllm"), when("judge_engine", "openai")
 
 # common.ShardArgs, generate.EngineSettings, generate.Policy: the sampling options of generate.py and evaluate.py
 SHARDS = {"num_shards": ALWAYS, "shard_index": ALWAYS}
@@ -79,7 +79,13 @@ POLICY = {name: ALWAYS for name in ("model", "max_new_tokens", "seed", "prompt_s
 LABELLER = {
     "prm": ALWAYS, "grade_timeout_s": ALWAYS,
     **{name: only(JUDGE) for name in ("judge_model", "judge_protocol", "judge_max_new_tokens", "judge_engine",
-                                      "judge_dtype", "allow_missing_reference")},
+                                      "judge_verdict", "allow_missing_reference")},
+    "judge_threshold": only(JUDGE, when("judge_verdict", "logprobs")),
+    # a served judge (judge_engine openai, served.py) and one loaded in this process
+    **{name: only(JUDGE, SERVED) for name in ("judge_base_url", "judge_api", "judge_api_key_env",
+                                              "judge_max_concurrency", "judge_timeout_s", "judge_retries")},
+    "judge_tokenizer": only(JUDGE, SERVED, when("judge_api", "completions")),
+    "judge_dtype": only(JUDGE, unless("judge_engine", "openai")),
     **{name: only(JUDGE, JUDGE_VLLM) for name in ("judge_tensor_parallel_size", "judge_gpu_memory_utilization",
                                                   "judge_max_model_len")},
     **{name: only(MC) for name in ("policy_model", "mc_rollouts", "mc_threshold", "mc_temperature",

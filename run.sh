@@ -63,6 +63,14 @@ JUDGE_PROTOCOL=${JUDGE_PROTOCOL:-step}    # PRM=judge: step (a call per step) | 
 JUDGE_MAX_NEW_TOKENS=${JUDGE_MAX_NEW_TOKENS:-512}  # PRM=judge: tokens per reply (a judge may reason first)
 JUDGE_DTYPE=${JUDGE_DTYPE:-auto}         # PRM=judge: the judge's dtype (auto: the checkpoint's on a GPU, float32 on CPU)
 JUDGE_TP=${JUDGE_TP:-1}                   # PRM=judge: vLLM tensor parallel size of the judge
+JUDGE_URL=${JUDGE_URL:-}                  # PRM=judge: a served judge's API root (http://HOST:PORT/v1): label and
+                                          # evaluate call it and never load the judge; JUDGE_MODEL is its served name
+JUDGE_API=${JUDGE_API:-completions}       # JUDGE_URL: completions (vLLM / SGLang: exact token ids) | chat (any API)
+JUDGE_TOKENIZER=${JUDGE_TOKENIZER:-}      # JUDGE_URL, completions: the judge's tokenizer (empty: JUDGE_MODEL)
+JUDGE_API_KEY_ENV=${JUDGE_API_KEY_ENV:-OPENAI_API_KEY}  # JUDGE_URL: the variable holding the key (never logged)
+JUDGE_CONCURRENCY=${JUDGE_CONCURRENCY:-32}  # JUDGE_URL: requests in flight at once
+JUDGE_VERDICT=${JUDGE_VERDICT:-text}      # PRM=judge: text (the reply parsed) | logprobs (P(correct) at its first word)
+JUDGE_THRESHOLD=${JUDGE_THRESHOLD:-}      # JUDGE_VERDICT=logprobs: a step is right when its score is >= this (0.5)
 ENGINE=${ENGINE:-auto}                    # generation engine: transformers | vllm | auto
 GEN_DTYPE=${GEN_DTYPE:-auto}              # sampling dtype (auto: the checkpoint's on a GPU, float32 ones in bf16; CPU: float32)
 TP=${TP:-1}                               # vLLM tensor parallel size of the policy (and of mc's rollouts)
@@ -175,10 +183,22 @@ COMMON=(--num_threads "$THREADS")
 ENGINE_ARGS=(--engine "$ENGINE" --tensor_parallel_size "$TP" --dtype "$GEN_DTYPE")
 set_only ENGINE_ARGS gpu_memory_utilization "$GPU_MEMORY_UTILIZATION" max_model_len "$MAX_MODEL_LEN"
 LABEL=(--prm "$PRM")                     # label.py's settings; evaluate.py takes the same
+if [ -n "$JUDGE_URL" ] && { [ "$PRM" != judge ] || [ -z "$JUDGE_MODEL" ]; }; then
+    echo "error: JUDGE_URL needs PRM=judge and JUDGE_MODEL (the judge's name on that server)" >&2; exit 2
+fi
 if [ -n "$JUDGE_MODEL" ]; then
-    LABEL+=(--judge_model "$JUDGE_MODEL" --judge_engine "$ENGINE" --judge_protocol "$JUDGE_PROTOCOL"
-        --judge_max_new_tokens "$JUDGE_MAX_NEW_TOKENS" --judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
-    set_only LABEL judge_gpu_memory_utilization "$GPU_MEMORY_UTILIZATION" judge_max_model_len "$JUDGE_MAX_MODEL_LEN"
+    LABEL+=(--judge_model "$JUDGE_MODEL" --judge_protocol "$JUDGE_PROTOCOL" --judge_max_new_tokens "$JUDGE_MAX_NEW_TOKENS"
+        --judge_verdict "$JUDGE_VERDICT")
+    set_only LABEL judge_threshold "$JUDGE_THRESHOLD"
+    if [ -n "$JUDGE_URL" ]; then         # served: the judge's engine options are the server's own
+        LABEL+=(--judge_engine openai --judge_base_url "$JUDGE_URL" --judge_api "$JUDGE_API"
+            --judge_api_key_env "$JUDGE_API_KEY_ENV" --judge_max_concurrency "$JUDGE_CONCURRENCY")
+        set_only LABEL judge_tokenizer "$JUDGE_TOKENIZER"
+        JUDGE_TP=1                        # label.py holds no GPU: one process sends the requests
+    else
+        LABEL+=(--judge_engine "$ENGINE" --judge_dtype "$JUDGE_DTYPE" --judge_tensor_parallel_size "$JUDGE_TP")
+        set_only LABEL judge_gpu_memory_utilization "$GPU_MEMORY_UTILIZATION" judge_max_model_len "$JUDGE_MAX_MODEL_LEN"
+    fi
 fi
 if [ -n "$JUDGE_MODEL" ] && [ "$PRM" != judge ]; then  # refused, never silently ignored
     echo "error: JUDGE_MODEL is the judge of PRM=judge, and PRM=$PRM" >&2; exit 2
@@ -206,8 +226,11 @@ print(" ".join(f"{k}={train.Args.__dataclass_fields__[k].default}" for k in sys.
     echo "   objectives: $OBJECTIVES; iterations: $ITERATIONS; model: ${MODEL:-M0 = sft of ${BASE_MODEL:-scratch}}"
     echo "   problems: ${TRAIN_PROBLEMS:-built-in task ($TASK)}, $SAMPLES samples at temperature $TEMPERATURE," \
         "$MAX_NEW_TOKENS tokens; prompt: $PROMPT_STYLE"
-    echo "   labeller: $PRM${JUDGE_MODEL:+ with $JUDGE_MODEL (protocol $JUDGE_PROTOCOL, $JUDGE_MAX_NEW_TOKENS tokens," \
-        "dtype $JUDGE_DTYPE, TP $JUDGE_TP)}; steps scored: $STEP_SCOPE"
+    local judge="dtype $JUDGE_DTYPE, TP $JUDGE_TP, loaded by each label and evaluate stage"
+    [ -n "$JUDGE_URL" ] && judge="served at $JUDGE_URL, api $JUDGE_API, key from \$$JUDGE_API_KEY_ENV, up to" \
+        && judge="$judge $JUDGE_CONCURRENCY requests at once"
+    echo "   labeller: $PRM${JUDGE_MODEL:+ with $JUDGE_MODEL ($judge; protocol $JUDGE_PROTOCOL, verdict $JUDGE_VERDICT," \
+        "$JUDGE_MAX_NEW_TOKENS tokens)}; steps scored: $STEP_SCOPE"
     echo "   evaluation: ${BENCHMARK:-built-in test split}, greedy, prompt $EVAL_PROMPT_STYLE, $EVAL_MAX_NEW_TOKENS tokens"
     echo "   engine: $ENGINE (TP $TP, dtype $GEN_DTYPE) in $GEN_PYTHON; $((GPUS / TP > 0 ? GPUS / TP : 1))" \
         "sampling shard(s) per node x $NNODES node(s)"
@@ -314,8 +337,13 @@ samples() {
         --chunk_size "$GEN_CHUNK" --max_new_tokens "$MAX_NEW_TOKENS" --prompt_style "$PROMPT_STYLE" \
         "${ENGINE_ARGS[@]}" "${COMMON[@]}"
     case $PRM in judge) label_tp=$JUDGE_TP ;; mc) label_tp=$TP ;; esac
-    timed label sharded "$label_tp" "$run/iter$2/labels.jsonl" "$GEN_PYTHON" label.py \
-        --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl" "${LABEL[@]}" "${LABEL_ENGINE[@]}"
+    local label=("$GEN_PYTHON" label.py --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl"
+        "${LABEL[@]}" "${LABEL_ENGINE[@]}")
+    if [ -n "$JUDGE_URL" ]; then          # one process on node 0 sends every request; the server batches them
+        on_node0 "$run/iter$2/labels.jsonl" timed label run_logged "${label[@]}"
+    else
+        timed label sharded "$label_tp" "$run/iter$2/labels.jsonl" "${label[@]}"
+    fi
 }
 
 for i in $(seq 1 "$ITERATIONS"); do  # the objectives side by side, iteration by iteration

@@ -21,12 +21,13 @@ READ = re.compile(r"\$\{([A-Z][A-Z0-9_]*):-")  # a variable a script reads: ${NA
 EXTERNAL_FLAGS = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port", "--standalone",
                   "--no-python", "--upgrade", "--no-deps", "--index-url", "--extra-index-url", "--target", "--pre",
                   "--no-cache-dir", "--force-reinstall", "--user", "--requirement", "--quiet", "--durations",
-                  "--maxfail", "--logdir", "--prompt_type", "--max_tokens_per_call"}
+                  "--maxfail", "--logdir", "--prompt_type", "--max_tokens_per_call",
+                  "--host", "--port", "--api-key", "--served-model-name"}  # the last four: `vllm serve`'s
 EXTERNAL_PREFIXES = ("--rdzv_", "--rdzv-")
-# environment variables of other programs (and of the tests) the docs may set; the last three pin torch's, MKL's and
-# oneDNN's CPU kernels to one instruction set
+# environment variables of other programs (and of the tests) the docs may set; OPENAI_API_KEY is the openai client's
+# (served.py's default key variable); the last three pin torch's, MKL's and oneDNN's CPU kernels to one instruction set
 ENVIRONMENT = {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_PROJECT",
-               "STEPKTO_DATA_DIR", "TOKENIZERS_PARALLELISM", "PYTHONPATH",
+               "STEPKTO_DATA_DIR", "TOKENIZERS_PARALLELISM", "PYTHONPATH", "OPENAI_API_KEY",
                "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"}
 
 

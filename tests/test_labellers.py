@@ -1,6 +1,7 @@
 """label.py's model-based step labellers: the judge's verdict parser and prompt, the Monte-Carlo rule,
 both end to end with real tiny models, and resuming a partially written output."""
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -225,17 +226,24 @@ def test_parse_first_error(reply, first_error):
 # ----------------------------------------------------------------------------- judge
 
 
+def build_judge_prompt(tok, problem, reference, previous, step):
+    return label.judge_prompt(tok, label.judge_step_question(problem, reference, previous, step), "\n\nVerdict:")
+
+
 def test_judge_prompt_holds_problem_reference_previous_and_current_step():
     tok = models.make_char_tokenizer()
-    prompt = label.build_judge_prompt(tok, "Compute 3 + 4.", "3 + 4 = 7", ["a = 3", "b = 4"], "a + b = 8")
+    prompt = build_judge_prompt(tok, "Compute 3 + 4.", "3 + 4 = 7", ["a = 3", "b = 4"], "a + b = 8")
     assert "Compute 3 + 4." in prompt and "Reference solution:\n3 + 4 = 7" in prompt
     assert "Step 1: a = 3\n\nStep 2: b = 4" in prompt and "Step to check:\na + b = 8" in prompt
     assert prompt.endswith("Verdict:")  # plain text: the char tokenizer has no chat template
-    first = label.build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
+    first = build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
     assert label.NO_REFERENCE in first and label.NO_PREVIOUS_STEPS in first
     tok.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
-    chat = label.build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
+    chat = build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
     assert chat.startswith("<user>You are checking") and chat.endswith("</user><assistant>")
+    # a chat API (no tokenizer here) gets the same user message, which its server templates
+    assert build_judge_prompt(None, "Compute 3 + 4.", None, [], "3 + 4 = 7") == [
+        {"role": "user", "content": chat.removeprefix("<user>").removesuffix("</user><assistant>")}]
 
 
 def test_judge_step_verdicts_keeps_row_and_step_order():
@@ -243,14 +251,38 @@ def test_judge_step_verdicts_keeps_row_and_step_order():
     tok = models.make_char_tokenizer()
     calls = []
 
-    def judge_fn(prompts):
+    def ask(prompts):
         calls.append(len(prompts))
         steps = [p.split("Step to check:\n")[1].split("\n\n")[0] for p in prompts]
-        return ["Correct." if "= 7" in s else "incorrect" if "= 8" in s else "hmm" for s in steps]
+        replies = ["Correct." if "= 7" in s else "incorrect" if "= 8" in s else "hmm" for s in steps]
+        return [generate.Sample(reply, "stop", [], []) for reply in replies]
 
     solutions = [("p", None, ["3 + 4 = 7", "x"]), ("p", "ref", []), ("p", None, ["3 + 4 = 8", "y = 7", "z"])]
-    assert label.judge_step_verdicts(solutions, tok, judge_fn) == [[True, None], [], [False, True, None]]
+    read = lambda sample: label.parse_verdict(sample.text)  # noqa: E731
+    assert label.judge_step_verdicts(solutions, tok, ask, read) == [[True, None], [], [False, True, None]]
     assert calls == [5]
+
+
+def entry(token: str, top: dict) -> generate.TokenLogprobs:
+    return generate.TokenLogprobs(token, {t: math.log(p) for t, p in top.items()})
+
+
+def test_verdict_score_is_the_verdict_mass_at_the_first_word():
+    pieces = {"correct": {"correct", "cor"}, "incorrect": {"incorrect", "inc", "in"}}
+    # markup before the first word is skipped; case, spaces and punctuation do not matter
+    reply = [entry("**", {"**": 0.9}), entry("Correct", {"Correct": 0.6, " in": 0.2, "The": 0.1, "Cor": 0.05})]
+    assert label.verdict_score(reply, pieces) == pytest.approx(0.65 / 0.85)
+    assert label.verdict_score([entry("The", {"The": 0.5, "INCORRECT": 0.1})], pieces) == pytest.approx(0.0)
+    assert label.verdict_score([entry("The", {"The": 0.9, "A": 0.1})], pieces) is None  # no verdict among them
+    assert label.verdict_score([], pieces) is None and label.verdict_score(None, pieces) is None
+    # without a tokenizer (a chat API) any start of a verdict word of 3 letters or more counts, "I" / "In" do not
+    chat = label.verdict_pieces(None)
+    assert label.verdict_score([entry("In", {"In": 0.5, "Corr": 0.3, "Incor": 0.1, "I": 0.1})], chat) == pytest.approx(0.75)
+
+
+def test_verdict_pieces_are_the_first_tokens_of_the_verdict_words():
+    tok = models.make_char_tokenizer()  # one token per character
+    assert label.verdict_pieces(tok) == {"correct": {"c"}, "incorrect": {"i"}}
 
 
 def test_judge_end_to_end_counts_unparseable_verdicts(tiny_model, tmp_path):
