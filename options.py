@@ -35,8 +35,12 @@ class When(NamedTuple):
         shown = " | ".join(_shown(v) for v in self.values)
         return self.text or f"--{self.field} is {'not ' if self.negate else ''}{shown}"
 
-    def here(self, value) -> str:
-        return f"{self.field}: {_shown(value)}" if self.text else f"--{self.field} {_shown(value)}"
+    def here(self, value, given) -> str:
+        """What the condition read: the value, and the option's own when the stage resolved it (--engine auto)."""
+        if self.text:
+            return f"{self.field}: {_shown(value)}"
+        resolved = f", resolved to {_shown(value)}" if given is not None and given != value else ""
+        return f"--{self.field} {_shown(value if given is None else given)}{resolved}"
 
 
 def _shown(value) -> str:
@@ -167,7 +171,8 @@ def inapplicable(stage: str, args, resolved: dict):
         rule = rows.get(f.name, ALWAYS)  # tests/test_options.py fails on an option without a row
         if getattr(args, f.name) == default_of(f) or any(all(c.holds(value(c.field)) for c in alt) for alt in rule):
             continue
-        failing = {c.field: c.here(value(c.field)) for alt in rule for c in alt if not c.holds(value(c.field))}
+        failing = {c.field: c.here(value(c.field), getattr(args, c.field, None)) for alt in rule for c in alt
+                   if not c.holds(value(c.field))}
         yield f.name, rule, list(failing.values())
 
 

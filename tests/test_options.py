@@ -115,7 +115,7 @@ def test_resolved_values_are_read_only_when_a_condition_needs_them():
     args = base_args(generate.Args)
     options.refuse_inapplicable("generate.py", args, engine=lambda: pytest.fail("resolved for nothing"))
     with pytest.raises(UsageError, match=r"--max_model_len does nothing unless --engine is vllm \(here --engine "
-                                         r"transformers\)"):
+                                         r"auto, resolved to transformers\)"):
         options.refuse_inapplicable("generate.py", dataclasses.replace(args, max_model_len=4096),
                                     engine=lambda: "transformers")
 

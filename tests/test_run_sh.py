@@ -92,8 +92,8 @@ def test_run_sh_real_model_path(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "sft from" not in proc.stdout  # the given model is M0
-    judge = (f"step labeller: judge with {model} (engine transformers, dtype float64, tensor_parallel_size 1; protocol "
-             "first_error, up to 4 tokens per reply)")
+    judge = (f"step labeller: judge with {model} (engine transformers, dtype float64, tensor_parallel_size 1); protocol "
+             "first_error, verdict text, up to 4 tokens per reply")
     assert proc.stdout.count(judge) == 3  # evaluate M0, label iteration 1, evaluate M1
     rows = [json.loads(l) for l in (tmp_path / "runs" / "seed0" / "step-kto" / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["M0", "M1"] and all(r["n_problems"] == 40 for r in rows)

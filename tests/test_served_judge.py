@@ -387,7 +387,7 @@ def test_retries_run_out_the_stage_stops_keeping_its_chunks_and_a_rerun_resumes(
 @pytest.mark.parametrize("options, message", [
     (dict(judge_engine="openai"), "needs --judge_base_url"),
     (dict(judge_base_url="http://x/v1"), "--judge_base_url does nothing unless --prm is judge and --judge_engine is "
-                                         "openai (here --judge_engine auto)"),
+                                         "openai (here --judge_engine auto, resolved to "),
     (dict(judge_engine="vllm", judge_max_concurrency=4), "--judge_max_concurrency does nothing unless"),
     (dict(judge_engine="openai", judge_base_url="http://x/v1", judge_tensor_parallel_size=8), "--judge_tensor_parallel_size"),
     (dict(judge_engine="openai", judge_base_url="http://x/v1", judge_api="chat", judge_tokenizer="t"), "--judge_tokenizer"),
