@@ -66,12 +66,14 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
 
 import arith_task
 import common
@@ -79,6 +81,7 @@ import equations
 import generate
 import grading
 import options
+import prm_models
 import served
 from common import option
 
@@ -97,7 +100,8 @@ class Settings(generate.EngineSettings):
     """How to label: every option of label.py but its files; evaluate.py takes them as it takes generate.py's.
     The engine settings (engine, dtype, ...) are those of the mc rollouts' policy; the judge has its own."""
 
-    prm: Literal["check", "judge", "mc"] = option("check", help="Step labeller: check | judge | mc.")
+    prm: Literal["check", "judge", "mc", "reward_model"] = option("check", help=(
+        "Step labeller: check | judge | mc | reward_model (a trained PRM: --prm_model, --prm_format)."))
     grade_timeout_s: float = option(5.0, help="Hard per-answer timeout of the grader (outcome labels and mc rollouts).")
     judge_model: str = option("", help="--prm judge: the judge LLM (folder or hub id).")
     judge_protocol: Literal["step", "first_error"] = option("step", help=(
@@ -136,6 +140,21 @@ class Settings(generate.EngineSettings):
     allow_missing_reference: bool = option(False, help=(
         "--prm judge: label even when no row has a reference solution (field 'solution'), which the paper's judge "
         "compares each step with (Section 2.1). Rows without one are always counted and reported."))
+    prm_model: str = option("", help=(
+        "--prm reward_model: the trained PRM, a folder or hub id (its tokenizer and config are read here; with "
+        "--prm_base_url the server must serve it under this name)."))
+    prm_format: prm_models.PRMFormat = option("qwen_prm", help=(
+        "--prm reward_model: qwen_prm (Qwen2.5-Math-PRM: <extra_0> after each step, a 2-way head) | step_tag "
+        "(Math-Shepherd: a causal LM, a tag after each step, P(good) / (P(good) + P(bad)) at it)."))
+    prm_threshold: float = option(0.5, help="--prm reward_model: a step is right when its score, P(step right), is >= this.")
+    prm_step_tag: str = option(prm_models.STEP_TAG, help="--prm_format step_tag: the tag written after each step.")
+    prm_good_token: str = option(prm_models.GOOD_TOKEN, help="--prm_format step_tag: the token that says a step is right.")
+    prm_bad_token: str = option(prm_models.BAD_TOKEN, help="--prm_format step_tag: the token that says a step is wrong.")
+    prm_base_url: str = option("", help=(
+        "--prm reward_model: a vLLM server of the PRM (started with prm_models.vllm_server_args' options), e.g. "
+        "http://127.0.0.1:8001/v1; scores come from its /pooling API, with the --judge_* transport settings."))
+    prm_dtype: generate.Dtype = option("auto", help="--prm reward_model in this process: the PRM's dtype (as --dtype).")
+    prm_batch_size: int = option(8, help="--prm reward_model in this process: solutions per forward pass.")
     policy_model: str = option("", help=(
         "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them); its engine "
         "runs with --engine, --dtype, --tensor_parallel_size, ..."))
@@ -162,6 +181,8 @@ def check_args(settings: Settings) -> None:
     common.check_choices(settings)
     if settings.prm == "judge" and not settings.judge_model:
         raise ValueError("--prm judge needs --judge_model (a folder or hub id; a served judge's name on its server)")
+    if settings.prm == "reward_model" and not settings.prm_model:
+        raise ValueError("--prm reward_model needs --prm_model (a folder or hub id of the PRM)")
     check_judge_args(settings)
     if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
         raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({settings.mc_rollouts}), got {settings.mc_threshold}")
@@ -476,9 +497,10 @@ def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
     ask = lambda prompts: [o[0] for o in engine.generate(prompts, greedy, settings.seed)]  # noqa: E731
     if settings.judge_protocol == "first_error":
         return judge_first_error_verdicts(solutions, engine.tokenizer, ask)
+    if not logprobs:
+        return judge_step_verdicts(solutions, engine.tokenizer, ask, lambda s: parse_verdict(s.text))
     pieces = verdict_pieces(engine.tokenizer)
-    read = (lambda s: verdict_score(s.logprobs, pieces)) if logprobs else (lambda s: parse_verdict(s.text))
-    return judge_step_verdicts(solutions, engine.tokenizer, ask, read)
+    return judge_step_verdicts(solutions, engine.tokenizer, ask, lambda s: verdict_score(s.logprobs, pieces))
 
 
 # The first-error protocol (ProcessBench, Zheng et al. 2024, arXiv 2412.06559: one reply per solution that
@@ -586,9 +608,50 @@ def policy_model_of(rows: list[dict], path: str) -> str:
     return models[0]
 
 
+# ----------------------------------------------------------------------------- trained PRMs
+
+
+def prm_endpoint(settings: Settings) -> served.Endpoint:
+    """The served PRM (--prm_base_url), reached with the judge's transport settings."""
+    return served.Endpoint(settings.prm_base_url, settings.prm_model, api_key_env=settings.judge_api_key_env,
+                           max_concurrency=settings.judge_max_concurrency, timeout_s=settings.judge_timeout_s,
+                           retries=settings.judge_retries)
+
+
+@functools.cache
+def get_prm(settings: Settings) -> tuple:
+    """(tokenizer, PRMSpec, score(encoded solutions) -> [[P(step right) per step] per solution]) of the PRM, loaded
+    once per process: its model in this process, or its server, checked to serve it."""
+    tokenizer, spec = prm_models.load_spec(settings.prm_model, settings.prm_format, settings.prm_step_tag,
+                                           settings.prm_good_token, settings.prm_bad_token)
+    if settings.prm_base_url:
+        endpoint = prm_endpoint(settings)
+        served.check_endpoint(endpoint)
+        post = lambda path, body: served.post_all(endpoint, path, [body])[0]  # noqa: E731
+        return tokenizer, spec, lambda encoded, rows: prm_models.served_step_scores(post, settings.prm_model, spec,
+                                                                                    encoded, rows)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = prm_models.load_model(settings.prm_model, spec, generate.resolve_dtype(settings.prm_model,
+                                                                                   settings.prm_dtype), device)
+    return tokenizer, spec, lambda encoded, rows: prm_models.step_scores(model, spec, encoded, settings.prm_batch_size)
+
+
+def reward_model_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[float]]:
+    """P(step right) of every step from a trained PRM, one forward pass per solution (prm_models); rows without
+    steps get none."""
+    tokenizer, spec, score = get_prm(settings)
+    scored = [i for i, row_spans in enumerate(spans) if row_spans]
+    names = [f"row {rows[i]['id']!r}" for i in scored]
+    encoded = [prm_models.encode_solution(tokenizer, spec, rows[i]["problem"],
+                                          common.step_texts(rows[i]["completion"], spans[i]), name)
+               for i, name in zip(scored, names)]
+    scores = dict(zip(scored, score(encoded, names) if encoded else []))
+    return [scores.get(i, []) for i in range(len(rows))]
+
+
 # ----------------------------------------------------------------------------- rows
 
-LABELLERS = {"check": check_labeller, "judge": judge_labeller, "mc": mc_labeller}
+LABELLERS = {"check": check_labeller, "judge": judge_labeller, "mc": mc_labeller, "reward_model": reward_model_labeller}
 
 
 def labels_from_verdicts(verdicts: list[bool | None]) -> tuple[list[bool], int]:
@@ -602,6 +665,8 @@ def score_threshold(settings: Settings) -> float | None:
     verdicts."""
     if settings.prm == "judge" and settings.judge_verdict == "logprobs":
         return settings.judge_threshold
+    if settings.prm == "reward_model":
+        return settings.prm_threshold
     return None
 
 
@@ -610,6 +675,10 @@ def step_scorer(settings: Settings) -> dict | None:
     not its threshold nor how its server is reached. None for a labeller that gives verdicts."""
     if score_threshold(settings) is None:
         return None
+    if settings.prm == "reward_model":
+        tag = {"step_tag": settings.prm_step_tag, "good_token": settings.prm_good_token,
+               "bad_token": settings.prm_bad_token} if settings.prm_format == "step_tag" else {}
+        return {"prm": "reward_model", "model": settings.prm_model, "format": settings.prm_format, **tag}
     return {"prm": "judge", "model": settings.judge_model, "protocol": settings.judge_protocol,
             "verdict": settings.judge_verdict}
 
@@ -657,6 +726,10 @@ def labeller_settings(settings: Settings) -> str:
     """One line saying which model labels, and how: the judge's endpoint or engine, the rollout policy's engine."""
     if settings.prm == "check":
         return "step labeller: check (exact, no model)"
+    if settings.prm == "reward_model":
+        where = f"served at {settings.prm_base_url}" if settings.prm_base_url else f"(dtype {settings.prm_dtype})"
+        return (f"step labeller: reward_model {settings.prm_model} {where}, format {settings.prm_format}, "
+                f"threshold {settings.prm_threshold}")
     if settings.prm == "mc":
         return (f"step labeller: mc with {settings.policy_model} (engine {settings.engine}, dtype {settings.dtype}, "
                 f"tensor_parallel_size {settings.tensor_parallel_size}; {settings.mc_rollouts} rollouts of up to "
@@ -698,7 +771,10 @@ def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 
         settings = replace(settings, policy_model=policy_model_of(rows, samples))
     check_references(rows, settings, samples)
     chunks = common.chunked(rows, chunk_size)
-    return label_chunks([[r["id"] for r in c] for c in chunks], chunks.__getitem__, output, settings, shard)
+    try:
+        return label_chunks([[r["id"] for r in c] for c in chunks], chunks.__getitem__, output, settings, shard)
+    except common.DataError as error:  # a labeller names the row by its id ("row 'p3#1': step 2 ..."); add the file
+        raise common.DataError(f"{samples}: {error}" if str(error).startswith("row ") else str(error)) from None
 
 
 # How a served judge is reached: settings that never change what it replies, left out of a resume signature.

@@ -71,7 +71,7 @@ def unless(field: str, *values) -> When:
 # ----------------------------------------------------------------------------- the table
 
 SFT, KTO, STEP_KTO = when("objective", "sft"), when("objective", "kto", "step-kto"), when("objective", "step-kto")
-JUDGE, MC = when("prm", "judge"), when("prm", "mc")
+JUDGE, MC, REWARD_MODEL = when("prm", "judge"), when("prm", "mc"), when("prm", "reward_model")
 VLLM, JUDGE_VLLM, SERVED = when("engine", "vllm"), when("judge_engine", "vllm"), when("judge_engine", "openai")
 
 # common.ShardArgs, generate.EngineSettings, generate.Policy: the sampling options of generate.py and evaluate.py
@@ -85,15 +85,22 @@ LABELLER = {
     **{name: only(JUDGE) for name in ("judge_model", "judge_protocol", "judge_max_new_tokens", "judge_engine",
                                       "judge_verdict", "allow_missing_reference")},
     "judge_threshold": only(JUDGE, when("judge_verdict", "logprobs")),
-    # a served judge (judge_engine openai, served.py) and one loaded in this process
-    **{name: only(JUDGE, SERVED) for name in ("judge_base_url", "judge_api", "judge_api_key_env",
-                                              "judge_max_concurrency", "judge_timeout_s", "judge_retries")},
+    # a served judge (judge_engine openai, served.py) and one loaded in this process; a served PRM (prm_base_url)
+    # is reached with the served judge's transport settings
+    **{name: only(JUDGE, SERVED) for name in ("judge_base_url", "judge_api")},
+    **{name: either(only(JUDGE, SERVED), only(REWARD_MODEL, unless("prm_base_url", ""))) for name in (
+        "judge_api_key_env", "judge_max_concurrency", "judge_timeout_s", "judge_retries")},
     "judge_tokenizer": only(JUDGE, SERVED, when("judge_api", "completions")),
     "judge_dtype": only(JUDGE, unless("judge_engine", "openai")),
     **{name: only(JUDGE, JUDGE_VLLM) for name in ("judge_tensor_parallel_size", "judge_gpu_memory_utilization",
                                                   "judge_max_model_len")},
     **{name: only(MC) for name in ("policy_model", "mc_rollouts", "mc_threshold", "mc_temperature",
                                    "mc_max_new_tokens", "seed")},
+    # a trained PRM (prm_models.py), in this process or on a server
+    **{name: only(REWARD_MODEL) for name in ("prm_model", "prm_format", "prm_threshold", "prm_base_url")},
+    **{name: only(REWARD_MODEL, when("prm_format", "step_tag")) for name in ("prm_step_tag", "prm_good_token",
+                                                                            "prm_bad_token")},
+    **{name: only(REWARD_MODEL, when("prm_base_url", "")) for name in ("prm_dtype", "prm_batch_size")},
 }
 PREFIX_CACHING_OF_JUDGE = only(JUDGE, JUDGE_VLLM)  # the judge's engine takes --enable_prefix_caching too
 

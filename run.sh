@@ -57,7 +57,11 @@ TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-}        # JSONL (problem, answer[, solution]) 
                                           # default: the built-in task's train split
 MAX_PROBLEMS=${MAX_PROBLEMS:-0}           # sample from the first N of TRAIN_PROBLEMS at every iteration (0: all)
 BENCHMARK=${BENCHMARK:-}                  # math500 | amc23 | aime24 | gsm8k | JSONL; default: built-in test split
-PRM=${PRM:-check}                         # step labeller: check | judge | mc (label.py --prm)
+PRM=${PRM:-check}                         # step labeller: check | judge | mc | reward_model (label.py --prm)
+PRM_MODEL=${PRM_MODEL:-}                  # PRM=reward_model: a trained PRM (Qwen/Qwen2.5-Math-PRM-7B, a folder)
+PRM_FORMAT=${PRM_FORMAT:-qwen_prm}        # PRM=reward_model: qwen_prm | step_tag (Math-Shepherd)
+PRM_THRESHOLD=${PRM_THRESHOLD:-}          # PRM=reward_model: a step is right when P(step right) >= this (0.5)
+PRM_URL=${PRM_URL:-}                      # PRM=reward_model: a vLLM server of the PRM (its API root); empty: in-process
 JUDGE_MODEL=${JUDGE_MODEL:-}              # PRM=judge: the judge model
 JUDGE_PROTOCOL=${JUDGE_PROTOCOL:-step}    # PRM=judge: step (a call per step) | first_error (a call per solution)
 JUDGE_MAX_NEW_TOKENS=${JUDGE_MAX_NEW_TOKENS:-512}  # PRM=judge: tokens per reply (a judge may reason first)
@@ -186,6 +190,11 @@ LABEL=(--prm "$PRM")                     # label.py's settings; evaluate.py take
 if [ -n "$JUDGE_URL" ] && { [ "$PRM" != judge ] || [ -z "$JUDGE_MODEL" ]; }; then
     echo "error: JUDGE_URL needs PRM=judge and JUDGE_MODEL (the judge's name on that server)" >&2; exit 2
 fi
+if [ "$PRM" = reward_model ]; then
+    [ -n "$PRM_MODEL" ] || { echo "error: PRM=reward_model needs PRM_MODEL (a trained PRM)" >&2; exit 2; }
+    LABEL+=(--prm_model "$PRM_MODEL" --prm_format "$PRM_FORMAT")
+    set_only LABEL prm_threshold "$PRM_THRESHOLD" prm_base_url "$PRM_URL"
+fi
 if [ -n "$JUDGE_MODEL" ]; then
     LABEL+=(--judge_model "$JUDGE_MODEL" --judge_protocol "$JUDGE_PROTOCOL" --judge_max_new_tokens "$JUDGE_MAX_NEW_TOKENS"
         --judge_verdict "$JUDGE_VERDICT")
@@ -230,7 +239,8 @@ print(" ".join(f"{k}={train.Args.__dataclass_fields__[k].default}" for k in sys.
     [ -n "$JUDGE_URL" ] && judge="served at $JUDGE_URL, api $JUDGE_API, key from \$$JUDGE_API_KEY_ENV, up to" \
         && judge="$judge $JUDGE_CONCURRENCY requests at once"
     echo "   labeller: $PRM${JUDGE_MODEL:+ with $JUDGE_MODEL ($judge; protocol $JUDGE_PROTOCOL, verdict $JUDGE_VERDICT," \
-        "$JUDGE_MAX_NEW_TOKENS tokens)}; steps scored: $STEP_SCOPE"
+        "$JUDGE_MAX_NEW_TOKENS tokens)}${PRM_MODEL:+ $PRM_MODEL ($PRM_FORMAT, ${PRM_URL:-in-process})};" \
+        "steps scored: $STEP_SCOPE"
     echo "   evaluation: ${BENCHMARK:-built-in test split}, greedy, prompt $EVAL_PROMPT_STYLE, $EVAL_MAX_NEW_TOKENS tokens"
     echo "   engine: $ENGINE (TP $TP, dtype $GEN_DTYPE) in $GEN_PYTHON; $((GPUS / TP > 0 ? GPUS / TP : 1))" \
         "sampling shard(s) per node x $NNODES node(s)"

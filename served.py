@@ -117,23 +117,35 @@ def get_engine(endpoint: Endpoint) -> generate.Engine:
 
 
 async def ask_all(endpoint: Endpoint, ask, prompts: list, sampling: generate.Sampling, seed: int):
-    """(P, n) samples: at most ``max_concurrency`` requests in flight, each reply put back at its prompt's place.
-    Prompt i is seeded with seed + i * n, as the vLLM engine seeds it. The first request that fails for good
-    cancels all the others and is raised."""
+    """(P, n) samples: each reply put back at its prompt's place. Prompt i is seeded with seed + i * n, as the vLLM
+    engine seeds it."""
+    return await gather(endpoint, prompts, lambda client, i, prompt: ask(client, prompt, sampling, seed + i * sampling.n))
+
+
+def post_all(endpoint: Endpoint, path: str, bodies: list[dict]) -> list:
+    """The JSON replies to ``bodies`` POSTed to the server's ``path`` (from its root, e.g. /pooling: vLLM's pooling
+    API lies beside /v1), in order, with the retries and failures of every request here."""
+    url = endpoint.base_url.rstrip("/").removesuffix("/v1") + path
+    return asyncio.run(gather(endpoint, bodies, lambda client, _, body: client.post(url, cast_to=object, body=body)))
+
+
+async def gather(endpoint: Endpoint, items: list, one) -> list:
+    """[await one(client, i, item) per item], at most ``max_concurrency`` in flight; the first request that fails
+    for good cancels all the others and is raised as one line."""
     from tqdm import tqdm
 
-    limit, progress = asyncio.Semaphore(endpoint.max_concurrency), tqdm(total=len(prompts), leave=False,
+    limit, progress = asyncio.Semaphore(endpoint.max_concurrency), tqdm(total=len(items), leave=False,
                                                                         desc=f"requests to {endpoint.model}")
 
-    async def one(client, i: int, prompt):
+    async def bounded(client, i: int, item):
         async with limit:
-            samples = await ask(client, prompt, sampling, seed + i * sampling.n)
+            result = await one(client, i, item)
         progress.update()
-        return samples
+        return result
 
     try:
         async with client_of(endpoint, asynchronous=True) as client, asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(client, i, prompt)) for i, prompt in enumerate(prompts)]
+            tasks = [group.create_task(bounded(client, i, item)) for i, item in enumerate(items)]
     except BaseExceptionGroup as errors:
         raise failure(endpoint, errors.exceptions[0]) from None
     finally:

@@ -4,6 +4,7 @@ vLLM server."""
 import contextlib
 import copy
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -64,8 +65,9 @@ def vllm_server(model: str, log: Path, *args: str, env: dict | None = None, star
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill", *args]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # the child holds its own descriptor; a full pipe would stall it
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         deadline = time.monotonic() + start_timeout_s
         while not _healthy(port):
@@ -74,12 +76,12 @@ def vllm_server(model: str, log: Path, *args: str, env: dict | None = None, star
             time.sleep(1)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)  # the server and its engine process: its own process group
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
 
 
 def _healthy(port: int) -> bool:
@@ -88,3 +90,62 @@ def _healthy(port: int) -> bool:
             return reply.status == 200
     except OSError:
         return False
+
+
+# Qwen2.5's chat template, reduced to what a PRM's and a judge's inputs use
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def byte_level_qwen_tokenizer():
+    """A byte-level Qwen2Tokenizer (256 bytes, no merges) with ChatML, <|endoftext|> and the PRM separator <extra_0>:
+    transformers builds a qwen2 config's tokenizer as Qwen2Tokenizer whatever was saved, so a tiny Qwen2 needs one."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"<|endoftext|>": 256}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<extra_0>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def tiny_qwen2_config(tokenizer, max_len: int, **extra):
+    """Hidden 128 in 2 layers of head size 64 (vLLM's CPU attention refuses 16)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_len,
+                       initializer_range=0.2, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, **extra)
+
+
+def save_tiny_qwen_prm(path: Path, max_len: int = 512, seed: int = 0):
+    """A tiny random Qwen2ForProcessRewardModel checkpoint as the hub's are: config.architectures, model.* and score.*
+    weights, the byte-level tokenizer. Returns (backbone, head, tokenizer)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Model
+
+    tokenizer = byte_level_qwen_tokenizer()
+    config = tiny_qwen2_config(tokenizer, max_len, architectures=["Qwen2ForProcessRewardModel"])
+    torch.manual_seed(seed)
+    backbone = Qwen2Model(config).eval()
+    head = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 2))
+    with torch.no_grad():
+        head[2].weight.mul_(20)  # scores spread over (0, 1) rather than sitting at 0.5
+    weights = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+    weights |= {f"score.{k}": v for k, v in head.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, Path(path) / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return backbone, head, tokenizer
+
+
+def save_tiny_qwen_lm(path: Path, max_len: int = 2048, seed: int = 0) -> str:
+    """A tiny random Qwen2ForCausalLM of save_tiny_qwen_prm's size and tokenizer: a judge of the same cost per token."""
+    from transformers import Qwen2ForCausalLM
+
+    tokenizer = byte_level_qwen_tokenizer()
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(tiny_qwen2_config(tokenizer, max_len)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -22,7 +22,7 @@ EXTERNAL_FLAGS = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr"
                   "--no-python", "--upgrade", "--no-deps", "--index-url", "--extra-index-url", "--target", "--pre",
                   "--no-cache-dir", "--force-reinstall", "--user", "--requirement", "--quiet", "--durations",
                   "--maxfail", "--logdir", "--prompt_type", "--max_tokens_per_call",
-                  "--host", "--port", "--api-key", "--served-model-name"}  # the last four: `vllm serve`'s
+                  "--host", "--port", "--api-key", "--served-model-name", "--pooler-config"}  # the last five: `vllm serve`'s
 EXTERNAL_PREFIXES = ("--rdzv_", "--rdzv-")
 # environment variables of other programs (and of the tests) the docs may set; OPENAI_API_KEY is the openai client's
 # (served.py's default key variable); the last three pin torch's, MKL's and oneDNN's CPU kernels to one instruction set

@@ -9,6 +9,7 @@ import pytest
 import common
 import generate
 import label
+import models
 import processbench_labellers as pb  # bench/ (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +53,9 @@ def test_parse_share_and_predicted_first_error():
 
 class FakeEngine:
     """A stand-in for generate.Engine that only exists to count: prompt ids = one per character, and
-    sample k of a prompt has k + 1 completion ids."""
+    sample k of a prompt has k + 1 completion ids. Its tokenizer has no chat template: prompts are plain text."""
 
-    tokenizer = None
+    tokenizer = models.make_char_tokenizer()
 
     def __init__(self):
         self.calls = []

@@ -141,8 +141,9 @@ def test_label_py_through_the_server_writes_the_in_process_rows(server, in_proce
     for a, b in zip(mine, theirs):  # scores to float tolerance, labels equal away from the threshold
         assert a["step_scores"] == pytest.approx(b["step_scores"], abs=1e-4)
         assert all(x == y for x, y, s in zip(a["labels"], b["labels"], a["step_scores"]) if abs(s - 0.5) > 1e-3)
-        assert {k: v for k, v in a.items() if k not in ("step_scores", "labels")} == \
-            {k: v for k, v in b.items() if k not in ("step_scores", "labels")}
+        assert a["step_scorer"]["model"] == SERVED_NAME and b["step_scorer"]["model"] == str(SMOLLM2)
+        assert {k: v for k, v in a.items() if k not in ("step_scores", "labels", "step_scorer")} == \
+            {k: v for k, v in b.items() if k not in ("step_scores", "labels", "step_scorer")}
     assert all(len(r["step_scores"]) == len(r["labels"]) == 3 and r["prm_failures"] == 0 for r in mine)
 
 

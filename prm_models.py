@@ -1,0 +1,282 @@
+"""Trained process reward models as step scorers: Qwen2.5-Math-PRM (qwen_prm) and Math-Shepherd-style (step_tag)
+models, in-process and served.
+
+A PRM scores every step of a solution in one forward pass: the solution is written with a marker token after each
+step, and a step's score, P(step right), is read at its marker. Two formats:
+
+* ``qwen_prm``: Qwen2.5-Math-PRM-7B / 72B (``Qwen2ForProcessRewardModel``; Zhang et al., arXiv 2501.07301). The
+  input is the model card's: the tokenizer's chat template with the system prompt ``QWEN_PRM_SYSTEM``, the problem
+  as the user turn, and the assistant turn ``"<extra_0>".join(steps) + "<extra_0>"``. A head on the final hidden
+  states, ``score.0`` Linear(h, h), ReLU, ``score.2`` Linear(h, 2), gives two logits per token; a step's score is
+  softmax(logits)[1] at its ``<extra_0>``. transformers has no class for this architecture and the hub's own code
+  needs remote code: ``qwen2_prm_class`` below is that head on transformers' ``Qwen2Model``, loaded from the
+  checkpoint's ``model.*`` and ``score.*`` weights. Remote code is never run: this class computes what the hub's
+  does, and vLLM's independent implementation gives the same scores (tests/test_prm_models.py), while remote code
+  would run unreviewed Python from the hub on every load and is a path the tests cannot reach offline.
+* ``step_tag``: Math-Shepherd's PRM (Wang et al., arXiv 2312.08935; peiyi9979/math-shepherd-mistral-7b-prm), a
+  causal LM. The input is Math-Shepherd's: ``problem + " " + "\\n".join(step + tag for step in steps)`` with the tag
+  ``" ки"``. The logits at a tag's position predict the token after it, which the model was trained to make
+  ``"+"`` (step right) or ``"-"`` (wrong); the score is P(+) / (P(+) + P(-)) there. Steps are not renumbered
+  "Step k:" as in Math-Shepherd's training data.
+
+Every position of the marker token in the whole input is a step's (as vLLM's STEP pooler reads them), so a marker
+inside the problem or a step, or one that merges with the text beside it, would shift the scores: both are stopped
+with one line naming the row (the marker's text in the problem or a step; then a count of markers other than the
+count of steps), as is a solution longer than the model's context. Nothing is ever silently misaligned.
+
+Served: vLLM serves both formats through its pooling runner and returns the scores at the markers from
+``POST /pooling`` (``vllm_server_args``, ``served_step_scores``). The marker id is a setting of the server
+(``--pooler-config``), not of a request: vLLM ignores a request's ``step_tag_id``, and a server started without it
+looks for Qwen's id 151651 and returns no scores for any other tokenizer.
+
+Usage (the label.py ``--prm reward_model`` labeller does this for every chunk):
+
+    tokenizer, spec = prm_models.load_spec("Qwen/Qwen2.5-Math-PRM-7B", "qwen_prm")
+    model = prm_models.load_model("Qwen/Qwen2.5-Math-PRM-7B", spec, dtype="bfloat16", device="cuda")
+    encoded = [prm_models.encode_solution(tokenizer, spec, problem, steps, row="samples.jsonl:3")]
+    scores = prm_models.step_scores(model, spec, encoded)   # [[P(step right) per step] per solution]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
+
+import torch
+
+import common
+import models
+
+PRMFormat = Literal["qwen_prm", "step_tag"]
+# The Qwen2.5-Math-PRM model card's separator and system prompt (the same text as the qwen25-math-cot prompt style)
+QWEN_PRM_SEPARATOR = "<extra_0>"
+QWEN_PRM_SYSTEM = common.SYSTEM_PROMPTS["qwen25-math-cot"]
+# Math-Shepherd's step tag and its two answer tokens (the defaults of label.py's --prm_step_tag, --prm_good_token,
+# --prm_bad_token)
+STEP_TAG = " ки"
+GOOD_TOKEN = "+"
+BAD_TOKEN = "-"
+# Values per marker in vLLM's /pooling response: qwen_prm's softmax over (wrong, right); step_tag's one
+# sigmoid(logit_good - logit_bad) of the from_2_way_softmax conversion
+SERVED_WIDTH = {"qwen_prm": 2, "step_tag": 1}
+
+
+@dataclass(frozen=True)
+class PRMSpec:
+    """What a format needs of its model, resolved once from the tokenizer and config (load_spec)."""
+    format: str  # qwen_prm | step_tag
+    marker: str  # the text written after every step: QWEN_PRM_SEPARATOR, or the step tag
+    marker_id: int  # its token: a step's score is read at its position
+    max_len: int  # the model's context (max_position_embeddings): no input may be longer
+    good_id: int | None = None  # step_tag: the tokens whose probabilities at the tag make the score
+    bad_id: int | None = None
+
+
+class Encoded(NamedTuple):
+    """One solution as the PRM reads it."""
+    ids: list[int]  # the input's token ids
+    positions: list[int]  # the marker's positions in ids, one per step, in step order
+
+
+# ----------------------------------------------------------------------------- the input of each format
+
+
+def load_spec(path: str, fmt: PRMFormat, step_tag: str = STEP_TAG, good_token: str = GOOD_TOKEN,
+              bad_token: str = BAD_TOKEN) -> tuple[object, PRMSpec]:
+    """(tokenizer, PRMSpec) of the PRM at ``path`` in format ``fmt``; UsageError when the tokenizer lacks a token
+    the format needs or the config has no context length. ``step_tag`` and the good / bad tokens are step_tag's."""
+    from transformers import AutoConfig
+
+    tokenizer = models.load_tokenizer(path, padding_side="right")
+    max_len = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    if not isinstance(max_len, int):
+        raise common.UsageError(f"{path}: its config has no max_position_embeddings (the model's context)")
+    if fmt == "qwen_prm":
+        marker_id = single_token_id(tokenizer, QWEN_PRM_SEPARATOR, f"{path}: the qwen_prm separator")
+        return tokenizer, PRMSpec(fmt, QWEN_PRM_SEPARATOR, marker_id, max_len)
+    if fmt == "step_tag":
+        marker_id = single_token_id(tokenizer, step_tag, f"{path}: the step tag (--prm_step_tag)")
+        good_id = single_token_id(tokenizer, good_token, f"{path}: the good token (--prm_good_token)")
+        bad_id = single_token_id(tokenizer, bad_token, f"{path}: the bad token (--prm_bad_token)")
+        if good_id == bad_id:
+            raise common.UsageError(f"{path}: the good and bad tokens {good_token!r} / {bad_token!r} are one token")
+        return tokenizer, PRMSpec(fmt, step_tag, marker_id, max_len, good_id, bad_id)
+    raise common.UsageError(f"unknown PRM format {fmt!r}: qwen_prm | step_tag")
+
+
+def single_token_id(tokenizer, text: str, what: str) -> int:
+    """The one token ``text`` encodes to. A sentencepiece tokenizer may put a whitespace-only token first (its
+    dummy prefix before a leading space: " ки" -> "▁", "▁ки"), which Math-Shepherd's tag reading skips too; any
+    other split, or the unknown token, means the tokenizer lacks it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    last = tokenizer.decode(ids[-1:]) if ids else ""
+    prefix = tokenizer.decode(ids[:-1])
+    unknown = tokenizer.unk_token_id is not None and ids[-1:] == [tokenizer.unk_token_id]
+    if not text.strip() or unknown or last.strip() != text.strip() or prefix.strip():
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise common.UsageError(f"{what} {text!r} is not one token of the tokenizer (it encodes to {pieces})")
+    return ids[-1]
+
+
+def solution_text(tokenizer, spec: PRMSpec, problem: str, steps: list[str]) -> str:
+    """The text the PRM reads (the module docstring gives each format's). A qwen_prm tokenizer without a chat
+    template gets the ChatML text of Qwen2.5's template, the format the Qwen PRMs were trained on
+    (common.build_prompt writes its prompt part, as for the qwen25-math-cot style)."""
+    if spec.format == "step_tag":
+        return f"{problem} " + "\n".join(step + spec.marker for step in steps)
+    reply = spec.marker.join(steps) + spec.marker
+    if not getattr(tokenizer, "chat_template", None):
+        return common.build_prompt(tokenizer, problem, "qwen25-math-cot") + reply + "<|im_end|>\n"
+    messages = [{"role": "system", "content": QWEN_PRM_SYSTEM}, {"role": "user", "content": problem},
+                {"role": "assistant", "content": reply}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def encode_solution(tokenizer, spec: PRMSpec, problem: str, steps: list[str], row: str) -> Encoded:
+    """The token ids of ``solution_text`` (common.encode_prompt: BOS as the tokenizer's own encoding puts it) and
+    the marker's positions, one per step; DataError naming ``row`` when the problem or a step contains the
+    marker's text, when the markers are not one per step, or when the input is longer than the model's context."""
+    if not steps:
+        raise common.DataError(f"{row}: a solution without steps has nothing for a PRM to score")
+    for where, text in [("the problem", problem)] + [(f"step {k + 1}", step) for k, step in enumerate(steps)]:
+        if spec.marker in text:
+            raise common.DataError(f"{row}: {where} contains the PRM's step marker {spec.marker!r}")
+    ids = common.encode_prompt(tokenizer, solution_text(tokenizer, spec, problem, steps))
+    positions = [i for i, token in enumerate(ids) if token == spec.marker_id]
+    if len(positions) != len(steps):
+        raise common.DataError(
+            f"{row}: {len(positions)} step markers {spec.marker!r} in the PRM's input for {len(steps)} steps "
+            f"(the marker merged with the text beside it, or the text encodes to it)")
+    if len(ids) > spec.max_len:
+        raise common.DataError(
+            f"{row}: the PRM's input is {len(ids)} tokens, longer than the model's context of {spec.max_len}")
+    return Encoded(ids, positions)
+
+
+# ----------------------------------------------------------------------------- in-process scoring
+
+
+@functools.cache
+def qwen2_prm_class():
+    """Qwen2ForProcessRewardModel without remote code: transformers' Qwen2Model and the two-layer score head, with
+    the checkpoint's parameter names (model.*, score.0.*, score.2.*). Built on first use, so that importing this
+    module does not import transformers' models."""
+    from transformers import Qwen2Model, Qwen2PreTrainedModel
+
+    class Qwen2ProcessRewardModel(Qwen2PreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = Qwen2Model(config)
+            hidden = config.hidden_size
+            self.score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                             torch.nn.Linear(hidden, 2))
+            self.post_init()
+
+        def forward(self, input_ids, attention_mask=None):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, H)
+            return self.score(hidden)  # (B, S, 2): logits of (wrong, right)
+
+    return Qwen2ProcessRewardModel
+
+
+def load_model(path: str, spec: PRMSpec, dtype: str = "float32", device: str = "cpu"):
+    """The PRM at ``path`` in eval mode: qwen_prm as qwen2_prm_class() (UsageError when the checkpoint is not
+    a Qwen2 model or lacks weights of the head or the backbone), step_tag as its causal LM (models.load_model)."""
+    if spec.format == "step_tag":
+        return models.load_model(path, dtype).to(device).eval()
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type != "qwen2":
+        raise common.UsageError(f"{path}: the qwen_prm format needs a Qwen2 checkpoint, this one is {model_type!r}")
+    model, info = qwen2_prm_class().from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise common.UsageError(f"{path}: not a Qwen2ForProcessRewardModel checkpoint: no weights for {missing[:4]}")
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def marker_scores(model, spec: PRMSpec, input_ids, attention_mask, keep):
+    """P(step right) at the positions ``keep`` (1-D) of every row of the batch, in float32."""
+    if spec.format == "qwen_prm":
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, H)
+        logits = model.score(hidden[:, keep])  # (B, K, 2)
+        return logits.float().softmax(-1)[..., 1]  # (B, K)
+    # logits_to_keep: the LM head runs only at the markers, not over the vocabulary at every position
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # (B, K, V)
+    pair = logits[..., [spec.good_id, spec.bad_id]].float()  # (B, K, 2)
+    return pair.softmax(-1)[..., 0]  # (B, K): P(good) / (P(good) + P(bad))
+
+
+def step_scores(model, spec: PRMSpec, encoded: list[Encoded], batch_size: int = 8) -> list[list[float]]:
+    """[[P(step right) per step] per solution]: forward passes over ``batch_size`` solutions at a time, those of
+    similar length together. Right padding: a causal model's real positions never attend to the padding after
+    them, so any pad id does and each solution scores as it would alone."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    scores: list[list[float]] = [[] for _ in encoded]
+    for chunk in common.chunked(order, batch_size):
+        width = max(len(encoded[i].ids) for i in chunk)
+        input_ids = torch.tensor([encoded[i].ids + [0] * (width - len(encoded[i].ids)) for i in chunk])  # (B, S)
+        attention_mask = (torch.arange(width) < torch.tensor([[len(encoded[i].ids)] for i in chunk])).long()  # (B, S)
+        keep = sorted({p for i in chunk for p in encoded[i].positions})
+        column = {p: k for k, p in enumerate(keep)}
+        probs = marker_scores(model, spec, input_ids.to(device), attention_mask.to(device),
+                              torch.tensor(keep, device=device)).cpu()  # (B, K)
+        for b, i in enumerate(chunk):
+            scores[i] = [probs[b, column[p]].item() for p in encoded[i].positions]
+    return scores
+
+
+# ----------------------------------------------------------------------------- served: vLLM's pooling runner
+
+
+def vllm_server_args(tokenizer, spec: PRMSpec) -> list[str]:
+    """The options after ``--model PATH`` that make vLLM's OpenAI-compatible server return the scores at the markers
+    from /pooling. qwen_prm: the native Qwen2ForProcessRewardModel with its STEP pooler told the marker id.
+    step_tag: the causal LM converted to a classifier whose one logit is logit(good) - logit(bad) (vLLM's
+    from_2_way_softmax, which names the tokens by their vocabulary strings), its sigmoid read at every tag."""
+    if spec.format == "qwen_prm":
+        return ["--runner", "pooling", "--pooler-config", json.dumps({"step_tag_id": spec.marker_id})]
+    bad, good = tokenizer.convert_ids_to_tokens([spec.bad_id, spec.good_id])
+    overrides = {"method": "from_2_way_softmax", "classifier_from_token": [bad, good]}
+    pooler = {"task": "token_classify", "tok_pooling_type": "STEP", "step_tag_id": spec.marker_id}
+    return ["--runner", "pooling", "--convert", "classify", "--hf-overrides", json.dumps(overrides),
+            "--pooler-config", json.dumps(pooler)]
+
+
+def pooling_request(model_name: str, encoded: list[Encoded]) -> dict:
+    """The body of one POST /pooling for several solutions, as token ids (the server does not tokenize again)."""
+    return {"model": model_name, "task": "token_classify", "input": [e.ids for e in encoded]}
+
+
+def parse_pooling_response(response: dict, spec: PRMSpec, encoded: list[Encoded], rows: list[str]) -> list[list[float]]:
+    """[[P(step right) per step] per solution] from a /pooling response to pooling_request; DataError naming the
+    row when the server returned another count of scores than of steps (a server started without
+    vllm_server_args' --pooler-config returns none) or another width than the format's."""
+    items = sorted(response["data"], key=lambda item: item["index"])
+    if len(items) != len(encoded):
+        raise common.StageError(f"/pooling returned {len(items)} results for {len(encoded)} solutions")
+    width, scores = SERVED_WIDTH[spec.format], []
+    for item, solution, row in zip(items, encoded, rows):
+        values = item["data"]  # [[value per label] per marker]
+        if len(values) != len(solution.positions):
+            raise common.DataError(
+                f"{row}: the server returned {len(values)} step scores for {len(solution.positions)} steps: its "
+                f"--pooler-config must hold \"step_tag_id\": {spec.marker_id} ({spec.marker!r}; vllm_server_args)")
+        if any(len(v) != width for v in values):
+            raise common.DataError(f"{row}: the server returned scores of another width than {spec.format}'s {width}")
+        scores.append([v[-1] for v in values])  # qwen_prm: P(right) of (wrong, right); step_tag: the one value
+    return scores
+
+
+def served_step_scores(post: Callable[[str, dict], dict], model_name: str, spec: PRMSpec, encoded: list[Encoded],
+                       rows: list[str]) -> list[list[float]]:
+    """step_scores from a vLLM server started with vllm_server_args; ``post(path, body) -> dict`` sends one
+    request (served.py's client, with its retries)."""
+    if not encoded:
+        return []
+    return parse_pooling_response(post("/pooling", pooling_request(model_name, encoded)), spec, encoded, rows)
