@@ -35,23 +35,25 @@ def load_rows(tokenizer, data: Path, count: int) -> list[dict]:
     return as_label_rows(bench_rows, tokenizer, with_reference=True)
 
 
-def run_prm(rows: list[dict], spans: list, prm: str) -> dict:
+def run_prm(rows: list[dict], spans: list, prm: str, chunk: int) -> dict:
     settings = label.Settings(prm="reward_model", prm_model=prm)
     tokenizer, spec, _ = label.get_prm(settings)  # loaded outside the timed part, as the judge's engine is
     start = time.perf_counter()
-    label.reward_model_labeller(rows, spans, settings)
+    for i in range(0, len(rows), chunk):  # label.py's chunks: one labeller call each
+        label.reward_model_labeller(rows[i : i + chunk], spans[i : i + chunk], settings)
     seconds = time.perf_counter() - start
     tokens = sum(len(prm_models.encode_solution(tokenizer, spec, r["problem"], common.step_texts(r["completion"], s),
                                                 r["id"]).ids) for r, s in zip(rows, spans))
     return {"tokens": tokens, "seconds": seconds, "passes": len(rows)}
 
 
-def run_judge(rows: list[dict], spans: list, judge: str, protocol: str, max_new_tokens: int) -> dict:
+def run_judge(rows: list[dict], spans: list, judge: str, protocol: str, max_new_tokens: int, chunk: int) -> dict:
     settings = label.Settings(prm="judge", judge_model=judge, judge_engine="transformers", judge_protocol=protocol,
                               judge_max_new_tokens=max_new_tokens)
     counter = CountingEngine(label.get_judge(settings))
     start = time.perf_counter()
-    label.judge_labeller(rows, spans, settings, counter)
+    for i in range(0, len(rows), chunk):  # the transformers engine pads a chunk's prompts into one batch
+        label.judge_labeller(rows[i : i + chunk], spans[i : i + chunk], settings, counter)
     seconds = time.perf_counter() - start
     passes = sum(len(s) for s in spans) if protocol == "step" else sum(bool(s) for s in spans)
     return {"tokens": counter.prompt_tokens + counter.generated_tokens, "seconds": seconds, "passes": passes}
@@ -61,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100, help="ProcessBench GSM8K rows, evenly spaced")
     parser.add_argument("--judge_max_new_tokens", type=int, default=8, help="tokens per judge reply")
+    parser.add_argument("--chunk_size", type=int, default=4, help="rows per labeller call (label.py --chunk_size)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     cli = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,12 +71,13 @@ def main() -> None:
         judge = save_tiny_qwen_lm(Path(tmp) / "judge", max_len=4096)
         rows = load_rows(tokenizer, cli.data, cli.rows)
         spans = [common.step_spans(r["completion"]) for r in rows]
-        results = {"reward_model (qwen_prm)": run_prm(rows, spans, str(Path(tmp) / "prm")),
-                   "judge, step protocol": run_judge(rows, spans, judge, "step", cli.judge_max_new_tokens),
-                   "judge, first_error protocol": run_judge(rows, spans, judge, "first_error", cli.judge_max_new_tokens)}
+        results = {"reward_model (qwen_prm)": run_prm(rows, spans, str(Path(tmp) / "prm"), cli.chunk_size)}
+        for protocol in ("step", "first_error"):
+            results[f"judge, {protocol} protocol"] = run_judge(rows, spans, judge, protocol, cli.judge_max_new_tokens,
+                                                               cli.chunk_size)
     steps = sum(map(len, spans))
     print(f"{len(rows)} ProcessBench GSM8K rows ({steps} steps), tiny random Qwen2s of one size, transformers, float32; "
-          f"judge replies of {cli.judge_max_new_tokens} tokens\n")
+          f"judge replies of {cli.judge_max_new_tokens} tokens; {cli.chunk_size} rows per labeller call\n")
     print("| labeller | model passes | model tokens per solution | wall time (s) | x the PRM's tokens | x the PRM's time |")
     print("|---|---|---|---|---|---|")
     base = results["reward_model (qwen_prm)"]

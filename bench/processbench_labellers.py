@@ -6,7 +6,14 @@ On one fixed subset of ProcessBench GSM8K (``--rows N``, evenly spaced: row i * 
 * ``judge (step)``: label.JUDGE_PROTOCOLS["step"], one judge call per step;
 * ``judge (first_error)``: label.JUDGE_PROTOCOLS["first_error"], one judge call per solution;
 * ``mc``: label.mc_step_labels, Monte-Carlo rollouts with the judge model as rollout policy
-  (``--mc_rollouts``, ``--mc_max_new_tokens``), graded against GSM8K's gold answer.
+  (``--mc_rollouts``, ``--mc_max_new_tokens``), graded against GSM8K's gold answer;
+* ``reward_model`` (asked for by name): label.py's trained-PRM labeller (``--prm_model``, ``--prm_format``): its
+  scores once, then F1 at every threshold 0.05, 0.10, ..., 0.95 (predicted first error = first step scored below
+  it) and the threshold that maximises F1. Without ``--prm_model`` the PRM is a tiny RANDOM Qwen2 PRM built here
+  (tests/helpers.py): a mechanical check, not a PRM. On a GPU, Qwen2.5-Math-PRM-7B (compare with the ProcessBench
+  table of its paper, arXiv 2501.07301):
+
+      python bench/processbench_labellers.py --labellers reward_model --prm_model Qwen/Qwen2.5-Math-PRM-7B --rows 0
 
 ProcessBench rows carry no gold answer: its GSM8K problems are GSM8K test problems, so each row is
 joined on its problem text with ../shared/data/gsm8k_test.jsonl (gold = the number after ``####``,
@@ -53,8 +60,9 @@ import label  # noqa: E402
 import options  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-LABELLERS = ("check", "judge_step", "judge_first_error", "mc")
+LABELLERS = ("check", "judge_step", "judge_first_error", "mc", "reward_model")
 TITLES = {"check": "check", "judge_step": "judge (`step`)", "judge_first_error": "judge (`first_error`)", "mc": "mc"}
+THRESHOLDS = [round(0.05 * k, 2) for k in range(1, 20)]
 
 
 # ----------------------------------------------------------------------------- data
@@ -296,7 +304,9 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DATA, help="folder with processbench_gsm8k.json and gsm8k_test.jsonl")
     parser.add_argument("--out", type=Path, default=REPO / "notes" / "bench_processbench_labellers.md")
     parser.add_argument("--rows", type=int, default=100, help="N evenly spaced rows, row i * 400 // N (0 = all 400)")
-    parser.add_argument("--labellers", default=",".join(LABELLERS), help=f"comma-separated subset of {','.join(LABELLERS)}")
+    parser.add_argument("--labellers", default=",".join(LABELLERS[:4]), help=f"comma-separated subset of {','.join(LABELLERS)}")
+    parser.add_argument("--prm_model", default="", help="reward_model: the PRM (default: a tiny random Qwen2 PRM)")
+    parser.add_argument("--prm_format", default="qwen_prm", help="reward_model: qwen_prm | step_tag")
     parser.add_argument("--judge_model", default="",
                         help="judge (and mc policy) folder or hub id (default: a tiny untrained char Llama)")
     parser.add_argument("--judge_engine", default="auto", help="transformers | vllm | auto")
@@ -325,7 +335,7 @@ def label_settings(cli, judge_model: str) -> label.Settings:
         mc_threshold=cli.mc_threshold, mc_temperature=cli.mc_temperature, mc_max_new_tokens=cli.mc_max_new_tokens,
         seed=cli.seed, dtype=cli.dtype, judge_dtype=cli.dtype,
     )
-    for name in cli.labellers.split(","):  # each labeller's own, as label.py checks them
+    for name in judged_labellers(cli):  # each labeller's own, as label.py checks them
         label.check_args(labeller_settings(name, settings))
     return settings
 
@@ -340,29 +350,83 @@ def labeller_settings(name: str, settings: label.Settings) -> label.Settings:
     return options.applicable("label.py", settings, **engines)
 
 
-def run(cli, judge_model: str) -> None:
+def judged_labellers(cli) -> list[str]:
+    """The labellers of --labellers that run on the judge's engine (or on none: check)."""
+    return [name for name in cli.labellers.split(",") if name != "reward_model"]
+
+
+def run(cli, judge_model: str, prm_model: str = "") -> None:
     """Every labeller of --labellers on the same rows, then the report."""
     all_rows = common.read_json(cli.data / "processbench_gsm8k.json")
     bench_rows = join_gsm8k(evenly_spaced(all_rows, cli.rows), cli.data)
+    gold, text = [r["label"] for r in bench_rows], []
+    if judged_labellers(cli):
+        text.append(judge_run(cli, judge_model, bench_rows, gold, len(all_rows)))
+    if "reward_model" in cli.labellers.split(","):
+        text.append(prm_run(cli, prm_model, bench_rows, gold))
+    cli.out.parent.mkdir(parents=True, exist_ok=True)
+    cli.out.write_text("\n".join(text))
+    print(f"wrote {cli.out}")
+
+
+def judge_run(cli, judge_model: str, bench_rows: list[dict], gold: list[int], n_all: int) -> str:
     settings, engine_name = label_settings(cli, judge_model), generate.resolve_engine(cli.judge_engine)
     chunk_size = cli.chunk_size or (100 if engine_name == "vllm" else 8)
     start = time.perf_counter()
     engine = generate.get_engine(judge_model, label.judge_engine_settings(settings))
     load_seconds = time.perf_counter() - start
-    rows, gold = as_label_rows(bench_rows, engine.tokenizer, cli.with_reference), [r["label"] for r in bench_rows]
-    scores = []
-    for name in cli.labellers.split(","):
+    rows, scores = as_label_rows(bench_rows, engine.tokenizer, cli.with_reference), []
+    for name in judged_labellers(cli):
         scores.append(run_labeller(name, rows, gold, engine, settings, chunk_size))
         print(table_row(scores[-1]), flush=True)
-    cli.out.parent.mkdir(parents=True, exist_ok=True)
-    cli.out.write_text(report(scores, cli, engine_name, chunk_size, load_seconds, len(all_rows)))
-    print(f"\n{TABLE_HEAD}\n" + "\n".join(map(table_row, scores)) + f"\n\nwrote {cli.out}")
+    print(f"\n{TABLE_HEAD}\n" + "\n".join(map(table_row, scores)))
+    return report(scores, cli, engine_name, chunk_size, load_seconds, n_all)
+
+
+# ----------------------------------------------------------------------------- a trained PRM: F1 per threshold
+
+
+def prm_run(cli, prm_model: str, bench_rows: list[dict], gold: list[int]) -> str:
+    """The PRM's scores of every row (label.reward_model_labeller, 8 rows a call), then F1 at each threshold."""
+    settings = label.Settings(prm="reward_model", prm_model=prm_model, prm_format=cli.prm_format)
+    tokenizer, _, _ = label.get_prm(settings)
+    rows = as_label_rows(bench_rows, tokenizer, with_reference=False)
+    start, scores = time.perf_counter(), []
+    for chunk in tqdm(common.chunked(rows, 8), desc="reward_model"):
+        scores += label.reward_model_labeller(chunk, [common.step_spans(r["completion"]) for r in chunk], settings)
+    seconds = time.perf_counter() - start
+    sweep = [{"threshold": t, **f1_scores(gold, [next((k for k, p in enumerate(row) if p < t), -1) for row in scores])}
+             for t in THRESHOLDS]
+    best = max(sweep, key=lambda s: s["f1"])
+    lines = [f"# ProcessBench GSM8K: a trained PRM ({cli.prm_format}) at every threshold", "",
+             f"Command (repo root): `{command_line()}`", "",
+             f"PRM: `{cli.prm_model}`" if cli.prm_model else "PRM: a tiny RANDOM Qwen2 PRM (tests/helpers.py): a "
+             "mechanical check of the path, not a PRM.",
+             f"{len(rows)} rows, scored in {seconds:.1f} s (model load excluded). Predicted first error = first step "
+             "scored below the threshold, -1 if none.", "",
+             "| threshold | accuracy on rows with an error | accuracy on rows without one | F1 |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s['threshold']:.2f} | {s['error_acc']:.3f} ({s['error_hits']}/{s['error_rows']}) | "
+              f"{s['clean_acc']:.3f} ({s['clean_hits']}/{s['clean_rows']}) | {s['f1']:.3f} |" for s in sweep]
+    lines += ["", f"Best threshold: **{best['threshold']:.2f}** (F1 {best['f1']:.3f}).", ""]
+    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def build_tiny_prm(folder: Path) -> str:
+    """A tiny random Qwen2ForProcessRewardModel (the tests'), with room for ProcessBench's solutions."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import save_tiny_qwen_prm
+
+    save_tiny_qwen_prm(folder, max_len=8192)
+    return str(folder)
 
 
 def main() -> None:
     cli = parse_cli()
     with tempfile.TemporaryDirectory() as tmp:
-        run(cli, cli.judge_model or build_tiny_judge(Path(tmp)))
+        judge = cli.judge_model or (build_tiny_judge(Path(tmp) / "judge") if judged_labellers(cli) else "")
+        prm = cli.prm_model or (build_tiny_prm(Path(tmp) / "prm") if "reward_model" in cli.labellers else "")
+        run(cli, judge, prm)
 
 
 if __name__ == "__main__":

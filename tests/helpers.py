@@ -134,6 +134,7 @@ def save_tiny_qwen_prm(path: Path, max_len: int = 512, seed: int = 0):
         head[2].weight.mul_(20)  # scores spread over (0, 1) rather than sitting at 0.5
     weights = {f"model.{k}": v for k, v in backbone.state_dict().items()}
     weights |= {f"score.{k}": v for k, v in head.state_dict().items()}
+    Path(path).mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, Path(path) / "model.safetensors", metadata={"format": "pt"})
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)

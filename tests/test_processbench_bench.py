@@ -112,3 +112,16 @@ def test_tiny_judge_end_to_end(tmp_path):
     assert "| check | 0.000 (0/1) | 1.000 (1/1) |" in text  # rows 0 and 200: check finds no error in either
     assert re.search(r"\| judge \(`step`\) \|.*\| 0\.000 \(0/\d+\) \| \d+ \(\d+ \+ \d+\) \|", text)
     assert "judge (`first_error`) (first request of the first chunk)" in text
+
+
+@needs_data
+def test_tiny_prm_f1_at_every_threshold(tmp_path):
+    """The PRM path: one scoring, F1 per threshold from 0.05 to 0.95, and the best one named."""
+    out = tmp_path / "report.md"
+    cli = pb.parse_cli(["--rows", "4", "--labellers", "reward_model", "--out", str(out)])
+    pb.run(cli, "", pb.build_tiny_prm(tmp_path / "prm"))
+    text = out.read_text()
+    assert "tiny RANDOM Qwen2 PRM" in text and text.count("\n| 0.") == 19 and "| 0.95 |" in text
+    best = re.search(r"Best threshold: \*\*(0\.\d\d)\*\* \(F1 (\d\.\d{3})\)", text)
+    f1s = [float(line.rsplit("|", 2)[1]) for line in text.splitlines() if line.startswith("| 0.")]
+    assert best and float(best.group(2)) == max(f1s)
