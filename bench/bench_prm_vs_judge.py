@@ -67,8 +67,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     cli = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        _, _, tokenizer = save_tiny_qwen_prm(Path(tmp) / "prm", max_len=4096)
-        judge = save_tiny_qwen_lm(Path(tmp) / "judge", max_len=4096)
+        _, _, tokenizer = save_tiny_qwen_prm(Path(tmp) / "prm", max_len=16384)
+        judge = save_tiny_qwen_lm(Path(tmp) / "judge", max_len=16384)  # byte-level: a token a byte
         rows = load_rows(tokenizer, cli.data, cli.rows)
         spans = [common.step_spans(r["completion"]) for r in rows]
         results = {"reward_model (qwen_prm)": run_prm(rows, spans, str(Path(tmp) / "prm"), cli.chunk_size)}
