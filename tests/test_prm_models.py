@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 import common
+import evaluate
 import label
 import models
 import prm_models
-from helpers import save_tiny_qwen_prm, vllm_server
+from helpers import REPO, save_tiny_qwen_prm, vllm_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("STEPKTO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
@@ -31,6 +32,7 @@ SOLUTIONS = [
 ]
 ROWS = [f"samples.jsonl:{i + 1}" for i in range(len(SOLUTIONS))]
 MAX_LEN = 512  # max_position_embeddings of both tiny models
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"  # evaluate.py's policy: a model whose solutions have steps
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +275,16 @@ def test_a_misaligned_row_stops_label_py_naming_the_file_and_row(step_tag_prm, t
         label_with(step_tag_prm[0], "step_tag", tmp_path, "labels")
     assert one_line(error) == f"{samples}: row 's1#0': step 2 contains the PRM's step marker ' ки'"
     assert not (tmp_path / "labels.jsonl").exists()
+
+
+def test_evaluate_takes_the_stepwise_error_rate_from_the_prm(qwen_prm, tmp_path):
+    """evaluate.py --prm reward_model: the greedy solutions' steps scored by the PRM, result.json from its labels."""
+    if not SMOLLM2.exists() and not os.environ.get("STEPKTO_REQUIRE_REAL_MODEL"):
+        pytest.skip(f"{SMOLLM2} is absent: run `bash setup.sh --models`")
+    benchmark = tmp_path / "bench.jsonl"
+    common.write_jsonl_atomic(benchmark, [{"id": "b0", "problem": "What is 2 + 3?", "answer": "5"}])
+    evaluate.main(evaluate.Args(model=str(SMOLLM2), benchmark=str(benchmark), output_dir=str(tmp_path / "eval"),
+                                max_new_tokens=40, engine="transformers", prm="reward_model", prm_model=qwen_prm[0]))
+    rows = common.read_jsonl(tmp_path / "eval" / "greedy_labels.jsonl")
+    assert rows[0]["prm"] == "reward_model" and len(rows[0]["step_scores"]) == len(rows[0]["labels"]) >= 1
+    assert common.read_json(tmp_path / "eval" / "result.json", common.RESULT)["prm"] == "reward_model"

@@ -351,6 +351,17 @@ def test_a_refused_key_stops_at_once_with_one_line(tmp_path, monkeypatch):
     assert [r["labels"] for r in common.read_jsonl(tmp_path / "labels.jsonl")] == expected_labels()
 
 
+def test_a_refused_connection_is_retried_then_stops_with_one_line(tmp_path):
+    """Nothing listens at the URL: the connection is refused, retried, and the stage stops naming the endpoint."""
+    with FakeJudge() as fake:
+        url = fake.url  # a port that was free a moment ago, closed now
+    with pytest.raises(common.StageError) as error:
+        label.main(replace(fake_args(tmp_path, fake, judge_retries=1), judge_base_url=url))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{url}: Connection error") and "after 1 retries" in message
+    assert not (tmp_path / "labels.jsonl.partial").exists()
+
+
 def test_a_model_the_server_does_not_serve_stops_before_the_first_chunk(tmp_path):
     with FakeJudge(model="another-model") as fake:
         with pytest.raises(common.StageError, match="serves \\['another-model'\\], not 'fake-judge'"):
