@@ -15,6 +15,7 @@ At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import faulthandler
 import functools
@@ -83,6 +84,27 @@ def run_in_process_group(fn: Callable[[Env], None], timeout_minutes: float) -> N
             # ("terminate called without an active exception"). Drop them first.
             gc.collect()
             dist.destroy_process_group()
+
+
+def leave_process_group() -> None:
+    """Every rank waits for all, then leaves the process group: after the last collective and before any rank
+    works on alone (rank 0 writing the final model). A rank that exits while its peer still runs leaves gloo's
+    threads of both racing the teardown, a known upstream bug class (pytorch/pytorch issues 190489, 75529,
+    65231); the ordering here (collect, barrier, destroy on every rank) is the upstream workaround."""
+    if dist.is_initialized():
+        gc.collect()  # drop finished async work (FSDP2's collectives) that still references tensors
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim). glibc keeps what rank 0 frees after
+    broadcasting the checkpoint (the whole model) in its arenas for the rest of the run otherwise. Other C
+    libraries (musl) have no malloc_trim; an allocator preloaded in glibc's place (jemalloc) returns memory
+    itself, and glibc's malloc_trim then finds its own arenas empty."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def exit_under_torchrun() -> None:
@@ -210,7 +232,9 @@ def build_policy(spec: PolicySpec, env: Env, trainable: bool) -> torch.nn.Module
     full = _wrap(add_lora(spec.load_lm(False), spec.lora), spec, trainable, False) if env.rank == 0 else None
     skeleton = _wrap(add_lora(spec.load_lm(True), spec.lora), spec, trainable, autocast=False)
     shard(skeleton, env, spec.mixed_precision)
-    return load_sharded(skeleton, full, env)
+    policy = load_sharded(skeleton, full, env)
+    release_free_heap()  # rank 0's whole model, freed by load_sharded
+    return policy
 
 
 def _wrap(lm: torch.nn.Module, spec: PolicySpec, trainable: bool, autocast: bool) -> torch.nn.Module:
@@ -495,14 +519,16 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
     """Gather the weights of policy.lm (never the optimizer's state) to rank 0, which save_pretrained's them with
     the tokenizer, work's train_log.jsonl and tracking/ and config (train_args.json) to OUT.tmp, renames it to
     OUT and drops the work folder. With lora, OUT is base_model with the adapters merged. The gather is the last
-    collective: the other ranks are done then, and none waits on rank 0's writing."""
+    collective: every rank then leaves the process group together, and only then does rank 0 write."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if lora:
         weights = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
     else:
         weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank() != 0:
+    is_writer = rank() == 0
+    leave_process_group()  # the last collective is done: no rank outlives its peers inside the group
+    if not is_writer:
         return
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,18 +1,22 @@
-"""Per-rank peak RSS of train.py with 2 gloo ranks (FSDP2) against 1 process, and the size of a resume state per
-rank, on a real model; run for two checkouts side by side (e.g. before and after a change to the plumbing).
+"""Per-rank RSS of train.py with 2 gloo ranks (FSDP2) against 1 process, and the size of a resume state per
+rank, on a real model; run for two checkouts side by side (e.g. before and after a change to the plumbing), under
+glibc's own malloc (what users run) or another allocator.
 
     .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . --repo ../old
-    .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . --repo ../old \
+    .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . \
         --ld_preload /usr/lib/x86_64-linux-gnu/libjemalloc.so.2      # Debian's libjemalloc2
+    .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . \
+        --env MALLOC_MMAP_THRESHOLD_=131072                           # a glibc tunable
 
-For each --repo and each launch (1 process; torchrun with 2 ranks) it trains the same 3 step-kto steps of a global
-batch of 4 rows (float32, fused AdamW, a resume state after every step) in its own processes, each rank under GNU
-time, and reports each rank's peak RSS and the largest resume state on disk per rank while it ran: the files of
-torch.distributed.checkpoint that rank wrote (plus its RNG file), or a single state file written by rank 0.
-On a CPU a rank's RSS holds what a GPU would (its parameters, gradients, AdamW states, activations) and what the
-host holds (a checkpoint being loaded). glibc's malloc keeps freed memory in per-thread arenas, which the ranks' many
-threads (gloo, autograd) fill each its own: with it a rank's peak RSS overstates what it holds; --ld_preload runs
-every process with another allocator (jemalloc), which returns it.
+For each --repo and each launch (1 process; torchrun with 2 ranks) it trains the same step-kto steps (--steps) of
+a global batch of 4 rows (float32, fused AdamW, a resume state after every step) in its own processes, each rank
+under GNU time, and reports each rank's peak RSS, its RSS after the first and after the last step (what it holds
+while training, the checkpoint's broadcast long done), and the largest resume state on disk per rank while it ran:
+the files of torch.distributed.checkpoint that rank wrote (plus its RNG file), or a single state file written by
+rank 0. On a CPU a rank's RSS holds what a GPU would (its parameters, gradients, AdamW states, activations) and
+what the host holds (a checkpoint being loaded). glibc's malloc keeps freed memory in its arenas, one per thread
+that allocates (gloo, autograd), unless it is handed back (malloc_trim); --ld_preload runs every process with
+another allocator (jemalloc), which returns it itself.
 """
 
 import argparse
@@ -32,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 import models  # noqa: E402
 
-STEPS, GLOBAL_BATCH = 3, 4
+GLOBAL_BATCH = 4
 
 
 def rows(model: str, path: Path) -> Path:
@@ -51,17 +55,27 @@ def rows(model: str, path: Path) -> Path:
 
 
 class StateWatcher(threading.Thread):
-    """Polls OUTPUT.resume while training runs: the largest resume state seen, in bytes per rank."""
+    """Polls OUTPUT.resume and the ranks while training runs: the largest resume state seen, in bytes per rank, and
+    each rank's RSS in bytes at the moment each step's line appears in train_log.jsonl (rss_at_step[step][rank])."""
 
     def __init__(self, work: Path):
         super().__init__(daemon=True)
-        self.work, self.per_rank, self.done = work, {}, False
+        self.work, self.per_rank, self.rss_at_step, self.done = work, {}, {}, False
 
     def run(self):
         while not self.done:
             for rank, size in self.sizes().items():
                 self.per_rank[rank] = max(self.per_rank.get(rank, 0), size)
+            steps = self.logged_steps()
+            if steps and steps not in self.rss_at_step:
+                self.rss_at_step[steps] = rank_rss(self.work.with_suffix(""))
             time.sleep(0.05)
+
+    def logged_steps(self) -> int:
+        try:
+            return (self.work / "train_log.jsonl").read_text().count("\n")
+        except FileNotFoundError:
+            return 0
 
     def sizes(self) -> dict:
         try:
@@ -82,12 +96,29 @@ class StateWatcher(threading.Thread):
             return {}
 
 
-def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, ld_preload: str) -> dict:
+def rank_rss(out: Path) -> dict:
+    """{rank: RSS in bytes} of the train.py processes writing OUTPUT=out (their RANK, 0 without torchrun)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if len(argv) < 2 or not argv[1].endswith(b"train.py") or str(out).encode() not in argv:
+                continue
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+            status = (proc / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+        found[int(env.get(b"RANK", b"0"))] = rss
+    return found
+
+
+def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, steps: int, env: dict) -> dict:
     out = work / f"out{ranks}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}.resume", ignore_errors=True)
     train = [str(repo / "train.py"), "--objective", "step-kto", "--model", model, "--data", str(data), "--output_dir",
-             str(out), "--per_device_batch_size", str(GLOBAL_BATCH // ranks), "--max_steps", str(STEPS),
+             str(out), "--per_device_batch_size", str(GLOBAL_BATCH // ranks), "--max_steps", str(steps),
              "--save_every", "1", "--lr", "1e-5", "--optim", "adamw_fused", "--num_threads", "1", "--log_every", "1"]
     timed = f'/usr/bin/time -f %M -o "{work}/rss-{ranks}-$RANK" {shlex.quote(sys.executable)} "$@"'
     if ranks == 1:
@@ -99,14 +130,15 @@ def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, ld_preloa
     watcher.start()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                               **({"LD_PRELOAD": ld_preload} if ld_preload else {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env})
     watcher.done = True
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rss = [int((work / f"rss-{ranks}-{r}").read_text().split()[-1]) / 1024 for r in range(ranks)]
-    return {"repo": str(repo), "ranks": ranks, "peak_rss_mib": rss, "state_mib": {r: s / 2**20 for r, s in
-            sorted(watcher.per_rank.items())}, "wall_s": time.perf_counter() - start}
+    at_step = {step: [by_rank.get(r, 0) / 2**20 for r in range(ranks)] for step, by_rank in watcher.rss_at_step.items()}
+    return {"repo": str(repo), "ranks": ranks, "peak_rss_mib": rss, "rss_at_step_mib": at_step,
+            "state_mib": {r: s / 2**20 for r, s in sorted(watcher.per_rank.items())},
+            "wall_s": time.perf_counter() - start}
 
 
 def main():
@@ -114,17 +146,24 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--repo", action="append", required=True, help="A checkout whose train.py to run (repeatable).")
     parser.add_argument("--ld_preload", default="", help="A malloc to run every process with (LD_PRELOAD).")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for every process (repeatable).")
+    parser.add_argument("--steps", type=int, default=3, help="Training steps per launch.")
     args = parser.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.env) | ({"LD_PRELOAD": args.ld_preload} if args.ld_preload else {})
     with tempfile.TemporaryDirectory() as tmp:
         data = rows(args.model, Path(tmp) / "rows.jsonl")
-        results = [launch(Path(repo).resolve(), str(Path(args.model).resolve()), data, ranks, Path(tmp), args.ld_preload)
-                   for repo in args.repo for ranks in (1, 2)]
-    print("| checkout | processes | peak RSS per rank (MiB) | resume state per rank (MiB) | wall s |")
-    print("|---|---|---|---|---|")
+        results = [launch(Path(repo).resolve(), str(Path(args.model).resolve()), data, ranks, Path(tmp), args.steps,
+                          env) for repo in args.repo for ranks in (1, 2)]
+    print(f"environment: {env or 'glibc malloc, no tunables'}")
+    print("| checkout | processes | peak RSS per rank (MiB) | RSS after step 1 | RSS after the last step | "
+          "resume state per rank (MiB) | wall s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        rss = " / ".join(f"{v:,.0f}" for v in r["peak_rss_mib"])
-        state = " / ".join(f"{v:,.0f}" for v in r["state_mib"].values()) or "-"
-        print(f"| {r['repo']} | {r['ranks']} | {rss} | {state} | {r['wall_s']:.0f} |")
+        per_rank = lambda values: " / ".join(f"{v:,.0f}" for v in values) or "-"  # noqa: E731
+        steps = r["rss_at_step_mib"]
+        first, last = (steps[min(steps)], steps[max(steps)]) if steps else ([], [])
+        print(f"| {r['repo']} | {r['ranks']} | {per_rank(r['peak_rss_mib'])} | {per_rank(first)} | {per_rank(last)} "
+              f"| {per_rank(r['state_mib'].values())} | {r['wall_s']:.0f} |")
     print(json.dumps(results))
 
 

@@ -3,6 +3,7 @@ mixed precision by FSDP2's policy, the sharded resume state after kill -9 of one
 and one clear error when the ranks do not share their output folder. On SmolLM2-135M-Instruct (models/, by
 `bash setup.sh --models`) and on a tiny Llama."""
 
+import json
 import os
 import signal
 import socket
@@ -147,3 +148,37 @@ def test_nodes_with_different_output_folders_stop_with_one_error(tmp_path, tiny_
     errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
     assert errors and all("not one folder shared by every rank" in e for e in errors), results[0].stderr[-2000:]
     assert not any(common.read_complete_rows(p) for p in tmp_path.glob("node*/M1/*.jsonl"))
+
+
+FENCE_WORKER = '''
+import json, os, runpy, sys
+import torch.distributed as dist
+import transformers
+
+save = transformers.PreTrainedModel.save_pretrained
+
+def recording_save(self, *args, **kwargs):  # what the process group is when a rank writes the model
+    with open(os.environ["FENCE_LOG"], "a") as f:
+        f.write(json.dumps({"rank": int(os.environ["RANK"]), "in_group": dist.is_initialized()}) + "\\n")
+    return save(self, *args, **kwargs)
+
+transformers.PreTrainedModel.save_pretrained = recording_save
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_every_rank_leaves_the_group_before_rank_0_writes(tmp_path, tiny_model, tokenizer):
+    """The fence against gloo's teardown race (pytorch/pytorch issues 190489, 75529, 65231): after the last
+    all-gather every rank meets a barrier and destroys its process group, and only then does rank 0 write the
+    model, alone; no rank exits while a peer is still inside the group."""
+    worker, log = tmp_path / "worker.py", tmp_path / "fence.jsonl"
+    worker.write_text(FENCE_WORKER)
+    args = dict(objective="step-kto", model=str(tiny_model), output_dir=str(tmp_path / "M1"), per_device_batch_size=2,
+                data=str(write_jsonl(tmp_path / "d.jsonl", label_rows(tokenizer))), lr=1e-3)
+    command = [*torchrun(2), str(worker), str(REPO / "train.py"), *cli(**args, num_threads=1)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "FENCE_LOG": str(log)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"rank": 0, "in_group": False}]
+    assert models.is_complete_model_dir(tmp_path / "M1")
