@@ -164,6 +164,7 @@ def recording_save(self, *args, **kwargs):  # what the process group is when a r
 
 transformers.PreTrainedModel.save_pretrained = recording_save
 sys.argv = [sys.argv[1], *sys.argv[2:]]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as when train.py runs as the script
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
