@@ -62,6 +62,7 @@ def init_distributed(timeout_minutes: float) -> Env:
     # A rank's native crash (SIGSEGV, SIGABRT from a corrupted heap) prints every thread's Python stack first, so
     # that its death under torchrun says where it happened. Only here: a torchrun worker's stderr is a real file.
     faulthandler.enable(all_threads=True)
+    return_freed_memory()  # before rank 0 loads the checkpoint it frees again once broadcast
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -97,14 +98,21 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def release_free_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc's malloc_trim). glibc keeps what rank 0 frees after
-    broadcasting the checkpoint (the whole model) in its arenas for the rest of the run otherwise. Other C
-    libraries (musl) have no malloc_trim; an allocator preloaded in glibc's place (jemalloc) returns memory
-    itself, and glibc's malloc_trim then finds its own arenas empty."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024  # glibc's mallopt parameter (malloc.h), and its initial value
+
+
+def return_freed_memory() -> None:
+    """glibc's malloc: serve every block of 128 KiB or more from a memory mapping of its own, handed back to the
+    OS when freed. glibc starts at that threshold but raises it (up to 32 MiB) each time a mapped block is freed;
+    freed tensors below it then stay in its heaps, one per allocating thread (gloo's, autograd's), and a rank's
+    RSS grows far past what it holds: rank 0's freed copy of the checkpoint, the activations of every step.
+    Fixing the threshold (mallopt) keeps it where it starts. Left alone when the user set it (MALLOC_MMAP_THRESHOLD_
+    or GLIBC_TUNABLES); nothing on another C library."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "GLIBC_TUNABLES" in os.environ:
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def exit_under_torchrun() -> None:
@@ -232,9 +240,7 @@ def build_policy(spec: PolicySpec, env: Env, trainable: bool) -> torch.nn.Module
     full = _wrap(add_lora(spec.load_lm(False), spec.lora), spec, trainable, False) if env.rank == 0 else None
     skeleton = _wrap(add_lora(spec.load_lm(True), spec.lora), spec, trainable, autocast=False)
     shard(skeleton, env, spec.mixed_precision)
-    policy = load_sharded(skeleton, full, env)
-    release_free_heap()  # rank 0's whole model, freed by load_sharded
-    return policy
+    return load_sharded(skeleton, full, env)
 
 
 def _wrap(lm: torch.nn.Module, spec: PolicySpec, trainable: bool, autocast: bool) -> torch.nn.Module:

@@ -8,9 +8,9 @@ glibc's own malloc (what users run) or another allocator.
     .venv/bin/python bench/bench_sharded_memory.py --model models/SmolLM2-135M-Instruct --repo . \
         --env MALLOC_MMAP_THRESHOLD_=131072                           # a glibc tunable
 
-For each --repo and each launch (1 process; torchrun with 2 ranks) it trains the same step-kto steps (--steps) of
-a global batch of 4 rows (float32, fused AdamW, a resume state after every step) in its own processes, each rank
-under GNU time, and reports each rank's peak RSS, its RSS after the first and after the last step (what it holds
+For each --repo and each launch (1 process; torchrun with 2 ranks) it trains one epoch of --steps step-kto steps
+of a global batch of 4 rows (float32, fused AdamW, a resume state after every step) in its own processes, each
+rank under GNU time, and reports each rank's peak RSS, its RSS after the first and after the last step (what it holds
 while training, the checkpoint's broadcast long done), and the largest resume state on disk per rank while it ran:
 the files of torch.distributed.checkpoint that rank wrote (plus its RNG file), or a single state file written by
 rank 0. On a CPU a rank's RSS holds what a GPU would (its parameters, gradients, AdamW states, activations) and
@@ -39,11 +39,11 @@ import models  # noqa: E402
 GLOBAL_BATCH = 4
 
 
-def rows(model: str, path: Path) -> Path:
-    """8 step-kto rows in the model's chat template: 2 steps each, both labels, both outcomes."""
+def rows(model: str, path: Path, count: int) -> Path:
+    """count step-kto rows in the model's chat template: 2 steps each, both labels, both outcomes."""
     tokenizer = models.load_tokenizer(model)
     out = []
-    for i in range(8):
+    for i in range(count):
         a, b = 10 + i, 20 + 3 * i
         completion = f"We add {a} and {b}.\n\n{a} + {b} = {a + b + i % 2}\n\nThe answer is \\boxed{{{a + b}}}."
         steps = common.step_texts(completion, common.step_spans(completion))
@@ -151,7 +151,7 @@ def main():
     args = parser.parse_args()
     env = dict(kv.split("=", 1) for kv in args.env) | ({"LD_PRELOAD": args.ld_preload} if args.ld_preload else {})
     with tempfile.TemporaryDirectory() as tmp:
-        data = rows(args.model, Path(tmp) / "rows.jsonl")
+        data = rows(args.model, Path(tmp) / "rows.jsonl", GLOBAL_BATCH * args.steps)  # one epoch of --steps steps
         results = [launch(Path(repo).resolve(), str(Path(args.model).resolve()), data, ranks, Path(tmp), args.steps,
                           env) for repo in args.repo for ranks in (1, 2)]
     print(f"environment: {env or 'glibc malloc, no tunables'}")
