@@ -9,14 +9,14 @@ glibc's own malloc (what users run) or another allocator.
         --env MALLOC_MMAP_THRESHOLD_=131072                           # a glibc tunable
 
 For each --repo and each launch (1 process; torchrun with 2 ranks) it trains one epoch of --steps step-kto steps
-of a global batch of 4 rows (float32, fused AdamW, a resume state after every step) in its own processes, each
-rank under GNU time, and reports each rank's peak RSS, its RSS after the first and after the last step (what it holds
-while training, the checkpoint's broadcast long done), and the largest resume state on disk per rank while it ran:
-the files of torch.distributed.checkpoint that rank wrote (plus its RNG file), or a single state file written by
-rank 0. On a CPU a rank's RSS holds what a GPU would (its parameters, gradients, AdamW states, activations) and
-what the host holds (a checkpoint being loaded). glibc's malloc keeps freed memory in its arenas, one per thread
-that allocates (gloo, autograd), unless it is handed back (malloc_trim); --ld_preload runs every process with
-another allocator (jemalloc), which returns it itself.
+of a global batch of 4 rows (float32, fused AdamW, a resume state every --save_every steps) in its own processes,
+each rank under GNU time, and reports: each rank's peak RSS; its RSS after the first and after the last step (what
+it holds while training, the checkpoint's broadcast long done); the largest resume state on disk per rank (the
+files of torch.distributed.checkpoint that rank wrote, plus its RNG file, or a single state file written by rank
+0); and the median samples/s of the steps after the first (train_log.jsonl). On a CPU a rank's RSS holds what a
+GPU would (its parameters, gradients, AdamW states, activations) and what the host holds (a checkpoint being
+loaded). Under torchrun train.py fixes glibc's mmap threshold (plumbing.return_freed_memory) so that freed tensors
+go back to the OS; --ld_preload runs every process with another allocator (jemalloc), which returns them itself.
 """
 
 import argparse
@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,8 +82,9 @@ class StateWatcher(threading.Thread):
         try:
             if (self.work / "state.pt").exists():  # one unsharded file, written by rank 0
                 return {0: (self.work / "state.pt").stat().st_size}
-            sizes = {}
+            sizes = {}  # the largest one state of each rank: the newest is written before the last is removed
             for folder in self.work.glob("state-*"):
+                in_folder = {}
                 for f in folder.iterdir():
                     if f.name.endswith(".distcp"):  # __<rank>_<n>.distcp
                         rank = int(f.name[2:].split("_")[0])
@@ -90,7 +92,9 @@ class StateWatcher(threading.Thread):
                         rank = int(f.stem[4:])
                     else:
                         continue
-                    sizes[rank] = sizes.get(rank, 0) + f.stat().st_size
+                    in_folder[rank] = in_folder.get(rank, 0) + f.stat().st_size
+                for rank, size in in_folder.items():
+                    sizes[rank] = max(sizes.get(rank, 0), size)
             return sizes
         except (FileNotFoundError, ValueError):
             return {}
@@ -113,13 +117,14 @@ def rank_rss(out: Path) -> dict:
     return found
 
 
-def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, steps: int, env: dict) -> dict:
+def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, steps: int, save_every: int, env: dict) -> dict:
     out = work / f"out{ranks}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}.resume", ignore_errors=True)
     train = [str(repo / "train.py"), "--objective", "step-kto", "--model", model, "--data", str(data), "--output_dir",
              str(out), "--per_device_batch_size", str(GLOBAL_BATCH // ranks), "--max_steps", str(steps),
-             "--save_every", "1", "--lr", "1e-5", "--optim", "adamw_fused", "--num_threads", "1", "--log_every", "1"]
+             "--save_every", str(save_every), "--lr", "1e-5", "--optim", "adamw_fused", "--num_threads", "1",
+             "--log_every", "1"]
     timed = f'/usr/bin/time -f %M -o "{work}/rss-{ranks}-$RANK" {shlex.quote(sys.executable)} "$@"'
     if ranks == 1:
         cmd = ["bash", "-c", timed.replace("$RANK", "0"), "--", *train]
@@ -135,9 +140,11 @@ def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, steps: in
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rss = [int((work / f"rss-{ranks}-{r}").read_text().split()[-1]) / 1024 for r in range(ranks)]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     at_step = {step: [by_rank.get(r, 0) / 2**20 for r in range(ranks)] for step, by_rank in watcher.rss_at_step.items()}
     return {"repo": str(repo), "ranks": ranks, "peak_rss_mib": rss, "rss_at_step_mib": at_step,
             "state_mib": {r: s / 2**20 for r, s in sorted(watcher.per_rank.items())},
+            "samples_per_s": statistics.median(e["samples_per_s"] for e in log[1:] or log),  # after the first step
             "wall_s": time.perf_counter() - start}
 
 
@@ -148,22 +155,23 @@ def main():
     parser.add_argument("--ld_preload", default="", help="A malloc to run every process with (LD_PRELOAD).")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for every process (repeatable).")
     parser.add_argument("--steps", type=int, default=3, help="Training steps per launch.")
+    parser.add_argument("--save_every", type=int, default=1, help="Steps between resume states (past --steps: none).")
     args = parser.parse_args()
     env = dict(kv.split("=", 1) for kv in args.env) | ({"LD_PRELOAD": args.ld_preload} if args.ld_preload else {})
     with tempfile.TemporaryDirectory() as tmp:
         data = rows(args.model, Path(tmp) / "rows.jsonl", GLOBAL_BATCH * args.steps)  # one epoch of --steps steps
         results = [launch(Path(repo).resolve(), str(Path(args.model).resolve()), data, ranks, Path(tmp), args.steps,
-                          env) for repo in args.repo for ranks in (1, 2)]
+                          args.save_every, env) for repo in args.repo for ranks in (1, 2)]
     print(f"environment: {env or 'glibc malloc, no tunables'}")
     print("| checkout | processes | peak RSS per rank (MiB) | RSS after step 1 | RSS after the last step | "
-          "resume state per rank (MiB) | wall s |")
-    print("|---|---|---|---|---|---|---|")
+          "resume state per rank (MiB) | samples/s | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         per_rank = lambda values: " / ".join(f"{v:,.0f}" for v in values) or "-"  # noqa: E731
         steps = r["rss_at_step_mib"]
         first, last = (steps[min(steps)], steps[max(steps)]) if steps else ([], [])
         print(f"| {r['repo']} | {r['ranks']} | {per_rank(r['peak_rss_mib'])} | {per_rank(first)} | {per_rank(last)} "
-              f"| {per_rank(r['state_mib'].values())} | {r['wall_s']:.0f} |")
+              f"| {per_rank(r['state_mib'].values())} | {r['samples_per_s']:.2f} | {r['wall_s']:.0f} |")
     print(json.dumps(results))
 
 
