@@ -15,7 +15,6 @@ At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import faulthandler
 import functools
@@ -62,7 +61,6 @@ def init_distributed(timeout_minutes: float) -> Env:
     # A rank's native crash (SIGSEGV, SIGABRT from a corrupted heap) prints every thread's Python stack first, so
     # that its death under torchrun says where it happened. Only here: a torchrun worker's stderr is a real file.
     faulthandler.enable(all_threads=True)
-    return_freed_memory()  # before rank 0 loads the checkpoint it frees again once broadcast
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -96,23 +94,6 @@ def leave_process_group() -> None:
         gc.collect()  # drop finished async work (FSDP2's collectives) that still references tensors
         dist.barrier()
         dist.destroy_process_group()
-
-
-M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024  # glibc's mallopt parameter (malloc.h), and its initial value
-
-
-def return_freed_memory() -> None:
-    """glibc's malloc: serve every block of 128 KiB or more from a memory mapping of its own, handed back to the
-    OS when freed. glibc starts at that threshold but raises it (up to 32 MiB) each time a mapped block is freed;
-    freed tensors below it then stay in its heaps, one per allocating thread (gloo's, autograd's), and a rank's
-    RSS grows far past what it holds: rank 0's freed copy of the checkpoint, the activations of every step.
-    Fixing the threshold (mallopt) keeps it where it starts. Left alone when the user set it (MALLOC_MMAP_THRESHOLD_
-    or GLIBC_TUNABLES); nothing on another C library."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "GLIBC_TUNABLES" in os.environ:
-        return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def exit_under_torchrun() -> None:

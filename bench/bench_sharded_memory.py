@@ -15,8 +15,9 @@ it holds while training, the checkpoint's broadcast long done); the largest resu
 files of torch.distributed.checkpoint that rank wrote, plus its RNG file, or a single state file written by rank
 0); and the median samples/s of the steps after the first (train_log.jsonl). On a CPU a rank's RSS holds what a
 GPU would (its parameters, gradients, AdamW states, activations) and what the host holds (a checkpoint being
-loaded). Under torchrun train.py fixes glibc's mmap threshold (plumbing.return_freed_memory) so that freed tensors
-go back to the OS; --ld_preload runs every process with another allocator (jemalloc), which returns them itself.
+loaded). glibc's malloc keeps freed tensors below its mmap threshold (raised up to 32 MiB as it goes) in its
+heaps, one per allocating thread (gloo's, autograd's); --env MALLOC_MMAP_THRESHOLD_=131072 fixes the threshold, so
+that they go back to the OS, and --ld_preload runs every process with another allocator (jemalloc).
 """
 
 import argparse

@@ -25,10 +25,12 @@ EXTERNAL_FLAGS = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr"
                   "--host", "--port", "--api-key", "--served-model-name", "--pooler-config"}  # the last five: `vllm serve`'s
 EXTERNAL_PREFIXES = ("--rdzv_", "--rdzv-")
 # environment variables of other programs (and of the tests) the docs may set; OPENAI_API_KEY is the openai client's
-# (served.py's default key variable); the last three pin torch's, MKL's and oneDNN's CPU kernels to one instruction set
+# (served.py's default key variable); ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA pin torch's,
+# MKL's and oneDNN's CPU kernels to one instruction set; the last three preload glibc's debugging malloc and set it
 ENVIRONMENT = {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_PROJECT",
                "STEPKTO_DATA_DIR", "TOKENIZERS_PARALLELISM", "PYTHONPATH", "OPENAI_API_KEY",
-               "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"}
+               "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+               "LD_PRELOAD", "MALLOC_CHECK_", "MALLOC_MMAP_THRESHOLD_"}
 
 
 def code_of(markdown: str) -> list[str]:
