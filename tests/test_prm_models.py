@@ -16,7 +16,7 @@ import evaluate
 import label
 import models
 import prm_models
-from helpers import REPO, save_tiny_qwen_prm, vllm_server
+from helpers import save_tiny_qwen_prm, vllm_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("STEPKTO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
@@ -32,7 +32,7 @@ SOLUTIONS = [
 ]
 ROWS = [f"samples.jsonl:{i + 1}" for i in range(len(SOLUTIONS))]
 MAX_LEN = 512  # max_position_embeddings of both tiny models
-SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"  # evaluate.py's policy: a model whose solutions have steps
+SMOLLM2 = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"  # evaluate.py's policy: a model whose solutions have steps
 
 
 @pytest.fixture(scope="module")
