@@ -48,6 +48,7 @@ from typing import Literal
 
 import common
 import options
+import provenance
 from common import option
 
 HARD_PRODUCT = 40  # products from here on are beyond the small times tables
@@ -398,6 +399,7 @@ class Args:
     p_silent_add: float = option(FlawRates.p_silent_add, help="FlawRates.p_silent_add: share of silent + slips.")
     p_silent_sub: float = option(FlawRates.p_silent_sub, help="FlawRates.p_silent_sub: share of silent - slips.")
     p_silent_mul: float = option(FlawRates.p_silent_mul, help="FlawRates.p_silent_mul: share of silent * slips.")
+    on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
     def rates(self) -> FlawRates:
         return FlawRates(**{name: getattr(self, name) for name in vars(FlawRates())})
@@ -415,11 +417,15 @@ def sft_rows(args: Args, shape: dict) -> list[dict]:
 
 def main(args: Args) -> None:
     options.refuse_inapplicable("arith_task.py", args)
-    out = Path(args.output_dir)
-    if all((out / f"{name}.jsonl").exists() for name in ("train", "test", "sft")):
+    out, names = Path(args.output_dir), ("train", "test", "sft")
+    args.rates()  # bad rates fail before anything is written
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "on_change")}
+    record = provenance.make_record("arith_task.py", {}, {}, settings)
+    leftovers = [out / f"{name}.jsonl" for name in names]
+    if provenance.settle(out, record, args.on_change, all(p.exists() for p in leftovers), leftovers, is_folder=True,
+                         name_option="--output_dir"):
         print(f"{out}: data is complete; nothing to do.")
         return
-    args.rates()  # bad rates fail before anything is written
     shape = dict(min_ops=args.min_ops, max_ops=args.max_ops, max_number=args.max_number, shape=args.shape)
     common.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed, **shape), common.PROBLEM_ROW)
     common.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed, **shape), common.PROBLEM_ROW)

@@ -304,8 +304,9 @@ def check_choices(args) -> None:
 # A stage's chunks are split over processes (a node of 8 GPUs samples with 8 / TP engines at once): chunk i is
 # shard i % N's. Shard K writes OUT.shard-K-of-N (OUT.shard-K-of-N.partial until its chunks are done, resumable as
 # any output), and the last shard to finish merges the parts into OUT in chunk order. Chunks are seeded from their
-# index, so OUT is byte for byte what one process writes. Every shard first checks OUT.settings.json (written by
-# the first one to start): parts made with other settings are refused, never merged.
+# index, so OUT is byte for byte what one process writes. Before any shard writes, its stage checks OUT's provenance
+# record (provenance.settle: written by the first shard to start), so parts made from other inputs or settings are
+# refused, never merged; each part has one writer (claim).
 
 
 class Shard(NamedTuple):
@@ -342,20 +343,22 @@ def part_path(out: Path, shard: Shard) -> Path:
 
 
 def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, schema: dict, shard: Shard,
-                 settings: dict, desc: str) -> bool:
-    """Write this shard's chunks of ``out``, which the caller found incomplete: ``rows_of_chunk(i)`` gives chunk i's
-    rows, whose ids must be ``chunk_ids[i]``. Resumes after the chunks a killed run finished. True when ``out`` is
-    complete (this shard merged it); False while other shards' parts are missing."""
+                 desc: str) -> bool:
+    """Write this shard's chunks of ``out``, which the caller found incomplete and made by what it is about to do
+    (provenance.settle): ``rows_of_chunk(i)`` gives chunk i's rows, whose ids must be ``chunk_ids[i]``. Resumes after
+    the chunks a killed run finished. True when ``out`` is complete (this shard merged it); False while other
+    shards' parts are missing."""
     from tqdm import tqdm
 
     out = Path(out)
-    check_settings(out, {**settings, "num_shards": shard.count, "chunks": digest(chunk_ids)})
     part, mine = part_path(out, shard), shard.chunk_indices(len(chunk_ids))
+    claim(part)
     if not part.exists():
         _, done = resume_rows(part, [chunk_ids[i] for i in mine])
         for i in tqdm(mine[done:], desc=desc, initial=done, total=len(mine)):
             append_chunk(part, rows_of_chunk(i), schema)
         finish_output(part)
+    release(part)
     return merge_parts(out, chunk_ids, shard.count)
 
 
@@ -371,8 +374,7 @@ def merge_parts(out: Path, chunk_ids: list[list[str]], count: int) -> bool:
         write_text_atomic(out, "".join(_lines_in_chunk_order(lines, chunk_ids, parts)))
         for p in parts:
             p.unlink(missing_ok=True)
-    if out.exists():
-        _settings_path(out).unlink(missing_ok=True)
+            lock_path(p).unlink(missing_ok=True)  # no shard writes a part of a complete output
     return out.exists()
 
 
@@ -389,28 +391,44 @@ def _lines_in_chunk_order(lines: list[list[str]], chunk_ids: list[list[str]], pa
     return merged
 
 
-def _settings_path(out: Path) -> Path:
-    return out.with_name(out.name + ".settings.json")
+_HELD: dict[str, int] = {}  # lock files this process holds (released when it exits, a kill -9 included)
 
 
-def check_settings(out: Path, settings: dict) -> None:
-    """Record ``settings`` in OUT.settings.json, or, when a shard or an earlier run wrote it, refuse other ones:
-    their rows must never be merged or resumed into one file."""
-    path = _settings_path(out)
-    if not path.exists():  # two shards starting at once: the first one's file stays
-        write_text_atomic(path, json.dumps(settings, sort_keys=True, indent=1) + "\n", exclusive=True)
-    written = read_json(path)
-    if written != json.loads(json.dumps(settings)):
-        changed = sorted(k for k in written.keys() | settings.keys() if written.get(k) != settings.get(k))
-        raise DataError(f"{path}: the parts of {out.name} were written with other settings ({', '.join(changed)}): "
-                        f"rerun with those, or delete {out.name}.* to start over")
+def claim(path: str | Path, wait_s: float = 0.0) -> None:
+    """Make this process the one writer of ``path`` (an output being written or checked), through the lock file
+    .NAME.lock beside it: a second process started on it refuses with one line (after ``wait_s`` seconds of
+    retries, for a check that holds it for a moment), and never interleaves its chunks with the first one's."""
+    import fcntl
+    import time
+
+    lock = lock_path(path)
+    if str(lock) in _HELD:
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd, deadline = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644), time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise StageError(f"{path} is being written by another process (it holds {lock.name}): wait for it "
+                                 "to finish, or stop it first") from None
+            time.sleep(0.05)
+    _HELD[str(lock)] = fd
 
 
-def digest(value) -> str:
-    """A short fingerprint of a JSON value (what a part was made from)."""
-    import hashlib
+def lock_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
 
-    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+def release(path: str | Path) -> None:
+    """Give up the claim on ``path``, once it is written."""
+    fd = _HELD.pop(str(lock_path(path)), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def shard_rows(out: Path, chunk_ids: list[list[str]], shard: Shard) -> dict[int, list[dict]]:

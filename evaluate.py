@@ -45,6 +45,7 @@ import generate
 import grading
 import label
 import options
+import provenance
 from common import option
 
 
@@ -65,6 +66,7 @@ class Args(common.ShardArgs, generate.Policy, label.Settings):
     num_threads: int = option(0, help="torch CPU threads (0 = default).")
     report_to: tracking.ReportTo = option("none", help="Log result.json's numbers to none | tensorboard | wandb, in OUTPUT_DIR/tracking (wandb offline unless WANDB_MODE=online).")
     step: Optional[int] = option(None, help="--report_to: the step the numbers are logged at (run.sh: the Step-KTO iteration i of M_i, Section 2.4; default 0).")
+    on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
 def check_args(args: Args) -> None:
@@ -175,33 +177,46 @@ def output_file(args: Args, tag: str, kind: str) -> str:
     return str(Path(args.output_dir) / f"{tag}_{kind}.jsonl")
 
 
+def evaluation_provenance(args: Args, problems: list[dict]) -> dict:
+    """OUTPUT_DIR's provenance record: the benchmark's problems, the evaluated model, how it samples and how its
+    solutions are labelled (label.labelling_provenance's settings and models)."""
+    labelling = label.labelling_provenance(label_settings(args), {}, args.chunk_size)
+    policy = {f.name: getattr(args, f.name) for f in fields(generate.Policy) if f.name != "model"}
+    sampled = {"sample_k": args.sample_k, "sample_temperature": args.sample_temperature if args.sample_k else None}
+    return provenance.make_record("evaluate.py", {"benchmark": provenance.rows_input(problems, args.benchmark)},
+                                  {"model": provenance.model_identity(args.model), **labelling["models"]},
+                                  {**policy, **sampled, "labeller": labelling["settings"]})
+
+
 def evaluate_shard(args: Args, problems: list[dict], shard: common.Shard) -> bool:
     """Generate, then label, this shard's chunks of every set of solutions: all generation first, so that the
     policy's engine runs once and the judge's after it (one engine at a time). True when every set is labelled."""
     for tag, n, temperature in solution_sets(args):
         generate.generate_rows(problems, output_file(args, tag, "samples"), policy_settings(args, n, temperature), shard,
-                               desc=f"eval {tag}")
+                               desc=f"eval {tag}", source=args.benchmark)
     return all([label_set(args, problems, tag, n, shard) for tag, n, _ in solution_sets(args)])
 
 
 def label_set(args: Args, problems: list[dict], tag: str, n: int, shard: common.Shard) -> bool:
     """Label a set's samples in the chunks they were generated in (a chunk of problems is a chunk of labels), so
     that every shard labels its own chunks without waiting for the others' samples."""
-    samples, labels = output_file(args, tag, "samples"), output_file(args, tag, "labels")
-    if Path(labels).exists():  # the one place that looks
-        print(f"{labels} is complete; nothing to do.")
+    samples, labels, settings = output_file(args, tag, "samples"), output_file(args, tag, "labels"), label_settings(args)
+    # the samples as their provenance record states them: a shard's own part may be all it can read yet
+    inputs = {"samples": {"sha256": provenance.file_sha256(provenance.record_path(samples)), "path": samples}}
+    if provenance.settle_jsonl(labels, label.labelling_provenance(settings, inputs, args.chunk_size), args.on_change):
         return True
     chunk_ids = [generate.sample_ids(c, n) for c in common.chunked(problems, args.chunk_size)]
-    rows, settings = common.shard_rows(Path(samples), chunk_ids, shard), label_settings(args)
+    rows = common.shard_rows(Path(samples), chunk_ids, shard)
     # a benchmark may have no reference solutions (AMC23): say how many rows the judge sees none for, never refuse
     label.check_references([r for chunk in rows.values() for r in chunk], replace(settings, allow_missing_reference=True),
                            samples)
     return label.label_chunks(chunk_ids, rows.__getitem__, labels, settings, shard)
 
 
-def compute_result(args: Args) -> dict:
-    """result.json's content, from the labelled solutions: greedy metrics, and sampled ones with --sample_k."""
-    result = {"model": args.model, "benchmark": args.benchmark, "prm": args.prm}
+def compute_result(args: Args, record: dict) -> dict:
+    """result.json's content, from the labelled solutions: greedy metrics, and sampled ones with --sample_k; and
+    the provenance record of the evaluation, which states the settings that produced them."""
+    result = {"model": args.model, "benchmark": args.benchmark, "prm": args.prm, "provenance": record}
     result.update(greedy_metrics(common.read_jsonl(output_file(args, "greedy", "labels"), common.LABELLED_ROW)))
     if args.sample_k:
         rows = common.read_jsonl(output_file(args, "sampled", "labels"), common.LABELLED_ROW)
@@ -216,12 +231,18 @@ def main(args: Args) -> None:
 
         torch.set_num_threads(args.num_threads)
     tracking.check_tracker_backend(args.report_to)  # a missing tensorboard / wandb fails now, not after the evaluation
-    problems, shard = generate.load_problems(args.benchmark, args.max_problems), args.shard()
+    problems, shard, out = generate.load_problems(args.benchmark, args.max_problems), args.shard(), Path(args.output_dir)
+    record = evaluation_provenance(args, problems)
+    leftovers = list(out.iterdir()) if out.is_dir() else []
+    if provenance.settle(out, record, args.on_change, (out / "result.json").exists(), leftovers, is_folder=True,
+                         name_option="--output_dir"):
+        print(f"{out / 'result.json'} is complete; nothing to do.")
+        return
     if not evaluate_shard(args, problems, shard):
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes result.json")
         return
-    result = compute_result(args)
-    common.write_json_atomic(Path(args.output_dir) / "result.json", result, common.RESULT)
+    result = compute_result(args, record)
+    common.write_json_atomic(out / "result.json", result, common.RESULT)
     step, name = args.step or 0, Path(args.output_dir).name  # the evaluation's name: M<i> in run.sh's layout
     with tracking.open_tracker(args.report_to, Path(args.output_dir) / "tracking", name, asdict(args), step) as tracker:
         tracker.log({f"eval/{key}": value for key, value in result.items()}, step)

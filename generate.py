@@ -29,6 +29,8 @@ Usage (one process; a model over several GPUs with --tensor_parallel_size; data-
 Crash safety: rows go to OUTPUT.partial (a shard's: OUTPUT.shard-K-of-N.partial) a chunk of problems at a time and
 OUTPUT appears only when all are done; a rerun resumes after the last complete chunk. Each chunk is seeded from
 (seed, chunk index) (common.derived_seed), so the resumed or sharded output equals an uninterrupted run's.
+OUTPUT.provenance.json records what made it (the problems' content, the model, the settings): a rerun that would
+make something else stops (or, with --on_change redo, samples again), never reusing OUTPUT (provenance.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import common
 import models
 import grading
 import options
+import provenance
 from common import option
 
 
@@ -105,6 +108,7 @@ class Args(common.ShardArgs, Settings):
     output: str = option(help="Output JSONL path (written as OUTPUT.partial until complete).")
     max_problems: int = option(0, help="Use only the first N problems (0 = all).")
     num_threads: int = option(0, help="torch CPU threads (0 = torch's default).")
+    on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
 def load_problems(spec: str, max_problems: int) -> list[dict]:
@@ -484,16 +488,25 @@ def generation_record(settings: Settings, key: EngineKey) -> dict:
     return {**{name: getattr(settings, name) for name in keys}, "engine": key.engine, "dtype": key.dtype}
 
 
+def generation_provenance(problems: list[dict], source: str, settings: Settings, key: EngineKey) -> dict:
+    """The output's provenance record: the problems' content, the model, and what decides the samples (the "gen"
+    settings and the chunks, each seeded from its index)."""
+    gen = {k: v for k, v in generation_record(settings, key).items() if k != "model"}
+    return provenance.make_record("generate.py", {"problems": provenance.rows_input(problems, source)},
+                                  {"model": provenance.model_identity(settings.model)},
+                                  {**gen, "chunk_size": settings.chunk_size})
+
+
 def generate_rows(problems: list[dict], output: str, settings: Settings, shard: common.Shard = common.Shard(),
-                  desc: str = "generate") -> bool:
-    """Sample this shard's chunks of the problems into ``output`` (SAMPLE_ROW rows), resuming after the chunks a
-    killed run finished. True when ``output`` is complete (common.write_chunks: the last shard merges)."""
-    if Path(output).exists():
-        print(f"{output} is complete; nothing to do.")
-        return True
+                  desc: str = "generate", source: str = "", on_change: str = "stop") -> bool:
+    """Sample this shard's chunks of the problems (read from ``source``) into ``output`` (SAMPLE_ROW rows), resuming
+    after the chunks a killed run of the same provenance finished. True when ``output`` is complete
+    (common.write_chunks: the last shard merges)."""
     chunks = common.chunked(problems, settings.chunk_size)
     key = engine_key(settings.model, settings)
     gen = generation_record(settings, key)
+    if provenance.settle_jsonl(output, generation_provenance(problems, source, settings, key), on_change):
+        return True
 
     def rows_of_chunk(index: int) -> list[dict]:
         engine = get_engine(settings.model, settings)  # started at the first chunk: a finished shard loads nothing
@@ -502,21 +515,17 @@ def generate_rows(problems: list[dict], output: str, settings: Settings, shard: 
         return make_rows(chunks[index], prompts, samples, engine.tokenizer, gen)
 
     ids = [sample_ids(c, settings.num_samples) for c in chunks]
-    signature = {"gen": gen, "chunk_size": settings.chunk_size, "problems": common.digest(problems)}
-    return common.write_chunks(output, ids, rows_of_chunk, common.SAMPLE_ROW, shard, signature, desc)
+    return common.write_chunks(output, ids, rows_of_chunk, common.SAMPLE_ROW, shard, desc)
 
 
 def main(args: Args) -> None:
     options.refuse_inapplicable("generate.py", args, engine=lambda: resolve_engine(args.engine))
-    if Path(args.output).exists():  # before the problems are loaded (generate_rows looks again, for evaluate.py)
-        print(f"{args.output} is complete; nothing to do.")
-        return
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     problems = load_problems(args.problems, args.max_problems)
     shard = args.shard()
-    if generate_rows(problems, args.output, args, shard):
-        print(f"wrote {len(problems) * args.num_samples} samples to {args.output}")
+    if generate_rows(problems, args.output, args, shard, source=args.problems, on_change=args.on_change):
+        print(f"{args.output} holds {len(problems) * args.num_samples} samples")
     else:
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes {args.output}")
 

@@ -82,6 +82,7 @@ import generate
 import grading
 import options
 import prm_models
+import provenance
 import served
 from common import option
 
@@ -174,6 +175,7 @@ class Args(common.ShardArgs, Settings):
     chunk_size: int = option(1024, help=(
         "Rows per chunk: the unit of resuming and sharding, and of batching for judge and mc (one generation call "
         "per chunk; with the transformers engine that is one padded batch, so keep it small there)."))
+    on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
 def check_args(settings: Settings) -> None:
@@ -759,16 +761,17 @@ def check_references(rows: list[dict], settings: Settings, path: str) -> None:
 
 
 def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 1024,
-               shard: common.Shard = common.Shard()) -> bool:
+               shard: common.Shard = common.Shard(), on_change: str = "stop") -> bool:
     """Label this shard's chunks (``chunk_size`` rows each) of the SAMPLE_ROW rows of ``samples`` into ``output``
-    (LABELLED_ROW rows), resuming after the chunks a killed run finished. True when ``output`` is complete."""
-    if Path(output).exists():  # the one place that looks
-        print(f"{output} is complete; nothing to do.")
-        return True
+    (LABELLED_ROW rows), resuming after the chunks a killed run of the same provenance finished. True when ``output``
+    is complete."""
     check_args(settings)
+    inputs = {"samples": provenance.file_input(samples)}  # the bytes as they are when the stage starts
     rows = common.read_jsonl(samples, common.SAMPLE_ROW)
     if settings.prm == "mc" and not settings.policy_model:
         settings = replace(settings, policy_model=policy_model_of(rows, samples))
+    if provenance.settle_jsonl(output, labelling_provenance(settings, inputs, chunk_size), on_change):
+        return True
     check_references(rows, settings, samples)
     chunks = common.chunked(rows, chunk_size)
     try:
@@ -777,19 +780,30 @@ def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 
         raise common.DataError(f"{samples}: {error}" if str(error).startswith("row ") else str(error)) from None
 
 
-# How a served judge is reached: settings that never change what it replies, left out of a resume signature.
-TRANSPORT = ("judge_base_url", "judge_api_key_env", "judge_max_concurrency", "judge_timeout_s", "judge_retries")
+# How a served judge is reached: settings that never change what it replies, left out of the provenance record.
+TRANSPORT = ("judge_base_url", "judge_api_key_env", "judge_max_concurrency", "judge_timeout_s", "judge_retries",
+             "prm_base_url", "prm_batch_size")
+# The models a labeller may use: recorded by what they are (provenance.model_identity), not by their paths.
+LABELLER_MODELS = ("judge_model", "judge_tokenizer", "prm_model", "policy_model")
+
+
+def labelling_provenance(settings: Settings, inputs: dict, chunk_size: int) -> dict:
+    """The labels' provenance record: the samples, the labeller's models and every setting that decides a label,
+    only those that apply to this labeller (options.py), never how a server is reached."""
+    applied = options.applicable("label.py", settings)
+    values = {f.name: getattr(applied, f.name) for f in fields(Settings) if f.name not in TRANSPORT + LABELLER_MODELS}
+    models = {name: provenance.model_identity(getattr(applied, name)) for name in LABELLER_MODELS
+              if getattr(applied, name)}
+    return provenance.make_record("label.py", inputs, models, {**values, "chunk_size": chunk_size})
 
 
 def label_chunks(chunk_ids: list[list[str]], rows_of_chunk, output: str, settings: Settings,
                  shard: common.Shard) -> bool:
-    """Label chunk i's rows (``rows_of_chunk(i)``, ids ``chunk_ids[i]``) for this shard's chunks into ``output``;
-    True when ``output`` is complete, after which the summary line is printed."""
+    """Label chunk i's rows (``rows_of_chunk(i)``, ids ``chunk_ids[i]``) for this shard's chunks into ``output``,
+    whose provenance the caller settled; True when ``output`` is complete, after which the summary line is printed."""
     print(labeller_settings(settings), flush=True)
-    # what decides the labels: a served judge's model id, never its URL, key or transport settings
-    signature = {"labeller": {f.name: getattr(settings, f.name) for f in fields(Settings) if f.name not in TRANSPORT}}
     label = lambda i: label_rows(rows_of_chunk(i), settings)  # noqa: E731
-    done = common.write_chunks(output, chunk_ids, label, common.LABELLED_ROW, shard, signature, f"label ({settings.prm})")
+    done = common.write_chunks(output, chunk_ids, label, common.LABELLED_ROW, shard, f"label ({settings.prm})")
     if done:
         print(f"labelled {summary(common.read_jsonl(output, common.LABELLED_ROW))} into {output}")
     return done
@@ -799,7 +813,7 @@ def main(args: Args) -> None:
     options.refuse_inapplicable("label.py", args, engine=lambda: generate.resolve_engine(args.engine),
                                 judge_engine=lambda: generate.resolve_engine(args.judge_engine))
     shard = args.shard()
-    if not label_file(args.input, args.output, args, args.chunk_size, shard):
+    if not label_file(args.input, args.output, args, args.chunk_size, shard, args.on_change):
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes {args.output}")
 
 

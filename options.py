@@ -107,27 +107,27 @@ PREFIX_CACHING_OF_JUDGE = only(JUDGE, JUDGE_VLLM)  # the judge's engine takes --
 TABLE: dict[str, dict[str, Rule]] = {
     "arith_task.py": {name: ALWAYS for name in (
         "output_dir", "num_train", "num_test", "num_sft", "seed", "shape", "max_number", "min_ops", "max_ops",
-        "p_slip_easy", "p_slip_hard", "p_silent_add", "p_silent_sub", "p_silent_mul")},
+        "p_slip_easy", "p_slip_hard", "p_silent_add", "p_silent_sub", "p_silent_mul", "on_change")},
     "generate.py": {**SHARDS, **ENGINE, **POLICY, "num_samples": ALWAYS, "temperature": ALWAYS,
                     "top_p": only(unless("temperature", 0.0)), "problems": ALWAYS, "output": ALWAYS,
-                    "max_problems": ALWAYS, "num_threads": ALWAYS},
+                    "max_problems": ALWAYS, "num_threads": ALWAYS, "on_change": ALWAYS},
     "label.py": {
         **SHARDS, **LABELLER, "engine": only(MC), "dtype": only(MC),
         **{name: only(MC, VLLM) for name in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")},
         "enable_prefix_caching": either(only(MC, VLLM), PREFIX_CACHING_OF_JUDGE),
-        "input": ALWAYS, "output": ALWAYS, "chunk_size": ALWAYS},
+        "input": ALWAYS, "output": ALWAYS, "chunk_size": ALWAYS, "on_change": ALWAYS},
     "evaluate.py": {
         **SHARDS, **ENGINE, **POLICY, **LABELLER, "enable_prefix_caching": either(only(VLLM), PREFIX_CACHING_OF_JUDGE),
         "allow_missing_reference": NEVER,  # evaluate.py labels every benchmark, and counts the rows without one
         "seed": either(only(unless("sample_k", 0)), only(MC)), "benchmark": ALWAYS, "output_dir": ALWAYS,
         "max_problems": ALWAYS, "sample_k": ALWAYS, "sample_temperature": only(unless("sample_k", 0)),
-        "num_threads": ALWAYS, "report_to": ALWAYS, "step": only(unless("report_to", "none"))},
+        "num_threads": ALWAYS, "report_to": ALWAYS, "step": only(unless("report_to", "none")), "on_change": ALWAYS},
     "train.py": {
         **{name: ALWAYS for name in (
             "objective", "model", "data", "output_dir", "per_device_batch_size", "epochs", "max_steps", "lr",
             "weight_decay", "warmup_ratio", "lr_schedule", "max_grad_norm", "seed", "num_threads", "dtype",
             "mixed_precision", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "optim",
-            "gradient_accumulation_steps", "lora_r", "report_to")},
+            "gradient_accumulation_steps", "lora_r", "report_to", "on_change")},
         "prompt_style": only(SFT), "ref_model": only(KTO), "beta": only(KTO), "balance_lambdas": only(KTO),
         "nll_weight": only(KTO), "lambda_d": only(KTO, when("balance_lambdas", False)),
         "lambda_u": only(KTO, when("balance_lambdas", False)),

@@ -528,7 +528,7 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
         weights = {k.removeprefix("lm."): v for k, v in weights.items() if k in names}
         policy.lm.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
-    for name in ("train_log.jsonl", "tracking"):
+    for name in ("train_log.jsonl", "tracking", "provenance.json"):
         if (work / name).is_file():
             shutil.copy(work / name, tmp / name)
         elif (work / name).is_dir():

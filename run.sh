@@ -41,6 +41,9 @@ esac
 RUNS=${RUNS:-$([ "$TASK" = hard ] && echo runs_hard || echo runs)}  # all runs live here; the report covers
                                           # every run below it (each task its own folder: never mixed)
 THREADS=${THREADS:-2}                     # torch CPU threads per process
+ON_CHANGE=${ON_CHANGE:-stop}              # an output made from other inputs or settings than this run's: stop (the
+                                          # stage names it and what changed) | redo (make it, and what follows, again)
+case $ON_CHANGE in stop|redo) ;; *) echo "error: ON_CHANGE=$ON_CHANGE: must be stop | redo" >&2; exit 2 ;; esac
 # ---- processes: one node or several (the same rendezvous for training and for the sampling shards)
 NPROC=${NPROC:-1}                         # training processes per node (torchrun + FSDP2 when > 1, or NNODES > 1)
 GPUS=${GPUS:-$NPROC}                      # GPUs per node for sampling: GPUS / TP engines at once (data-parallel shards)
@@ -183,7 +186,7 @@ if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     TRAIN=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
         "${RDZV[@]}" train.py)
 fi
-COMMON=(--num_threads "$THREADS")
+COMMON=(--num_threads "$THREADS" --on_change "$ON_CHANGE")
 ENGINE_ARGS=(--engine "$ENGINE" --tensor_parallel_size "$TP" --dtype "$GEN_DTYPE")
 set_only ENGINE_ARGS gpu_memory_utilization "$GPU_MEMORY_UTILIZATION" max_model_len "$MAX_MODEL_LEN"
 LABEL=(--prm "$PRM")                     # label.py's settings; evaluate.py takes the same
@@ -289,8 +292,19 @@ sharded() {  # sharded <GPUs per shard> <output> <command...>: one shard per GPU
             --shard_index $((NODE_RANK * per_node + j)) &
         pids+=($!)
     done
-    for j in "${pids[@]}"; do wait "$j"; done
+    for j in "${pids[@]}"; do
+        if ! wait -n "${pids[@]}"; then   # a shard failed: its siblings are stopped, none is left running
+            for j in "${pids[@]}"; do kill_tree "$j"; done
+            wait
+            echo "error: a shard of $out failed (its command is in $COMMANDS)" >&2; exit 1
+        fi
+    done
     wait_for "$out"
+}
+kill_tree() {  # kill_tree <pid>: the process and everything it started
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+    kill "$1" 2>/dev/null || true
 }
 on_node0() {  # on_node0 <output> <command...>: node 0 runs it, the other nodes wait for its output
     local out=$1
@@ -301,7 +315,8 @@ on_node0() {  # on_node0 <output> <command...>: node 0 runs it, the other nodes 
 if [ -z "$MODEL" ] || [ -z "$TRAIN_PROBLEMS" ] || [ -z "$BENCHMARK" ]; then
     echo "== data ($BASE/data)"
     on_node0 "$BASE/data/sft.jsonl" timed data run_logged "$PYTHON" arith_task.py --output_dir "$BASE/data" \
-        --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --num_sft "$NUM_SFT" --seed "$SEED" "${TASK_ARGS[@]}"
+        --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --num_sft "$NUM_SFT" --seed "$SEED" "${TASK_ARGS[@]}" \
+        --on_change "$ON_CHANGE"
 fi
 if [ -z "$MODEL" ]; then
     echo "== M0: sft from ${BASE_MODEL:-scratch}"
@@ -330,14 +345,28 @@ evaluate() {
 evaluate "$MODEL" 0 "$BASE/eval/M0"
 
 # samples <objective> <i> <M(i-1)>: M(i-1)'s labelled samples of the run. M0 and the sampling seed are the same for every
-# objective, so iteration 1's samples are too: the first objective samples them, the others copy its files.
+# objective, so iteration 1's samples are too: the first objective samples them, the others copy its files (with
+# their provenance records, which say whether a copy is still the first objective's).
 copy_iter1() {  # copied whole, then renamed: a crash leaves no half copy
-    rm -rf "$1/iter1.tmp" && mkdir -p "$1" && cp -r "$2/iter1" "$1/iter1.tmp" && mv "$1/iter1.tmp" "$1/iter1"
+    rm -rf "$1/iter1.tmp" && mkdir -p "$1" && cp -r "$2/iter1" "$1/iter1.tmp" && rm -rf "$1/iter1" \
+        && mv "$1/iter1.tmp" "$1/iter1"
+}
+same_iter1() {  # same_iter1 <run> <first run>: the copy's labels and samples were made as the first run's
+    local f
+    for f in samples.jsonl.provenance.json labels.jsonl.provenance.json; do
+        cmp -s "$1/iter1/$f" "$2/iter1/$f" || return 1
+    done
 }
 samples() {
     local run=$BASE/$1 prev=$3 first=$BASE/${OBJECTIVES%% *} label_tp=1
     if [ "$2" -eq 1 ] && [ "$run" != "$first" ]; then
-        [ -f "$run/iter1/labels.jsonl" ] || on_node0 "$run/iter1/labels.jsonl" copy_iter1 "$run" "$first"
+        if [ -e "$run/iter1" ] && ! same_iter1 "$run" "$first" && [ "$ON_CHANGE" != redo ]; then
+            echo "error: $run/iter1 is not a copy of $first/iter1 (their provenance records differ): delete it," \
+                "or rerun with ON_CHANGE=redo" >&2
+            exit 1
+        fi
+        [ -f "$run/iter1/labels.jsonl" ] && same_iter1 "$run" "$first" \
+            || on_node0 "$run/iter1/labels.jsonl" copy_iter1 "$run" "$first"
         return
     fi
     echo "== iteration $2 ($1): generate with $prev"

@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -52,6 +53,7 @@ import common
 import models
 import options
 import plumbing
+import provenance
 import stepkto_loss as sk
 import tracking
 from common import DataError, UsageError, option
@@ -142,6 +144,7 @@ class Args:
         "decoder, the LM head excepted).")
     report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to "
         "TensorBoard or Weights & Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
+    on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
 # ----------------------------------------------------------------------------- data (paper Sec. 2.1)
@@ -354,17 +357,17 @@ def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, work: P
         kl_steps = steps[n:, : max((p.num_steps for p in data.kl_pairs), default=0)]
         return Reference(totals[:n], steps[:n], totals[n:], kl_steps)
 
-    return cached_reference(work / "reference_logps.pt", reference_fingerprint(args, data.plan), compute, env.rank)
+    return cached_reference(work / "reference_logps.pt", reference_fingerprint(args, data.plan, work), compute,
+                            env.rank)
 
 
-def reference_fingerprint(args: Args, plan: list[PlanBatch]) -> str:
-    """What the cached reference log-probs depend on: data bytes, reference model, span and the plan."""
-    digest = hashlib.sha256(Path(args.data).read_bytes())
-    ref = str(Path(args.ref_model or args.model).resolve())
-    settings = [ref, args.objective, args.step_span, args.step_z0, args.dtype, args.mixed_precision,
-                [b.rows for b in plan]]
-    digest.update(json.dumps(settings).encode())
-    return digest.hexdigest()
+def reference_fingerprint(args: Args, plan: list[PlanBatch], work: Path) -> str:
+    """What the cached reference log-probs depend on: the run's data and models (its provenance record), span and
+    the plan."""
+    record = run_signature(work)
+    settings = [record["inputs"], record["models"], args.objective, args.step_span, args.step_z0, args.dtype,
+                args.mixed_precision, [b.rows for b in plan]]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- one step's inputs
@@ -484,7 +487,7 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
         grad_norm = plumbing.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step, work)
         log.step(step, data.plan[step].epoch, lr, grad_norm, metrics, sums, len(data.plan[step].rows))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            plumbing.save_train_state(work, policy, optimizer, scheduler, step + 1, run_signature(args, env),
+            plumbing.save_train_state(work, policy, optimizer, scheduler, step + 1, run_signature(work),
                                       adapters_only=bool(args.lora_r))
 
 
@@ -534,30 +537,79 @@ def main(args: Args) -> None:
 
 
 def run_unless_done(args: Args, env: Env) -> None:
-    """run(), unless OUTPUT is already complete (the one place that looks). Every rank looks and all decide together:
-    a rank that exits alone would leave the others waiting in a collective."""
-    out = Path(args.output_dir)
-    state = "complete" if models.is_complete_model_dir(out) else "occupied" if out.exists() and any(out.iterdir()) \
-        else "absent"
-    states = plumbing.gather_objects(state)
-    if len(set(states)) > 1:
-        raise UsageError(f"{out} is {states[0]} for rank 0 but not for every rank ({states}): --output_dir must be "
-                         "one folder that all nodes share")
-    if state == "complete":
-        print(f"{out} is already a complete checkpoint: nothing to do", flush=True)
-    elif state == "occupied":
-        raise UsageError(f"{out} exists, is not empty and is not a complete checkpoint: move it away first")
+    """run(), unless OUTPUT is complete and was made by this run's provenance record (the one place that looks).
+    Rank 0 looks and every rank follows its decision: a rank that exits alone would leave the others waiting in a
+    collective."""
+    record = training_provenance(args, env)
+    decision = plumbing.gather_objects(claim_output(args, record) if env.rank == 0 else None)[0]
+    if isinstance(decision, common.StageError):
+        raise decision
+    if decision == "done":
+        print(f"{args.output_dir} is already a complete checkpoint of this run: nothing to do", flush=True)
+        return
+    if decision != "todo" and args.on_change != "redo":
+        raise UsageError(f"{args.output_dir} was {decision}: delete it (and {args.output_dir}.resume), choose another "
+                         "--output_dir, or rerun with --on_change redo")
+    if decision != "todo" and env.rank == 0:
+        print(f"{args.output_dir} was {decision}: training it again (--on_change redo)", flush=True)
+        for path in (args.output_dir, args.output_dir + ".resume", args.output_dir + ".tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+    plumbing.barrier()
+    run(args, env, record)
+
+
+def training_provenance(args: Args, env: Env) -> dict:
+    """The checkpoint's provenance record: the data's bytes, the models by what they are, and every argument that
+    changes what is computed (the world size included: its reductions round differently)."""
+    paths = ("data", "output_dir", "model", "ref_model")
+    settings = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS + paths}
+    models = {"model": provenance.model_identity(args.model)}
+    if args.ref_model:
+        models["ref_model"] = provenance.model_identity(args.ref_model)
+    return provenance.make_record("train.py", {"data": provenance.file_input(args.data)}, models,
+                                  settings | {"world_size": env.world_size})
+
+
+def claim_output(args: Args, record: dict) -> str | common.StageError:
+    """Rank 0 becomes OUTPUT's one writer (common.claim; the refusal, for every rank to raise) and decides."""
+    try:
+        common.claim(args.output_dir)
+    except common.StageError as refusal:
+        return refusal
+    return output_decision(args, record)
+
+
+def output_decision(args: Args, record: dict) -> str:
+    """Rank 0's look at OUTPUT and OUTPUT.resume: "done" (complete, made by ``record``), "todo" (absent, or a resume
+    state of ``record``), or how they were made otherwise (for the one-line refusal)."""
+    out, work = Path(args.output_dir), Path(args.output_dir + ".resume")
+    if models.is_complete_model_dir(out):
+        old = common.read_json(out / provenance.RECORD) if (out / provenance.RECORD).exists() else None
+    elif out.exists() and any(out.iterdir()):
+        return "not empty and is not a complete checkpoint"
+    elif (work / provenance.RECORD).exists():
+        old = common.read_json(work / provenance.RECORD)
+        if provenance.same(old, record):
+            return "todo"
+    elif work.exists() and any(work.iterdir()):
+        old = None
     else:
-        run(args, env)
+        return "todo"
+    if provenance.same(old, record):
+        return "done"
+    return f"made {provenance.changes(old, record)}" if old else "made by an unknown run (no provenance record)"
 
 
-def run(args: Args, env: Env) -> None:
+def run(args: Args, env: Env, record: dict) -> None:
     """One iteration M_t -> M_{t+1} (kto / step-kto; pi_ref = M_t = --model unless --ref_model), or SFT."""
     common.seed_everything(args.seed)
     tokenizer = tokenizer_of(args)
     data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
     work = Path(args.output_dir + ".resume")
     work.mkdir(parents=True, exist_ok=True)
+    if env.rank == 0:  # the record, taken at the start, is the resume state's signature too
+        common.write_json_atomic(work / provenance.RECORD, record)
+    plumbing.barrier()
     plumbing.check_shared_folder(work, env)  # every rank decides from this folder's files: it must be one folder
     policy = plumbing.build_policy(policy_spec(args, tokenizer, args.model, lora_settings(args)), env, trainable=True)
     policy.train()
@@ -578,7 +630,7 @@ def run(args: Args, env: Env) -> None:
 
 # Resuming with other values of these is safe: they do not change what is computed.
 RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to",
-                    "dist_timeout_minutes")
+                    "dist_timeout_minutes", "on_change")
 
 
 def check_args(args: Args) -> None:
@@ -645,15 +697,14 @@ def lora_settings(args: Args) -> Optional[plumbing.Lora]:
     return plumbing.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r else None
 
 
-def run_signature(args: Args, env: Env) -> dict:
-    """What a resume state must have been written with: every argument that changes what is computed."""
-    signature = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS}
-    return signature | {"world_size": env.world_size}
+def run_signature(work: Path) -> dict:
+    """What a resume state must have been written with: the run's provenance record, kept in the work folder."""
+    return common.read_json(work / provenance.RECORD)
 
 
 def load_resume_state(policy: nn.Module, optimizer, scheduler, args: Args, env: Env, work: Path) -> int:
     """Restore the sharded resume state a killed run left, if any; returns the number of steps already done."""
-    step = plumbing.load_train_state(work, policy, optimizer, scheduler, run_signature(args, env), bool(args.lora_r))
+    step = plumbing.load_train_state(work, policy, optimizer, scheduler, run_signature(work), bool(args.lora_r))
     if step and env.rank == 0:
         plumbing.trim_log(work / "train_log.jsonl", step)
         print(f"resuming from {work} after step {step}", flush=True)

@@ -54,7 +54,7 @@ def one_process(tiny_model, problems, tmp_path_factory) -> Path:
 def test_generate_shards_merge_to_one_process_bytes(tiny_model, problems, one_process, tmp_path, count):
     out = tmp_path / "samples.jsonl"
     printed = run_sharded("generate.py", gen_args(tiny_model, problems, out), count)
-    assert all("the last shard to finish writes" in p for p in printed[:-1]) and "wrote 20 samples" in printed[-1]
+    assert all("the last shard to finish writes" in p for p in printed[:-1]) and "holds 20 samples" in printed[-1]
     assert out.read_bytes() == one_process.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]  # parts and settings removed
 

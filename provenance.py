@@ -1,0 +1,242 @@
+"""What made each output: its provenance record, the check that no stage reuses an output something else made, and
+no output is removed while another process writes it.
+
+A record states what an output was made from, taken when its stage starts (so a file that changes during the run
+cannot be tied to the output afterwards, as DVC's dvc.lock records its deps' hashes before a stage runs):
+
+    {"format": FORMAT, "stage": "label.py",
+     "inputs": {"samples": {"sha256": ..., "path": ...}},     # the bytes (or the rows) each input held
+     "models": {"model": {"made_by": ...} | {"sha256": ...} | {"hub": id, "revision": ...} | {"name": id}},
+     "settings": {option: value}}                             # every option that changes the output's content
+
+A JSONL output OUT keeps its record in OUT.provenance.json, a folder in FOLDER/provenance.json; both stay after
+completion. ``settle`` compares the record a stage would write now with the one kept: the same record means
+"complete; nothing to do" (or "resume" for a partial output); another one stops the stage with one line naming the
+output and what changed, or with ``--on_change redo`` removes the output and makes it again. Paths are kept for the
+messages but never compared: a run folder moved elsewhere is still the same run.
+
+No torch here: every stage imports this module before it loads anything.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import common
+
+FORMAT = 1  # the version of the rows' and records' format: outputs of another format are never reused
+OnChange = Literal["stop", "redo"]
+ON_CHANGE_HELP = ("When the output exists but was made from other inputs, settings or models: stop (one line says "
+                  "what changed) | redo (remove it and make it again).")
+_CHUNK = 1 << 20  # bytes read at a time when hashing
+_CACHED_FROM = 64 << 20  # files this large have their digest remembered (model weights); smaller ones are re-read
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, streamed; remembered per (path, size, mtime) in a cache file, so that the weights of
+    a model are read once, not by every stage."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    if stat.st_size < _CACHED_FROM:
+        return _sha256_of(path)
+    key, cache = f"{path}:{stat.st_size}:{stat.st_mtime_ns}", _digest_cache()
+    if key not in cache:
+        cache[key] = _sha256_of(path)
+        _save_digest_cache(cache)
+    return cache[key]
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_sha256(value) -> str:
+    """SHA-256 of a JSON value (rows read and parsed, not a file's bytes)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stepkto" / "file_sha256.json"
+
+
+def _digest_cache() -> dict:
+    try:
+        return json.loads(_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_digest_cache(cache: dict) -> None:
+    try:
+        common.write_text_atomic(_cache_path(), json.dumps(cache, indent=0) + "\n")
+    except OSError:  # a read-only home: hashing still works, it is only not remembered
+        pass
+
+
+def file_input(path: str | Path) -> dict:
+    """A file input of a record: its bytes' digest, and its path for the messages."""
+    if not Path(path).is_file():
+        raise common.DataError(f"{path}: file not found")
+    return {"sha256": file_sha256(path), "path": str(path)}
+
+
+def rows_input(rows, path: str = "") -> dict:
+    """An input read as rows (a benchmark by name, a shard's rows): the digest of their content."""
+    return {"sha256": json_sha256(rows), "path": str(path)}
+
+
+def model_identity(model: str) -> dict:
+    """What a model is, as far as this machine can tell: a checkpoint folder by its own provenance record (train.py
+    writes one) or else by the digest of its files; a hub id by the cached snapshot's revision; a served model by
+    its name."""
+    if model in ("", "scratch"):
+        return {"name": model}
+    folder = Path(model)
+    if folder.is_dir():
+        if (folder / RECORD).is_file():
+            return {"made_by": file_sha256(folder / RECORD)}
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return {"sha256": json_sha256([[str(p.relative_to(folder)), file_sha256(p)] for p in files])}
+    return _hub_identity(model)
+
+
+def _hub_identity(model: str) -> dict:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json")
+    except Exception:  # not a hub id (a served model's name), or no hub library
+        found = None
+    if isinstance(found, str):
+        return {"hub": model, "revision": Path(found).parent.name}
+    return {"name": model}
+
+
+# ----------------------------------------------------------------------------- records
+
+
+RECORD = "provenance.json"  # a folder's record; a file OUT's is OUT.provenance.json
+
+
+def make_record(stage: str, inputs: dict, models: dict, settings: dict) -> dict:
+    """The record of an output (see the module docstring), as JSON holds it."""
+    record = {"format": FORMAT, "stage": stage, "inputs": inputs, "models": models, "settings": settings}
+    return json.loads(json.dumps(record))
+
+
+def record_path(out: str | Path, is_folder: bool = False) -> Path:
+    out = Path(out)
+    return out / RECORD if is_folder else out.with_name(out.name + ".provenance.json")
+
+
+def _compared(record: dict) -> dict:
+    """A record without the paths of its inputs (messages only)."""
+    inputs = {name: {k: v for k, v in value.items() if k != "path"} for name, value in record.get("inputs", {}).items()}
+    return {**record, "inputs": inputs}
+
+
+def same(a: dict | None, b: dict | None) -> bool:
+    return a is not None and b is not None and _compared(a) == _compared(b)
+
+
+def changes(old: dict, new: dict) -> str:
+    """What differs between two records, in words: 'other samples (samples.jsonl changed), another --model and other
+    settings (--prm check -> mc)'."""
+    parts = []
+    if old.get("format") != new.get("format") or old.get("stage") != new.get("stage"):
+        parts.append(f"by {old.get('stage', 'another stage')} of stepkto format {old.get('format')}")
+    for name, value in new.get("inputs", {}).items():
+        before = old.get("inputs", {}).get(name, {})
+        if before.get("sha256") != value.get("sha256"):
+            where = Path(value.get("path") or before.get("path") or name).name
+            parts.append(f"from other {name} ({where} changed)" if before else f"without {name}")
+    for name, value in new.get("models", {}).items():
+        if old.get("models", {}).get(name) != value:
+            parts.append(f"with another --{name}")
+    settings, before = _flat(new.get("settings", {})), _flat(old.get("settings", {}))
+    differ = [k for k in sorted(settings.keys() | before.keys()) if settings.get(k) != before.get(k)]
+    if differ:
+        shown = ", ".join(f"--{k} {_shown(before.get(k))} -> {_shown(settings.get(k))}" for k in differ)
+        parts.append(f"with other settings ({shown})")
+    return ", ".join(parts) or "by another run"
+
+
+def _flat(settings: dict) -> dict:
+    """Nested settings (evaluate.py's labeller) as one level, named by their options."""
+    flat = {}
+    for key, value in settings.items():
+        flat.update({f"{key}.{k}" if k in settings else k: v for k, v in _flat(value).items()}
+                    if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _shown(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftovers: list[Path],
+           is_folder: bool = False, name_option: str = "--output") -> bool:
+    """Whether ``out`` is complete and was made as ``record`` says (True: nothing to do). False: it is to be made, or
+    resumed from ``leftovers`` that the same record started; the record is then kept. Leftovers of anything else stop
+    the stage (on_change stop) or are removed (redo). Shards starting at once check one after the other (common.claim);
+    a process writing ``out`` holds that lock, and a second one refuses."""
+    out, path = Path(out), record_path(out, is_folder)
+    common.claim(out, wait_s=10.0)
+    try:
+        old = common.read_json(path) if path.exists() else None
+        if same(old, record):
+            return complete
+        present = [p for p in leftovers if p.exists() and not p.name.endswith(".lock")]
+        if old is None and not present:
+            common.write_json_atomic(path, record)
+            return False
+        why = f"made {changes(old, record)}" if old is not None else "made by an unknown run (no provenance record)"
+        if on_change != "redo":
+            raise common.StageError(f"{out} was {why}: delete it, choose another {name_option}, or rerun with "
+                                    f"--on_change redo")
+        _check_no_writer([p for p in present if p.name.startswith(out.name + ".shard-")])
+        print(f"{out} was {why}: making it again (--on_change redo)", flush=True)
+        for p in present:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        common.write_json_atomic(path, record)
+        return False
+    finally:
+        common.release(out)
+
+
+def _check_no_writer(parts: list[Path]) -> None:
+    """Refuse to remove a shard's part that another process is writing (common.claim: a part is claimed by its own
+    name, its .partial file with it)."""
+    for p in parts:
+        target = p.with_name(p.name.removesuffix(".partial"))
+        common.claim(target)  # raises when another process holds it
+        common.release(target)
+
+
+def settle_jsonl(out: str | Path, record: dict, on_change: str) -> bool:
+    """settle for a JSONL output written by common.write_chunks: True (and says so) when it is complete and
+    ``record`` made it; its leftovers are OUT, OUT.partial and the shards' parts."""
+    out = Path(out)
+    parts = sorted(out.parent.glob(glob.escape(out.name) + ".shard-*")) if out.parent.is_dir() else []
+    leftovers = [out, out.with_name(out.name + ".partial"), *(p for p in parts if not p.name.endswith(".lock"))]
+    done = settle(out, record, on_change, out.exists(), leftovers)
+    if done:
+        print(f"{out} is complete; nothing to do.", flush=True)
+    return done
