@@ -377,7 +377,7 @@ samples() {
         "${ENGINE_ARGS[@]}" "${COMMON[@]}"
     case $PRM in judge) label_tp=$JUDGE_TP ;; mc) label_tp=$TP ;; esac
     local label=("$GEN_PYTHON" label.py --input "$run/iter$2/samples.jsonl" --output "$run/iter$2/labels.jsonl"
-        "${LABEL[@]}" "${LABEL_ENGINE[@]}")
+        "${LABEL[@]}" "${LABEL_ENGINE[@]}" --on_change "$ON_CHANGE")
     if [ -n "$JUDGE_URL" ]; then          # one process on node 0 sends every request; the server batches them
         on_node0 "$run/iter$2/labels.jsonl" timed label run_logged "${label[@]}"
     else

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import provenance
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(
@@ -49,6 +51,21 @@ def test_run_sh_end_to_end_and_rerun(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("nothing to do") + again.stderr.count("nothing to do") >= 9  # stages skipped
     assert {objective: results(seed / objective) for objective in before} == before
+
+    # A sweep into the same RUNS: other settings never reuse the outputs they would change
+    swept = run_sh(tmp_path, LR="5e-2", SAMPLES="1")
+    assert swept.returncode != 0 and "Traceback" not in swept.stderr
+    assert "iter1/samples.jsonl was made with other settings (--num_samples 2 -> 1)" in swept.stderr
+    other_prm = run_sh(tmp_path, PRM="mc")
+    assert other_prm.returncode != 0 and "eval/M0 was made" in other_prm.stderr and "--prm check -> mc" in other_prm.stderr
+    assert {objective: results(seed / objective) for objective in before} == before
+    redone = run_sh(tmp_path, LR="5e-2", ON_CHANGE="redo")  # redoes what the setting changes, and what follows
+    assert redone.returncode == 0, redone.stdout[-3000:] + redone.stderr[-1500:]
+    assert "data is complete; nothing to do" in redone.stdout and "training it again" in redone.stdout
+    record = json.loads((seed / "step-kto" / "M1" / "provenance.json").read_text())
+    assert record["settings"]["lr"] == 0.05
+    m1 = json.loads((seed / "step-kto" / "eval" / "M1" / "result.json").read_text())["provenance"]["models"]["model"]
+    assert m1 == {"made_by": provenance.file_sha256(seed / "step-kto" / "M1" / "provenance.json")}
 
 
 def test_run_sh_refuses_unknown_objectives_and_tokenizers(tmp_path):
