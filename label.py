@@ -727,7 +727,8 @@ def labeller_settings(settings: Settings) -> str:
     if settings.prm == "check":
         return "step labeller: check (exact, no model)"
     if settings.prm == "reward_model":
-        where = f"served at {settings.prm_base_url}" if settings.prm_base_url else f"(dtype {settings.prm_dtype})"
+        where = (f"served at {common.redact_url(settings.prm_base_url)}" if settings.prm_base_url else
+                 f"(dtype {settings.prm_dtype})")
         return (f"step labeller: reward_model {settings.prm_model} {where}, format {settings.prm_format}, "
                 f"threshold {settings.prm_threshold}")
     if settings.prm == "mc":
@@ -735,8 +736,8 @@ def labeller_settings(settings: Settings) -> str:
                 f"tensor_parallel_size {settings.tensor_parallel_size}; {settings.mc_rollouts} rollouts of up to "
                 f"{settings.mc_max_new_tokens} tokens)")
     engine = judge_engine_settings(settings)
-    where = (f"served at {settings.judge_base_url} (api {settings.judge_api}, up to {settings.judge_max_concurrency} "
-             f"requests at once)" if settings.judge_engine == "openai" else
+    where = (f"served at {common.redact_url(settings.judge_base_url)} (api {settings.judge_api}, up to "
+             f"{settings.judge_max_concurrency} requests at once)" if settings.judge_engine == "openai" else
              f"(engine {engine.engine}, dtype {engine.dtype}, tensor_parallel_size {engine.tensor_parallel_size})")
     verdict = settings.judge_verdict + (f", threshold {settings.judge_threshold}" if score_threshold(settings) else "")
     return (f"step labeller: judge with {settings.judge_model} {where}; protocol {settings.judge_protocol}, verdict "
@@ -786,8 +787,10 @@ def label_chunks(chunk_ids: list[list[str]], rows_of_chunk, output: str, setting
     """Label chunk i's rows (``rows_of_chunk(i)``, ids ``chunk_ids[i]``) for this shard's chunks into ``output``;
     True when ``output`` is complete, after which the summary line is printed."""
     print(labeller_settings(settings), flush=True)
-    # what decides the labels: a served judge's model id, never its URL, key or transport settings
-    signature = {"labeller": {f.name: getattr(settings, f.name) for f in fields(Settings) if f.name not in TRANSPORT}}
+    # what decides the labels: a served judge's model id, never its URL, key or transport settings (a served PRM's
+    # URL, which says it is served, without its credentials: OUT.settings.json is written beside the output)
+    kept = {f.name: getattr(settings, f.name) for f in fields(Settings) if f.name not in TRANSPORT}
+    signature = {"labeller": {k: common.redact_urls(v) if isinstance(v, str) else v for k, v in kept.items()}}
     label = lambda i: label_rows(rows_of_chunk(i), settings)  # noqa: E731
     done = common.write_chunks(output, chunk_ids, label, common.LABELLED_ROW, shard, signature, f"label ({settings.prm})")
     if done:
