@@ -286,7 +286,7 @@ def run_cli(args_class, main) -> None:
     try:
         main(args)
     except (StageError, ValueError) as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {redact_urls(str(error))}")  # a URL's password is never shown
 
 
 def check_choices(args) -> None:
@@ -298,6 +298,30 @@ def check_choices(args) -> None:
         value = getattr(args, f.name)
         if choices and value not in choices:
             raise UsageError(f"--{f.name} {value!r}: must be one of {' | '.join(map(str, choices))}")
+
+
+# A URL's credentials, never printed or written: its userinfo (scheme://user:password@host, scheme://user@host) and
+# the value of a query or fragment parameter whose name says it is a secret (?api_key=, &token=, ;password=, #key=).
+# run.sh's redact_urls does the same with sed.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,:;!?)\]]")  # not the text's punctuation after it
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_SECRET_PARAMETER = re.compile(r"([?&;#](?:[\w.-]*[_-])?(?:(?:api)?key|token|passw(?:or)?d|pwd|secret|sig(?:nature)?"
+                               r"|auth(?:orization)?|credential)s?=)(?:[^&#;\s'\"<>]*[^&#;\s'\"<>.,:!?)\]])?",
+                               re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user and password and its secret-named parameters' values replaced by ***: the host, port
+    and path stay, so that a message still says which server it means."""
+    url = _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", url, count=1)
+    start = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+    return url[:start] + _SECRET_PARAMETER.sub(lambda m: m.group(1) + REDACTED, url[start:])
+
+
+def redact_urls(text: str) -> str:
+    """``text`` (a message, a command line, an exception's text quoting a URL) with every URL in it redacted."""
+    return _URL.sub(lambda m: redact_url(m.group()), text)
 
 
 # ----------------------------------------------------------------------------- shards: data-parallel stages

@@ -729,7 +729,8 @@ def labeller_settings(settings: Settings) -> str:
     if settings.prm == "check":
         return "step labeller: check (exact, no model)"
     if settings.prm == "reward_model":
-        where = f"served at {settings.prm_base_url}" if settings.prm_base_url else f"(dtype {settings.prm_dtype})"
+        where = (f"served at {common.redact_url(settings.prm_base_url)}" if settings.prm_base_url else
+                 f"(dtype {settings.prm_dtype})")
         return (f"step labeller: reward_model {settings.prm_model} {where}, format {settings.prm_format}, "
                 f"threshold {settings.prm_threshold}")
     if settings.prm == "mc":
@@ -737,8 +738,8 @@ def labeller_settings(settings: Settings) -> str:
                 f"tensor_parallel_size {settings.tensor_parallel_size}; {settings.mc_rollouts} rollouts of up to "
                 f"{settings.mc_max_new_tokens} tokens)")
     engine = judge_engine_settings(settings)
-    where = (f"served at {settings.judge_base_url} (api {settings.judge_api}, up to {settings.judge_max_concurrency} "
-             f"requests at once)" if settings.judge_engine == "openai" else
+    where = (f"served at {common.redact_url(settings.judge_base_url)} (api {settings.judge_api}, up to "
+             f"{settings.judge_max_concurrency} requests at once)" if settings.judge_engine == "openai" else
              f"(engine {engine.engine}, dtype {engine.dtype}, tensor_parallel_size {engine.tensor_parallel_size})")
     verdict = settings.judge_verdict + (f", threshold {settings.judge_threshold}" if score_threshold(settings) else "")
     return (f"step labeller: judge with {settings.judge_model} {where}; protocol {settings.judge_protocol}, verdict "

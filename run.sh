@@ -229,6 +229,12 @@ set_only RECIPE lr "$LR" beta "$BETA" nll_weight "$NLL_WEIGHT" epochs "$EPOCHS"
 STEP_LEVEL=(--step_scope "$STEP_SCOPE")   # step-kto's step level
 set_only STEP_LEVEL w_step "$W_STEP" step_span "$STEP_SPAN" step_aggregation "$STEP_AGGREGATION"
 
+redact_urls() {  # stdin to stdout, every URL's user:password@ and secret query values as *** (as common.redact_urls;
+    # a value stops before a printf %q-escaped \& too, so that a logged command line stays one to paste, and before
+    # the punctuation of the text after it)
+    sed -E -e 's|([A-Za-z][A-Za-z0-9+.-]*://)[^/?#[:space:]]*@|\1***@|g' \
+        -e 's/([?&;#]([[:alnum:]_.-]*[_-])?((api)?key|token|passw(or)?d|pwd|secret|sig(nature)?|auth(orization)?|credential)s?=)(([^\\&#;[:space:]]|\\[^&#;[:space:]])*([^\\&#;[:space:].,:!?)]|\\[^&#;[:space:]]))?/\1***/gI'
+}
 print_settings() {  # what this run resolved, train.py's defaults included
     local recipe
     recipe=$("$PYTHON" -c 'import sys, train
@@ -251,11 +257,11 @@ print(" ".join(f"{k}={train.Args.__dataclass_fields__[k].default}" for k in sys.
         "$WORLD_SIZE x $GRAD_ACCUM accumulated, dtype ${FULL_DTYPE[*]}, LoRA r $LORA_R; set here: ${RECIPE[*]:-none}; for scale:" \
         "${SCALE[*]}; train.py's defaults: $recipe"
 }
-print_settings
+print_settings | redact_urls              # a URL's password is never shown, nor logged below
 
 # ---- running stages: timed, logged, sharded over the node's GPUs, waiting for other nodes
 run_logged() {  # run_logged <command...>: run it with its peak RSS appended to $TIMES.rss, its line to $COMMANDS
-    printf '%s\n' "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} $(printf '%q ' "$@")" >> "$COMMANDS"
+    printf '%s\n' "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} $(printf '%q ' "$@")" | redact_urls >> "$COMMANDS"
     if [ -x /usr/bin/time ]; then /usr/bin/time -a -f %M -o "$TIMES.rss" "$@"; else "$@"; fi
 }
 timed() {  # timed <stage> <command or function...>: wall time and the largest peak RSS of its processes

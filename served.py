@@ -22,14 +22,18 @@ Faults: the openai client retries timeouts, refused or reset connections, 408, 4
 server does not serve), the stage stops with one line naming the endpoint and the error (``common.StageError``).
 A failed request therefore never becomes a reply, and so never a label: the chunk it belonged to is not written,
 and a rerun resumes from the chunks before it. The key is read from the environment variable ``api_key_env`` and
-never written anywhere; the URL never enters a resume signature.
+never written anywhere; the URL never enters a resume signature. A URL's user and password (``http://user:pass@host``)
+are sent as HTTP Basic auth, in place of the key (a request has one Authorization header), never in the URL a request
+goes to or a log line of it; every message shows the URL with them as *** (``common.redact_url``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import os
+import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,7 +59,21 @@ class Endpoint:
 
 
 class ServedError(common.StageError):
-    """A request that failed for good: the message names the endpoint and the error."""
+    """A request that failed for good: the message names the endpoint and the error, any URL in it redacted."""
+
+    def __init__(self, message: str):
+        super().__init__(common.redact_urls(message))
+
+
+def credentials(base_url: str) -> tuple[str, dict[str, str]]:
+    """(``base_url`` without its userinfo, the headers its ``user:pass@`` authenticates with: HTTP Basic auth)."""
+    parts = urllib.parse.urlsplit(base_url)
+    if "@" not in parts.netloc:
+        return base_url, {}
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return base_url.replace(parts.netloc, host, 1), {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
 
 
 def client_of(endpoint: Endpoint, asynchronous: bool = False):
@@ -64,7 +82,9 @@ def client_of(endpoint: Endpoint, asynchronous: bool = False):
 
     key = os.environ.get(endpoint.api_key_env) or "EMPTY"  # a vLLM server started without --api-key takes any
     kind = openai.AsyncOpenAI if asynchronous else openai.OpenAI
-    return kind(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=endpoint.retries)
+    url, basic = credentials(endpoint.base_url)  # Basic auth replaces the key's Bearer header
+    return kind(base_url=url, api_key=key, default_headers=basic, timeout=endpoint.timeout_s,
+                max_retries=endpoint.retries)
 
 
 def failure(endpoint: Endpoint, error: Exception) -> Exception:
@@ -75,11 +95,16 @@ def failure(endpoint: Endpoint, error: Exception) -> Exception:
         hint = {401: f" (the key in ${endpoint.api_key_env} was refused)",
                 403: f" (the key in ${endpoint.api_key_env} may not use {endpoint.model})",
                 404: f" (does the server serve {endpoint.model!r} on this API?)"}.get(error.status_code, "")
-        return ServedError(f"{endpoint.base_url}: HTTP {error.status_code}{hint}: {error.message}")
+        return ServedError(f"{shown(endpoint)}: HTTP {error.status_code}{hint}: {error.message}")
     if isinstance(error, openai.APIConnectionError):  # timeouts included
         cause = f": {error.__cause__}" if error.__cause__ else ""
-        return ServedError(f"{endpoint.base_url}: {error.message}{cause} (after {endpoint.retries} retries)")
+        return ServedError(f"{shown(endpoint)}: {error.message}{cause} (after {endpoint.retries} retries)")
     return error
+
+
+def shown(endpoint: Endpoint) -> str:
+    """The endpoint's URL as messages show it: its user, password and secret query values as ***."""
+    return common.redact_url(endpoint.base_url)
 
 
 def check_endpoint(endpoint: Endpoint) -> None:
@@ -94,7 +119,7 @@ def check_endpoint(endpoint: Endpoint) -> None:
     finally:
         client.close()
     if endpoint.model not in served:
-        raise ServedError(f"{endpoint.base_url}: serves {served}, not {endpoint.model!r}: pass the served name")
+        raise ServedError(f"{shown(endpoint)}: serves {served}, not {endpoint.model!r}: pass the served name")
 
 
 _ENGINES: dict = {}  # Endpoint -> generate.Engine: one tokenizer per endpoint and process
@@ -125,7 +150,7 @@ async def ask_all(endpoint: Endpoint, ask, prompts: list, sampling: generate.Sam
 def post_all(endpoint: Endpoint, path: str, bodies: list[dict]) -> list:
     """The JSON replies to ``bodies`` POSTed to the server's ``path`` (from its root, e.g. /pooling: vLLM's pooling
     API lies beside /v1), in order, with the retries and failures of every request here."""
-    url = endpoint.base_url.rstrip("/").removesuffix("/v1") + path
+    url = credentials(endpoint.base_url)[0].rstrip("/").removesuffix("/v1") + path  # userinfo: the client's Basic header
     return asyncio.run(gather(endpoint, bodies, lambda client, _, body: client.post(url, cast_to=object, body=body)))
 
 
@@ -225,9 +250,9 @@ def checked(endpoint: Endpoint, choices: list, sampling: generate.Sampling) -> l
     """The reply's n choices, each with log-probs when they were asked for; anything else is an error, never a
     reply read as a verdict."""
     if len(choices) != sampling.n:
-        raise ServedError(f"{endpoint.base_url}: {len(choices)} choices in a reply, {sampling.n} asked for")
+        raise ServedError(f"{shown(endpoint)}: {len(choices)} choices in a reply, {sampling.n} asked for")
     if sampling.logprobs and any(c.logprobs is None for c in choices):
-        raise ServedError(f"{endpoint.base_url}: a reply without the log-probs asked for (--judge_verdict logprobs "
+        raise ServedError(f"{shown(endpoint)}: a reply without the log-probs asked for (--judge_verdict logprobs "
                           f"needs a server that returns them)")
     return choices
 

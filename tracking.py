@@ -64,7 +64,8 @@ def open_tracker(report_to: str, log_dir: str | Path, run_name: str, config: dic
     that an earlier attempt wrote (killed after logging up to step T, resumed from a checkpoint before T), so
     each step appears once. Pass the first step logged, not the last one done: a checkpoint's own step, logged
     by the killed run and not again by the resumed one, must survive. wandb cannot: its history is append-only, and it ignores a step below its last one.
-    The backends are imported here, so that only runs that ask for one need it installed.
+    The backends are imported here, so that only runs that ask for one need it installed. ``config`` is recorded
+    with the credentials of its URLs redacted (safe_config).
     """
     if report_to not in REPORT_TO:
         raise ValueError(f"unknown report_to {report_to!r}: {' | '.join(REPORT_TO)}")
@@ -76,7 +77,20 @@ def open_tracker(report_to: str, log_dir: str | Path, run_name: str, config: dic
     log_dir.mkdir(parents=True, exist_ok=True)
     if report_to == "tensorboard":
         return _tensorboard_tracker(log_dir, start_step)
-    return _wandb_tracker(log_dir, run_name, config)
+    return _wandb_tracker(log_dir, run_name, safe_config(config))
+
+
+def safe_config(config: dict) -> dict:
+    """``config`` (a stage's asdict(args)) as a tracker may record it: every URL in its strings without its user,
+    password or secret query values (common.redact_urls), in nested dicts and lists too."""
+    def safe(value):
+        if isinstance(value, str):
+            return common.redact_urls(value)
+        if isinstance(value, dict):
+            return {k: safe(v) for k, v in value.items()}
+        return [safe(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return safe(config)
 
 
 def check_tracker_backend(report_to: str) -> None:
