@@ -10,12 +10,11 @@
 #                                                    # both objectives on the hard task's runs (runs_hard), less feedback
 #
 # Each setting is one run.sh setting (NAME=VALUE) and gets its own runs folder, $OUT/NAME=VALUE, where run.sh runs
-# OBJECTIVES (Step-KTO alone unless set) for each seed. A seed starts from the default run's files that the setting
-# does not change, copied in: data, M0, M0's evaluation and, unless the setting changes what is sampled or how it
-# is labelled (SAMPLES, MAX_PROBLEMS, TEMPERATURE, MAX_NEW_TOKENS, GEN_CHUNK, ENGINE, GEN_DTYPE, PRM, JUDGE_*, SAMPLING_SEED),
-# Step-KTO's iteration-1 samples and labels (run.sh would make the same files again: same M0, same sampling seed).
-# Training starts at iteration 1. Resumable like run.sh: a rerun skips what is complete. At the end, report.py's table for the default and for each setting. Other run.sh
-# settings in the environment (TASK, ITERATIONS, ...) reach every run.
+# OBJECTIVES (Step-KTO alone unless set) for each seed. A seed starts from a copy of the default run's data, M0,
+# M0's evaluation and Step-KTO's iteration-1 samples and labels, with their provenance records, and run.sh runs with
+# ON_CHANGE=redo: what the setting changes (the samples under SAMPLES=1, M0 under NUM_SFT=...) is made again, the
+# rest is reused. Resumable like run.sh: a rerun skips what is complete. At the end, report.py's table for the
+# default and for each setting. Other run.sh settings in the environment (TASK, ITERATIONS, ...) reach every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HARD=$([ "${TASK:-default}" = hard ] && echo _hard || true)
@@ -39,15 +38,11 @@ for s in $SEEDS; do
         if [ ! -d "$dst" ]; then  # copied whole, then renamed: a crash leaves no half copy
             rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
             cp -r "$src/data" "$src/M0" "$src/eval" "$dst.tmp/"
-            case ${setting%%=*} in
-                SAMPLES|MAX_PROBLEMS|TEMPERATURE|MAX_NEW_TOKENS|GEN_CHUNK|ENGINE|GEN_DTYPE|PRM|JUDGE_*|SAMPLING_SEED) ;;  # made anew
-                *) mkdir -p "$dst.tmp/step-kto/iter1"
-                   cp "$src/step-kto/iter1/samples.jsonl" "$src/step-kto/iter1/labels.jsonl" "$dst.tmp/step-kto/iter1/" ;;
-            esac
+            mkdir -p "$dst.tmp/step-kto" && cp -r "$src/step-kto/iter1" "$dst.tmp/step-kto/"
             mv "$dst.tmp" "$dst"
         fi
         echo "== seed $s: $setting"
-        env "$setting" SEED="$s" OBJECTIVES="$OBJECTIVES" RUNS="$OUT/$setting" PYTHON="$PY" bash run.sh
+        env "$setting" SEED="$s" OBJECTIVES="$OBJECTIVES" RUNS="$OUT/$setting" PYTHON="$PY" ON_CHANGE=redo bash run.sh
     done
 done
 echo "== default ($DEFAULT)"

@@ -142,7 +142,8 @@ def test_ablation_loop_starts_each_setting_from_the_default_runs_files(tmp_path)
         assert json.loads((seed / objective / "M1" / "train_args.json").read_text())["beta"] == 0.05
     one = out / "SAMPLES=1" / "seed0" / "step-kto" / "iter1" / "samples.jsonl"  # sampled anew: 1 per problem
     assert len(one.read_text().splitlines()) == TINY["NUM_TRAIN"]
-    assert loop.stdout.count("/seed0/M0 is already a complete checkpoint: nothing to do") == 2  # no SFT
+    assert loop.stdout.count("/seed0/M0 is already a complete checkpoint of this run: nothing to do") == 2  # no SFT
+    assert "SAMPLES=1/seed0/step-kto/iter1/samples.jsonl was made with other settings (--num_samples 2 -> 1)" in loop.stdout
     # run.sh's own table for each setting, then the default's (Step-KTO only) and each setting's
     assert loop.stdout.count("| step-kto | M1 | 1 |") == 5 and loop.stdout.count("| kto | M1 | 1 |") == 4
 

@@ -177,7 +177,7 @@ def test_kill_9_then_rerun_is_byte_identical_and_no_key_or_url_is_written(server
     partial, deadline = output.with_name(output.name + ".partial"), time.monotonic() + 300
     while not (partial.exists() and partial.read_text().count("\n") >= 1) and time.monotonic() < deadline:
         time.sleep(0.2)
-    signature = output.with_name(output.name + ".settings.json").read_text()
+    signature = output.with_name(output.name + ".provenance.json").read_text()
     process.send_signal(signal.SIGKILL)
     first_log = process.communicate(timeout=60)[0].decode()
     assert process.returncode == -9 and not output.exists()  # killed mid-run, one chunk or more written
