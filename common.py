@@ -61,8 +61,9 @@ SAMPLE_ROW = {**PROBLEM_ROW, "problem_id": str, "prompt": str, "completion": str
 KTO_ROW = {"id": str, "prompt": str, "completion": str, "finish_reason": str, "outcome": bool}
 # what train.py --objective step-kto reads: also one label per step (Section 2.1), TRL's stepwise-supervision fields
 STEP_KTO_ROW = {**KTO_ROW, "completions": list, "labels": list}
-# label.py -> train.py, evaluate.py: a sample row with its outcome and step labels
-LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, NONE), "prm": str, "prm_failures": int}
+# label.py -> train.py, evaluate.py: a sample row with its outcome and step labels (null: a step without a verdict)
+LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, NONE), "prm": str, "prm_failures": int,
+                "prm_cutoffs": int}
 # evaluate.py's result.json (Section 3 / Table 3: Pass@1 and the stepwise error rate; more keys with --sample_k)
 RESULT = {"model": str, "benchmark": str, "prm": str, "n_problems": int, "pass@1": float, "pass@1_ci95": (list, tuple),
           "stepwise_error_rate": (float, NONE), "stepwise_error_rate_ci95": (list, tuple), "n_correct": int,

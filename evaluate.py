@@ -3,7 +3,9 @@
 * Pass@1: one greedy solution per problem, graded against the gold answer (math-verify, hard timeout);
   reported with a 95% confidence interval (Wilson).
 * Stepwise error rate (paper Table 3): among the solutions whose final answer is correct, the share
-  that contains at least one wrong step according to the step labeller (``--prm``).
+  that contains at least one wrong step according to the step labeller (``--prm``), over the judged ones: a
+  solution with no wrong step but a step without a verdict is undetermined and left out (counted as
+  ``n_correct_unjudged``, beside ``prm_failures``, the steps without a verdict).
 * Optionally (``--sample_k K``) K sampled solutions per problem: mean Pass@1 over the K samples, the
   unbiased pass@k for k = 1, 2, 4, ... and K (Chen et al. 2021), Maj@K (majority vote, votes grouped by
   grading equivalence) and the stepwise error rate of samples.
@@ -93,26 +95,35 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def judged_solutions(rows: list[dict]) -> tuple[int, int, int]:
+    """(flawed, clean, undetermined) correct-answer solutions: some step labelled wrong; every step right; neither,
+    a step without a verdict (null) and none wrong, which is no evidence either way."""
+    correct = [r["labels"] for r in rows if r["outcome"]]
+    flawed = sum(False in labels for labels in correct)
+    clean = sum(all(step_label is True for step_label in labels) for labels in correct)
+    return flawed, clean, len(correct) - flawed - clean
+
+
 def stepwise_error_rate(rows: list[dict]) -> tuple[float | None, int]:
-    """Share of correct-answer solutions with at least one wrong step (paper Table 3); None if none correct."""
-    correct = [r for r in rows if r["outcome"]]
-    if not correct:
-        return None, 0
-    flawed = sum(1 for r in correct if not all(r["labels"]))
-    return flawed / len(correct), flawed
+    """Share of the judged correct-answer solutions with at least one wrong step (paper Table 3), and their number;
+    None if no correct solution is judged (judged_solutions)."""
+    flawed, clean, _ = judged_solutions(rows)
+    return (flawed / (flawed + clean) if flawed + clean else None), flawed
 
 
 def greedy_metrics(rows: list[dict]) -> dict:
     n, solved = len(rows), sum(r["outcome"] for r in rows)
-    ser, flawed = stepwise_error_rate(rows)
+    flawed, clean, undetermined = judged_solutions(rows)
     return {
         "n_problems": n,
         "pass@1": solved / n,
         "pass@1_ci95": wilson_interval(solved, n),
-        "stepwise_error_rate": ser,
-        "stepwise_error_rate_ci95": wilson_interval(flawed, solved),  # over the correct solutions
+        "stepwise_error_rate": stepwise_error_rate(rows)[0],
+        "stepwise_error_rate_ci95": wilson_interval(flawed, flawed + clean),  # over the judged correct solutions
         "n_correct": solved,
         "n_correct_with_wrong_step": flawed,
+        "n_correct_unjudged": undetermined,  # left out of the rate: no wrong step, but a step without a verdict
+        "prm_failures": sum(r["prm_failures"] for r in rows),  # steps without a verdict
         "truncated": sum(r["finish_reason"] == "length" for r in rows),
     }
 

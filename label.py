@@ -16,23 +16,25 @@ step labels come from a process reward model. Step labellers (``--prm``):
   right). ``--judge_protocol first_error``: one call per solution naming its first wrong step, as
   ProcessBench asks (``FIRST_ERROR_TEMPLATE``, ``parse_first_error``): the steps before it
   are right, it and the steps after it wrong (train with ``--step_scope first_error`` to score only
-  through it). A verdict that cannot be parsed is a
-  failure: the step is labelled WRONG (``UNPARSEABLE_STEP_LABEL``: a step nobody vouched for must not
-  be reinforced as right) and counted in the row's ``prm_failures`` and in the printed summary.
-  ``--judge_verdict logprobs`` (step protocol) parses nothing: the step's score is P(correct) /
-  (P(correct) + P(incorrect)) at the reply's first word (``verdict_score``), written as ``step_scores`` and
-  thresholded by ``--judge_threshold``. The judge runs in this process (``--judge_engine transformers | vllm``)
-  or on a server (``--judge_engine openai --judge_base_url URL``: served.py; a vLLM or SGLang server, or any
-  OpenAI-compatible API), which starts once for a whole run instead of once per stage.
+  through it). A verdict that cannot be parsed, and a reply cut off at ``--judge_max_new_tokens``
+  (finish_reason "length": ``CUT_OFF``, whatever its text says), give no verdict: the step's label is null
+  (a step nobody judged is no evidence either way; train.py leaves it out of the step level unless
+  ``--unjudged_steps wrong``), counted in the row's ``prm_failures`` (cut-off replies also in ``prm_cutoffs``)
+  and in the printed summary. ``--judge_verdict logprobs`` (step protocol) parses nothing: the step's score is
+  P(correct) / (P(correct) + P(incorrect)) at the reply's first word (``verdict_score``), written as
+  ``step_scores`` and thresholded by ``--judge_threshold``. The judge runs in this process (``--judge_engine
+  transformers | vllm``) or on a server (``--judge_engine openai --judge_base_url URL``: served.py; a vLLM or
+  SGLang server, or any OpenAI-compatible API), which starts once for a whole run instead of once per stage.
 * ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k
   (prompt + completion through the end of step k + "\\n\\n") the policy (``--policy_model``, default the
   rows' ``gen.model``) samples ``--mc_rollouts`` continuations; step k is right when at least
   ``--mc_threshold`` of them end in the gold answer (last \\boxed{} of the completion's first k steps
   plus the continuation, graded by grading.grade_answers).
 
-A labeller is ``fn(rows, spans, settings, engine=None) -> [[True | False | None per step] per row]``
-(None: no verdict), or, when it scores steps (``score_threshold``), ``[[P(step right) | None per step] per row]``,
-where ``spans[i]`` are row i's steps (common.step_spans, split once in label_rows).
+A labeller is ``fn(rows, spans, settings, engine=None) -> [[True | False | None | CUT_OFF per step] per row]``
+(None: no verdict; CUT_OFF: none, because the judge's reply was cut off), or, when it scores steps
+(``score_threshold``), ``[[P(step right) | None per step] per row]``, where ``spans[i]`` are row i's steps
+(common.step_spans, split once in label_rows).
 judge and mc generate through generate.py's engines (transformers | vllm), loaded once per process
 (``engine`` replaces that engine: the ProcessBench benchmark passes one that counts tokens); all judge
 prompts / rollouts of a chunk go through one generation call.
@@ -42,13 +44,14 @@ never ``main``. Input rows must carry common.SAMPLE_ROW; output rows carry commo
 rows plus
 
     {"completions": [step, ...], "step_spans": [[start, end] per step: characters of "completion"],
-     "labels": [bool per step], "outcome": bool, "pred": str | None,
-     "prm": str, "prm_failures": int (steps without a verdict, labelled wrong),
+     "labels": [bool | None per step: None (null) for a step without a verdict], "outcome": bool,
+     "pred": str | None, "prm": str, "prm_failures": int (steps without a verdict),
+     "prm_cutoffs": int (those of them whose judge reply was cut off at --judge_max_new_tokens),
      "step_scores": [float | None per step], "step_scorer": {...} (a scoring labeller's only: P(step right)
      per step, and the settings that decide them; labelled again with another threshold, the scores are kept)}
 
-where ``prompt`` / ``completions`` / ``labels`` are TRL's stepwise-supervision fields, so the file feeds
-TRL's PRMTrainer as it is.
+where ``prompt`` / ``completions`` / ``labels`` are TRL's stepwise-supervision fields, so a file without null
+labels feeds TRL's PRMTrainer as it is.
 
 Usage:
 
@@ -91,9 +94,18 @@ JudgeEngine = Literal["auto", "transformers", "vllm", "openai"]
 # and a vLLM server (its default --max-logprobs) return.
 JUDGE_TOP_LOGPROBS = 20
 
-# The label of a step whose judge verdict could not be parsed (counted in prm_failures): wrong, because a
-# step that no judge vouched for must not be reinforced as right by the step-level loss.
-UNPARSEABLE_STEP_LABEL = False
+
+class CutOff:
+    """The type of CUT_OFF."""
+
+    def __repr__(self) -> str:
+        return "label.CUT_OFF"
+
+
+# What the judge labeller gives a step whose reply stopped at --judge_max_new_tokens: no verdict, whatever the text
+# so far says ("The sum is correct. Next, the student multiplies and gets" is no verdict on the step). label_rows
+# writes it as a null label and counts it in prm_failures and prm_cutoffs.
+CUT_OFF = CutOff()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +123,7 @@ class Settings(generate.EngineSettings):
         "--step_scope first_error to score only through it)."))
     judge_max_new_tokens: int = option(512, help=(
         "--prm judge: tokens per reply (greedy). A judge that reasons before its verdict needs room: a reply cut "
-        "off before it has no verdict, and its step is labelled wrong."))
+        "off at this budget gives no verdict, whatever its text says (counted in prm_cutoffs)."))
     judge_engine: JudgeEngine = option("auto", help=(
         "--prm judge: the judge's engine: transformers | vllm | auto (in this process) | openai (a served judge "
         "at --judge_base_url: a vLLM or SGLang server, or any OpenAI-compatible API)."))
@@ -441,7 +453,7 @@ def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], toke
     """Verdict (or score) of every step; ``solutions`` = (problem, reference solution or None, steps) each.
 
     ask(prompts) -> [generate.Sample per prompt]: all steps of all solutions go through one call; read(sample) ->
-    the step's verdict (parse_verdict of its text) or score (verdict_score of its log-probs).
+    the step's verdict (text_verdict) or score (verdict_score of its log-probs).
     """
     prompts = [
         [judge_prompt(tokenizer, judge_step_question(problem, reference, steps[:k], steps[k]), "\n\nVerdict:")
@@ -451,6 +463,11 @@ def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], toke
     flat = [prompt for per_solution in prompts for prompt in per_solution]
     verdicts = iter([read(reply) for reply in ask(flat)] if flat else [])
     return [[next(verdicts) for _ in per_solution] for per_solution in prompts]
+
+
+def text_verdict(sample: generate.Sample):
+    """A reply's verdict on its step: parse_verdict of its text, or CUT_OFF when it stopped at the token budget."""
+    return CUT_OFF if sample.finish_reason == "length" else parse_verdict(sample.text)
 
 
 VERDICTS = ("correct", "incorrect")  # the one-word answers JUDGE_TEMPLATE asks for
@@ -490,8 +507,9 @@ def verdict_score(logprobs: list[generate.TokenLogprobs] | None, pieces: dict[st
 
 
 def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list]:
-    """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution; with
-    --judge_verdict logprobs a score per step instead (verdict_score)."""
+    """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution (CUT_OFF
+    where the reply was cut off); with --judge_verdict logprobs a score per step instead (verdict_score: the first
+    word decides, so a reply cut off after it still has one)."""
     engine = engine or get_judge(settings)
     logprobs = JUDGE_TOP_LOGPROBS if settings.judge_verdict == "logprobs" else 0
     greedy = generate.Sampling(1, 0.0, 1.0, settings.judge_max_new_tokens, logprobs)
@@ -500,7 +518,7 @@ def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
     if settings.judge_protocol == "first_error":
         return judge_first_error_verdicts(solutions, engine.tokenizer, ask)
     if not logprobs:
-        return judge_step_verdicts(solutions, engine.tokenizer, ask, lambda s: parse_verdict(s.text))
+        return judge_step_verdicts(solutions, engine.tokenizer, ask, text_verdict)
     pieces = verdict_pieces(engine.tokenizer)
     return judge_step_verdicts(solutions, engine.tokenizer, ask, lambda s: verdict_score(s.logprobs, pieces))
 
@@ -551,15 +569,20 @@ def verdicts_from_first_error(first_error: int | None, num_steps: int) -> list[b
     return [True] * first_error + [False] * (num_steps - first_error)
 
 
-def judge_first_error_verdicts(solutions, tokenizer, ask) -> list[list[bool | None]]:
-    """One judge call per solution (with steps): it names the first wrong step; see judge_step_verdicts."""
+def judge_first_error_verdicts(solutions, tokenizer, ask) -> list[list]:
+    """One judge call per solution (with steps): it names the first wrong step; see judge_step_verdicts. Every step
+    of a solution whose reply was cut off at the token budget is CUT_OFF."""
     with_steps = [i for i, (_, _, steps) in enumerate(solutions) if steps]
     prompts = [judge_prompt(tokenizer, first_error_question(*solutions[i]), "\n\nFirst wrong step:") for i in with_steps]
-    replies = dict(zip(with_steps, [reply.text for reply in ask(prompts)] if prompts else []))
-    return [
-        verdicts_from_first_error(parse_first_error(replies[i], len(steps)), len(steps)) if steps else []
-        for i, (_, _, steps) in enumerate(solutions)
-    ]
+    replies = dict(zip(with_steps, ask(prompts) if prompts else []))
+    return [first_error_verdicts(replies[i], len(steps)) if steps else [] for i, (_, _, steps) in enumerate(solutions)]
+
+
+def first_error_verdicts(reply: generate.Sample, num_steps: int) -> list:
+    """The verdicts of a solution's steps from the judge's first-error reply (CUT_OFF each when it was cut off)."""
+    if reply.finish_reason == "length":
+        return [CUT_OFF] * num_steps
+    return verdicts_from_first_error(parse_first_error(reply.text, num_steps), num_steps)
 
 
 # ----------------------------------------------------------------------------- Monte-Carlo rollouts
@@ -656,10 +679,11 @@ def reward_model_labeller(rows: list[dict], spans: list, settings: Settings, eng
 LABELLERS = {"check": check_labeller, "judge": judge_labeller, "mc": mc_labeller, "reward_model": reward_model_labeller}
 
 
-def labels_from_verdicts(verdicts: list[bool | None]) -> tuple[list[bool], int]:
-    """(step labels, number of steps without a verdict); those get UNPARSEABLE_STEP_LABEL."""
-    labels = [UNPARSEABLE_STEP_LABEL if v is None else v for v in verdicts]
-    return labels, sum(v is None for v in verdicts)
+def labels_from_verdicts(verdicts: list) -> tuple[list[bool | None], int, int]:
+    """(step labels: the verdicts, None for a step without one; the steps without a verdict; those of them whose
+    reply was cut off, CUT_OFF)."""
+    labels = [None if v is CUT_OFF else v for v in verdicts]
+    return labels, sum(v is None for v in labels), sum(v is CUT_OFF for v in verdicts)
 
 
 def score_threshold(settings: Settings) -> float | None:
@@ -709,19 +733,28 @@ def label_rows(rows: list[dict], settings: Settings) -> list[dict]:
         scores = {"step_scores": row_verdicts, "step_scorer": scorer} if scorer is not None else {}
         if threshold is not None:
             row_verdicts = [None if score is None else score >= threshold for score in row_verdicts]
-        labels, failures = labels_from_verdicts(row_verdicts)
+        labels, failures, cutoffs = labels_from_verdicts(row_verdicts)
         out.append({**row, "completions": common.step_texts(row["completion"], row_spans), "step_spans": row_spans,
                     "labels": labels, **scores, "outcome": outcome, "pred": pred, "prm": settings.prm,
-                    "prm_failures": failures})
+                    "prm_failures": failures, "prm_cutoffs": cutoffs})
     return out
+
+
+# The share of steps cut off at the judge's token budget from which the summary says to raise the budget.
+CUTOFF_WARNING_SHARE = 0.05
 
 
 def summary(rows: list[dict]) -> str:
     steps = sum(len(r["labels"]) for r in rows)
-    wrong = sum(r["labels"].count(False) for r in rows)
-    failures = sum(r["prm_failures"] for r in rows)
-    return (f"{len(rows)} samples, {steps} steps: {steps - wrong} right, {wrong} wrong, of which "
-            f"{failures} without a verdict (prm_failures, labelled wrong)")
+    right, wrong = (sum(r["labels"].count(verdict) for r in rows) for verdict in (True, False))
+    failures, cutoffs = sum(r["prm_failures"] for r in rows), sum(r["prm_cutoffs"] for r in rows)
+    line = (f"{len(rows)} samples, {steps} steps: {right} right, {wrong} wrong, {failures} without a verdict "
+            f"(no evidence: left out of the step level)")
+    if cutoffs:
+        line += f", {cutoffs} of them because the judge's reply was cut off at its token budget"
+    if cutoffs and cutoffs >= CUTOFF_WARNING_SHARE * steps:
+        line += f" ({cutoffs / steps:.0%} of the steps: raise --judge_max_new_tokens)"
+    return line
 
 
 def labeller_settings(settings: Settings) -> str:

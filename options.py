@@ -132,7 +132,7 @@ TABLE: dict[str, dict[str, Rule]] = {
         "nll_weight": only(KTO), "lambda_d": only(KTO, when("balance_lambdas", False)),
         "lambda_u": only(KTO, when("balance_lambdas", False)),
         **{name: only(STEP_KTO) for name in ("w_outcome", "w_step", "step_span", "step_aggregation", "step_scope",
-                                             "step_z0")},
+                                             "step_z0", "unjudged_steps")},
         **{name: only(when("model", "scratch")) for name in ("scratch_tokenizer", "hidden_size", "num_layers",
                                                              "intermediate_size", "max_len")},
         **{name: only(unless("lora_r", 0)) for name in ("lora_alpha", "lora_dropout", "lora_target_modules")},

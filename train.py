@@ -14,7 +14,8 @@ one process with the same global batch:
 * ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
   --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
 * ``kto`` / ``step-kto``: label.py rows {"id", "prompt", "completion", "finish_reason", "outcome"}, plus
-  {"completions", "labels"} for step-kto (the outcome and step feedback of paper Sec. 2.1), scored on
+  {"completions", "labels"} for step-kto (the outcome and step feedback of paper Sec. 2.1; a null label is a step
+  without a verdict, which by default takes no part in the step level: --unjudged_steps), scored on
   generate.py's sampled token ids where the row has them. The loss is stepkto_loss.py's (8) (Sec. 2.3;
   equation numbers (n) are stepkto_loss.py's): step-kto = outcome + step level; kto = step-kto with
   w_step = 0, on rows that may lack the step fields.
@@ -97,6 +98,8 @@ class Args:
     step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper's "
         "judge labels every step) or only through the first wrong one (first_error: stepkto_loss.through_first_error, "
         "for labels that mean nothing after an error).")
+    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="step-kto: a step without a verdict (label.py's "
+        "null label): ignore (no part in the step level; its row keeps the outcome level) or wrong (undesirable).")
     step_z0: Literal["outcome", "step"] = option("outcome", help="Reference point of the step level: the outcome z0, "
         "or estimate_z0 over the KL pairs' step log-ratios.")
     per_device_batch_size: int = option(8, help="Rows per process per step; global batch = this * world size.")
@@ -155,7 +158,7 @@ class Args:
 class Example(NamedTuple):
     tokens: Tokenized
     desirable: bool  # outcome label (KTO); True for sft rows
-    step_labels: list[bool]  # (num_steps,); [] for sft and kto rows
+    step_labels: list[bool | None]  # (num_steps,): None for a step without a verdict; [] for sft and kto rows
 
 
 @dataclass
@@ -198,7 +201,7 @@ def load_examples(args: Args, tokenizer) -> list[Example]:
         return [sft_example(tokenizer, row, args.prompt_style) for row in common.read_jsonl(args.data, common.SFT_ROW)]
     with_steps = args.objective == "step-kto"
     rows = common.read_numbered_jsonl(args.data, common.STEP_KTO_ROW if with_steps else common.KTO_ROW)
-    return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps) for line, row in rows]
+    return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps, args.unjudged_steps) for line, row in rows]
 
 
 def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
@@ -208,9 +211,9 @@ def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
     return Example(Tokenized(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
 
 
-def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
-    """One label.py row -> Example, scoring the sampled ids when the row has them; raises DataError naming
-    file:line and field."""
+def kto_example(tokenizer, row: dict, where: str, with_steps: bool, unjudged_steps: str = "ignore") -> Example:
+    """One label.py row -> Example, scoring the sampled ids when the row has them, a step without a verdict kept as
+    None or, with unjudged_steps "wrong", labelled wrong; raises DataError naming file:line and field."""
     if row["finish_reason"] not in ("stop", "length"):
         raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
     spans = []
@@ -223,6 +226,8 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool) -> Example:
         raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
     step_ids = steps_of_tokens(offsets, spans)
     labels = row["labels"] if with_steps else []
+    if unjudged_steps == "wrong":
+        labels = [False if step_label is None else step_label for step_label in labels]
     return Example(Tokenized(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
 
 
@@ -251,8 +256,8 @@ def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[in
 
 def check_step_fields(row: dict, num_spans: int, where: str) -> None:
     labels = row["labels"]
-    if not all(isinstance(label, bool) for label in labels):
-        raise DataError(f"{where}: field 'labels' must be a list of booleans")
+    if not all(isinstance(label, bool) or label is None for label in labels):
+        raise DataError(f"{where}: field 'labels' must be a list of booleans and nulls (null: no verdict)")
     for name in ("labels", "completions"):
         if len(row[name]) != num_spans:
             raise DataError(
@@ -294,13 +299,14 @@ def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) 
 
 def level_lambdas(examples: list[Example], args: Args) -> dict:
     """lambda_D / lambda_U of (3) at the outcome and the step level, from --lambda_d/--lambda_u or balanced
-    per level over the whole data."""
+    per level over the whole data (the step level's over the steps it scores: judged ones only)."""
     if not args.balance_lambdas:
         return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
     n_d = sum(e.desirable for e in examples)
     lengths = torch.tensor([len(e.step_labels) for e in examples])  # (N,)
-    labels = step_label_tensor(examples, max(lengths.tolist(), default=0), "cpu")  # (N, K)
-    scored = scored_steps(labels, torch.arange(labels.size(1)) < lengths[:, None], args)  # (N, K)
+    num_steps = max(lengths.tolist(), default=0)
+    labels, judged = step_label_tensor(examples, num_steps, "cpu"), judged_steps(examples, num_steps, "cpu")  # (N, K)
+    scored = scored_steps(labels, torch.arange(num_steps) < lengths[:, None], judged, args)  # (N, K)
     steps_d, steps_all = int((labels & scored).sum()), int(scored.sum())
     outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
     return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
@@ -316,21 +322,35 @@ def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float
 
 
 def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
-    labels = np.zeros((len(examples), num_steps), dtype=bool)  # (B, K), padding steps False (masked anyway)
+    """(B, K) bool: the steps judged right; padding steps and steps without a verdict False (judged_steps masks
+    them)."""
+    return step_tensor(examples, num_steps, device, lambda step_label: step_label is True)
+
+
+def judged_steps(examples: list[Example], num_steps: int, device) -> torch.Tensor:
+    """(B, K) bool: the steps with a verdict; padding steps False."""
+    return step_tensor(examples, num_steps, device, lambda step_label: step_label is not None)
+
+
+def step_tensor(examples: list[Example], num_steps: int, device, value) -> torch.Tensor:
+    """(B, K) bool: value(label) of every step of every example; padding steps False."""
+    tensor = np.zeros((len(examples), num_steps), dtype=bool)  # (B, K)
     for b, example in enumerate(examples):
-        labels[b, : len(example.step_labels)] = example.step_labels
-    return torch.from_numpy(labels).to(device)
+        tensor[b, : len(example.step_labels)] = [value(step_label) for step_label in example.step_labels]
+    return torch.from_numpy(tensor).to(device)
 
 
-def scored_steps(step_labels: torch.Tensor, step_mask: torch.Tensor, args: Args) -> torch.Tensor:
-    """(B, K) bool: K_i of (7), the real steps that the step level scores (--step_scope)."""
-    return sk.through_first_error(step_labels, step_mask) if args.step_scope == "first_error" else step_mask
+def scored_steps(step_labels: torch.Tensor, step_mask: torch.Tensor, judged: torch.Tensor, args: Args) -> torch.Tensor:
+    """(B, K) bool: K_i of (7), the real steps with a verdict that the step level scores (--step_scope first_error:
+    through the first wrong one among them). A step nobody judged is no evidence either way."""
+    mask = step_mask & judged  # (B, K)
+    return sk.through_first_error(step_labels, mask) if args.step_scope == "first_error" else mask
 
 
 def fully_desirable(example: Example) -> bool:
-    """Desirable at every level: the right answer and every step right (kto rows have no step labels; every sft
-    row is). The rows whose NLL --nll_weight's anchor trains, and sft."""
-    return example.desirable and all(example.step_labels)
+    """Desirable at every level: the right answer and every step judged right (kto rows have no step labels; every
+    sft row is). The rows whose NLL --nll_weight's anchor trains, and sft."""
+    return example.desirable and all(step_label is True for step_label in example.step_labels)
 
 
 def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, work: Path, tokenizer) -> Reference:
@@ -382,15 +402,15 @@ class MicroBatch(NamedTuple):
     kl: Optional[Batch]  # its rows' mismatched pairs (x_j, y_{j-1}) of (2)
     ref: Optional[Reference]  # log pi_ref of its rows (B,), (B, K) and of its KL pairs (B,), (B, K_kl)
     desirable: Optional[torch.Tensor]  # (B,) bool: the outcome labels
-    step_labels: Optional[torch.Tensor]  # (B, K) bool
-    step_mask: Optional[torch.Tensor]  # (B, K) bool: the scored steps, K_i of (7)
+    step_labels: Optional[torch.Tensor]  # (B, K) bool: judged right
+    step_mask: Optional[torch.Tensor]  # (B, K) bool: the scored steps, K_i of (7): judged ones only
 
 
 class Counts(NamedTuple):
     """The global batch's counts, the denominators of (5) and (7), known before any forward (StepKTOTerms.loss)."""
 
     n_outcome: torch.Tensor  # the completions
-    n_step: torch.Tensor  # those with a step (every --step_scope scores a completion's first step)
+    n_step: torch.Tensor  # those with a judged step (every --step_scope scores a completion's first judged step)
 
 
 class StepInputs(NamedTuple):
@@ -409,7 +429,7 @@ def step_inputs(step: int, data: Data, args: Args, env: Env) -> StepInputs:
     """Global batch ``step`` as this rank computes it: its micro-batches, and the global batch's counts."""
     examples = [data.examples[i] for i in data.plan[step].rows]
     nll_tokens = max(sum(len(e.tokens.completion_ids) for e in examples if fully_desirable(e)), 1)
-    n_step = sum(e.tokens.num_steps > 0 for e in examples)
+    n_step = sum(any(step_label is not None for step_label in e.step_labels) for e in examples)
     counts = Counts(torch.tensor(float(len(examples))), torch.tensor(float(n_step)))
     micro = micro_batches(len(examples), env, args.gradient_accumulation_steps)
     return StepInputs([micro_batch(step, slots, data, args, env.device) for slots in micro], counts, nll_tokens)
@@ -437,10 +457,10 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
     ref, num_steps = data.reference, batch.step_mask.size(1)
     ref = Reference(ref.row_total[rows], ref.row_steps[rows, :num_steps], ref.kl_total[pairs],
                     ref.kl_steps[pairs, : kl.step_mask.size(1)])
-    step_labels = step_label_tensor(examples, num_steps, device)  # (B, K)
+    step_labels, judged = step_label_tensor(examples, num_steps, device), judged_steps(examples, num_steps, device)
     desirable = torch.tensor([e.desirable for e in examples], device=device)  # (B,)
     return MicroBatch(batch, anchored, kl, Reference(*(t.to(device) for t in ref)), desirable, step_labels,
-                      scored_steps(step_labels, batch.step_mask, args))
+                      scored_steps(step_labels, batch.step_mask, judged, args))
 
 
 # ----------------------------------------------------------------------------- the training loop (paper Sec. 2.3, 2.4)

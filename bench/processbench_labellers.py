@@ -21,9 +21,10 @@ commas removed); a row without a match is an error. ``--with_reference`` also gi
 matching GSM8K worked solution in the step format (grading.gsm8k_reference_solution); off by default, as
 ProcessBench gives judges no reference.
 
-Predicted first error = first step labelled wrong (a step without a verdict is labelled wrong:
-label.UNPARSEABLE_STEP_LABEL), -1 if none. Metric (ProcessBench, arXiv 2412.06559): F1 = harmonic
-mean of the accuracy on rows with an error (exact first-error index) and on rows without one (-1).
+Predicted first error = first step not labelled right, -1 if none: a step without a verdict (label.py's null
+label) counts as wrong here, as ProcessBench's first-error metric has no undecided step. Metric (ProcessBench,
+arXiv 2412.06559): F1 = harmonic mean of the accuracy on rows with an error (exact first-error index) and on rows
+without one (-1).
 Per labeller it also reports the share of verdicts that parse, the judge tokens per solution
 (prompt + generated, counted from the engine's own ids) and the wall time.
 
@@ -125,7 +126,7 @@ class CountingEngine:
 
 
 def chunk_verdicts(name: str, chunk: list[dict], counter: CountingEngine | None, settings: label.Settings) -> list[list]:
-    """Verdicts (True / False / None per step) of labeller ``name`` on one chunk of rows: label.py's labeller,
+    """Verdicts (True / False / None / label.CUT_OFF per step) of labeller ``name`` on one chunk of rows: label.py's labeller,
     through the counting engine."""
     settings = labeller_settings(name, settings)
     spans = [common.step_spans(r["completion"]) for r in chunk]
@@ -133,8 +134,10 @@ def chunk_verdicts(name: str, chunk: list[dict], counter: CountingEngine | None,
 
 
 def predicted_first_error(verdicts: list) -> int:
-    labels, _ = label.labels_from_verdicts(verdicts)
-    return labels.index(False) if False in labels else -1
+    """The first step not labelled right: wrong, or without a verdict (ProcessBench's metric has no undecided step,
+    so a step nobody judged counts as the error); -1 if every step is right."""
+    labels, _, _ = label.labels_from_verdicts(verdicts)
+    return next((k for k, step_label in enumerate(labels) if step_label is not True), -1)
 
 
 def f1_scores(gold: list[int], predicted: list[int]) -> dict:
@@ -150,11 +153,13 @@ def f1_scores(gold: list[int], predicted: list[int]) -> dict:
 
 
 def parse_share(name: str, verdicts: list[list]) -> tuple[int, int] | None:
-    """(parsed, total): steps with a verdict (step protocol), solutions whose reply parsed (first_error)."""
+    """(parsed, total): steps with a verdict (step protocol), solutions whose reply parsed (first_error); a reply cut
+    off at the token budget gives none."""
+    labels = [label.labels_from_verdicts(vs)[0] for vs in verdicts]
     if name == "judge_step":
-        return sum(v is not None for vs in verdicts for v in vs), sum(map(len, verdicts))
+        return sum(v is not None for vs in labels for v in vs), sum(map(len, labels))
     if name == "judge_first_error":  # an unparsed reply leaves every step of its solution without a verdict
-        return sum(None not in vs for vs in verdicts if vs), sum(bool(vs) for vs in verdicts)
+        return sum(None not in vs for vs in labels if vs), sum(bool(vs) for vs in labels)
     return None
 
 
@@ -252,11 +257,12 @@ def examples(scores: list[dict]) -> str:
                      + (" (cut at 300 characters)" if len(s["example"]) > 300 else "") for s in shown)
 
 
-READING = """* Predicted first error = first step labelled wrong, -1 if none; a step without a verdict is labelled
-  wrong (`label.UNPARSEABLE_STEP_LABEL`). F1 = harmonic mean of the two accuracies (ProcessBench,
-  arXiv 2412.06559).
+READING = """* Predicted first error = first step not labelled right, -1 if none: a step without a verdict
+  (label.py's null label) counts as wrong here, as ProcessBench's metric has no undecided step. F1 = harmonic
+  mean of the two accuracies (ProcessBench, arXiv 2412.06559).
 * Verdicts that parse: `step` = steps with a verdict / steps; `first_error` = solutions whose reply
-  named a step or "none" / solutions (an unparsed reply leaves all its steps without a verdict); n/a
+  named a step or "none" / solutions (an unparsed reply leaves all its steps without a verdict); a reply
+  cut off at `--judge_max_new_tokens` gives no verdict, whatever its text says; n/a
   for check (exact) and mc (a count of rollouts reaching the gold answer always decides).
 * Judge tokens per solution: prompt + generated token ids as the engine consumed and sampled them
   (generate.Sample.prompt_ids / completion_ids, judge tokenizer), summed over the labeller's calls and
@@ -265,7 +271,7 @@ READING = """* Predicted first error = first step labelled wrong, -1 if none; a 
 * Seconds: wall time of the labeller on the subset (model load excluded), indicative on a shared machine."""
 
 UNTRAINED = """* The tiny untrained judge said neither "correct" nor "incorrect" nor a step number (no reply parsed),
-  so its steps got no verdict and were labelled wrong: this run checks the plumbing, not a judge."""
+  so its steps got no verdict and counted as wrong: this run checks the plumbing, not a judge."""
 
 
 def untrained_unparsed(scores: list[dict], cli) -> bool:

@@ -98,6 +98,23 @@ def test_sampled_metrics_pass_at_k_beside_mean_pass1():
     assert [key for key in m if key.startswith("pass@")] == ["pass@1_over_4", "pass@2_over_4", "pass@4_over_4"]
 
 
+def test_the_stepwise_error_rate_runs_over_the_judged_correct_solutions():
+    """Among correct answers: flawed (a step labelled wrong, even beside a null one), clean (every step right), and
+    undetermined (no wrong step, a step without a verdict), which is left out of the rate and its interval."""
+    labels = [[True, True], [True, False], [None, False], [True, None], [None], [False], [None]]
+    outcomes = [True] * 5 + [False] * 2
+    rows = [{"problem_id": f"p{i}", "answer": "1", "pred": None, "outcome": outcome, "labels": steps,
+             "prm_failures": steps.count(None), "finish_reason": "stop"}
+            for i, (steps, outcome) in enumerate(zip(labels, outcomes))]
+    m = evaluate.greedy_metrics(rows)
+    assert m["stepwise_error_rate"] == pytest.approx(2 / 3)  # 2 flawed, 1 clean; 2 undetermined left out
+    assert m["stepwise_error_rate_ci95"] == evaluate.wilson_interval(2, 3)
+    assert (m["n_correct"], m["n_correct_with_wrong_step"], m["n_correct_unjudged"], m["prm_failures"]) == (5, 2, 2, 4)
+    assert evaluate.sampled_metrics(rows, 1)["stepwise_error_rate_sampled"] == pytest.approx(2 / 3)
+    undetermined = [dict(row, labels=[None], prm_failures=1) for row in rows]
+    assert evaluate.greedy_metrics(undetermined)["stepwise_error_rate"] is None
+
+
 def test_evaluate_defaults_to_the_harness_budget():
     assert evaluate.Args(model="m", benchmark="b", output_dir="o").max_new_tokens == 2048
 

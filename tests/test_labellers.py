@@ -295,10 +295,75 @@ def test_judge_end_to_end_counts_unparseable_verdicts(tiny_model, tmp_path):
     got = common.read_jsonl(out, {"labels": list, "completions": list, "prm_failures": int, "outcome": bool})
     assert [len(r["labels"]) for r in got] == [3, 3, 2, 0]  # one label per step
     assert [r["outcome"] for r in got] == [True, False, False, False]
-    # the untrained judge never says "correct" or "incorrect": every step is a counted failure, labelled wrong
+    # the untrained judge never says "correct" or "incorrect": every step is a counted failure, without a label
     assert [r["prm_failures"] for r in got] == [3, 3, 2, 0]
-    assert all(step_label is False for r in got for step_label in r["labels"])
+    assert all(step_label is None for r in got for step_label in r["labels"])
+    assert all(0 <= r["prm_cutoffs"] <= r["prm_failures"] for r in got)
     assert {r["prm"] for r in got} == {"judge"}
+
+
+def test_a_step_without_a_verdict_is_written_as_null_and_counted(monkeypatch, tmp_path):
+    """A labeller's None is no verdict: label.py writes null, never a label nobody gave, and counts it."""
+    verdicts = {"p0#0": [True, None, False], "p1#0": [None, None, None]}
+    monkeypatch.setitem(label.LABELLERS, "check", lambda rows, spans, settings, engine=None: [verdicts[r["id"]] for r in rows])
+    src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
+    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])])
+    assert label.label_file(str(src), str(out), label.Settings())
+    assert '"labels": [true, null, false]' in out.read_text()
+    got = common.read_jsonl(out, common.LABELLED_ROW)
+    assert [(r["labels"], r["prm_failures"], r["prm_cutoffs"]) for r in got] == [
+        ([True, None, False], 1, 0), ([None, None, None], 3, 0)]
+    assert label.summary(got) == ("2 samples, 6 steps: 1 right, 1 wrong, 4 without a verdict (no evidence: left out "
+                                  "of the step level)")
+
+
+class ScriptedJudge:
+    """A judge engine (no tokenizer: chat prompts) that replies to each step-protocol prompt by the step it checks,
+    and to each first-error prompt by its problem: (text, finish_reason)."""
+
+    tokenizer = None
+
+    def __init__(self, replies: dict):
+        self.replies = replies
+
+    def generate(self, prompts, sampling, seed):
+        keys = [p[0]["content"].split("Step to check:\n")[-1].split("\n\n")[0] for p in prompts]
+        return [[generate.Sample(*self.replies[key], [], [])] for key in keys]
+
+
+def test_a_reply_cut_off_at_the_token_budget_is_no_verdict(monkeypatch):
+    """finish_reason "length": no verdict, whatever the text so far says; counted in prm_failures and prm_cutoffs."""
+    judge = ScriptedJudge({"3 + 4 = 7": ("Correct.", "stop"),
+                           "7 * 2 = 14": ("The first part, the sum, is correct. Next, the student multiplies and gets",
+                                          "length"),
+                           "The answer is \\boxed{14}.": ("hmm", "stop")})
+    monkeypatch.setattr(label, "get_judge", lambda settings: judge)
+    settings = label.Settings(prm="judge", judge_model="judge")
+    assert label.parse_verdict(judge.replies["7 * 2 = 14"][0]) is True  # the text alone reads as right
+    [row] = label.label_rows([sample_row(0, COMPLETIONS[0], solution="ref")], settings)
+    assert (row["labels"], row["prm_failures"], row["prm_cutoffs"]) == ([True, None, None], 2, 1)
+    assert "1 of them because the judge's reply was cut off at its token budget (33% of the steps: raise " \
+           "--judge_max_new_tokens)" in label.summary([row])
+
+
+def test_a_first_error_reply_cut_off_leaves_every_step_of_its_solution_without_a_verdict(monkeypatch):
+    rows = [sample_row(0, COMPLETIONS[0], solution="ref"), {**sample_row(1, COMPLETIONS[1]), "problem": "Compute 8."}]
+    judge = ScriptedJudge({})
+    judge.generate = lambda prompts, sampling, seed: [
+        [generate.Sample("\\boxed{2}", "length" if "Compute (3 + 4)" in p[0]["content"] else "stop", [], [])]
+        for p in prompts]
+    monkeypatch.setattr(label, "get_judge", lambda settings: judge)
+    settings = label.Settings(prm="judge", judge_model="judge", judge_protocol="first_error")
+    got = label.label_rows(rows, settings)
+    assert [(r["labels"], r["prm_failures"], r["prm_cutoffs"]) for r in got] == [
+        ([None, None, None], 3, 3), ([True, False, False], 0, 0)]
+
+
+def test_the_summary_asks_for_a_larger_budget_only_when_many_replies_were_cut_off():
+    rows = [{"labels": [True] * 39 + [None], "prm_failures": 1, "prm_cutoffs": 1}]
+    assert "cut off" in label.summary(rows) and "--judge_max_new_tokens" not in label.summary(rows)
+    rows = [{"labels": [True] * 19 + [None], "prm_failures": 1, "prm_cutoffs": 1}]  # 5% of the steps
+    assert "(5% of the steps: raise --judge_max_new_tokens)" in label.summary(rows)
 
 
 # ----------------------------------------------------------------------------- Monte-Carlo rollouts

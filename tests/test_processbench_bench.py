@@ -49,6 +49,10 @@ def test_parse_share_and_predicted_first_error():
     assert pb.parse_share("judge_first_error", first_error) == (1, 2)  # solutions with steps only
     assert pb.parse_share("mc", verdicts) is None
     assert [pb.predicted_first_error(v) for v in ([True, True], [True, None, True], [True, False])] == [-1, 1, 1]
+    # a reply cut off at the token budget is no verdict: it counts as the error, and not as parsed
+    assert pb.predicted_first_error([True, label.CUT_OFF, True]) == 1
+    assert pb.parse_share("judge_step", [[True, label.CUT_OFF]]) == (1, 2)
+    assert pb.parse_share("judge_first_error", [[label.CUT_OFF] * 2, [True, False]]) == (1, 2)
 
 
 class FakeEngine:

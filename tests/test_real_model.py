@@ -109,11 +109,12 @@ def test_labellers_on_the_real_model(samples, tmp_path):
         assert len(rows) == 6 and all(r["prm"] == args.prm for r in rows)
         for row in rows:
             assert len(row["labels"]) == len(row["completions"]) == len(row["step_spans"])
-            assert all(isinstance(x, bool) for x in row["labels"]) and 0 <= row["prm_failures"] <= len(row["labels"])
+            assert all(isinstance(x, bool) or x is None for x in row["labels"])  # None (null): no verdict
+            assert row["prm_failures"] == row["labels"].count(None) and 0 <= row["prm_cutoffs"] <= row["prm_failures"]
     first = common.read_jsonl(tmp_path / "judge_first.jsonl")
-    for row in first:  # one verdict per solution: the labels are right, then wrong from the named step on
+    for row in first:  # one verdict per solution: the labels are right, then wrong from the named step on (or none)
         labels = row["labels"]
-        assert labels == sorted(labels, reverse=True)
+        assert labels == [None] * len(labels) if None in labels else labels == sorted(labels, reverse=True)
 
 
 def test_step_kto_steps_on_the_real_model(samples, tmp_path):

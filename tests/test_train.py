@@ -471,6 +471,10 @@ MALFORMED = {
         lambda row: json.dumps({**row, "finish_reason": "eos"}),
         r":3: field 'finish_reason' must be",
     ),
+    "label_not_a_verdict": (
+        lambda row: json.dumps({**row, "labels": ["yes"] * len(row["labels"])}),
+        r":3: field 'labels' must be a list of booleans and nulls",
+    ),
 }
 
 
@@ -503,3 +507,43 @@ def test_balanced_lambdas_follow_the_kto_paper_rule():
     assert train.balanced_lambdas(0, 5) == (1.0, 1.0)
     d, u = train.balanced_lambdas(7, 93)
     assert abs(d * 7 - u * 93) < 1e-9
+
+
+UNJUDGED_LABELS = [[None], [True, None], [None, False, True], [True]]  # outcomes False, True, False, True
+
+
+def unjudged_step_inputs(tmp_path, tokenizer, **options):
+    """One global batch of the four rows of UNJUDGED_LABELS (null: no verdict), as train.step_inputs prepares it
+    (a zero reference: no model), with the step labels and masks of each row by its index in the file."""
+    rows = [dict(row, labels=labels) for row, labels in zip(label_rows(tokenizer, 4), UNJUDGED_LABELS)]
+    args = train.Args(objective="step-kto", model="unused", output_dir="unused", per_device_batch_size=4,
+                      data=str(write_jsonl(tmp_path / "labels.jsonl", rows)), **options)
+    env = train.Env(0, 1, torch.device("cpu"))
+    data = train.prepare_data(args, env, tokenizer)
+    data.reference = policy.Reference(torch.zeros(4), torch.zeros(4, 3), torch.zeros(4), torch.zeros(4, 0))
+    inputs = train.step_inputs(0, data, args, env)
+    [micro] = inputs.micro
+    order = [data.plan[0].rows.index(i) for i in range(4)]
+    masks = [micro.step_mask[b, : len(UNJUDGED_LABELS[i])].tolist() for i, b in enumerate(order)]
+    labels = [micro.step_labels[b, : len(UNJUDGED_LABELS[i])].tolist() for i, b in enumerate(order)]
+    return data, inputs, masks, labels, [micro.anchored[b].item() for b in order]
+
+
+def test_a_step_without_a_verdict_takes_no_part_in_the_step_level_by_default(tmp_path, tokenizer):
+    """--unjudged_steps ignore: a null step is out of the step mask (and of the balanced lambdas and of the count of
+    completions with a scored step); wrong: it is scored as an undesirable step, as a False label."""
+    data, inputs, masks, labels, anchored = unjudged_step_inputs(tmp_path, tokenizer)
+    assert masks == [[False], [True, False], [False, True, True], [True]]
+    assert [[x for x, m in zip(row, mask) if m] for row, mask in zip(labels, masks)] == [[], [True], [False, True], [True]]
+    assert inputs.counts.n_step.item() == 3  # the first row has no judged step
+    assert data.lambdas["step_lambda_d"] == pytest.approx(1 / 3) and data.lambdas["step_lambda_u"] == 1.0  # 3 vs 1
+    assert anchored == [False, False, False, True]  # the anchor: right answer and every step judged right
+    _, _, first_error, _, _ = unjudged_step_inputs(tmp_path, tokenizer, step_scope="first_error")
+    assert first_error == [[False], [True, False], [False, True, False], [True]]  # the first wrong among the judged
+
+    data, inputs, masks, labels, anchored = unjudged_step_inputs(tmp_path, tokenizer, unjudged_steps="wrong")
+    assert masks == [[True], [True, True], [True, True, True], [True]]
+    assert labels == [[False], [True, False], [False, False, True], [True]]
+    assert inputs.counts.n_step.item() == 4
+    assert data.lambdas["step_lambda_d"] == 1.0 and data.lambdas["step_lambda_u"] == pytest.approx(3 / 4)  # 3 vs 4
+    assert anchored == [False, False, False, True]
