@@ -444,8 +444,9 @@ def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm
 
     label.main(args(ref))
     done = ref.read_text().splitlines(keepends=True)
-    # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9
+    # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9 (after the record was written)
     Path(str(out) + ".partial").write_text("".join(done[:5]) + done[5][:20])
+    Path(str(out) + ".provenance.json").write_bytes(Path(str(ref) + ".provenance.json").read_bytes())
     label.main(args(out))
     assert out.read_text() == ref.read_text()
 
