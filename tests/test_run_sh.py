@@ -246,3 +246,19 @@ def check_gpu_recipe_commands(run: Path, model: Path) -> None:
     (_, train), = by_stage["train.py"]
     assert option_of(train, "--mixed_precision") == "bfloat16" and option_of(train, "--optim") == "adamw_fused"
     assert (option_of(train, "--per_device_batch_size"), option_of(train, "--gradient_accumulation_steps")) == ("1", "2")
+
+
+def test_a_failed_shard_stops_its_siblings(tmp_path):
+    """run.sh with two sampling shards per node: when one shard fails, the other is stopped, none is left running,
+    and run.sh fails naming the output (a stub Python: shard 0 would run for minutes, shard 1 fails)."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\ncase "$*" in\n'
+                    '  *evaluate.py*"--shard_index 0"*) echo $$ > "$(dirname "$0")/shard0.pid"; exec sleep 120 ;;\n'
+                    '  *evaluate.py*"--shard_index 1"*) sleep 1; exit 3 ;;\nesac\nexit 0\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "GEN_PYTHON": str(stub), "RUNS": str(tmp_path / "runs"), "MODEL": "m",
+           "TRAIN_PROBLEMS": "math_train", "BENCHMARK": "math500", "GPUS": "2", "OBJECTIVES": "step-kto"}
+    proc = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "a shard of" in proc.stderr and "eval/M0/result.json failed" in proc.stderr
+    pid = int((tmp_path / "shard0.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
