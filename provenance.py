@@ -6,7 +6,7 @@ cannot be tied to the output afterwards, as DVC's dvc.lock records its deps' has
 
     {"format": FORMAT, "stage": "label.py",
      "inputs": {"samples": {"sha256": ..., "path": ...}},     # the bytes (or the rows) each input held
-     "models": {"model": {"made_by": ...} | {"sha256": ...} | {"hub": id, "revision": ...} | {"name": id}},
+     "models": {"model": {"made_by": ...} | {"sha256": ...} | {"name": id}},
      "settings": {option: value}}                             # every option that changes the output's content
 
 A JSONL output OUT keeps its record in OUT.provenance.json, a folder in FOLDER/provenance.json; both stay after
@@ -99,30 +99,20 @@ def rows_input(rows, path: str = "") -> dict:
 
 
 def model_identity(model: str) -> dict:
-    """What a model is, as far as this machine can tell: a checkpoint folder by its own provenance record (train.py
-    writes one) or else by the digest of its files; a hub id by the cached snapshot's revision; a served model by
-    its name."""
+    """What a model is, as far as this machine can tell before loading it: a checkpoint folder by its own provenance
+    record (train.py writes one), another folder by the digests of its files (hidden ones, such as a .git folder,
+    left out); a hub id or a served model by its name (a hub download may happen only once the stage runs: to pin
+    a revision, pass its snapshot folder)."""
     if model in ("", "scratch"):
         return {"name": model}
     folder = Path(model)
-    if folder.is_dir():
-        if (folder / RECORD).is_file():
-            return {"made_by": file_sha256(folder / RECORD)}
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        return {"sha256": json_sha256([[str(p.relative_to(folder)), file_sha256(p)] for p in files])}
-    return _hub_identity(model)
-
-
-def _hub_identity(model: str) -> dict:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(model, "config.json")
-    except Exception:  # not a hub id (a served model's name), or no hub library
-        found = None
-    if isinstance(found, str):
-        return {"hub": model, "revision": Path(found).parent.name}
-    return {"name": model}
+    if not folder.is_dir():
+        return {"name": model}
+    if (folder / RECORD).is_file():
+        return {"made_by": file_sha256(folder / RECORD)}
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return {"sha256": json_sha256([[str(p.relative_to(folder)), file_sha256(p)] for p in files])}
 
 
 # ----------------------------------------------------------------------------- records
