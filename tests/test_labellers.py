@@ -378,7 +378,7 @@ def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm
                           judge_engine="transformers", judge_max_new_tokens=4, chunk_size=2, allow_missing_reference=True)
 
     label.main(args(ref))
-    done = ref.read_text().splitlines(keepends=True)
+    done = common.jsonl_lines(ref.read_text(), keepends=True)
     # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9
     Path(str(out) + ".partial").write_text("".join(done[:5]) + done[5][:20])
     label.main(args(out))
