@@ -39,6 +39,7 @@ sft.jsonl ({id, problem, answer, completion, flaw}: common.SFT_ROW, flawed solut
 """
 import ast
 import hashlib
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -61,6 +62,18 @@ OPERATORS = set("+-*/^")
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "^"}
 _PRECEDENCE = {"+": 0, "-": 0, "*": 1}
 NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
+# What the checkers evaluate of text of any size (label.py --prm check reads sampled completions): an expression of
+# more tokens or tree levels, or whose value (a power's estimated before it is computed) needs more bits, is never
+# evaluated. Far above the equations of real solutions (GSM8K, MATH-500, ProcessBench steps).
+MAX_TOKENS = 256  # numbers, operators and brackets of one expression
+MAX_DEPTH = 100  # levels of its tree, which is built and walked recursively (Python's recursion limit is 1000)
+MAX_VALUE_BITS = 10_000  # of the numerator or the denominator of any value in it
+MAX_DIGITS = MAX_VALUE_BITS * 3 // 10  # of a number in the text (a decimal digit is log2(10) > 3 bits)
+
+
+class TooLarge(ValueError):
+    """An expression too long, too deep or of too large a value to evaluate (MAX_TOKENS, MAX_DEPTH, MAX_VALUE_BITS,
+    MAX_DIGITS): a step that states it cannot be verified."""
 
 
 @dataclass
@@ -100,19 +113,35 @@ def tokenize(text: str) -> list[str]:
 
 
 def apply_op(op: str, a: Fraction, b: Fraction) -> Fraction:
-    """Exact a op b; ValueError for division by zero and for huge or fractional powers."""
-    if (op == "/" and b == 0) or (op == "^" and (b.denominator != 1 or abs(b) > 12)):
+    """Exact a op b; ValueError for division by zero and fractional powers, TooLarge for a value of more than
+    MAX_VALUE_BITS (a power's size, |b| * log2|a|, is estimated before it is computed)."""
+    if (op == "/" and b == 0) or (op == "^" and (b.denominator != 1 or (a == 0 and b < 0))):
         raise ValueError(f"{a} {op} {b} is not evaluated")
-    return {"+": a + b, "-": a - b, "*": a * b}[op] if op in "+-*" else a / b if op == "/" else a ** int(b)
+    if op == "^" and _bits(a) and abs(b) > MAX_VALUE_BITS / _bits(a):
+        raise TooLarge(f"a power of more than {MAX_VALUE_BITS} bits (MAX_VALUE_BITS)")
+    value = {"+": a + b, "-": a - b, "*": a * b}[op] if op in "+-*" else a / b if op == "/" else a ** int(b)
+    if _bits(value) > MAX_VALUE_BITS:
+        raise TooLarge(f"a value of more than {MAX_VALUE_BITS} bits (MAX_VALUE_BITS)")
+    return value
+
+
+def _bits(value: Fraction) -> float:
+    """log2 of the larger of |numerator| and denominator: the bits a value takes (0 for 0, 1 and -1)."""
+    return math.log2(max(abs(value.numerator), value.denominator))
 
 
 def parse_expression(text: str, percent: Fraction = Fraction(1)) -> Node:
     """Tree of +, -, *, /, ^ (unary minus as 0 - x), every node with its `true_value`; `N%` is
     N * percent. Python's ast does the parsing; numbers become names, so nothing is evaluated
-    by Python and "0.1" stays exact. ValueError if malformed."""
+    by Python and "0.1" stays exact. ValueError if malformed, TooLarge beyond MAX_TOKENS, MAX_DEPTH,
+    MAX_VALUE_BITS or MAX_DIGITS."""
     tokens, source, values = tokenize(text), [], []
+    if len(tokens) > MAX_TOKENS:
+        raise TooLarge(f"an expression of {len(tokens)} tokens, more than {MAX_TOKENS} (MAX_TOKENS)")
     for i, token in enumerate(tokens):
         if NUMBER.fullmatch(token):
+            if len(token) > MAX_DIGITS:
+                raise TooLarge(f"a number of {len(token)} digits, more than {MAX_DIGITS} (MAX_DIGITS)")
             values.append(Fraction(token) * (percent if tokens[i + 1:i + 2] == ["%"] else 1))
             source.append(f"n{len(values) - 1}")
         elif token == "%" and i > 0 and NUMBER.fullmatch(tokens[i - 1]):
@@ -122,10 +151,23 @@ def parse_expression(text: str, percent: Fraction = Fraction(1)) -> Node:
         else:
             raise ValueError(f"not an arithmetic expression: {text!r}")
     source = " ".join(source)
+    return _to_node(_syntax_tree(source, text), source, values)
+
+
+def _syntax_tree(source: str, text: str) -> ast.expr:
+    """Python's tree of ``source`` (``text`` with its numbers as names), at most MAX_DEPTH levels deep."""
     try:
-        return _to_node(ast.parse(source, mode="eval").body, source, values)
+        tree = ast.parse(source, mode="eval").body
     except SyntaxError as error:
         raise ValueError(f"not an arithmetic expression: {text!r}") from error
+    except (RecursionError, MemoryError):  # the parser's own limits on nesting
+        raise TooLarge(f"an expression nested more than {MAX_DEPTH} levels deep (MAX_DEPTH)") from None
+    depth, level = 0, [tree]
+    while level:  # level by level, without recursion: the tree may be of any depth
+        depth, level = depth + 1, [c for node in level for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)]
+    if depth > MAX_DEPTH:
+        raise TooLarge(f"an expression {depth} levels deep, more than {MAX_DEPTH} (MAX_DEPTH)")
+    return tree
 
 
 def _to_node(tree: ast.AST, source: str, values: list[Fraction]) -> Node:
@@ -325,23 +367,31 @@ def _expression_of(problem: str) -> str:
 
 
 def is_arith_problem(problem: str) -> bool:
-    """True for this task's problem texts (label.py then uses the exact `check_steps`)."""
+    """True for this task's problem texts (label.py then uses the exact `check_steps`), also one too large to
+    check (`check_steps` raises TooLarge)."""
     if not re.fullmatch(r"Compute [\d+\-*() ]+\.", problem):
         return False
-    return value_of(tokenize(_expression_of(problem))) is not None
+    try:
+        return value_of(tokenize(_expression_of(problem))) is not None
+    except TooLarge:
+        return True
 
 
 def value_of(tokens: list[str], percent: Fraction = Fraction(1)) -> Fraction | None:
-    """The exact value of an arithmetic expression's tokens (`%` read as ``percent``), None when it does not parse."""
+    """The exact value of an arithmetic expression's tokens (`%` read as ``percent``), None when it does not parse;
+    TooLarge when it is too long, too deep or too large to evaluate."""
     try:
         return parse_expression(" ".join(tokens), percent).true_value
+    except TooLarge:
+        raise
     except ValueError:
         return None
 
 
 
 # ----------------------------------------------------------------------------- exact step checker
-TASK_EQUATION = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
+# (?<!\d): a match never starts inside a number (the search would try every digit of a long one)
+TASK_EQUATION = re.compile(r"(-?(?<!\d)\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
 BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}|\\boxed\{")
 
 
@@ -353,7 +403,8 @@ def check_steps(problem: str, steps: list[str]) -> list[bool]:
     judged against what was produced. A step whose operands no reducible node holds is wrong; if
     an unreduced node's TRUE operands are (a, b) (a silent slip, a skipped step) that node still
     becomes c so that later steps can be right again. `\\boxed{x}` is right iff the tree is fully
-    reduced to x. A step with neither (garbage) is wrong."""
+    reduced to x. A step with neither (garbage) is wrong, and so is one whose numbers are too large to check
+    (MAX_DIGITS, MAX_VALUE_BITS). TooLarge when the problem itself is."""
     root = parse_expression(_expression_of(problem))
     return [_check_step(root, step) for step in steps]
 
@@ -361,9 +412,15 @@ def check_steps(problem: str, steps: list[str]) -> list[bool]:
 def _check_step(root: Node, step: str) -> bool:
     equation, boxed = TASK_EQUATION.search(step), BOXED.search(step)
     right = equation is not None or boxed is not None
+    numbers = (equation.groups() if equation else ()) + (boxed.groups() if boxed else ())
+    if any(x is not None and len(x) > MAX_DIGITS for x in numbers):
+        return False
     if equation:
         a, op, b, c = (Fraction(x) if i != 1 else x for i, x in enumerate(equation.groups()))
-        right = _apply_step(root, a, op, b, c)
+        try:
+            right = _apply_step(root, a, op, b, c)
+        except TooLarge:  # two stated values whose product has more than MAX_VALUE_BITS
+            return False
     if boxed:  # the root holds a value only once fully reduced; `\boxed{abc}` has no group 1
         right = right and boxed.group(1) is not None and root.value == int(boxed.group(1))
     return right

@@ -89,11 +89,33 @@ def _as_tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 
 
+def jsonl_lines(text: str, keepends: bool = False) -> list[str]:
+    """The lines of JSONL text, split on "\\n" only: rows are written with ensure_ascii=False, so their strings
+    hold U+2028, U+2029 and U+0085 raw, on which str.splitlines also splits."""
+    lines = text.split("\n")
+    tail = lines.pop()  # what follows the last "\n": a line without its end, or nothing
+    if keepends:
+        lines = [line + "\n" for line in lines]
+    return lines + [tail] if tail else lines
+
+
+def _decoded(data: bytes, path: Path, lineno: int = 1) -> str:
+    """``data`` (from line ``lineno`` of ``path`` on) as UTF-8; DataError naming the line of a byte that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno += data.count(b"\n", 0, e.start)
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{data[e.start]:02x} at column {column})") from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) of every non-blank line; DataError naming file and line on invalid JSON."""
+    """(line number, parsed value) of every non-blank line; DataError naming file and line on invalid JSON or
+    bytes that are not UTF-8. Lines end at "\\n" only (jsonl_lines)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            line = _decoded(data, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -127,7 +149,7 @@ def read_json(path: str | Path, schema: dict | None = None):
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(_decoded(path.read_bytes(), path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if schema is not None:
@@ -137,14 +159,20 @@ def read_json(path: str | Path, schema: dict | None = None):
 
 def read_complete_rows(path: str | Path) -> list[dict]:
     """The rows of a JSONL file that a kill -9 may have cut: every row before the first line that does not
-    parse (that line and everything after it are lost anyway); none when the file does not exist."""
-    rows = []
-    if Path(path).exists():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    parse (that line and everything after it are lost anyway); none when the file does not exist. A last line
+    cut inside a character is such a line; bytes that are not UTF-8 on a line that ends raise DataError."""
+    rows, path = [], Path(path)
+    if path.exists():
+        with open(path, "rb") as f:
+            for lineno, data in enumerate(f, start=1):
+                try:
+                    rows.append(json.loads(_decoded(data, path, lineno)))
+                except json.JSONDecodeError:
+                    break
+                except DataError:
+                    if data.endswith(b"\n"):
+                        raise
+                    break
     return rows
 
 
@@ -393,7 +421,7 @@ def merge_parts(out: Path, chunk_ids: list[list[str]], count: int) -> bool:
     parts = [part_path(out, Shard(k, count)) for k in range(count)]
     if count > 1 and all(p.exists() for p in parts):
         try:
-            lines = [p.read_text(encoding="utf-8").splitlines(keepends=True) for p in parts]
+            lines = [jsonl_lines(p.read_text(encoding="utf-8"), keepends=True) for p in parts]
         except FileNotFoundError:  # another shard merged and removed the parts meanwhile
             return out.exists()
         write_text_atomic(out, "".join(_lines_in_chunk_order(lines, chunk_ids, parts)))
@@ -465,7 +493,7 @@ def shard_rows(out: Path, chunk_ids: list[list[str]], shard: Shard) -> dict[int,
             text = source.read_text(encoding="utf-8")
         except FileNotFoundError:
             continue
-        by_id = {row["id"]: row for row in map(json.loads, text.splitlines())}
+        by_id = {row["id"]: row for row in map(json.loads, jsonl_lines(text))}
         return {i: [by_id[x] for x in chunk_ids[i]] for i in shard.chunk_indices(len(chunk_ids))}
     raise DataError(f"{out}: neither it nor {part_path(out, shard).name} can be read")
 

@@ -7,17 +7,20 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from arith_task import NUMBER, OPERATORS, tokenize, value_of
+from arith_task import NUMBER, OPERATORS, TooLarge, tokenize, value_of
 
+# A pattern that starts with a repeated class begins with a lookbehind for a character outside it, so that a match
+# is tried at the start of a run only, not again inside it (which takes time quadratic in the run's length); the
+# leftmost match is the same, since one inside a run extends to the run's start.
 _REWRITES = [  # in order: LaTeX, markdown, currency, remarks and units -> plain arithmetic
-    (r"(\d+)[ \t]*\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)"),  # mixed number 4\frac{5}{8}
+    (r"(?<!\d)(\d+)[ \t]*\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)"),  # mixed number 4\frac{5}{8}
     (r"\\text\{([^{}]*)\}", r" \1 "), (r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))"),
     (r"\^\{([^{}]*)\}", r"^(\1)"), (r"\{,\}|\\!|\\left|\\right", ""), (r"\\%", "%"), (r"\*\*", " "),
     (r"\\times|\\cdot|[×·⋅∗]", "*"), (r"\\div|÷", "/"), (r"[−–]", "-"),
     (r"\\[()\[\]]", "\n"), (r"\\[,; ]", " "), (r"\\?\$|[€£]", ""),  # math delimiters end a run
     (r"(?<=\d),(?=\d{3}(?!\d))", ""),  # 1,000 -> 1000
     (r"(\d%?)[ \t]+of[ \t]+(?=[\d(])", r"\1 * "),  # 1/3 of 18, 20% of 50
-    (r"[ \t]*\([A-Za-z][A-Za-z' ]+\)", ""),  # remarks: 9 (red) + 14 (blue)
+    (r"(?<![ \t])[ \t]*\([A-Za-z][A-Za-z' ]+\)", ""),  # remarks: 9 (red) + 14 (blue)
     # units between a number and an operator: 33 classes * 15 students/class = 495 students
     (r"([\d)]%?)(?:(?:[ \t]+[A-Za-z]{2,}){1,2}"  # one or two words ...
      r"(?:[ \t]*/[ \t]*[A-Za-z]{2,}|[ \t]+(?:per|of)[ \t]+[A-Za-z]{2,})?"  # ... then /unit, per unit
@@ -26,7 +29,7 @@ _REWRITES = [  # in order: LaTeX, markdown, currency, remarks and units -> plain
     (r"(?<![\d.])\d+(?:\.\d+)?[a-zA-Z]\b", " var "),  # 1.5x, 2f: a variable, not a number
     (r"(?<=[\d)])\(", "*("), (r"\)(?=\d)", ")*"),  # implicit products: 2(5), (3)(4)
 ]
-_MATH_RUN = re.compile(r"[\d.+\-*/^()%= \t]*=[\d.+\-*/^()%= \t]*")
+_MATH_RUN = re.compile(r"(?<![\d.+\-*/^()%= \t])[\d.+\-*/^()%= \t]*=[\d.+\-*/^()%= \t]*")
 _WORDY = re.compile(r"[\w\\{}\[\]@|]")  # a run touching one is inside a formula: p(1), a_1^3, 3\pi
 GLUED = "~"  # token marking such a side: nothing next to it is a whole expression
 
@@ -78,15 +81,19 @@ def _matches(value: Fraction, stated: list[str], percent: Fraction) -> bool:
 def check_equations(step: str) -> bool:
     """False iff the text states an equation with an operator on its left that is false under both
     readings of `%` (a unit, or /100); in a chain `2 + 3 = 5 + 1 = 6` each side may also equal the
-    next side's first number. Whatever cannot be parsed is ignored."""
-    for left_tokens, right_tokens in _equation_sides(step):
-        left, right = _left_expression(left_tokens), _right_expression(right_tokens)
-        if not right or not OPERATORS & set(left):
-            continue  # not a computation: `1 hour = 60 minutes`, `x = 5`, `Time to 400 degrees = 28`
-        head = right[:2] if right[1:2] == ["%"] else right[:1]
-        readings = (Fraction(1), Fraction(1, 100)) if "%" in left + right else (Fraction(1),)
-        if not any(_matches(value_of(left, p), side, p) for p in readings for side in (right, head)):
-            return False
+    next side's first number. Whatever cannot be parsed is ignored; an equation too long, too deep or of too
+    large a value to evaluate (arith_task.TooLarge) cannot be verified, and is false."""
+    try:
+        for left_tokens, right_tokens in _equation_sides(step):
+            left, right = _left_expression(left_tokens), _right_expression(right_tokens)
+            if not right or not OPERATORS & set(left):
+                continue  # not a computation: `1 hour = 60 minutes`, `x = 5`, `Time to 400 degrees = 28`
+            head = right[:2] if right[1:2] == ["%"] else right[:1]
+            readings = (Fraction(1), Fraction(1, 100)) if "%" in left + right else (Fraction(1),)
+            if not any(_matches(value_of(left, p), side, p) for p in readings for side in (right, head)):
+                return False
+    except TooLarge:
+        return False
     return True
 
 

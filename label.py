@@ -240,12 +240,16 @@ def judge_engine_settings(settings: Settings) -> generate.EngineSettings:
 
 
 def check_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[bool]]:
-    """Exact step labels: the expression-tree checker on built-in problems, equations elsewhere (no model)."""
+    """Exact step labels: the expression-tree checker on built-in problems, equations elsewhere (no model). A step
+    too large to verify is wrong; a built-in problem too large to check is refused (DataError naming the row)."""
     labels = []
     for row, row_spans in zip(rows, spans):
         steps = common.step_texts(row["completion"], row_spans)
         if arith_task.is_arith_problem(row["problem"]):
-            labels.append(arith_task.check_steps(row["problem"], steps))
+            try:
+                labels.append(arith_task.check_steps(row["problem"], steps))
+            except arith_task.TooLarge as error:
+                raise common.DataError(f"row {row['id']!r}: field 'problem': {error}: it cannot be checked") from None
         else:
             labels.append(equations.label_steps_by_equations(steps))
     return labels

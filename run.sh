@@ -321,8 +321,8 @@ on_node0() {  # on_node0 <output> <command...>: node 0 runs it, the other nodes 
 if [ -z "$MODEL" ] || [ -z "$TRAIN_PROBLEMS" ] || [ -z "$BENCHMARK" ]; then
     echo "== data ($BASE/data)"
     on_node0 "$BASE/data/sft.jsonl" timed data run_logged "$PYTHON" arith_task.py --output_dir "$BASE/data" \
-        --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --num_sft "$NUM_SFT" --seed "$SEED" "${TASK_ARGS[@]}" \
-        --on_change "$ON_CHANGE"
+        --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --num_sft "$NUM_SFT" --seed "$SEED" --on_change "$ON_CHANGE" \
+        "${TASK_ARGS[@]}"
 fi
 if [ -z "$MODEL" ]; then
     echo "== M0: sft from ${BASE_MODEL:-scratch}"

@@ -141,7 +141,7 @@ def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, steps: in
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rss = [int((work / f"rss-{ranks}-{r}").read_text().split()[-1]) / 1024 for r in range(ranks)]
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
     at_step = {step: [by_rank.get(r, 0) / 2**20 for r in range(ranks)] for step, by_rank in watcher.rss_at_step.items()}
     return {"repo": str(repo), "ranks": ranks, "peak_rss_mib": rss, "rss_at_step_mib": at_step,
             "state_mib": {r: s / 2**20 for r, s in sorted(watcher.per_rank.items())},

@@ -126,6 +126,7 @@ def worker(args) -> None:
     """One train.main run; writes {tokens/s, FLOP/s, peak memory} of the timed steps to args.result."""
     import torch
 
+    import common
     import train
 
     targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
@@ -136,7 +137,7 @@ def worker(args) -> None:
     train.main(targs)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    log = [json.loads(line) for line in (Path(args.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in common.jsonl_lines((Path(args.output_dir) / "train_log.jsonl").read_text())]
     timed = log[args.warmup :]
     seconds = [args.batch / entry["samples_per_s"] for entry in timed]  # one process: the step's rows
     flops, params = plan_flops(targs)

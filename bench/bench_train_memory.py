@@ -45,7 +45,7 @@ def one_run(args, name: str, options: str, work: Path) -> dict:
         raise SystemExit(proc.stderr[-3000:])
     fields = dict(line.strip().split(": ", 1) for line in proc.stderr.splitlines() if ": " in line and line.startswith("\t"))
     wall = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().split("\n") if line]
     return {
         "variant": name,
         "peak_rss_mib": int(fields["Maximum resident set size (kbytes)"]) / 1024,

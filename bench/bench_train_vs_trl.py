@@ -67,6 +67,7 @@ LR, BETA = 1e-5, 0.1
 
 
 def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
+    import common
     import train
 
     out = work / f"ours_{run}"
@@ -79,7 +80,7 @@ def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
     start = time.perf_counter()
     train.main(args)
     total = time.perf_counter() - start
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
     stamps = list(itertools.accumulate(cfg["batch"] / entry["samples_per_s"] for entry in log))  # each step's end
     return {"total": total, "loop": stamps[-1], "stamps": stamps, "losses": [e["loss/total"] for e in log],
             "grad_norm0": log[0]["grad_norm"], "logits_chunk_mib": args.logits_chunk_mib, "optim": args.optim}
@@ -116,8 +117,10 @@ def worker_trl(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import KTOTrainer
 
+    import common
+
     torch.set_num_threads(cfg["threads"])
-    rows = [json.loads(line) for line in (work / "data_plan_order.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in common.jsonl_lines((work / "data_plan_order.jsonl").read_text())]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "label": r["outcome"]}
                                  for r in rows])
     stamps = []

@@ -262,6 +262,52 @@ def test_processbench_gsm8k_scores_are_pinned():
     assert (len(rows), hits["error"], hits["clean"]) == (400, 16, 193)
 
 
+# ----------------------------------------------------------------------------- input too large to check
+SUM = " + ".join(["1"] * 1000)  # a tree 1000 levels deep: Python's recursion limit
+NEGATIONS = "- " * 1000 + "1"  # 1000 nested unary minus
+NESTED = "(" * 150 + "2 + 2" + ")" * 150
+TOWER = "(((((((9^12)^12)^12)^12)^12)^12)^12)"  # 9^(12^7): about 1.1e8 bits
+
+
+@pytest.mark.parametrize("step", [f"{SUM} = 1000", f"0 {NEGATIONS} = 1", f"{NESTED} = 4", f"{TOWER} = 5",
+                                  "2^2^2^2^2^2 = 7", "9^9^9^9 = 5", "1" * 5000 + " + 1 = 2",
+                                  " + ".join(["1"] * 120) + " = 120"])
+def test_an_equation_too_large_to_evaluate_is_a_wrong_step(step):
+    assert label_steps_by_equations(["2 + 2 = 4", step, "3 * 3 = 9"]) == [True, False, True]
+
+
+def test_equations_within_the_limits_are_still_checked():
+    assert check_equations("2^20 = 1048576") and not check_equations("2^20 = 1048577")
+    assert check_equations(" + ".join(["1"] * 90) + " = 90") and not check_equations(" + ".join(["1"] * 90) + " = 91")
+    assert check_equations("0^(-1) = 5")  # not evaluated, as 1/0 = 5
+
+
+def test_checker_steps_with_numbers_too_large_are_wrong():
+    huge = "9" * 5000
+    steps = [f"{huge} * {huge} = 1", "3 * 4 = 12", "2 + 12 = 14", f"\\boxed{{{huge}}}", "\\boxed{14}"]
+    assert check_steps("Compute 2 + 3 * 4.", steps) == [False, True, True, False, True]
+    big = "9" * 2000  # within MAX_DIGITS; a product of two such is beyond MAX_VALUE_BITS
+    steps = [f"1 + 1 = {big}", f"1 + 1 = {big}", f"{big} * {big} = 1", "\\boxed{1}"]
+    assert check_steps("Compute (1 + 1) * (1 + 1).", steps) == [False, False, False, True]
+
+
+@pytest.mark.parametrize("expression, refusal", [(SUM, "an expression of 1999 tokens"),
+                                                 (NEGATIONS, "an expression of 1001 tokens"),
+                                                 (NESTED, "an expression of 303 tokens"),
+                                                 (" + ".join(["1"] * 120), "an expression 120 levels deep")])
+def test_a_problem_too_large_to_check_is_refused_naming_the_file_and_row(tmp_path, expression, refusal):
+    import label
+
+    row = {"id": "big#0", "problem": f"Compute {expression}.", "answer": "1", "problem_id": "big", "prompt": "",
+           "completion": "1 + 1 = 2\n\nThe answer is \\boxed{2}.", "finish_reason": "stop"}
+    samples = tmp_path / "samples.jsonl"
+    common.write_jsonl_atomic(samples, [row], common.SAMPLE_ROW)
+    assert is_arith_problem(row["problem"])
+    message = rf"samples.jsonl: row 'big#0': field 'problem': {refusal}, more than \d+ \(MAX_\w+\): it cannot be checked"
+    with pytest.raises(common.DataError, match=message):
+        label.label_file(str(samples), str(tmp_path / "labels.jsonl"), label.Settings(prm="check"))
+
+
 # ----------------------------------------------------------------------------- command line
 def test_is_arith_problem():
     assert is_arith_problem("Compute (12 + 7) * 3 - 45.")

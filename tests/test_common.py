@@ -113,6 +113,50 @@ def test_read_json_and_complete_rows(tmp_path):
     assert common.read_complete_rows(tmp_path / "absent.jsonl") == []
 
 
+# U+2028, U+2029 and U+0085 stay raw in rows written with ensure_ascii=False; str.splitlines splits on them
+SEPARATORS = "one\u2028two\u2029three\x85four"
+
+
+def test_rows_holding_unicode_line_separators_resume_and_merge_to_one_process_bytes(tmp_path):
+    rows = {i: {"id": i, "v": f"{i} {SEPARATORS}"} for i in "abcde"}
+    chunk_ids = [["a", "b"], ["c", "d"], ["e"]]
+
+    def write(out, shard):
+        return common.write_chunks(out, chunk_ids, lambda i: [rows[x] for x in chunk_ids[i]], ROW, shard, {}, "test")
+
+    single = tmp_path / "single.jsonl"
+    assert write(single, common.Shard())
+    assert common.read_jsonl(single, ROW) == list(rows.values())
+    killed = tmp_path / "killed.jsonl"  # a kill -9 after chunk 0, in the middle of chunk 1's write
+    common.append_chunk(killed, [rows["a"], rows["b"]], ROW)
+    with open(str(killed) + ".partial", "a", encoding="utf-8") as f:
+        f.write(json.dumps(rows["c"], ensure_ascii=False) + "\n" + json.dumps(rows["d"], ensure_ascii=False)[:12])
+    assert common.resume_rows(killed, chunk_ids) == ([rows["a"], rows["b"]], 1)
+    assert write(killed, common.Shard()) and killed.read_bytes() == single.read_bytes()
+    merged = tmp_path / "merged.jsonl"
+    assert not write(merged, common.Shard(0, 2)) and write(merged, common.Shard(1, 2))
+    assert merged.read_bytes() == single.read_bytes()
+    assert common.shard_rows(merged, chunk_ids, common.Shard(0, 2)) == {0: [rows["a"], rows["b"]], 2: [rows["e"]]}
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path):
+    good = b'{"id": "a", "v": "x"}\n'
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(good + good + b'{"id": "c", "v": "\xff"}\n' + good)
+    message = r"samples.jsonl:3: not UTF-8 \(byte 0xff at column 19\)"
+    with pytest.raises(common.DataError, match=message):
+        common.read_jsonl(path)
+    with pytest.raises(common.DataError, match=message):
+        common.read_complete_rows(path)
+    cut = tmp_path / "cut.jsonl"  # a kill -9 inside a character of the last line: that line is lost
+    cut.write_bytes(good + '{"id": "b", "v": "é'.encode()[:-1])
+    assert common.read_complete_rows(cut) == [{"id": "a", "v": "x"}]
+    result = tmp_path / "result.json"
+    result.write_bytes(b'{"a": 1,\n "b": "\xc3("}\n')
+    with pytest.raises(common.DataError, match=r"result.json:2: not UTF-8 \(byte 0xc3 at column 8\)"):
+        common.read_json(result)
+
+
 def test_derived_seed_keeps_the_seeds_outputs_were_made_with():
     """generate.py's (seed, chunk index) and label.py mc's (seed, row ids) seeds: changing them changes every
     sample and mc label of a run, so the values are pinned."""

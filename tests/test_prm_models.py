@@ -261,7 +261,7 @@ def test_another_threshold_relabels_without_the_model(qwen_prm, tmp_path):
 def test_a_rerun_after_a_kill_writes_the_uninterrupted_bytes(qwen_prm, tmp_path):
     reference = tmp_path / "labels.jsonl"
     label_with(qwen_prm[0], "qwen_prm", tmp_path, "labels")
-    done = reference.read_text().splitlines(keepends=True)
+    done = common.jsonl_lines(reference.read_text(), keepends=True)
     resumed = tmp_path / "resumed.jsonl"
     Path(str(resumed) + ".partial").write_text("".join(done[:2]) + done[2][:30])  # chunk 1, then a cut-off line
     Path(str(resumed) + ".provenance.json").write_bytes(Path(str(reference) + ".provenance.json").read_bytes())

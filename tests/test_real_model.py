@@ -125,7 +125,7 @@ def test_step_kto_steps_on_the_real_model(samples, tmp_path):
                           per_device_batch_size=2, max_steps=2, lr=1e-5, num_threads=2, logits_chunk_mib=3.0,
                           optim="adamw_fused"))  # 3 MiB: chunks of 16 tokens
     assert models.is_complete_model_dir(out)
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
     assert log[-1]["step"] == 2 and all(map(lambda e: e["loss/total"] == e["loss/total"], log))  # finite
 
 

@@ -102,7 +102,7 @@ def test_label_shards_merge_to_one_process_bytes(one_process, tmp_path):
     stage("label.py", *args, "--output", single)
     run_sharded("label.py", [*args, "--output", merged], 3)
     assert merged.read_bytes() == single.read_bytes()
-    assert len(single.read_text().splitlines()) == 20
+    assert len(common.jsonl_lines(single.read_text())) == 20
 
 
 def test_evaluate_shards_merge_to_one_process_bytes(tiny_model, problems, tmp_path):

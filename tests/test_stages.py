@@ -57,7 +57,7 @@ def kill_when_partial_has_rows(cmd, partial: Path, min_lines: int):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and len(partial.read_text().splitlines()) >= min_lines:
+        if partial.exists() and partial.read_bytes().count(b"\n") >= min_lines:
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)

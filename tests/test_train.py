@@ -133,7 +133,7 @@ def dcp_state(folder: Path) -> dict:
 
 
 def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
 
 
 def tree_digest(path: Path) -> str:
