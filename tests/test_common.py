@@ -122,7 +122,7 @@ def test_rows_holding_unicode_line_separators_resume_and_merge_to_one_process_by
     chunk_ids = [["a", "b"], ["c", "d"], ["e"]]
 
     def write(out, shard):
-        return common.write_chunks(out, chunk_ids, lambda i: [rows[x] for x in chunk_ids[i]], ROW, shard, {}, "test")
+        return common.write_chunks(out, chunk_ids, lambda i: [rows[x] for x in chunk_ids[i]], ROW, shard, "test")
 
     single = tmp_path / "single.jsonl"
     assert write(single, common.Shard())

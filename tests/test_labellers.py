@@ -443,13 +443,8 @@ def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm
                           judge_engine="transformers", judge_max_new_tokens=4, chunk_size=2, allow_missing_reference=True)
 
     label.main(args(ref))
-<<<<<<< HEAD
-    done = ref.read_text().splitlines(keepends=True)
-    # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9 (after the record was written)
-=======
     done = common.jsonl_lines(ref.read_text(), keepends=True)
-    # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9
->>>>>>> parsers
+    # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9 (after the record was written)
     Path(str(out) + ".partial").write_text("".join(done[:5]) + done[5][:20])
     Path(str(out) + ".provenance.json").write_bytes(Path(str(ref) + ".provenance.json").read_bytes())
     label.main(args(out))
