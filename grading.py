@@ -42,7 +42,21 @@ def extract_boxed(text: str) -> str | None:
     if not found:
         return None
     position, command = max(found)
-    start = position + len(command)
+    return _box_content(text, position + len(command))
+
+
+def has_box(text: str) -> bool:
+    return any(command in text for command in _BOX_COMMANDS)
+
+
+def all_boxed(text: str) -> list[str | None]:
+    """The content of every box in ``text``, in order (None for one never closed); see extract_boxed."""
+    pattern = "|".join(re.escape(command) for command in _BOX_COMMANDS)
+    return [_box_content(text, m.end()) for m in re.finditer(pattern, text)]
+
+
+def _box_content(text: str, start: int) -> str | None:
+    """The braced group at ``start`` (after spaces), without its braces; None when there is none or it never closes."""
     while start < len(text) and text[start].isspace():
         start += 1
     if start >= len(text) or text[start] != "{":

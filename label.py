@@ -11,9 +11,11 @@ step labels come from a process reward model. Step labellers (``--prm``):
   greedy) sees the problem, the reference solution (the row's ``solution``; the prompt says so when
   there is none) and the student's steps. ``--judge_protocol step`` (default): one call per step, with
   the previous steps and the current one, answered "correct" or "incorrect" (prompt: ``JUDGE_TEMPLATE``,
-  parser: ``parse_verdict``: an explicit marker such as "Verdict:" or \\boxed{} decides, else a verdict
-  the reply opens with, else its last one; a hedge such as "not entirely correct" is never read as
-  right). ``--judge_protocol first_error``: one call per solution naming its first wrong step, as
+  parser: ``parse_verdict``: only the judge's own words count, not quoted text or what "the student
+  claims"; its explicit verdicts (markers such as "Verdict:" or \\boxed{}, the verdict it opens or
+  concludes with) decide and must agree, else its sentences do; a reply that calls the step right and
+  something in it wrong, or contradicts itself, gives none; a hedge such as "not entirely correct" is never
+  read as right). ``--judge_protocol first_error``: one call per solution naming its first wrong step, as
   ProcessBench asks (``FIRST_ERROR_TEMPLATE``, ``parse_first_error``): the steps before it
   are right, it and the steps after it wrong (train with ``--step_scope first_error`` to score only
   through it). A verdict that cannot be parsed, and a reply cut off at ``--judge_max_new_tokens``
@@ -311,6 +313,9 @@ _SENTENCE_BREAK = re.compile(
     r"(?:(?<=[.!?])[ \t]+|[ \t]*\n\s*)(?=\S)(?!(?:but|however|though|although|except|yet|wait)\b)",
     re.IGNORECASE,
 )
+# What stands for a quotation in the judge's words: right before a verdict word it qualifies it, as scare quotes
+# do ("it's 'mostly' correct" is a hedge).
+_QUOTE_MARK = "⟨quoted⟩"
 # A verb before "right" / "true" / "false": those words are verdicts only in this position ("is right",
 # "that's true"), never in "right triangle" or "the right side".
 _COPULA = r"(?:\bis|\bwas|\bare|\bbe|\bbeen|'s|\bseems?|\blooks?|\bsounds?|\bappears?)\s+(?:to\s+be\s+)?"
@@ -333,6 +338,7 @@ _TOKEN = re.compile(
     r"|(?:\bnot|n't)\s+(?:\w+\s+)?(?:right|true)\b"
     rf"|\b{_HEDGE}(?:\s+\w+)?[\s-]+(?:correct|valid|right|true)\b"
     r"|\b(?:correct|valid)\s+(?:in\b|up\s+to|only|as\s+far\s+as|for\s+the\s+most\s+part|to\s+some\s+extent)"
+    rf"|{_QUOTE_MARK}[\s-]*(?:correct|valid|right|true)\b"
     r"|\b(?:incorrect|wrong|invalid|erroneous|flawed|mistaken)\b"
     rf"|{_COPULA}false\b"
     r"|\b(?:contains?|has|had|have|makes?|made|is|was|there's|there\s+(?:is|are|was))\s+(?!no\b|not\b|any\b)"
@@ -371,6 +377,45 @@ _SUBJECT = re.compile(
 )
 
 
+# Quoted text: "...", “...”, `...` / ``...'', and '...' whose quote marks are not apostrophes (an opening
+# one not after a letter, so "isn't" and "the student's" open nothing; a closing one not before a letter, so
+# "isn't" inside a quote does not close it). A double quote or “ that never closes quotes the rest.
+_QUOTED = re.compile(
+    r'"[^"]*(?:"|$)|“[^”]*(?:”|$)|‘[^’]*?’(?!\w)|(`+)[^`]*?\1|``[^`]*?' + "''"
+    + r"|(?<![\w'’])'(?=\S)(?:[^'\n]|'(?=\w))*?(?<=\S)'(?!\w)"
+)
+# Reported speech: what the student (the solution, its author) claims, says, writes or thinks is theirs, not
+# the judge's verdict ("The student claims the step is correct. Actually 6 + 1 = 7, not 8."). The clause
+# runs to the next comma, semicolon, sentence end or contrast word.
+_REPORTED = re.compile(
+    r"\b(?:(?:the\s+)?(?:student|solution|solver|author|writer|model|step)s?|he|she|they|it)\s+(?:\w+ly\s+)?"
+    r"(?:claim|say|state|write|wrote|written|assert|believe|think|thought|argue|assume|suggest|conclude"
+    r"|insist|report|declare|call|consider|mark|label)(?:s|ed|d|ing)?\b[^,;.!?\n]*?"
+    r"(?=[,;.!?\n]|\b(?:but|however|though|although|yet|whereas|while|actually)\b|$)"
+    r"|\baccording\s+to\s+the\s+(?:student|solution|solver|author)\b[^.!?\n]*",
+    re.IGNORECASE,
+)
+# A verdict on the step as a whole ("the step is correct", "this step was wrong"), wherever it stands in a
+# sentence; "step 1 is correct" may be about a previous step and is not one.
+_WHOLE_STEP = re.compile(
+    r"\b(?:the|this)\s+(?:(?:current|last|given|final|student's)\s+)?step(?:\s+to\s+check)?\s+(?:is|was)\s+",
+    re.IGNORECASE,
+)
+# A sentence that opens with a conclusion word states the judge's verdict as explicitly as a marker does.
+_CONCLUSION = re.compile(
+    r"^[\s*_#>-]*(?:so|thus|hence|therefore|overall|in\s+conclusion|in\s+summary|in\s+short|to\s+conclude"
+    r"|to\s+summari[sz]e|all\s+in\s+all)\b[\s,:]*",
+    re.IGNORECASE,
+)
+
+
+def judged_text(text: str) -> str:
+    """The reply's own words: quoted text replaced by _QUOTE_MARK, reported speech by "…", typographic
+    apostrophes made plain ("isn’t correct")."""
+    text = _QUOTED.sub(f" {_QUOTE_MARK} ", text)
+    return _REPORTED.sub("…", text.replace("\u2019", "'"))
+
+
 def _phrase_verdicts(phrase: str, answer_first: bool = False) -> list[bool]:
     """The verdicts of one phrase, in order (rules 4 and 5 of parse_verdict); a one-word answer at its
     start counts when ``answer_first``."""
@@ -394,12 +439,13 @@ def _sentences(text: str) -> list[str]:
 
 
 def _marked_phrases(text: str) -> list[str]:
-    """The phrases of the reply's explicit markers, in order: a box's content, a marker's next sentence."""
+    """The phrases of the reply's explicit markers, in order: a box's content, a marker's next sentence, a
+    sentence that opens with a conclusion word ("So the step is wrong.")."""
     phrases = []
     for marker in _MARKER.finditer(text):
         rest = marker.group("boxed") if marker.group("boxed") is not None else text[marker.end():]
         phrases.append((_sentences(rest) or [""])[0])
-    return phrases
+    return phrases + [s[c.end():] for s in _sentences(text) if (c := _CONCLUSION.match(s))]
 
 
 def _opening_phrase(text: str) -> str | None:
@@ -419,14 +465,17 @@ def parse_verdict(text: str) -> bool | None:
 
     Rules, in order:
 
-    1. Explicit markers decide first, and the last one that holds a verdict wins: \\boxed{...} (also
-       \\boxed{\\text{...}}), "Verdict: ...", "Final verdict: ...", "Judgement: ...", "Final answer: ...",
-       "Answer: ..." at a line's start, markdown-bold or not ("**Verdict:** Incorrect").
-    2. Else a reply that opens with a verdict ("Incorrect. The correct value is 12.", "The step is not
-       quite correct."; after markdown / punctuation noise and a subject such as "The step is") is read
-       by its first sentence.
-    3. Else the last sentence (not a question) that holds a verdict decides: a judge that reasons first
-       ends on its verdict.
+    1. Only the judge's own words count: quoted text ("...", '...', “...”, `...`) and reported speech ("the
+       student claims the step is correct") are removed first (``judged_text``).
+    2. The explicit verdicts decide: every explicit marker that holds a verdict (\\boxed{...}, also
+       \\boxed{\\text{...}}; "Verdict: ...", "Final verdict: ...", "Judgement: ...", "Final answer: ...",
+       "Answer: ..." at a line's start, markdown-bold or not; a sentence opening with "So", "Thus",
+       "Therefore", "Overall", "In conclusion") and the verdict the reply opens with ("Incorrect. The correct
+       value is 12."; after markdown / punctuation noise and a subject such as "The step is"), and every
+       verdict on the step as a whole ("..., so the step is correct"). They must all agree:
+       "\\boxed{incorrect} ... \\boxed{correct}" is a contradiction, no verdict.
+    3. Else every sentence (not a question) that holds a verdict counts: all positive -> True; the last one
+       negative -> False (a judge that reasons first ends on its verdict); else no verdict.
     4. A phrase's verdicts. Positive: correct, valid, "is right" / "is true", "no errors", "nothing is
        wrong", and yes / right / true as the first word of an opening or marked phrase. Negative:
        incorrect, wrong, invalid, erroneous, flawed, mistaken, "not / isn't / never ... correct", "not
@@ -437,20 +486,36 @@ def parse_verdict(text: str) -> bool | None:
     5. A positive followed by a qualification (but, however, except, though, if, ...; also in the next
        sentence: "Correct. However, ...") is a hedge, a negative; after the qualification word only
        negatives count ("Incorrect, but the final answer is correct" is negative).
-    6. All verdicts positive -> True; negatives and no positive -> False; both -> None (a contradiction);
-       none -> None. A hedge is never True: a step nobody vouched for must not be reinforced.
+    6. A step is right only when all of it is: a reply that calls a part right and the step wrong is
+       negative, and one that calls the step right and anything in it wrong is a contradiction (None). A
+       hedge is never True: a step nobody vouched for must not be reinforced.
     """
-    text = text.replace("\u2019", "'")  # a typographic apostrophe: "isn\u2019t correct"
-    for phrase in reversed(_marked_phrases(text)):
-        if values := _phrase_verdicts(phrase, answer_first=True):
-            return _decide(values)
+    text = judged_text(text)
+    decisions = [_decide(values) for values in _explicit_verdicts(text)]
+    sentences = [_decide(v) for s in _sentences(text) if not s.rstrip().endswith("?") and (v := _phrase_verdicts(s))]
+    verdict = _agreed(decisions) if decisions else _concluded(sentences)
+    return None if verdict and not all(sentences) else verdict
+
+
+def _explicit_verdicts(text: str) -> list[list[bool]]:
+    """The verdicts of rule 2's phrases that hold one: the markers', the opening one and each sentence about the
+    whole step."""
     opening = _opening_phrase(text)
-    if opening is not None:
-        return _decide(_phrase_verdicts(opening, answer_first=True))
-    for sentence in reversed(_sentences(text)):
-        if not sentence.rstrip().endswith("?") and (values := _phrase_verdicts(sentence)):
-            return _decide(values)
-    return None
+    marked = _marked_phrases(text) + ([opening] if opening is not None else [])
+    values = [_phrase_verdicts(p, answer_first=True) for p in marked]
+    values += [_phrase_verdicts(s) for s in _sentences(text) if _WHOLE_STEP.search(s)]
+    return [v for v in values if v]
+
+
+def _agreed(decisions: list[bool | None]) -> bool | None:
+    return decisions[0] if len(set(decisions)) == 1 else None
+
+
+def _concluded(sentences: list[bool | None]) -> bool | None:
+    """Rule 3: True when every verdict sentence is positive, False when the last is negative, else None."""
+    if not sentences:
+        return None
+    return True if all(sentences) else False if sentences[-1] is False else None
 
 
 def judge_step_verdicts(solutions: list[tuple[str, str | None, list[str]]], tokenizer, ask, read) -> list[list]:
@@ -549,14 +614,21 @@ def first_error_question(problem: str, reference: str | None, steps: list[str]) 
 def parse_first_error(text: str, num_steps: int) -> int | None:
     """0-based index of the first wrong step, -1 for "none", None when the reply names no valid step.
 
-    The last \\boxed{} when there is one, else the reply's first word ("3", "Step 3", "none").
+    Quoted text is not the judge's answer (``judged_text``). Every \\boxed{} counts when there is one, and
+    boxes naming different first errors, or a box never closed (a truncated reply), give no verdict; else the
+    reply's first word ("3", "Step 3", "none").
     """
-    boxed = grading.extract_boxed(text)
-    answer = (boxed if boxed is not None else text).strip().lower().strip(".:*` ")
-    if boxed is None:
-        answer = re.sub(r"^step\s+", "", answer)
-        answer = re.match(r"-?\d+|none|no error|all correct", answer)
-        answer = answer.group(0) if answer else ""
+    text = judged_text(text)
+    if not grading.has_box(text):
+        first = re.sub(r"^step\s+", "", text.strip().lower().strip(".:*` "))
+        word = re.match(r"-?\d+|none|no error|all correct", first)
+        return _first_error_of(word.group(0) if word else "", num_steps)
+    boxes = grading.all_boxed(text)
+    answers = {_first_error_of(b.strip().lower().strip(".:*` "), num_steps) if b is not None else None for b in boxes}
+    return answers.pop() if len(answers) == 1 else None
+
+
+def _first_error_of(answer: str, num_steps: int) -> int | None:
     if answer in _NO_ERROR_WORDS:
         return -1
     number = re.fullmatch(r"(?:step\s*)?(\d+)", answer)

@@ -109,7 +109,7 @@ COMPLETIONS = [
         ("That's not right.", False),
         ("It isn't right.", False),
         ("Not wrong.", None),  # a double negative vouches for nothing
-        # explicit markers decide, the last one wins
+        # explicit markers decide, and must agree
         ("Verdict: correct", True),
         ("verdict - Correct", True),
         ("The verdict is that the step is correct", True),
@@ -125,14 +125,18 @@ COMPLETIONS = [
         ("Verdict:\nIncorrect", False),
         ("Verdict: correct, but the sign is off.", False),
         ("Verdict: incorrect. The final answer is correct though.", False),  # the marker decides
-        ("\\boxed{correct} \\boxed{incorrect}", False),  # the last marker wins
-        ("\\boxed{incorrect} Wait, let me recheck: 7 * 3 = 21. \\boxed{correct}", True),
+        ("\\boxed{correct} \\boxed{incorrect}", None),  # markers that contradict each other: no verdict
+        ("\\boxed{incorrect} Wait, let me recheck: 7 * 3 = 21. \\boxed{correct}", None),
+        ("Correct.\n\nVerdict: incorrect", None),  # the opening verdict and the marker disagree
+        ("Verdict: incorrect. Final verdict: incorrect", False),
         ("The step says 3 + 4 = 7, which is correct. Verdict: incorrect", False),
         ("Verdict: unsure", None),
         # reasoning first: the last sentence with a verdict decides
         ("Let me check: 3 + 4 = 7, which is correct. But 7 * 3 is 21, not 24. So the step is incorrect.", False),
         ("3 + 4 = 7 is correct. 7 * 3 = 24 is wrong. So the step is incorrect.", False),
-        ("First, 3 + 4 = 8 would be wrong, but the student wrote 7. So the step is correct.", True),
+        ("First, 3 + 4 = 8 would be wrong, but the student wrote 7. So the step is correct.", None),  # rule 6
+        ("The step is correct. 7 * 3 = 24 is wrong.", None),  # right as a whole, wrong in a part: a contradiction
+        ("Correct. 3 + 4 = 7, which is correct.", True),
         ("Let me verify. 7 * 3 = 21 and the step says 21. The step is correct.", True),
         ("Is the step correct? Let me compute: 7 * 3 = 21.", None),  # a question is no verdict
         # an opening verdict decides; "correct" as an adjective in its explanation is no verdict
@@ -167,6 +171,24 @@ COMPLETIONS = [
         ("incorrectly", None),
         ("It could be correct or incorrect.", None),  # conflicting, no marker, no leading verdict
         ("The step is correct and incorrect.", None),
+        # quoted text and reported speech are not the judge's verdict
+        ('Verdict: incorrect. The student even wrote "Verdict: correct" at the end of the step.', False),
+        ("Verdict: incorrect. The student even wrote \u201cVerdict: correct\u201d at the end of the step.", False),
+        ("Incorrect: the step's text says 'the step is correct', but 6 + 1 = 7.", False),
+        ("Incorrect. The last line reads `Verdict: correct`.", False),
+        ("Incorrect. The step ends with ``correct''.", False),
+        ('The student wrote "correct".', None),
+        ("The student's step isn't correct: it's 'correct' only in its own words.", False),  # apostrophes
+        ("'Correct' is what the step claims; it is wrong.", False),
+        ('Verdict: "correct"', None),  # a quoted verdict is a quotation, even the judge's own
+        ("The student claims the step is correct. Actually 6 + 1 = 7, not 8.", None),
+        ("The solution states that 6 + 1 = 8 is correct, but it is wrong.", False),
+        ("The student thinks this is right. I think it is incorrect.", False),
+        ("According to the student, the step is correct.", None),
+        ("I think the step is correct.", True),
+        # a reply whose sentences contradict each other
+        ("Incorrect. On reflection the step is correct.", None),
+        ("So the step is incorrect. Therefore it is correct.", None),
     ],
 )
 def test_parse_verdict(reply, verdict):
@@ -196,6 +218,8 @@ HEDGED_REPLIES = [
     "It's not right.",
     "It isn't right.",
     "Correct.\nBut the product should be 21.",
+    "I'd say it's 'mostly' correct.",  # scare quotes
+    'It is "correct".',
 ]
 
 
@@ -212,7 +236,10 @@ def test_hedged_replies_are_never_read_as_right():
         ("Step 3", 2),
         ("\\boxed{none}", -1),
         ("Step 2 looks fine... the error is in step 3. \\boxed{3}", 2),  # reasoning first: the box decides
-        ("\\boxed{2} Wait, step 1 already divides by zero. \\boxed{1}", 0),  # the last box wins
+        ("\\boxed{2} Wait, step 1 already divides by zero. \\boxed{1}", None),  # two first errors: no verdict
+        ("Step 2 is wrong: \\boxed{2}. (A careless reader might answer \\boxed{none}.)", None),
+        ("\\boxed{2}. To restate: \\boxed{2}", 1),  # the same answer twice
+        ('The instructions say "answer \\boxed{none} if every step is correct"; here \\boxed{3}', 2),  # a quote
         ("Step 1: 3 + 4 = 7 is correct. Every step checks out. \\boxed{none}", -1),
         ("\\boxed{7}", None),  # no such step
         ("\\boxed{2} Hmm, actually \\boxed{3", None),  # the last box never closes: a truncated reply
