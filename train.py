@@ -11,7 +11,7 @@ one process with the same global batch:
     torchrun --nproc_per_node 8 train.py --objective step-kto --model M0 --data labels.jsonl --output_dir M1 \
         --mixed_precision bfloat16 --gradient_checkpointing true --per_device_batch_size 4
 
-* ``sft``: rows {"id", "problem", "completion"}; the prompt is common.build_prompt(tokenizer, problem,
+* ``sft``: rows {"id", "problem", "completion"}; the prompt is prompting.build_prompt(tokenizer, problem,
   --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
 * ``kto`` / ``step-kto``: label.py rows {"id", "prompt", "completion", "finish_reason", "outcome"}, plus
   {"completions", "labels"} for step-kto (the outcome and step feedback of paper Sec. 2.1; a null label is a step
@@ -22,8 +22,8 @@ one process with the same global batch:
 
 Reading order: Args; the data (rows as token ids with their steps and labels, the batch plan, the KL pairs, the
 reference log-probs, all computed once); one step's inputs (step_inputs); the training loop, whose body is one
-Step-KTO step (train); main. The log-probs are policy.py's; what is not Step-KTO at all (processes, FSDP2, mixed
-precision, LoRA, the batch plan, the optimizer, the training log, the resume state, saving) is plumbing.py's.
+Step-KTO step (train); main. The log-probs are stepkto/scoring.py's; what is not Step-KTO at all (processes, FSDP2, mixed
+precision, LoRA, the batch plan, the optimizer, the training log, the resume state, saving) is stepkto/distributed.py's.
 
 Files: OUTPUT.resume/ while training: train_log.jsonl, reference_logps.pt (log pi_ref of every row and KL
 pair, computed once) and the resume state every --save_every steps (state-<step>/, each rank its own shards, and
@@ -50,16 +50,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import common
-import models
-import options
-import plumbing
-import provenance
+from stepkto import cli, distributed, jsonl, models, options, prompting, provenance, sharding, tracking
 import stepkto_loss as sk
-import tracking
-from common import DataError, UsageError, option
-from plumbing import Env, PlanBatch, build_plan
-from policy import (Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, completion_logps,
+from stepkto.jsonl import DataError
+from stepkto.cli import UsageError, option
+from stepkto.distributed import Env, PlanBatch, build_plan
+from stepkto.scoring import (Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, completion_logps,
                     score_rows)
 
 
@@ -71,11 +67,11 @@ class Args:
     data: str = option(help="Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py.")
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
-    prompt_style: common.PromptStyle = option("instruct", help="sft: common.PROMPT_TEMPLATES key used to build the "
+    prompt_style: prompting.PromptStyle = option("instruct", help="sft: prompting.PROMPT_TEMPLATES key used to build the "
         "prompt (kto / step-kto rows carry theirs).")
     scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: 'char', one token per "
         "character, or 'phrase', where the built-in task's fixed strings (models.SCRATCH_PHRASES) are one token each "
-        "too: fewer positions per row, so every stage of the embedded loop runs faster (BENCHMARKS.md).")
+        "too: fewer positions per row, so every stage of the embedded loop runs faster (bench/BENCHMARKS.md).")
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
     num_layers: int = option(4, help="--model scratch: decoder layers.")
     intermediate_size: int = option(768, help="--model scratch: MLP width.")
@@ -141,7 +137,7 @@ class Args:
         "drops most of a small update), and OUTPUT/adapter the adapters alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
     lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0: a rate > 0 "
-        "keeps a dropped copy of every adapted layer's input for backward: more memory, slower; BENCHMARKS.md).")
+        "keeps a dropped copy of every adapted layer's input for backward: more memory, slower; bench/BENCHMARKS.md).")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
         "comma-separated module names that get adapters (default: every linear layer of a Llama / Qwen / Mistral "
         "decoder, the LM head excepted).")
@@ -198,15 +194,15 @@ def prepare_data(args: Args, env: Env, tokenizer) -> Data:
 def load_examples(args: Args, tokenizer) -> list[Example]:
     """The rows of --data as Examples; bad rows raise DataError naming file, line and field."""
     if args.objective == "sft":
-        return [sft_example(tokenizer, row, args.prompt_style) for row in common.read_jsonl(args.data, common.SFT_ROW)]
+        return [sft_example(tokenizer, row, args.prompt_style) for row in jsonl.read_jsonl(args.data, jsonl.SFT_ROW)]
     with_steps = args.objective == "step-kto"
-    rows = common.read_numbered_jsonl(args.data, common.STEP_KTO_ROW if with_steps else common.KTO_ROW)
+    rows = jsonl.read_numbered_jsonl(args.data, jsonl.STEP_KTO_ROW if with_steps else jsonl.KTO_ROW)
     return [kto_example(tokenizer, row, f"{args.data}:{line}", with_steps, args.unjudged_steps) for line, row in rows]
 
 
 def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
-    prompt = common.build_prompt(tokenizer, row["problem"], prompt_style)
-    prompt_ids = common.encode_prompt(tokenizer, prompt)
+    prompt = prompting.build_prompt(tokenizer, row["problem"], prompt_style)
+    prompt_ids = prompting.encode_prompt(tokenizer, prompt)
     completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Example(Tokenized(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
 
@@ -218,7 +214,7 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool, unjudged_ste
         raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
     spans = []
     if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
-        spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else common.step_spans(row["completion"])
+        spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else prompting.step_spans(row["completion"])
         check_step_fields(row, len(spans), where)
     has_ids = "completion_ids" in row
     prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
@@ -234,7 +230,7 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool, unjudged_ste
 def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
     """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
     when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
-    prompt_ids = common.encode_prompt(tokenizer, row["prompt"])
+    prompt_ids = prompting.encode_prompt(tokenizer, row["prompt"])
     encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
     if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
@@ -262,7 +258,7 @@ def check_step_fields(row: dict, num_spans: int, where: str) -> None:
         if len(row[name]) != num_spans:
             raise DataError(
                 f"{where}: field '{name}' has {len(row[name])} items but the completion has {num_spans} steps "
-                "(common.step_spans: steps are separated by blank lines)"
+                "(prompting.step_spans: steps are separated by blank lines)"
             )
 
 
@@ -362,7 +358,7 @@ def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, work: P
     def compute() -> Reference:
         separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
         spec = policy_spec(args, tokenizer, args.ref_model, None)
-        scorer = plumbing.build_policy(spec, env, trainable=False) if separate else policy
+        scorer = distributed.build_policy(spec, env, trainable=False) if separate else policy
         scorer.eval()
         rows = [e.tokens for e in data.examples] + data.kl_pairs
         totals, steps = score_rows(scorer, rows, args.step_span, args.per_device_batch_size, env, data.pad_id)
@@ -470,7 +466,7 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
 
 
 def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: Env, work: Path, start_step: int,
-          log: plumbing.TrainLog) -> None:
+          log: distributed.TrainLog) -> None:
     """Each global batch of the plan: one step of (8) (kto: w_step = 0; sft: the NLL), then one AdamW update."""
     (w_outcome, w_step), kto = data.weights, args.objective != "sft"
     for step in range(start_step, len(data.plan)):
@@ -499,15 +495,15 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
             # gradients over the ranks, hence times world_size.
             (loss * env.world_size).backward()
             sums = add_sums(sums, {"loss/total": loss.detach(), "loss/nll": nll.detach()})
-        sums = plumbing.all_reduce_sums(sums, env.device)  # over the ranks, in one collective
+        sums = distributed.all_reduce_sums(sums, env.device)  # over the ranks, in one collective
         if kto:  # the sums of (5) and (7) of the global batch, as stepkto_loss.py's docstring adds them
-            levels = sk.LevelSums(*plumbing.all_reduce(functools.reduce(sk.LevelSums.add, levels).stack()))
+            levels = sk.LevelSums(*distributed.all_reduce(functools.reduce(sk.LevelSums.add, levels).stack()))
         metrics = step_metrics(sums, levels, z0s, inputs, args, data.weights)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = plumbing.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step, work)
+        grad_norm = distributed.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step, work)
         log.step(step, data.plan[step].epoch, lr, grad_norm, metrics, sums, len(data.plan[step].rows))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            plumbing.save_train_state(work, policy, optimizer, scheduler, step + 1, run_signature(work),
+            distributed.save_train_state(work, policy, optimizer, scheduler, step + 1, run_signature(work),
                                       adapters_only=bool(args.lora_r))
 
 
@@ -553,7 +549,7 @@ def main(args: Args) -> None:
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    plumbing.run_in_process_group(functools.partial(run_unless_done, args), args.dist_timeout_minutes)
+    distributed.run_in_process_group(functools.partial(run_unless_done, args), args.dist_timeout_minutes)
 
 
 def run_unless_done(args: Args, env: Env) -> None:
@@ -561,8 +557,8 @@ def run_unless_done(args: Args, env: Env) -> None:
     Rank 0 looks and every rank follows its decision: a rank that exits alone would leave the others waiting in a
     collective."""
     record = training_provenance(args, env)
-    decision = plumbing.gather_objects(claim_output(args, record) if env.rank == 0 else None)[0]
-    if isinstance(decision, common.StageError):
+    decision = distributed.gather_objects(claim_output(args, record) if env.rank == 0 else None)[0]
+    if isinstance(decision, jsonl.StageError):
         raise decision
     if decision == "done":
         print(f"{args.output_dir} is already a complete checkpoint of this run: nothing to do", flush=True)
@@ -574,7 +570,7 @@ def run_unless_done(args: Args, env: Env) -> None:
         print(f"{args.output_dir} was {decision}: training it again (--on_change redo)", flush=True)
         for path in (args.output_dir, args.output_dir + ".resume", args.output_dir + ".tmp"):
             shutil.rmtree(path, ignore_errors=True)
-    plumbing.barrier()
+    distributed.barrier()
     run(args, env, record)
 
 
@@ -590,11 +586,11 @@ def training_provenance(args: Args, env: Env) -> dict:
                                   settings | {"world_size": env.world_size})
 
 
-def claim_output(args: Args, record: dict) -> str | common.StageError:
-    """Rank 0 becomes OUTPUT's one writer (common.claim; the refusal, for every rank to raise) and decides."""
+def claim_output(args: Args, record: dict) -> str | jsonl.StageError:
+    """Rank 0 becomes OUTPUT's one writer (sharding.claim; the refusal, for every rank to raise) and decides."""
     try:
-        common.claim(args.output_dir)
-    except common.StageError as refusal:
+        sharding.claim(args.output_dir)
+    except jsonl.StageError as refusal:
         return refusal
     return output_decision(args, record)
 
@@ -604,11 +600,11 @@ def output_decision(args: Args, record: dict) -> str:
     state of ``record``), or how they were made otherwise (for the one-line refusal)."""
     out, work = Path(args.output_dir), Path(args.output_dir + ".resume")
     if models.is_complete_model_dir(out):
-        old = common.read_json(out / provenance.RECORD) if (out / provenance.RECORD).exists() else None
+        old = jsonl.read_json(out / provenance.RECORD) if (out / provenance.RECORD).exists() else None
     elif out.exists() and any(out.iterdir()):
         return "not empty and is not a complete checkpoint"
     elif (work / provenance.RECORD).exists():
-        old = common.read_json(work / provenance.RECORD)
+        old = jsonl.read_json(work / provenance.RECORD)
         if provenance.same(old, record):
             return "todo"
     elif work.exists() and any(work.iterdir()):
@@ -622,30 +618,30 @@ def output_decision(args: Args, record: dict) -> str:
 
 def run(args: Args, env: Env, record: dict) -> None:
     """One iteration M_t -> M_{t+1} (kto / step-kto; pi_ref = M_t = --model unless --ref_model), or SFT."""
-    common.seed_everything(args.seed)
+    sharding.seed_everything(args.seed)
     tokenizer = tokenizer_of(args)
     data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
     work = Path(args.output_dir + ".resume")
     work.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:  # the record, taken at the start, is the resume state's signature too
-        common.write_json_atomic(work / provenance.RECORD, record)
-    plumbing.barrier()
-    plumbing.check_shared_folder(work, env)  # every rank decides from this folder's files: it must be one folder
-    policy = plumbing.build_policy(policy_spec(args, tokenizer, args.model, lora_settings(args)), env, trainable=True)
+        jsonl.write_json_atomic(work / provenance.RECORD, record)
+    distributed.barrier()
+    distributed.check_shared_folder(work, env)  # every rank decides from this folder's files: it must be one folder
+    policy = distributed.build_policy(policy_spec(args, tokenizer, args.model, lora_settings(args)), env, trainable=True)
     policy.train()
     if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
         data.reference = reference_logps(args, env, policy, data, work, tokenizer)
-    optimizer, scheduler = plumbing.make_optimizer(policy, len(data.plan), args.lr, args.weight_decay,
+    optimizer, scheduler = distributed.make_optimizer(policy, len(data.plan), args.lr, args.weight_decay,
                                                    args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
     start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
     # rank 0 logs, into the work folder, which save_final_model moves to OUTPUT/tracking
     tracker = tracking.open_tracker(args.report_to if env.rank == 0 else "none", work / "tracking",
                                     Path(args.output_dir).name, asdict(args), start_step + 1)
-    log = plumbing.TrainLog(work, args.log_every, len(data.plan), start_step, args.objective, tracker, env.rank)
+    log = distributed.TrainLog(work, args.log_every, len(data.plan), start_step, args.objective, tracker, env.rank)
     train(policy, optimizer, scheduler, data, args, env, work, start_step, log)
     log.close()
     config = asdict(args) | {"world_size": env.world_size}  # OUTPUT/train_args.json
-    plumbing.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora_settings(args), args.model)
+    distributed.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora_settings(args), args.model)
 
 
 # Resuming with other values of these is safe: they do not change what is computed.
@@ -654,8 +650,8 @@ RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpoi
 
 
 def check_args(args: Args) -> None:
-    """Fail before loading anything on arguments that cannot work, or that would do nothing (options.py)."""
-    common.check_choices(args)
+    """Fail before loading anything on arguments that cannot work, or that would do nothing (stepkto/options.py)."""
+    cli.check_choices(args)
     options.refuse_inapplicable("train.py", args, torchrun="LOCAL_RANK" in os.environ)
     if args.model == "scratch" and args.objective != "sft":
         raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
@@ -697,9 +693,9 @@ def tokenizer_of(args: Args):
     return models.make_char_tokenizer(models.SCRATCH_PHRASES if args.scratch_tokenizer == "phrase" else ())
 
 
-def policy_spec(args: Args, tokenizer, model: str, lora: Optional[plumbing.Lora]) -> plumbing.PolicySpec:
-    """How plumbing.build_policy builds ``model`` (--model, or --ref_model) with this run's settings: the LM wrapped
-    in policy.CompletionLogProbs, whose forward gives the completion tokens' log-probs."""
+def policy_spec(args: Args, tokenizer, model: str, lora: Optional[distributed.Lora]) -> distributed.PolicySpec:
+    """How distributed.build_policy builds ``model`` (--model, or --ref_model) with this run's settings: the LM wrapped
+    in scoring.CompletionLogProbs, whose forward gives the completion tokens' log-probs."""
     def load_lm(meta: bool) -> nn.Module:
         if model != "scratch":
             return models.load_model(model, args.dtype, meta=meta)
@@ -708,29 +704,29 @@ def policy_spec(args: Args, tokenizer, model: str, lora: Optional[plumbing.Lora]
         return lm.to(getattr(torch, args.dtype))
 
     wrap = functools.partial(CompletionLogProbs, chunk_mib=args.logits_chunk_mib)
-    return plumbing.PolicySpec(load_lm, lambda lm, dtype: wrap(lm, autocast=dtype), lora, args.gradient_checkpointing,
+    return distributed.PolicySpec(load_lm, lambda lm, dtype: wrap(lm, autocast=dtype), lora, args.gradient_checkpointing,
                                args.mixed_precision)
 
 
-def lora_settings(args: Args) -> Optional[plumbing.Lora]:
+def lora_settings(args: Args) -> Optional[distributed.Lora]:
     """--lora_r and its settings (None: full fine-tuning)."""
-    return plumbing.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r else None
+    return distributed.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r else None
 
 
 def run_signature(work: Path) -> dict:
     """What a resume state must have been written with: the run's provenance record, kept in the work folder."""
-    return common.read_json(work / provenance.RECORD)
+    return jsonl.read_json(work / provenance.RECORD)
 
 
 def load_resume_state(policy: nn.Module, optimizer, scheduler, args: Args, env: Env, work: Path) -> int:
     """Restore the sharded resume state a killed run left, if any; returns the number of steps already done."""
-    step = plumbing.load_train_state(work, policy, optimizer, scheduler, run_signature(work), bool(args.lora_r))
+    step = distributed.load_train_state(work, policy, optimizer, scheduler, run_signature(work), bool(args.lora_r))
     if step and env.rank == 0:
-        plumbing.trim_log(work / "train_log.jsonl", step)
+        distributed.trim_log(work / "train_log.jsonl", step)
         print(f"resuming from {work} after step {step}", flush=True)
     return step
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
-    plumbing.exit_under_torchrun()
+    cli.run_cli(Args, main)
+    distributed.exit_under_torchrun()

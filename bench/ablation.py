@@ -19,7 +19,7 @@ is written is skipped, a complete model is not trained again, train.py / evaluat
     OUT/ablation.md                         the table printed at the end
 
 The table: per setting, Pass@1 and the share of correct solutions with a wrong step, mean ± sample standard
-deviation over the seeds (one seed: its value and 95% Wilson interval, as report.py), and the number of
+deviation over the seeds (one seed: its value and 95% Wilson interval, as stepkto/report.py), and the number of
 seeds; M0's own evaluation (RUN/eval/M0) on top. Training seed 1 is run.sh's seed for iteration 1 of seed 0
 (--seed SEED * 1000 + i), so the default setting at seed 1 retrains runs/seed0/step-kto/M1.
 """
@@ -34,9 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
-import common  # noqa: E402
-import models  # noqa: E402
-import report  # noqa: E402
+from stepkto import jsonl, models, report
 
 SETTINGS = {  # name: the train.py options it changes from run.sh's iteration 1
     "default": {},
@@ -144,7 +142,7 @@ def run_all(args: argparse.Namespace, threads: int) -> None:
 def results(folder: Path, seeds: list[int]) -> list[dict]:
     """The result.json of the seeds' evaluations under a setting's folder (those written so far)."""
     paths = [folder / f"seed{seed}" / "eval" / "result.json" for seed in seeds]
-    return [common.read_json(path, common.RESULT) for path in paths if path.exists()]
+    return [jsonl.read_json(path, jsonl.RESULT) for path in paths if path.exists()]
 
 
 def table(args: argparse.Namespace) -> str:
@@ -152,7 +150,7 @@ def table(args: argparse.Namespace) -> str:
     lines = ["| setting | train.py options changed | seeds | Pass@1 (%) | correct solutions with a wrong step (%) |",
              "|---|---|---|---|---|"]
     m0 = Path(args.run) / "eval" / "M0" / "result.json"
-    groups = [("M0 (no training)", "", [common.read_json(m0, common.RESULT)] if m0.exists() else [])]
+    groups = [("M0 (no training)", "", [jsonl.read_json(m0, jsonl.RESULT)] if m0.exists() else [])]
     groups += [(name, " ".join(flat(SETTINGS[name])) or "(run.sh's)", results(Path(args.out) / name, args.seeds))
                for name in selected(args)]
     for name, changed, rows in groups:

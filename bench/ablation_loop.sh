@@ -13,7 +13,7 @@
 # OBJECTIVES (Step-KTO alone unless set) for each seed. A seed starts from a copy of the default run's data, M0,
 # M0's evaluation and Step-KTO's iteration-1 samples and labels, with their provenance records, and run.sh runs with
 # ON_CHANGE=redo: what the setting changes (the samples under SAMPLES=1, M0 under NUM_SFT=...) is made again, the
-# rest is reused. Resumable like run.sh: a rerun skips what is complete. At the end, report.py's table for the
+# rest is reused. Resumable like run.sh: a rerun skips what is complete. At the end, stepkto/report.py's table for the
 # default and for each setting. Other run.sh settings in the environment (TASK, ITERATIONS, ...) reach every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +46,8 @@ for s in $SEEDS; do
     done
 done
 echo "== default ($DEFAULT)"
-$PY report.py --runs "$DEFAULT"
+$PY -m stepkto.report --runs "$DEFAULT"
 for setting in $SETTINGS; do
     echo "== $setting ($OUT/$setting)"
-    $PY report.py --runs "$OUT/$setting"
+    $PY -m stepkto.report --runs "$OUT/$setting"
 done

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402
+from stepkto import models
 
 
 def share_changed(model_path: str, dtype: str, lr: float, ids: torch.Tensor) -> float:

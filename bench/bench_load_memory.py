@@ -1,4 +1,4 @@
-"""Host memory of each rank right after train.py's sharded load (plumbing.build_policy under torchrun: rank 0 reads
+"""Host memory of each rank right after train.py's sharded load (distributed.build_policy under torchrun: rank 0 reads
 the checkpoint, broadcasts it into every rank's FSDP2 shard and frees it), for checkouts side by side: what glibc's
 malloc keeps of rank 0's freed copy of the model before training allocates anything.
 
@@ -7,7 +7,7 @@ malloc keeps of rank 0's freed copy of the model before training allocates anyth
         --env MALLOC_MMAP_THRESHOLD_=131072
 
 For each --repo: torchrun with --ranks gloo ranks runs this file's worker, which imports that checkout's train.py
-and plumbing.py and reports each rank's RSS before the load (torch imported, the process group up), after
+and stepkto/distributed.py and reports each rank's RSS before the load (torch imported, the process group up), after
 build_policy returns, and its peak (VmHWM), with the size of the model's weights.
 """
 
@@ -30,17 +30,17 @@ def worker(repo: str, model: str, dtype: str) -> None:
     sys.path.insert(0, repo)
     import torch
 
-    import plumbing
+    from stepkto import distributed
     import train
 
     args = train.Args(objective="step-kto", model=model, data="-", output_dir="-", dtype=dtype)
-    env = plumbing.init_distributed(30)
+    env = distributed.init_distributed(30)
     before = status_mib("VmRSS")
-    policy = plumbing.build_policy(train.policy_spec(args, train.tokenizer_of(args), model, None), env, trainable=True)
+    policy = distributed.build_policy(train.policy_spec(args, train.tokenizer_of(args), model, None), env, trainable=True)
     after, peak = status_mib("VmRSS"), status_mib("VmHWM")
     local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
                 for p in policy.parameters()) / 2**20
-    rows = plumbing.gather_objects({"rank": env.rank, "before": before, "after": after, "peak": peak, "shard": local})
+    rows = distributed.gather_objects({"rank": env.rank, "before": before, "after": after, "peak": peak, "shard": local})
     if env.rank == 0:
         print("RESULT " + json.dumps(rows), flush=True)
     torch.distributed.barrier()

@@ -23,16 +23,14 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import arith_task  # noqa: E402
-import common  # noqa: E402
-import models  # noqa: E402
+from stepkto import arith_task, jsonl, models
 
 
 def train_adapters(model: str, steps: int, lr: float, work: Path) -> Path:
     """train.py --lora_r 16 on the bf16 base: OUT/adapter holds the trained adapters."""
     rows = arith_task.make_split("train", 16 * steps, seed=0)
     sft = [{"id": r["id"], "problem": r["problem"], "completion": r["solution"]} for r in rows]
-    common.write_jsonl_atomic(work / "sft.jsonl", sft)
+    jsonl.write_jsonl_atomic(work / "sft.jsonl", sft)
     out = work / "M1"
     subprocess.run([sys.executable, str(REPO / "train.py"), "--objective", "sft", "--model", model, "--data",
                     str(work / "sft.jsonl"), "--output_dir", str(out), "--dtype", "bfloat16", "--lora_r", "16",

@@ -9,7 +9,7 @@ ratio is one of tokens and passes, not of model quality. A random judge never st
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_prm_vs_judge.py --rows 100
 
-Prints a markdown table (BENCHMARKS.md section 19).
+Prints a markdown table (bench/BENCHMARKS.md section 19).
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
-import common  # noqa: E402
+from stepkto import jsonl, prm_models, prompting
 import label  # noqa: E402
-import prm_models  # noqa: E402
 from helpers import save_tiny_qwen_lm, save_tiny_qwen_prm  # noqa: E402
 from processbench_labellers import CountingEngine, as_label_rows, evenly_spaced, join_gsm8k  # noqa: E402
 
 
 def load_rows(tokenizer, data: Path, count: int) -> list[dict]:
-    bench_rows = join_gsm8k(evenly_spaced(common.read_json(data / "processbench_gsm8k.json"), count), data)
+    bench_rows = join_gsm8k(evenly_spaced(jsonl.read_json(data / "processbench_gsm8k.json"), count), data)
     return as_label_rows(bench_rows, tokenizer, with_reference=True)
 
 
@@ -42,7 +41,7 @@ def run_prm(rows: list[dict], spans: list, prm: str, chunk: int) -> dict:
     for i in range(0, len(rows), chunk):  # label.py's chunks: one labeller call each
         label.reward_model_labeller(rows[i : i + chunk], spans[i : i + chunk], settings)
     seconds = time.perf_counter() - start
-    tokens = sum(len(prm_models.encode_solution(tokenizer, spec, r["problem"], common.step_texts(r["completion"], s),
+    tokens = sum(len(prm_models.encode_solution(tokenizer, spec, r["problem"], prompting.step_texts(r["completion"], s),
                                                 r["id"]).ids) for r, s in zip(rows, spans))
     return {"tokens": tokens, "seconds": seconds, "passes": len(rows)}
 
@@ -70,7 +69,7 @@ def main() -> None:
         _, _, tokenizer = save_tiny_qwen_prm(Path(tmp) / "prm", max_len=16384)
         judge = save_tiny_qwen_lm(Path(tmp) / "judge", max_len=16384)  # byte-level: a token a byte
         rows = load_rows(tokenizer, cli.data, cli.rows)
-        spans = [common.step_spans(r["completion"]) for r in rows]
+        spans = [prompting.step_spans(r["completion"]) for r in rows]
         results = {"reward_model (qwen_prm)": run_prm(rows, spans, str(Path(tmp) / "prm"), cli.chunk_size)}
         for protocol in ("step", "first_error"):
             results[f"judge, {protocol} protocol"] = run_judge(rows, spans, judge, protocol, cli.judge_max_new_tokens,

@@ -1,10 +1,10 @@
-"""What a provenance record costs (provenance.py): hashing a large samples file, against reading its rows.
+"""What a provenance record costs (stepkto/provenance.py): hashing a large samples file, against reading its rows.
 
     .venv/bin/python bench/bench_provenance.py --rows 100000 --repeats 3
 
 Writes a samples file of --rows rows shaped as generate.py's (a 600-character completion, its token ids and
 offsets), then times, each --repeats times and best-of: provenance.file_sha256 (the stage's record, streamed),
-common.read_jsonl (what label.py does with the file anyway), and a repeated file_sha256 of a file large enough to be
+jsonl.read_jsonl (what label.py does with the file anyway), and a repeated file_sha256 of a file large enough to be
 remembered in the digest cache (a model's weights). Prints one JSON line.
 """
 
@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
-import provenance  # noqa: E402
+from stepkto import jsonl, provenance
 
 
 def sample_row(i: int, rng: random.Random) -> dict:
@@ -54,7 +53,7 @@ def main() -> None:
                 f.write(json.dumps(sample_row(i, rng)) + "\n")
         size = path.stat().st_size
         hashed = best_of(lambda: provenance._sha256_of(path), args.repeats)
-        read = best_of(lambda: common.read_jsonl(path, common.SAMPLE_ROW), args.repeats)
+        read = best_of(lambda: jsonl.read_jsonl(path, jsonl.SAMPLE_ROW), args.repeats)
         first = time.perf_counter()
         provenance.file_sha256(path)  # remembered: the file is over the cache threshold
         first = time.perf_counter() - first

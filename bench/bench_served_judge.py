@@ -11,7 +11,7 @@ The same rows (ProcessBench GSM8K, evenly spaced, with GSM8K's reference solutio
 
     .venv-vllm/bin/python bench/bench_served_judge.py --model models/SmolLM2-135M-Instruct --rows 24
 
-Prints a markdown table (BENCHMARKS.md section 18). Both sides run on the same CPU cores, one after the other.
+Prints a markdown table (bench/BENCHMARKS.md section 18). Both sides run on the same CPU cores, one after the other.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
-import common  # noqa: E402
+from stepkto import jsonl, models, prompting
 import label  # noqa: E402
-import models  # noqa: E402
 from helpers import vllm_server  # noqa: E402
 from processbench_labellers import as_label_rows, evenly_spaced, join_gsm8k  # noqa: E402
 
@@ -51,7 +50,7 @@ print("RESULT " + json.dumps({"imports_s": imported - start, "engine_s": started
 
 
 def load_rows(model: str, data: Path, count: int) -> list[dict]:
-    bench_rows = join_gsm8k(evenly_spaced(common.read_json(data / "processbench_gsm8k.json"), count), data)
+    bench_rows = join_gsm8k(evenly_spaced(jsonl.read_json(data / "processbench_gsm8k.json"), count), data)
     rows = as_label_rows(bench_rows, models.load_tokenizer(model), with_reference=True)
     return [{**r, "problem_id": r["id"], "finish_reason": "stop"} for r in rows]
 
@@ -97,8 +96,8 @@ def main() -> None:
     cli = parser.parse_args()
     cli.workdir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(cli.model, cli.data, cli.rows)
-    steps = sum(len(common.step_spans(r["completion"])) for r in rows)
-    common.write_json_atomic(cli.workdir / "rows.json", rows)
+    steps = sum(len(prompting.step_spans(r["completion"])) for r in rows)
+    jsonl.write_json_atomic(cli.workdir / "rows.json", rows)
     settings = label.Settings(prm="judge", judge_model=cli.model, judge_max_new_tokens=cli.max_new_tokens)
     local = in_process(cli.workdir / "rows.json", settings)
     start = time.perf_counter()

@@ -6,10 +6,10 @@
 
 The model is run.sh's M0 architecture (models.make_tiny_llama: hidden 128, 2 layers, MLP 384); a step is a batch of
 32 rows x 110 tokens (--length), the causal-LM loss, backward and an AdamW step: what `train.py --objective sft`
-spent 488 of its 512 s on in the previous default's run (BENCHMARKS.md section 12). 110 tokens is the previous
+spent 488 of its 512 s on in the previous default's run (bench/BENCHMARKS.md section 12). 110 tokens is the previous
 default's row, one token per character (SCRATCH_TOKENIZER=char): seed 0's SFT rows average 121.5 tokens with run.sh's
 minimal prompt (the mean of policy.pair_length over train.load_examples of runs/seed0/data/sft.jsonl), so real rows
-are about 10% longer. With the phrase tokenizer run.sh now uses they average 49.2 tokens (--length 49; BENCHMARKS.md
+are about 10% longer. With the phrase tokenizer run.sh now uses they average 49.2 tokens (--length 49; bench/BENCHMARKS.md
 section 13). Each mode builds a fresh model, runs 5 untimed steps, then times
 --steps steps. Modes: eager (as train.py), compile (torch.compile of the forward), bf16 (bf16 autocast),
 bf16_compile (both), eager_attention (transformers' plain attention instead of SDPA).
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402
+from stepkto import models
 
 
 MODES = ["eager", "compile", "bf16", "bf16_compile", "eager_attention"]

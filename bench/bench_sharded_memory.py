@@ -35,8 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import common  # noqa: E402
-import models  # noqa: E402
+from stepkto import jsonl, models, prompting
 
 GLOBAL_BATCH = 4
 
@@ -48,11 +47,11 @@ def rows(model: str, path: Path, count: int) -> Path:
     for i in range(count):
         a, b = 10 + i, 20 + 3 * i
         completion = f"We add {a} and {b}.\n\n{a} + {b} = {a + b + i % 2}\n\nThe answer is \\boxed{{{a + b}}}."
-        steps = common.step_texts(completion, common.step_spans(completion))
-        out.append({"id": f"r{i}", "prompt": common.build_prompt(tokenizer, f"What is {a} + {b}?"),
+        steps = prompting.step_texts(completion, prompting.step_spans(completion))
+        out.append({"id": f"r{i}", "prompt": prompting.build_prompt(tokenizer, f"What is {a} + {b}?"),
                     "completion": completion, "finish_reason": "stop", "outcome": i % 2 == 0, "completions": steps,
                     "labels": [True, i % 2 == 0, True]})
-    common.write_jsonl_atomic(path, out)
+    jsonl.write_jsonl_atomic(path, out)
     return path
 
 
@@ -141,7 +140,7 @@ def launch(repo: Path, model: str, data: Path, ranks: int, work: Path, steps: in
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rss = [int((work / f"rss-{ranks}-{r}").read_text().split()[-1]) / 1024 for r in range(ranks)]
-    log = [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
+    log = [json.loads(line) for line in jsonl.jsonl_lines((out / "train_log.jsonl").read_text())]
     at_step = {step: [by_rank.get(r, 0) / 2**20 for r in range(ranks)] for step, by_rank in watcher.rss_at_step.items()}
     return {"repo": str(repo), "ranks": ranks, "peak_rss_mib": rss, "rss_at_step_mib": at_step,
             "state_mib": {r: s / 2**20 for r, s in sorted(watcher.per_rank.items())},

@@ -9,7 +9,7 @@ fastest of interleaved runs) and their ratio. CPU time of one torch thread, not 
 machine is shared: other processes stretch wall time but not the CPU seconds this process uses.
 Inference mode, float32. This is a benchmark, not a test.
 
-Run: .venv/bin/python bench/bench_step_rewards.py          (writes notes/bench_loss.md)
+Run: .venv/bin/python bench/bench_step_rewards.py          (writes bench/notes/bench_loss.md)
 """
 
 import argparse
@@ -44,7 +44,7 @@ def parse_args():
     parser.add_argument("--step-tokens", type=int, default=16, help="tokens per step")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (fastest reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = work done)")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "notes" / "bench_loss.md")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "notes" / "bench_loss.md")
     return parser.parse_args()
 
 

@@ -1,9 +1,9 @@
 """train.py's training throughput as model FLOP/s against this machine's measured matmul peak (MFU).
 
-    # CPU, the 10-20M model, 2 threads, float32 (BENCHMARKS.md "CPU efficiency"):
+    # CPU, the 10-20M model, 2 threads, float32 (bench/BENCHMARKS.md "CPU efficiency"):
     .venv/bin/python bench/bench_train_efficiency.py --device cpu
     # GPU, a ~0.5B random-init Llama in mixed precision (float32 weights, bf16 compute: FSDP2's MixedPrecisionPolicy), FSDP2 on one GPU (torchrun, 1 process), with and without
-    # activation checkpointing (BENCHMARKS.md "GPU"):
+    # activation checkpointing (bench/BENCHMARKS.md "GPU"):
     python3 bench/bench_train_efficiency.py --device cuda
 
 Every configuration runs train.main itself (the product, through its own entry) in its own process on the same
@@ -64,25 +64,25 @@ def write_data(path: Path, rows: int, min_ops: int, max_ops: int) -> None:
     """Flawed arith_task solutions labelled by the exact checker: label.py's fields, both labels present."""
     import random
 
-    import arith_task
-    import common
+    from stepkto import arith_task
+    from stepkto import jsonl, prompting
 
     rng, rates, out = random.Random(0), arith_task.FlawRates(p_slip_hard=0.3), []
     for i, row in enumerate(arith_task.make_split("train", rows, 0, min_ops, max_ops, 99, "tree")):
         completion, _ = arith_task.write_solution(rng, row["problem"], rates)
-        steps = common.step_texts(completion, common.step_spans(completion))
+        steps = prompting.step_texts(completion, prompting.step_spans(completion))
         labels = arith_task.check_steps(row["problem"], steps)
         out.append({"id": str(i), "problem": row["problem"], "prompt": f"Problem: {row['problem']}\nSolution:\n",
                     "completion": completion,
                     "finish_reason": "stop", "outcome": completion.endswith(f"\\boxed{{{row['answer']}}}."),
                     "completions": steps, "labels": labels})
-    common.write_jsonl_atomic(path, out)
+    jsonl.write_jsonl_atomic(path, out)
 
 
 def write_model(path: Path, setting: dict) -> None:
     import torch
 
-    import models
+    from stepkto import models
 
     tokenizer = models.make_char_tokenizer()
     sizes = {k: setting[k] for k in ("hidden_size", "num_layers", "intermediate_size")}
@@ -92,7 +92,7 @@ def write_model(path: Path, setting: dict) -> None:
 
 
 def rows_flops(rows, params: int, hidden: int, layers: int, vocab: int, trained: bool) -> float:
-    """Model FLOPs of one forward (and backward when trained) over tokenized rows (policy.Tokenized)."""
+    """Model FLOPs of one forward (and backward when trained) over tokenized rows (scoring.Tokenized)."""
     lengths = [row.length() for row in rows]
     factor = 3 if trained else 1  # backward = 2 x forward
     dense = 2 * params * sum(lengths)
@@ -106,7 +106,7 @@ def plan_flops(targs) -> tuple[list[float], int]:
     from the same arguments in one process."""
     import torch
 
-    import models
+    from stepkto import models
     import train
 
     data = train.prepare_data(targs, train.Env(0, 1, torch.device("cpu")), train.tokenizer_of(targs))
@@ -126,7 +126,7 @@ def worker(args) -> None:
     """One train.main run; writes {tokens/s, FLOP/s, peak memory} of the timed steps to args.result."""
     import torch
 
-    import common
+    from stepkto import jsonl
     import train
 
     targs = train.Args(objective=args.objective, model=args.model, data=args.data, output_dir=args.output_dir,
@@ -137,7 +137,7 @@ def worker(args) -> None:
     train.main(targs)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    log = [json.loads(line) for line in common.jsonl_lines((Path(args.output_dir) / "train_log.jsonl").read_text())]
+    log = [json.loads(line) for line in jsonl.jsonl_lines((Path(args.output_dir) / "train_log.jsonl").read_text())]
     timed = log[args.warmup :]
     seconds = [args.batch / entry["samples_per_s"] for entry in timed]  # one process: the step's rows
     flops, params = plan_flops(targs)

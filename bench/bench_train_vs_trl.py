@@ -1,6 +1,6 @@
 """train.py --objective kto vs TRL's KTOTrainer on the same work: samples/s, peak RSS, losses.
 
-    # the 14.2M random-init Llama (BENCHMARKS.md section 6) and the embedded default's tiny task model:
+    # the 14.2M random-init Llama (bench/BENCHMARKS.md section 6) and the embedded default's tiny task model:
     .venv/bin/python bench/bench_train_vs_trl.py [--rounds 2] [--model 14m|task]
     # SmolLM2-135M-Instruct, a real save_pretrained folder (64 rows, batch 8, 8 steps, 2 threads, float32,
     # without and with activation checkpointing):
@@ -9,7 +9,7 @@
     # runs; add --rounds 1 --checkpointing off for a quarter of that)
 
 --model takes 14m / task (random-init Llama, char tokenizer, "minimal" prompts) or the path of a
-save_pretrained folder (its own tokenizer; prompts through common.build_prompt(tokenizer, problem,
+save_pretrained folder (its own tokenizer; prompts through prompting.build_prompt(tokenizer, problem,
 "instruct"), i.e. the chat template when it has one, as generate.py writes them).
 
 Same on both sides: model and dtype (float32), KTO rows (arith_task problems, label.py's fields; half of
@@ -67,7 +67,7 @@ LR, BETA = 1e-5, 0.1
 
 
 def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
-    import common
+    from stepkto import jsonl
     import train
 
     out = work / f"ours_{run}"
@@ -80,7 +80,7 @@ def worker_ours(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
     start = time.perf_counter()
     train.main(args)
     total = time.perf_counter() - start
-    log = [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
+    log = [json.loads(line) for line in jsonl.jsonl_lines((out / "train_log.jsonl").read_text())]
     stamps = list(itertools.accumulate(cfg["batch"] / entry["samples_per_s"] for entry in log))  # each step's end
     return {"total": total, "loop": stamps[-1], "stamps": stamps, "losses": [e["loss/total"] for e in log],
             "grad_norm0": log[0]["grad_norm"], "logits_chunk_mib": args.logits_chunk_mib, "optim": args.optim}
@@ -117,10 +117,10 @@ def worker_trl(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import KTOTrainer
 
-    import common
+    from stepkto import jsonl
 
     torch.set_num_threads(cfg["threads"])
-    rows = [json.loads(line) for line in common.jsonl_lines((work / "data_plan_order.jsonl").read_text())]
+    rows = [json.loads(line) for line in jsonl.jsonl_lines((work / "data_plan_order.jsonl").read_text())]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "label": r["outcome"]}
                                  for r in rows])
     stamps = []
@@ -146,8 +146,7 @@ def worker_trl(work: Path, cfg: dict, run: str, checkpointing: bool) -> dict:
 
 def kto_rows(tokenizer, n: int, style: str) -> list[dict]:
     """label.py's KTO fields as text only (no ids): arith_task problems, every other solution made wrong."""
-    import arith_task
-    import common
+    from stepkto import arith_task, prompting
 
     problems = arith_task.make_split("train", n, seed=0, shape="chain", max_number=20, min_ops=2, max_ops=5)
     rng, rows = random.Random(0), []
@@ -156,7 +155,7 @@ def kto_rows(tokenizer, n: int, style: str) -> list[dict]:
         wrong = str(int(p["answer"]) + rng.choice([-3, -2, -1, 1, 2, 3]))
         right, wrong = f"\\boxed{{{p['answer']}}}", f"\\boxed{{{wrong}}}"
         completion = p["solution"] if good else p["solution"].replace(right, wrong)
-        rows.append({"id": p["id"], "prompt": common.build_prompt(tokenizer, p["problem"], style),
+        rows.append({"id": p["id"], "prompt": prompting.build_prompt(tokenizer, p["problem"], style),
                      "completion": completion, "finish_reason": "stop", "outcome": good})
     return rows
 
@@ -167,7 +166,7 @@ def load_or_make_model(work: Path, model_name: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import models
+    from stepkto import models
 
     if model_name in MODELS:
         tokenizer = models.make_char_tokenizer()

@@ -39,7 +39,7 @@ stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 
 stage "1. seed model: SFT from scratch"
-"$PY" arith_task.py --output_dir "$W/data" "${SIZES[@]}" --seed 0
+"$PY" -m stepkto.arith_task --output_dir "$W/data" "${SIZES[@]}" --seed 0
 "$PY" train.py --objective sft --model scratch "${SFT[@]}" --data "$W/data/sft.jsonl" --output_dir "$W/M0" --lr 2e-3 \
     --per_device_batch_size 64 --prompt_style minimal --optim adamw_fused
 

@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import report  # noqa: E402
+from stepkto import jsonl, report
 
 OBJECTIVES = ("step-kto", "kto")
 
@@ -27,7 +26,7 @@ def sign_test(a: int, b: int) -> float:
 
 def right_answers(eval_dir: Path) -> dict[str, bool]:
     """{problem id: greedy answer right} from evaluate.py's greedy_labels.jsonl."""
-    rows = common.read_jsonl(eval_dir / "greedy_labels.jsonl", {"problem_id": str, "outcome": bool})
+    rows = jsonl.read_jsonl(eval_dir / "greedy_labels.jsonl", {"problem_id": str, "outcome": bool})
     return {row["problem_id"]: row["outcome"] for row in rows}
 
 
@@ -44,10 +43,10 @@ def compare(runs: Path) -> dict:
     """Per-seed Pass@1 differences per iteration, and the last common iteration's discordant problems pooled."""
     seeds = seed_runs(runs)
     if not seeds:
-        raise common.DataError(f"{runs}: no seed<S> folder with both {' and '.join(OBJECTIVES)} evaluated")
+        raise jsonl.DataError(f"{runs}: no seed<S> folder with both {' and '.join(OBJECTIVES)} evaluated")
     last = min(max(evals, default=0) for runs_of in seeds.values() for evals in runs_of.values())
     if last < 1:
-        raise common.DataError(f"{runs}: some seed has no iteration past M0 evaluated under both objectives")
+        raise jsonl.DataError(f"{runs}: some seed has no iteration past M0 evaluated under both objectives")
     diffs, only = {i: [] for i in range(1, last + 1)}, [0, 0]
     for runs_of in seeds.values():
         ours, theirs = (runs_of[o] for o in OBJECTIVES)

@@ -11,7 +11,7 @@ Because most first errors are not arithmetic, the script also measures the check
     time); the share of these corrupted steps that it flags.
 
 Run from the repo root: .venv/bin/python bench/processbench_check.py   (writes
-notes/bench_processbench_check.md)
+bench/notes/bench_processbench_check.md)
 """
 import argparse
 import re
@@ -21,8 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
-import common  # noqa: E402
-from equations import check_equations, label_steps_by_equations  # noqa: E402
+from stepkto import jsonl
+from stepkto.equations import check_equations, label_steps_by_equations  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 COMMAND = ".venv/bin/python bench/processbench_check.py"
@@ -68,7 +68,7 @@ def corrupted_result_recall(rows: list[dict]) -> tuple[int, int]:
 def gold_solution_flags(path: Path, id_field: str) -> tuple[list[str], int]:
     """(ids of flagged paragraphs, paragraphs) over the gold solutions of a jsonl benchmark."""
     flagged, total = [], 0
-    for row in common.read_jsonl(path):
+    for row in jsonl.read_jsonl(path):
         for paragraph in re.split(r"\n\s*\n|(?<=\.)\s+(?=[A-Z])", row["solution"]):
             total += 1
             if not check_equations(paragraph):
@@ -126,9 +126,9 @@ held-out precision check. Inspected by hand, the flagged MATH-500 paragraph (tes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the benchmark files")
-    parser.add_argument("--out", type=Path, default=REPO / "notes" / "bench_processbench_check.md")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "notes" / "bench_processbench_check.md")
     args = parser.parse_args()
-    rows = common.read_json(args.data / "processbench_gsm8k.json")
+    rows = jsonl.read_json(args.data / "processbench_gsm8k.json")
     start = time.perf_counter()
     scores, recall = first_error_scores(rows), corrupted_result_recall(rows)
     math = gold_solution_flags(args.data / "math500.jsonl", "unique_id")

@@ -29,7 +29,7 @@ Per labeller it also reports the share of verdicts that parse, the judge tokens 
 (prompt + generated, counted from the engine's own ids) and the wall time.
 
 Without ``--judge_model`` the judge is a tiny UNTRAINED char-level Llama built here: a plumbing check
-that runs anywhere, not a judge. Run from the repo root (writes notes/bench_processbench_labellers.md):
+that runs anywhere, not a judge. Run from the repo root (writes bench/notes/bench_processbench_labellers.md):
 
     .venv/bin/python bench/processbench_labellers.py --judge_model models/SmolLM2-135M-Instruct --rows 100
     .venv-vllm/bin/python bench/processbench_labellers.py --judge_model models/SmolLM2-135M-Instruct --judge_engine vllm --rows 100
@@ -52,13 +52,9 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import common  # noqa: E402
+from stepkto import engines, grading, jsonl, models, options, prompting, sharding
 
-import models  # noqa: E402
-import grading  # noqa: E402
-import generate  # noqa: E402
 import label  # noqa: E402
-import options  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 LABELLERS = ("check", "judge_step", "judge_first_error", "mc", "reward_model")
@@ -90,11 +86,11 @@ def as_label_rows(bench_rows: list[dict], tokenizer, with_reference: bool) -> li
     GSM8K gold, prompt = the rollout policy's (the judge model's) prompt, solution = reference if asked."""
     rows = []
     for row in bench_rows:
-        completion = common.STEP_SEPARATOR.join(row["steps"])
-        if len(common.step_spans(completion)) != len(row["steps"]):
+        completion = prompting.STEP_SEPARATOR.join(row["steps"])
+        if len(prompting.step_spans(completion)) != len(row["steps"]):
             raise ValueError(f"{row['id']}: field 'steps': a step holds a blank line, so it would split in two")
         rows.append({"id": row["id"], "problem": row["problem"], "answer": row["gold"], "completion": completion,
-                     "prompt": common.build_prompt(tokenizer, row["problem"]),
+                     "prompt": prompting.build_prompt(tokenizer, row["problem"]),
                      **({"solution": row["reference"]} if with_reference else {})})
     return rows
 
@@ -103,7 +99,7 @@ def as_label_rows(bench_rows: list[dict], tokenizer, with_reference: bool) -> li
 
 
 class CountingEngine:
-    """A generate.Engine for label.py's labellers (their ``engine`` argument) that counts, per prompt, its
+    """A engines.Engine for label.py's labellers (their ``engine`` argument) that counts, per prompt, its
     prompt ids once and the generated ids of every sample (mc samples K per prompt: one prefill, K
     continuations). Keeps the first reply."""
 
@@ -126,10 +122,10 @@ class CountingEngine:
 
 
 def chunk_verdicts(name: str, chunk: list[dict], counter: CountingEngine | None, settings: label.Settings) -> list[list]:
-    """Verdicts (True / False / None / label.CUT_OFF per step) of labeller ``name`` on one chunk of rows: label.py's labeller,
+    """Verdicts (True / False / None / judging.CUT_OFF per step) of labeller ``name`` on one chunk of rows: label.py's labeller,
     through the counting engine."""
     settings = labeller_settings(name, settings)
-    spans = [common.step_spans(r["completion"]) for r in chunk]
+    spans = [prompting.step_spans(r["completion"]) for r in chunk]
     return label.LABELLERS[settings.prm](chunk, spans, settings, counter)
 
 
@@ -167,7 +163,7 @@ def run_labeller(name: str, rows: list[dict], gold: list[int], engine, settings:
     """Scores of one labeller on ``rows``, chunk by chunk, with its token counts and wall time."""
     counter = None if name == "check" else CountingEngine(engine)
     start, verdicts = time.perf_counter(), []
-    for chunk in tqdm(common.chunked(rows, chunk_size), desc=name):
+    for chunk in tqdm(sharding.chunked(rows, chunk_size), desc=name):
         verdicts += chunk_verdicts(name, chunk, counter, settings)
     predicted = [predicted_first_error(v) for v in verdicts]
     return {**f1_scores(gold, predicted), "name": name, "predicted": predicted, "seconds": time.perf_counter() - start,
@@ -211,7 +207,7 @@ def model_caveat(model: str) -> str:
     source = Path(model) / "source.json"
     if not source.exists():
         return ""
-    note = common.read_json(source)
+    note = jsonl.read_json(source)
     return f" **Weights: {note.get('note', '')}** ({note.get('gguf', '?')}); every number here is of those weights."
 
 
@@ -229,7 +225,7 @@ def judge_description(cli, engine_name: str, chunk_size: int, load_seconds: floa
     reference = ("the matching GSM8K worked solution (calculator annotations removed), `--with_reference`"
                  if cli.with_reference else "none (ProcessBench gives judges no reference; the prompt says so)")
     return (f"* Judge and mc rollout policy: {model}.{model_caveat(cli.judge_model) if cli.judge_model else ''}\n"
-            f"* Engine: `{engine_name}` (generate.get_engine, dtype {cli.dtype}; loaded once in {load_seconds:.1f} s, "
+            f"* Engine: `{engine_name}` (engines.get_engine, dtype {cli.dtype}; loaded once in {load_seconds:.1f} s, "
             f"not counted in the seconds below); {chunk_size} rows per generation call.\n"
             f"* Judge: greedy, `--judge_max_new_tokens {cli.judge_max_new_tokens}`; reference solution: {reference}."
             + (mc_description(cli) if "mc" in cli.labellers.split(",") else ""))
@@ -239,7 +235,7 @@ def mc_description(cli) -> str:
     return (f"\n* mc: `--mc_rollouts {cli.mc_rollouts}` at temperature {cli.mc_temperature}, "
             f"`--mc_max_new_tokens {cli.mc_max_new_tokens}`, a step is right when >= {cli.mc_threshold} rollout(s) "
             f"reach GSM8K's gold answer (last \\boxed{{}} of prefix + rollout, math-verify). Rollout prompt: "
-            f"common.build_prompt (instruct template in the policy's chat template) + the steps so far.")
+            f"prompting.build_prompt (instruct template in the policy's chat template) + the steps so far.")
 
 
 def subset_description(scores: list[dict], n_all: int) -> str:
@@ -265,7 +261,7 @@ READING = """* Predicted first error = first step not labelled right, -1 if none
   cut off at `--judge_max_new_tokens` gives no verdict, whatever its text says; n/a
   for check (exact) and mc (a count of rollouts reaching the gold answer always decides).
 * Judge tokens per solution: prompt + generated token ids as the engine consumed and sampled them
-  (generate.Sample.prompt_ids / completion_ids, judge tokenizer), summed over the labeller's calls and
+  (engines.Sample.prompt_ids / completion_ids, judge tokenizer), summed over the labeller's calls and
   divided by the rows. A prompt counts once per request: for mc once per step prefix, while its
   `--mc_rollouts` continuations all count as generated. check uses no model.
 * Seconds: wall time of the labeller on the subset (model load excluded), indicative on a shared machine."""
@@ -308,7 +304,7 @@ def build_tiny_judge(folder: Path) -> str:
 def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with processbench_gsm8k.json and gsm8k_test.jsonl")
-    parser.add_argument("--out", type=Path, default=REPO / "notes" / "bench_processbench_labellers.md")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "notes" / "bench_processbench_labellers.md")
     parser.add_argument("--rows", type=int, default=100, help="N evenly spaced rows, row i * 400 // N (0 = all 400)")
     parser.add_argument("--labellers", default=",".join(LABELLERS[:4]), help=f"comma-separated subset of {','.join(LABELLERS)}")
     parser.add_argument("--prm_model", default="", help="reward_model: the PRM (default: a tiny random Qwen2 PRM)")
@@ -351,7 +347,7 @@ def labeller_settings(name: str, settings: label.Settings) -> label.Settings:
     the command line's options those that it uses."""
     prm, _, protocol = name.partition("_")
     settings = replace(settings, prm=prm, **({"judge_protocol": protocol} if protocol else {}))
-    engines = {field: functools.partial(generate.resolve_engine, getattr(settings, field))
+    engines = {field: functools.partial(engines.resolve_engine, getattr(settings, field))
                for field in ("engine", "judge_engine")}
     return options.applicable("label.py", settings, **engines)
 
@@ -363,7 +359,7 @@ def judged_labellers(cli) -> list[str]:
 
 def run(cli, judge_model: str, prm_model: str = "") -> None:
     """Every labeller of --labellers on the same rows, then the report."""
-    all_rows = common.read_json(cli.data / "processbench_gsm8k.json")
+    all_rows = jsonl.read_json(cli.data / "processbench_gsm8k.json")
     bench_rows = join_gsm8k(evenly_spaced(all_rows, cli.rows), cli.data)
     gold, text = [r["label"] for r in bench_rows], []
     if judged_labellers(cli):
@@ -376,10 +372,10 @@ def run(cli, judge_model: str, prm_model: str = "") -> None:
 
 
 def judge_run(cli, judge_model: str, bench_rows: list[dict], gold: list[int], n_all: int) -> str:
-    settings, engine_name = label_settings(cli, judge_model), generate.resolve_engine(cli.judge_engine)
+    settings, engine_name = label_settings(cli, judge_model), engines.resolve_engine(cli.judge_engine)
     chunk_size = cli.chunk_size or (100 if engine_name == "vllm" else 8)
     start = time.perf_counter()
-    engine = generate.get_engine(judge_model, label.judge_engine_settings(settings))
+    engine = engines.get_engine(judge_model, label.judge_engine_settings(settings))
     load_seconds = time.perf_counter() - start
     rows, scores = as_label_rows(bench_rows, engine.tokenizer, cli.with_reference), []
     for name in judged_labellers(cli):
@@ -398,8 +394,8 @@ def prm_run(cli, prm_model: str, bench_rows: list[dict], gold: list[int]) -> str
     tokenizer, _, _ = label.get_prm(settings)
     rows = as_label_rows(bench_rows, tokenizer, with_reference=False)
     start, scores = time.perf_counter(), []
-    for chunk in tqdm(common.chunked(rows, 8), desc="reward_model"):
-        scores += label.reward_model_labeller(chunk, [common.step_spans(r["completion"]) for r in chunk], settings)
+    for chunk in tqdm(sharding.chunked(rows, 8), desc="reward_model"):
+        scores += label.reward_model_labeller(chunk, [prompting.step_spans(r["completion"]) for r in chunk], settings)
     seconds = time.perf_counter() - start
     sweep = [{"threshold": t, **f1_scores(gold, [next((k for k, p in enumerate(row) if p < t), -1) for row in scores])}
              for t in THRESHOLDS]

@@ -15,8 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import arith_task  # noqa: E402
-import common  # noqa: E402
+from stepkto import arith_task, jsonl
 
 NAMES = {"+": "add", "-": "sub", "*": "mul"}
 
@@ -40,7 +39,7 @@ def step_kind(step: str, label: bool) -> str:
 
 def main(paths: list[str]) -> None:
     steps, outcomes = collections.Counter(), collections.Counter()
-    for row in (row for path in paths for row in common.read_jsonl(path, common.LABELLED_ROW)):
+    for row in (row for path in paths for row in jsonl.read_jsonl(path, jsonl.LABELLED_ROW)):
         outcomes[(row["outcome"], all(row["labels"]))] += 1
         for step, label in zip(row["completions"][:-1], row["labels"][:-1]):
             steps[step_kind(step, label)] += 1

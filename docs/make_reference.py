@@ -1,6 +1,6 @@
 """Write docs/reference.md, the reference of every command-line option of every stage and every setting of run.sh and
 setup.sh, read from the code so that it cannot drift from it: the options from each stage's ``Args`` dataclass (type,
-default, the ``help`` that ``common.option`` stores), run.sh's settings from its ``NAME=${NAME:-default}  # meaning``
+default, the ``help`` that ``cli.option`` stores), run.sh's settings from its ``NAME=${NAME:-default}  # meaning``
 lines under their ``# ---- heading`` lines, setup.sh's flags from its usage comment. tests/test_docs.py checks that the
 committed file is this script's output, and that every flag and setting the README and docs/ name exists.
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "docs" / "reference.md"
 COMMAND = ".venv/bin/python docs/make_reference.py"
-STAGES = ["generate", "label", "train", "evaluate", "report", "arith_task"]
+STAGES = ["generate", "label", "train", "evaluate", "stepkto.report", "stepkto.arith_task"]  # modules with an Args
 # What a variable means where run.sh or setup.sh gives it no comment (or reads it without a NAME=${NAME:-...} line);
 # the code's own comment next to it, where there is one, follows.
 MEANINGS = {
@@ -31,7 +31,7 @@ MEANINGS = {
     "MASTER_PORT": "node 0's port (torchrun's rendezvous)",
     "MIN_OPS": "TASK=hard: fewest operations per problem",
     "MAX_OPS": "TASK=hard: most operations per problem",
-    "PYTHON": "the Python of train.py, report.py and the built-in task (and of every stage unless GEN_PYTHON); "
+    "PYTHON": "the Python of train.py, stepkto/report.py and the built-in task (and of every stage unless GEN_PYTHON); "
               "unset: run.sh first runs `bash setup.sh` (with --gpu for a GPU .venv)",
     "GEN_PYTHON": "the Python of generate.py, label.py and evaluate.py",
     "CUDA_VISIBLE_DEVICES": "the node's GPUs, which the sampling shards split GPUS / TP at a time (commands.log "
@@ -77,11 +77,21 @@ def default_text(f: dataclasses.Field) -> str:
     return "unset" if value is None else code(value)
 
 
+def title(stage: str) -> str:
+    """A stage's file: generate.py, stepkto/report.py."""
+    return f"{stage.replace('.', '/')}.py"
+
+
+def command(stage: str) -> str:
+    """How a stage runs: a top-level script by its file, a module of the package with -m."""
+    return f"python -m {stage}" if "." in stage else f"python {stage}.py"
+
+
 def stage_section(name: str) -> list[str]:
     module = importlib.import_module(name)
     hints = typing.get_type_hints(module.Args)
     summary = ast.get_docstring(ast.parse(Path(module.__file__).read_text())).split("\n\n")[0]
-    lines = [f"## {name}.py", "", cell(summary) + f" `python {name}.py --help` prints the same options.", "",
+    lines = [f"## {title(name)}", "", cell(summary) + f" `{command(name)} --help` prints the same options.", "",
              "| option | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(module.Args):
         flag = code(f"--{f.name}")
@@ -164,7 +174,7 @@ def passed_as(lines: list[str], name: str, options: dict) -> list[tuple[str, str
     for line in text.splitlines():
         pattern = r"(--|(?<=\s)(?=[a-z]))" if line.lstrip().startswith("set_only") else "(--)"
         for m in re.finditer(pattern + rf'([a-z][a-z0-9_]*) "\$(?:\{{|\(\()?{name}\b', line):
-            named = re.findall(r"\b(\w+)\.py\b", line[:m.start()])
+            named = [a or b for a, b in re.findall(r"\b(\w+)\.py\b|-m (stepkto\.\w+)", line[:m.start()])]
             owners = [s for s in STAGES if m[2] in options[s]]
             stage = named[-1] if named and named[-1] in owners else (owners[0] if len(owners) == 1 else "")
             if (stage, m[2]) not in found:
@@ -291,7 +301,7 @@ Every option is also spelled with dashes (`--max-new-tokens`); a bool option tak
 def render() -> str:
     """The text of docs/reference.md."""
     options = stage_options()
-    titles = [f"{s}.py" for s in STAGES] + ["run.sh", "setup.sh"]
+    titles = [title(s) for s in STAGES] + ["run.sh", "setup.sh"]
     lines = [HEADER, " · ".join(f"[{t}](#{re.sub(r'[^a-z0-9_-]', '', t.lower())})" for t in titles), ""]
     for stage in STAGES:
         lines += stage_section(stage)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import models
+from stepkto import models
 
 
 def tiny_llama(vocab_size: int, seed: int, initializer_range: float = 0.2, pad_token_id: int | None = None):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import common
-from equations import check_equations, label_steps_by_equations
+from stepkto import jsonl
+from stepkto.equations import check_equations, label_steps_by_equations
 import step_errors  # bench/step_errors.py (tests/conftest.py)
-from arith_task import (Args, FlawRates, check_steps, is_arith_problem, is_hard_step,
+from stepkto.arith_task import (Args, FlawRates, check_steps, is_arith_problem, is_hard_step,
                         is_test_problem, main, make_split, random_expression,
                         slipped_result, tokenize, write_solution)
 
@@ -250,7 +250,7 @@ def test_label_steps_by_equations_labels_each_step():
 
 
 def test_processbench_gsm8k_scores_are_pinned():
-    """Numbers measured by bench/processbench_check.py (notes/bench_processbench_check.md)."""
+    """Numbers measured by bench/processbench_check.py (bench/notes/bench_processbench_check.md)."""
     if not PROCESSBENCH.exists():
         pytest.skip(f"ProcessBench data not found at {PROCESSBENCH} (../shared/data beside the repo)")
     rows = json.loads(PROCESSBENCH.read_text())
@@ -301,10 +301,10 @@ def test_a_problem_too_large_to_check_is_refused_naming_the_file_and_row(tmp_pat
     row = {"id": "big#0", "problem": f"Compute {expression}.", "answer": "1", "problem_id": "big", "prompt": "",
            "completion": "1 + 1 = 2\n\nThe answer is \\boxed{2}.", "finish_reason": "stop"}
     samples = tmp_path / "samples.jsonl"
-    common.write_jsonl_atomic(samples, [row], common.SAMPLE_ROW)
+    jsonl.write_jsonl_atomic(samples, [row], jsonl.SAMPLE_ROW)
     assert is_arith_problem(row["problem"])
     message = rf"samples.jsonl: row 'big#0': field 'problem': {refusal}, more than \d+ \(MAX_\w+\): it cannot be checked"
-    with pytest.raises(common.DataError, match=message):
+    with pytest.raises(jsonl.DataError, match=message):
         label.label_file(str(samples), str(tmp_path / "labels.jsonl"), label.Settings(prm="check"))
 
 
@@ -320,11 +320,11 @@ def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
 
     argv = ["--output_dir", str(tmp_path), "--num_train", "50", "--num_test", "20", "--num_sft", "300",
             "--p_slip_hard", "0.5"]
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)  # the parser common.run_cli uses
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)  # the parser cli.run_cli uses
     assert args.rates() == FlawRates(p_slip_hard=0.5)
     main(args)
-    schemas = {"train": common.PROBLEM_ROW, "test": common.PROBLEM_ROW, "sft": common.SFT_ROW}
-    read = {name: common.read_jsonl(tmp_path / f"{name}.jsonl", schema) for name, schema in schemas.items()}
+    schemas = {"train": jsonl.PROBLEM_ROW, "test": jsonl.PROBLEM_ROW, "sft": jsonl.SFT_ROW}
+    read = {name: jsonl.read_jsonl(tmp_path / f"{name}.jsonl", schema) for name, schema in schemas.items()}
     assert [len(read[name]) for name in ("train", "test", "sft")] == [50, 20, 300]
     assert {r["problem"] for r in read["sft"]}.isdisjoint(r["problem"] for r in read["test"])
     assert {r["flaw"] for r in read["sft"]} == {"none", "propagating", "silent"}

@@ -14,7 +14,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import grading  # noqa: E402
+from stepkto import grading
 
 DROPPED = "without a final \\boxed{} answer in their solution"
 

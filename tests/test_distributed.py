@@ -16,8 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
-import models
+from stepkto import jsonl, models
 from test_train import cli, label_rows, read_log, run_main, tiny_model, tokenizer, write_jsonl  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +146,7 @@ def test_nodes_with_different_output_folders_stop_with_one_error(tmp_path, tiny_
         assert result.returncode != 0
     errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
     assert errors and all("not one folder shared by every rank" in e for e in errors), results[0].stderr[-2000:]
-    assert not any(common.read_complete_rows(p) for p in tmp_path.glob("node*/M1/*.jsonl"))
+    assert not any(jsonl.read_complete_rows(p) for p in tmp_path.glob("node*/M1/*.jsonl"))
 
 
 FENCE_WORKER = '''
@@ -181,5 +180,5 @@ def test_every_rank_leaves_the_group_before_rank_0_writes(tmp_path, tiny_model, 
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "FENCE_LOG": str(log)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [json.loads(line) for line in common.jsonl_lines(log.read_text())] == [{"rank": 0, "in_group": False}]
+    assert [json.loads(line) for line in jsonl.jsonl_lines(log.read_text())] == [{"rank": 0, "in_group": False}]
     assert models.is_complete_model_dir(tmp_path / "M1")

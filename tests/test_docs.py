@@ -25,7 +25,7 @@ EXTERNAL_FLAGS = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr"
                   "--host", "--port", "--api-key", "--served-model-name", "--pooler-config"}  # the last five: `vllm serve`'s
 EXTERNAL_PREFIXES = ("--rdzv_", "--rdzv-")
 # environment variables of other programs (and of the tests) the docs may set; OPENAI_API_KEY is the openai client's
-# (served.py's default key variable); ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA pin torch's,
+# (stepkto/served.py's default key variable); ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA pin torch's,
 # MKL's and oneDNN's CPU kernels to one instruction set; the last three preload glibc's debugging malloc and set it
 ENVIRONMENT = {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_PROJECT",
                "STEPKTO_DATA_DIR", "TOKENIZERS_PARALLELISM", "PYTHONPATH", "OPENAI_API_KEY",
@@ -108,7 +108,9 @@ def sections(markdown: str) -> dict[str, str]:
 
 def test_every_stage_is_referenced():
     """A top-level script with a command line (an Args dataclass) is a stage of the reference."""
-    stages = {p.stem for p in ROOT.glob("*.py") if re.search(r"^class Args\b", p.read_text(), re.M)}
+    has_args = lambda p: re.search(r"^class Args\b", p.read_text(), re.M)  # noqa: E731
+    stages = {p.stem for p in ROOT.glob("*.py") if has_args(p)}
+    stages |= {f"stepkto.{p.stem}" for p in (ROOT / "stepkto").glob("*.py") if has_args(p)}
     assert stages == set(make_reference.STAGES), "docs/make_reference.py's STAGES: add the new stage"
 
 
@@ -116,7 +118,7 @@ def test_reference_is_complete():
     reference = sections((ROOT / "docs" / "reference.md").read_text())
     missing = [f"{stage}.py --{f.name}" for stage in make_reference.STAGES
                for f in dataclasses.fields(importlib.import_module(stage).Args)
-               if f"| `--{f.name}`" not in reference.get(f"{stage}.py", "")]
+               if f"| `--{f.name}`" not in reference.get(make_reference.title(stage), "")]
     missing += [f"run.sh {name}" for name in sorted(script_settings(ROOT / "run.sh"))
                 if f"| `{name}` |" not in reference.get("run.sh", "")]
     missing += [f"setup.sh {flag}" for flag in sorted(setup_flags())

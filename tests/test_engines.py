@@ -1,4 +1,4 @@
-"""One engine per process, and the BOS rule: generate.get_engine holds one engine at a time (another model's
+"""One engine per process, and the BOS rule: engines.get_engine holds one engine at a time (another model's
 engine starts only after the live one is shut down and freed; the policy and its mc rollouts share one), and
 every prompt (both engines, the judge, mc rollouts, train.py) starts with BOS when the tokenizer's own
 encoding does. The vLLM engine's side: tests/test_vllm_engine.py."""
@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 from tokenizers import processors
 
-import arith_task
-import common
-import models
+from stepkto import arith_task, engines, jsonl, models, prompting
 import evaluate
 import generate
 import label
@@ -30,7 +28,7 @@ def judge_model(tmp_path_factory) -> str:
 def benchmark(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bench") / "test.jsonl"
     rows = [{**row, "solution": "3 + 4 = 7\n\nThe answer is \\boxed{7}."} for row in arith_task.make_split("test", 4, 0)]
-    common.write_jsonl_atomic(path, rows)
+    jsonl.write_jsonl_atomic(path, rows)
     return path
 
 
@@ -38,7 +36,7 @@ def benchmark(tmp_path_factory) -> Path:
 def engine_log(monkeypatch):
     """Every engine start as (model, engines still alive just before it), liveness by weak reference after gc."""
     starts, alive = [], []
-    real_start = generate.start_engine
+    real_start = engines.start_engine
 
     def start(key):
         gc.collect()
@@ -47,9 +45,9 @@ def engine_log(monkeypatch):
         alive.append(weakref.ref(engine.model))
         return engine
 
-    monkeypatch.setattr(generate, "start_engine", start)
+    monkeypatch.setattr(engines, "start_engine", start)
     yield starts
-    generate.close_engine()
+    engines.close_engine()
 
 
 def evaluate_args(model, benchmark, out, **extra):
@@ -63,7 +61,7 @@ def test_evaluate_with_a_judge_holds_one_engine_at_a_time(tiny_model, judge_mode
     evaluate.main(evaluate_args(tiny_model, benchmark, tmp_path, prm="judge", judge_model=judge_model,
                                 judge_engine="transformers", judge_max_new_tokens=4))
     assert engine_log == [(tiny_model, 0), (judge_model, 0)]
-    assert common.read_json(tmp_path / "result.json")["prm"] == "judge"
+    assert jsonl.read_json(tmp_path / "result.json")["prm"] == "judge"
 
 
 def test_evaluate_with_mc_rolls_out_on_the_policy_engine(tiny_model, benchmark, tmp_path, engine_log):
@@ -73,14 +71,14 @@ def test_evaluate_with_mc_rolls_out_on_the_policy_engine(tiny_model, benchmark, 
 
 
 def test_an_engine_of_another_setting_replaces_the_live_one(tiny_model, engine_log):
-    first = id(generate.get_engine(tiny_model, generate.EngineSettings(engine="transformers")).model)
-    assert id(generate.get_engine(tiny_model, generate.EngineSettings(engine="transformers")).model) == first
-    generate.get_engine(tiny_model, generate.EngineSettings(engine="transformers", dtype="float64"))
+    first = id(engines.get_engine(tiny_model, engines.EngineSettings(engine="transformers")).model)
+    assert id(engines.get_engine(tiny_model, engines.EngineSettings(engine="transformers")).model) == first
+    engines.get_engine(tiny_model, engines.EngineSettings(engine="transformers", dtype="float64"))
     assert engine_log == [(tiny_model, 0), (tiny_model, 0)]
 
 
 def test_dtype_auto_is_float32_on_a_cpu(tiny_model):
-    assert generate.engine_key(tiny_model, generate.EngineSettings(engine="transformers")).dtype == "float32"
+    assert engines.engine_key(tiny_model, engines.EngineSettings(engine="transformers")).dtype == "float32"
 
 
 # ----------------------------------------------------------------------------- BOS
@@ -100,9 +98,9 @@ def bos_model(tmp_path_factory) -> str:
 
 def test_encode_prompt_adds_bos_once_and_only_where_the_tokenizer_does(bos_model, tiny_model):
     bos_tok, plain = models.load_tokenizer(bos_model), models.load_tokenizer(tiny_model)
-    assert common.encode_prompt(bos_tok, "Problem: 1")[:2] == [bos_tok.bos_token_id, bos_tok("P", add_special_tokens=False)["input_ids"][0]]
-    assert common.encode_prompt(bos_tok, "<bos>Problem: 1").count(bos_tok.bos_token_id) == 1  # a template's own BOS
-    assert common.encode_prompt(plain, "Problem: 1") == plain("Problem: 1", add_special_tokens=False)["input_ids"]
+    assert prompting.encode_prompt(bos_tok, "Problem: 1")[:2] == [bos_tok.bos_token_id, bos_tok("P", add_special_tokens=False)["input_ids"][0]]
+    assert prompting.encode_prompt(bos_tok, "<bos>Problem: 1").count(bos_tok.bos_token_id) == 1  # a template's own BOS
+    assert prompting.encode_prompt(plain, "Problem: 1") == plain("Problem: 1", add_special_tokens=False)["input_ids"]
 
 
 def test_every_prompt_of_a_base_model_starts_with_bos(bos_model, benchmark, tmp_path, monkeypatch):
@@ -111,19 +109,19 @@ def test_every_prompt_of_a_base_model_starts_with_bos(bos_model, benchmark, tmp_
     settings = generate.Settings(model=bos_model, engine="transformers", num_samples=2, max_new_tokens=6,
                                  prompt_style="minimal")
     generate.generate_rows(generate.load_problems(str(benchmark), 0), str(out), settings)
-    rows = common.read_jsonl(out)
+    rows = jsonl.read_jsonl(out)
     bos = models.load_tokenizer(bos_model).bos_token_id
     assert all(r["prompt_ids"][0] == bos and r["prompt_ids"].count(bos) == 1 for r in rows)
     prompted = []
-    real = common.encode_prompt
-    monkeypatch.setattr(common, "encode_prompt", lambda tok, text: prompted.append(real(tok, text)) or prompted[-1])
+    real = prompting.encode_prompt
+    monkeypatch.setattr(prompting, "encode_prompt", lambda tok, text: prompted.append(real(tok, text)) or prompted[-1])
     rows = [{**r, "completion": "3 + 4 = 7\n\nThe answer is \\boxed{7}."} for r in rows[:2]]
     for prm in ("judge", "mc"):
         label.label_rows(rows, label.Settings(prm=prm, judge_model=bos_model, judge_engine="transformers",
                                               judge_max_new_tokens=3, policy_model=bos_model, engine="transformers",
                                               mc_rollouts=2, mc_max_new_tokens=3))
     assert len(prompted) == 2 * 2 + 2 * 2 and all(ids[0] == bos and ids.count(bos) == 1 for ids in prompted)
-    generate.close_engine()
+    engines.close_engine()
 
 
 def test_train_prompts_a_base_model_with_bos(bos_model):

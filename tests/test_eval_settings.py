@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import arith_task
-import common
-import models
+from stepkto import arith_task, jsonl, models, prompting
 import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +27,16 @@ PROBLEM = "Find $x$ if $\\frac{x}{2} = \\{3\\}$."  # braces of its own: the prob
 def test_qwen_prompt_without_chat_template_is_the_harness_text():
     tok = models.make_char_tokenizer()
     assert not getattr(tok, "chat_template", None)
-    assert common.build_prompt(tok, PROBLEM, "qwen25-math-cot") == QWEN25_MATH_COT.format(input=PROBLEM)
-    assert common.SYSTEM_PROMPTS["qwen25-math-cot"].endswith("within \\boxed{}.")  # a literal \boxed{}
+    assert prompting.build_prompt(tok, PROBLEM, "qwen25-math-cot") == QWEN25_MATH_COT.format(input=PROBLEM)
+    assert prompting.SYSTEM_PROMPTS["qwen25-math-cot"].endswith("within \\boxed{}.")  # a literal \boxed{}
 
 
 def test_qwen_prompt_uses_a_system_message_in_the_chat_template():
     tok = models.make_char_tokenizer()
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
     system = "Please reason step by step, and put your final answer within \\boxed{}."
-    assert common.build_prompt(tok, PROBLEM, "qwen25-math-cot") == f"<|system|>{system}<|user|>{PROBLEM}<|assistant|>"
-    assert common.build_prompt(tok, PROBLEM, "instruct").startswith("<|user|>Solve")  # no system message
+    assert prompting.build_prompt(tok, PROBLEM, "qwen25-math-cot") == f"<|system|>{system}<|user|>{PROBLEM}<|assistant|>"
+    assert prompting.build_prompt(tok, PROBLEM, "instruct").startswith("<|user|>Solve")  # no system message
 
 
 @pytest.mark.skipif(not REAL_MODEL.exists() and not os.environ.get("STEPKTO_REQUIRE_REAL_MODEL"),
@@ -47,12 +45,12 @@ def test_qwen_prompt_in_a_real_chatml_template_equals_the_harness_text():
     """SmolLM2's ChatML template, given a system message, yields the harness's text to the character."""
     tok = models.load_tokenizer(str(REAL_MODEL))
     assert tok.chat_template
-    assert common.build_prompt(tok, PROBLEM, "qwen25-math-cot") == QWEN25_MATH_COT.format(input=PROBLEM)
+    assert prompting.build_prompt(tok, PROBLEM, "qwen25-math-cot") == QWEN25_MATH_COT.format(input=PROBLEM)
 
 
 def test_unknown_prompt_style_is_refused():
     with pytest.raises(ValueError, match=re.escape("instruct | minimal | qwen25-math-cot")):
-        common.build_prompt(models.make_char_tokenizer(), PROBLEM, "qwen")
+        prompting.build_prompt(models.make_char_tokenizer(), PROBLEM, "qwen")
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -139,12 +137,12 @@ def test_evaluate_logs_result_to_tensorboard(tiny_model, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     bench = tmp_path / "test.jsonl"
-    common.write_jsonl_atomic(bench, arith_task.make_split("test", 3, seed=0))
+    jsonl.write_jsonl_atomic(bench, arith_task.make_split("test", 3, seed=0))
     out = tmp_path / "eval"
     evaluate.main(evaluate.Args(model=tiny_model, benchmark=str(bench), output_dir=str(out), step=2,
                                 max_new_tokens=6, prompt_style="qwen25-math-cot", sample_k=2, report_to="tensorboard"))
     result = json.loads((out / "result.json").read_text())
-    prompt = common.read_jsonl(out / "greedy_samples.jsonl")[0]["prompt"]
+    prompt = jsonl.read_jsonl(out / "greedy_samples.jsonl")[0]["prompt"]
     assert prompt.startswith("<|im_start|>system\nPlease reason step by step") and prompt.endswith("<|im_start|>assistant\n")
     acc = EventAccumulator(str(out / "tracking"))
     acc.Reload()

@@ -1,7 +1,7 @@
-"""Tests for grading.py: boxed extraction, math-verify grading in killable worker processes (a hung
+"""Tests for stepkto/grading.py: boxed extraction, math-verify grading in killable worker processes (a hung
 answer is graded wrong within the timeout, from a non-main thread), Maj@K grouping, and benchmark
 loading against the real files in ../shared/data (skipped, with the reason, when they are absent).
-Numbers pinned here are measured in notes/grading.md."""
+Numbers pinned here are measured in bench/notes/grading.md."""
 
 import json
 import re
@@ -16,7 +16,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import grading  # noqa: E402
+from stepkto import grading, prompting
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(
@@ -55,7 +55,7 @@ def test_extract_boxed(text, expected):
 # ----------------------------------------------------------------------------- grading
 
 
-EQUIVALENCES = [  # (gold, pred, equal?): the table in notes/grading.md
+EQUIVALENCES = [  # (gold, pred, equal?): the table in bench/notes/grading.md
     ("25", "025", True),
     ("025", "25", True),
     ("27", "27.0", True),
@@ -186,7 +186,7 @@ def test_math500_reference_boxed_answers_grade_equal():
     boxed = [grading.extract_boxed(row["solution"]) for row in rows]
     assert sum(b is None for b in boxed) == 0
     verdicts = grading.grade_answers([row["answer"] for row in rows], boxed)
-    assert sum(verdicts) >= 500  # measured: 500 of 500 (notes/grading.md)
+    assert sum(verdicts) >= 500  # measured: 500 of 500 (bench/notes/grading.md)
     # ... and a wrong answer (the next row's) is not accepted: measured 3 of 500 "matches", all real
     # (two rows whose neighbour has the same answer, and gold "5" vs "x=5")
     shifted = grading.grade_answers([row["answer"] for row in rows], boxed[1:] + boxed[:1])
@@ -340,7 +340,6 @@ def test_gsm8k_loads_from_the_local_files():
 @needs_gsm8k
 @pytest.mark.parametrize("name, file", [("gsm8k", "gsm8k_test.jsonl"), ("gsm8k_train", "gsm8k_train.jsonl")])
 def test_gsm8k_solutions_are_the_worked_lines_as_steps_plus_a_boxed_answer(name, file):
-    import common
 
     with open(DATA_DIR / file, encoding="utf-8") as f:
         raw = [json.loads(line)["answer"] for line in f if line.strip()]
@@ -352,7 +351,7 @@ def test_gsm8k_solutions_are_the_worked_lines_as_steps_plus_a_boxed_answer(name,
         assert "<<" not in row["solution"] and ">>" not in row["solution"] and "####" not in row["solution"]
         lines = [re.sub(r"<<.*?>>", "", line).strip() for line in worked.split("\n")]
         expected = [line for line in lines if line] + [f"The answer is \\boxed{{{row['answer']}}}."]
-        assert common.step_texts(row["solution"], common.step_spans(row["solution"])) == expected, row["id"]
+        assert prompting.step_texts(row["solution"], prompting.step_spans(row["solution"])) == expected, row["id"]
         assert grading.extract_boxed(row["solution"]) == row["answer"]
 
 

@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+from stepkto import engines, grading, jsonl, judging, models, prompting, sharding
 
-import models
-import generate
-import grading
 import label
 
 
@@ -24,7 +21,7 @@ def coin_flip_policy(tmp_path_factory):
     on the seed."""
     tok = models.make_char_tokenizer()
     model = models.make_tiny_llama(tok, hidden_size=64, num_layers=1, intermediate_size=128, seed=0)
-    prefixes = [sample_row(0, "")["prompt"] + p for c in COMPLETIONS for p in label.solution_prefixes(c, common.step_spans(c))]
+    prefixes = [sample_row(0, "")["prompt"] + p for c in COMPLETIONS for p in label.solution_prefixes(c, prompting.step_spans(c))]
     pairs = [(p, reply) for p in prefixes for reply in ("\\boxed{14}", "\\boxed{16}")]
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
     full_ids = [tok(p + r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p, r in pairs]
@@ -192,7 +189,7 @@ COMPLETIONS = [
     ],
 )
 def test_parse_verdict(reply, verdict):
-    assert label.parse_verdict(reply) is verdict
+    assert judging.parse_verdict(reply) is verdict
 
 
 HEDGED_REPLIES = [
@@ -225,7 +222,7 @@ HEDGED_REPLIES = [
 
 def test_hedged_replies_are_never_read_as_right():
     """A hedge gives False or None, never True: a step the judge did not fully vouch for is not reinforced."""
-    assert {reply: label.parse_verdict(reply) for reply in HEDGED_REPLIES if label.parse_verdict(reply)} == {}
+    assert {reply: judging.parse_verdict(reply) for reply in HEDGED_REPLIES if judging.parse_verdict(reply)} == {}
 
 
 @pytest.mark.parametrize(
@@ -247,14 +244,14 @@ def test_hedged_replies_are_never_read_as_right():
     ],
 )
 def test_parse_first_error(reply, first_error):
-    assert label.parse_first_error(reply, 4) == first_error
+    assert judging.parse_first_error(reply, 4) == first_error
 
 
 # ----------------------------------------------------------------------------- judge
 
 
 def build_judge_prompt(tok, problem, reference, previous, step):
-    return label.judge_prompt(tok, label.judge_step_question(problem, reference, previous, step), "\n\nVerdict:")
+    return judging.judge_prompt(tok, judging.judge_step_question(problem, reference, previous, step), "\n\nVerdict:")
 
 
 def test_judge_prompt_holds_problem_reference_previous_and_current_step():
@@ -264,7 +261,7 @@ def test_judge_prompt_holds_problem_reference_previous_and_current_step():
     assert "Step 1: a = 3\n\nStep 2: b = 4" in prompt and "Step to check:\na + b = 8" in prompt
     assert prompt.endswith("Verdict:")  # plain text: the char tokenizer has no chat template
     first = build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
-    assert label.NO_REFERENCE in first and label.NO_PREVIOUS_STEPS in first
+    assert judging.NO_REFERENCE in first and judging.NO_PREVIOUS_STEPS in first
     tok.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
     chat = build_judge_prompt(tok, "Compute 3 + 4.", None, [], "3 + 4 = 7")
     assert chat.startswith("<user>You are checking") and chat.endswith("</user><assistant>")
@@ -282,44 +279,44 @@ def test_judge_step_verdicts_keeps_row_and_step_order():
         calls.append(len(prompts))
         steps = [p.split("Step to check:\n")[1].split("\n\n")[0] for p in prompts]
         replies = ["Correct." if "= 7" in s else "incorrect" if "= 8" in s else "hmm" for s in steps]
-        return [generate.Sample(reply, "stop", [], []) for reply in replies]
+        return [engines.Sample(reply, "stop", [], []) for reply in replies]
 
     solutions = [("p", None, ["3 + 4 = 7", "x"]), ("p", "ref", []), ("p", None, ["3 + 4 = 8", "y = 7", "z"])]
-    read = lambda sample: label.parse_verdict(sample.text)  # noqa: E731
-    assert label.judge_step_verdicts(solutions, tok, ask, read) == [[True, None], [], [False, True, None]]
+    read = lambda sample: judging.parse_verdict(sample.text)  # noqa: E731
+    assert judging.judge_step_verdicts(solutions, tok, ask, read) == [[True, None], [], [False, True, None]]
     assert calls == [5]
 
 
-def entry(token: str, top: dict) -> generate.TokenLogprobs:
-    return generate.TokenLogprobs(token, {t: math.log(p) for t, p in top.items()})
+def entry(token: str, top: dict) -> engines.TokenLogprobs:
+    return engines.TokenLogprobs(token, {t: math.log(p) for t, p in top.items()})
 
 
 def test_verdict_score_is_the_verdict_mass_at_the_first_word():
     pieces = {"correct": {"correct", "cor"}, "incorrect": {"incorrect", "inc", "in"}}
     # markup before the first word is skipped; case, spaces and punctuation do not matter
     reply = [entry("**", {"**": 0.9}), entry("Correct", {"Correct": 0.6, " in": 0.2, "The": 0.1, "Cor": 0.05})]
-    assert label.verdict_score(reply, pieces) == pytest.approx(0.65 / 0.85)
-    assert label.verdict_score([entry("The", {"The": 0.5, "INCORRECT": 0.1})], pieces) == pytest.approx(0.0)
-    assert label.verdict_score([entry("The", {"The": 0.9, "A": 0.1})], pieces) is None  # no verdict among them
-    assert label.verdict_score([], pieces) is None and label.verdict_score(None, pieces) is None
+    assert judging.verdict_score(reply, pieces) == pytest.approx(0.65 / 0.85)
+    assert judging.verdict_score([entry("The", {"The": 0.5, "INCORRECT": 0.1})], pieces) == pytest.approx(0.0)
+    assert judging.verdict_score([entry("The", {"The": 0.9, "A": 0.1})], pieces) is None  # no verdict among them
+    assert judging.verdict_score([], pieces) is None and judging.verdict_score(None, pieces) is None
     # without a tokenizer (a chat API) any start of a verdict word of 3 letters or more counts, "I" / "In" do not
-    chat = label.verdict_pieces(None)
-    assert label.verdict_score([entry("In", {"In": 0.5, "Corr": 0.3, "Incor": 0.1, "I": 0.1})], chat) == pytest.approx(0.75)
+    chat = judging.verdict_pieces(None)
+    assert judging.verdict_score([entry("In", {"In": 0.5, "Corr": 0.3, "Incor": 0.1, "I": 0.1})], chat) == pytest.approx(0.75)
 
 
 def test_verdict_pieces_are_the_first_tokens_of_the_verdict_words():
     tok = models.make_char_tokenizer()  # one token per character
-    assert label.verdict_pieces(tok) == {"correct": {"c"}, "incorrect": {"i"}}
+    assert judging.verdict_pieces(tok) == {"correct": {"c"}, "incorrect": {"i"}}
 
 
 def test_judge_end_to_end_counts_unparseable_verdicts(tiny_model, tmp_path):
     rows = [sample_row(i, c, solution="(3 + 4) * 2 = 14" if i == 0 else None) for i, c in enumerate(COMPLETIONS)]
     src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
-    common.write_jsonl_atomic(src, rows)
+    jsonl.write_jsonl_atomic(src, rows)
     args = label.Args(input=str(src), output=str(out), prm="judge", judge_model=tiny_model,
                       judge_engine="transformers", judge_max_new_tokens=6, chunk_size=3)
     label.main(args)
-    got = common.read_jsonl(out, {"labels": list, "completions": list, "prm_failures": int, "outcome": bool})
+    got = jsonl.read_jsonl(out, {"labels": list, "completions": list, "prm_failures": int, "outcome": bool})
     assert [len(r["labels"]) for r in got] == [3, 3, 2, 0]  # one label per step
     assert [r["outcome"] for r in got] == [True, False, False, False]
     # the untrained judge never says "correct" or "incorrect": every step is a counted failure, without a label
@@ -334,10 +331,10 @@ def test_a_step_without_a_verdict_is_written_as_null_and_counted(monkeypatch, tm
     verdicts = {"p0#0": [True, None, False], "p1#0": [None, None, None]}
     monkeypatch.setitem(label.LABELLERS, "check", lambda rows, spans, settings, engine=None: [verdicts[r["id"]] for r in rows])
     src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
-    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])])
+    jsonl.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])])
     assert label.label_file(str(src), str(out), label.Settings())
     assert '"labels": [true, null, false]' in out.read_text()
-    got = common.read_jsonl(out, common.LABELLED_ROW)
+    got = jsonl.read_jsonl(out, jsonl.LABELLED_ROW)
     assert [(r["labels"], r["prm_failures"], r["prm_cutoffs"]) for r in got] == [
         ([True, None, False], 1, 0), ([None, None, None], 3, 0)]
     assert label.summary(got) == ("2 samples, 6 steps: 1 right, 1 wrong, 4 without a verdict (no evidence: left out "
@@ -355,7 +352,7 @@ class ScriptedJudge:
 
     def generate(self, prompts, sampling, seed):
         keys = [p[0]["content"].split("Step to check:\n")[-1].split("\n\n")[0] for p in prompts]
-        return [[generate.Sample(*self.replies[key], [], [])] for key in keys]
+        return [[engines.Sample(*self.replies[key], [], [])] for key in keys]
 
 
 def test_a_reply_cut_off_at_the_token_budget_is_no_verdict(monkeypatch):
@@ -366,7 +363,7 @@ def test_a_reply_cut_off_at_the_token_budget_is_no_verdict(monkeypatch):
                            "The answer is \\boxed{14}.": ("hmm", "stop")})
     monkeypatch.setattr(label, "get_judge", lambda settings: judge)
     settings = label.Settings(prm="judge", judge_model="judge")
-    assert label.parse_verdict(judge.replies["7 * 2 = 14"][0]) is True  # the text alone reads as right
+    assert judging.parse_verdict(judge.replies["7 * 2 = 14"][0]) is True  # the text alone reads as right
     [row] = label.label_rows([sample_row(0, COMPLETIONS[0], solution="ref")], settings)
     assert (row["labels"], row["prm_failures"], row["prm_cutoffs"]) == ([True, None, None], 2, 1)
     assert "1 of them because the judge's reply was cut off at its token budget (33% of the steps: raise " \
@@ -377,7 +374,7 @@ def test_a_first_error_reply_cut_off_leaves_every_step_of_its_solution_without_a
     rows = [sample_row(0, COMPLETIONS[0], solution="ref"), {**sample_row(1, COMPLETIONS[1]), "problem": "Compute 8."}]
     judge = ScriptedJudge({})
     judge.generate = lambda prompts, sampling, seed: [
-        [generate.Sample("\\boxed{2}", "length" if "Compute (3 + 4)" in p[0]["content"] else "stop", [], [])]
+        [engines.Sample("\\boxed{2}", "length" if "Compute (3 + 4)" in p[0]["content"] else "stop", [], [])]
         for p in prompts]
     monkeypatch.setattr(label, "get_judge", lambda settings: judge)
     settings = label.Settings(prm="judge", judge_model="judge", judge_protocol="first_error")
@@ -414,7 +411,7 @@ def test_mc_rule_counts_rollouts_that_reach_the_gold_answer():
         return replies
 
     rows = [sample_row(i, c) for i, c in enumerate(COMPLETIONS)]
-    spans = [common.step_spans(c) for c in COMPLETIONS]
+    spans = [prompting.step_spans(c) for c in COMPLETIONS]
     assert label.mc_step_labels(rows, spans, rollout_fn, 1, 5.0) == [[True, True, True], [False, False, False], [True, True], []]
     assert label.mc_step_labels(rows, spans, rollout_fn, 4, 5.0) == [[False, False, True], [False, False, False], [False, False], []]
     # prefix = prompt + completion through the end of step k + the step separator
@@ -431,9 +428,9 @@ def test_mc_end_to_end_with_the_rows_policy(tiny_model, tmp_path):
     """The untrained policy never writes a box: only a last step that holds the gold answer is right."""
     rows = [sample_row(i, c, model=tiny_model) for i, c in enumerate(COMPLETIONS)]
     src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
-    common.write_jsonl_atomic(src, rows)
+    jsonl.write_jsonl_atomic(src, rows)
     label.main(mc_args(src, out))  # no --policy_model: the rows' gen.model
-    got = common.read_jsonl(out, {"labels": list, "completions": list, "prm_failures": int})
+    got = jsonl.read_jsonl(out, {"labels": list, "completions": list, "prm_failures": int})
     assert [r["labels"] for r in got] == [[False, False, True], [False, False, False], [False, False], []]
     assert [r["prm_failures"] for r in got] == [0, 0, 0, 0] and {r["prm"] for r in got} == {"mc"}
     assert [r["completions"] for r in got][0] == ["3 + 4 = 7", "7 * 2 = 14", "The answer is \\boxed{14}."]
@@ -446,11 +443,11 @@ def eight_rows(model):
 
 def test_mc_labels_follow_the_seeded_rollouts(coin_flip_policy, tmp_path):
     src = tmp_path / "samples.jsonl"
-    common.write_jsonl_atomic(src, eight_rows(coin_flip_policy))
+    jsonl.write_jsonl_atomic(src, eight_rows(coin_flip_policy))
     runs = {}
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
         label.main(replace(mc_args(src, tmp_path / f"{name}.jsonl"), seed=seed, chunk_size=8))
-        runs[name] = [r["labels"] for r in common.read_jsonl(tmp_path / f"{name}.jsonl")]
+        runs[name] = [r["labels"] for r in jsonl.read_jsonl(tmp_path / f"{name}.jsonl")]
     steps = [step for labels in runs["a"] for step in labels]
     assert True in steps and False in steps  # 2 rollouts that each reach 14 about half of the time
     assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
@@ -461,7 +458,7 @@ def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm
     """A rerun keeps the complete chunks of OUTPUT.partial, drops a cut-off line, and ends with the
     output of an uninterrupted run (mc: each chunk is seeded from its row ids, not from its position)."""
     src, ref, out = tmp_path / "samples.jsonl", tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
-    common.write_jsonl_atomic(src, eight_rows(coin_flip_policy))
+    jsonl.write_jsonl_atomic(src, eight_rows(coin_flip_policy))
 
     def args(output):
         if prm == "mc":
@@ -470,7 +467,7 @@ def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm
                           judge_engine="transformers", judge_max_new_tokens=4, chunk_size=2, allow_missing_reference=True)
 
     label.main(args(ref))
-    done = common.jsonl_lines(ref.read_text(), keepends=True)
+    done = jsonl.jsonl_lines(ref.read_text(), keepends=True)
     # chunks 1-2 complete, a row of chunk 3, then a line cut short by a kill -9 (after the record was written)
     Path(str(out) + ".partial").write_text("".join(done[:5]) + done[5][:20])
     Path(str(out) + ".provenance.json").write_bytes(Path(str(ref) + ".provenance.json").read_bytes())
@@ -483,19 +480,19 @@ def test_resume_after_partial_output(tiny_model, coin_flip_policy, tmp_path, prm
 
 def test_bad_options_and_rows_are_reported(tiny_model, tmp_path):
     src = tmp_path / "samples.jsonl"
-    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), {**sample_row(1, COMPLETIONS[1]), "gen": {}}])
+    jsonl.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), {**sample_row(1, COMPLETIONS[1]), "gen": {}}])
     with pytest.raises(ValueError, match="--judge_model"):
         label.main(label.Args(input=str(src), output=str(tmp_path / "a.jsonl"), prm="judge"))
     with pytest.raises(ValueError, match="--mc_threshold"):
         label.main(mc_args(src, tmp_path / "b.jsonl", mc_threshold=3))
     with pytest.raises(ValueError, match="--prm .oracle.: must be one of check"):
         label.main(label.Args(input=str(src), output=str(tmp_path / "c.jsonl"), prm="oracle"))
-    with pytest.raises(common.DataError, match=rf"{src}: row 2 \(id 'p1#0'\): field 'gen.model'"):
+    with pytest.raises(jsonl.DataError, match=rf"{src}: row 2 \(id 'p1#0'\): field 'gen.model'"):
         label.main(mc_args(src, tmp_path / "d.jsonl"))
     assert not list(tmp_path.glob("[abcd].jsonl*"))  # nothing written
     rows = [sample_row(0, COMPLETIONS[0], model="m1"), sample_row(1, COMPLETIONS[1], model="m2")]
-    common.write_jsonl_atomic(src, rows)
-    with pytest.raises(common.DataError, match="2 models"):
+    jsonl.write_jsonl_atomic(src, rows)
+    with pytest.raises(jsonl.DataError, match="2 models"):
         label.main(mc_args(src, tmp_path / "e.jsonl"))
 
 
@@ -503,7 +500,7 @@ def test_bad_options_and_rows_are_reported(tiny_model, tmp_path):
 
 
 class RecordingEngine:
-    """A generate.Engine stand-in that records the sampling settings and seed of every call; every
+    """A engines.Engine stand-in that records the sampling settings and seed of every call; every
     continuation is "\\boxed{14}" (the gold answer of sample_row)."""
 
     tokenizer = None
@@ -513,7 +510,7 @@ class RecordingEngine:
 
     def generate(self, prompts, sampling, seed):
         self.calls.append((sampling, seed))
-        return [[generate.Sample("\\boxed{14}", "stop", [], []) for _ in range(sampling.n)] for _ in prompts]
+        return [[engines.Sample("\\boxed{14}", "stop", [], []) for _ in range(sampling.n)] for _ in prompts]
 
 
 def test_mc_settings_reach_the_sampler_and_the_grader(monkeypatch):
@@ -528,12 +525,12 @@ def test_mc_settings_reach_the_sampler_and_the_grader(monkeypatch):
 
     monkeypatch.setattr(grading, "grade_answers", spy)
     engine = RecordingEngine()
-    monkeypatch.setattr(generate, "get_engine", lambda model, settings: engine)
+    monkeypatch.setattr(engines, "get_engine", lambda model, settings: engine)
     settings = label.Settings(prm="mc", policy_model="policy", mc_temperature=0.3, mc_rollouts=3, mc_max_new_tokens=7,
                               seed=5, grade_timeout_s=4.5)
     rows = [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])]
     labelled = label.label_rows(rows, settings)
-    assert engine.calls == [(generate.Sampling(3, 0.3, 1.0, 7), common.derived_seed(5, ["p0#0", "p1#0"]))]
+    assert engine.calls == [(engines.Sampling(3, 0.3, 1.0, 7), sharding.derived_seed(5, ["p0#0", "p1#0"]))]
     assert timeouts == [4.5, 4.5]
     assert [r["labels"] for r in labelled] == [[True] * 3, [True] * 3]  # every rollout reaches 14
 
@@ -542,23 +539,23 @@ def test_grade_timeout_ends_a_hung_grading(tmp_path):
     """A final answer sympy evaluates forever (a power tower) is graded wrong after --grade_timeout_s, not
     after the default 5 s."""
     src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
-    common.write_jsonl_atomic(src, [sample_row(0, "9^9 = x\n\nThe answer is \\boxed{9^{9^{9^9}}}.", answer="1")])
+    jsonl.write_jsonl_atomic(src, [sample_row(0, "9^9 = x\n\nThe answer is \\boxed{9^{9^{9^9}}}.", answer="1")])
     start = time.perf_counter()
     label.main(label.Args(input=str(src), output=str(out), grade_timeout_s=0.2))
     elapsed = time.perf_counter() - start
-    assert common.read_jsonl(out, common.LABELLED_ROW)[0]["outcome"] is False
+    assert jsonl.read_jsonl(out, jsonl.LABELLED_ROW)[0]["outcome"] is False
     assert elapsed < label.Settings().grade_timeout_s, f"{elapsed:.1f} s: the timeout did not apply"
 
 
 def test_judge_counts_rows_without_a_reference_and_refuses_when_none_has_one(tiny_model, tmp_path, capsys):
     """The paper's judge compares each step with a reference solution (Section 2.1)."""
     src = tmp_path / "samples.jsonl"
-    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])])
+    jsonl.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])])
     settings = label.Settings(prm="judge", judge_model=tiny_model, judge_engine="transformers", judge_max_new_tokens=2)
-    with pytest.raises(common.DataError, match="no row has a reference solution.*--allow_missing_reference"):
+    with pytest.raises(jsonl.DataError, match="no row has a reference solution.*--allow_missing_reference"):
         label.label_file(str(src), str(tmp_path / "refused.jsonl"), settings)
     assert not (tmp_path / "refused.jsonl").exists()
-    common.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0], solution="3 + 4 = 7"), sample_row(1, COMPLETIONS[1])])
+    jsonl.write_jsonl_atomic(src, [sample_row(0, COMPLETIONS[0], solution="3 + 4 = 7"), sample_row(1, COMPLETIONS[1])])
     assert label.label_file(str(src), str(tmp_path / "labels.jsonl"), settings)
     assert "1 of 2 rows have no reference solution" in capsys.readouterr().out
-    generate.close_engine()
+    engines.close_engine()

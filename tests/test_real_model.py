@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import arith_task
-import common
-import models
+from stepkto import arith_task, engines, jsonl, models, prompting
 import evaluate
 import generate
 import label
@@ -36,7 +34,7 @@ ENGINES = ["transformers", "vllm"]
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("real") / "problems.jsonl"
-    common.write_jsonl_atomic(path, arith_task.make_split("test", 3, seed=0))
+    jsonl.write_jsonl_atomic(path, arith_task.make_split("test", 3, seed=0))
     return path
 
 
@@ -64,7 +62,7 @@ def test_train_scores_exactly_the_sampled_ids(samples, engine, tmp_path):
     labelled = tmp_path / "labels.jsonl"
     label.main(label.Args(input=str(samples[engine]), output=str(labelled), prm="check"))
     tokenizer = models.load_tokenizer(str(MODEL))
-    rows = common.read_jsonl(labelled)
+    rows = jsonl.read_jsonl(labelled)
     assert len(rows) == 6 and {r["gen"]["engine"] for r in rows} == {engine}
     for line, row in enumerate(rows, start=1):
         tokens = train.kto_example(tokenizer, row, f"labels.jsonl:{line}", with_steps=True).tokens
@@ -74,8 +72,8 @@ def test_train_scores_exactly_the_sampled_ids(samples, engine, tmp_path):
         text_ids = row["completion_ids"][:-1] if stopped else row["completion_ids"]
         assert tokenizer.decode(text_ids, skip_special_tokens=True) == row["completion"]
         if stopped:
-            assert row["completion_ids"][-1] in generate.stop_token_ids(tokenizer)
-        assert [tuple(s) for s in row["step_spans"]] == common.step_spans(row["completion"])
+            assert row["completion_ids"][-1] in engines.stop_token_ids(tokenizer)
+        assert [tuple(s) for s in row["step_spans"]] == prompting.step_spans(row["completion"])
         assert len(tokens.step_ids) == len(tokens.completion_ids)
 
 
@@ -105,13 +103,13 @@ def test_labellers_on_the_real_model(samples, tmp_path):
     for name, changes in settings.items():
         args = replace(base, output=str(tmp_path / f"{name}.jsonl"), **changes)
         label.main(args)
-        rows = common.read_jsonl(args.output)
+        rows = jsonl.read_jsonl(args.output)
         assert len(rows) == 6 and all(r["prm"] == args.prm for r in rows)
         for row in rows:
             assert len(row["labels"]) == len(row["completions"]) == len(row["step_spans"])
             assert all(isinstance(x, bool) or x is None for x in row["labels"])  # None (null): no verdict
             assert row["prm_failures"] == row["labels"].count(None) and 0 <= row["prm_cutoffs"] <= row["prm_failures"]
-    first = common.read_jsonl(tmp_path / "judge_first.jsonl")
+    first = jsonl.read_jsonl(tmp_path / "judge_first.jsonl")
     for row in first:  # one verdict per solution: the labels are right, then wrong from the named step on (or none)
         labels = row["labels"]
         assert labels == [None] * len(labels) if None in labels else labels == sorted(labels, reverse=True)
@@ -125,7 +123,7 @@ def test_step_kto_steps_on_the_real_model(samples, tmp_path):
                           per_device_batch_size=2, max_steps=2, lr=1e-5, num_threads=2, logits_chunk_mib=3.0,
                           optim="adamw_fused"))  # 3 MiB: chunks of 16 tokens
     assert models.is_complete_model_dir(out)
-    log = [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
+    log = [json.loads(line) for line in jsonl.jsonl_lines((out / "train_log.jsonl").read_text())]
     assert log[-1]["step"] == 2 and all(map(lambda e: e["loss/total"] == e["loss/total"], log))  # finite
 
 
@@ -134,7 +132,7 @@ def test_evaluate_loads_one_engine_for_policy_and_judge(problems, tmp_path, monk
     loads = []
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    generate.close_engine()
+    engines.close_engine()
     args = evaluate.Args(model=str(MODEL), benchmark=str(problems), output_dir=str(tmp_path / "eval"), prm="judge",
                          judge_model=str(MODEL), judge_engine="transformers", engine="transformers", sample_k=2,
                          max_new_tokens=32, judge_protocol="first_error")

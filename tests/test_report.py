@@ -1,4 +1,4 @@
-"""report.py's uncertainty (one seed: the run's 95% Wilson interval; several: mean ± spread) and its plot of every
+"""stepkto/report.py's uncertainty (one seed: the run's 95% Wilson interval; several: mean ± spread) and its plot of every
 objective; bench/ablation.py's commands (--dry_run only: nothing is trained here) and its table; bench/paired.py's
 comparison of the objectives; run.sh's TASK and MAX_PROBLEMS settings. run.sh is read through a copy whose PYTHON only logs the stage commands: no stage runs."""
 
@@ -15,10 +15,9 @@ import pytest
 from transformers import HfArgumentParser
 
 import ablation  # bench/ablation.py (tests/conftest.py)
-import common
+from stepkto import jsonl, report
 import evaluate
 import paired  # bench/paired.py (tests/conftest.py)
-import report
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +36,7 @@ def test_report_one_seed_shows_the_runs_interval_and_plots_every_objective(tmp_p
     layout = {"seed0/eval/M0": result(287, 68), "seed0/step-kto/eval/M1": result(434, 21),
               "seed0/kto/eval/M1": result(430, 120, ci95=(0.1, 0.9))}
     for folder, row in layout.items():
-        common.write_json_atomic(tmp_path / folder / "result.json", row)
+        jsonl.write_json_atomic(tmp_path / folder / "result.json", row)
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     report.main(report.Args(runs=str(tmp_path), plot=str(tmp_path / "results.png")))
@@ -103,7 +102,7 @@ def test_ablation_dry_run_commands_carry_each_settings_options(tmp_path, capsys)
 def test_ablation_skips_finished_stages_and_tabulates(tmp_path, capsys):
     work = tmp_path / "out" / "beta=0.3"
     for seed, solved in ((0, 440), (1, 430)):
-        common.write_json_atomic(work / f"seed{seed}" / "eval" / "result.json", result(solved, 10))
+        jsonl.write_json_atomic(work / f"seed{seed}" / "eval" / "result.json", result(solved, 10))
     model = work / "seed2" / "M1"  # a complete model not yet evaluated: only its evaluation is left
     model.mkdir(parents=True)
     for name in ("model.safetensors", "config.json", "tokenizer_config.json"):
@@ -114,7 +113,7 @@ def test_ablation_skips_finished_stages_and_tabulates(tmp_path, capsys):
         ("train.py", ("default", "seed1", "M1")), ("evaluate.py", ("default", "seed1", "eval")),
         ("train.py", ("default", "seed2", "M1")), ("evaluate.py", ("default", "seed2", "eval")),
         ("evaluate.py", ("beta=0.3", "seed2", "eval"))]  # seeds 0 and 1 of beta=0.3 are evaluated: skipped
-    common.write_json_atomic(logged_run(tmp_path) / "eval" / "M0" / "result.json", result(287, 68))
+    jsonl.write_json_atomic(logged_run(tmp_path) / "eval" / "M0" / "result.json", result(287, 68))
     args = ablation.parse_args(["--run", str(logged_run(tmp_path)), "--out", str(tmp_path / "out"),
                                 "--only", "beta=0.3,default"])
     lines = ablation.table(args).splitlines()
@@ -164,10 +163,11 @@ def test_ablation_trains_and_evaluates_as_run_sh(tmp_path, capsys):
 def test_run_sh_task_hard_has_its_own_runs_folder_and_longer_chains(tmp_path):
     default = run_sh_commands(tmp_path / "default", ITERATIONS="1")
     hard = run_sh_commands(tmp_path / "hard", ITERATIONS="1", TASK="hard")
-    assert default[0][:3] == ["arith_task.py", "--output_dir", "runs/seed0/data"] and "--max_ops" not in default[0]
-    assert hard[0][:3] == ["arith_task.py", "--output_dir", "runs_hard/seed0/data"]
+    assert default[0][:4] == ["-m", "stepkto.arith_task", "--output_dir", "runs/seed0/data"]
+    assert "--max_ops" not in default[0]
+    assert hard[0][:4] == ["-m", "stepkto.arith_task", "--output_dir", "runs_hard/seed0/data"]
     assert hard[0][-4:] == ["--min_ops", "4", "--max_ops", "8"]
-    assert all("runs/" not in " ".join(c) for c in hard) and hard[-1][:5] == ["report.py", "--runs", "runs_hard",
+    assert all("runs/" not in " ".join(c) for c in hard) and hard[-1][:6] == ["-m", "stepkto.report", "--runs", "runs_hard",
                                                                                "--plot", "runs_hard/results.png"]
     assert {c[c.index("--max_new_tokens") + 1] for c in hard if "--max_new_tokens" in c} == {"128"}
     hard_char = run_sh_commands(tmp_path / "hard_char", ITERATIONS="1", TASK="hard", SCRATCH_TOKENIZER="char")
@@ -215,10 +215,10 @@ def test_paired_counts_the_problems_only_one_objective_solves(tmp_path):
     assert result["p"] == pytest.approx(2 * (1 + 5) / 2**5)  # P(X <= 1 | n = 5), both tails
     assert paired.sign_test(3, 3) == 1.0 and paired.sign_test(0, 0) == 1.0
     assert "| 2 | +25.0 (+66.7, -16.7) | M1: 4 / 1 (p = 0.38) |" in paired.table({"x": result})
-    with pytest.raises(common.DataError, match="no seed"):
+    with pytest.raises(jsonl.DataError, match="no seed"):
         paired.compare(tmp_path / "seed2")
     write_eval(tmp_path / "m0_only" / "seed0" / "eval" / "M0", [True] * 6)  # both objectives started, none evaluated
     for objective in ("step-kto", "kto"):
         (tmp_path / "m0_only" / "seed0" / objective).mkdir()
-    with pytest.raises(common.DataError, match="no iteration past M0"):
+    with pytest.raises(jsonl.DataError, match="no iteration past M0"):
         paired.compare(tmp_path / "m0_only")

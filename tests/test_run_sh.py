@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import common
-import provenance
+from stepkto import jsonl, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +24,7 @@ def run_sh(runs: Path, **settings) -> subprocess.CompletedProcess:
 
 
 def results(run: Path) -> list[dict]:
-    return [json.loads(l) for l in common.jsonl_lines((run / "results.jsonl").read_text())]
+    return [json.loads(l) for l in jsonl.jsonl_lines((run / "results.jsonl").read_text())]
 
 
 def test_run_sh_end_to_end_and_rerun(tmp_path):
@@ -87,10 +86,10 @@ def test_run_sh_real_model_path(tmp_path):
     precision (float32 weights, bf16 compute): train.py refuses bf16 weights."""
     import pytest
 
-    import common
+    from stepkto import jsonl
 
-    import models
-    import grading
+    from stepkto import models
+    from stepkto import grading
 
     if not (grading.default_data_dir() / "amc23.jsonl").exists():
         pytest.skip("../shared/data/amc23.jsonl is absent")
@@ -113,9 +112,9 @@ def test_run_sh_real_model_path(tmp_path):
     judge = (f"step labeller: judge with {model} (engine transformers, dtype float64, tensor_parallel_size 1); protocol "
              "first_error, verdict text, up to 4 tokens per reply")
     assert proc.stdout.count(judge) == 3  # evaluate M0, label iteration 1, evaluate M1
-    rows = [json.loads(l) for l in common.jsonl_lines((tmp_path / "runs" / "seed0" / "step-kto" / "results.jsonl").read_text())]
+    rows = [json.loads(l) for l in jsonl.jsonl_lines((tmp_path / "runs" / "seed0" / "step-kto" / "results.jsonl").read_text())]
     assert [r["name"] for r in rows] == ["M0", "M1"] and all(r["n_problems"] == 40 for r in rows)
-    samples = common.read_jsonl(tmp_path / "runs" / "seed0" / "step-kto" / "iter1" / "samples.jsonl")
+    samples = jsonl.read_jsonl(tmp_path / "runs" / "seed0" / "step-kto" / "iter1" / "samples.jsonl")
     assert len(samples) == 4 * TINY["SAMPLES"] and "step by step" in samples[0]["prompt"]
     trained = json.loads((tmp_path / "runs" / "seed0" / "step-kto" / "M1" / "train_args.json").read_text())
     assert (trained["dtype"], trained["mixed_precision"]) == ("float32", "bfloat16")
@@ -142,7 +141,7 @@ def test_ablation_loop_starts_each_setting_from_the_default_runs_files(tmp_path)
     for objective in ("step-kto", "kto"):
         assert json.loads((seed / objective / "M1" / "train_args.json").read_text())["beta"] == 0.05
     one = out / "SAMPLES=1" / "seed0" / "step-kto" / "iter1" / "samples.jsonl"  # sampled anew: 1 per problem
-    assert len(common.jsonl_lines(one.read_text())) == TINY["NUM_TRAIN"]
+    assert len(jsonl.jsonl_lines(one.read_text())) == TINY["NUM_TRAIN"]
     assert loop.stdout.count("/seed0/M0 is already a complete checkpoint of this run: nothing to do") == 2  # no SFT
     assert "SAMPLES=1/seed0/step-kto/iter1/samples.jsonl was made with other settings (--num_samples 2 -> 1)" in loop.stdout
     # run.sh's own table for each setting, then the default's (Step-KTO only) and each setting's
@@ -197,7 +196,7 @@ def test_run_sh_gpu_recipe_on_cpu(tmp_path):
     ranks. Checks what each stage received, and that it ran through to the report."""
     import pytest
 
-    import grading
+    from stepkto import grading
 
     model = REPO / "models" / "SmolLM2-135M-Instruct"
     vllm = REPO / ".venv-vllm" / "bin" / "python"
@@ -207,8 +206,8 @@ def test_run_sh_gpu_recipe_on_cpu(tmp_path):
     if not all((data / name).exists() for name in ("gsm8k_train.jsonl", "math500.jsonl")):
         pytest.skip("../shared/data/gsm8k_train.jsonl and math500.jsonl are needed (a checkout beside shared/)")
     train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    train_file.write_text("".join(common.jsonl_lines((data / "gsm8k_train.jsonl").read_text(), keepends=True)[:2]))
-    test_file.write_text("".join(common.jsonl_lines((data / "math500.jsonl").read_text(), keepends=True)[:2]))
+    train_file.write_text("".join(jsonl.jsonl_lines((data / "gsm8k_train.jsonl").read_text(), keepends=True)[:2]))
+    test_file.write_text("".join(jsonl.jsonl_lines((data / "math500.jsonl").read_text(), keepends=True)[:2]))
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHON": sys.executable, "RUNS": str(runs), "MODEL": str(model), "JUDGE_MODEL": str(model),
            "TRAIN_PROBLEMS": str(train_file), "BENCHMARK": str(test_file), "PRM": "judge", "ENGINE": "vllm",
@@ -222,7 +221,7 @@ def test_run_sh_gpu_recipe_on_cpu(tmp_path):
     for folder in (runs / "seed0" / "eval" / "M0", runs / "seed0" / "step-kto" / "eval" / "M1"):
         result = json.loads((folder / "result.json").read_text())
         assert result["prm"] == "judge" and result["n_problems"] == 2
-    assert len(common.jsonl_lines((runs / "seed0" / "step-kto" / "iter1" / "labels.jsonl").read_text())) == 4
+    assert len(jsonl.jsonl_lines((runs / "seed0" / "step-kto" / "iter1" / "labels.jsonl").read_text())) == 4
     assert "| step-kto | M1 | 1 |" in proc.stdout
 
 

@@ -1,5 +1,5 @@
 """A URL's user and password (http://user:pass@host/v1) and secret query values (?api_key=...) are never printed or
-written: label.py's banner and settings record, served.py's errors and request logs, run.sh's banner and
+written: label.py's banner and settings record, stepkto/served.py's errors and request logs, run.sh's banner and
 commands.log, the trackers' config. The request itself still authenticates, with HTTP Basic auth. Every server here
 listens on 127.0.0.1."""
 
@@ -10,14 +10,11 @@ import os
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-import common
+from stepkto import cli, jsonl, served, tracking
 import label
-import served
-import tracking
 from helpers import REPO, free_port
 
 PASSWORD = "pw-never-shown-7c2e"
@@ -36,21 +33,21 @@ QUERY_SECRET = "qs-never-shown-91fa"
     ("http://u:p@host/v1?access_token=t#frag", "http://***@host/v1?access_token=***#frag"),
 ])
 def test_redact_url_hides_userinfo_and_secret_parameters(url, shown):
-    assert common.redact_url(url) == shown
+    assert cli.redact_url(url) == shown
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1", "https://api.example.com/v1?model=m&monkey=1&keyword=2",
                                  "http://host/a@b", "host:8000", ""])
 def test_redact_url_leaves_a_url_without_credentials_as_it_is(url):
-    assert common.redact_url(url) == url
+    assert cli.redact_url(url) == url
 
 
 def test_redact_urls_redacts_every_url_of_a_text():
     text = ("Connection error: URL('http://alice:s3cret@127.0.0.1:9/v1/models') failed; then "
             "https://bob@h2/v1?token=t0k3n and http://plain:8000/v1.")
-    assert common.redact_urls(text) == ("Connection error: URL('http://***@127.0.0.1:9/v1/models') failed; then "
+    assert cli.redact_urls(text) == ("Connection error: URL('http://***@127.0.0.1:9/v1/models') failed; then "
                                         "https://***@h2/v1?token=*** and http://plain:8000/v1.")
-    assert common.redact_urls("no url here: user:pass") == "no url here: user:pass"
+    assert cli.redact_urls("no url here: user:pass") == "no url here: user:pass"
 
 
 # ----------------------------------------------------------------------------- label.py
@@ -75,7 +72,7 @@ def test_labeller_settings_show_the_server_without_its_password():
 def test_the_provenance_record_beside_the_output_holds_no_password(tmp_path):
     """OUT.provenance.json, written before the first chunk: how a server is reached is not what made the labels."""
     samples, output = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
-    common.write_jsonl_atomic(samples, sample_rows())
+    jsonl.write_jsonl_atomic(samples, sample_rows())
     settings = label.Settings(prm="reward_model", prm_model="p", prm_base_url=secret_url(9))
     with pytest.raises(Exception):  # no PRM "p" to load: the record is written before
         label.label_file(str(samples), str(output), settings)
@@ -90,19 +87,19 @@ def sample_rows() -> list[dict]:
 
 def test_a_refused_connection_names_the_endpoint_without_its_password(tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
-    common.write_jsonl_atomic(samples, sample_rows())
+    jsonl.write_jsonl_atomic(samples, sample_rows())
     port = free_port()  # nothing listens there
     args = label.Args(input=str(samples), output=str(tmp_path / "labels.jsonl"), prm="judge", judge_model="j",
                       judge_engine="openai", judge_base_url=secret_url(port), judge_api="chat", judge_retries=0,
                       judge_timeout_s=5.0)
-    with pytest.raises(common.StageError) as error:
+    with pytest.raises(jsonl.StageError) as error:
         label.main(args)
     message = str(error.value)
     assert message.startswith(f"http://***@127.0.0.1:{port}/v1?api_key=***: Connection error") and hides_secrets(message)
     assert hides_secrets(capsys.readouterr().out)
 
 
-# ----------------------------------------------------------------------------- served.py: Basic auth
+# ----------------------------------------------------------------------------- stepkto/served.py: Basic auth
 
 
 class Recorder(ThreadingHTTPServer):

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import pytest
 
-import common
+from stepkto import cli, engines, jsonl, judging, prompting, served
 import evaluate
 import generate
 import label
-import served
 from helpers import REPO, VLLM_PYTHON, vllm_server
 
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -66,7 +65,7 @@ JUDGE = dict(prm="judge", judge_max_new_tokens=32, chunk_size=2)
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("served")
-    common.write_jsonl_atomic(root / "samples.jsonl", sample_rows())
+    jsonl.write_jsonl_atomic(root / "samples.jsonl", sample_rows())
     return root
 
 
@@ -90,15 +89,15 @@ workdir, runs, judge, prompts = sys.argv[1], json.loads(sys.argv[2]), json.loads
 for name, options in runs.items():
     label.main(label.Args(input=f"{workdir}/samples.jsonl", output=f"{workdir}/in_process_{name}.jsonl", **judge,
                           **options))
-engine = generate._LIVE["engine"]
-replies = engine.generate(prompts, generate.Sampling(1, 0.0, 1.0, 32, label.JUDGE_TOP_LOGPROBS), 0)
+engine = engines._LIVE["engine"]
+replies = engine.generate(prompts, engines.Sampling(1, 0.0, 1.0, 32, label.JUDGE_TOP_LOGPROBS), 0)
 print("REPLIES " + json.dumps([[r[0].text, r[0].completion_ids, [[e.token, e.top] for e in r[0].logprobs]] for r in replies]))
 """
 
 
 def judge_prompts(tokenizer) -> list:
-    steps = common.step_texts(COMPLETIONS[1], common.step_spans(COMPLETIONS[1]))
-    return [label.judge_prompt(tokenizer, label.judge_step_question(PROBLEM, REFERENCE, steps[:k], steps[k]),
+    steps = prompting.step_texts(COMPLETIONS[1], prompting.step_spans(COMPLETIONS[1]))
+    return [judging.judge_prompt(tokenizer, judging.judge_step_question(PROBLEM, REFERENCE, steps[:k], steps[k]),
                                "\n\nVerdict:") for k in range(len(steps))]
 
 
@@ -117,7 +116,7 @@ def in_process(workdir) -> list:
 def test_served_replies_equal_the_in_process_engine_token_for_token(server, in_process):
     endpoint = served.Endpoint(server, SERVED_NAME, tokenizer=str(SMOLLM2), max_concurrency=4)
     engine = served.get_engine(endpoint)
-    replies = engine.generate(judge_prompts(engine.tokenizer), generate.Sampling(1, 0.0, 1.0, 32, 20), 0)
+    replies = engine.generate(judge_prompts(engine.tokenizer), engines.Sampling(1, 0.0, 1.0, 32, 20), 0)
     assert len(replies) == len(in_process) == 3
     for (sample,), (text, ids, logprobs) in zip(replies, in_process):
         assert (sample.text, sample.completion_ids) == (text, ids) and ids  # the same tokens
@@ -134,7 +133,7 @@ def test_label_py_through_the_server_writes_the_in_process_rows(server, in_proce
     output = workdir / f"served_{run}.jsonl"
     label.main(label.Args(input=str(workdir / "samples.jsonl"), output=str(output), **JUDGE, **RUNS[run],
                           **served_options(server)))
-    mine, theirs = common.read_jsonl(output), common.read_jsonl(workdir / f"in_process_{run}.jsonl")
+    mine, theirs = jsonl.read_jsonl(output), jsonl.read_jsonl(workdir / f"in_process_{run}.jsonl")
     if run != "logprobs":
         assert output.read_bytes() == (workdir / f"in_process_{run}.jsonl").read_bytes()
         return
@@ -152,11 +151,11 @@ def test_another_threshold_relabels_the_scores_without_loading_the_judge(in_proc
     """Labelled rows that carry step_scores from the same judge, labelled again at --judge_threshold 0.9: the scores
     are kept and thresholded again; the judge is never started (its vLLM engine cannot even import here)."""
     scored, output = workdir / "in_process_logprobs.jsonl", workdir / "rethresholded.jsonl"
-    generate.close_engine()  # another test's engine
+    engines.close_engine()  # another test's engine
     settings = {**JUDGE, **RUNS["logprobs"], "judge_model": str(SMOLLM2), "judge_engine": "vllm"}
     label.main(label.Args(input=str(scored), output=str(output), **settings, judge_threshold=0.9))
-    before, after = common.read_jsonl(scored), common.read_jsonl(output)
-    assert not generate._LIVE and [r["step_scores"] for r in after] == [r["step_scores"] for r in before]
+    before, after = jsonl.read_jsonl(scored), jsonl.read_jsonl(output)
+    assert not engines._LIVE and [r["step_scores"] for r in after] == [r["step_scores"] for r in before]
     assert [r["labels"] for r in after] == [[s >= 0.9 for s in r["step_scores"]] for r in before]
     assert [r["labels"] for r in after] != [r["labels"] for r in before]  # the threshold did change some
 
@@ -193,13 +192,13 @@ def test_kill_9_then_rerun_is_byte_identical_and_no_key_or_url_is_written(server
 @needs_server
 def test_evaluate_labels_through_the_server_without_loading_the_judge(server, tmp_path):
     benchmark = tmp_path / "bench.jsonl"
-    common.write_jsonl_atomic(benchmark, [{"id": "b0", "problem": PROBLEM, "answer": "14", "solution": REFERENCE}])
+    jsonl.write_jsonl_atomic(benchmark, [{"id": "b0", "problem": PROBLEM, "answer": "14", "solution": REFERENCE}])
     args = evaluate.Args(model=str(SMOLLM2), benchmark=str(benchmark), output_dir=str(tmp_path / "eval"),
                          max_new_tokens=48, engine="transformers", **JUDGE | {"chunk_size": 1}, **served_options(server))
     evaluate.main(args)
-    result = common.read_json(tmp_path / "eval" / "result.json", common.RESULT)
-    assert result["prm"] == "judge" and generate._LIVE["key"].model == str(SMOLLM2)  # the policy's engine only
-    rows = common.read_jsonl(tmp_path / "eval" / "greedy_labels.jsonl")
+    result = jsonl.read_json(tmp_path / "eval" / "result.json", jsonl.RESULT)
+    assert result["prm"] == "judge" and engines._LIVE["key"].model == str(SMOLLM2)  # the policy's engine only
+    rows = jsonl.read_jsonl(tmp_path / "eval" / "greedy_labels.jsonl")
     assert rows[0]["prm"] == "judge" and len(rows[0]["labels"]) >= 1
 
 
@@ -225,7 +224,7 @@ def test_run_sh_with_judge_url_labels_every_step_on_the_server(server, tmp_path)
     assert f"served at {server}" in proc.stdout and SECRET not in proc.stdout + proc.stderr
     labelled = [tmp_path / "seed0" / "step-kto" / "iter1" / "labels.jsonl", tmp_path / "seed0" / "eval" / "M0" /
                 "greedy_labels.jsonl", tmp_path / "seed0" / "step-kto" / "eval" / "M1" / "greedy_labels.jsonl"]
-    steps = sum(len(row["labels"]) for path in labelled for row in common.read_jsonl(path))
+    steps = sum(len(row["labels"]) for path in labelled for row in jsonl.read_jsonl(path))
     assert steps > 0 and requests_served(server) - before == steps
     assert SECRET not in (tmp_path / "seed0" / "commands.log").read_text()
     assert "--judge_engine openai" in (tmp_path / "seed0" / "commands.log").read_text()
@@ -310,13 +309,13 @@ class FakeHandler(BaseHTTPRequestHandler):
 
 
 def expected_labels() -> list[list[bool]]:
-    return [["= 8" not in step for step in common.step_texts(c, common.step_spans(c))] for c in COMPLETIONS]
+    return [["= 8" not in step for step in prompting.step_texts(c, prompting.step_spans(c))] for c in COMPLETIONS]
 
 
 def fake_args(tmp_path: Path, fake: FakeJudge, **options) -> label.Args:
     samples = tmp_path / "samples.jsonl"
     if not samples.exists():
-        common.write_jsonl_atomic(samples, sample_rows())
+        jsonl.write_jsonl_atomic(samples, sample_rows())
     return label.Args(input=str(samples), output=str(tmp_path / "labels.jsonl"), prm="judge", judge_model=fake.model,
                       judge_engine="openai", judge_base_url=fake.url, judge_api="chat", chunk_size=2, **options)
 
@@ -324,7 +323,7 @@ def fake_args(tmp_path: Path, fake: FakeJudge, **options) -> label.Args:
 def test_transient_503s_are_retried_with_backoff(tmp_path):
     with FakeJudge(fail=3) as fake:
         label.main(fake_args(tmp_path, fake, judge_max_concurrency=1, judge_retries=5))
-    assert [r["labels"] for r in common.read_jsonl(tmp_path / "labels.jsonl")] == expected_labels()
+    assert [r["labels"] for r in jsonl.read_jsonl(tmp_path / "labels.jsonl")] == expected_labels()
     assert fake.posts == 12 + 3  # 12 steps, each answered once, after the 3 refusals
 
 
@@ -333,7 +332,7 @@ def test_replies_out_of_order_keep_the_rows_order(tmp_path):
     with FakeJudge(jitter=0.3) as fake:
         label.main(fake_args(tmp_path, fake, judge_max_concurrency=8))
     assert fake.finished != fake.arrived  # the server did answer out of order
-    rows = common.read_jsonl(tmp_path / "labels.jsonl")
+    rows = jsonl.read_jsonl(tmp_path / "labels.jsonl")
     assert [r["id"] for r in rows] == [r["id"] for r in sample_rows()]
     assert [r["labels"] for r in rows] == expected_labels()
 
@@ -341,21 +340,21 @@ def test_replies_out_of_order_keep_the_rows_order(tmp_path):
 def test_a_refused_key_stops_at_once_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", "wrong")
     with FakeJudge(key="right") as fake:
-        with pytest.raises(common.StageError) as error:
+        with pytest.raises(jsonl.StageError) as error:
             label.main(fake_args(tmp_path, fake, judge_api_key_env="MY_JUDGE_KEY"))
         assert (fake.gets, fake.posts) == (1, 0)  # no retry, no labelling request
         monkeypatch.setenv("MY_JUDGE_KEY", "right")
         label.main(fake_args(tmp_path, fake, judge_api_key_env="MY_JUDGE_KEY"))
     message = str(error.value)
     assert "\n" not in message and fake.url in message and "HTTP 401" in message and "$MY_JUDGE_KEY" in message
-    assert [r["labels"] for r in common.read_jsonl(tmp_path / "labels.jsonl")] == expected_labels()
+    assert [r["labels"] for r in jsonl.read_jsonl(tmp_path / "labels.jsonl")] == expected_labels()
 
 
 def test_a_refused_connection_is_retried_then_stops_with_one_line(tmp_path):
     """Nothing listens at the URL: the connection is refused, retried, and the stage stops naming the endpoint."""
     with FakeJudge() as fake:
         url = fake.url  # a port that was free a moment ago, closed now
-    with pytest.raises(common.StageError) as error:
+    with pytest.raises(jsonl.StageError) as error:
         label.main(replace(fake_args(tmp_path, fake, judge_retries=1), judge_base_url=url))
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{url}: Connection error") and "after 1 retries" in message
@@ -364,7 +363,7 @@ def test_a_refused_connection_is_retried_then_stops_with_one_line(tmp_path):
 
 def test_a_model_the_server_does_not_serve_stops_before_the_first_chunk(tmp_path):
     with FakeJudge(model="another-model") as fake:
-        with pytest.raises(common.StageError, match="serves \\['another-model'\\], not 'fake-judge'"):
+        with pytest.raises(jsonl.StageError, match="serves \\['another-model'\\], not 'fake-judge'"):
             label.main(replace(fake_args(tmp_path, fake), judge_model="fake-judge"))
     assert fake.posts == 0 and not (tmp_path / "labels.jsonl.partial").exists()
 
@@ -382,7 +381,7 @@ def test_retries_run_out_the_stage_stops_keeping_its_chunks_and_a_rerun_resumes(
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"label.py: error: {fake.url}: Request timed out") and "after 1 retries" in last
-    partial = common.read_jsonl(Path(args.output + ".partial"))
+    partial = jsonl.read_jsonl(Path(args.output + ".partial"))
     assert [r["id"] for r in partial] == ["janet#0", "janet#1"] and [r["labels"] for r in partial] == expected_labels()[:2]
     with FakeJudge() as healed:
         rerun = subprocess.run([c.replace(fake.url, healed.url) for c in command], cwd=REPO, capture_output=True,
@@ -407,9 +406,9 @@ def test_retries_run_out_the_stage_stops_keeping_its_chunks_and_a_rerun_resumes(
     (dict(judge_threshold=0.7), "--judge_threshold does nothing unless .* --judge_verdict is logprobs"),
 ])
 def test_served_judge_options_are_refused_where_they_would_do_nothing(options, message, tmp_path):
-    """Through label.py's entry: options.py's table refuses an option that would do nothing, check_args an option
+    """Through label.py's entry: stepkto/options.py's table refuses an option that would do nothing, check_args an option
     set that cannot run; both before the input (absent here) is read."""
     args = label.Args(input=str(tmp_path / "absent.jsonl"), output=str(tmp_path / "out.jsonl"), prm="judge",
                       judge_model="m", **options)
-    with pytest.raises(common.UsageError, match=message.replace("(", "\\(").replace(")", "\\)")):
+    with pytest.raises(cli.UsageError, match=message.replace("(", "\\(").replace(")", "\\)")):
         label.main(args)

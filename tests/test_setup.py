@@ -16,7 +16,8 @@ VLLM_GPU_VERSION = re.findall(r"^VLLM_GPU_VERSION=(\S+)", (REPO / "setup.sh").re
 def copy_of_repo(tmp_path: Path, *names: str) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("setup.sh", "requirements.txt", "setup_models.py", *names):
+    (repo / "stepkto").mkdir()
+    for name in ("setup.sh", "requirements.txt", "stepkto/setup_models.py", *names):
         shutil.copy(REPO / name, repo / name)
     return repo
 
@@ -93,7 +94,7 @@ def test_unknown_flags_are_refused(tmp_path):
     for flags in (["--cuda"], ["--dry-run", "--cuda"], ["--gpu", "gpu"]):
         proc = setup(repo, *flags)
         assert proc.returncode == 2 and proc.stdout == "" and f"unknown flag {flags[-1]}" in proc.stderr
-    assert files_under(repo) == {repo / n for n in ("setup.sh", "requirements.txt", "setup_models.py")}
+    assert files_under(repo) == {repo / n for n in ("setup.sh", "requirements.txt", "stepkto", "stepkto/setup_models.py")}
 
 
 def fake_venv(repo: Path, variant: str | None) -> None:

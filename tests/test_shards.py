@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import arith_task
-import common
+from stepkto import arith_task, jsonl
 from test_stages import kill_when_partial_has_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("shards") / "problems.jsonl"
-    common.write_jsonl_atomic(path, arith_task.make_split("test", 10, seed=1))
+    jsonl.write_jsonl_atomic(path, arith_task.make_split("test", 10, seed=1))
     return path
 
 
@@ -102,7 +101,7 @@ def test_label_shards_merge_to_one_process_bytes(one_process, tmp_path):
     stage("label.py", *args, "--output", single)
     run_sharded("label.py", [*args, "--output", merged], 3)
     assert merged.read_bytes() == single.read_bytes()
-    assert len(common.jsonl_lines(single.read_text())) == 20
+    assert len(jsonl.jsonl_lines(single.read_text())) == 20
 
 
 def test_evaluate_shards_merge_to_one_process_bytes(tiny_model, problems, tmp_path):

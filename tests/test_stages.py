@@ -1,4 +1,4 @@
-"""generate.py, label.py, evaluate.py and report.py: their JSONL contracts, resuming after kill -9, their
+"""generate.py, label.py, evaluate.py and stepkto/report.py: their JSONL contracts, resuming after kill -9, their
 outputs on the built-in task with a real tiny model, and the results table built from run.sh's layout."""
 
 import json
@@ -11,12 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import arith_task
-import common
-import models
+from stepkto import arith_task, jsonl, models, report
 import evaluate
 import label
-import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "test.jsonl"
-    common.write_jsonl_atomic(path, arith_task.make_split("test", 12, seed=0))
+    jsonl.write_jsonl_atomic(path, arith_task.make_split("test", 12, seed=0))
     return path
 
 
@@ -45,7 +42,7 @@ def test_generate_schema_and_determinism(tiny_model, problems, tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     run("generate.py", *gen_args(tiny_model, problems, a))
     run("generate.py", *gen_args(tiny_model, problems, b, chunk_size=4))
-    rows = common.read_jsonl(a, {"id": str, "prompt": str, "completion": str, "finish_reason": str, "gen": dict})
+    rows = jsonl.read_jsonl(a, {"id": str, "prompt": str, "completion": str, "finish_reason": str, "gen": dict})
     assert len(rows) == 24 and len({r["id"] for r in rows}) == 24
     assert rows[0]["prompt"].startswith("Problem: Compute") and rows[0]["gen"]["temperature"] == 1.0
     assert all(r["finish_reason"] in ("stop", "length") for r in rows)
@@ -88,9 +85,9 @@ def test_label_outcome_steps_and_trl_fields(tmp_path):
         sample_row(3, "3 + 4 = 7"),  # no boxed answer
     ]
     src, out = tmp_path / "s.jsonl", tmp_path / "l.jsonl"
-    common.write_jsonl_atomic(src, rows)
+    jsonl.write_jsonl_atomic(src, rows)
     run("label.py", "--input", src, "--output", out, "--chunk_size", 3)
-    got = common.read_jsonl(out, {"prompt": str, "completions": list, "labels": list, "outcome": bool})
+    got = jsonl.read_jsonl(out, {"prompt": str, "completions": list, "labels": list, "outcome": bool})
     assert [r["outcome"] for r in got] == [True, True, False, False]
     assert [r["labels"] for r in got] == [[True, True], [False, False, False], [False, True], [True]]
     assert got[1]["completions"] == ["3 + 4 = 8", "8 - 1 = 7", "The answer is \\boxed{7}."]
@@ -104,12 +101,11 @@ TRL_PRM = REPO / ".venv" / "trl-prm"  # TRL 0.29 (setup.sh): TRL 1.16 no longer 
 def test_label_feeds_trl_prm_tokenisation(tmp_path):
     """TRL's PRMTrainer tokenises our rows as they are, with its own tokenize_row."""
     rows = label.label_rows([sample_row(0, "3 + 4 = 8\n\n8 - 1 = 7\n\nThe answer is \\boxed{7}.")], label.Settings(prm="check"))
-    common.write_jsonl_atomic(tmp_path / "labels.jsonl", rows)
+    jsonl.write_jsonl_atomic(tmp_path / "labels.jsonl", rows)
     code = f"""
 import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from trl.experimental.prm import PRMTrainer
-import models
 row = json.loads(open({str(tmp_path / "labels.jsonl")!r}).readline())
 out = PRMTrainer.tokenize_row(row, models.make_char_tokenizer(), "\\n\\n", None, None, False, False)
 print(json.dumps(out))
@@ -143,12 +139,12 @@ def test_evaluate_writes_result_and_resumes(tiny_model, problems, tmp_path):
     args = ["--model", tiny_model, "--benchmark", problems, "--output_dir", tmp_path / "eval", "--max_new_tokens", 16,
             "--prompt_style", "minimal", "--sample_k", 2]
     run("evaluate.py", *args)
-    result = common.read_json(tmp_path / "eval" / "result.json", common.RESULT)
+    result = jsonl.read_json(tmp_path / "eval" / "result.json", jsonl.RESULT)
     assert result["n_problems"] == 12 and 0 <= result["pass@1"] <= 1 and "maj@2" in result
     samples = (tmp_path / "eval" / "greedy_samples.jsonl").read_text()
     again = run("evaluate.py", *args)  # a rerun labels nothing again and writes the same result
     assert "nothing to do" in again.stdout and (tmp_path / "eval" / "greedy_samples.jsonl").read_text() == samples
-    assert common.read_json(tmp_path / "eval" / "result.json") == result
+    assert jsonl.read_json(tmp_path / "eval" / "result.json") == result
 
 
 def fake_result(pass1: float, ser: float | None, n: int = 10) -> dict:
@@ -166,15 +162,15 @@ def test_report_builds_each_runs_table_from_run_sh_layout(tmp_path, capsys):
     results = {"seed0/eval/M0": (0.5, 0.2), "seed0/step-kto/eval/M1": (0.6, 0.1), "seed0/step-kto/eval/M2": (0.7, None),
                "seed0/kto/eval/M1": (0.4, 0.25), "seed1/eval/M0": (0.3, 0.4), "seed1/step-kto/eval/M1": (0.8, 0.0)}
     for folder, (pass1, ser) in results.items():
-        common.write_json_atomic(tmp_path / folder / "result.json", fake_result(pass1, ser))
+        jsonl.write_json_atomic(tmp_path / folder / "result.json", fake_result(pass1, ser))
     (tmp_path / "seed0" / "data").mkdir()  # shared folders are not runs
     (tmp_path / "seed0" / "step-kto" / "eval" / "M3").mkdir()  # an evaluation that has not finished
     report.main(report.Args(runs=str(tmp_path), plot=str(tmp_path / "results.png")))
-    table = common.read_jsonl(tmp_path / "seed0" / "step-kto" / "results.jsonl", common.RESULTS_TABLE_ROW)
+    table = jsonl.read_jsonl(tmp_path / "seed0" / "step-kto" / "results.jsonl", jsonl.RESULTS_TABLE_ROW)
     assert [(r["name"], r["iteration"], r["objective"], r["seed"], r["pass@1"]) for r in table] == [
         ("M0", 0, "step-kto", 0, 0.5), ("M1", 1, "step-kto", 0, 0.6), ("M2", 2, "step-kto", 0, 0.7)]
     assert list(table[0])[:5] == ["name", "iteration", "objective", "seed", "model"]
-    assert [r["name"] for r in common.read_jsonl(tmp_path / "seed0" / "kto" / "results.jsonl")] == ["M0", "M1"]
+    assert [r["name"] for r in jsonl.read_jsonl(tmp_path / "seed0" / "kto" / "results.jsonl")] == ["M0", "M1"]
     out = capsys.readouterr().out
     assert "| step-kto | M0 | 2 | 40.0 ± 14.1 | 30.0 ± 14.1 |" in out  # M0 of both seeds: mean ± spread
     # one seed: the run's 95% Wilson interval, over 10 problems (7 right) and over the 4 correct solutions (1 flawed)

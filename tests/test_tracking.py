@@ -7,7 +7,7 @@ import time
 import pytest
 
 
-import tracking
+from stepkto import tracking
 
 
 def scalars(log_dir, tag: str) -> list[tuple[int, float]]:

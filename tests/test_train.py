@@ -23,13 +23,11 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import common  # noqa: E402
+from stepkto import jsonl, models, prompting, scoring, sharding
 
-import policy  # noqa: E402
 
-import models  # noqa: E402
 import train  # noqa: E402
-from common import DataError  # noqa: E402
+from stepkto.jsonl import DataError  # noqa: E402
 
 TINY = dict(hidden_size=64, num_layers=2, intermediate_size=128)
 
@@ -69,10 +67,10 @@ def label_rows(tokenizer, count=16) -> list[dict]:
         steps = [f"We add {a} and {b}.", f"{a} + {b} = {a + b}{dots}", f"The answer is {a + b}."]
         steps = steps[: 1 + i % 3]
         completion = "\n\n".join(steps) if i != 5 else "\n"
-        steps = common.step_texts(completion, common.step_spans(completion))
+        steps = prompting.step_texts(completion, prompting.step_spans(completion))
         rows.append({
             "id": f"p{i}#0",
-            "prompt": common.build_prompt(tokenizer, f"{a} + {b}", "minimal"),
+            "prompt": prompting.build_prompt(tokenizer, f"{a} + {b}", "minimal"),
             "completion": completion,
             "finish_reason": "length" if i % 4 == 3 else "stop",
             "outcome": bool(i % 2),
@@ -133,7 +131,7 @@ def dcp_state(folder: Path) -> dict:
 
 
 def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in common.jsonl_lines((out / "train_log.jsonl").read_text())]
+    return [json.loads(line) for line in jsonl.jsonl_lines((out / "train_log.jsonl").read_text())]
 
 
 def tree_digest(path: Path) -> str:
@@ -169,13 +167,13 @@ def test_step_ids_follow_character_offsets(which, tokenizer):
     text = "".join(segments)
     row = {"prompt": "p", "completion": text, "finish_reason": "length"}
     _, ids, offsets = train.tokenized_text(tok, row)
-    step_ids = train.steps_of_tokens(offsets, common.step_spans(text))
+    step_ids = train.steps_of_tokens(offsets, prompting.step_spans(text))
     assert len(ids) == len(step_ids)
     if which == "bpe":
         assert len(ids) < len(text)  # multi-character tokens really occur
     for k, segment in enumerate(segments):
         assert tok.decode([t for t, s in zip(ids, step_ids) if s == k]) == segment
-    no_steps = train.steps_of_tokens([0, 1], common.step_spans(" \n"))
+    no_steps = train.steps_of_tokens([0, 1], prompting.step_spans(" \n"))
     assert (no_steps == -1).all()
 
 
@@ -193,7 +191,7 @@ def real_token_fraction(plan, lengths: list[int], shards: int) -> float:
     """Share of the computed (padded) positions that are real tokens, over every shard's forward of the plan."""
     real = computed = 0
     for batch in plan:
-        for part in common.chunked(batch.rows, len(batch.rows) // shards):
+        for part in sharding.chunked(batch.rows, len(batch.rows) // shards):
             part_lengths = [lengths[i] for i in part]
             real, computed = real + sum(part_lengths), computed + len(part) * max(part_lengths)
     return real / computed
@@ -209,7 +207,7 @@ def test_plan_is_seeded_length_grouped_and_rank_aligned():
         assert len(rows) == len(set(rows)) >= len(lengths) - 1  # each row once; at most shards - 1 dropped
     assert all(len(b.rows) % 2 == 0 and len(b.rows) <= 16 for b in plan)
     grouped = real_token_fraction(plan, lengths, shards=2)
-    random_batches = common.chunked(rng.permutation(len(lengths)).tolist()[:2000], 16)
+    random_batches = sharding.chunked(rng.permutation(len(lengths)).tolist()[:2000], 16)
     random_plan = [train.PlanBatch(0, batch) for batch in random_batches]
     ungrouped = real_token_fraction(random_plan, lengths, shards=2)
     assert grouped >= 0.9 > ungrouped
@@ -220,9 +218,9 @@ def test_completion_logps_match_plain_per_row_forwards(span, tiny_model, tokeniz
     """Padded batch + completion-only LM head vs one unpadded full-logits forward per row."""
     lm = models.load_model(str(tiny_model))
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
-    batch = policy.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = scoring.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
-        totals, steps = policy.completion_logps(policy.CompletionLogProbs(lm), batch, span)  # (B,), (B, K)
+        totals, steps = scoring.completion_logps(scoring.CompletionLogProbs(lm), batch, span)  # (B,), (B, K)
         for b, example in enumerate(examples):
             row = example.tokens
             ids = torch.tensor([row.prompt_ids + row.completion_ids])
@@ -241,11 +239,11 @@ def test_completion_logps_match_plain_per_row_forwards(span, tiny_model, tokeniz
 def test_chunked_lm_head_gives_the_same_log_probs_and_gradients(tiny_model, tokenizer):
     """--logits_chunk_mib: chunks of 5 tokens (checkpointed) vs one chunk, float64, values and gradients."""
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
-    batch = policy.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = scoring.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     results = []
     vocab = len(tokenizer)
     for chunk_mib in (0, 5.5 * 4 * vocab / 2**20):  # 5.5 tokens' float32 logits: chunks of 5
-        scorer = policy.CompletionLogProbs(models.load_model(str(tiny_model), "float64"), chunk_mib)
+        scorer = scoring.CompletionLogProbs(models.load_model(str(tiny_model), "float64"), chunk_mib)
         assert scorer.chunk_tokens == (5 if chunk_mib else 0)
         logps = scorer(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
         (logps * torch.linspace(0.5, 2.0, len(logps), dtype=torch.float64)).sum().backward()
@@ -275,7 +273,7 @@ def test_sft_from_scratch_learns_and_saves_a_loadable_checkpoint(tmp_path, token
 
     tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
     fresh = models.make_tiny_llama(tok, **TINY, seed=7)  # the same init the run started from
-    prompt = tok(common.build_prompt(tok, "3 + 3", "minimal")).input_ids
+    prompt = tok(prompting.build_prompt(tok, "3 + 3", "minimal")).input_ids
     ids = torch.tensor([prompt + tok(sft_rows()[3]["completion"]).input_ids + [tok.eos_token_id]])
     labels = ids.clone()
     labels[0, : len(prompt)] = -100  # the NLL of what SFT trains: the completion + EOS
@@ -446,7 +444,7 @@ def test_non_finite_loss_stops_with_an_error_and_touches_no_checkpoint(tmp_path,
     assert "step 2: the" in message and ("is nan" in message or "is inf" in message), message[-2000:]
     assert tree_digest(tiny_model) == before and not out.exists() and not Path(f"{out}.tmp").exists()
     work = Path(f"{out}.resume")
-    assert common.read_json(work / "state.json")["step"] == 1  # the last resume state is the finite step 1's
+    assert jsonl.read_json(work / "state.json")["step"] == 1  # the last resume state is the finite step 1's
     state = dcp_state(work / "state-1")
     assert state and all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("model."))
 
@@ -520,7 +518,7 @@ def unjudged_step_inputs(tmp_path, tokenizer, **options):
                       data=str(write_jsonl(tmp_path / "labels.jsonl", rows)), **options)
     env = train.Env(0, 1, torch.device("cpu"))
     data = train.prepare_data(args, env, tokenizer)
-    data.reference = policy.Reference(torch.zeros(4), torch.zeros(4, 3), torch.zeros(4), torch.zeros(4, 0))
+    data.reference = scoring.Reference(torch.zeros(4), torch.zeros(4, 3), torch.zeros(4), torch.zeros(4, 0))
     inputs = train.step_inputs(0, data, args, env)
     [micro] = inputs.micro
     order = [data.plan[0].rows.index(i) for i in range(4)]

@@ -14,9 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
-import policy  # noqa: E402
+from stepkto import models, scoring
 
-import models  # noqa: E402
 import train  # noqa: E402
 from test_train import (  # noqa: E402,F401  (fixtures are found by name)
     cli, dcp_state, kill_at_first_resume_state, label_rows, one_thread, read_log, run_main, run_script, sft_rows, tiny_model,
@@ -187,10 +186,10 @@ def test_autocast_computes_the_log_probs_in_bf16_and_keeps_float32_gradients(tin
     """CompletionLogProbs(autocast=bf16): log-probs within bf16 rounding of float32's but not equal to them, float32
     out; the gradients land on the float32 weights."""
     examples = [train.kto_example(tokenizer, row, f"f:{i}", True) for i, row in enumerate(label_rows(tokenizer, 6))]
-    batch = policy.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = scoring.collate([e.tokens for e in examples], tokenizer.pad_token_id, torch.device("cpu"))
     logps = {}
     for autocast in (None, torch.bfloat16):
-        scorer = policy.CompletionLogProbs(models.load_model(str(tiny_model)), autocast=autocast)
+        scorer = scoring.CompletionLogProbs(models.load_model(str(tiny_model)), autocast=autocast)
         logps[autocast] = scorer(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
         logps[autocast].sum().backward()
         assert all(p.grad.dtype == torch.float32 for p in scorer.parameters())

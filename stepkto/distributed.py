@@ -35,12 +35,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
-import models
-from common import UsageError
+from stepkto import jsonl, models, sharding
+from stepkto.cli import UsageError
 
 
-class TrainingError(common.StageError, RuntimeError):
+class TrainingError(jsonl.StageError, RuntimeError):
     """Training cannot go on (non-finite loss, mismatched resume state); the message says why."""
 
 
@@ -150,9 +149,9 @@ def check_shared_folder(folder: Path, env: Env) -> None:
     token_file = folder / "shared_folder_check"
     token = secrets.token_hex(8) if env.rank == 0 else None
     if env.rank == 0:
-        common.write_json_atomic(token_file, token)
+        jsonl.write_json_atomic(token_file, token)
     barrier()
-    seen = common.read_json(token_file) if token_file.exists() else None
+    seen = jsonl.read_json(token_file) if token_file.exists() else None
     tokens = gather_objects(seen)
     if len(set(tokens)) != 1 or tokens[0] is None:
         missing = [r for r, t in enumerate(tokens) if t != tokens[0] or t is None]
@@ -201,7 +200,7 @@ def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
 class PolicySpec(NamedTuple):
     """How to build the policy: ``load_lm(meta)`` gives the causal LM (meta=True: its meta-device skeleton), then
     LoRA, checkpointing and the compute dtype; ``wrap(lm, autocast_dtype or None)`` is the module training calls
-    (train.py: policy.CompletionLogProbs), the FSDP2 root, which holds the LM as ``.lm``."""
+    (train.py: scoring.CompletionLogProbs), the FSDP2 root, which holds the LM as ``.lm``."""
 
     load_lm: Callable[[bool], torch.nn.Module]
     wrap: Callable[[torch.nn.Module, torch.dtype | None], torch.nn.Module]
@@ -305,7 +304,7 @@ def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: 
         batches = []
         for start in range(0, len(order), mega):
             chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-            batches += common.chunked(chunk, global_batch_size)
+            batches += sharding.chunked(chunk, global_batch_size)
         batches = [b[: len(b) - len(b) % shards] for b in batches]
         batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
         plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
@@ -325,7 +324,7 @@ def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); the default updates one tensor
-    # at a time, which on a CPU is the slower (BENCHMARKS.md)
+    # at a time, which on a CPU is the slower (bench/BENCHMARKS.md)
     optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     warmup = round(warmup_ratio * total_steps)
     factor = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=schedule)
@@ -421,7 +420,7 @@ def trim_log(path: Path, last_step: int) -> None:
     """Drop log lines written after a resume state of step last_step (they will be written again), and a
     line cut by a kill."""
     if path.exists():
-        common.write_jsonl_atomic(path, [e for e in common.read_complete_rows(path) if e["step"] <= last_step])
+        jsonl.write_jsonl_atomic(path, [e for e in jsonl.read_complete_rows(path) if e["step"] <= last_step])
 
 
 def rng_state() -> dict:
@@ -465,10 +464,10 @@ def save_train_state(work: Path, policy, optimizer, scheduler, step: int, signat
     model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
     extras = {"rng": rng_state(), "scheduler": scheduler.state_dict()}
-    common.write_atomic(folder / f"rank{rank()}.pt", lambda f: torch.save(extras, f))
+    jsonl.write_atomic(folder / f"rank{rank()}.pt", lambda f: torch.save(extras, f))
     barrier()
     if rank() == 0:
-        common.write_json_atomic(work / "state.json", {"step": step, "folder": folder.name, "run": signature})
+        jsonl.write_json_atomic(work / "state.json", {"step": step, "folder": folder.name, "run": signature})
         for old in work.glob("state-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
@@ -482,7 +481,7 @@ def load_train_state(work: Path, policy, optimizer, scheduler, signature: dict, 
 
     if not (work / "state.json").exists():
         return 0
-    state = common.read_json(work / "state.json")
+    state = jsonl.read_json(work / "state.json")
     if state["run"] != json.loads(json.dumps(signature)):
         changed = sorted(k for k in state["run"] if state["run"][k] != signature.get(k))
         raise TrainingError(f"{work} holds the resume state of a run with other arguments ({', '.join(changed)}): "
@@ -533,7 +532,7 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
             shutil.copy(work / name, tmp / name)
         elif (work / name).is_dir():
             shutil.copytree(work / name, tmp / name)
-    common.write_json_atomic(tmp / "train_args.json", config)
+    jsonl.write_json_atomic(tmp / "train_args.json", config)
     os.replace(tmp, out)  # atomic: OUTPUT is either absent (or empty) or complete
     shutil.rmtree(work)
     print(f"saved {out}", flush=True)
@@ -544,7 +543,7 @@ def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str) -> 
     an ordinary model for generate.py, evaluate.py and vLLM), OUT/adapter = the adapters alone (peft's
     save_pretrained). The base weights never trained, so they are read again from base_model on the CPU, which
     also works when training sharded them over ranks. Never the base's bf16: a bf16 merge rounds most of an
-    iteration's small update away (BENCHMARKS.md "LoRA merged into a bf16 base"), and the merged M_i is the next
+    iteration's small update away (bench/BENCHMARKS.md "LoRA merged into a bf16 base"), and the merged M_i is the next
     iteration's policy and reference."""
     dtype = str(next(iter(adapters.values())).dtype).removeprefix("torch.") if adapters else "float32"
     model = add_lora(models.load_model(base_model, dtype), lora)

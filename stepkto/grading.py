@@ -6,12 +6,12 @@ it can never hang:
 
 * math-verify's own timeout uses SIGALRM, which only works in the main thread, and without it an
   answer such as ``9^{9^{9^9}}`` makes sympy compute forever. So every comparison runs in a pool of
-  worker PROCESSES (``python grading.py`` is the worker) with a hard per-item deadline enforced by
+  worker PROCESSES (``python -m stepkto.grading`` is the worker) with a hard per-item deadline enforced by
   the parent: a worker past its deadline is killed and replaced, and its item is graded wrong.
   The parent uses no signals, so grading works from any thread.
 * Both sides are wrapped as ``\\boxed{...}`` before math-verify parses them, so the whole answer is
   read as one LaTeX expression: "25" == "025", "27" == "27.0", "\\frac{1}{2}" == "0.5" == "1/2".
-  notes/grading.md lists what math-verify accepts and how it does on the MATH-500 answers.
+  bench/notes/grading.md lists what math-verify accepts and how it does on the MATH-500 answers.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _as_boxed_latex(answer: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------- worker processes
 
-_WORKER_START_TIMEOUT_S = 60.0  # far above python + sympy + math-verify's import time (notes/grading.md): a hang
+_WORKER_START_TIMEOUT_S = 60.0  # far above python + sympy + math-verify's import time (bench/notes/grading.md): a hang
 
 
 class _Worker:
@@ -97,7 +97,7 @@ class _Worker:
 
     def __init__(self):
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", "stepkto.grading"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env()
         )
         self.ready = False  # becomes True when the worker has imported math-verify
         self.item: int | None = None  # index of the pair being graded
@@ -118,13 +118,19 @@ class _Worker:
         self.proc.stdout.close()
 
 
+def _worker_env() -> dict:
+    """This environment, with the folder that holds the stepkto package first on the worker's import path."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
 def _collect(worker: _Worker, verdicts: list[bool]) -> _Worker:
     """Read ``worker``'s reply into ``verdicts``; return the worker to use next (new if it died)."""
     line = worker.proc.stdout.readline()
     if not line.endswith(b"\n"):  # EOF: the process died (a crash grades its item wrong)
         if not worker.ready:
             raise RuntimeError(
-                f"grading worker '{sys.executable} {__file__}' exited while starting; is math-verify "
+                f"grading worker '{sys.executable} -m stepkto.grading' exited while starting; is math-verify "
                 "installed in this environment? Its traceback is on stderr above."
             )
         worker.close()
@@ -171,7 +177,7 @@ def _grade_pairs(pairs: list[tuple[str, str]], timeout_s: float, num_workers: in
 
 
 def _serve_grading_requests() -> None:
-    """Worker loop, run as ``python grading.py``: one JSON [gold, pred] per stdin line -> 1 or 0."""
+    """Worker loop, run as ``python -m stepkto.grading``: one JSON [gold, pred] per stdin line -> 1 or 0."""
     import ctypes
     import logging
     import signal
@@ -320,7 +326,7 @@ BENCHMARKS = {
 
 def default_data_dir() -> Path:
     """$STEPKTO_DATA_DIR, else ../shared/data beside the repository."""
-    return Path(os.environ.get("STEPKTO_DATA_DIR") or Path(__file__).resolve().parent.parent / "shared" / "data")
+    return Path(os.environ.get("STEPKTO_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def normalise_answer(value, where: str) -> str:
@@ -389,7 +395,7 @@ def gsm8k_reference_solution(worked: str, answer: str) -> str:
     """A GSM8K worked solution (the text before ``####``) in the project's step format.
 
     Each non-empty line is one step, stripped, with its ``<<48/2=24>>`` annotations removed; steps
-    are separated by a blank line (common.STEP_SEPARATOR, what common.step_spans splits on), and a last step
+    are separated by a blank line (prompting.STEP_SEPARATOR, what prompting.step_spans splits on), and a last step
     "The answer is \\boxed{answer}." carries the gold answer, as the prompts ask a model to write it.
     """
     # the annotations are the calculator calls the GSM8K authors used to check the arithmetic, not
@@ -427,9 +433,9 @@ def _normalise_rows(located_rows, source: str, gold: str = ANSWER_FIELD, name: s
 
 
 def _jsonl_rows(path: Path):
-    import common  # here, not at the top: common imports torch, which the grading workers must not wait for
+    from stepkto import jsonl
 
-    for lineno, raw in common.iter_jsonl(path):
+    for lineno, raw in jsonl.iter_jsonl(path):
         yield f"{path}:{lineno}", f"{path.stem}-{lineno}", raw
 
 
@@ -443,7 +449,7 @@ def _load_from_hub(name: str, benchmark: Benchmark, split: str, local: Path | No
         import datasets  # lazily: only users without the local files need it
 
         # datasets reads the offline variables once, at import: set later, they would not stop its connection
-        # retries (notes/grading.md), so the hub is not tried at all
+        # retries (bench/notes/grading.md), so the hub is not tried at all
         if offline and not datasets.config.HF_HUB_OFFLINE:
             raise ConnectionError(f"{offline[0]} is set (after datasets was imported), so the hub was not tried")
         return datasets.load_dataset(benchmark.hub_id, benchmark.hub_config, split=split)

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-import common
+from stepkto import jsonl, sharding
 
 FORMAT = 1  # the version of the rows' and records' format: outputs of another format are never reused
 OnChange = Literal["stop", "redo"]
@@ -81,7 +81,7 @@ def _digest_cache() -> dict:
 
 def _save_digest_cache(cache: dict) -> None:
     try:
-        common.write_text_atomic(_cache_path(), json.dumps(cache, indent=0) + "\n")
+        jsonl.write_text_atomic(_cache_path(), json.dumps(cache, indent=0) + "\n")
     except OSError:  # a read-only home: hashing still works, it is only not remembered
         pass
 
@@ -89,7 +89,7 @@ def _save_digest_cache(cache: dict) -> None:
 def file_input(path: str | Path) -> dict:
     """A file input of a record: its bytes' digest, and its path for the messages."""
     if not Path(path).is_file():
-        raise common.DataError(f"{path}: file not found")
+        raise jsonl.DataError(f"{path}: file not found")
     return {"sha256": file_sha256(path), "path": str(path)}
 
 
@@ -182,21 +182,21 @@ def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftov
            is_folder: bool = False, name_option: str = "--output") -> bool:
     """Whether ``out`` is complete and was made as ``record`` says (True: nothing to do). False: it is to be made, or
     resumed from ``leftovers`` that the same record started; the record is then kept. Leftovers of anything else stop
-    the stage (on_change stop) or are removed (redo). Shards starting at once check one after the other (common.claim);
+    the stage (on_change stop) or are removed (redo). Shards starting at once check one after the other (sharding.claim);
     a process writing ``out`` holds that lock, and a second one refuses."""
     out, path = Path(out), record_path(out, is_folder)
-    common.claim(out, wait_s=10.0)
+    sharding.claim(out, wait_s=10.0)
     try:
-        old = common.read_json(path) if path.exists() else None
+        old = jsonl.read_json(path) if path.exists() else None
         if same(old, record):
             return complete
         present = [p for p in leftovers if p.exists() and not p.name.endswith(".lock")]
         if old is None and not present:
-            common.write_json_atomic(path, record)
+            jsonl.write_json_atomic(path, record)
             return False
         why = f"made {changes(old, record)}" if old is not None else "made by an unknown run (no provenance record)"
         if on_change != "redo":
-            raise common.StageError(f"{out} was {why}: delete it, choose another {name_option}, or rerun with "
+            raise jsonl.StageError(f"{out} was {why}: delete it, choose another {name_option}, or rerun with "
                                     f"--on_change redo")
         _check_no_writer([p for p in present if p.name.startswith(out.name + ".shard-")])
         print(f"{out} was {why}: making it again (--on_change redo)", flush=True)
@@ -205,23 +205,23 @@ def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftov
                 shutil.rmtree(p)
             else:
                 p.unlink()
-        common.write_json_atomic(path, record)
+        jsonl.write_json_atomic(path, record)
         return False
     finally:
-        common.release(out)
+        sharding.release(out)
 
 
 def _check_no_writer(parts: list[Path]) -> None:
-    """Refuse to remove a shard's part that another process is writing (common.claim: a part is claimed by its own
+    """Refuse to remove a shard's part that another process is writing (sharding.claim: a part is claimed by its own
     name, its .partial file with it)."""
     for p in parts:
         target = p.with_name(p.name.removesuffix(".partial"))
-        common.claim(target)  # raises when another process holds it
-        common.release(target)
+        sharding.claim(target)  # raises when another process holds it
+        sharding.release(target)
 
 
 def settle_jsonl(out: str | Path, record: dict, on_change: str) -> bool:
-    """settle for a JSONL output written by common.write_chunks: True (and says so) when it is complete and
+    """settle for a JSONL output written by sharding.write_chunks: True (and says so) when it is complete and
     ``record`` made it; its leftovers are OUT, OUT.partial and the shards' parts."""
     out = Path(out)
     parts = sorted(out.parent.glob(glob.escape(out.name) + ".shard-*")) if out.parent.is_dir() else []

@@ -5,14 +5,14 @@ Reads the evaluations of run.sh's layout (paper Section 2.4: M0, then one model 
     RUNS/seed<S>/eval/M0/result.json              the seed model, shared by every objective of seed S
     RUNS/seed<S>/<objective>/eval/M<i>/result.json  M_i of that objective's run (i = 1, 2, ...)
 
-writes each run's results table, RUNS/seed<S>/<objective>/results.jsonl (one common.RESULTS_TABLE_ROW per
+writes each run's results table, RUNS/seed<S>/<objective>/results.jsonl (one jsonl.RESULTS_TABLE_ROW per
 evaluated model: name M<i>, iteration i, objective and seed from the folder names, then result.json),
 prints a markdown table of Pass@1 and the stepwise error rate per objective and iteration, and writes a
 PNG plot of every objective found. Where several seeds share an objective and iteration: their mean and
 sample standard deviation; where there is one: that run's value and its 95% Wilson interval (evaluate.py's
 wilson_interval: Pass@1 over the problems, the wrong-step share over the correct solutions).
 
-    python report.py --runs runs --plot runs/results.png
+    python -m stepkto.report --runs runs --plot runs/results.png
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import common
-import options
-from common import option
+from stepkto import cli, jsonl, options
+from stepkto.cli import option
 
 # the folders of RUNS/seed<S> that every objective shares (run.sh): the others are runs, one per objective
 SHARED = ("data", "M0", "eval")
@@ -55,7 +54,7 @@ def run_table(run: Path) -> list[dict]:
     """The run's results table: its models' result.json, named by the layout."""
     seed = int(run.parent.name.removeprefix("seed"))
     return [{"name": f"M{i}", "iteration": i, "objective": run.name, "seed": seed,
-             **common.read_json(path / "result.json", common.RESULT)} for i, path in evaluations(run)]
+             **jsonl.read_json(path / "result.json", jsonl.RESULT)} for i, path in evaluations(run)]
 
 
 def collect(runs: Path) -> dict:
@@ -71,7 +70,7 @@ def write_run_tables(runs: Path) -> None:
     """Each run's results table, RUNS/seed<S>/<objective>/results.jsonl."""
     for run in run_dirs(runs):
         if rows := run_table(run):
-            common.write_jsonl_atomic(run / "results.jsonl", rows, common.RESULTS_TABLE_ROW)
+            jsonl.write_jsonl_atomic(run / "results.jsonl", rows, jsonl.RESULTS_TABLE_ROW)
 
 
 METRICS = {"pass@1": "Pass@1 (%)", "stepwise_error_rate": "stepwise error rate among correct (%)"}
@@ -158,7 +157,7 @@ def plot_title(table: dict, what: str = "") -> str:
 
 
 def main(args: Args) -> None:
-    options.refuse_inapplicable("report.py", args)
+    options.refuse_inapplicable("stepkto/report.py", args)
     write_run_tables(Path(args.runs))
     table = collect(Path(args.runs))
     if not table:
@@ -169,4 +168,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    cli.run_cli(Args, main)

@@ -10,7 +10,7 @@ import string
 import typing
 from pathlib import Path
 
-import common
+from stepkto import cli, jsonl
 
 ReportTo = typing.Literal["none", "tensorboard", "wandb"]
 REPORT_TO = typing.get_args(ReportTo)
@@ -82,10 +82,10 @@ def open_tracker(report_to: str, log_dir: str | Path, run_name: str, config: dic
 
 def safe_config(config: dict) -> dict:
     """``config`` (a stage's asdict(args)) as a tracker may record it: every URL in its strings without its user,
-    password or secret query values (common.redact_urls), in nested dicts and lists too."""
+    password or secret query values (cli.redact_urls), in nested dicts and lists too."""
     def safe(value):
         if isinstance(value, str):
-            return common.redact_urls(value)
+            return cli.redact_urls(value)
         if isinstance(value, dict):
             return {k: safe(v) for k, v in value.items()}
         return [safe(v) for v in value] if isinstance(value, (list, tuple)) else value
@@ -137,5 +137,5 @@ def wandb_run_id(log_dir: str | Path) -> str:
         import secrets
 
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's own form
-        common.write_text_atomic(path, run_id + "\n")  # never a half-written id
+        jsonl.write_text_atomic(path, run_id + "\n")  # never a half-written id
     return path.read_text().strip()

@@ -1,13 +1,13 @@
 """Exact step labels for text of any kind (label.py --prm check off the built-in task): a step is wrong when an
 arithmetic equation it states is false. LaTeX, markdown, currency, units and remarks are rewritten to plain arithmetic
-first; whatever cannot be parsed is left alone. The arithmetic itself is arith_task.py's (tokenize, value_of)."""
+first; whatever cannot be parsed is left alone. The arithmetic itself is stepkto/arith_task.py's (tokenize, value_of)."""
 
 from __future__ import annotations
 
 import re
 from fractions import Fraction
 
-from arith_task import NUMBER, OPERATORS, TooLarge, tokenize, value_of
+from stepkto.arith_task import NUMBER, OPERATORS, TooLarge, tokenize, value_of
 
 # A pattern that starts with a repeated class begins with a lookbehind for a character outside it, so that a match
 # is tried at the start of a run only, not again inside it (which takes time quadratic in the run's length); the

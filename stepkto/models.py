@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-import common
+from stepkto import prompting
 
 
 # The scratch model's multi-character tokens (train.py --scratch_tokenizer phrase): the fixed strings of the minimal
-# prompt and of the built-in task's solutions (arith_task.py), one token each, so every stage of the loop runs on
-# fewer positions than with one token per character (BENCHMARKS.md section 13). Digits stay one per token, so the
-# model still does its arithmetic digit by digit, and no phrase crosses a step separator (common.STEP_SEPARATOR is its
+# prompt and of the built-in task's solutions (stepkto/arith_task.py), one token each, so every stage of the loop runs on
+# fewer positions than with one token per character (bench/BENCHMARKS.md section 13). Digits stay one per token, so the
+# model still does its arithmetic digit by digit, and no phrase crosses a step separator (prompting.STEP_SEPARATOR is its
 # own token): every token lies in one step.
 SCRATCH_PHRASES = (
-    "The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", common.STEP_SEPARATOR,
+    "The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", prompting.STEP_SEPARATOR,
     " + ", " - ", " * ", " = ", "}.",
 )
 
@@ -84,7 +84,7 @@ def load_tokenizer(path: str, padding_side: str = "left"):
 
 def load_model(path: str, dtype: str = "float32", meta: bool = False):
     """The causal LM of a folder or hub id in ``dtype``; with ``meta`` its skeleton on the meta device, built
-    from its config alone (what every rank but 0 builds for sharded loading: plumbing.build_policy)."""
+    from its config alone (what every rank but 0 builds for sharded loading: distributed.build_policy)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not meta:

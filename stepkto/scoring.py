@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import common
-import plumbing
+from stepkto import distributed, jsonl, sharding
 import stepkto_loss as sk
 
 
@@ -153,17 +152,17 @@ def cached_reference(cache: Path, key: str, compute: Callable[[], Reference], ra
             return Reference(**saved["reference"])
     reference = compute()
     if rank == 0:
-        common.write_atomic(cache, lambda f: torch.save({"key": key, "reference": reference._asdict()}, f))
-    plumbing.barrier()
+        jsonl.write_atomic(cache, lambda f: torch.save({"key": key, "reference": reference._asdict()}, f))
+    distributed.barrier()
     return reference
 
 
 @torch.no_grad()
-def score_rows(policy: nn.Module, rows: list[Tokenized], span: str, batch_size: int, env: plumbing.Env, pad_id: int):
+def score_rows(policy: nn.Module, rows: list[Tokenized], span: str, batch_size: int, env: distributed.Env, pad_id: int):
     """(totals (R,), steps (R, K_max)) of many rows: length-sorted batches, spread over the ranks."""
     # Longest first: if memory runs out, it does so at once.
     order = sorted(range(len(rows)), key=lambda i: -rows[i].length())
-    batches = common.chunked(order, batch_size)
+    batches = sharding.chunked(order, batch_size)
     rounds = -(-len(batches) // env.world_size)
     local, dtype = {}, None
     for b in tqdm(range(env.rank, rounds * env.world_size, env.world_size), desc="reference", disable=env.rank != 0):
@@ -176,7 +175,7 @@ def score_rows(policy: nn.Module, rows: list[Tokenized], span: str, batch_size: 
             local.update((i, (t, s[: rows[i].num_steps])) for i, t, s in zip(indices, totals.tolist(), steps.tolist()))
     totals = torch.zeros(len(rows), dtype=dtype)
     steps = torch.zeros(len(rows), max(r.num_steps for r in rows), dtype=dtype)
-    for part in plumbing.gather_objects(local):
+    for part in distributed.gather_objects(local):
         for i, (total, row) in part.items():
             totals[i] = total
             steps[i, : len(row)] = torch.tensor(row)

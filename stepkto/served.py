@@ -2,13 +2,13 @@
 
 The paper's judge (Step-KTO, arXiv 2501.10799, Section 2.1) is a large LLM: users serve it once, on its own GPUs or
 node, and every label and evaluate stage calls it, instead of loading it again in each stage's process. This module
-gives label.py that judge as a ``generate.Engine``, the seam where the in-process engines plug in: prompts in,
-``generate.Sample`` replies out, in the order of the prompts whatever order the server answers in.
+gives label.py that judge as a ``engines.Engine``, the seam where the in-process engines plug in: prompts in,
+``engines.Sample`` replies out, in the order of the prompts whatever order the server answers in.
 
 Two APIs (``Endpoint.api``):
 
 * ``completions`` (a self-hosted vLLM or SGLang server): ``POST /v1/completions`` with the prompt's token ids, encoded
-  by ``common.encode_prompt`` with the judge's own tokenizer exactly as the in-process engines encode it (the BOS
+  by ``prompting.encode_prompt`` with the judge's own tokenizer exactly as the in-process engines encode it (the BOS
   rule kept; a server never adds a second BOS to token ids). The server's own sampling defaults from the
   checkpoint's generation_config.json (vLLM applies repetition_penalty, top_k, min_p from it) are overridden with
   the neutral values the in-process engines use, and the reply's token ids are asked for (vLLM's
@@ -19,12 +19,12 @@ Two APIs (``Endpoint.api``):
 
 Faults: the openai client retries timeouts, refused or reset connections, 408, 409, 429 and 5xx replies
 ``retries`` times with exponential backoff; after that, and at once on any other 4xx (a refused key, a model the
-server does not serve), the stage stops with one line naming the endpoint and the error (``common.StageError``).
+server does not serve), the stage stops with one line naming the endpoint and the error (``jsonl.StageError``).
 A failed request therefore never becomes a reply, and so never a label: the chunk it belonged to is not written,
 and a rerun resumes from the chunks before it. The key is read from the environment variable ``api_key_env`` and
 never written anywhere; the URL never enters a resume signature. A URL's user and password (``http://user:pass@host``)
 are sent as HTTP Basic auth, in place of the key (a request has one Authorization header), never in the URL a request
-goes to or a log line of it; every message shows the URL with them as *** (``common.redact_url``).
+goes to or a log line of it; every message shows the URL with them as *** (``cli.redact_url``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
-import common
-import generate
-import models
+from stepkto import cli, engines, jsonl, models, prompting
 
 Api = Literal["completions", "chat"]
 
@@ -58,11 +56,11 @@ class Endpoint:
     retries: int = 5  # retries of a transient fault (timeouts, connection errors, 408/409/429/5xx)
 
 
-class ServedError(common.StageError):
+class ServedError(jsonl.StageError):
     """A request that failed for good: the message names the endpoint and the error, any URL in it redacted."""
 
     def __init__(self, message: str):
-        super().__init__(common.redact_urls(message))
+        super().__init__(cli.redact_urls(message))
 
 
 def credentials(base_url: str) -> tuple[str, dict[str, str]]:
@@ -104,7 +102,7 @@ def failure(endpoint: Endpoint, error: Exception) -> Exception:
 
 def shown(endpoint: Endpoint) -> str:
     """The endpoint's URL as messages show it: its user, password and secret query values as ***."""
-    return common.redact_url(endpoint.base_url)
+    return cli.redact_url(endpoint.base_url)
 
 
 def check_endpoint(endpoint: Endpoint) -> None:
@@ -122,10 +120,10 @@ def check_endpoint(endpoint: Endpoint) -> None:
         raise ServedError(f"{shown(endpoint)}: serves {served}, not {endpoint.model!r}: pass the served name")
 
 
-_ENGINES: dict = {}  # Endpoint -> generate.Engine: one tokenizer per endpoint and process
+_ENGINES: dict = {}  # Endpoint -> engines.Engine: one tokenizer per endpoint and process
 
 
-def get_engine(endpoint: Endpoint) -> generate.Engine:
+def get_engine(endpoint: Endpoint) -> engines.Engine:
     """The served model as an engine, once the server is seen to serve it: ``generate(prompts, sampling, seed)``
     takes prompt texts (completions) or chat message lists (chat), and ``tokenizer`` is None for chat, whose prompts
     are the messages themselves."""
@@ -134,14 +132,14 @@ def get_engine(endpoint: Endpoint) -> generate.Engine:
         tokenizer, stops = None, []
         if endpoint.api == "completions":
             tokenizer = models.load_tokenizer(endpoint.tokenizer or endpoint.model)
-            stops = generate.stop_token_ids(tokenizer, generate.generation_config(endpoint.tokenizer or endpoint.model))
+            stops = engines.stop_token_ids(tokenizer, engines.generation_config(endpoint.tokenizer or endpoint.model))
         ask = functools.partial(REQUESTS[endpoint.api], endpoint, tokenizer, stops)
         run = lambda prompts, sampling, seed: asyncio.run(ask_all(endpoint, ask, prompts, sampling, seed))  # noqa: E731
-        _ENGINES[endpoint] = generate.Engine(tokenizer, run, None, lambda: None)
+        _ENGINES[endpoint] = engines.Engine(tokenizer, run, None, lambda: None)
     return _ENGINES[endpoint]
 
 
-async def ask_all(endpoint: Endpoint, ask, prompts: list, sampling: generate.Sampling, seed: int):
+async def ask_all(endpoint: Endpoint, ask, prompts: list, sampling: engines.Sampling, seed: int):
     """(P, n) samples: each reply put back at its prompt's place. Prompt i is seeded with seed + i * n, as the vLLM
     engine seeds it."""
     return await gather(endpoint, prompts, lambda client, i, prompt: ask(client, prompt, sampling, seed + i * sampling.n))
@@ -179,9 +177,9 @@ async def gather(endpoint: Endpoint, items: list, one) -> list:
 
 
 async def complete(endpoint: Endpoint, tokenizer, stops: list[int], client, prompt: str,
-                   sampling: generate.Sampling, seed: int) -> list[generate.Sample]:
+                   sampling: engines.Sampling, seed: int) -> list[engines.Sample]:
     """One prompt through /v1/completions, as its token ids."""
-    prompt_ids = common.encode_prompt(tokenizer, prompt)
+    prompt_ids = prompting.encode_prompt(tokenizer, prompt)
     neutral = {"repetition_penalty": 1.0, "top_k": -1, "min_p": 0.0}  # not the checkpoint's generation defaults
     extra = {"stop_token_ids": stops, **neutral, "return_token_ids": True, "return_tokens_as_token_ids": True}
     reply = await client.completions.create(
@@ -192,18 +190,18 @@ async def complete(endpoint: Endpoint, tokenizer, stops: list[int], client, prom
     return [completion_sample(tokenizer, prompt_ids, choice, stops) for choice in choices]
 
 
-def completion_sample(tokenizer, prompt_ids: list[int], choice, stops: list[int]) -> generate.Sample:
+def completion_sample(tokenizer, prompt_ids: list[int], choice, stops: list[int]) -> engines.Sample:
     """A /v1/completions choice as the in-process engines' Sample: text decoded from the reply's token ids when
     the server gives them (vLLM), else the server's own text and no ids."""
     finish = "length" if choice.finish_reason == "length" else "stop"
     ids = getattr(choice, "token_ids", None)
     if ids is None:
-        sample = generate.Sample(choice.text, finish, prompt_ids, [])
+        sample = engines.Sample(choice.text, finish, prompt_ids, [])
     else:
         ids, reason = list(ids), getattr(choice, "stop_reason", None)
         if finish == "stop" and (not ids or ids[-1] not in stops) and (isinstance(reason, int) or stops):
             ids.append(reason if isinstance(reason, int) else stops[0])  # the stop token, as the vLLM engine keeps it
-        sample = generate.make_sample(tokenizer, prompt_ids, ids, stops)
+        sample = engines.make_sample(tokenizer, prompt_ids, ids, stops)
     if choice.logprobs is None:
         return sample
     entries = [served_logprobs(tokenizer, token, top or {})
@@ -211,13 +209,13 @@ def completion_sample(tokenizer, prompt_ids: list[int], choice, stops: list[int]
     return sample._replace(logprobs=entries[: len(sample.completion_ids)] if sample.completion_ids else entries)
 
 
-def served_logprobs(tokenizer, token: str, top: dict[str, float]) -> generate.TokenLogprobs:
+def served_logprobs(tokenizer, token: str, top: dict[str, float]) -> engines.TokenLogprobs:
     """One position's log-probs: vLLM names tokens "token_id:<id>" (return_tokens_as_token_ids), decoded here with
     the judge's tokenizer as the in-process engines decode them; other servers name them by their text."""
     ids = [token_id(name) for name in [token, *top]]
     if None in ids:
-        return generate.TokenLogprobs(token, dict(top))
-    return generate.token_logprobs(tokenizer, ids[0], zip(ids[1:], top.values()))
+        return engines.TokenLogprobs(token, dict(top))
+    return engines.token_logprobs(tokenizer, ids[0], zip(ids[1:], top.values()))
 
 
 def token_id(name: str) -> int | None:
@@ -226,7 +224,7 @@ def token_id(name: str) -> int | None:
 
 
 async def chat(endpoint: Endpoint, tokenizer, stops: list[int], client, messages: list[dict],
-               sampling: generate.Sampling, seed: int) -> list[generate.Sample]:
+               sampling: engines.Sampling, seed: int) -> list[engines.Sample]:
     """One prompt through /v1/chat/completions: the messages as they are; text replies, no token ids."""
     logprobs = {"logprobs": True, "top_logprobs": sampling.logprobs} if sampling.logprobs else {}
     reply = await client.chat.completions.create(
@@ -237,16 +235,16 @@ async def chat(endpoint: Endpoint, tokenizer, stops: list[int], client, messages
     return [chat_sample(choice) for choice in choices]
 
 
-def chat_sample(choice) -> generate.Sample:
+def chat_sample(choice) -> engines.Sample:
     finish = "length" if choice.finish_reason == "length" else "stop"
     entries = None
     if choice.logprobs is not None and choice.logprobs.content is not None:
-        entries = [generate.TokenLogprobs(c.token, {t.token: t.logprob for t in c.top_logprobs})
+        entries = [engines.TokenLogprobs(c.token, {t.token: t.logprob for t in c.top_logprobs})
                    for c in choice.logprobs.content]
-    return generate.Sample(choice.message.content or "", finish, [], [], entries)
+    return engines.Sample(choice.message.content or "", finish, [], [], entries)
 
 
-def checked(endpoint: Endpoint, choices: list, sampling: generate.Sampling) -> list:
+def checked(endpoint: Endpoint, choices: list, sampling: engines.Sampling) -> list:
     """The reply's n choices, each with log-probs when they were asked for; anything else is an error, never a
     reply read as a verdict."""
     if len(choices) != sampling.n:

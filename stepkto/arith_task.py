@@ -25,17 +25,17 @@ the answer is wrong. By default a dropped carry (+) and a product slip (*) mostl
 unpaid borrow (-) is mostly silent, so the seed shows both kinds of flaw under greedy decoding.
 Why rates above 1/2 on hard steps: the paper evaluates the greedy output, and greedy decoding keeps
 only a model's most likely habit. Slips drawn at low rates are noise that the seed model's argmax
-averages away (notes/embedded_default_findings.md, design A), so the seed would show none of the flaws
+averages away (bench/notes/embedded_default_findings.md, design A), so the seed would show none of the flaws
 Step-KTO is meant to remove.
 A seed that PREFERS the careless result on hard steps, while still producing the right one often
 enough to be sampled, is the paper's situation: its greedy solutions carry wrong steps.
 
-Checker: `check_steps` replays a solution on the problem's expression tree (equations.py judges text of any other
+Checker: `check_steps` replays a solution on the problem's expression tree (stepkto/equations.py judges text of any other
 kind by the arithmetic equations it states).
 
-Command line (run.sh): writes train.jsonl and test.jsonl ({id, problem, answer, solution}: common.PROBLEM_ROW) and
-sft.jsonl ({id, problem, answer, completion, flaw}: common.SFT_ROW, flawed solutions of train problems) to a folder:
-    python arith_task.py --output_dir runs/seed0/data --num_train 2000 --num_test 500 --num_sft 20000
+Command line (run.sh): writes train.jsonl and test.jsonl ({id, problem, answer, solution}: jsonl.PROBLEM_ROW) and
+sft.jsonl ({id, problem, answer, completion, flaw}: jsonl.SFT_ROW, flawed solutions of train problems) to a folder:
+    python -m stepkto.arith_task --output_dir runs/seed0/data --num_train 2000 --num_test 500 --num_sft 20000
 """
 import ast
 import hashlib
@@ -47,10 +47,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
-import common
-import options
-import provenance
-from common import option
+from stepkto import cli, jsonl, options, prompting, provenance
+from stepkto.cli import option
 
 HARD_PRODUCT = 40  # products from here on are beyond the small times tables
 TEST_PERCENT = 20  # share of the problem space (by text hash) reserved for test splits
@@ -248,7 +246,7 @@ def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int
     Brackets appear where precedence needs them: `(3 + 4) * 5 - 2`. Every intermediate value is an
     integer in 0..max_value and every * is a times-table product (both operands <= 9), so that a tiny
     model can learn the arithmetic in minutes on a CPU (the embedded default): with two-digit running
-    values times 2..9 the seed's own product errors outnumbered its habits (notes/embedded_default_findings.md),
+    values times 2..9 the seed's own product errors outnumbered its habits (bench/notes/embedded_default_findings.md),
     and a Step-KTO iteration only moved the habit's probability onto other wrong products."""
     value = rng.randint(1, max_number)
     node = Node(value=Fraction(value))
@@ -348,7 +346,7 @@ def _solve(expression: str, decide_flaw) -> tuple[str, str]:
         lines.append(f"{a} {op} {b} = {stated}")
         _reduce(node, true if flaw == "silent" else stated)  # silent: later steps use the truth
     worst = "propagating" if "propagating" in flaws else "silent" if "silent" in flaws else "none"
-    return common.STEP_SEPARATOR.join(lines + [f"The answer is \\boxed{{{root.value}}}."]), worst
+    return prompting.STEP_SEPARATOR.join(lines + [f"The answer is \\boxed{{{root.value}}}."]), worst
 
 
 def write_solution(rng: random.Random, expression_or_problem: str, rates: FlawRates) -> tuple[str, str]:
@@ -473,21 +471,21 @@ def sft_rows(args: Args, shape: dict) -> list[dict]:
 
 
 def main(args: Args) -> None:
-    options.refuse_inapplicable("arith_task.py", args)
+    options.refuse_inapplicable("stepkto/arith_task.py", args)
     out, names = Path(args.output_dir), ("train", "test", "sft")
     args.rates()  # bad rates fail before anything is written
     settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "on_change")}
-    record = provenance.make_record("arith_task.py", {}, {}, settings)
+    record = provenance.make_record("stepkto/arith_task.py", {}, {}, settings)
     leftovers = [out / f"{name}.jsonl" for name in names]
     if provenance.settle(out, record, args.on_change, all(p.exists() for p in leftovers), leftovers, is_folder=True,
                          name_option="--output_dir"):
         print(f"{out}: data is complete; nothing to do.")
         return
     shape = dict(min_ops=args.min_ops, max_ops=args.max_ops, max_number=args.max_number, shape=args.shape)
-    common.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed, **shape), common.PROBLEM_ROW)
-    common.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed, **shape), common.PROBLEM_ROW)
+    jsonl.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed, **shape), jsonl.PROBLEM_ROW)
+    jsonl.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed, **shape), jsonl.PROBLEM_ROW)
     sft = sft_rows(args, shape)
-    common.write_jsonl_atomic(out / "sft.jsonl", sft, common.SFT_ROW)
+    jsonl.write_jsonl_atomic(out / "sft.jsonl", sft, jsonl.SFT_ROW)
     shares = {flaw: round(sum(r["flaw"] == flaw for r in sft) / max(len(sft), 1), 4)
               for flaw in ("none", "propagating", "silent")}
     print(f"wrote {args.num_train} train, {args.num_test} test, {len(sft)} sft rows to {out}; "
@@ -495,4 +493,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    cli.run_cli(Args, main)

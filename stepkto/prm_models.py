@@ -46,13 +46,12 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-import common
-import models
+from stepkto import cli, jsonl, models, prompting, sharding
 
 PRMFormat = Literal["qwen_prm", "step_tag"]
 # The Qwen2.5-Math-PRM model card's separator and system prompt (the same text as the qwen25-math-cot prompt style)
 QWEN_PRM_SEPARATOR = "<extra_0>"
-QWEN_PRM_SYSTEM = common.SYSTEM_PROMPTS["qwen25-math-cot"]
+QWEN_PRM_SYSTEM = prompting.SYSTEM_PROMPTS["qwen25-math-cot"]
 # Math-Shepherd's step tag and its two answer tokens (the defaults of label.py's --prm_step_tag, --prm_good_token,
 # --prm_bad_token)
 STEP_TAG = " ки"
@@ -92,7 +91,7 @@ def load_spec(path: str, fmt: PRMFormat, step_tag: str = STEP_TAG, good_token: s
     tokenizer = models.load_tokenizer(path, padding_side="right")
     max_len = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
     if not isinstance(max_len, int):
-        raise common.UsageError(f"{path}: its config has no max_position_embeddings (the model's context)")
+        raise cli.UsageError(f"{path}: its config has no max_position_embeddings (the model's context)")
     if fmt == "qwen_prm":
         marker_id = single_token_id(tokenizer, QWEN_PRM_SEPARATOR, f"{path}: the qwen_prm separator")
         return tokenizer, PRMSpec(fmt, QWEN_PRM_SEPARATOR, marker_id, max_len)
@@ -101,9 +100,9 @@ def load_spec(path: str, fmt: PRMFormat, step_tag: str = STEP_TAG, good_token: s
         good_id = single_token_id(tokenizer, good_token, f"{path}: the good token (--prm_good_token)")
         bad_id = single_token_id(tokenizer, bad_token, f"{path}: the bad token (--prm_bad_token)")
         if good_id == bad_id:
-            raise common.UsageError(f"{path}: the good and bad tokens {good_token!r} / {bad_token!r} are one token")
+            raise cli.UsageError(f"{path}: the good and bad tokens {good_token!r} / {bad_token!r} are one token")
         return tokenizer, PRMSpec(fmt, step_tag, marker_id, max_len, good_id, bad_id)
-    raise common.UsageError(f"unknown PRM format {fmt!r}: qwen_prm | step_tag")
+    raise cli.UsageError(f"unknown PRM format {fmt!r}: qwen_prm | step_tag")
 
 
 def single_token_id(tokenizer, text: str, what: str) -> int:
@@ -116,41 +115,41 @@ def single_token_id(tokenizer, text: str, what: str) -> int:
     unknown = tokenizer.unk_token_id is not None and ids[-1:] == [tokenizer.unk_token_id]
     if not text.strip() or unknown or last.strip() != text.strip() or prefix.strip():
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise common.UsageError(f"{what} {text!r} is not one token of the tokenizer (it encodes to {pieces})")
+        raise cli.UsageError(f"{what} {text!r} is not one token of the tokenizer (it encodes to {pieces})")
     return ids[-1]
 
 
 def solution_text(tokenizer, spec: PRMSpec, problem: str, steps: list[str]) -> str:
     """The text the PRM reads (the module docstring gives each format's). A qwen_prm tokenizer without a chat
     template gets the ChatML text of Qwen2.5's template, the format the Qwen PRMs were trained on
-    (common.build_prompt writes its prompt part, as for the qwen25-math-cot style)."""
+    (prompting.build_prompt writes its prompt part, as for the qwen25-math-cot style)."""
     if spec.format == "step_tag":
         return f"{problem} " + "\n".join(step + spec.marker for step in steps)
     reply = spec.marker.join(steps) + spec.marker
     if not getattr(tokenizer, "chat_template", None):
-        return common.build_prompt(tokenizer, problem, "qwen25-math-cot") + reply + "<|im_end|>\n"
+        return prompting.build_prompt(tokenizer, problem, "qwen25-math-cot") + reply + "<|im_end|>\n"
     messages = [{"role": "system", "content": QWEN_PRM_SYSTEM}, {"role": "user", "content": problem},
                 {"role": "assistant", "content": reply}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
 def encode_solution(tokenizer, spec: PRMSpec, problem: str, steps: list[str], row: str) -> Encoded:
-    """The token ids of ``solution_text`` (common.encode_prompt: BOS as the tokenizer's own encoding puts it) and
+    """The token ids of ``solution_text`` (prompting.encode_prompt: BOS as the tokenizer's own encoding puts it) and
     the marker's positions, one per step; DataError naming ``row`` when the problem or a step contains the
     marker's text, when the markers are not one per step, or when the input is longer than the model's context."""
     if not steps:
-        raise common.DataError(f"{row}: a solution without steps has nothing for a PRM to score")
+        raise jsonl.DataError(f"{row}: a solution without steps has nothing for a PRM to score")
     for where, text in [("the problem", problem)] + [(f"step {k + 1}", step) for k, step in enumerate(steps)]:
         if spec.marker in text:
-            raise common.DataError(f"{row}: {where} contains the PRM's step marker {spec.marker!r}")
-    ids = common.encode_prompt(tokenizer, solution_text(tokenizer, spec, problem, steps))
+            raise jsonl.DataError(f"{row}: {where} contains the PRM's step marker {spec.marker!r}")
+    ids = prompting.encode_prompt(tokenizer, solution_text(tokenizer, spec, problem, steps))
     positions = [i for i, token in enumerate(ids) if token == spec.marker_id]
     if len(positions) != len(steps):
-        raise common.DataError(
+        raise jsonl.DataError(
             f"{row}: {len(positions)} step markers {spec.marker!r} in the PRM's input for {len(steps)} steps "
             f"(the marker merged with the text beside it, or the text encodes to it)")
     if len(ids) > spec.max_len:
-        raise common.DataError(
+        raise jsonl.DataError(
             f"{row}: the PRM's input is {len(ids)} tokens, longer than the model's context of {spec.max_len}")
     return Encoded(ids, positions)
 
@@ -190,11 +189,11 @@ def load_model(path: str, spec: PRMSpec, dtype: str = "float32", device: str = "
 
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type != "qwen2":
-        raise common.UsageError(f"{path}: the qwen_prm format needs a Qwen2 checkpoint, this one is {model_type!r}")
+        raise cli.UsageError(f"{path}: the qwen_prm format needs a Qwen2 checkpoint, this one is {model_type!r}")
     model, info = qwen2_prm_class().from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise common.UsageError(f"{path}: not a Qwen2ForProcessRewardModel checkpoint: no weights for {missing[:4]}")
+        raise cli.UsageError(f"{path}: not a Qwen2ForProcessRewardModel checkpoint: no weights for {missing[:4]}")
     return model.to(device).eval()
 
 
@@ -218,7 +217,7 @@ def step_scores(model, spec: PRMSpec, encoded: list[Encoded], batch_size: int = 
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     scores: list[list[float]] = [[] for _ in encoded]
-    for chunk in common.chunked(order, batch_size):
+    for chunk in sharding.chunked(order, batch_size):
         width = max(len(encoded[i].ids) for i in chunk)
         input_ids = torch.tensor([encoded[i].ids + [0] * (width - len(encoded[i].ids)) for i in chunk])  # (B, S)
         attention_mask = (torch.arange(width) < torch.tensor([[len(encoded[i].ids)] for i in chunk])).long()  # (B, S)
@@ -259,16 +258,16 @@ def parse_pooling_response(response: dict, spec: PRMSpec, encoded: list[Encoded]
     vllm_server_args' --pooler-config returns none) or another width than the format's."""
     items = sorted(response["data"], key=lambda item: item["index"])
     if len(items) != len(encoded):
-        raise common.StageError(f"/pooling returned {len(items)} results for {len(encoded)} solutions")
+        raise jsonl.StageError(f"/pooling returned {len(items)} results for {len(encoded)} solutions")
     width, scores = SERVED_WIDTH[spec.format], []
     for item, solution, row in zip(items, encoded, rows):
         values = item["data"]  # [[value per label] per marker]
         if len(values) != len(solution.positions):
-            raise common.DataError(
+            raise jsonl.DataError(
                 f"{row}: the server returned {len(values)} step scores for {len(solution.positions)} steps: its "
                 f"--pooler-config must hold \"step_tag_id\": {spec.marker_id} ({spec.marker!r}; vllm_server_args)")
         if any(len(v) != width for v in values):
-            raise common.DataError(f"{row}: the server returned scores of another width than {spec.format}'s {width}")
+            raise jsonl.DataError(f"{row}: the server returned scores of another width than {spec.format}'s {width}")
         scores.append([v[-1] for v in values])  # qwen_prm: P(right) of (wrong, right); step_tag: the one value
     return scores
 
@@ -276,7 +275,7 @@ def parse_pooling_response(response: dict, spec: PRMSpec, encoded: list[Encoded]
 def served_step_scores(post: Callable[[str, dict], dict], model_name: str, spec: PRMSpec, encoded: list[Encoded],
                        rows: list[str]) -> list[list[float]]:
     """step_scores from a vLLM server started with vllm_server_args; ``post(path, body) -> dict`` sends one
-    request (served.py's client, with its retries)."""
+    request (stepkto/served.py's client, with its retries)."""
     if not encoded:
         return []
     return parse_pooling_response(post("/pooling", pooling_request(model_name, encoded)), spec, encoded, rows)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from common import UsageError
+from stepkto.cli import UsageError
 
 
 class When(NamedTuple):
@@ -74,7 +74,7 @@ SFT, KTO, STEP_KTO = when("objective", "sft"), when("objective", "kto", "step-kt
 JUDGE, MC, REWARD_MODEL = when("prm", "judge"), when("prm", "mc"), when("prm", "reward_model")
 VLLM, JUDGE_VLLM, SERVED = when("engine", "vllm"), when("judge_engine", "vllm"), when("judge_engine", "openai")
 
-# common.ShardArgs, generate.EngineSettings, generate.Policy: the sampling options of generate.py and evaluate.py
+# sharding.ShardArgs, engines.EngineSettings, generate.Policy: the sampling options of generate.py and evaluate.py
 SHARDS = {"num_shards": ALWAYS, "shard_index": ALWAYS}
 ENGINE = {"engine": ALWAYS, "dtype": ALWAYS, "tensor_parallel_size": only(VLLM), "gpu_memory_utilization": only(VLLM),
           "max_model_len": only(VLLM), "enable_prefix_caching": only(VLLM)}
@@ -85,7 +85,7 @@ LABELLER = {
     **{name: only(JUDGE) for name in ("judge_model", "judge_protocol", "judge_max_new_tokens", "judge_engine",
                                       "judge_verdict", "allow_missing_reference")},
     "judge_threshold": only(JUDGE, when("judge_verdict", "logprobs")),
-    # a served judge (judge_engine openai, served.py) and one loaded in this process; a served PRM (prm_base_url)
+    # a served judge (judge_engine openai, stepkto/served.py) and one loaded in this process; a served PRM (prm_base_url)
     # is reached with the served judge's transport settings
     **{name: only(JUDGE, SERVED) for name in ("judge_base_url", "judge_api")},
     **{name: either(only(JUDGE, SERVED), only(REWARD_MODEL, unless("prm_base_url", ""))) for name in (
@@ -96,7 +96,7 @@ LABELLER = {
                                                   "judge_max_model_len")},
     **{name: only(MC) for name in ("policy_model", "mc_rollouts", "mc_threshold", "mc_temperature",
                                    "mc_max_new_tokens", "seed")},
-    # a trained PRM (prm_models.py), in this process or on a server
+    # a trained PRM (stepkto/prm_models.py), in this process or on a server
     **{name: only(REWARD_MODEL) for name in ("prm_model", "prm_format", "prm_threshold", "prm_base_url")},
     **{name: only(REWARD_MODEL, when("prm_format", "step_tag")) for name in ("prm_step_tag", "prm_good_token",
                                                                             "prm_bad_token")},
@@ -105,7 +105,7 @@ LABELLER = {
 PREFIX_CACHING_OF_JUDGE = only(JUDGE, JUDGE_VLLM)  # the judge's engine takes --enable_prefix_caching too
 
 TABLE: dict[str, dict[str, Rule]] = {
-    "arith_task.py": {name: ALWAYS for name in (
+    "stepkto/arith_task.py": {name: ALWAYS for name in (
         "output_dir", "num_train", "num_test", "num_sft", "seed", "shape", "max_number", "min_ops", "max_ops",
         "p_slip_easy", "p_slip_hard", "p_silent_add", "p_silent_sub", "p_silent_mul", "on_change")},
     "generate.py": {**SHARDS, **ENGINE, **POLICY, "num_samples": ALWAYS, "temperature": ALWAYS,
@@ -137,7 +137,7 @@ TABLE: dict[str, dict[str, Rule]] = {
                                                              "intermediate_size", "max_len")},
         **{name: only(unless("lora_r", 0)) for name in ("lora_alpha", "lora_dropout", "lora_target_modules")},
         "dist_timeout_minutes": only(When("torchrun", (True,), text="the process runs under torchrun"))},
-    "report.py": {"runs": ALWAYS, "plot": ALWAYS, "title": only(unless("plot", ""))},
+    "stepkto/report.py": {"runs": ALWAYS, "plot": ALWAYS, "title": only(unless("plot", ""))},
 }
 
 
