@@ -96,8 +96,9 @@ def test_chunk_verdicts_run_label_pys_labellers():
               "completion": "3 + 4 = 8\n\nThe answer is \\boxed{8}."}]  # a wrong step, then its value boxed
     assert pb.chunk_verdicts("check", chunk, None, settings) == [[False, True]]
     fake = FakeEngine()
-    # the fake echoes the prompt, whose last \\boxed{} is the example "\\boxed{none}": no wrong step
-    assert pb.chunk_verdicts("judge_first_error", chunk, pb.CountingEngine(fake), settings) == [[True, True]]
+    # the fake echoes the prompt, whose boxes (the step's \\boxed{8}, the examples \\boxed{2} and \\boxed{none})
+    # name different first errors: no verdict
+    assert pb.chunk_verdicts("judge_first_error", chunk, pb.CountingEngine(fake), settings) == [[None, None]]
     assert "first step that is wrong" in fake.calls[-1][0][0]  # the first_error prompt, one call per solution
     assert pb.chunk_verdicts("mc", chunk, pb.CountingEngine(fake), settings) == [[False, False]]
     assert fake.calls[-1][1:] == (engines.Sampling(2, 1.0, 1.0, 5), sharding.derived_seed(1, ["a"]))
