@@ -40,10 +40,9 @@ from typing import Optional
 
 import numpy as np
 
-from stepkto import cli, engines, grading, jsonl, options, provenance, sharding, tracking
-
 import generate
 import label
+from stepkto import cli, engines, grading, jsonl, options, provenance, sharding, tracking
 from stepkto.cli import option
 
 

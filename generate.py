@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 
 from stepkto import cli, engines, grading, jsonl, options, prompting, provenance, sharding
-
 from stepkto.cli import option
 
 

@@ -7,26 +7,16 @@ step labels come from a process reward model. Step labellers (``--prm``):
   against the problem's expression tree (a step is wrong when its equation is false or when it starts
   from a value the previous steps did not produce); on any other text a step is wrong when an
   arithmetic equation it states is false.
-* ``judge``: the paper's PRM as we read it (Step-KTO, arXiv 2501.10799, Section 2.1): an LLM (``--judge_model``,
-  greedy) sees the problem, the reference solution (the row's ``solution``; the prompt says so when
-  there is none) and the student's steps. ``--judge_protocol step`` (default): one call per step, with
-  the previous steps and the current one, answered "correct" or "incorrect" (prompt: ``JUDGE_TEMPLATE``,
-  parser: ``parse_verdict``: only the judge's own words count, not quoted text or what "the student
-  claims"; its explicit verdicts (markers such as "Verdict:" or \\boxed{}, the verdict it opens or
-  concludes with) decide and must agree, else its sentences do; a reply that calls the step right and
-  something in it wrong, or contradicts itself, gives none; a hedge such as "not entirely correct" is never
-  read as right). ``--judge_protocol first_error``: one call per solution naming its first wrong step, as
-  ProcessBench asks (``FIRST_ERROR_TEMPLATE``, ``parse_first_error``): the steps before it
-  are right, it and the steps after it wrong (train with ``--step_scope first_error`` to score only
-  through it). A verdict that cannot be parsed, and a reply cut off at ``--judge_max_new_tokens``
-  (finish_reason "length": ``CUT_OFF``, whatever its text says), give no verdict: the step's label is null
-  (a step nobody judged is no evidence either way; train.py leaves it out of the step level unless
-  ``--unjudged_steps wrong``), counted in the row's ``prm_failures`` (cut-off replies also in ``prm_cutoffs``)
-  and in the printed summary. ``--judge_verdict logprobs`` (step protocol) parses nothing: the step's score is
-  P(correct) / (P(correct) + P(incorrect)) at the reply's first word (``verdict_score``), written as
-  ``step_scores`` and thresholded by ``--judge_threshold``. The judge runs in this process (``--judge_engine
-  transformers | vllm``) or on a server (``--judge_engine openai --judge_base_url URL``: stepkto/served.py; a vLLM or
-  SGLang server, or any OpenAI-compatible API), which starts once for a whole run instead of once per stage.
+* ``judge``: the paper's PRM as we read it (Section 2.1): an LLM (``--judge_model``, greedy) sees the problem, the
+  reference solution (the row's ``solution``; the prompt says so when there is none) and the student's steps, one
+  call per step (``--judge_protocol step``) or one per solution naming its first wrong step (``first_error``, as
+  ProcessBench asks; train with ``--step_scope first_error`` to score only through it). Prompts and the verdict
+  parser are stepkto/judging.py's. A reply without a verdict, or cut off at ``--judge_max_new_tokens``, gives the
+  step a null label: no evidence either way (train.py leaves it out of the step level unless ``--unjudged_steps
+  wrong``), counted in the row's ``prm_failures`` (cut-off replies also in ``prm_cutoffs``) and in the summary.
+  ``--judge_verdict logprobs`` scores a step by P(correct) / (P(correct) + P(incorrect)) at the reply's first word
+  (``step_scores``, thresholded by ``--judge_threshold``). The judge runs in this process (``--judge_engine
+  transformers | vllm``) or on a server (``--judge_engine openai --judge_base_url URL``: stepkto/served.py).
 * ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k
   (prompt + completion through the end of step k + "\\n\\n") the policy (``--policy_model``, default the
   rows' ``gen.model``) samples ``--mc_rollouts`` continuations; step k is right when at least
@@ -37,7 +27,7 @@ A labeller is ``fn(rows, spans, settings, engine=None) -> [[True | False | None 
 (None: no verdict; CUT_OFF: none, because the judge's reply was cut off), or, when it scores steps
 (``score_threshold``), ``[[P(step right) | None per step] per row]``, where ``spans[i]`` are row i's steps
 (prompting.step_spans, split once in label_rows).
-judge and mc generate through generate.py's engines (transformers | vllm), loaded once per process
+judge and mc generate through stepkto/engines.py (transformers | vllm), loaded once per process
 (``engine`` replaces that engine: the ProcessBench benchmark passes one that counts tokens); all judge
 prompts / rollouts of a chunk go through one generation call.
 
@@ -77,7 +67,8 @@ from typing import Literal
 
 import torch
 
-from stepkto import arith_task, cli, engines, equations, grading, jsonl, judging, options, prm_models, prompting, provenance, served, sharding
+from stepkto import (arith_task, cli, engines, equations, grading, jsonl, judging, options, prm_models, prompting,
+    provenance, served, sharding)
 from stepkto.cli import option
 
 JudgeEngine = Literal["auto", "transformers", "vllm", "openai"]
@@ -191,17 +182,17 @@ def check_judge_args(settings: Settings) -> None:
         raise cli.UsageError("need --judge_max_concurrency >= 1, --judge_retries >= 0 and --judge_timeout_s > 0")
 
 
-def judge_endpoint(settings: Settings) -> served.Endpoint:
-    """The served judge (--judge_engine openai)."""
-    return served.Endpoint(settings.judge_base_url, settings.judge_model, settings.judge_api, settings.judge_tokenizer,
-                           settings.judge_api_key_env, settings.judge_max_concurrency, settings.judge_timeout_s,
-                           settings.judge_retries)
+def endpoint(settings: Settings, base_url: str, model: str, **api) -> served.Endpoint:
+    """A served judge (--judge_engine openai) or PRM (--prm_base_url), reached with the --judge_* transport settings."""
+    return served.Endpoint(base_url, model, api_key_env=settings.judge_api_key_env, timeout_s=settings.judge_timeout_s,
+                           max_concurrency=settings.judge_max_concurrency, retries=settings.judge_retries, **api)
 
 
 def get_judge(settings: Settings) -> engines.Engine:
     """The judge's engine: the served one, or one loaded in this process (engines.get_engine: one at a time)."""
     if settings.judge_engine == "openai":
-        return served.get_engine(judge_endpoint(settings))
+        return served.get_engine(endpoint(settings, settings.judge_base_url, settings.judge_model,
+                                          api=settings.judge_api, tokenizer=settings.judge_tokenizer))
     return engines.get_engine(settings.judge_model, judge_engine_settings(settings))
 
 
@@ -231,9 +222,6 @@ def check_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
         else:
             labels.append(equations.label_steps_by_equations(steps))
     return labels
-
-
-# ----------------------------------------------------------------------------- models
 
 
 # ----------------------------------------------------------------------------- judge
@@ -307,13 +295,6 @@ def policy_model_of(rows: list[dict], path: str) -> str:
 # ----------------------------------------------------------------------------- trained PRMs
 
 
-def prm_endpoint(settings: Settings) -> served.Endpoint:
-    """The served PRM (--prm_base_url), reached with the judge's transport settings."""
-    return served.Endpoint(settings.prm_base_url, settings.prm_model, api_key_env=settings.judge_api_key_env,
-                           max_concurrency=settings.judge_max_concurrency, timeout_s=settings.judge_timeout_s,
-                           retries=settings.judge_retries)
-
-
 @functools.cache
 def get_prm(settings: Settings) -> tuple:
     """(tokenizer, PRMSpec, score(encoded solutions) -> [[P(step right) per step] per solution]) of the PRM, loaded
@@ -321,9 +302,9 @@ def get_prm(settings: Settings) -> tuple:
     tokenizer, spec = prm_models.load_spec(settings.prm_model, settings.prm_format, settings.prm_step_tag,
                                            settings.prm_good_token, settings.prm_bad_token)
     if settings.prm_base_url:
-        endpoint = prm_endpoint(settings)
-        served.check_endpoint(endpoint)
-        post = lambda path, body: served.post_all(endpoint, path, [body])[0]  # noqa: E731
+        served_prm = endpoint(settings, settings.prm_base_url, settings.prm_model)
+        served.check_endpoint(served_prm)
+        post = lambda path, body: served.post_all(served_prm, path, [body])[0]  # noqa: E731
         return tokenizer, spec, lambda encoded, rows: prm_models.served_step_scores(post, settings.prm_model, spec,
                                                                                     encoded, rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,12 +1,16 @@
-"""A stage's command line: its options (an Args dataclass, one help line per field), its entry (run_cli: one line per error, no traceback), and URLs with their secrets redacted."""
+"""A stage's command line: its options (an ``Args`` dataclass, one help line per field), its entry (``run_cli``:
+one line per error, no traceback), and URLs with their user, password and secret parameters redacted wherever
+they are printed or written."""
 
 from __future__ import annotations
+
 import dataclasses
 import re
 import sys
 import typing
 from dataclasses import MISSING, field
 from pathlib import Path
+
 from stepkto import jsonl
 
 

@@ -1,16 +1,20 @@
-"""The generation engines every stage samples with: transformers or vLLM in this process, loaded once and kept (get_engine), with the exact token ids of every prompt and sample."""
+"""The generation engines every stage samples with: transformers or vLLM in this process, one at a time, loaded
+once and kept (``get_engine``), returning the exact token ids of every prompt and sample. A served model (an
+OpenAI-compatible server) is served.py's engine with the same interface."""
 
 from __future__ import annotations
+
 import functools
 import gc
 import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
+
 import torch
+
 from stepkto import cli, models, prompting
 from stepkto.cli import option
-
 
 EngineName = Literal["auto", "transformers", "vllm"]
 

@@ -1,20 +1,13 @@
-"""What every stepkto stage uses: the JSONL contract between the stages and its row schemas, crash-safe resumable
-outputs and their data-parallel shards, seeds, the command-line options and entry, steps, prompts.
+"""The JSONL contract between the stages: the row schemas, reading them (errors name file, line and field), and
+writing a file whole or not at all.
 
-The JSONL contract between stages
----------------------------------
-* A stage writes its output to ``OUT.partial`` a chunk at a time (one ``write`` + ``fsync`` per
-  chunk) and renames it to ``OUT`` when every chunk is done. ``OUT`` existing means complete; a crash
-  leaves only ``OUT.partial``, which the next run resumes from (``resume_rows``).
-* Every row has a unique string ``id``. Chunks are fixed by the input order and the chunk size, and
-  each chunk is seeded from the run seed and the chunk (``derived_seed``), so a resumed run writes
-  exactly what an uninterrupted run with the same seed would have written.
-* With ``--num_shards N`` a stage's chunks are split over N processes, whose parts the last one merges into
-  ``OUT``, byte for byte what one process writes (``write_chunks``).
-* Each file's rows follow one schema below (``PROBLEM_ROW`` ... ``RESULTS_TABLE_ROW``), checked on
-  write and on read; a bad row raises ``DataError`` naming file, line and field.
+* Every row has a unique string ``id``. Each file's rows follow one schema below (``PROBLEM_ROW`` ...
+  ``RESULTS_TABLE_ROW``), checked on write and on read; a bad row raises ``DataError`` naming file, line and field.
+* Lines split on "\n" only (``jsonl_lines``): U+2028, U+2029 and U+0085 inside a string stay in its row.
+* ``write_*_atomic`` write a temporary file and rename it: a reader sees the old file or the new one, never a part.
+  How a stage writes its output a chunk at a time, resumes and shards it is sharding.py's.
 
-No torch here: stepkto/grading.py's worker processes and stepkto/report.py import this module without waiting for it.
+No torch here: grading.py's worker processes and report.py import this module without waiting for it.
 """
 
 from __future__ import annotations
@@ -23,7 +16,6 @@ import json
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
-
 
 # ----------------------------------------------------------------------------- JSONL contract
 

@@ -1,8 +1,22 @@
-"""The LLM judge of label.py --prm judge: its prompts (one step, or the first wrong step of a solution) and how a verdict is read from its reply."""
+"""The LLM judge of label.py ``--prm judge`` (the paper's PRM as we read it, Section 2.1): its prompts and how a
+verdict is read from its reply.
+
+* ``--judge_protocol step``: one call per step (``JUDGE_TEMPLATE``: the problem, the reference solution, the previous
+  steps and the step), read by ``parse_verdict`` (True, False or None: no verdict), or scored from the log-probs of
+  its first word (``verdict_score``).
+* ``--judge_protocol first_error``: one call per solution naming its first wrong step, as ProcessBench asks
+  (``FIRST_ERROR_TEMPLATE``, ``parse_first_error``): the steps before it are right, it and the steps after it wrong.
+* A reply cut off at the token budget is ``CUT_OFF``: no verdict, whatever its text says.
+
+``parse_verdict`` reads only the judge's own words (quoted text and what "the student claims" never decide); its
+explicit verdicts must agree; a hedge is never right. Its docstring lists the rules; tests/test_labellers.py holds
+the table of replies and verdicts."""
 
 from __future__ import annotations
+
 import math
 import re
+
 from stepkto import engines, grading, prompting
 
 

@@ -11,7 +11,6 @@ import torch
 
 from stepkto import prompting
 
-
 # The scratch model's multi-character tokens (train.py --scratch_tokenizer phrase): the fixed strings of the minimal
 # prompt and of the built-in task's solutions (stepkto/arith_task.py), one token each, so every stage of the loop runs on
 # fewer positions than with one token per character (bench/BENCHMARKS.md section 13). Digits stay one per token, so the

@@ -1,9 +1,10 @@
-"""The text layout every stage shares: the steps of a completion and the prompts (templates, chat templates, the BOS rule)."""
+"""The text layout every stage shares: a completion's steps (split at blank lines) and the prompts (templates,
+chat templates, the BOS rule)."""
 
 from __future__ import annotations
+
 import re
 import typing
-
 
 # Steps are separated by a blank line (the format the prompts ask for, and the paper's Fig. 1 style).
 # STEP_SEPARATOR is how steps are written (stepkto/arith_task.py's solutions, GSM8K references, the prefix an mc

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from stepkto import distributed, jsonl, sharding
 import stepkto_loss as sk
+from stepkto import distributed, jsonl, sharding
 
 
 class Tokenized(NamedTuple):

@@ -1,6 +1,17 @@
-"""A stage's output in chunks: resumable after kill -9, split over data-parallel shards whose parts merge into one process's bytes, one writer per output, and the seeds of each chunk."""
+"""A stage's output in chunks: resumable after kill -9, split over data-parallel shards, one writer per output.
+
+* A stage writes its output to ``OUT.partial`` a chunk at a time (one ``write`` + ``fsync`` per chunk) and renames
+  it to ``OUT`` when every chunk is done. ``OUT`` existing means complete; a crash leaves only ``OUT.partial``,
+  which the next run resumes from (``resume_rows``).
+* Chunks are fixed by the input order and the chunk size, and each chunk is seeded from the run seed and the chunk
+  (``derived_seed``), so a resumed run writes exactly what an uninterrupted run with the same seed would have.
+* With ``--num_shards N`` a stage's chunks are split over N processes, whose parts the last one merges into ``OUT``,
+  byte for byte what one process writes (``write_chunks``).
+* One process writes an output (or a shard's part) at a time: ``claim`` holds a lock file beside it.
+* Whether an existing output was made by what the stage would do now is provenance.py's."""
 
 from __future__ import annotations
+
 import json
 import os
 import random
@@ -8,6 +19,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
 from stepkto import cli, jsonl
 
 
