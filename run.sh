@@ -154,7 +154,7 @@ export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false
 if [ -z "${MAX_NEW_TOKENS:-}" ] && [ -n "$TRAIN_PROBLEMS" ]; then
     MAX_NEW_TOKENS=1024
 elif [ -z "${MAX_NEW_TOKENS:-}" ]; then  # arith_task.TOKEN_LIMITS: the task's longest solutions, by tokenizer
-    MAX_NEW_TOKENS=$("$PYTHON" -c 'import sys, arith_task; print(arith_task.TOKEN_LIMITS[tuple(sys.argv[1:])])' \
+    MAX_NEW_TOKENS=$("$PYTHON" -c 'import sys; from stepkto import arith_task; print(arith_task.TOKEN_LIMITS[tuple(sys.argv[1:])])' \
         "$([ -z "$MODEL$BASE_MODEL" ] && echo "$SCRATCH_TOKENIZER" || echo char)" "$TASK")
 fi
 # evaluation: on a benchmark of your own, the Qwen2.5-Math harness's preset (README "Standard evaluation settings":

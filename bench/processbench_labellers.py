@@ -347,9 +347,9 @@ def labeller_settings(name: str, settings: label.Settings) -> label.Settings:
     the command line's options those that it uses."""
     prm, _, protocol = name.partition("_")
     settings = replace(settings, prm=prm, **({"judge_protocol": protocol} if protocol else {}))
-    engines = {field: functools.partial(engines.resolve_engine, getattr(settings, field))
-               for field in ("engine", "judge_engine")}
-    return options.applicable("label.py", settings, **engines)
+    resolved = {field: functools.partial(engines.resolve_engine, getattr(settings, field))
+                for field in ("engine", "judge_engine")}
+    return options.applicable("label.py", settings, **resolved)
 
 
 def judged_labellers(cli) -> list[str]:

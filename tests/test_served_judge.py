@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from stepkto import cli, engines, jsonl, judging, prompting, served
+from stepkto import cli, engines, jsonl, judging, models, prompting, served
 import evaluate
-import generate
 import label
 from helpers import REPO, VLLM_PYTHON, vllm_server
 
@@ -84,7 +83,8 @@ def served_options(url: str) -> dict:
 IN_PROCESS = """
 import json, sys
 sys.path.insert(0, ".")
-import generate, label
+import label
+from stepkto import engines
 workdir, runs, judge, prompts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
 for name, options in runs.items():
     label.main(label.Args(input=f"{workdir}/samples.jsonl", output=f"{workdir}/in_process_{name}.jsonl", **judge,
@@ -105,7 +105,7 @@ def judge_prompts(tokenizer) -> list:
 def in_process(workdir) -> list:
     """label.py's outputs of RUNS with the in-process vLLM engine, and its replies to judge_prompts with log-probs."""
     judge = {**JUDGE, "judge_model": str(SMOLLM2), "judge_engine": "vllm"}
-    prompts = judge_prompts(generate.models.load_tokenizer(str(SMOLLM2)))
+    prompts = judge_prompts(models.load_tokenizer(str(SMOLLM2)))
     proc = subprocess.run([str(VLLM_PYTHON), "-c", IN_PROCESS, str(workdir), json.dumps(RUNS), json.dumps(judge),
                            json.dumps(prompts)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

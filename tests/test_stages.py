@@ -106,6 +106,7 @@ def test_label_feeds_trl_prm_tokenisation(tmp_path):
 import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from trl.experimental.prm import PRMTrainer
+from stepkto import models
 row = json.loads(open({str(tmp_path / "labels.jsonl")!r}).readline())
 out = PRMTrainer.tokenize_row(row, models.make_char_tokenizer(), "\\n\\n", None, None, False, False)
 print(json.dumps(out))

@@ -189,7 +189,8 @@ def test_vllm_shards_merge_to_one_process_bytes(workdir, sharded_runs):
 ENGINE_COUNT = """
 import gc, json, sys, weakref
 sys.path.insert(0, ".")
-import evaluate, generate
+import evaluate
+from stepkto import engines
 starts, alive = [], []
 real_start = engines.start_engine
 def start(key):
