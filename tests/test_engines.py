@@ -130,3 +130,23 @@ def test_train_prompts_a_base_model_with_bos(bos_model):
     assert example.tokens.prompt_ids[0] == tok.bos_token_id
     row = {"prompt": "Problem: x\nSolution:\n", "completion": "1 + 2 = 3", "finish_reason": "stop"}
     assert train.tokenized_text(tok, row)[0][0] == tok.bos_token_id
+
+
+def test_token_offsets_fall_back_to_the_exact_rule_for_a_sentencepiece_style_tokenizer():
+    """A Metaspace ("▁") tokenizer drops the leading space of a decoded piece, so pieces do not add up to
+    the whole text: generate.token_offsets must then give the exact rule's offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import generate
+
+    words = ["▁Step", "▁1:", "▁3", "▁+", "▁4", "▁=", "▁7."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    text = "Step 1: 3 + 4 = 7."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text and 0 not in ids
+    assert generate.token_offsets(tokenizer, ids, text) == generate.exact_token_offsets(tokenizer, ids, text)
+    assert generate.exact_token_offsets(tokenizer, ids, text) == [0, 4, 7, 9, 11, 13, 15]
