@@ -1,15 +1,11 @@
 """The Step-KTO objective in one file (imports only torch): copy it into your trainer.
 
-Step-KTO (Lin et al., 2025, arXiv:2501.10799, Section 2) trains a policy on binary feedback at two levels:
-a binary OUTCOME label per completion (is the final answer right?) and a binary label per reasoning STEP
-(from a process reward model / step labeller) -- the paper's Section 2.1, feedback collection. Both levels
-go through the KTO value function of Ethayarajh et al. (2024, arXiv:2402.01306) in one objective -- the
-paper's Section 2.3, the loss, which this file implements. Section 2.4, iterative training (M0 -> M1 -> M2
--> M3, each round's reference = the previous model), is the trainer's job. Results (Table 3): Section 3.
-
-Notation. x is a prompt, y = (s_1, ..., s_K) a completion made of K steps, pi the policy, pi_ref the frozen
-reference, sigma the logistic function, beta > 0, lambda_D / lambda_U the desirable / undesirable weights.
-A trailing `# (n)` in the code marks the line that implements equation (n).
+Step-KTO (Lin et al., 2025, arXiv:2501.10799) trains on a binary OUTCOME label per completion and a binary label per
+reasoning STEP (Section 2.1), both through the KTO value function (Ethayarajh et al., 2024, arXiv:2402.01306) in one
+objective: Section 2.3, this file (iterating it, Section 2.4, is the trainer's job; results: Section 3). Notation: x
+a prompt, y = (s_1, ..., s_K) a completion of K steps, pi the policy, pi_ref the frozen reference, sigma the
+logistic function, beta > 0, lambda_D / lambda_U the desirable / undesirable weights. A trailing `# (n)` in the code
+marks the line that implements equation (n).
 
     (1) implied reward   r(x, y) = log pi(y | x) - log pi_ref(y | x)
     (2) reference point  z0 = max(0, mean_{(x, y') in KL pairs} r(x, y')),  detached
@@ -29,59 +25,29 @@ A trailing `# (n)` in the code marks the line that implements equation (n).
     (8) objective        L = w_outcome * L_outcome + w_step * L_step      (defaults w_outcome = w_step = 1)
                          a term whose weight is 0 is left out; L_step also when S is empty
 
-Where the code is: (1) is the caller's (the sum over the completion's tokens; step_rewards per token),
-(2) estimate_z0, (3)-(4) kto_losses, (5) and (7) per_completion's summands and StepKTOTerms.loss's means (one
-path for both reductions: the "mean" loss is terms.loss(terms.sums())), (6) step_logps / step_rewards, (8)
-StepKTOTerms.loss, K_i optionally through_first_error.
+Where the code is: (1) the caller's (summed over a completion's tokens; per token in step_rewards), (2) estimate_z0,
+(3)-(4) kto_losses, (5) and (7) per_completion's summands and StepKTOTerms.loss's means (one path for both
+reductions: the "mean" loss is terms.loss(terms.sums())), (6) step_logps / step_rewards, (8) StepKTOTerms.loss,
+K_i optionally through_first_error.
 
 What is the paper's and what is ours:
-  * the paper's (Section 2.3): the KTO value function (1)-(5) on the outcome label -- plain KTO, TRL's
-    `loss_type="kto"` (KTO paper eq. 7-8); binary step and outcome labels (Section 2.1); one objective
-    combining both levels (8).
-  * OUR READING: the step level (6)-(7). The paper says steps get binary labels that enter a KTO-style
-    objective, but its exact step-level equation is not available to us. Every open choice is an option:
-    the span of r_k (span: own tokens "step" vs whole prefix "prefix"), the aggregation over a completion's
-    steps (step_aggregation: mean vs sum), which steps are scored (step_mask as given, or
-    through_first_error), the reference point of the steps (z0_step: None reuses z0, or estimate_z0 over
-    mismatched pairs' step log-ratios), the step level's weights (step_lambda_d, step_lambda_u) and the
-    weighting between the levels in (8) (w_outcome, w_step).
+  * the paper's (Section 2.3): KTO's value function (1)-(5) on the outcome label, i.e. plain KTO (TRL's
+    `loss_type="kto"`, KTO paper eq. 7-8); binary step and outcome labels (Section 2.1); one objective (8).
+  * OUR READING: the step level (6)-(7); steps get binary labels for a KTO-style objective, but the paper's
+    step-level equation is not available to us, so each open choice is an option: the span of r_k (span), the
+    aggregation over steps (step_aggregation), the scored steps (step_mask, or through_first_error: docs/loss.md),
+    the steps' z0 (z0_step: None reuses z0, or estimate_z0 over mismatched pairs' step log-ratios), their weights
+    (step_lambda_d, step_lambda_u) and the levels' weights in (8) (w_outcome, w_step).
   * w_step = 0 is plain KTO (the paper's baseline); w_outcome = 0 is a step-only ablation.
 
-Which steps carry a label (OUR READING, `through_first_error`): a step after the first wrong step is judged
-on a prefix that is already wrong, and its label then depends on the labeller's convention (against the
-value the text wrote, or the true one). Uesato et al. (2022) and ProcessBench (Zheng et al., 2024) label
-the first error only; passing step_mask = through_first_error(step_labels, step_mask) scores the steps up
-to and including the first wrong one, and none after it. Passing step_mask as it is scores every real step
-(the default of train.py, as the paper's judge labels every step).
+Under torch.distributed and gradient accumulation (the why and the micro-batch case: docs/loss.md) estimate_z0 is
+the global batch's, and a trainer takes the global means of (5) and (7) from reduction="none" in one collective:
 
-Under torch.distributed (each rank calls stepkto_loss on its slice of the global batch):
-  * z0 (2): estimate_z0 all-reduces the sum and the count of the KL log-ratios, so every rank gets the
-    GLOBAL batch's z0, the mean over all mismatched pairs of all ranks. This is what HALOs (the KTO
-    authors' code) uses: its KTO trainer gathers the KL log-ratios of all ranks and takes their mean
-    (`accelerator.gather(KL_rewards.detach()).mean().clamp(min=0)`).
-    TRL's KTOTrainer averages the per-rank means instead (a deviation from TRL, on purpose); the two
-    differ when ranks hold unequal numbers of KL pairs and agree on one process. z0 is detached: no
-    gradient crosses the collective.
-  * L_outcome (5) and L_step (7) of reduction="mean" are THIS rank's means. DDP and FSDP average the
-    gradients over the ranks, i.e. they average the per-rank means. For (5) with equal slices that is the
-    global mean. For (7) it is not: the mean runs over the completions that have a scored step, and their
-    number differs from rank to rank (and from micro-batch to micro-batch) even with equal slices; a rank
-    with 1 such completion gives it the weight that another rank spreads over 3.
-  * Hence reduction="none": stepkto_loss returns StepKTOTerms, the per-completion summands of (5) and (7)
-    and the masks of which completions are in each mean. The trainer takes the global means itself:
-
-        terms, metrics = stepkto_loss(..., reduction="none")
-        totals = terms.sums()                           # LevelSums: sums and counts of (5) and (7), detached
-        totals = LevelSums(*all_reduce(totals.stack())) # ONE collective: the global sums and counts
-        loss = terms.loss(totals)                       # this rank's sums over the GLOBAL counts: its share of (8)
-        (loss * dist.get_world_size()).backward()       # times world_size: DDP / FSDP average over ranks
-
-    Summed over the ranks, the shares are (8) of the global batch, value and gradient; totals.loss_metrics()
-    gives its logged value (and those of (5) and (7)). Gradient accumulation is the same with micro-batches for
-    ranks, except that loss() must know the counts of ALL the optimizer step's micro-batches before the first
-    backward. It reads only the counts, and they need no forward pass (n_outcome: the completions, n_step: those
-    with a scored step, i.e. step_mask.any(dim=1)), so count them up front; add the micro-batches' sums() for
-    the logged value. The other metrics come as sums too (reward_sums): add them, then reward_means.
+    terms, metrics = stepkto_loss(..., reduction="none")
+    totals = terms.sums()                           # LevelSums: sums and counts of (5) and (7), detached
+    totals = LevelSums(*all_reduce(totals.stack())) # ONE collective: the global sums and counts
+    loss = terms.loss(totals)                       # this rank's sums over the GLOBAL counts: its share of (8)
+    (loss * dist.get_world_size()).backward()       # times world_size: DDP / FSDP average over ranks
 """
 
 from typing import NamedTuple
@@ -92,8 +58,135 @@ import torch.distributed as dist
 SPANS = ("step", "prefix")
 STEP_AGGREGATIONS = ("mean", "sum")
 REDUCTIONS = ("mean", "none")
+LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
 
 
+# --- (1), (6): step rewards from per-token log-probs
+def step_logps(token_logps, step_ids, num_steps, span="step"):
+    """Sum per-token log-probs into per-step log-probs in one pass (one scatter_add, no per-step loop).
+
+    token_logps: (B, T) log-probs of the completion tokens (log p(t_j | t_<j), already shifted).
+    step_ids: (B, T) long, the step index 0..num_steps-1 of each token, -1 for tokens not scored
+    (prompt, padding). Returns (B, num_steps):
+        span="step":   out[b, k] = sum_{j: step_ids[b, j] == k} token_logps[b, j]    (the step's own tokens)
+        span="prefix": out[b, k] = sum_{j: 0 <= step_ids[b, j] <= k} token_logps[b, j] (all tokens through k)
+    A step index with no tokens adds nothing: 0 for span="step", the previous prefix for span="prefix"
+    (mask such padding steps out with step_mask downstream).
+    """
+    _check_step_inputs(token_logps, step_ids, num_steps, span)
+    batch_size = token_logps.size(0)
+    # Unscored tokens go to an extra column that is dropped, so their values (even -inf/NaN) never mix in.
+    column = torch.where(step_ids >= 0, step_ids, torch.full_like(step_ids, num_steps))  # (B, T)
+    sums = token_logps.new_zeros(batch_size, num_steps + 1).scatter_add(1, column, token_logps)  # (B, K+1) (6)
+    sums = sums[:, :num_steps]  # (B, K)
+    if span == "prefix":
+        # The prefix through step k is the step sums of steps 0..k: a cumsum over the step axis.
+        sums = sums.cumsum(dim=1)  # (6) span="prefix"
+    return sums
+
+
+def step_rewards(policy_token_logps, ref_token_logps, step_ids, num_steps, span="step"):
+    """Step-level implied rewards (6) r_k = step_logps(policy) - step_logps(ref), shape (B, num_steps).
+
+    Both token log-prob tensors are (B, T) over the same token ids and step_ids; see step_logps for span.
+    Computed as one scatter of the per-token log-ratio (1), which is the same sum (step_logps is linear).
+    With one step covering the whole completion (num_steps=1), r_0 is the completion's r(x, y) of (1).
+    """
+    _check_same_shape("ref_token_logps", ref_token_logps, "policy_token_logps", policy_token_logps)
+    return step_logps(policy_token_logps - ref_token_logps, step_ids, num_steps, span)  # (1) per token -> (6)
+
+
+# --- (2): the reference point
+def estimate_z0(kl_logratios):
+    """KTO reference point z0 = max(0, mean of log pi(y'|x) - log pi_ref(y'|x)) over mismatched pairs; detached.
+
+    kl_logratios: (N,) log-ratios of (prompt, another row's completion) pairs; N may be 0 on a rank.
+    When torch.distributed is initialised the mean runs over ALL items of ALL ranks: the sum and the count
+    are all-reduced, so a rank with 3 items and a rank with 30 do not get equal votes (a mean of local
+    means would give them that). No items anywhere gives z0 = 0. Returns a scalar tensor, at least float32.
+    """
+    if kl_logratios.dim() != 1:
+        raise ValueError(f"estimate_z0: kl_logratios must be 1-D (N,), got shape {tuple(kl_logratios.shape)}")
+    with torch.no_grad():
+        dtype = torch.promote_types(kl_logratios.dtype, torch.float32)  # bf16 sums lose too much
+        count = torch.tensor(float(kl_logratios.numel()), dtype=dtype, device=kl_logratios.device)
+        sum_and_count = torch.stack([kl_logratios.to(dtype).sum(), count])  # (2,)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sum_and_count, op=dist.ReduceOp.SUM)
+        total, count = sum_and_count
+        return (total / count.clamp(min=1)).clamp(min=0)  # (2)
+
+
+# --- (3)-(4): the KTO value and the per-item loss
+def kto_losses(rewards, desirable, z0, beta=0.1, lambda_d=1.0, lambda_u=1.0):
+    """Per-item KTO loss  l = lambda_y - v  (KTO paper eq. 7-8; TRL's `loss_type="kto"`).
+
+        v = lambda_D * sigmoid(beta * (r - z0))   if desirable
+            lambda_U * sigmoid(beta * (z0 - r))   if undesirable
+
+    rewards: (N,) implied rewards r = log pi(y|x) - log pi_ref(y|x) (any shape works: it is elementwise).
+    desirable: bool, same shape as rewards. z0: scalar tensor; detached here, since KTO's reference point
+    is a baseline, not something to optimise. Returns the per-item losses, same shape as rewards.
+    """
+    _check_same_shape("desirable", desirable, "rewards", rewards)
+    _check_bool("desirable", desirable)
+    _check_scalar("z0", z0)
+    z0 = z0.detach()
+    desirable_value = lambda_d * torch.sigmoid(beta * (rewards - z0))  # (3)
+    undesirable_value = lambda_u * torch.sigmoid(beta * (z0 - rewards))  # (3)
+    return torch.where(desirable, lambda_d - desirable_value, lambda_u - undesirable_value)  # (4)
+
+
+# --- (5), (7): the two levels' per-completion summands
+def through_first_error(step_labels, step_mask):
+    """Step mask (K_i of (7), OUR READING) that keeps the steps up to and including the first wrong step.
+
+        keep_k = step_mask_k  and  no j < k with step_mask_j and not step_labels_j
+
+    step_labels, step_mask: (B, K) bool. Returns (B, K) bool. A completion with no wrong step keeps all its
+    real steps. Why: the label of a step that follows an error is ill-defined (docs/loss.md).
+    """
+    _check_same_shape("step_mask", step_mask, "step_labels", step_labels)
+    _check_bool("step_labels", step_labels)
+    _check_bool("step_mask", step_mask)
+    wrong = (step_mask & ~step_labels).long()  # (B, K)
+    wrong_before = wrong.cumsum(dim=1) - wrong  # (B, K) wrong steps strictly before k
+    return step_mask & (wrong_before == 0)  # K_i of (7)
+
+
+class KTOWeights(NamedTuple):
+    beta: float
+    lambda_d: float
+    lambda_u: float
+
+
+class Level(NamedTuple):
+    """One level of (8) as (B, K) items: the outcome with K = 1 (the completion), the steps with K steps."""
+
+    logratios: torch.Tensor  # (B, K): r(x, y) of (1), or r_k of (6)
+    labels: torch.Tensor  # (B, K) bool: desirable
+    mask: torch.Tensor  # (B, K) bool: the items scored (every completion; K_i of (7))
+    z0: torch.Tensor  # the level's reference point (2)
+    kto: KTOWeights  # beta, lambda_D, lambda_U of (3)
+    weight: float  # w_outcome or w_step of (8)
+
+
+def per_completion(level: Level, aggregation: str):
+    """((B,) summands AGG_{k in K_i} l_k of the level's mean, (B,) bool: the completions in that mean, those with a
+    scored item; none when the level's weight is 0). Losses outside the mask are 0, still on the graph."""
+    # Padding items may hold anything (even NaN): replace them before the sigmoid so that neither the
+    # loss nor its gradient sees them (torch.where sends zero gradient to the unselected branch).
+    real = torch.where(level.mask, level.logratios, torch.zeros_like(level.logratios))  # (B, K)
+    losses = kto_losses(real, level.labels, level.z0, *level.kto) * level.mask  # (B, K) l of (4), l_k of (7)
+    count = level.mask.sum(dim=1)  # (B,) |K_i|
+    summands = losses.sum(dim=1)  # (B,) AGG = sum
+    if aggregation == "mean":
+        summands = summands / count.clamp(min=1)  # (B,) AGG = mean
+    in_mean = (count > 0) & (level.weight != 0)  # (B,) S of (7); every completion for (5)
+    return torch.where(in_mean, summands, torch.zeros_like(summands)), in_mean
+
+
+# --- (5), (7), (8) from the summands: sums and counts that add over micro-batches and ranks
 class LevelSums(NamedTuple):
     """Sums of the summands of (5) and (7) over some completions (a batch, a rank's, all ranks'), and how many
     completions each mean runs over: (5) = outcome / n_outcome, (7) = step / n_step. Detached scalars, at least
@@ -149,7 +242,7 @@ class StepKTOTerms(NamedTuple):
         """This shard's share of (8): w_outcome * sum(outcome) / n_outcome + w_step * sum(step) / n_step.
 
         Only the counts of ``totals`` are used: a LevelSums, or any tuple with n_outcome and n_step (a trainer that
-        counts them up front, see the module docstring). With this batch's own sums() it is the batch's (8), which is
+        counts them up front, see docs/loss.md). With this batch's own sums() it is the batch's (8), which is
         what reduction="mean" returns; with the sums of all shards (ranks or micro-batches) of one step, the
         shards' losses add up to (8) of the whole step's batch. A level with count 0 adds a zero that is still
         on the graph.
@@ -158,93 +251,9 @@ class StepKTOTerms(NamedTuple):
         return self.w_outcome * self.outcome.sum() / n_outcome + self.w_step * self.step.sum() / n_step  # (8)
 
 
-def kto_losses(rewards, desirable, z0, beta=0.1, lambda_d=1.0, lambda_u=1.0):
-    """Per-item KTO loss  l = lambda_y - v  (KTO paper eq. 7-8; TRL's `loss_type="kto"`).
-
-        v = lambda_D * sigmoid(beta * (r - z0))   if desirable
-            lambda_U * sigmoid(beta * (z0 - r))   if undesirable
-
-    rewards: (N,) implied rewards r = log pi(y|x) - log pi_ref(y|x) (any shape works: it is elementwise).
-    desirable: bool, same shape as rewards. z0: scalar tensor; detached here, since KTO's reference point
-    is a baseline, not something to optimise. Returns the per-item losses, same shape as rewards.
-    """
-    _check_same_shape("desirable", desirable, "rewards", rewards)
-    _check_bool("desirable", desirable)
-    _check_scalar("z0", z0)
-    z0 = z0.detach()
-    desirable_value = lambda_d * torch.sigmoid(beta * (rewards - z0))  # (3)
-    undesirable_value = lambda_u * torch.sigmoid(beta * (z0 - rewards))  # (3)
-    return torch.where(desirable, lambda_d - desirable_value, lambda_u - undesirable_value)  # (4)
-
-
-def estimate_z0(kl_logratios):
-    """KTO reference point z0 = max(0, mean of log pi(y'|x) - log pi_ref(y'|x)) over mismatched pairs; detached.
-
-    kl_logratios: (N,) log-ratios of (prompt, another row's completion) pairs; N may be 0 on a rank.
-    When torch.distributed is initialised the mean runs over ALL items of ALL ranks: the sum and the count
-    are all-reduced, so a rank with 3 items and a rank with 30 do not get equal votes (a mean of local
-    means would give them that). No items anywhere gives z0 = 0. Returns a scalar tensor, at least float32.
-    """
-    if kl_logratios.dim() != 1:
-        raise ValueError(f"estimate_z0: kl_logratios must be 1-D (N,), got shape {tuple(kl_logratios.shape)}")
-    with torch.no_grad():
-        dtype = torch.promote_types(kl_logratios.dtype, torch.float32)  # bf16 sums lose too much
-        count = torch.tensor(float(kl_logratios.numel()), dtype=dtype, device=kl_logratios.device)
-        sum_and_count = torch.stack([kl_logratios.to(dtype).sum(), count])  # (2,)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sum_and_count, op=dist.ReduceOp.SUM)
-        total, count = sum_and_count
-        return (total / count.clamp(min=1)).clamp(min=0)  # (2)
-
-
-def step_logps(token_logps, step_ids, num_steps, span="step"):
-    """Sum per-token log-probs into per-step log-probs in one pass (one scatter_add, no per-step loop).
-
-    token_logps: (B, T) log-probs of the completion tokens (log p(t_j | t_<j), already shifted).
-    step_ids: (B, T) long, the step index 0..num_steps-1 of each token, -1 for tokens not scored
-    (prompt, padding). Returns (B, num_steps):
-        span="step":   out[b, k] = sum_{j: step_ids[b, j] == k} token_logps[b, j]    (the step's own tokens)
-        span="prefix": out[b, k] = sum_{j: 0 <= step_ids[b, j] <= k} token_logps[b, j] (all tokens through k)
-    A step index with no tokens adds nothing: 0 for span="step", the previous prefix for span="prefix"
-    (mask such padding steps out with step_mask downstream).
-    """
-    _check_step_inputs(token_logps, step_ids, num_steps, span)
-    batch_size = token_logps.size(0)
-    # Unscored tokens go to an extra column that is dropped, so their values (even -inf/NaN) never mix in.
-    column = torch.where(step_ids >= 0, step_ids, torch.full_like(step_ids, num_steps))  # (B, T)
-    sums = token_logps.new_zeros(batch_size, num_steps + 1).scatter_add(1, column, token_logps)  # (B, K+1) (6)
-    sums = sums[:, :num_steps]  # (B, K)
-    if span == "prefix":
-        # The prefix through step k is the step sums of steps 0..k: a cumsum over the step axis.
-        sums = sums.cumsum(dim=1)  # (6) span="prefix"
-    return sums
-
-
-def step_rewards(policy_token_logps, ref_token_logps, step_ids, num_steps, span="step"):
-    """Step-level implied rewards (6) r_k = step_logps(policy) - step_logps(ref), shape (B, num_steps).
-
-    Both token log-prob tensors are (B, T) over the same token ids and step_ids; see step_logps for span.
-    Computed as one scatter of the per-token log-ratio (1), which is the same sum (step_logps is linear).
-    With one step covering the whole completion (num_steps=1), r_0 is the completion's r(x, y) of (1).
-    """
-    _check_same_shape("ref_token_logps", ref_token_logps, "policy_token_logps", policy_token_logps)
-    return step_logps(policy_token_logps - ref_token_logps, step_ids, num_steps, span)  # (1) per token -> (6)
-
-
-def through_first_error(step_labels, step_mask):
-    """Step mask (K_i of (7), OUR READING) that keeps the steps up to and including the first wrong step.
-
-        keep_k = step_mask_k  and  no j < k with step_mask_j and not step_labels_j
-
-    step_labels, step_mask: (B, K) bool. Returns (B, K) bool. A completion with no wrong step keeps all its
-    real steps. Why: the label of a step that follows an error is ill-defined (module docstring).
-    """
-    _check_same_shape("step_mask", step_mask, "step_labels", step_labels)
-    _check_bool("step_labels", step_labels)
-    _check_bool("step_mask", step_mask)
-    wrong = (step_mask & ~step_labels).long()  # (B, K)
-    wrong_before = wrong.cumsum(dim=1) - wrong  # (B, K) wrong steps strictly before k
-    return step_mask & (wrong_before == 0)  # K_i of (7)
+# --- (8): the objective
+def _default_if_none(value, default):
+    return default if value is None else value
 
 
 def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask, z0, z0_step=None,
@@ -268,18 +277,18 @@ def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels,
     count/{level}_{side}; a side absent from the batch is absent.
     reduction="none": (terms, metrics), terms a StepKTOTerms (per-completion summands of (5) and (7) and the
     masks of each mean), from which a distributed trainer takes GLOBAL means with one all-reduce (module
-    docstring, "Under torch.distributed"); metrics: reward_sums' sums and counts, every key present, to be added
-    over micro-batches and ranks and divided by reward_means (z0 is the caller's own); the losses' own metrics
+    docstring and docs/loss.md); metrics: reward_sums' sums and counts, every key present, to be added over
+    micro-batches and ranks and divided by reward_means (z0 is the caller's own); the losses' own metrics
     are terms.sums(), added the same way, through LevelSums.loss_metrics.
     """
     _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask)
     _check_stepkto_options(z0, z0_step, w_outcome, w_step, step_aggregation, reduction)
     outcome = Level(outcome_logratios[:, None], outcome_labels[:, None], torch.ones_like(outcome_labels[:, None]),
-                    z0, KTOWeights(beta, lambda_d, lambda_u), w_outcome)
-    step = Level(step_logratios, step_labels, step_mask, z0 if z0_step is None else z0_step,
-                 KTOWeights(beta, _or(step_lambda_d, lambda_d), _or(step_lambda_u, lambda_u)), w_step)
-    outcome_summands, has_outcome = per_completion(outcome, "mean")  # (4) of the one item: the summand of (5)
-    step_summands, has_step = per_completion(step, step_aggregation)  # the summand of (7)
+                    z0, KTOWeights(beta, lambda_d, lambda_u), w_outcome)  # (B, 1): one item per completion
+    step_kto = KTOWeights(beta, _default_if_none(step_lambda_d, lambda_d), _default_if_none(step_lambda_u, lambda_u))
+    step = Level(step_logratios, step_labels, step_mask, z0 if z0_step is None else z0_step, step_kto, w_step)
+    outcome_summands, has_outcome = per_completion(outcome, "mean")  # (B,) (4) of the one item: the summand of (5)
+    step_summands, has_step = per_completion(step, step_aggregation)  # (B,) the summand of (7)
     terms = StepKTOTerms(outcome_summands, step_summands, has_outcome, has_step, w_outcome, w_step)
     if reduction == "none":  # sums, which a trainer adds over micro-batches and ranks before it divides
         return terms, reward_sums(outcome, step)
@@ -288,41 +297,7 @@ def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels,
     return terms.loss(terms.sums()), metrics
 
 
-class KTOWeights(NamedTuple):
-    beta: float
-    lambda_d: float
-    lambda_u: float
-
-
-class Level(NamedTuple):
-    """One level of (8) as (B, K) items: the outcome with K = 1 (the completion), the steps with K steps."""
-
-    logratios: torch.Tensor  # (B, K): r(x, y) of (1), or r_k of (6)
-    labels: torch.Tensor  # (B, K) bool: desirable
-    mask: torch.Tensor  # (B, K) bool: the items scored (every completion; K_i of (7))
-    z0: torch.Tensor  # the level's reference point (2)
-    kto: KTOWeights  # beta, lambda_D, lambda_U of (3)
-    weight: float  # w_outcome or w_step of (8)
-
-
-def per_completion(level: Level, aggregation: str):
-    """((B,) summands AGG_{k in K_i} l_k of the level's mean, (B,) bool: the completions in that mean, those with a
-    scored item; none when the level's weight is 0). Losses outside the mask are 0, still on the graph."""
-    # Padding items may hold anything (even NaN): replace them before the sigmoid so that neither the
-    # loss nor its gradient sees them (torch.where sends zero gradient to the unselected branch).
-    real = torch.where(level.mask, level.logratios, torch.zeros_like(level.logratios))  # (B, K)
-    losses = kto_losses(real, level.labels, level.z0, *level.kto) * level.mask  # (B, K) l of (4), l_k of (7)
-    count = level.mask.sum(dim=1)  # (B,) |K_i|
-    summands = losses.sum(dim=1)  # (B,) AGG = sum
-    if aggregation == "mean":
-        summands = summands / count.clamp(min=1)  # (B,) AGG = mean
-    in_mean = (count > 0) & (level.weight != 0)  # (B,) S of (7); every completion for (5)
-    return torch.where(in_mean, summands, torch.zeros_like(summands)), in_mean
-
-
-LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
-
-
+# --- reward metrics that add over micro-batches and ranks
 def reward_sums(outcome: Level, step: Level) -> dict:
     """rewards_sum/{level}_{side} (sum of beta * r over the scored items) and count/{level}_{side}, detached, every
     key present (0 for an absent side), so that they add over micro-batches and ranks; reward_means divides."""
@@ -347,10 +322,7 @@ def reward_means(sums: dict) -> dict:
     return means
 
 
-def _or(value, default):
-    return default if value is None else value
-
-
+# --- input checks: fail early, naming the argument
 def _check_step_inputs(token_logps, step_ids, num_steps, span):
     """Fail early, naming the argument, instead of a scatter index error (or a CUDA device assert)."""
     if token_logps.dim() != 2:

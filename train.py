@@ -496,7 +496,7 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
             (loss * env.world_size).backward()
             sums = add_sums(sums, {"loss/total": loss.detach(), "loss/nll": nll.detach()})
         sums = distributed.all_reduce_sums(sums, env.device)  # over the ranks, in one collective
-        if kto:  # the sums of (5) and (7) of the global batch, as stepkto_loss.py's docstring adds them
+        if kto:  # the sums of (5) and (7) of the global batch, as docs/loss.md adds them
             levels = sk.LevelSums(*distributed.all_reduce(functools.reduce(sk.LevelSums.add, levels).stack()))
         metrics = step_metrics(sums, levels, z0s, inputs, args, data.weights)
         lr = scheduler.get_last_lr()[0]
