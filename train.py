@@ -94,8 +94,8 @@ class Args:
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
     gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory.")
-    logits_chunk_mib: float = option(256.0, help="Keep the float32 logits of the LM head under this many MiB at a time, "
-        "recomputed in backward (0: all at once): a large vocabulary's logits are a step's largest tensor.")
+    logits_chunk_mib: float = option(256.0, help="Keep the float32 logits of the LM head under this many MiB at a "
+        "time, recomputed in backward (0: all at once): a large vocabulary's logits are a step's largest tensor.")
     optim: Literal["adamw", "adamw_fused"] = option("adamw", help="adamw: torch.optim.AdamW's default implementation; "
         "adamw_fused: one fused kernel over all tensors (TRL's default; faster updates, other rounding).")
     gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step, the update that of one "
@@ -107,8 +107,8 @@ class Args:
         "copy of every adapted layer's input for backward).")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
         "comma-separated names of the modules with adapters (default: a Llama / Qwen / Mistral decoder's linears).")
-    report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights & "
-        "Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
+    report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights "
+        "& Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
     on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
@@ -237,7 +237,8 @@ class Data:
 def prepare_data(args: Args, env: Env, tokenizer) -> Data:
     """Examples, batch plan and KTO weights; the reference log-probs come later (run: reference_logps)."""
     examples = load_examples(args, tokenizer)
-    kto, shards = args.objective != "sft", env.world_size * args.gradient_accumulation_steps
+    kto = args.objective != "sft"
+    shards = env.world_size * args.gradient_accumulation_steps
     global_batch = args.per_device_batch_size * shards
     lengths = [e.tokens.length() for e in examples]
     plan = build_plan(lengths, global_batch, shards, args.epochs, args.seed, min_batch_size=2 if kto else 1)
@@ -394,9 +395,10 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
         return MicroBatch(batch, anchored, None, None, None, None, None)
     pairs = kl_pairs(data.plan[step].rows, slots, data.examples, args.step_z0 == "step")
     kl = collate(pairs, data.pad_id, device)
-    ref, num_steps, index = data.reference, batch.step_mask.size(1), [data.kl_offsets[step] + j for j in slots]
-    ref = Reference(ref.row_total[rows], ref.row_steps[rows, :num_steps], ref.kl_total[index],
-                    ref.kl_steps[index, : kl.step_mask.size(1)])
+    full, num_steps = data.reference, batch.step_mask.size(1)
+    index = [data.kl_offsets[step] + j for j in slots]  # the pairs' place among the reference's
+    ref = Reference(full.row_total[rows], full.row_steps[rows, :num_steps], full.kl_total[index],
+                    full.kl_steps[index, : kl.step_mask.size(1)])
     step_labels, step_mask = step_tensors(examples, num_steps, args, device)
     desirable = torch.tensor([e.desirable for e in examples], device=device)  # (B,)
     return MicroBatch(batch, anchored, kl, Reference(*(t.to(device) for t in ref)), desirable, step_labels, step_mask)
@@ -412,11 +414,13 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
           log: distributed.TrainLog, record: dict) -> None:
     """Each global batch of the plan: one step of (8) (kto: w_step = 0; sft: the NLL), then one AdamW update."""
     kto = args.objective != "sft"
+    z0 = z0_step = totals = None  # sft has no reference points and no level sums
     for step in range(start_step, len(data.plan)):
         inputs = step_inputs(step, data, args, env)  # this rank's micro-batches with pi_ref and labels
-        # (2) z0 over the whole global batch (every micro-batch, all ranks: estimate_z0 all-reduces), no grad
-        z0, z0_step = reference_points(policy, inputs.micro, args.step_z0 == "step", args.step_span) if kto else (None, None)
-        sums, level_sums = inputs.token_sums(), []
+        if kto:  # (2) z0 over the whole global batch (every micro-batch, all ranks: estimate_z0 all-reduces), no grad
+            z0, z0_step = reference_points(policy, inputs.micro, args.step_z0 == "step", args.step_span)
+        sums = inputs.token_sums()  # sums over micro-batches, then ranks: the logged metrics
+        level_sums = []  # each micro-batch's terms.sums(), those of (5) and (7)
         for m in inputs.micro:
             if kto:
                 logps, step_logps = completion_logps(policy, m.rows, args.step_span)  # (B,), (B, K) log pi
@@ -437,11 +441,12 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
             (loss * env.world_size).backward()  # FSDP averages the gradients over the ranks: their sum is the step's
             sums = add_sums(sums, {"loss/total": loss.detach(), "loss/nll": nll.detach()})
         sums = distributed.all_reduce_sums(sums, env.device)  # over the ranks, in one collective
-        # the global batch's sums of (5) and (7): one all_reduce of the micro-batches' terms.sums()
-        totals = LevelSums(*distributed.all_reduce(functools.reduce(LevelSums.add, level_sums).stack())) if kto else None
+        if kto:  # the global batch's sums of (5) and (7): one all_reduce of the micro-batches' terms.sums()
+            totals = LevelSums(*distributed.all_reduce(functools.reduce(LevelSums.add, level_sums).stack()))
         metrics = step_metrics(sums, totals, z0, z0_step, inputs, args, data)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = distributed.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step, work)
+        grad_norm = distributed.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step,
+                                       work)
         log.step(step, data.plan[step].epoch, lr, grad_norm, metrics, sums, len(data.plan[step].rows))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
             checkpoints.save_train_state(work, policy, optimizer, scheduler, step + 1, record, bool(args.lora_r))

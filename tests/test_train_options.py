@@ -282,3 +282,13 @@ def test_options_that_would_do_nothing_or_cannot_work_are_refused(options, messa
     with pytest.raises(train.UsageError, match=message):
         run_main(**args, **options, output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights", [dict(w_outcome=0.0, w_step=0.0), dict(w_step=-1.0)])
+def test_weights_of_the_objective_are_checked_by_the_loss_before_anything_loads(weights, tmp_path, tokenizer):
+    """(8)'s weights are refused by stepkto_loss's own check, as a usage error naming the options, before any file
+    is read (the model path does not exist)."""
+    args = dict(objective="step-kto", model=str(tmp_path / "absent"), data=str(tmp_path / "absent.jsonl"))
+    with pytest.raises(train.UsageError, match=r"--w_outcome \S+, --w_step \S+: "):
+        run_main(**args, **weights, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
