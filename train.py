@@ -1,47 +1,31 @@
 """Train a policy with SFT, KTO or Step-KTO (Lin et al., 2025, arXiv:2501.10799) in one file.
 
+    python train.py --objective sft --model scratch --data runs/data/sft.jsonl --output_dir runs/M0
     python train.py --objective step-kto --model runs/M0 --data runs/iter1/labels.jsonl --output_dir runs/M1
-
-is one Step-KTO iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3) on label.py's output,
-with pi_ref = M_t (--model, or --ref_model); ``--objective kto`` is the paper's KTO baseline, ``sft`` trains
-the seed (``--model scratch``: the embedded default's tiny Llama and its tokenizer, --scratch_tokenizer). Under
-torchrun (one node or several) the model is FSDP2-sharded, loaded from rank 0 shard by shard, and the result equals
-one process with the same global batch:
-
-    torchrun --nproc_per_node 8 train.py --objective step-kto --model M0 --data labels.jsonl --output_dir M1 \
+    torchrun --nproc_per_node 8 train.py --objective step-kto --model M0 --data labels.jsonl --output_dir M1 \\
         --mixed_precision bfloat16 --gradient_checkpointing true --per_device_batch_size 4
 
-* ``sft``: rows {"id", "problem", "completion"}; the prompt is prompting.build_prompt(tokenizer, problem,
-  --prompt_style); the loss is the mean NLL of the completion tokens + EOS over the global batch.
-* ``kto`` / ``step-kto``: label.py rows {"id", "prompt", "completion", "finish_reason", "outcome"}, plus
-  {"completions", "labels"} for step-kto (the outcome and step feedback of paper Sec. 2.1; a null label is a step
-  without a verdict, which by default takes no part in the step level: --unjudged_steps), scored on
-  generate.py's sampled token ids where the row has them. The loss is stepkto_loss.py's (8) (Sec. 2.3;
-  equation numbers (n) are stepkto_loss.py's): step-kto = outcome + step level; kto = step-kto with
-  w_step = 0, on rows that may lack the step fields.
+sft trains the seed (--model scratch: the embedded default's tiny Llama) on rows {"id", "problem", "completion"}: the
+mean NLL of the completion tokens + EOS. step-kto is one iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0
+-> M3) with pi_ref = M_t (--model, or --ref_model), on label.py's rows {"id", "prompt", "completion",
+"finish_reason", "outcome", "completions", "labels"} (the outcome and step feedback of Sec. 2.1; a null label is a
+step without a verdict: --unjudged_steps): the loss is stepkto_loss.py's (8) (Sec. 2.3; the equation numbers (n)
+are its). kto, the paper's baseline, is step-kto with w_step = 0, on rows that may lack the step fields. Under
+torchrun (one node or several) the model is FSDP2-sharded; the result equals one process with the same global batch.
 
-Reading order: Args; the data (rows as token ids with their steps and labels, the batch plan, the KL pairs, the
-reference log-probs, all computed once); one step's inputs (step_inputs); the training loop, whose body is one
-Step-KTO step (train); main. The log-probs are stepkto/scoring.py's; what is not Step-KTO at all (processes, FSDP2, mixed
-precision, LoRA, the batch plan, the optimizer, the training log, the resume state, saving) is stepkto/distributed.py's.
-
-Files: OUTPUT.resume/ while training: train_log.jsonl, reference_logps.pt (log pi_ref of every row and KL
-pair, computed once) and the resume state every --save_every steps (state-<step>/, each rank its own shards, and
-state.json; a rerun after a crash, even kill -9 of one rank, resumes from it and ends with the parameters of an
-uninterrupted run). OUTPUT/ is written as OUTPUT.tmp and renamed when complete (model, tokenizer, train_log.jsonl,
-train_args.json); a complete OUTPUT makes the script exit at once. A NaN / inf loss or gradient norm stops the run
-before anything of that step is written.
+Top to bottom: Args; rows, then tokens; the batch plan and the KTO weights; the KL pairs and the reference log-probs
+(computed once); one step's inputs; the training loop, whose body is one Step-KTO step (train); main. The log-probs
+are stepkto/scoring.py's; what is not Step-KTO is the package's: processes, FSDP2, LoRA, the batch plan, the
+optimizer and the log stepkto/distributed.py's, OUTPUT's provenance, the resume state and saving
+stepkto/checkpoints.py's.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import hashlib
-import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -50,28 +34,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from stepkto import cli, distributed, jsonl, models, options, prompting, provenance, sharding, tracking
-import stepkto_loss as sk
-from stepkto.jsonl import DataError
+from stepkto import checkpoints, cli, distributed, jsonl, models, options, prompting, provenance, sharding, tracking
 from stepkto.cli import UsageError, option
 from stepkto.distributed import Env, PlanBatch, build_plan
-from stepkto.scoring import (Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, completion_logps,
-                    score_rows)
+from stepkto.jsonl import DataError
+from stepkto.scoring import Batch, Reference, Tokenized, cached_reference, collate, completion_logps, score_rows
+from stepkto_loss import LevelSums, estimate_z0, reward_means, stepkto_loss, through_first_error
 
 
 @dataclass
 class Args:
     objective: Literal["sft", "kto", "step-kto"] = option(help="What to train: sft, kto or step-kto.")
-    model: str = option(help="Policy to start from: a save_pretrained folder, or 'scratch' (sft only: "
-        "--scratch_tokenizer + tiny Llama).")
+    model: str = option(help="Policy to start from: a save_pretrained folder, or 'scratch' (sft only: a tiny Llama).")
     data: str = option(help="Training JSONL: sft rows {id, problem, completion}; kto/step-kto rows from label.py.")
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
-    prompt_style: prompting.PromptStyle = option("instruct", help="sft: prompting.PROMPT_TEMPLATES key used to build the "
-        "prompt (kto / step-kto rows carry theirs).")
-    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: 'char', one token per "
-        "character, or 'phrase', where the built-in task's fixed strings (models.SCRATCH_PHRASES) are one token each "
-        "too: fewer positions per row, so every stage of the embedded loop runs faster (bench/BENCHMARKS.md).")
+    prompt_style: prompting.PromptStyle = option("instruct", help="sft: the prompt (prompting.PROMPT_TEMPLATES key).")
+    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: one token per character "
+        "(char), or also per fixed string of the built-in task (phrase, models.SCRATCH_PHRASES: shorter rows).")
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
     num_layers: int = option(4, help="--model scratch: decoder layers.")
     intermediate_size: int = option(768, help="--model scratch: MLP width.")
@@ -79,76 +59,65 @@ class Args:
     beta: float = option(0.1, help="KTO beta: scale of the implied reward log pi/pi_ref.")
     lambda_d: float = option(1.0, help="KTO weight of desirable items (lambda_D).")
     lambda_u: float = option(1.0, help="KTO weight of undesirable items (lambda_U).")
-    balance_lambdas: bool = option(True, help="Per level, weight the larger side down so that lambda_D * n_D = "
-        "lambda_U * n_U over the data (the KTO paper's advice for unbalanced data); overrides --lambda_d/--lambda_u. "
-        "Without it a weak policy (few right answers) collapses: pushing every log-prob down is the cheapest way to "
-        "lower the loss.")
+    balance_lambdas: bool = option(True, help="Per level, lambda_D * n_D = lambda_U * n_U over the data, the larger "
+        "side weighted down (KTO paper; without it a weak policy collapses); overrides --lambda_d/--lambda_u.")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto: 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto: 0).")
-    nll_weight: float = option(1.0, help="kto/step-kto: add this times the mean NLL of the completions that are "
-        "desirable at every level trained on (kto: right answer; step-kto: right answer and every step right), as in "
-        "Iterative RPO (Pang et al. 2024). NOT part of Step-KTO: an anchor against likelihood displacement (README).")
+    nll_weight: float = option(1.0, help="kto/step-kto: add this times the mean NLL of the completions desirable at "
+        "every level, as Iterative RPO (Pang et al. 2024): NOT Step-KTO's, an anchor against likelihood displacement.")
     step_span: Literal["step", "prefix"] = option("step", help="Step reward over the step's own tokens (step) or the "
         "whole prefix through it (prefix).")
     step_aggregation: Literal["mean", "sum"] = option("mean", help="Step losses of one completion: mean or sum.")
     step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper's "
-        "judge labels every step) or only through the first wrong one (first_error: stepkto_loss.through_first_error, "
-        "for labels that mean nothing after an error).")
-    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="step-kto: a step without a verdict (label.py's "
-        "null label): ignore (no part in the step level; its row keeps the outcome level) or wrong (undesirable).")
+        "judge labels every step), or through the first wrong one (stepkto_loss.through_first_error).")
+    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="step-kto: a step without a verdict (null "
+        "label): ignore (no part in the step level; its row keeps the outcome level) or wrong (undesirable).")
     step_z0: Literal["outcome", "step"] = option("outcome", help="Reference point of the step level: the outcome z0, "
         "or estimate_z0 over the KL pairs' step log-ratios.")
     per_device_batch_size: int = option(8, help="Rows per process per step; global batch = this * world size.")
     epochs: int = option(1, help="Passes over the data.")
-    max_steps: int = option(0, help="Stop after this many optimizer steps (0: all epochs). The LR schedule spans the "
-        "steps actually run.")
+    max_steps: int = option(0, help="Stop after this many optimizer steps (0: all epochs; the LR schedule spans them).")
     lr: float = option(1e-5, help="Peak learning rate of AdamW (the recipe: README 'The recipe').")
     weight_decay: float = option(0.0, help="AdamW weight decay (matrices and embeddings only).")
     warmup_ratio: float = option(0.1, help="Fraction of the steps with a linear LR warmup.")
     lr_schedule: Literal["linear", "cosine"] = option("linear", help="LR decay after the warmup, to 0 at the end.")
-    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping). The log's "
-        "grad_norm is the norm before clipping.")
+    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping; the log's "
+        "grad_norm is the norm before clipping).")
     seed: int = option(0, help="Seed of the batch plan, of --model scratch's init and of torch/numpy/random.")
     num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
-    dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype of the loaded "
-        "model(s) and of the saved one (float64: exact comparisons in tests). Weights trained in place must not be "
-        "bfloat16 (refused): use --mixed_precision for bf16 compute. A LoRA base may be bfloat16 (peft's adapters are "
-        "float32).")
-    mixed_precision: Literal["none", "bfloat16"] = option("none", help="Compute dtype of every forward and backward, "
-        "the weights, gradients and AdamW states staying in --dtype: under torchrun FSDP2's MixedPrecisionPolicy "
-        "(bf16 parameters for compute, float32 gradient reduction), in one process torch.autocast. With --dtype "
-        "float32: the way to train in bf16.")
+    dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype of the loaded and the "
+        "saved model; trained weights must not be bfloat16 (use --mixed_precision), a frozen LoRA base may be.")
+    mixed_precision: Literal["none", "bfloat16"] = option("none", help="Compute dtype of forward and backward, the "
+        "weights and AdamW states staying in --dtype (FSDP2's MixedPrecisionPolicy under torchrun, else autocast).")
     dist_timeout_minutes: float = option(30.0, help="Under torchrun: how long a collective waits for the other ranks "
-        "before the job fails (NCCL's own default is 10 min; a slow filesystem can take longer to write a resume state).")
+        "(NCCL's own default is 10 min; a slow filesystem can take longer to write a resume state).")
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
-    gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory, "
-        "slower.")
-    logits_chunk_mib: float = option(256.0, help="Compute the LM head and log-softmax over as many completion tokens "
-        "at a time as keep their float32 logits under this many MiB (tokens x vocabulary x 4 bytes), recomputing them "
-        "in backward (0: all at once). Matters for large vocabularies, whose logits are a step's largest tensor.")
+    gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory.")
+    logits_chunk_mib: float = option(256.0, help="Keep the float32 logits of the LM head under this many MiB at a "
+        "time, recomputed in backward (0: all at once): a large vocabulary's logits are a step's largest tensor.")
     optim: Literal["adamw", "adamw_fused"] = option("adamw", help="adamw: torch.optim.AdamW's default implementation; "
         "adamw_fused: one fused kernel over all tensors (TRL's default; faster updates, other rounding).")
-    gradient_accumulation_steps: int = option(1, help="Micro-batches of --per_device_batch_size per optimizer step: "
-        "the global batch is per_device_batch_size * world size * this, and the update equals one such batch computed "
-        "at once (KTO's z0 is estimated over all of it, not per micro-batch).")
-    lora_r: int = option(0, help="LoRA rank (peft): train rank-r adapters on the frozen policy (0: full fine-tuning). "
-        "OUTPUT holds the model with the adapters merged, in float32 (float64 when trained in it; a bf16 merge "
-        "drops most of a small update), and OUTPUT/adapter the adapters alone.")
+    gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step, the update that of one "
+        "global batch of per_device_batch_size * world size * this computed at once (z0 over all of it).")
+    lora_r: int = option(0, help="LoRA rank (peft; 0: full fine-tuning). OUTPUT holds the model with the adapters "
+        "merged in float32 (float64 when trained in it), and OUTPUT/adapter the adapters alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
-    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0: a rate > 0 "
-        "keeps a dropped copy of every adapted layer's input for backward: more memory, slower; bench/BENCHMARKS.md).")
+    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0; > 0 keeps a "
+        "copy of every adapted layer's input for backward).")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
-        "comma-separated module names that get adapters (default: every linear layer of a Llama / Qwen / Mistral "
-        "decoder, the LM head excepted).")
-    report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to "
-        "TensorBoard or Weights & Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
+        "comma-separated names of the modules with adapters (default: a Llama / Qwen / Mistral decoder's linears).")
+    report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights "
+        "& Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
     on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
-# ----------------------------------------------------------------------------- data (paper Sec. 2.1)
-# Each row as token ids with its outcome and step labels, the batch plan, the KL pairs of each global batch, and the
-# reference log-probs of them all: computed once, before the first step.
+# Resuming with other values of these is safe: they do not change what is computed (not in the provenance record).
+RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to",
+                    "dist_timeout_minutes", "on_change")
+
+
+# ----------------------------------------------------------------------------- rows, then tokens (paper Sec. 2.1)
 
 
 class Example(NamedTuple):
@@ -156,39 +125,11 @@ class Example(NamedTuple):
     desirable: bool  # outcome label (KTO); True for sft rows
     step_labels: list[bool | None]  # (num_steps,): None for a step without a verdict; [] for sft and kto rows
 
-
-@dataclass
-class Data:
-    examples: list[Example]
-    plan: list[PlanBatch]  # every global batch of the run
-    kl_pairs: list[Tokenized]  # the mismatched pairs of every global batch, in plan order (kto / step-kto)
-    kl_offsets: list[int]  # index in kl_pairs of each global batch's first pair
-    pad_id: int
-    lambdas: dict  # lambda_d, lambda_u, step_lambda_d, step_lambda_u of (3) for stepkto_loss
-    weights: tuple[float, float]  # w_outcome, w_step of (8): kto IS step-kto with w_step = 0
-    reference: Optional[Reference] = None  # log pi_ref of every row and KL pair (run: reference_logps)
-
-
-def prepare_data(args: Args, env: Env, tokenizer) -> Data:
-    """Examples, batch plan, KL pairs and KTO weights; the reference log-probs come later (run: reference_logps)."""
-    examples = load_examples(args, tokenizer)
-    kto, shards = args.objective != "sft", env.world_size * args.gradient_accumulation_steps
-    global_batch = args.per_device_batch_size * shards
-    lengths = [e.tokens.length() for e in examples]
-    plan = build_plan(lengths, global_batch, shards, args.epochs, args.seed, min_batch_size=2 if kto else 1)
-    plan = plan[: args.max_steps] if args.max_steps else plan
-    if not plan:
-        raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch}: lower the batch size")
-    pairs = [kl_pairs(b.rows, range(len(b.rows)), examples, args.step_z0 == "step") if kto else [] for b in plan]
-    offsets = np.cumsum([0] + [len(p) for p in pairs]).tolist()
-    lambdas = level_lambdas(examples, args) if kto else {}
-    weights = (args.w_outcome, args.w_step) if args.objective == "step-kto" else (1.0, 0.0)
-    if env.rank == 0:
-        print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
-        if kto:
-            print("KTO weights: " + ", ".join(f"{k} {v:.3f}" for k, v in lambdas.items()), flush=True)
-    flat = [pair for batch_pairs in pairs for pair in batch_pairs]
-    return Data(examples, plan, flat, offsets, tokenizer.pad_token_id, lambdas, weights)
+    @property
+    def anchored(self) -> bool:
+        """Desirable at every level: the right answer and every step judged right (kto rows have no step labels;
+        every sft row is). The rows whose NLL --nll_weight's anchor trains, and sft."""
+        return self.desirable and all(step_label is True for step_label in self.step_labels)
 
 
 def load_examples(args: Args, tokenizer) -> list[Example]:
@@ -278,19 +219,40 @@ def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np
     return np.maximum(np.searchsorted(span_starts, token_starts, side="right") - 1, 0)  # (C,)
 
 
-def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) -> list[Tokenized]:
-    """KTO's mismatched pairs (x_j, y_{j-1}) of (2), which estimate the reference point z0 (KTO paper Sec. 4.1):
-    slot j of the global batch ``rows`` is paired with slot j-1's completion, cyclically (as TRL). keep_steps keeps
-    the completions' steps, for the step level's own z0 (--step_z0 step)."""
-    pairs = []
-    for j in slots:
-        prompt, completion = examples[rows[j]].tokens, examples[rows[j - 1]].tokens
-        if keep_steps:
-            pairs.append(completion._replace(prompt_ids=prompt.prompt_ids))
-        else:  # one read-only -1 per token, no copy: a run keeps every pair of its plan
-            no_steps = np.broadcast_to(np.int64(-1), (len(completion.completion_ids),))
-            pairs.append(Tokenized(prompt.prompt_ids, completion.completion_ids, no_steps, 0))
-    return pairs
+# ----------------------------------------------------------------------------- the batch plan and the KTO weights
+
+
+@dataclass
+class Data:
+    examples: list[Example]
+    plan: list[PlanBatch]  # every global batch of the run
+    kl_offsets: list[int]  # index in the reference's KL pairs of each global batch's first pair (one pair per row)
+    pad_id: int
+    lambdas: dict  # lambda_d, lambda_u, step_lambda_d, step_lambda_u of (3) for stepkto_loss (kto / step-kto)
+    w_outcome: float  # the weights of (8): kto IS step-kto with w_step = 0
+    w_step: float
+    reference: Optional[Reference] = None  # log pi_ref of every row and KL pair (reference_logps)
+
+
+def prepare_data(args: Args, env: Env, tokenizer) -> Data:
+    """Examples, batch plan and KTO weights; the reference log-probs come later (run: reference_logps)."""
+    examples = load_examples(args, tokenizer)
+    kto = args.objective != "sft"
+    shards = env.world_size * args.gradient_accumulation_steps
+    global_batch = args.per_device_batch_size * shards
+    lengths = [e.tokens.length() for e in examples]
+    plan = build_plan(lengths, global_batch, shards, args.epochs, args.seed, min_batch_size=2 if kto else 1)
+    plan = plan[: args.max_steps] if args.max_steps else plan
+    if not plan:
+        raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch}: lower the batch size")
+    lambdas = level_lambdas(examples, args) if kto else {}
+    if env.rank == 0:
+        print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
+        if kto:
+            print("KTO weights: " + ", ".join(f"{k} {v:.3f}" for k, v in lambdas.items()), flush=True)
+    offsets = np.cumsum([0] + [len(b.rows) for b in plan]).tolist()
+    w_outcome, w_step = (args.w_outcome, args.w_step) if args.objective == "step-kto" else (1.0, 0.0)
+    return Data(examples, plan, offsets, tokenizer.pad_token_id, lambdas, w_outcome, w_step)
 
 
 def level_lambdas(examples: list[Example], args: Args) -> dict:
@@ -299,10 +261,7 @@ def level_lambdas(examples: list[Example], args: Args) -> dict:
     if not args.balance_lambdas:
         return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
     n_d = sum(e.desirable for e in examples)
-    lengths = torch.tensor([len(e.step_labels) for e in examples])  # (N,)
-    num_steps = max(lengths.tolist(), default=0)
-    labels, judged = step_label_tensor(examples, num_steps, "cpu"), judged_steps(examples, num_steps, "cpu")  # (N, K)
-    scored = scored_steps(labels, torch.arange(num_steps) < lengths[:, None], judged, args)  # (N, K)
+    labels, scored = step_tensors(examples, max((len(e.step_labels) for e in examples), default=0), args, "cpu")
     steps_d, steps_all = int((labels & scored).sum()), int(scored.sum())
     outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
     return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
@@ -317,50 +276,49 @@ def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float
     return n_undesirable / n_desirable, 1.0
 
 
-def step_label_tensor(examples: list[Example], num_steps: int, device) -> torch.Tensor:
-    """(B, K) bool: the steps judged right; padding steps and steps without a verdict False (judged_steps masks
-    them)."""
-    return step_tensor(examples, num_steps, device, lambda step_label: step_label is True)
-
-
-def judged_steps(examples: list[Example], num_steps: int, device) -> torch.Tensor:
-    """(B, K) bool: the steps with a verdict; padding steps False."""
-    return step_tensor(examples, num_steps, device, lambda step_label: step_label is not None)
-
-
-def step_tensor(examples: list[Example], num_steps: int, device, value) -> torch.Tensor:
-    """(B, K) bool: value(label) of every step of every example; padding steps False."""
-    tensor = np.zeros((len(examples), num_steps), dtype=bool)  # (B, K)
+def step_tensors(examples: list[Example], num_steps: int, args: Args, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step_labels, step_mask), (B, K) bool each: the steps judged right, and K_i of (7), the steps with a verdict
+    that the step level scores (--step_scope first_error: through the first wrong one among them). A step nobody
+    judged is no evidence either way; padding steps are False in both."""
+    labels, judged = np.zeros((len(examples), num_steps), dtype=bool), np.zeros((len(examples), num_steps), dtype=bool)
     for b, example in enumerate(examples):
-        tensor[b, : len(example.step_labels)] = [value(step_label) for step_label in example.step_labels]
-    return torch.from_numpy(tensor).to(device)
+        labels[b, : len(example.step_labels)] = [step_label is True for step_label in example.step_labels]
+        judged[b, : len(example.step_labels)] = [step_label is not None for step_label in example.step_labels]
+    labels, judged = torch.from_numpy(labels).to(device), torch.from_numpy(judged).to(device)
+    return labels, through_first_error(labels, judged) if args.step_scope == "first_error" else judged
 
 
-def scored_steps(step_labels: torch.Tensor, step_mask: torch.Tensor, judged: torch.Tensor, args: Args) -> torch.Tensor:
-    """(B, K) bool: K_i of (7), the real steps with a verdict that the step level scores (--step_scope first_error:
-    through the first wrong one among them). A step nobody judged is no evidence either way."""
-    mask = step_mask & judged  # (B, K)
-    return sk.through_first_error(step_labels, mask) if args.step_scope == "first_error" else mask
+# ----------------------------------------------------------------------------- the KL pairs, the reference log-probs
 
 
-def fully_desirable(example: Example) -> bool:
-    """Desirable at every level: the right answer and every step judged right (kto rows have no step labels; every
-    sft row is). The rows whose NLL --nll_weight's anchor trains, and sft."""
-    return example.desirable and all(step_label is True for step_label in example.step_labels)
+def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) -> list[Tokenized]:
+    """KTO's mismatched pairs (x_j, y_{j-1}) of (2), which estimate the reference point z0 (KTO paper Sec. 4.1):
+    slot j of the global batch ``rows`` is paired with slot j-1's completion, cyclically (as TRL). keep_steps keeps
+    the completions' steps, for the step level's own z0 (--step_z0 step)."""
+    pairs = []
+    for j in slots:
+        prompt, completion = examples[rows[j]].tokens, examples[rows[j - 1]].tokens
+        if keep_steps:
+            pairs.append(completion._replace(prompt_ids=prompt.prompt_ids))
+        else:  # one read-only -1 per token, no copy: the reference pass holds every pair of the plan at once
+            no_steps = np.broadcast_to(np.int64(-1), (len(completion.completion_ids),))
+            pairs.append(Tokenized(prompt.prompt_ids, completion.completion_ids, no_steps, 0))
+    return pairs
 
 
-def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, work: Path, tokenizer) -> Reference:
-    """log pi_ref of all rows and KL pairs, ONCE per run, before any update; cached in the work folder.
-
-    Without --ref_model the (still untrained) policy is the reference, so no second model is loaded;
-    otherwise the reference is loaded (sharded as the policy), used and freed before training starts.
-    """
+def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokenizer, work: Path,
+                    record: dict) -> Reference:
+    """log pi_ref of every row and KL pair of the plan, ONCE per run, before any update; cached in the work folder
+    for this run's provenance record. Without --ref_model the (still untrained) policy is the reference, so no
+    second model is loaded; otherwise the reference is loaded (sharded as the policy), used and freed."""
     def compute() -> Reference:
         separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
-        spec = policy_spec(args, tokenizer, args.ref_model, None)
+        spec = distributed.policy_spec(args.ref_model, args, tokenizer, None)
         scorer = distributed.build_policy(spec, env, trainable=False) if separate else policy
         scorer.eval()
-        rows = [e.tokens for e in data.examples] + data.kl_pairs
+        keep_steps = args.step_z0 == "step"
+        pairs = [p for b in data.plan for p in kl_pairs(b.rows, range(len(b.rows)), data.examples, keep_steps)]
+        rows = [e.tokens for e in data.examples] + pairs
         totals, steps = score_rows(scorer, rows, args.step_span, args.per_device_batch_size, env, data.pad_id)
         if hasattr(policy, "reshard"):
             # FSDP2 keeps the root's parameters gathered after a forward; the optimizer must be built on the
@@ -370,20 +328,10 @@ def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, work: P
         del scorer
         gc.collect()
         n = len(data.examples)
-        kl_steps = steps[n:, : max((p.num_steps for p in data.kl_pairs), default=0)]
+        kl_steps = steps[n:, : max((p.num_steps for p in pairs), default=0)]
         return Reference(totals[:n], steps[:n], totals[n:], kl_steps)
 
-    return cached_reference(work / "reference_logps.pt", reference_fingerprint(args, data.plan, work), compute,
-                            env.rank)
-
-
-def reference_fingerprint(args: Args, plan: list[PlanBatch], work: Path) -> str:
-    """What the cached reference log-probs depend on: the run's data and models (its provenance record), span and
-    the plan."""
-    record = run_signature(work)
-    settings = [record["inputs"], record["models"], args.objective, args.step_span, args.step_z0, args.dtype,
-                args.mixed_precision, [b.rows for b in plan]]
-    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+    return cached_reference(work / "reference_logps.pt", provenance.json_sha256(record), compute, env.rank)
 
 
 # ----------------------------------------------------------------------------- one step's inputs
@@ -402,17 +350,14 @@ class MicroBatch(NamedTuple):
     step_mask: Optional[torch.Tensor]  # (B, K) bool: the scored steps, K_i of (7): judged ones only
 
 
-class Counts(NamedTuple):
-    """The global batch's counts, the denominators of (5) and (7), known before any forward (StepKTOTerms.loss)."""
+class StepInputs(NamedTuple):
+    """This rank's micro-batches of a global batch, and the global batch's counts, known before any forward: the
+    denominators of (5) and (7) (what StepKTOTerms.loss reads: n_outcome, n_step) and of the NLL's mean."""
 
+    micro: list[MicroBatch]
     n_outcome: torch.Tensor  # the completions
     n_step: torch.Tensor  # those with a judged step (every --step_scope scores a completion's first judged step)
-
-
-class StepInputs(NamedTuple):
-    micro: list[MicroBatch]  # this rank's micro-batches of the global batch
-    counts: Counts
-    nll_tokens: int  # completion tokens of the global batch's fully desirable rows (at least 1): the NLL mean's divisor
+    nll_tokens: int  # completion tokens of the fully desirable rows (at least 1)
 
     def token_sums(self) -> dict:
         """Real and computed (padded) token positions of this rank's forwards, for the throughput."""
@@ -424,14 +369,14 @@ class StepInputs(NamedTuple):
 def step_inputs(step: int, data: Data, args: Args, env: Env) -> StepInputs:
     """Global batch ``step`` as this rank computes it: its micro-batches, and the global batch's counts."""
     examples = [data.examples[i] for i in data.plan[step].rows]
-    nll_tokens = max(sum(len(e.tokens.completion_ids) for e in examples if fully_desirable(e)), 1)
+    nll_tokens = max(sum(len(e.tokens.completion_ids) for e in examples if e.anchored), 1)
     n_step = sum(any(step_label is not None for step_label in e.step_labels) for e in examples)
-    counts = Counts(torch.tensor(float(len(examples))), torch.tensor(float(n_step)))
-    micro = micro_batches(len(examples), env, args.gradient_accumulation_steps)
-    return StepInputs([micro_batch(step, slots, data, args, env.device) for slots in micro], counts, nll_tokens)
+    micro = micro_slots(len(examples), env, args.gradient_accumulation_steps)
+    return StepInputs([micro_batch(step, slots, data, args, env.device) for slots in micro],
+                      torch.tensor(float(len(examples))), torch.tensor(float(n_step)), nll_tokens)
 
 
-def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
+def micro_slots(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
     """The slots of the global batch (indices into PlanBatch.rows) that this rank computes, one range per
     micro-batch: the rank's equal, contiguous slice cut into `accumulation` equal parts (build_plan makes the batch
     divisible)."""
@@ -441,22 +386,22 @@ def micro_batches(global_batch_size: int, env: Env, accumulation: int) -> list[r
 
 
 def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.device) -> MicroBatch:
-    """The rows at ``slots`` of global batch ``step``, collated, with their labels, masks and log pi_ref."""
+    """The rows at ``slots`` of global batch ``step``, collated, with their KL pairs, labels, masks and log pi_ref."""
     rows = [data.plan[step].rows[j] for j in slots]
     examples = [data.examples[i] for i in rows]
     batch = collate([e.tokens for e in examples], data.pad_id, device)
-    anchored = torch.tensor([fully_desirable(e) for e in examples], device=device)  # (B,)
+    anchored = torch.tensor([e.anchored for e in examples], device=device)  # (B,)
     if args.objective == "sft":
         return MicroBatch(batch, anchored, None, None, None, None, None)
-    pairs = [data.kl_offsets[step] + j for j in slots]
-    kl = collate([data.kl_pairs[p] for p in pairs], data.pad_id, device)
-    ref, num_steps = data.reference, batch.step_mask.size(1)
-    ref = Reference(ref.row_total[rows], ref.row_steps[rows, :num_steps], ref.kl_total[pairs],
-                    ref.kl_steps[pairs, : kl.step_mask.size(1)])
-    step_labels, judged = step_label_tensor(examples, num_steps, device), judged_steps(examples, num_steps, device)
+    pairs = kl_pairs(data.plan[step].rows, slots, data.examples, args.step_z0 == "step")
+    kl = collate(pairs, data.pad_id, device)
+    full, num_steps = data.reference, batch.step_mask.size(1)
+    index = [data.kl_offsets[step] + j for j in slots]  # the pairs' place among the reference's
+    ref = Reference(full.row_total[rows], full.row_steps[rows, :num_steps], full.kl_total[index],
+                    full.kl_steps[index, : kl.step_mask.size(1)])
+    step_labels, step_mask = step_tensors(examples, num_steps, args, device)
     desirable = torch.tensor([e.desirable for e in examples], device=device)  # (B,)
-    return MicroBatch(batch, anchored, kl, Reference(*(t.to(device) for t in ref)), desirable, step_labels,
-                      scored_steps(step_labels, batch.step_mask, judged, args))
+    return MicroBatch(batch, anchored, kl, Reference(*(t.to(device) for t in ref)), desirable, step_labels, step_mask)
 
 
 # ----------------------------------------------------------------------------- the training loop (paper Sec. 2.3, 2.4)
@@ -466,75 +411,71 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
 
 
 def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: Env, work: Path, start_step: int,
-          log: distributed.TrainLog) -> None:
+          log: distributed.TrainLog, record: dict) -> None:
     """Each global batch of the plan: one step of (8) (kto: w_step = 0; sft: the NLL), then one AdamW update."""
-    (w_outcome, w_step), kto = data.weights, args.objective != "sft"
+    kto = args.objective != "sft"
+    z0 = z0_step = totals = None  # sft has no reference points and no level sums
     for step in range(start_step, len(data.plan)):
         inputs = step_inputs(step, data, args, env)  # this rank's micro-batches with pi_ref and labels
-        sums, levels, z0s = inputs.token_sums(), [], (None, None)
         if kto:  # (2) z0 over the whole global batch (every micro-batch, all ranks: estimate_z0 all-reduces), no grad
-            z0s = reference_points(policy, inputs.micro, args.step_z0 == "step", args.step_span)
+            z0, z0_step = reference_points(policy, inputs.micro, args.step_z0 == "step", args.step_span)
+        sums = inputs.token_sums()  # sums over micro-batches, then ranks: the logged metrics
+        level_sums = []  # each micro-batch's terms.sums(), those of (5) and (7)
         for m in inputs.micro:
             if kto:
-                totals, steps = completion_logps(policy, m.rows, args.step_span)  # (B,), (B, K) log pi
-                terms, rewards = sk.stepkto_loss(
-                    outcome_logratios=totals - m.ref.row_total, outcome_labels=m.desirable,  # (1) (B,)
-                    step_logratios=steps - m.ref.row_steps, step_labels=m.step_labels, step_mask=m.step_mask,  # (6)
-                    z0=z0s[0], z0_step=z0s[1], beta=args.beta, **data.lambdas, w_outcome=w_outcome, w_step=w_step,
-                    step_aggregation=args.step_aggregation, reduction="none")
-                loss = terms.loss(inputs.counts)  # this micro-batch's share of (8): its sums over the GLOBAL counts
-                nll = -(totals * m.anchored).sum()  # the anchor: NOT Step-KTO's (README)
+                logps, step_logps = completion_logps(policy, m.rows, args.step_span)  # (B,), (B, K) log pi
+                terms, rewards = stepkto_loss(
+                    outcome_logratios=logps - m.ref.row_total, outcome_labels=m.desirable,  # (1) (B,)
+                    step_logratios=step_logps - m.ref.row_steps, step_labels=m.step_labels, step_mask=m.step_mask,  # (6)
+                    z0=z0, z0_step=z0_step, beta=args.beta, **data.lambdas, w_outcome=data.w_outcome,
+                    w_step=data.w_step, step_aggregation=args.step_aggregation, reduction="none")
+                loss = terms.loss(inputs)  # this micro-batch's share of (8): its sums over the GLOBAL counts
+                nll = -(logps * m.anchored).sum()  # the anchor: NOT Step-KTO's (README)
                 if args.nll_weight:
                     loss = loss + args.nll_weight * (nll / inputs.nll_tokens)
-                levels.append(terms.sums())
+                level_sums.append(terms.sums())
                 sums = add_sums(sums, rewards)
             else:  # sft: the mean NLL of the completion tokens (+ EOS) over the global batch
                 nll = -policy(m.rows.input_ids, m.rows.attention_mask, m.rows.positions, m.rows.targets).sum()
                 loss = nll / inputs.nll_tokens
-            # Summed over micro-batches and ranks, the shares are the global batch's loss; FSDP averages the
-            # gradients over the ranks, hence times world_size.
-            (loss * env.world_size).backward()
+            (loss * env.world_size).backward()  # FSDP averages the gradients over the ranks: their sum is the step's
             sums = add_sums(sums, {"loss/total": loss.detach(), "loss/nll": nll.detach()})
         sums = distributed.all_reduce_sums(sums, env.device)  # over the ranks, in one collective
         if kto:  # the sums of (5) and (7) of the global batch, as docs/loss.md adds them
-            levels = sk.LevelSums(*distributed.all_reduce(functools.reduce(sk.LevelSums.add, levels).stack()))
-        metrics = step_metrics(sums, levels, z0s, inputs, args, data.weights)
+            totals = LevelSums(*distributed.all_reduce(functools.reduce(LevelSums.add, level_sums).stack()))
+        metrics = step_metrics(sums, totals, z0, z0_step, inputs, args, data)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = distributed.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step, work)
+        grad_norm = distributed.update(policy, optimizer, scheduler, metrics["loss/total"], args.max_grad_norm, step,
+                                       work)
         log.step(step, data.plan[step].epoch, lr, grad_norm, metrics, sums, len(data.plan[step].rows))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            distributed.save_train_state(work, policy, optimizer, scheduler, step + 1, run_signature(work),
-                                      adapters_only=bool(args.lora_r))
+            checkpoints.save_train_state(work, policy, optimizer, scheduler, step + 1, record, bool(args.lora_r))
 
 
 @torch.no_grad()
 def reference_points(policy: nn.Module, micro: list[MicroBatch], own_step_z0: bool, span: str):
     """(z0, z0_step): (2) from the policy's log-ratios on the KL pairs of every micro-batch, under no_grad (as TRL);
-    z0_step (None unless --step_z0 step) from the pairs' step log-ratios.
-
-    Estimated over the whole global batch, so that gradient accumulation computes the update of one large batch
-    exactly. TRL estimates it per micro-batch instead: with small micro-batches that estimate is noisier, and the
-    update then depends on how the batch was cut, which accumulation is meant not to change.
-    """
+    z0_step (None unless --step_z0 step) from the pairs' step log-ratios. Over the whole global batch, not per
+    micro-batch as TRL: gradient accumulation then computes the update of one large batch exactly."""
     outcome, steps = [], []
     for m in micro:
         totals, step_logps = completion_logps(policy, m.kl, span)  # (B,), (B, K)
         outcome.append(totals - m.ref.kl_total)  # (1) r(x, y')
         steps.append((step_logps - m.ref.kl_steps)[m.kl.step_mask])  # (6) r_k of the pairs' real steps
-    z0 = sk.estimate_z0(torch.cat(outcome))  # (2)
-    return z0, sk.estimate_z0(torch.cat(steps)) if own_step_z0 else None
+    z0 = estimate_z0(torch.cat(outcome))  # (2)
+    return z0, estimate_z0(torch.cat(steps)) if own_step_z0 else None
 
 
-def step_metrics(sums: dict, levels: sk.LevelSums, z0s, inputs: StepInputs, args: Args, weights) -> dict:
+def step_metrics(sums: dict, totals: Optional[LevelSums], z0, z0_step, inputs: StepInputs, args: Args,
+                 data: Data) -> dict:
     """The logged metrics of the global batch, from its sums over micro-batches and ranks. kto / step-kto: (5) and
     (7); loss/total, what backward() got: (8) plus the anchor; the rewards and counts; z0. sft: the mean NLL."""
     if args.objective == "sft":
         return {"loss/total": sums["loss/nll"] / inputs.nll_tokens}
-    metrics = {k: float(v) for k, v in levels.loss_metrics(*weights).items()} | {"loss/total": sums["loss/total"]}
-    metrics |= {k: float(v) for k, v in sk.reward_means(sums).items()}
+    metrics = {k: float(v) for k, v in totals.loss_metrics(data.w_outcome, data.w_step).items()}
+    metrics |= {"loss/total": sums["loss/total"]} | {k: float(v) for k, v in reward_means(sums).items()}
     if args.nll_weight:
         metrics["loss/nll"] = sums["loss/nll"] / inputs.nll_tokens
-    z0, z0_step = z0s
     return metrics | {"kl/z0": float(z0)} | ({} if z0_step is None else {"kl/z0_step": float(z0_step)})
 
 
@@ -549,104 +490,37 @@ def main(args: Args) -> None:
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    distributed.run_in_process_group(functools.partial(run_unless_done, args), args.dist_timeout_minutes)
+    distributed.run_in_process_group(functools.partial(run, args), args.dist_timeout_minutes)
 
 
-def run_unless_done(args: Args, env: Env) -> None:
-    """run(), unless OUTPUT is complete and was made by this run's provenance record (the one place that looks).
-    Rank 0 looks and every rank follows its decision: a rank that exits alone would leave the others waiting in a
-    collective."""
-    record = training_provenance(args, env)
-    decision = distributed.gather_objects(claim_output(args, record) if env.rank == 0 else None)[0]
-    if isinstance(decision, jsonl.StageError):
-        raise decision
-    if decision == "done":
-        print(f"{args.output_dir} is already a complete checkpoint of this run: nothing to do", flush=True)
+def run(args: Args, env: Env) -> None:
+    """One iteration M_t -> M_{t+1} (kto / step-kto; pi_ref = M_t = --model unless --ref_model), or SFT; nothing
+    when OUTPUT is already a complete checkpoint of this run (checkpoints.claim_output)."""
+    settings = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS}
+    record = checkpoints.training_record(settings, env.world_size)  # OUTPUT's provenance record
+    if not checkpoints.claim_output(args.output_dir, record, args.on_change, env):
         return
-    if decision != "todo" and args.on_change != "redo":
-        raise UsageError(f"{args.output_dir} was {decision}: delete it (and {args.output_dir}.resume), choose another "
-                         "--output_dir, or rerun with --on_change redo")
-    if decision != "todo" and env.rank == 0:
-        print(f"{args.output_dir} was {decision}: training it again (--on_change redo)", flush=True)
-        for path in (args.output_dir, args.output_dir + ".resume", args.output_dir + ".tmp"):
-            shutil.rmtree(path, ignore_errors=True)
-    distributed.barrier()
-    run(args, env, record)
-
-
-def training_provenance(args: Args, env: Env) -> dict:
-    """The checkpoint's provenance record: the data's bytes, the models by what they are, and every argument that
-    changes what is computed (the world size included: its reductions round differently)."""
-    paths = ("data", "output_dir", "model", "ref_model")
-    settings = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS + paths}
-    models = {"model": provenance.model_identity(args.model)}
-    if args.ref_model:
-        models["ref_model"] = provenance.model_identity(args.ref_model)
-    return provenance.make_record("train.py", {"data": provenance.file_input(args.data)}, models,
-                                  settings | {"world_size": env.world_size})
-
-
-def claim_output(args: Args, record: dict) -> str | jsonl.StageError:
-    """Rank 0 becomes OUTPUT's one writer (sharding.claim; the refusal, for every rank to raise) and decides."""
-    try:
-        sharding.claim(args.output_dir)
-    except jsonl.StageError as refusal:
-        return refusal
-    return output_decision(args, record)
-
-
-def output_decision(args: Args, record: dict) -> str:
-    """Rank 0's look at OUTPUT and OUTPUT.resume: "done" (complete, made by ``record``), "todo" (absent, or a resume
-    state of ``record``), or how they were made otherwise (for the one-line refusal)."""
-    out, work = Path(args.output_dir), Path(args.output_dir + ".resume")
-    if models.is_complete_model_dir(out):
-        old = jsonl.read_json(out / provenance.RECORD) if (out / provenance.RECORD).exists() else None
-    elif out.exists() and any(out.iterdir()):
-        return "not empty and is not a complete checkpoint"
-    elif (work / provenance.RECORD).exists():
-        old = jsonl.read_json(work / provenance.RECORD)
-        if provenance.same(old, record):
-            return "todo"
-    elif work.exists() and any(work.iterdir()):
-        old = None
-    else:
-        return "todo"
-    if provenance.same(old, record):
-        return "done"
-    return f"made {provenance.changes(old, record)}" if old else "made by an unknown run (no provenance record)"
-
-
-def run(args: Args, env: Env, record: dict) -> None:
-    """One iteration M_t -> M_{t+1} (kto / step-kto; pi_ref = M_t = --model unless --ref_model), or SFT."""
     sharding.seed_everything(args.seed)
-    tokenizer = tokenizer_of(args)
+    tokenizer = models.tokenizer_for(args.model, args.scratch_tokenizer)
     data = prepare_data(args, env, tokenizer)  # bad data fails here, before anything is written
-    work = Path(args.output_dir + ".resume")
-    work.mkdir(parents=True, exist_ok=True)
-    if env.rank == 0:  # the record, taken at the start, is the resume state's signature too
-        jsonl.write_json_atomic(work / provenance.RECORD, record)
-    distributed.barrier()
-    distributed.check_shared_folder(work, env)  # every rank decides from this folder's files: it must be one folder
-    policy = distributed.build_policy(policy_spec(args, tokenizer, args.model, lora_settings(args)), env, trainable=True)
+    work = checkpoints.open_work(args.output_dir, record, env)
+    lora = distributed.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r \
+        else None
+    policy = distributed.build_policy(distributed.policy_spec(args.model, args, tokenizer, lora), env, trainable=True)
     policy.train()
     if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
-        data.reference = reference_logps(args, env, policy, data, work, tokenizer)
+        data.reference = reference_logps(args, env, policy, data, tokenizer, work, record)
     optimizer, scheduler = distributed.make_optimizer(policy, len(data.plan), args.lr, args.weight_decay,
-                                                   args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
-    start_step = load_resume_state(policy, optimizer, scheduler, args, env, work)
+                                                      args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
+    start_step = checkpoints.load_train_state(work, policy, optimizer, scheduler, record, bool(args.lora_r))
     # rank 0 logs, into the work folder, which save_final_model moves to OUTPUT/tracking
     tracker = tracking.open_tracker(args.report_to if env.rank == 0 else "none", work / "tracking",
                                     Path(args.output_dir).name, asdict(args), start_step + 1)
     log = distributed.TrainLog(work, args.log_every, len(data.plan), start_step, args.objective, tracker, env.rank)
-    train(policy, optimizer, scheduler, data, args, env, work, start_step, log)
+    train(policy, optimizer, scheduler, data, args, env, work, start_step, log, record)
     log.close()
     config = asdict(args) | {"world_size": env.world_size}  # OUTPUT/train_args.json
-    distributed.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora_settings(args), args.model)
-
-
-# Resuming with other values of these is safe: they do not change what is computed.
-RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to",
-                    "dist_timeout_minutes", "on_change")
+    checkpoints.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora, args.model)
 
 
 def check_args(args: Args) -> None:
@@ -657,74 +531,30 @@ def check_args(args: Args) -> None:
         raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
     if args.lora_r and args.model == "scratch":
         raise UsageError("--lora_r needs a trained --model: adapters on a random model train nothing useful")
-    out = Path(args.output_dir).resolve()
     for name in ("model", "ref_model"):
         path = getattr(args, name)
-        if path and path != "scratch" and Path(path).resolve() == out:
+        if path and path != "scratch" and Path(path).resolve() == Path(args.output_dir).resolve():
             raise UsageError(f"--output_dir {args.output_dir} is --{name}: training would overwrite its own input")
-    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps")
-    for name in positive:
+    for name in ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
-    check_ranges(args)
-
-
-def check_ranges(args: Args) -> None:
     if not (0 < args.beta < math.inf) or args.lambda_d < 0 or args.lambda_u < 0 or args.lora_r < 0:
         got = f"{args.beta}, {args.lambda_d}, {args.lambda_u}, {args.lora_r}"
         raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u, --lora_r >= 0; got {got}")
-    if min(args.w_outcome, args.w_step) < 0 or args.w_outcome == args.w_step == 0:
-        raise UsageError(f"need --w_outcome, --w_step >= 0 and not both 0; got {args.w_outcome}, {args.w_step}")
+    no_steps = torch.zeros(1, 0, dtype=torch.bool)
+    try:  # the weights of (8): stepkto_loss's own check, on one row without steps
+        stepkto_loss(torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1, 0), no_steps, no_steps,
+                     torch.zeros(()), w_outcome=args.w_outcome, w_step=args.w_step)
+    except ValueError as error:
+        raise UsageError(f"--w_outcome {args.w_outcome}, --w_step {args.w_step}: {error}") from None
     if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
         raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
     if args.dtype == "bfloat16" and not args.lora_r:
-        # bf16 keeps 8 bits of mantissa: an update under ~1/256 of a weight rounds away (docs/guide.md, bf16).
         raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
                          "1/256 of the weight: use --dtype float32 --mixed_precision bfloat16")
     if args.dtype == "float64" and args.mixed_precision != "none":
         raise UsageError("--mixed_precision bfloat16 needs --dtype float32 weights (autocast casts float32 only): "
                          "use --dtype float32")
-
-
-def tokenizer_of(args: Args):
-    """--model's tokenizer, or for --model scratch the --scratch_tokenizer built here."""
-    if args.model != "scratch":
-        return models.load_tokenizer(args.model)
-    return models.make_char_tokenizer(models.SCRATCH_PHRASES if args.scratch_tokenizer == "phrase" else ())
-
-
-def policy_spec(args: Args, tokenizer, model: str, lora: Optional[distributed.Lora]) -> distributed.PolicySpec:
-    """How distributed.build_policy builds ``model`` (--model, or --ref_model) with this run's settings: the LM wrapped
-    in scoring.CompletionLogProbs, whose forward gives the completion tokens' log-probs."""
-    def load_lm(meta: bool) -> nn.Module:
-        if model != "scratch":
-            return models.load_model(model, args.dtype, meta=meta)
-        sizes = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, intermediate_size=args.intermediate_size)
-        lm = models.make_tiny_llama(tokenizer, **sizes, max_len=args.max_len, seed=args.seed, meta=meta)
-        return lm.to(getattr(torch, args.dtype))
-
-    wrap = functools.partial(CompletionLogProbs, chunk_mib=args.logits_chunk_mib)
-    return distributed.PolicySpec(load_lm, lambda lm, dtype: wrap(lm, autocast=dtype), lora, args.gradient_checkpointing,
-                               args.mixed_precision)
-
-
-def lora_settings(args: Args) -> Optional[distributed.Lora]:
-    """--lora_r and its settings (None: full fine-tuning)."""
-    return distributed.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r else None
-
-
-def run_signature(work: Path) -> dict:
-    """What a resume state must have been written with: the run's provenance record, kept in the work folder."""
-    return jsonl.read_json(work / provenance.RECORD)
-
-
-def load_resume_state(policy: nn.Module, optimizer, scheduler, args: Args, env: Env, work: Path) -> int:
-    """Restore the sharded resume state a killed run left, if any; returns the number of steps already done."""
-    step = distributed.load_train_state(work, policy, optimizer, scheduler, run_signature(work), bool(args.lora_r))
-    if step and env.rank == 0:
-        distributed.trim_log(work / "train_log.jsonl", step)
-        print(f"resuming from {work} after step {step}", flush=True)
-    return step
 
 
 if __name__ == "__main__":

@@ -30,13 +30,14 @@ def worker(repo: str, model: str, dtype: str) -> None:
     sys.path.insert(0, repo)
     import torch
 
-    from stepkto import distributed
+    from stepkto import distributed, models
     import train
 
     args = train.Args(objective="step-kto", model=model, data="-", output_dir="-", dtype=dtype)
     env = distributed.init_distributed(30)
     before = status_mib("VmRSS")
-    policy = distributed.build_policy(train.policy_spec(args, train.tokenizer_of(args), model, None), env, trainable=True)
+    spec = distributed.policy_spec(model, args, models.tokenizer_for(model), None)
+    policy = distributed.build_policy(spec, env, trainable=True)
     after, peak = status_mib("VmRSS"), status_mib("VmHWM")
     local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
                 for p in policy.parameters()) / 2**20

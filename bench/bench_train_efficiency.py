@@ -109,7 +109,8 @@ def plan_flops(targs) -> tuple[list[float], int]:
     from stepkto import models
     import train
 
-    data = train.prepare_data(targs, train.Env(0, 1, torch.device("cpu")), train.tokenizer_of(targs))
+    tokenizer = models.tokenizer_for(targs.model, targs.scratch_tokenizer)
+    data = train.prepare_data(targs, train.Env(0, 1, torch.device("cpu")), tokenizer)
     lm = models.load_model(targs.model, targs.dtype, meta=True)
     layers = lm.get_decoder().layers
     shape = dict(params=sum(p.numel() for p in layers.parameters()), hidden=lm.config.hidden_size, layers=len(layers),

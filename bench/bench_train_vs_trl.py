@@ -101,9 +101,10 @@ def trl_config(work: Path, cfg: dict, run: str, checkpointing: bool):
 
 def same_tokens(trainer, rows: list[dict], model: str) -> bool:
     """TRL's prompt / completion ids of every row == train.py's own tokenization of the text row."""
+    from stepkto import models
     import train
 
-    tokenizer = train.tokenizer_of(train.Args(objective="kto", model=model, data="-", output_dir="-"))
+    tokenizer = models.tokenizer_for(model)
     for example, row in zip(trainer.train_dataset, rows):
         prompt_ids, completion_ids, _ = train.tokenized_text(tokenizer, row)
         if (example["prompt_ids"], example["completion_ids"]) != (prompt_ids, completion_ids):

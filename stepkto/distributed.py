@@ -1,6 +1,6 @@
 """Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision, loading a
-model sharded from rank 0, LoRA, the batch plan, the optimizer, LR schedule and update, the training log, the sharded
-resume state and the final save_pretrained folder. train.py passes its settings in.
+model sharded from rank 0, LoRA, the batch plan, the optimizer, LR schedule and update, the training log. What a run
+writes to disk (the resume state, the final model) is stepkto/checkpoints.py's. train.py passes its settings in.
 
 At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
 * no process builds the whole model but rank 0, on the CPU: every other rank builds a meta-device skeleton,
@@ -8,7 +8,6 @@ At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
   (build_policy). Host RAM holds one copy of the model, and no GPU holds more than one tensor of it whole.
 * bf16 compute under FSDP2 is its MixedPrecisionPolicy (bf16 parameters for compute, float32 gradient reduction,
   float32 master weights); torch.autocast only in one process without torchrun.
-* the resume state is torch.distributed.checkpoint's: each rank writes and reads its own shards.
 * collectives wait up to --dist_timeout_minutes; rank 0's long writes (the final model) come after the last
   collective, so no rank waits on them.
 """
@@ -22,9 +21,7 @@ import gc
 import json
 import math
 import os
-import random
 import secrets
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -200,13 +197,33 @@ def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
 class PolicySpec(NamedTuple):
     """How to build the policy: ``load_lm(meta)`` gives the causal LM (meta=True: its meta-device skeleton), then
     LoRA, checkpointing and the compute dtype; ``wrap(lm, autocast_dtype or None)`` is the module training calls
-    (train.py: scoring.CompletionLogProbs), the FSDP2 root, which holds the LM as ``.lm``."""
+    (policy_spec: scoring.CompletionLogProbs), the FSDP2 root, which holds the LM as ``.lm``."""
 
     load_lm: Callable[[bool], torch.nn.Module]
     wrap: Callable[[torch.nn.Module, torch.dtype | None], torch.nn.Module]
     lora: Lora | None
     gradient_checkpointing: bool
     mixed_precision: str  # "none" | "bfloat16"
+
+
+def policy_spec(model: str, settings, tokenizer, lora: Lora | None) -> PolicySpec:
+    """How build_policy builds ``model`` (a folder or hub id, or "scratch": models.make_tiny_llama) with train.py's
+    ``settings`` (its Args: dtype, the scratch model's sizes and seed, logits_chunk_mib, gradient_checkpointing,
+    mixed_precision): the LM wrapped in scoring.CompletionLogProbs, whose forward gives the completion tokens'
+    log-probs."""
+    from stepkto.scoring import CompletionLogProbs  # scoring imports this module
+
+    def load_lm(meta: bool) -> torch.nn.Module:
+        if model != "scratch":
+            return models.load_model(model, settings.dtype, meta=meta)
+        sizes = dict(hidden_size=settings.hidden_size, num_layers=settings.num_layers,
+                     intermediate_size=settings.intermediate_size, max_len=settings.max_len)
+        lm = models.make_tiny_llama(tokenizer, **sizes, seed=settings.seed, meta=meta)
+        return lm.to(getattr(torch, settings.dtype))
+
+    wrap = functools.partial(CompletionLogProbs, chunk_mib=settings.logits_chunk_mib)
+    return PolicySpec(load_lm, lambda lm, dtype: wrap(lm, autocast=dtype), lora, settings.gradient_checkpointing,
+                      settings.mixed_precision)
 
 
 def build_policy(spec: PolicySpec, env: Env, trainable: bool) -> torch.nn.Module:
@@ -384,7 +401,7 @@ class Throughput:
         return stats
 
 
-# ----------------------------------------------------------------------------- the training log, RNG states
+# ----------------------------------------------------------------------------- the training log
 
 
 class TrainLog:
@@ -414,141 +431,3 @@ class TrainLog:
     def close(self) -> None:
         self.bar.close()
         self.tracker.close()
-
-
-def trim_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after a resume state of step last_step (they will be written again), and a
-    line cut by a kill."""
-    if path.exists():
-        jsonl.write_jsonl_atomic(path, [e for e in jsonl.read_complete_rows(path) if e["step"] <= last_step])
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- the sharded resume state
-# WORK/state-<step>/: torch.distributed.checkpoint's files (each rank its own shards of the model and the AdamW
-# state) and rank<r>.pt (that rank's RNG and the scheduler). WORK/state.json names the newest complete one; rank 0
-# rewrites it atomically once every rank has written, so a kill at any moment leaves a complete state to resume.
-
-
-def _state_dicts(policy, optimizer, adapters_only: bool):
-    """(model, optimizer) state dicts of this rank's shards; with LoRA the adapters alone (the base is on disk)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_state, optimizer_state = get_state_dict(policy, optimizer,
-                                                  options=StateDictOptions(ignore_frozen_params=adapters_only))
-    if adapters_only:  # a tied LM head is listed beside its frozen embedding: keep the adapters alone
-        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
-        model_state = {name: value for name, value in model_state.items() if name in trainable}
-    return model_state, optimizer_state
-
-
-def save_train_state(work: Path, policy, optimizer, scheduler, step: int, signature: dict, adapters_only: bool) -> None:
-    """The resume state after ``step`` steps, every rank writing its own part. A collective."""
-    import torch.distributed.checkpoint as dcp
-
-    folder = work / f"state-{step}"
-    model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    extras = {"rng": rng_state(), "scheduler": scheduler.state_dict()}
-    jsonl.write_atomic(folder / f"rank{rank()}.pt", lambda f: torch.save(extras, f))
-    barrier()
-    if rank() == 0:
-        jsonl.write_json_atomic(work / "state.json", {"step": step, "folder": folder.name, "run": signature})
-        for old in work.glob("state-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def load_train_state(work: Path, policy, optimizer, scheduler, signature: dict, adapters_only: bool) -> int:
-    """Restore the newest resume state, if any; returns its step (0: none). A state written with other arguments
-    raises TrainingError naming those that differ."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    if not (work / "state.json").exists():
-        return 0
-    state = jsonl.read_json(work / "state.json")
-    if state["run"] != json.loads(json.dumps(signature)):
-        changed = sorted(k for k in state["run"] if state["run"][k] != signature.get(k))
-        raise TrainingError(f"{work} holds the resume state of a run with other arguments ({', '.join(changed)}): "
-                            f"delete {work} to start over")
-    folder = work / state["folder"]
-    model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(strict=not adapters_only))
-    extras = torch.load(folder / f"rank{rank()}.pt", weights_only=False)  # our own file; it holds numpy RNG states
-    scheduler.load_state_dict(extras["scheduler"])
-    set_rng_state(extras["rng"])
-    return state["step"]
-
-
-# ----------------------------------------------------------------------------- the final model
-
-
-def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lora: Lora | None = None,
-                     base_model: str = "") -> None:
-    """Gather the weights of policy.lm (never the optimizer's state) to rank 0, which save_pretrained's them with
-    the tokenizer, work's train_log.jsonl and tracking/ and config (train_args.json) to OUT.tmp, renames it to
-    OUT and drops the work folder. With lora, OUT is base_model with the adapters merged. The gather is the last
-    collective: every rank then leaves the process group together, and only then does rank 0 write."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if lora:
-        weights = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
-    else:
-        weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    is_writer = rank() == 0
-    leave_process_group()  # the last collective is done: no rank outlives its peers inside the group
-    if not is_writer:
-        return
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        save_merged_lora(weights, tmp, lora, base_model)
-    else:
-        # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
-        # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
-        names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
-        weights = {k.removeprefix("lm."): v for k, v in weights.items() if k in names}
-        policy.lm.save_pretrained(tmp, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
-    for name in ("train_log.jsonl", "tracking", "provenance.json"):
-        if (work / name).is_file():
-            shutil.copy(work / name, tmp / name)
-        elif (work / name).is_dir():
-            shutil.copytree(work / name, tmp / name)
-    jsonl.write_json_atomic(tmp / "train_args.json", config)
-    os.replace(tmp, out)  # atomic: OUTPUT is either absent (or empty) or complete
-    shutil.rmtree(work)
-    print(f"saved {out}", flush=True)
-
-
-def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str) -> None:
-    """OUT = base_model with the adapters merged, in the adapters' dtype (float32, or float64 when trained in it;
-    an ordinary model for generate.py, evaluate.py and vLLM), OUT/adapter = the adapters alone (peft's
-    save_pretrained). The base weights never trained, so they are read again from base_model on the CPU, which
-    also works when training sharded them over ranks. Never the base's bf16: a bf16 merge rounds most of an
-    iteration's small update away (bench/BENCHMARKS.md "LoRA merged into a bf16 base"), and the merged M_i is the next
-    iteration's policy and reference."""
-    dtype = str(next(iter(adapters.values())).dtype).removeprefix("torch.") if adapters else "float32"
-    model = add_lora(models.load_model(base_model, dtype), lora)
-    loaded = model.load_state_dict(adapters, strict=False)
-    if loaded.unexpected_keys or len(adapters) == 0:
-        raise TrainingError(f"the trained adapters do not fit --model {base_model}: {loaded.unexpected_keys[:3]}")
-    model.save_pretrained(out / "adapter")
-    model.merge_and_unload().save_pretrained(out)

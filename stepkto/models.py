@@ -81,6 +81,14 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     return tok
 
 
+def tokenizer_for(model: str, scratch_tokenizer: str = "phrase"):
+    """The tokenizer of ``model`` (a folder or hub id), or for "scratch" the character tokenizer built here, with
+    SCRATCH_PHRASES one token each too unless scratch_tokenizer is "char"."""
+    if model != "scratch":
+        return load_tokenizer(model)
+    return make_char_tokenizer(SCRATCH_PHRASES if scratch_tokenizer == "phrase" else ())
+
+
 def load_model(path: str, dtype: str = "float32", meta: bool = False):
     """The causal LM of a folder or hub id in ``dtype``; with ``meta`` its skeleton on the meta device, built
     from its config alone (what every rank but 0 builds for sharded loading: distributed.build_policy)."""

@@ -533,7 +533,7 @@ def test_a_step_without_a_verdict_takes_no_part_in_the_step_level_by_default(tmp
     data, inputs, masks, labels, anchored = unjudged_step_inputs(tmp_path, tokenizer)
     assert masks == [[False], [True, False], [False, True, True], [True]]
     assert [[x for x, m in zip(row, mask) if m] for row, mask in zip(labels, masks)] == [[], [True], [False, True], [True]]
-    assert inputs.counts.n_step.item() == 3  # the first row has no judged step
+    assert inputs.n_step.item() == 3  # the first row has no judged step
     assert data.lambdas["step_lambda_d"] == pytest.approx(1 / 3) and data.lambdas["step_lambda_u"] == 1.0  # 3 vs 1
     assert anchored == [False, False, False, True]  # the anchor: right answer and every step judged right
     _, _, first_error, _, _ = unjudged_step_inputs(tmp_path, tokenizer, step_scope="first_error")
@@ -542,6 +542,6 @@ def test_a_step_without_a_verdict_takes_no_part_in_the_step_level_by_default(tmp
     data, inputs, masks, labels, anchored = unjudged_step_inputs(tmp_path, tokenizer, unjudged_steps="wrong")
     assert masks == [[True], [True, True], [True, True, True], [True]]
     assert labels == [[False], [True, False], [False, False, True], [True]]
-    assert inputs.counts.n_step.item() == 4
+    assert inputs.n_step.item() == 4
     assert data.lambdas["step_lambda_d"] == 1.0 and data.lambdas["step_lambda_u"] == pytest.approx(3 / 4)  # 3 vs 4
     assert anchored == [False, False, False, True]

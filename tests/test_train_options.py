@@ -82,7 +82,7 @@ def test_plan_trims_the_last_batch_to_whole_micro_batches():
     plan = train.build_plan([10] * 11, global_batch_size=4, shards=4, epochs=1, seed=0, min_batch_size=2)
     assert [len(b.rows) for b in plan] == [4, 4]  # 11 rows: the 3 left over cannot fill 4 shards
     env = train.Env(1, 2, torch.device("cpu"))
-    assert train.micro_batches(8, env, 2) == [range(4, 6), range(6, 8)]  # rank 1's half, cut in two
+    assert train.micro_slots(8, env, 2) == [range(4, 6), range(6, 8)]  # rank 1's half, cut in two
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -281,4 +281,14 @@ def test_options_that_would_do_nothing_or_cannot_work_are_refused(options, messa
     args = data_args("kto", tmp_path, tokenizer, tiny_model) | dict(per_device_batch_size=4)
     with pytest.raises(train.UsageError, match=message):
         run_main(**args, **options, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights", [dict(w_outcome=0.0, w_step=0.0), dict(w_step=-1.0)])
+def test_weights_of_the_objective_are_checked_by_the_loss_before_anything_loads(weights, tmp_path, tokenizer):
+    """(8)'s weights are refused by stepkto_loss's own check, as a usage error naming the options, before any file
+    is read (the model path does not exist)."""
+    args = dict(objective="step-kto", model=str(tmp_path / "absent"), data=str(tmp_path / "absent.jsonl"))
+    with pytest.raises(train.UsageError, match=r"--w_outcome \S+, --w_step \S+: "):
+        run_main(**args, **weights, output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
