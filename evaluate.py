@@ -232,17 +232,12 @@ def compute_result(args: Args, record: dict) -> dict:
 
 def main(args: Args) -> None:
     check_args(args)
-    if args.num_threads:
-        import torch
-
-        torch.set_num_threads(args.num_threads)
+    cli.set_num_threads(args.num_threads)
     tracking.check_tracker_backend(args.report_to)  # a missing tensorboard / wandb fails now, not after the evaluation
     problems, shard, out = generate.load_problems(args.benchmark, args.max_problems), args.shard(), Path(args.output_dir)
     record = evaluation_provenance(args, problems)
-    leftovers = list(out.iterdir()) if out.is_dir() else []
-    if provenance.settle(out, record, args.on_change, (out / "result.json").exists(), leftovers, is_folder=True,
-                         name_option="--output_dir"):
-        print(f"{out / 'result.json'} is complete; nothing to do.")
+    if provenance.settle_folder(out, record, args.on_change, [out / "result.json"],
+                                list(out.iterdir()) if out.is_dir() else []):
         return
     if not evaluate_shard(args, problems, shard):
         print(f"shard {shard.index} of {shard.count} done: the last shard to finish writes result.json")

@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from stepkto import cli, engines, grading, jsonl, options, prompting, provenance, sharding
 from stepkto.cli import option
@@ -63,7 +62,7 @@ class Settings(Policy):
 
     num_samples: int = option(4, help="Samples per problem.")
     temperature: float = option(1.0, help="Sampling temperature; 0 means greedy decoding.")
-    top_p: float = option(1.0, help="Nucleus sampling threshold.")
+    top_p: ClassVar[float] = 1.0  # no nucleus cut, as the paper and the Qwen2.5-Math harness sample
 
     def sampling(self) -> "engines.Sampling":
         return engines.Sampling(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
@@ -88,12 +87,6 @@ def load_problems(spec: str, max_problems: int) -> list[dict]:
 
 def sample_ids(problems: list[dict], n: int) -> list[str]:
     return [f"{p['id']}#{k}" for p in problems for k in range(n)]
-
-
-# ----------------------------------------------------------------------------- engines
-
-
-# ----------------------------------------------------------------------------- rows
 
 
 def token_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
@@ -180,8 +173,7 @@ def generate_rows(problems: list[dict], output: str, settings: Settings, shard: 
 
 def main(args: Args) -> None:
     options.refuse_inapplicable("generate.py", args, engine=lambda: engines.resolve_engine(args.engine))
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    cli.set_num_threads(args.num_threads)
     problems = load_problems(args.problems, args.max_problems)
     shard = args.shard()
     if generate_rows(problems, args.output, args, shard, source=args.problems, on_change=args.on_change):

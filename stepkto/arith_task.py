@@ -23,12 +23,9 @@ of the slipped steps of each operation): the step that consumes the slipped valu
 wrong reasoning). Otherwise it is "propagating": later steps compute correctly on the wrong value, so
 the answer is wrong. By default a dropped carry (+) and a product slip (*) mostly propagate and an
 unpaid borrow (-) is mostly silent, so the seed shows both kinds of flaw under greedy decoding.
-Why rates above 1/2 on hard steps: the paper evaluates the greedy output, and greedy decoding keeps
-only a model's most likely habit. Slips drawn at low rates are noise that the seed model's argmax
-averages away (bench/notes/embedded_default_findings.md, design A), so the seed would show none of the flaws
-Step-KTO is meant to remove.
-A seed that PREFERS the careless result on hard steps, while still producing the right one often
-enough to be sampled, is the paper's situation: its greedy solutions carry wrong steps.
+Rates above 1/2 on hard steps: greedy decoding (what the paper evaluates) keeps only a model's most likely
+habit, so only a seed that PREFERS the careless result there, while producing the right one often enough to be
+sampled, shows the flaws Step-KTO is meant to remove in its greedy solutions (the paper's situation).
 
 Checker: `check_steps` replays a solution on the problem's expression tree (stepkto/equations.py judges text of any other
 kind by the arithmetic equations it states).
@@ -45,7 +42,6 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 from stepkto import cli, jsonl, options, prompting, provenance
 from stepkto.cli import option
@@ -244,10 +240,8 @@ def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int
     """A chain: each operation combines the running value with one new number, left to right.
 
     Brackets appear where precedence needs them: `(3 + 4) * 5 - 2`. Every intermediate value is an
-    integer in 0..max_value and every * is a times-table product (both operands <= 9), so that a tiny
-    model can learn the arithmetic in minutes on a CPU (the embedded default): with two-digit running
-    values times 2..9 the seed's own product errors outnumbered its habits (bench/notes/embedded_default_findings.md),
-    and a Step-KTO iteration only moved the habit's probability onto other wrong products."""
+    integer in 0..max_value and every * is a times-table product (both operands <= 9): a tiny model learns that
+    arithmetic on a CPU, so its own errors stay rarer than the habits it is taught, which Step-KTO is to remove."""
     value = rng.randint(1, max_number)
     node = Node(value=Fraction(value))
     for _ in range(n_ops):
@@ -438,6 +432,11 @@ def _apply_step(root: Node, a: Fraction, op: str, b: Fraction, c: Fraction) -> b
 
 
 # ----------------------------------------------------------------------------- command line
+# The command line's problems: chains of numbers up to 20 (a tiny model learns their arithmetic on a CPU, see
+# _build_chain), with FlawRates' default slips. make_split and write_solution take any other shape and rates.
+SHAPE, MAX_NUMBER = "chain", 20
+
+
 @dataclass(frozen=True)
 class Args:
     output_dir: str = option(help="Folder for train.jsonl, test.jsonl and sft.jsonl.")
@@ -445,25 +444,19 @@ class Args:
     num_test: int = option(500, help="Held-out test problems (never overlapping any train split).")
     num_sft: int = option(20000, help="Flawed solutions of train problems (sft.jsonl, M0's training data).")
     seed: int = option(0, help="Seed of the splits and of the slips.")
-    shape: Literal["chain", "tree"] = option("chain", help="Expression shape: chain (left to right) | tree (any bracketing).")
-    max_number: int = option(20, help="Largest number in a problem.")
     min_ops: int = option(2, help="Fewest operations per problem.")
     max_ops: int = option(5, help="Most operations per problem.")
-    p_slip_easy: float = option(FlawRates.p_slip_easy, help="FlawRates.p_slip_easy: slip rate of an easy step.")
-    p_slip_hard: float = option(FlawRates.p_slip_hard, help="FlawRates.p_slip_hard: slip rate of a hard step.")
-    p_silent_add: float = option(FlawRates.p_silent_add, help="FlawRates.p_silent_add: share of silent + slips.")
-    p_silent_sub: float = option(FlawRates.p_silent_sub, help="FlawRates.p_silent_sub: share of silent - slips.")
-    p_silent_mul: float = option(FlawRates.p_silent_mul, help="FlawRates.p_silent_mul: share of silent * slips.")
     on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
-    def rates(self) -> FlawRates:
-        return FlawRates(**{name: getattr(self, name) for name in vars(FlawRates())})
+    def shape(self) -> dict:
+        """make_split's problem shape."""
+        return dict(min_ops=self.min_ops, max_ops=self.max_ops, max_number=MAX_NUMBER, shape=SHAPE)
 
 
-def sft_rows(args: Args, shape: dict) -> list[dict]:
+def sft_rows(args: Args) -> list[dict]:
     """Flawed solutions (write_solution) of train problems: M0 sees train problems only."""
-    rng, rows, rates = random.Random(f"arith-sft-{args.seed}"), [], args.rates()
-    for i, row in enumerate(make_split("train", args.num_sft, args.seed, **shape)):
+    rng, rows, rates = random.Random(f"arith-sft-{args.seed}"), [], FlawRates()
+    for i, row in enumerate(make_split("train", args.num_sft, args.seed, **args.shape())):
         completion, flaw = write_solution(rng, row["problem"], rates)
         rows.append({"id": f"arith-sft-{i:06d}", "problem": row["problem"], "answer": row["answer"],
                      "completion": completion, "flaw": flaw})
@@ -472,19 +465,16 @@ def sft_rows(args: Args, shape: dict) -> list[dict]:
 
 def main(args: Args) -> None:
     options.refuse_inapplicable("stepkto/arith_task.py", args)
-    out, names = Path(args.output_dir), ("train", "test", "sft")
-    args.rates()  # bad rates fail before anything is written
+    out = Path(args.output_dir)
     settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "on_change")}
-    record = provenance.make_record("stepkto/arith_task.py", {}, {}, settings)
-    leftovers = [out / f"{name}.jsonl" for name in names]
-    if provenance.settle(out, record, args.on_change, all(p.exists() for p in leftovers), leftovers, is_folder=True,
-                         name_option="--output_dir"):
-        print(f"{out}: data is complete; nothing to do.")
+    record = provenance.make_record("stepkto/arith_task.py", {}, {}, settings | args.shape() | vars(FlawRates()))
+    outputs = [out / f"{name}.jsonl" for name in ("train", "test", "sft")]
+    if provenance.settle_folder(out, record, args.on_change, outputs, outputs):
         return
-    shape = dict(min_ops=args.min_ops, max_ops=args.max_ops, max_number=args.max_number, shape=args.shape)
-    jsonl.write_jsonl_atomic(out / "train.jsonl", make_split("train", args.num_train, args.seed, **shape), jsonl.PROBLEM_ROW)
-    jsonl.write_jsonl_atomic(out / "test.jsonl", make_split("test", args.num_test, args.seed, **shape), jsonl.PROBLEM_ROW)
-    sft = sft_rows(args, shape)
+    for split, n in (("train", args.num_train), ("test", args.num_test)):
+        rows = make_split(split, n, args.seed, **args.shape())
+        jsonl.write_jsonl_atomic(out / f"{split}.jsonl", rows, jsonl.PROBLEM_ROW)
+    sft = sft_rows(args)
     jsonl.write_jsonl_atomic(out / "sft.jsonl", sft, jsonl.SFT_ROW)
     shares = {flaw: round(sum(r["flaw"] == flaw for r in sft) / max(len(sft), 1), 4)
               for flaw in ("none", "propagating", "silent")}

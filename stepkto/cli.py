@@ -37,6 +37,14 @@ def run_cli(args_class, main) -> None:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {redact_urls(str(error))}")  # a URL's password is never shown
 
 
+def set_num_threads(threads: int) -> None:
+    """A stage's --num_threads: torch's CPU threads (0: torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def check_choices(args) -> None:
     """Every Literal field of the dataclass ``args`` holds one of its choices: argparse checks the command line,
     this an Args built in code (one stage calling another's functions)."""

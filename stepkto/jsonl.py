@@ -59,15 +59,11 @@ def _check_row(row, schema: dict, where: str) -> None:
     for field_name, types in schema.items():
         if field_name not in row:
             raise DataError(f"{where}: missing field '{field_name}'")
-        value, types = row[field_name], _as_tuple(types)
+        value, types = row[field_name], types if isinstance(types, tuple) else (types,)
         # bool is a subclass of int in Python: a label `true` must not pass as a count
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             want = "/".join(t.__name__ for t in types)
             raise DataError(f"{where}: field '{field_name}' must be {want}, got {type(value).__name__}")
-
-
-def _as_tuple(types) -> tuple:
-    return types if isinstance(types, tuple) else (types,)
 
 
 def jsonl_lines(text: str, keepends: bool = False) -> list[str]:
@@ -170,11 +166,10 @@ def _check_rows(rows: list[dict], schema: dict | None, path: Path) -> None:
         _check_row(row, schema or {}, f"{path}: row {index} to write")
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], exclusive: bool = False) -> None:
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """The one way a whole file is written: ``write(f)`` fills a temporary file beside ``path`` (a name of this
     process's own), which is flushed to disk and renamed to ``path``, so a kill at any moment leaves the old file or
-    the new one, never a part of one. exclusive: only create ``path``, atomically, when no process has yet (the
-    first writer's file stays)."""
+    the new one, never a part of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -182,18 +177,11 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], exclusiv
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    if not exclusive:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # create-if-absent, atomic
-    except FileExistsError:
-        pass
-    tmp.unlink()
+    os.replace(tmp, path)
 
 
-def write_text_atomic(path: str | Path, text: str, exclusive: bool = False) -> None:
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")), exclusive)
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path: str | Path, obj, schema: dict | None = None) -> None:
@@ -208,20 +196,3 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict], schema: dict | None =
     as train.py's log), atomically (write_atomic)."""
     _check_rows(rows, schema, Path(path))
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-# ----------------------------------------------------------------------------- command lines
-
-
-# ----------------------------------------------------------------------------- shards: data-parallel stages
-# A stage's chunks are split over processes (a node of 8 GPUs samples with 8 / TP engines at once): chunk i is
-# shard i % N's. Shard K writes OUT.shard-K-of-N (OUT.shard-K-of-N.partial until its chunks are done, resumable as
-# any output), and the last shard to finish merges the parts into OUT in chunk order. Chunks are seeded from their
-# index, so OUT is byte for byte what one process writes. Before any shard writes, its stage checks OUT's provenance
-# record (provenance.settle: written by the first shard to start), so parts made from other inputs or settings are
-# refused, never merged; each part has one writer (claim).
-
-
-# ----------------------------------------------------------------------------- steps and prompts
-
-

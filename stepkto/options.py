@@ -106,11 +106,9 @@ PREFIX_CACHING_OF_JUDGE = only(JUDGE, JUDGE_VLLM)  # the judge's engine takes --
 
 TABLE: dict[str, dict[str, Rule]] = {
     "stepkto/arith_task.py": {name: ALWAYS for name in (
-        "output_dir", "num_train", "num_test", "num_sft", "seed", "shape", "max_number", "min_ops", "max_ops",
-        "p_slip_easy", "p_slip_hard", "p_silent_add", "p_silent_sub", "p_silent_mul", "on_change")},
-    "generate.py": {**SHARDS, **ENGINE, **POLICY, "num_samples": ALWAYS, "temperature": ALWAYS,
-                    "top_p": only(unless("temperature", 0.0)), "problems": ALWAYS, "output": ALWAYS,
-                    "max_problems": ALWAYS, "num_threads": ALWAYS, "on_change": ALWAYS},
+        "output_dir", "num_train", "num_test", "num_sft", "seed", "min_ops", "max_ops", "on_change")},
+    "generate.py": {**SHARDS, **ENGINE, **POLICY, **{name: ALWAYS for name in (
+        "num_samples", "temperature", "problems", "output", "max_problems", "num_threads", "on_change")}},
     "label.py": {
         **SHARDS, **LABELLER, "engine": only(MC), "dtype": only(MC),
         **{name: only(MC, VLLM) for name in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")},

@@ -179,16 +179,18 @@ def _shown(value) -> str:
 
 
 def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftovers: list[Path],
-           is_folder: bool = False, name_option: str = "--output") -> bool:
-    """Whether ``out`` is complete and was made as ``record`` says (True: nothing to do). False: it is to be made, or
-    resumed from ``leftovers`` that the same record started; the record is then kept. Leftovers of anything else stop
-    the stage (on_change stop) or are removed (redo). Shards starting at once check one after the other (sharding.claim);
-    a process writing ``out`` holds that lock, and a second one refuses."""
+           is_folder: bool = False) -> bool:
+    """Whether ``out`` is complete and was made as ``record`` says (True, and says so: nothing to do). False: it is to
+    be made, or resumed from ``leftovers`` that the same record started; the record is then kept. Leftovers of anything
+    else stop the stage (on_change stop) or are removed (redo). Shards starting at once check one after the other
+    (sharding.claim); a process writing ``out`` holds that lock, and a second one refuses."""
     out, path = Path(out), record_path(out, is_folder)
     sharding.claim(out, wait_s=10.0)
     try:
         old = jsonl.read_json(path) if path.exists() else None
         if same(old, record):
+            if complete:
+                print(f"{out} is complete; nothing to do.", flush=True)
             return complete
         present = [p for p in leftovers if p.exists() and not p.name.endswith(".lock")]
         if old is None and not present:
@@ -196,8 +198,8 @@ def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftov
             return False
         why = f"made {changes(old, record)}" if old is not None else "made by an unknown run (no provenance record)"
         if on_change != "redo":
-            raise jsonl.StageError(f"{out} was {why}: delete it, choose another {name_option}, or rerun with "
-                                    f"--on_change redo")
+            option = "--output_dir" if is_folder else "--output"
+            raise jsonl.StageError(f"{out} was {why}: delete it, choose another {option}, or rerun with --on_change redo")
         _check_no_writer([p for p in present if p.name.startswith(out.name + ".shard-")])
         print(f"{out} was {why}: making it again (--on_change redo)", flush=True)
         for p in present:
@@ -221,12 +223,14 @@ def _check_no_writer(parts: list[Path]) -> None:
 
 
 def settle_jsonl(out: str | Path, record: dict, on_change: str) -> bool:
-    """settle for a JSONL output written by sharding.write_chunks: True (and says so) when it is complete and
-    ``record`` made it; its leftovers are OUT, OUT.partial and the shards' parts."""
+    """settle for a JSONL output written by sharding.write_chunks: its leftovers are OUT, OUT.partial and the shards'
+    parts."""
     out = Path(out)
     parts = sorted(out.parent.glob(glob.escape(out.name) + ".shard-*")) if out.parent.is_dir() else []
     leftovers = [out, out.with_name(out.name + ".partial"), *(p for p in parts if not p.name.endswith(".lock"))]
-    done = settle(out, record, on_change, out.exists(), leftovers)
-    if done:
-        print(f"{out} is complete; nothing to do.", flush=True)
-    return done
+    return settle(out, record, on_change, out.exists(), leftovers)
+
+
+def settle_folder(out: str | Path, record: dict, on_change: str, outputs: list[Path], leftovers: list[Path]) -> bool:
+    """settle for a folder (--output_dir) that is complete once every one of ``outputs`` exists."""
+    return settle(out, record, on_change, all(p.exists() for p in outputs), leftovers, is_folder=True)

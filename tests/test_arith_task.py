@@ -318,10 +318,8 @@ def test_is_arith_problem():
 def test_command_line_writes_disjoint_train_test_and_flawed_sft(tmp_path):
     from transformers import HfArgumentParser
 
-    argv = ["--output_dir", str(tmp_path), "--num_train", "50", "--num_test", "20", "--num_sft", "300",
-            "--p_slip_hard", "0.5"]
+    argv = ["--output_dir", str(tmp_path), "--num_train", "50", "--num_test", "20", "--num_sft", "300"]
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)  # the parser cli.run_cli uses
-    assert args.rates() == FlawRates(p_slip_hard=0.5)
     main(args)
     schemas = {"train": jsonl.PROBLEM_ROW, "test": jsonl.PROBLEM_ROW, "sft": jsonl.SFT_ROW}
     read = {name: jsonl.read_jsonl(tmp_path / f"{name}.jsonl", schema) for name, schema in schemas.items()}
