@@ -99,11 +99,11 @@ def judged_solutions(rows: list[dict]) -> tuple[int, int, int]:
     return flawed, clean, len(correct) - flawed - clean
 
 
-def stepwise_error_rate(rows: list[dict]) -> tuple[float | None, int]:
-    """Share of the judged correct-answer solutions with at least one wrong step (paper Table 3), and their number;
-    None if no correct solution is judged (judged_solutions)."""
+def stepwise_error_rate(rows: list[dict]) -> float | None:
+    """Share of the judged correct-answer solutions with at least one wrong step (paper Table 3); None if no correct
+    solution is judged (judged_solutions)."""
     flawed, clean, _ = judged_solutions(rows)
-    return (flawed / (flawed + clean) if flawed + clean else None), flawed
+    return flawed / (flawed + clean) if flawed + clean else None
 
 
 def greedy_metrics(rows: list[dict]) -> dict:
@@ -113,7 +113,7 @@ def greedy_metrics(rows: list[dict]) -> dict:
         "n_problems": n,
         "pass@1": solved / n,
         "pass@1_ci95": wilson_interval(solved, n),
-        "stepwise_error_rate": stepwise_error_rate(rows)[0],
+        "stepwise_error_rate": stepwise_error_rate(rows),
         "stepwise_error_rate_ci95": wilson_interval(flawed, flawed + clean),  # over the judged correct solutions
         "n_correct": solved,
         "n_correct_with_wrong_step": flawed,
@@ -149,7 +149,6 @@ def sampled_metrics(rows: list[dict], k: int, timeout_s: float = 5.0) -> dict:
     majority = grading.majority_answers(votes, timeout_s=timeout_s)  # one worker pool for all problems
     golds = [by_problem[pid][0]["answer"] for pid in pids]
     maj_correct = grading.grade_answers(golds, majority, timeout_s=timeout_s)
-    ser, _ = stepwise_error_rate(rows)
     n = len(pids)
     counts = [(len(by_problem[pid]), sum(r["outcome"] for r in by_problem[pid])) for pid in pids]
     return {
@@ -158,20 +157,23 @@ def sampled_metrics(rows: list[dict], k: int, timeout_s: float = 5.0) -> dict:
         **{f"pass@{j}_over_{k}": float(np.mean([pass_at_k(m, c, j) for m, c in counts])) for j in pass_k_values(k)},
         f"maj@{k}": sum(maj_correct) / n,
         f"maj@{k}_ci95": wilson_interval(sum(maj_correct), n),
-        "stepwise_error_rate_sampled": ser,
+        "stepwise_error_rate_sampled": stepwise_error_rate(rows),
     }
 
 
+def options_of(args: Args, settings_class) -> dict:
+    """The options of ``args`` that ``settings_class`` (generate.Policy, label.Settings) holds."""
+    return {f.name: getattr(args, f.name) for f in fields(settings_class)}
+
+
 def policy_settings(args: Args, n: int, temperature: float) -> generate.Settings:
-    """How the evaluated model samples: n solutions per problem at ``temperature`` (0: greedy), top_p 1."""
-    policy = {f.name: getattr(args, f.name) for f in fields(generate.Policy)}
-    return generate.Settings(**policy, num_samples=n, temperature=temperature)
+    """How the evaluated model samples: n solutions per problem at ``temperature`` (0: greedy)."""
+    return generate.Settings(**options_of(args, generate.Policy), num_samples=n, temperature=temperature)
 
 
 def label_settings(args: Args) -> label.Settings:
     """How the solutions are labelled: label.py's settings as given; mc rolls out with the evaluated model."""
-    settings = label.Settings(**{f.name: getattr(args, f.name) for f in fields(label.Settings)})
-    return replace(settings, policy_model=args.policy_model or args.model)
+    return label.Settings(**options_of(args, label.Settings) | {"policy_model": args.policy_model or args.model})
 
 
 def solution_sets(args: Args) -> list[tuple[str, int, float]]:
@@ -187,7 +189,7 @@ def evaluation_provenance(args: Args, problems: list[dict]) -> dict:
     """OUTPUT_DIR's provenance record: the benchmark's problems, the evaluated model, how it samples and how its
     solutions are labelled (label.labelling_provenance's settings and models)."""
     labelling = label.labelling_provenance(label_settings(args), {}, args.chunk_size)
-    policy = {f.name: getattr(args, f.name) for f in fields(generate.Policy) if f.name != "model"}
+    policy = {k: v for k, v in options_of(args, generate.Policy).items() if k != "model"}
     sampled = {"sample_k": args.sample_k, "sample_temperature": args.sample_temperature if args.sample_k else None}
     return provenance.make_record("evaluate.py", {"benchmark": provenance.rows_input(problems, args.benchmark)},
                                   {"model": provenance.model_identity(args.model), **labelling["models"]},

@@ -26,11 +26,9 @@ Usage (one process; a model over several GPUs with --tensor_parallel_size; data-
             --engine vllm --output samples.jsonl --num_samples 8 --temperature 0.7 --num_shards 8 --shard_index $k &
     done; wait
 
-Crash safety: rows go to OUTPUT.partial (a shard's: OUTPUT.shard-K-of-N.partial) a chunk of problems at a time and
-OUTPUT appears only when all are done; a rerun resumes after the last complete chunk. Each chunk is seeded from
-(seed, chunk index) (sharding.derived_seed), so the resumed or sharded output equals an uninterrupted run's.
-OUTPUT.provenance.json records what made it (the problems' content, the model, the settings): a rerun that would
-make something else stops (or, with --on_change redo, samples again), never reusing OUTPUT (stepkto/provenance.py).
+Crash safety and shards: stepkto/sharding.py (OUTPUT.partial a chunk at a time, each chunk seeded from (seed, chunk
+index), so a resumed or sharded output equals an uninterrupted run's); OUTPUT.provenance.json records what made it,
+and a rerun that would make something else stops or, with --on_change redo, samples again (stepkto/provenance.py).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def main() -> None:
             for i in range(args.rows):
                 f.write(json.dumps(sample_row(i, rng)) + "\n")
         size = path.stat().st_size
-        hashed = best_of(lambda: provenance._sha256_of(path), args.repeats)
+        hashed = best_of(lambda: provenance.sha256_of(path), args.repeats)
         read = best_of(lambda: jsonl.read_jsonl(path, jsonl.SAMPLE_ROW), args.repeats)
         first = time.perf_counter()
         provenance.file_sha256(path)  # remembered: the file is over the cache threshold

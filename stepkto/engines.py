@@ -155,7 +155,7 @@ def get_engine(model: str, settings: EngineSettings) -> Engine:
 
 
 def start_engine(key: EngineKey) -> Engine:
-    tokenizer = models.load_tokenizer(key.model, padding_side="left")
+    tokenizer = models.load_tokenizer(key.model)  # left padding: generation continues at the last column
     if key.engine == "vllm":
         return _vllm_engine(key, tokenizer)
     lm = models.load_model(key.model, key.dtype).eval()

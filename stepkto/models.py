@@ -12,10 +12,10 @@ import torch
 from stepkto import prompting
 
 # The scratch model's multi-character tokens (train.py --scratch_tokenizer phrase): the fixed strings of the minimal
-# prompt and of the built-in task's solutions (stepkto/arith_task.py), one token each, so every stage of the loop runs on
-# fewer positions than with one token per character (bench/BENCHMARKS.md section 13). Digits stay one per token, so the
-# model still does its arithmetic digit by digit, and no phrase crosses a step separator (prompting.STEP_SEPARATOR is its
-# own token): every token lies in one step.
+# prompt and of the built-in task's solutions (stepkto/arith_task.py), one token each, so that every stage of the loop
+# runs on fewer positions than one token per character takes, and no position is spent on text the model cannot get
+# wrong. Digits stay one per token, so the model still does its arithmetic digit by digit, and no phrase crosses a
+# step separator (prompting.STEP_SEPARATOR is its own token): every token lies in one step.
 SCRATCH_PHRASES = (
     "The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", prompting.STEP_SEPARATOR,
     " + ", " - ", " * ", " = ", "}.",

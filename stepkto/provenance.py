@@ -47,15 +47,16 @@ def file_sha256(path: str | Path) -> str:
     path = Path(path).resolve()
     stat = path.stat()
     if stat.st_size < _CACHED_FROM:
-        return _sha256_of(path)
+        return sha256_of(path)
     key, cache = f"{path}:{stat.st_size}:{stat.st_mtime_ns}", _digest_cache()
     if key not in cache:
-        cache[key] = _sha256_of(path)
+        cache[key] = sha256_of(path)
         _save_digest_cache(cache)
     return cache[key]
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read now (file_sha256 remembers large files' digests)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):

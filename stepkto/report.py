@@ -58,19 +58,15 @@ def run_table(run: Path) -> list[dict]:
 
 
 def collect(runs: Path) -> dict:
-    """{objective: {iteration: [row per seed]}} of every run under ``runs``."""
+    """{objective: {iteration: [row per seed]}} of every run under ``runs``; writes each run's results table,
+    RUNS/seed<S>/<objective>/results.jsonl."""
     table = defaultdict(lambda: defaultdict(list))
-    for run in run_dirs(runs):
-        for row in run_table(run):
-            table[row["objective"]][row["iteration"]].append(row)
-    return table
-
-
-def write_run_tables(runs: Path) -> None:
-    """Each run's results table, RUNS/seed<S>/<objective>/results.jsonl."""
     for run in run_dirs(runs):
         if rows := run_table(run):
             jsonl.write_jsonl_atomic(run / "results.jsonl", rows, jsonl.RESULTS_TABLE_ROW)
+        for row in rows:
+            table[row["objective"]][row["iteration"]].append(row)
+    return table
 
 
 METRICS = {"pass@1": "Pass@1 (%)", "stepwise_error_rate": "stepwise error rate among correct (%)"}
@@ -88,19 +84,13 @@ class Cell:
     text: str
 
 
-def run_interval(row: dict, key: str) -> tuple[float, float]:
-    """One run's 95% Wilson interval, as evaluate.py wrote it: Pass@1's over the problems, the stepwise error
-    rate's over the correct solutions."""
-    return tuple(row[f"{key}_ci95"])
-
-
 def summarise(rows: list[dict], key: str) -> Cell:
     """Several seeds: mean ± sample standard deviation; one seed: its value and 95% Wilson interval."""
     rows = [r for r in rows if r[key] is not None]  # a run without a correct solution has no error rate
     if not rows:
         return Cell(float("nan"), float("nan"), float("nan"), "n/a")
     if len(rows) == 1:
-        value, (lo, hi) = 100 * rows[0][key], (100 * x for x in run_interval(rows[0], key))
+        value, (lo, hi) = 100 * rows[0][key], (100 * x for x in rows[0][f"{key}_ci95"])  # evaluate.py's
         return Cell(value, value - lo, hi - value, f"{value:.1f} [{lo:.1f}, {hi:.1f}]")
     values = [100 * r[key] for r in rows]
     mean, spread = statistics.mean(values), statistics.stdev(values)
@@ -158,7 +148,6 @@ def plot_title(table: dict, what: str = "") -> str:
 
 def main(args: Args) -> None:
     options.refuse_inapplicable("stepkto/report.py", args)
-    write_run_tables(Path(args.runs))
     table = collect(Path(args.runs))
     if not table:
         raise SystemExit(f"error: no results under {args.runs}/seed*/ (eval/M0 or <objective>/eval/M<i>)")

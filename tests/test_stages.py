@@ -91,7 +91,7 @@ def test_label_outcome_steps_and_trl_fields(tmp_path):
     assert [r["outcome"] for r in got] == [True, True, False, False]
     assert [r["labels"] for r in got] == [[True, True], [False, False, False], [False, True], [True]]
     assert got[1]["completions"] == ["3 + 4 = 8", "8 - 1 = 7", "The answer is \\boxed{7}."]
-    assert evaluate.stepwise_error_rate(got) == (0.5, 1)
+    assert evaluate.stepwise_error_rate(got) == 0.5
 
 
 TRL_PRM = REPO / ".venv" / "trl-prm"  # TRL 0.29 (setup.sh): TRL 1.16 no longer ships PRMTrainer
