@@ -8,7 +8,7 @@ import functools
 import gc
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Literal, NamedTuple
 
 import torch
@@ -72,16 +72,11 @@ class Engine(NamedTuple):
     close: Callable[[], None]  # shuts the engine down (vLLM: its engine core and distributed state)
 
 
-class EngineKey(NamedTuple):
-    """What makes two engines the same: the model and every setting that changes how it runs, resolved."""
+@dataclass(frozen=True)
+class EngineKey(EngineSettings):
+    """What makes two engines the same: the model and its EngineSettings, engine and dtype resolved."""
 
-    model: str
-    engine: str  # transformers | vllm
-    dtype: str
-    tensor_parallel_size: int
-    gpu_memory_utilization: float
-    max_model_len: int
-    enable_prefix_caching: bool
+    model: str = ""
 
 
 def resolve_engine(engine: str) -> str:
@@ -132,9 +127,9 @@ def engine_key(model: str, settings: EngineSettings) -> EngineKey:
     """The resolved engine of ``model`` under ``settings`` (a stage refused settings its engine would not use before:
     stepkto/options.py)."""
     cli.check_choices(settings)
-    engine = resolve_engine(settings.engine)
-    return EngineKey(str(model), engine, resolve_dtype(model, settings.dtype), settings.tensor_parallel_size,
-                     settings.gpu_memory_utilization, settings.max_model_len, settings.enable_prefix_caching)
+    own = {f.name: getattr(settings, f.name) for f in fields(EngineSettings)}
+    return EngineKey(**own | {"engine": resolve_engine(settings.engine), "dtype": resolve_dtype(model, settings.dtype),
+                              "model": str(model)})
 
 
 _LIVE: dict = {}  # the one engine this process holds: {"key": EngineKey, "engine": Engine}
