@@ -61,9 +61,8 @@ SYSTEM_PROMPTS = {
 
 
 def build_prompt(tokenizer, problem: str, style: str = "instruct") -> str:
-    """The text the model continues. Chat template when the tokenizer has one, else plain text."""
-    if style not in PROMPT_TEMPLATES:
-        raise ValueError(f"unknown prompt style {style!r}: {' | '.join(PROMPT_TEMPLATES)}")
+    """The text the model continues. Chat template when the tokenizer has one, else plain text. ``style`` is a
+    PromptStyle: every stage refuses another one on its command line (cli.check_choices)."""
     text = PROMPT_TEMPLATES[style].format(problem=problem)
     if style == "minimal":
         return text
