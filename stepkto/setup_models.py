@@ -58,6 +58,6 @@ def installed_gguf() -> Path:
 
 
 if __name__ == "__main__":
-    out = sys.argv[1]
-    convert_gguf(installed_gguf(), out, SMOLLM2_GGUF_SHA256)
-    print(f"wrote {out} (dequantized from {installed_gguf().name})")
+    out, gguf = sys.argv[1], installed_gguf()
+    convert_gguf(gguf, out, SMOLLM2_GGUF_SHA256)
+    print(f"wrote {out} (dequantized from {gguf.name})")
