@@ -79,8 +79,7 @@ class Args(sharding.ShardArgs, Settings):
 
 
 def load_problems(spec: str, max_problems: int) -> list[dict]:
-    rows = grading.load_benchmark(spec)
-    return rows[:max_problems] if max_problems else rows
+    return grading.load_benchmark(spec)[: max_problems or None]
 
 
 def sample_ids(problems: list[dict], n: int) -> list[str]:
