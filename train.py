@@ -5,19 +5,16 @@
     torchrun --nproc_per_node 8 train.py --objective step-kto --model M0 --data labels.jsonl --output_dir M1 \\
         --mixed_precision bfloat16 --gradient_checkpointing true --per_device_batch_size 4
 
-sft trains the seed (--model scratch: the embedded default's tiny Llama) on rows {"id", "problem", "completion"}: the
-mean NLL of the completion tokens + EOS. step-kto is one iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0
--> M3) with pi_ref = M_t (--model, or --ref_model), on label.py's rows {"id", "prompt", "completion",
-"finish_reason", "outcome", "completions", "labels"} (the outcome and step feedback of Sec. 2.1; a null label is a
-step without a verdict: --unjudged_steps): the loss is stepkto_loss.py's (8) (Sec. 2.3; the equation numbers (n)
-are its). kto, the paper's baseline, is step-kto with w_step = 0, on rows that may lack the step fields. Under
-torchrun (one node or several) the model is FSDP2-sharded; the result equals one process with the same global batch.
+sft trains the seed (--model scratch: a tiny Llama) on the mean NLL of the completion tokens + EOS. step-kto is one
+iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3) with pi_ref = M_t, on label.py's rows with the
+outcome and step feedback of Sec. 2.1: the loss is stepkto_loss.py's (8) (Sec. 2.3; the equation numbers (n) are
+its). kto, the paper's baseline, is step-kto with w_step = 0. Under torchrun the model is FSDP2-sharded; the result
+equals one process with the same global batch.
 
 Top to bottom: Args; rows, then tokens; the batch plan and the KTO weights; the KL pairs and the reference log-probs
 (computed once); one step's inputs; the training loop, whose body is one Step-KTO step (train); main. The log-probs
-are stepkto/scoring.py's; what is not Step-KTO is the package's: processes, FSDP2, LoRA, the batch plan, the
-optimizer and the log stepkto/distributed.py's, OUTPUT's provenance, the resume state and saving
-stepkto/checkpoints.py's.
+are stepkto/scoring.py's; processes, FSDP2, LoRA, the plan, the optimizer and the log stepkto/distributed.py's;
+OUTPUT's provenance, the resume state and saving stepkto/checkpoints.py's.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from __future__ import annotations
 import functools
 import gc
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -38,7 +34,8 @@ from stepkto import checkpoints, cli, distributed, jsonl, models, options, promp
 from stepkto.cli import UsageError, option
 from stepkto.distributed import Env, PlanBatch, build_plan
 from stepkto.jsonl import DataError
-from stepkto.scoring import Batch, Reference, Tokenized, cached_reference, collate, completion_logps, score_rows
+from stepkto.scoring import Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, completion_logps, \
+    score_rows
 from stepkto_loss import LevelSums, estimate_z0, reward_means, stepkto_loss, through_first_error
 
 
@@ -50,30 +47,29 @@ class Args:
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
     prompt_style: prompting.PromptStyle = option("instruct", help="sft: the prompt (prompting.PROMPT_TEMPLATES key).")
-    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: one token per character "
-        "(char), or also per fixed string of the built-in task (phrase, models.SCRATCH_PHRASES: shorter rows).")
+    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: a token per character "
+        "(char), or also per fixed string of the built-in task (phrase: models.SCRATCH_PHRASES).")
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
     num_layers: int = option(4, help="--model scratch: decoder layers.")
     intermediate_size: int = option(768, help="--model scratch: MLP width.")
-    max_len: int = option(512, help="--model scratch: max_position_embeddings.")
     beta: float = option(0.1, help="KTO beta: scale of the implied reward log pi/pi_ref.")
     lambda_d: float = option(1.0, help="KTO weight of desirable items (lambda_D).")
     lambda_u: float = option(1.0, help="KTO weight of undesirable items (lambda_U).")
-    balance_lambdas: bool = option(True, help="Per level, lambda_D * n_D = lambda_U * n_U over the data, the larger "
-        "side weighted down (KTO paper; without it a weak policy collapses); overrides --lambda_d/--lambda_u.")
+    balance_lambdas: bool = option(True, help="Per level, lambda_D * n_D = lambda_U * n_U over the data (KTO paper), "
+        "instead of --lambda_d/--lambda_u.")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto: 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto: 0).")
-    nll_weight: float = option(1.0, help="kto/step-kto: add this times the mean NLL of the completions desirable at "
-        "every level, as Iterative RPO (Pang et al. 2024): NOT Step-KTO's, an anchor against likelihood displacement.")
+    nll_weight: float = option(1.0, help="Add this times the mean NLL of the completions desirable at every level "
+        "(Iterative RPO's anchor against likelihood displacement; not Step-KTO's).")
     step_span: Literal["step", "prefix"] = option("step", help="Step reward over the step's own tokens (step) or the "
-        "whole prefix through it (prefix).")
+        "prefix through it (prefix).")
     step_aggregation: Literal["mean", "sum"] = option("mean", help="Step losses of one completion: mean or sum.")
-    step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper's "
-        "judge labels every step), or through the first wrong one (stepkto_loss.through_first_error).")
-    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="step-kto: a step without a verdict (null "
-        "label): ignore (no part in the step level; its row keeps the outcome level) or wrong (undesirable).")
-    step_z0: Literal["outcome", "step"] = option("outcome", help="Reference point of the step level: the outcome z0, "
-        "or estimate_z0 over the KL pairs' step log-ratios.")
+    step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper), "
+        "or through the first wrong one.")
+    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="A step without a verdict (null label): no "
+        "part in the step level (ignore), or undesirable (wrong).")
+    step_z0: Literal["outcome", "step"] = option("outcome", help="The step level's z0: the outcome level's, or "
+        "estimate_z0 over the KL pairs' step log-ratios.")
     per_device_batch_size: int = option(8, help="Rows per process per step; global batch = this * world size.")
     epochs: int = option(1, help="Passes over the data.")
     max_steps: int = option(0, help="Stop after this many optimizer steps (0: all epochs; the LR schedule spans them).")
@@ -81,16 +77,13 @@ class Args:
     weight_decay: float = option(0.0, help="AdamW weight decay (matrices and embeddings only).")
     warmup_ratio: float = option(0.1, help="Fraction of the steps with a linear LR warmup.")
     lr_schedule: Literal["linear", "cosine"] = option("linear", help="LR decay after the warmup, to 0 at the end.")
-    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping; the log's "
-        "grad_norm is the norm before clipping).")
+    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping).")
     seed: int = option(0, help="Seed of the batch plan, of --model scratch's init and of torch/numpy/random.")
     num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
     dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype of the loaded and the "
         "saved model; trained weights must not be bfloat16 (use --mixed_precision), a frozen LoRA base may be.")
     mixed_precision: Literal["none", "bfloat16"] = option("none", help="Compute dtype of forward and backward, the "
         "weights and AdamW states staying in --dtype (FSDP2's MixedPrecisionPolicy under torchrun, else autocast).")
-    dist_timeout_minutes: float = option(30.0, help="Under torchrun: how long a collective waits for the other ranks "
-        "(NCCL's own default is 10 min; a slow filesystem can take longer to write a resume state).")
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
     gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory.")
@@ -103,8 +96,8 @@ class Args:
     lora_r: int = option(0, help="LoRA rank (peft; 0: full fine-tuning). OUTPUT holds the model with the adapters "
         "merged in float32 (float64 when trained in it), and OUTPUT/adapter the adapters alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
-    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0; > 0 keeps a "
-        "copy of every adapted layer's input for backward).")
+    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (> 0 keeps a copy of every "
+        "adapted layer's input for backward).")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
         "comma-separated names of the modules with adapters (default: a Llama / Qwen / Mistral decoder's linears).")
     report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights "
@@ -114,7 +107,7 @@ class Args:
 
 # Resuming with other values of these is safe: they do not change what is computed (not in the provenance record).
 RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to",
-                    "dist_timeout_minutes", "on_change")
+                    "on_change")
 
 
 # ----------------------------------------------------------------------------- rows, then tokens (paper Sec. 2.1)
@@ -306,15 +299,14 @@ def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) 
     return pairs
 
 
-def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokenizer, work: Path,
-                    record: dict) -> Reference:
+def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokenizer, work: Path) -> Reference:
     """log pi_ref of every row and KL pair of the plan, ONCE per run, before any update; cached in the work folder
-    for this run's provenance record. Without --ref_model the (still untrained) policy is the reference, so no
+    (checkpoints.claim_output keeps it only for this run). Without --ref_model the (still untrained) policy is the reference, so no
     second model is loaded; otherwise the reference is loaded (sharded as the policy), used and freed."""
     def compute() -> Reference:
-        separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
-        spec = distributed.policy_spec(args.ref_model, args, tokenizer, None)
-        scorer = distributed.build_policy(spec, env, trainable=False) if separate else policy
+        scorer = policy
+        if args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve():
+            scorer = distributed.build_policy(args.ref_model, args, tokenizer, None, env, False, CompletionLogProbs)
         scorer.eval()
         keep_steps = args.step_z0 == "step"
         pairs = [p for b in data.plan for p in kl_pairs(b.rows, range(len(b.rows)), data.examples, keep_steps)]
@@ -331,7 +323,7 @@ def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokeniz
         kl_steps = steps[n:, : max((p.num_steps for p in pairs), default=0)]
         return Reference(totals[:n], steps[:n], totals[n:], kl_steps)
 
-    return cached_reference(work / "reference_logps.pt", provenance.json_sha256(record), compute, env.rank)
+    return cached_reference(work / "reference_logps.pt", compute, env.rank)
 
 
 # ----------------------------------------------------------------------------- one step's inputs
@@ -411,7 +403,7 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
 
 
 def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: Env, work: Path, start_step: int,
-          log: distributed.TrainLog, record: dict) -> None:
+          log: distributed.TrainLog) -> None:
     """Each global batch of the plan: one step of (8) (kto: w_step = 0; sft: the NLL), then one AdamW update."""
     kto = args.objective != "sft"
     z0 = z0_step = totals = None  # sft has no reference points and no level sums
@@ -449,7 +441,7 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
                                        work)
         log.step(step, data.plan[step].epoch, lr, grad_norm, metrics, sums, len(data.plan[step].rows))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            checkpoints.save_train_state(work, policy, optimizer, scheduler, step + 1, record, bool(args.lora_r))
+            checkpoints.save_train_state(work, policy, optimizer, scheduler, step + 1, bool(args.lora_r))
 
 
 @torch.no_grad()
@@ -490,7 +482,7 @@ def main(args: Args) -> None:
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    distributed.run_in_process_group(functools.partial(run, args), args.dist_timeout_minutes)
+    distributed.run_in_process_group(functools.partial(run, args))
 
 
 def run(args: Args, env: Env) -> None:
@@ -506,18 +498,18 @@ def run(args: Args, env: Env) -> None:
     work = checkpoints.open_work(args.output_dir, record, env)
     lora = distributed.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r \
         else None
-    policy = distributed.build_policy(distributed.policy_spec(args.model, args, tokenizer, lora), env, trainable=True)
+    policy = distributed.build_policy(args.model, args, tokenizer, lora, env, True, CompletionLogProbs)
     policy.train()
     if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
-        data.reference = reference_logps(args, env, policy, data, tokenizer, work, record)
+        data.reference = reference_logps(args, env, policy, data, tokenizer, work)
     optimizer, scheduler = distributed.make_optimizer(policy, len(data.plan), args.lr, args.weight_decay,
                                                       args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
-    start_step = checkpoints.load_train_state(work, policy, optimizer, scheduler, record, bool(args.lora_r))
+    start_step = checkpoints.load_train_state(work, policy, optimizer, scheduler, bool(args.lora_r))
     # rank 0 logs, into the work folder, which save_final_model moves to OUTPUT/tracking
     tracker = tracking.open_tracker(args.report_to if env.rank == 0 else "none", work / "tracking",
                                     Path(args.output_dir).name, asdict(args), start_step + 1)
     log = distributed.TrainLog(work, args.log_every, len(data.plan), start_step, args.objective, tracker, env.rank)
-    train(policy, optimizer, scheduler, data, args, env, work, start_step, log, record)
+    train(policy, optimizer, scheduler, data, args, env, work, start_step, log)
     log.close()
     config = asdict(args) | {"world_size": env.world_size}  # OUTPUT/train_args.json
     checkpoints.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora, args.model)
@@ -526,7 +518,7 @@ def run(args: Args, env: Env) -> None:
 def check_args(args: Args) -> None:
     """Fail before loading anything on arguments that cannot work, or that would do nothing (stepkto/options.py)."""
     cli.check_choices(args)
-    options.refuse_inapplicable("train.py", args, torchrun="LOCAL_RANK" in os.environ)
+    options.refuse_inapplicable("train.py", args)
     if args.model == "scratch" and args.objective != "sft":
         raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
     if args.lora_r and args.model == "scratch":

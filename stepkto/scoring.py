@@ -142,17 +142,15 @@ class Reference(NamedTuple):
     kl_steps: torch.Tensor  # (P, K_max) with --step_z0 step, else (P, 0)
 
 
-def cached_reference(cache: Path, key: str, compute: Callable[[], Reference], rank: int) -> Reference:
-    """The reference log-probs of ``cache`` when it was written for ``key`` (what they depend on), else
-    ``compute()``, saved there by rank 0. A resumed run never recomputes them."""
+def cached_reference(cache: Path, compute: Callable[[], Reference], rank: int) -> Reference:
+    """The reference log-probs of ``cache`` (in a work folder, which holds only its own run's), else ``compute()``,
+    saved there by rank 0. A resumed run never recomputes them."""
     if cache.exists():
-        saved = torch.load(cache)
-        if saved["key"] == key:
-            print(f"reference log-probs: loaded from {cache}", flush=True)
-            return Reference(**saved["reference"])
+        print(f"reference log-probs: loaded from {cache}", flush=True)
+        return Reference(**torch.load(cache))
     reference = compute()
     if rank == 0:
-        jsonl.write_atomic(cache, lambda f: torch.save({"key": key, "reference": reference._asdict()}, f))
+        jsonl.write_atomic(cache, lambda f: torch.save(reference._asdict(), f))
     distributed.barrier()
     return reference
 
