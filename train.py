@@ -34,8 +34,8 @@ from stepkto import checkpoints, cli, distributed, jsonl, models, options, promp
 from stepkto.cli import UsageError, option
 from stepkto.distributed import Env, PlanBatch, build_plan
 from stepkto.jsonl import DataError
-from stepkto.scoring import Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, completion_logps, \
-    score_rows
+from stepkto.scoring import Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, \
+    completion_logps, score_rows
 from stepkto_loss import LevelSums, estimate_z0, reward_means, stepkto_loss, through_first_error
 
 
@@ -120,8 +120,7 @@ class Example(NamedTuple):
 
     @property
     def anchored(self) -> bool:
-        """Desirable at every level: the right answer and every step judged right (kto rows have no step labels;
-        every sft row is). The rows whose NLL --nll_weight's anchor trains, and sft."""
+        """Desirable at every level (every sft row is): the rows whose NLL --nll_weight's anchor trains, and sft."""
         return self.desirable and all(step_label is True for step_label in self.step_labels)
 
 
@@ -135,6 +134,8 @@ def load_examples(args: Args, tokenizer) -> list[Example]:
 
 
 def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
+    """The prompted problem and its completion, EOS appended (no offsets: sft has no steps, and a slow tokenizer
+    has no offset mapping); desirable."""
     prompt = prompting.build_prompt(tokenizer, row["problem"], prompt_style)
     prompt_ids = prompting.encode_prompt(tokenizer, prompt)
     completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -149,7 +150,12 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool, unjudged_ste
     spans = []
     if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
         spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else prompting.step_spans(row["completion"])
-        check_step_fields(row, len(spans), where)
+        if not all(isinstance(label, bool) or label is None for label in row["labels"]):
+            raise DataError(f"{where}: field 'labels' must be a list of booleans and nulls (null: no verdict)")
+        for name in ("labels", "completions"):
+            if len(row[name]) != len(spans):
+                raise DataError(f"{where}: field '{name}' has {len(row[name])} items but the completion has "
+                                f"{len(spans)} steps (prompting.step_spans: steps are separated by blank lines)")
     has_ids = "completion_ids" in row
     prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
     if not prompt_ids:
@@ -182,18 +188,6 @@ def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[in
         raise DataError(f"{where}: field 'completion_offsets' has {len(row['completion_offsets'])} items, "
                         f"'completion_ids' {len(row['completion_ids'])}: one offset per token")
     return row["prompt_ids"], row["completion_ids"], row["completion_offsets"]
-
-
-def check_step_fields(row: dict, num_spans: int, where: str) -> None:
-    labels = row["labels"]
-    if not all(isinstance(label, bool) or label is None for label in labels):
-        raise DataError(f"{where}: field 'labels' must be a list of booleans and nulls (null: no verdict)")
-    for name in ("labels", "completions"):
-        if len(row[name]) != num_spans:
-            raise DataError(
-                f"{where}: field '{name}' has {len(row[name])} items but the completion has {num_spans} steps "
-                "(prompting.step_spans: steps are separated by blank lines)"
-            )
 
 
 def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
@@ -264,9 +258,7 @@ def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float
     """(lambda_D, lambda_U) of (3) with lambda_D * n_D = lambda_U * n_U, the larger side weighted down (KTO paper)."""
     if min(n_desirable, n_undesirable) == 0:
         return 1.0, 1.0
-    if n_undesirable > n_desirable:
-        return 1.0, n_desirable / n_undesirable
-    return n_undesirable / n_desirable, 1.0
+    return min(1.0, n_undesirable / n_desirable), min(1.0, n_desirable / n_undesirable)
 
 
 def step_tensors(examples: list[Example], num_steps: int, args: Args, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,8 +293,8 @@ def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) 
 
 def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokenizer, work: Path) -> Reference:
     """log pi_ref of every row and KL pair of the plan, ONCE per run, before any update; cached in the work folder
-    (checkpoints.claim_output keeps it only for this run). Without --ref_model the (still untrained) policy is the reference, so no
-    second model is loaded; otherwise the reference is loaded (sharded as the policy), used and freed."""
+    (claim_output keeps it only for this run). Without --ref_model the (still untrained) policy is the reference,
+    so no second model is loaded; otherwise the reference is loaded (sharded as the policy), used and freed."""
     def compute() -> Reference:
         scorer = policy
         if args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve():
@@ -327,7 +319,6 @@ def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokeniz
 
 
 # ----------------------------------------------------------------------------- one step's inputs
-# Everything a step needs but the policy's log-probs, for this rank's slice of the global batch, in one place.
 
 
 class MicroBatch(NamedTuple):
@@ -363,18 +354,9 @@ def step_inputs(step: int, data: Data, args: Args, env: Env) -> StepInputs:
     examples = [data.examples[i] for i in data.plan[step].rows]
     nll_tokens = max(sum(len(e.tokens.completion_ids) for e in examples if e.anchored), 1)
     n_step = sum(any(step_label is not None for step_label in e.step_labels) for e in examples)
-    micro = micro_slots(len(examples), env, args.gradient_accumulation_steps)
+    micro = distributed.micro_slots(len(examples), env, args.gradient_accumulation_steps)
     return StepInputs([micro_batch(step, slots, data, args, env.device) for slots in micro],
                       torch.tensor(float(len(examples))), torch.tensor(float(n_step)), nll_tokens)
-
-
-def micro_slots(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
-    """The slots of the global batch (indices into PlanBatch.rows) that this rank computes, one range per
-    micro-batch: the rank's equal, contiguous slice cut into `accumulation` equal parts (build_plan makes the batch
-    divisible)."""
-    per_micro = global_batch_size // (env.world_size * accumulation)
-    first = env.rank * accumulation
-    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
 
 
 def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.device) -> MicroBatch:
@@ -397,9 +379,8 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
 
 
 # ----------------------------------------------------------------------------- the training loop (paper Sec. 2.3, 2.4)
-# One run is one iteration M_t -> M_{t+1} (kto / step-kto), with pi_ref = M_t throughout; each loop pass is one step
-# of (8) on one global batch: z0 (2) over its KL pairs, then each micro-batch's share of (8) (+ the NLL anchor) and
-# its backward, then one AdamW update. sft is a short branch of the same loop.
+# One run is one iteration M_t -> M_{t+1}, pi_ref = M_t throughout; each pass of the loop is one step of (8) on one
+# global batch: z0 (2) over its KL pairs, each micro-batch's share of (8) and its backward, one AdamW update.
 
 
 def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: Env, work: Path, start_step: int,
@@ -527,20 +508,19 @@ def check_args(args: Args) -> None:
         path = getattr(args, name)
         if path and path != "scratch" and Path(path).resolve() == Path(args.output_dir).resolve():
             raise UsageError(f"--output_dir {args.output_dir} is --{name}: training would overwrite its own input")
-    for name in ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if not (0 < args.beta < math.inf) or args.lambda_d < 0 or args.lambda_u < 0 or args.lora_r < 0:
-        got = f"{args.beta}, {args.lambda_d}, {args.lambda_u}, {args.lora_r}"
-        raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u, --lora_r >= 0; got {got}")
+    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps",
+                "beta")
+    for name in positive + ("lambda_d", "lambda_u", "lora_r", "max_steps", "save_every", "logits_chunk_mib"):
+        if not (getattr(args, name) > 0 if name in positive else getattr(args, name) >= 0):
+            raise UsageError(f"--{name} must be {'>' if name in positive else '>='} 0, got {getattr(args, name)}")
+    if args.beta == math.inf or not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"need --beta < inf and 0 <= --warmup_ratio < 1, got {args.beta}, {args.warmup_ratio}")
     no_steps = torch.zeros(1, 0, dtype=torch.bool)
     try:  # the weights of (8): stepkto_loss's own check, on one row without steps
         stepkto_loss(torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1, 0), no_steps, no_steps,
                      torch.zeros(()), w_outcome=args.w_outcome, w_step=args.w_step)
     except ValueError as error:
         raise UsageError(f"--w_outcome {args.w_outcome}, --w_step {args.w_step}: {error}") from None
-    if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
-        raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
     if args.dtype == "bfloat16" and not args.lora_r:
         raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
                          "1/256 of the weight: use --dtype float32 --mixed_precision bfloat16")

@@ -42,8 +42,16 @@ def training_record(options: dict, world_size: int) -> dict:
 def claim_output(output_dir: str, record: dict, on_change: str, env: Env) -> bool:
     """Whether to train OUTPUT: not when it is complete and was made by ``record`` (the one place that looks). Rank 0
     looks and every rank follows its decision: a rank that exits alone would leave the others waiting in a
-    collective. OUTPUT or leftovers made otherwise stop the run (on_change stop) or are removed (redo)."""
-    decision = gather_objects(_decide(output_dir, record) if env.rank == 0 else None)[0]
+    collective. Rank 0 first becomes OUTPUT's one writer (sharding.claim): its refusal is for every rank to raise.
+    OUTPUT or leftovers made otherwise stop the run (on_change stop) or are removed (redo)."""
+    decision = None
+    if env.rank == 0:
+        try:
+            sharding.claim(output_dir)
+            decision = _decision(output_dir, record)
+        except jsonl.StageError as refusal:
+            decision = refusal
+    decision = gather_objects(decision)[0]
     if isinstance(decision, jsonl.StageError):
         raise decision
     if decision == "done":
@@ -58,15 +66,6 @@ def claim_output(output_dir: str, record: dict, on_change: str, env: Env) -> boo
             shutil.rmtree(path, ignore_errors=True)
     barrier()
     return True
-
-
-def _decide(output_dir: str, record: dict) -> str | jsonl.StageError:
-    """Rank 0 becomes OUTPUT's one writer (sharding.claim; the refusal, for every rank to raise) and decides."""
-    try:
-        sharding.claim(output_dir)
-    except jsonl.StageError as refusal:
-        return refusal
-    return _decision(output_dir, record)
 
 
 def _decision(output_dir: str, record: dict) -> str:

@@ -238,12 +238,12 @@ def shard(policy: torch.nn.Module, env: Env, mixed_precision: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    mp = MixedPrecisionPolicy()
+    precision = MixedPrecisionPolicy()
     if mixed_precision != "none":
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
+        precision = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
     for layer in policy.lm.get_decoder().layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=precision)
+    fully_shard(policy, mesh=mesh, mp_policy=precision)
 
 
 def load_sharded(skeleton: torch.nn.Module, full: torch.nn.Module | None, env: Env) -> torch.nn.Module:
@@ -304,7 +304,16 @@ def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: 
     return plan
 
 
-# ----------------------------------------------------------------------------- optimizer, LR schedule, clipping, throughput
+def micro_slots(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
+    """The slots of the global batch (indices into PlanBatch.rows) that this rank computes, one range per
+    micro-batch: the rank's equal, contiguous slice cut into `accumulation` equal parts (build_plan makes the batch
+    divisible)."""
+    per_micro = global_batch_size // (env.world_size * accumulation)
+    first = env.rank * accumulation
+    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
+
+
+# ----------------------------------------------------------------------------- optimizer, LR schedule, clipping
 
 
 def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_decay: float, warmup_ratio: float,

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import stepkto_loss as sk
 from stepkto import distributed, jsonl, sharding
+from stepkto_loss import step_logps
 
 
 class Tokenized(NamedTuple):
@@ -129,7 +129,7 @@ def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.
     token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
     grid = token_logps.new_zeros(batch.step_ids.shape)  # (B, C), 0 at padding
     grid = grid.index_put((batch.token_rows, batch.token_cols), token_logps)  # differentiable scatter
-    steps = sk.step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
+    steps = step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
     return grid.sum(dim=1), steps
 
 
