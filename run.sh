@@ -130,7 +130,6 @@ fi
 LORA_R=${LORA_R:-0}                       # > 0: train LoRA adapters of this rank (peft), merged into each M_i
 GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-false}  # recompute activations in backward (large models)
 OPTIM=${OPTIM:-}                          # adamw | adamw_fused (empty: train.py's default)
-DIST_TIMEOUT=${DIST_TIMEOUT:-}            # minutes a collective may wait (empty: train.py's default)
 SAVE_EVERY=${SAVE_EVERY:-}                # steps between sharded resume states (empty: train.py's default)
 REPORT_TO=${REPORT_TO:-none}              # none | tensorboard | wandb (train.py and evaluate.py)
 
@@ -223,7 +222,7 @@ LABEL_ENGINE=()                           # label.py's own engine is mc's rollou
 FULL_DTYPE=(--dtype "$DTYPE")
 [ "$DTYPE" = bfloat16 ] && FULL_DTYPE=(--dtype float32 --mixed_precision bfloat16)
 SCALE=(--gradient_checkpointing "$GRADIENT_CHECKPOINTING")  # train.py's settings for large models, every call
-set_only SCALE optim "$OPTIM" dist_timeout_minutes "$DIST_TIMEOUT" save_every "$SAVE_EVERY"
+set_only SCALE optim "$OPTIM" save_every "$SAVE_EVERY"
 RECIPE=()                                 # train.py's recipe: passed only when set here
 set_only RECIPE lr "$LR" beta "$BETA" nll_weight "$NLL_WEIGHT" epochs "$EPOCHS"
 STEP_LEVEL=(--step_scope "$STEP_SCOPE")   # step-kto's step level
@@ -239,7 +238,7 @@ print_settings() {  # what this run resolved, train.py's defaults included
     local recipe
     recipe=$("$PYTHON" -c 'import sys, train
 print(" ".join(f"{k}={train.Args.__dataclass_fields__[k].default}" for k in sys.argv[1:]))' \
-        lr beta nll_weight epochs w_step step_span step_aggregation optim dist_timeout_minutes save_every 2>/dev/null || true)
+        lr beta nll_weight epochs w_step step_span step_aggregation optim save_every 2>/dev/null || true)
     echo "== settings (seed $SEED, $BASE)"
     echo "   objectives: $OBJECTIVES; iterations: $ITERATIONS; model: ${MODEL:-M0 = sft of ${BASE_MODEL:-scratch}}"
     echo "   problems: ${TRAIN_PROBLEMS:-built-in task ($TASK)}, $SAMPLES samples at temperature $TEMPERATURE," \

@@ -5,19 +5,16 @@
     torchrun --nproc_per_node 8 train.py --objective step-kto --model M0 --data labels.jsonl --output_dir M1 \\
         --mixed_precision bfloat16 --gradient_checkpointing true --per_device_batch_size 4
 
-sft trains the seed (--model scratch: the embedded default's tiny Llama) on rows {"id", "problem", "completion"}: the
-mean NLL of the completion tokens + EOS. step-kto is one iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0
--> M3) with pi_ref = M_t (--model, or --ref_model), on label.py's rows {"id", "prompt", "completion",
-"finish_reason", "outcome", "completions", "labels"} (the outcome and step feedback of Sec. 2.1; a null label is a
-step without a verdict: --unjudged_steps): the loss is stepkto_loss.py's (8) (Sec. 2.3; the equation numbers (n)
-are its). kto, the paper's baseline, is step-kto with w_step = 0, on rows that may lack the step fields. Under
-torchrun (one node or several) the model is FSDP2-sharded; the result equals one process with the same global batch.
+sft trains the seed (--model scratch: a tiny Llama) on the mean NLL of the completion tokens + EOS. step-kto is one
+iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3) with pi_ref = M_t, on label.py's rows with the
+outcome and step feedback of Sec. 2.1: the loss is stepkto_loss.py's (8) (Sec. 2.3; the equation numbers (n) are
+its). kto, the paper's baseline, is step-kto with w_step = 0. Under torchrun the model is FSDP2-sharded; the result
+equals one process with the same global batch.
 
 Top to bottom: Args; rows, then tokens; the batch plan and the KTO weights; the KL pairs and the reference log-probs
 (computed once); one step's inputs; the training loop, whose body is one Step-KTO step (train); main. The log-probs
-are stepkto/scoring.py's; what is not Step-KTO is the package's: processes, FSDP2, LoRA, the batch plan, the
-optimizer and the log stepkto/distributed.py's, OUTPUT's provenance, the resume state and saving
-stepkto/checkpoints.py's.
+are stepkto/scoring.py's; processes, FSDP2, LoRA, the plan, the optimizer and the log stepkto/distributed.py's;
+OUTPUT's provenance, the resume state and saving stepkto/checkpoints.py's.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from __future__ import annotations
 import functools
 import gc
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -38,7 +34,8 @@ from stepkto import checkpoints, cli, distributed, jsonl, models, options, promp
 from stepkto.cli import UsageError, option
 from stepkto.distributed import Env, PlanBatch, build_plan
 from stepkto.jsonl import DataError
-from stepkto.scoring import Batch, Reference, Tokenized, cached_reference, collate, completion_logps, score_rows
+from stepkto.scoring import Batch, CompletionLogProbs, Reference, Tokenized, cached_reference, collate, \
+    completion_logps, score_rows
 from stepkto_loss import LevelSums, estimate_z0, reward_means, stepkto_loss, through_first_error
 
 
@@ -50,30 +47,29 @@ class Args:
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
     prompt_style: prompting.PromptStyle = option("instruct", help="sft: the prompt (prompting.PROMPT_TEMPLATES key).")
-    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: one token per character "
-        "(char), or also per fixed string of the built-in task (phrase, models.SCRATCH_PHRASES: shorter rows).")
+    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: a token per character "
+        "(char), or also per fixed string of the built-in task (phrase: models.SCRATCH_PHRASES).")
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
     num_layers: int = option(4, help="--model scratch: decoder layers.")
     intermediate_size: int = option(768, help="--model scratch: MLP width.")
-    max_len: int = option(512, help="--model scratch: max_position_embeddings.")
     beta: float = option(0.1, help="KTO beta: scale of the implied reward log pi/pi_ref.")
     lambda_d: float = option(1.0, help="KTO weight of desirable items (lambda_D).")
     lambda_u: float = option(1.0, help="KTO weight of undesirable items (lambda_U).")
-    balance_lambdas: bool = option(True, help="Per level, lambda_D * n_D = lambda_U * n_U over the data, the larger "
-        "side weighted down (KTO paper; without it a weak policy collapses); overrides --lambda_d/--lambda_u.")
+    balance_lambdas: bool = option(True, help="Per level, lambda_D * n_D = lambda_U * n_U over the data (KTO paper), "
+        "instead of --lambda_d/--lambda_u.")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto: 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto: 0).")
-    nll_weight: float = option(1.0, help="kto/step-kto: add this times the mean NLL of the completions desirable at "
-        "every level, as Iterative RPO (Pang et al. 2024): NOT Step-KTO's, an anchor against likelihood displacement.")
+    nll_weight: float = option(1.0, help="Add this times the mean NLL of the completions desirable at every level "
+        "(Iterative RPO's anchor against likelihood displacement; not Step-KTO's).")
     step_span: Literal["step", "prefix"] = option("step", help="Step reward over the step's own tokens (step) or the "
-        "whole prefix through it (prefix).")
+        "prefix through it (prefix).")
     step_aggregation: Literal["mean", "sum"] = option("mean", help="Step losses of one completion: mean or sum.")
-    step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper's "
-        "judge labels every step), or through the first wrong one (stepkto_loss.through_first_error).")
-    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="step-kto: a step without a verdict (null "
-        "label): ignore (no part in the step level; its row keeps the outcome level) or wrong (undesirable).")
-    step_z0: Literal["outcome", "step"] = option("outcome", help="Reference point of the step level: the outcome z0, "
-        "or estimate_z0 over the KL pairs' step log-ratios.")
+    step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper), "
+        "or through the first wrong one.")
+    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="A step without a verdict (null label): no "
+        "part in the step level (ignore), or undesirable (wrong).")
+    step_z0: Literal["outcome", "step"] = option("outcome", help="The step level's z0: the outcome level's, or "
+        "estimate_z0 over the KL pairs' step log-ratios.")
     per_device_batch_size: int = option(8, help="Rows per process per step; global batch = this * world size.")
     epochs: int = option(1, help="Passes over the data.")
     max_steps: int = option(0, help="Stop after this many optimizer steps (0: all epochs; the LR schedule spans them).")
@@ -81,16 +77,13 @@ class Args:
     weight_decay: float = option(0.0, help="AdamW weight decay (matrices and embeddings only).")
     warmup_ratio: float = option(0.1, help="Fraction of the steps with a linear LR warmup.")
     lr_schedule: Literal["linear", "cosine"] = option("linear", help="LR decay after the warmup, to 0 at the end.")
-    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping; the log's "
-        "grad_norm is the norm before clipping).")
+    max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping).")
     seed: int = option(0, help="Seed of the batch plan, of --model scratch's init and of torch/numpy/random.")
     num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
     dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype of the loaded and the "
         "saved model; trained weights must not be bfloat16 (use --mixed_precision), a frozen LoRA base may be.")
     mixed_precision: Literal["none", "bfloat16"] = option("none", help="Compute dtype of forward and backward, the "
         "weights and AdamW states staying in --dtype (FSDP2's MixedPrecisionPolicy under torchrun, else autocast).")
-    dist_timeout_minutes: float = option(30.0, help="Under torchrun: how long a collective waits for the other ranks "
-        "(NCCL's own default is 10 min; a slow filesystem can take longer to write a resume state).")
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
     gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory.")
@@ -103,8 +96,8 @@ class Args:
     lora_r: int = option(0, help="LoRA rank (peft; 0: full fine-tuning). OUTPUT holds the model with the adapters "
         "merged in float32 (float64 when trained in it), and OUTPUT/adapter the adapters alone.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
-    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (peft's default 0; > 0 keeps a "
-        "copy of every adapted layer's input for backward).")
+    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (> 0 keeps a copy of every "
+        "adapted layer's input for backward).")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
         "comma-separated names of the modules with adapters (default: a Llama / Qwen / Mistral decoder's linears).")
     report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights "
@@ -114,7 +107,7 @@ class Args:
 
 # Resuming with other values of these is safe: they do not change what is computed (not in the provenance record).
 RESUME_FREE_ARGS = ("num_threads", "log_every", "save_every", "gradient_checkpointing", "logits_chunk_mib", "report_to",
-                    "dist_timeout_minutes", "on_change")
+                    "on_change")
 
 
 # ----------------------------------------------------------------------------- rows, then tokens (paper Sec. 2.1)
@@ -127,8 +120,7 @@ class Example(NamedTuple):
 
     @property
     def anchored(self) -> bool:
-        """Desirable at every level: the right answer and every step judged right (kto rows have no step labels;
-        every sft row is). The rows whose NLL --nll_weight's anchor trains, and sft."""
+        """Desirable at every level (every sft row is): the rows whose NLL --nll_weight's anchor trains, and sft."""
         return self.desirable and all(step_label is True for step_label in self.step_labels)
 
 
@@ -142,6 +134,8 @@ def load_examples(args: Args, tokenizer) -> list[Example]:
 
 
 def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
+    """The prompted problem and its completion, EOS appended (no offsets: sft has no steps, and a slow tokenizer
+    has no offset mapping); desirable."""
     prompt = prompting.build_prompt(tokenizer, row["problem"], prompt_style)
     prompt_ids = prompting.encode_prompt(tokenizer, prompt)
     completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -156,7 +150,12 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool, unjudged_ste
     spans = []
     if with_steps:  # label.py writes the spans; only rows from elsewhere are split here
         spans = [tuple(s) for s in row["step_spans"]] if "step_spans" in row else prompting.step_spans(row["completion"])
-        check_step_fields(row, len(spans), where)
+        if not all(isinstance(label, bool) or label is None for label in row["labels"]):
+            raise DataError(f"{where}: field 'labels' must be a list of booleans and nulls (null: no verdict)")
+        for name in ("labels", "completions"):
+            if len(row[name]) != len(spans):
+                raise DataError(f"{where}: field '{name}' has {len(row[name])} items but the completion has "
+                                f"{len(spans)} steps (prompting.step_spans: steps are separated by blank lines)")
     has_ids = "completion_ids" in row
     prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
     if not prompt_ids:
@@ -189,18 +188,6 @@ def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[in
         raise DataError(f"{where}: field 'completion_offsets' has {len(row['completion_offsets'])} items, "
                         f"'completion_ids' {len(row['completion_ids'])}: one offset per token")
     return row["prompt_ids"], row["completion_ids"], row["completion_offsets"]
-
-
-def check_step_fields(row: dict, num_spans: int, where: str) -> None:
-    labels = row["labels"]
-    if not all(isinstance(label, bool) or label is None for label in labels):
-        raise DataError(f"{where}: field 'labels' must be a list of booleans and nulls (null: no verdict)")
-    for name in ("labels", "completions"):
-        if len(row[name]) != num_spans:
-            raise DataError(
-                f"{where}: field '{name}' has {len(row[name])} items but the completion has {num_spans} steps "
-                "(prompting.step_spans: steps are separated by blank lines)"
-            )
 
 
 def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
@@ -271,9 +258,7 @@ def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float
     """(lambda_D, lambda_U) of (3) with lambda_D * n_D = lambda_U * n_U, the larger side weighted down (KTO paper)."""
     if min(n_desirable, n_undesirable) == 0:
         return 1.0, 1.0
-    if n_undesirable > n_desirable:
-        return 1.0, n_desirable / n_undesirable
-    return n_undesirable / n_desirable, 1.0
+    return min(1.0, n_undesirable / n_desirable), min(1.0, n_desirable / n_undesirable)
 
 
 def step_tensors(examples: list[Example], num_steps: int, args: Args, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,15 +291,14 @@ def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) 
     return pairs
 
 
-def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokenizer, work: Path,
-                    record: dict) -> Reference:
+def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokenizer, work: Path) -> Reference:
     """log pi_ref of every row and KL pair of the plan, ONCE per run, before any update; cached in the work folder
-    for this run's provenance record. Without --ref_model the (still untrained) policy is the reference, so no
-    second model is loaded; otherwise the reference is loaded (sharded as the policy), used and freed."""
+    (claim_output keeps it only for this run). Without --ref_model the (still untrained) policy is the reference,
+    so no second model is loaded; otherwise the reference is loaded (sharded as the policy), used and freed."""
     def compute() -> Reference:
-        separate = args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve()
-        spec = distributed.policy_spec(args.ref_model, args, tokenizer, None)
-        scorer = distributed.build_policy(spec, env, trainable=False) if separate else policy
+        scorer = policy
+        if args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve():
+            scorer = distributed.build_policy(args.ref_model, args, tokenizer, None, env, False, CompletionLogProbs)
         scorer.eval()
         keep_steps = args.step_z0 == "step"
         pairs = [p for b in data.plan for p in kl_pairs(b.rows, range(len(b.rows)), data.examples, keep_steps)]
@@ -331,11 +315,10 @@ def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokeniz
         kl_steps = steps[n:, : max((p.num_steps for p in pairs), default=0)]
         return Reference(totals[:n], steps[:n], totals[n:], kl_steps)
 
-    return cached_reference(work / "reference_logps.pt", provenance.json_sha256(record), compute, env.rank)
+    return cached_reference(work / "reference_logps.pt", compute, env.rank)
 
 
 # ----------------------------------------------------------------------------- one step's inputs
-# Everything a step needs but the policy's log-probs, for this rank's slice of the global batch, in one place.
 
 
 class MicroBatch(NamedTuple):
@@ -371,18 +354,9 @@ def step_inputs(step: int, data: Data, args: Args, env: Env) -> StepInputs:
     examples = [data.examples[i] for i in data.plan[step].rows]
     nll_tokens = max(sum(len(e.tokens.completion_ids) for e in examples if e.anchored), 1)
     n_step = sum(any(step_label is not None for step_label in e.step_labels) for e in examples)
-    micro = micro_slots(len(examples), env, args.gradient_accumulation_steps)
+    micro = distributed.micro_slots(len(examples), env, args.gradient_accumulation_steps)
     return StepInputs([micro_batch(step, slots, data, args, env.device) for slots in micro],
                       torch.tensor(float(len(examples))), torch.tensor(float(n_step)), nll_tokens)
-
-
-def micro_slots(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
-    """The slots of the global batch (indices into PlanBatch.rows) that this rank computes, one range per
-    micro-batch: the rank's equal, contiguous slice cut into `accumulation` equal parts (build_plan makes the batch
-    divisible)."""
-    per_micro = global_batch_size // (env.world_size * accumulation)
-    first = env.rank * accumulation
-    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
 
 
 def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.device) -> MicroBatch:
@@ -405,13 +379,12 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
 
 
 # ----------------------------------------------------------------------------- the training loop (paper Sec. 2.3, 2.4)
-# One run is one iteration M_t -> M_{t+1} (kto / step-kto), with pi_ref = M_t throughout; each loop pass is one step
-# of (8) on one global batch: z0 (2) over its KL pairs, then each micro-batch's share of (8) (+ the NLL anchor) and
-# its backward, then one AdamW update. sft is a short branch of the same loop.
+# One run is one iteration M_t -> M_{t+1}, pi_ref = M_t throughout; each pass of the loop is one step of (8) on one
+# global batch: z0 (2) over its KL pairs, each micro-batch's share of (8) and its backward, one AdamW update.
 
 
 def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: Env, work: Path, start_step: int,
-          log: distributed.TrainLog, record: dict) -> None:
+          log: distributed.TrainLog) -> None:
     """Each global batch of the plan: one step of (8) (kto: w_step = 0; sft: the NLL), then one AdamW update."""
     kto = args.objective != "sft"
     z0 = z0_step = totals = None  # sft has no reference points and no level sums
@@ -449,7 +422,7 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
                                        work)
         log.step(step, data.plan[step].epoch, lr, grad_norm, metrics, sums, len(data.plan[step].rows))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(data.plan):
-            checkpoints.save_train_state(work, policy, optimizer, scheduler, step + 1, record, bool(args.lora_r))
+            checkpoints.save_train_state(work, policy, optimizer, scheduler, step + 1, bool(args.lora_r))
 
 
 @torch.no_grad()
@@ -490,7 +463,7 @@ def main(args: Args) -> None:
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    distributed.run_in_process_group(functools.partial(run, args), args.dist_timeout_minutes)
+    distributed.run_in_process_group(functools.partial(run, args))
 
 
 def run(args: Args, env: Env) -> None:
@@ -506,18 +479,18 @@ def run(args: Args, env: Env) -> None:
     work = checkpoints.open_work(args.output_dir, record, env)
     lora = distributed.Lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora_r \
         else None
-    policy = distributed.build_policy(distributed.policy_spec(args.model, args, tokenizer, lora), env, trainable=True)
+    policy = distributed.build_policy(args.model, args, tokenizer, lora, env, True, CompletionLogProbs)
     policy.train()
     if args.objective != "sft":  # before any update and before loading a resume state: pi_ref = initial policy
-        data.reference = reference_logps(args, env, policy, data, tokenizer, work, record)
+        data.reference = reference_logps(args, env, policy, data, tokenizer, work)
     optimizer, scheduler = distributed.make_optimizer(policy, len(data.plan), args.lr, args.weight_decay,
                                                       args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
-    start_step = checkpoints.load_train_state(work, policy, optimizer, scheduler, record, bool(args.lora_r))
+    start_step = checkpoints.load_train_state(work, policy, optimizer, scheduler, bool(args.lora_r))
     # rank 0 logs, into the work folder, which save_final_model moves to OUTPUT/tracking
     tracker = tracking.open_tracker(args.report_to if env.rank == 0 else "none", work / "tracking",
                                     Path(args.output_dir).name, asdict(args), start_step + 1)
     log = distributed.TrainLog(work, args.log_every, len(data.plan), start_step, args.objective, tracker, env.rank)
-    train(policy, optimizer, scheduler, data, args, env, work, start_step, log, record)
+    train(policy, optimizer, scheduler, data, args, env, work, start_step, log)
     log.close()
     config = asdict(args) | {"world_size": env.world_size}  # OUTPUT/train_args.json
     checkpoints.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora, args.model)
@@ -526,7 +499,7 @@ def run(args: Args, env: Env) -> None:
 def check_args(args: Args) -> None:
     """Fail before loading anything on arguments that cannot work, or that would do nothing (stepkto/options.py)."""
     cli.check_choices(args)
-    options.refuse_inapplicable("train.py", args, torchrun="LOCAL_RANK" in os.environ)
+    options.refuse_inapplicable("train.py", args)
     if args.model == "scratch" and args.objective != "sft":
         raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
     if args.lora_r and args.model == "scratch":
@@ -535,20 +508,19 @@ def check_args(args: Args) -> None:
         path = getattr(args, name)
         if path and path != "scratch" and Path(path).resolve() == Path(args.output_dir).resolve():
             raise UsageError(f"--output_dir {args.output_dir} is --{name}: training would overwrite its own input")
-    for name in ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if not (0 < args.beta < math.inf) or args.lambda_d < 0 or args.lambda_u < 0 or args.lora_r < 0:
-        got = f"{args.beta}, {args.lambda_d}, {args.lambda_u}, {args.lora_r}"
-        raise UsageError(f"need 0 < --beta < inf and --lambda_d, --lambda_u, --lora_r >= 0; got {got}")
+    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps",
+                "beta")
+    for name in positive + ("lambda_d", "lambda_u", "lora_r", "max_steps", "save_every", "logits_chunk_mib"):
+        if not (getattr(args, name) > 0 if name in positive else getattr(args, name) >= 0):
+            raise UsageError(f"--{name} must be {'>' if name in positive else '>='} 0, got {getattr(args, name)}")
+    if args.beta == math.inf or not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"need --beta < inf and 0 <= --warmup_ratio < 1, got {args.beta}, {args.warmup_ratio}")
     no_steps = torch.zeros(1, 0, dtype=torch.bool)
     try:  # the weights of (8): stepkto_loss's own check, on one row without steps
         stepkto_loss(torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1, 0), no_steps, no_steps,
                      torch.zeros(()), w_outcome=args.w_outcome, w_step=args.w_step)
     except ValueError as error:
         raise UsageError(f"--w_outcome {args.w_outcome}, --w_step {args.w_step}: {error}") from None
-    if args.max_steps < 0 or args.save_every < 0 or args.logits_chunk_mib < 0 or not 0 <= args.warmup_ratio < 1:
-        raise UsageError("need --max_steps, --save_every, --logits_chunk_mib >= 0 and 0 <= --warmup_ratio < 1")
     if args.dtype == "bfloat16" and not args.lora_r:
         raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
                          "1/256 of the weight: use --dtype float32 --mixed_precision bfloat16")

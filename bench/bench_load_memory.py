@@ -30,14 +30,14 @@ def worker(repo: str, model: str, dtype: str) -> None:
     sys.path.insert(0, repo)
     import torch
 
-    from stepkto import distributed, models
+    from stepkto import distributed, models, scoring
     import train
 
     args = train.Args(objective="step-kto", model=model, data="-", output_dir="-", dtype=dtype)
-    env = distributed.init_distributed(30)
+    env = distributed.init_distributed()
     before = status_mib("VmRSS")
-    spec = distributed.policy_spec(model, args, models.tokenizer_for(model), None)
-    policy = distributed.build_policy(spec, env, trainable=True)
+    policy = distributed.build_policy(model, args, models.tokenizer_for(model), None, env, True,
+                                      scoring.CompletionLogProbs)
     after, peak = status_mib("VmRSS"), status_mib("VmHWM")
     local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
                 for p in policy.parameters()) / 2**20

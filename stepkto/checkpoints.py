@@ -9,7 +9,6 @@ as OUTPUT.tmp and renamed when complete; a complete OUTPUT made by the same reco
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -43,8 +42,16 @@ def training_record(options: dict, world_size: int) -> dict:
 def claim_output(output_dir: str, record: dict, on_change: str, env: Env) -> bool:
     """Whether to train OUTPUT: not when it is complete and was made by ``record`` (the one place that looks). Rank 0
     looks and every rank follows its decision: a rank that exits alone would leave the others waiting in a
-    collective. OUTPUT or leftovers made otherwise stop the run (on_change stop) or are removed (redo)."""
-    decision = gather_objects(_decide(output_dir, record) if env.rank == 0 else None)[0]
+    collective. Rank 0 first becomes OUTPUT's one writer (sharding.claim): its refusal is for every rank to raise.
+    OUTPUT or leftovers made otherwise stop the run (on_change stop) or are removed (redo)."""
+    decision = None
+    if env.rank == 0:
+        try:
+            sharding.claim(output_dir)
+            decision = _decision(output_dir, record)
+        except jsonl.StageError as refusal:
+            decision = refusal
+    decision = gather_objects(decision)[0]
     if isinstance(decision, jsonl.StageError):
         raise decision
     if decision == "done":
@@ -59,15 +66,6 @@ def claim_output(output_dir: str, record: dict, on_change: str, env: Env) -> boo
             shutil.rmtree(path, ignore_errors=True)
     barrier()
     return True
-
-
-def _decide(output_dir: str, record: dict) -> str | jsonl.StageError:
-    """Rank 0 becomes OUTPUT's one writer (sharding.claim; the refusal, for every rank to raise) and decides."""
-    try:
-        sharding.claim(output_dir)
-    except jsonl.StageError as refusal:
-        return refusal
-    return _decision(output_dir, record)
 
 
 def _decision(output_dir: str, record: dict) -> str:
@@ -145,7 +143,7 @@ def _state_dicts(policy, optimizer, adapters_only: bool):
     return model_state, optimizer_state
 
 
-def save_train_state(work: Path, policy, optimizer, scheduler, step: int, signature: dict, adapters_only: bool) -> None:
+def save_train_state(work: Path, policy, optimizer, scheduler, step: int, adapters_only: bool) -> None:
     """The resume state after ``step`` steps, every rank writing its own part. A collective."""
     import torch.distributed.checkpoint as dcp
 
@@ -156,25 +154,21 @@ def save_train_state(work: Path, policy, optimizer, scheduler, step: int, signat
     jsonl.write_atomic(folder / f"rank{rank()}.pt", lambda f: torch.save(extras, f))
     barrier()
     if rank() == 0:
-        jsonl.write_json_atomic(work / "state.json", {"step": step, "folder": folder.name, "run": signature})
+        jsonl.write_json_atomic(work / "state.json", {"step": step, "folder": folder.name})
         for old in work.glob("state-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def load_train_state(work: Path, policy, optimizer, scheduler, signature: dict, adapters_only: bool) -> int:
-    """Restore the newest resume state, if any, and drop the log lines after it; returns its step (0: none). A state
-    written with other arguments raises TrainingError naming those that differ."""
+def load_train_state(work: Path, policy, optimizer, scheduler, adapters_only: bool) -> int:
+    """Restore the newest resume state, if any, and drop the log lines after it; returns its step (0: none). It is
+    this run's: claim_output keeps a work folder only when its provenance record is this run's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     if not (work / "state.json").exists():
         return 0
     state = jsonl.read_json(work / "state.json")
-    if state["run"] != json.loads(json.dumps(signature)):
-        changed = sorted(k for k in state["run"] if state["run"][k] != signature.get(k))
-        raise TrainingError(f"{work} holds the resume state of a run with other arguments ({', '.join(changed)}): "
-                            f"delete {work} to start over")
     folder = work / state["folder"]
     model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
@@ -234,9 +228,9 @@ def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str) -> 
     """OUT = base_model with the adapters merged, in the adapters' dtype (float32, or float64 when trained in it;
     an ordinary model for generate.py, evaluate.py and vLLM), OUT/adapter = the adapters alone (peft's
     save_pretrained). The base weights never trained, so they are read again from base_model on the CPU, which
-    also works when training sharded them over ranks. Never the base's bf16: a bf16 merge rounds most of an
-    iteration's small update away (bench/BENCHMARKS.md "LoRA merged into a bf16 base"), and the merged M_i is the next
-    iteration's policy and reference."""
+    also works when training sharded them over ranks. Never the base's bf16: the merged M_i is the next iteration's
+    policy and reference, and a bf16 merge would round most of an iteration's small update away (a bf16 weight
+    keeps 8 significant bits)."""
     dtype = str(next(iter(adapters.values())).dtype).removeprefix("torch.") if adapters else "float32"
     model = add_lora(models.load_model(base_model, dtype), lora)
     loaded = model.load_state_dict(adapters, strict=False)

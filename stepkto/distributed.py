@@ -8,7 +8,7 @@ At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
   (build_policy). Host RAM holds one copy of the model, and no GPU holds more than one tensor of it whole.
 * bf16 compute under FSDP2 is its MixedPrecisionPolicy (bf16 parameters for compute, float32 gradient reduction,
   float32 master weights); torch.autocast only in one process without torchrun.
-* collectives wait up to --dist_timeout_minutes; rank 0's long writes (the final model) come after the last
+* collectives wait up to COLLECTIVE_TIMEOUT; rank 0's long writes (the final model) come after the last
   collective, so no rank waits on them.
 """
 
@@ -43,15 +43,20 @@ class TrainingError(jsonl.StageError, RuntimeError):
 # ----------------------------------------------------------------------------- processes
 
 
+# How long a collective waits for the other ranks: longer than NCCL's own 10 minutes, since a rank can wait minutes
+# for the others while they hash a large model's files or write a resume state to a slow shared filesystem.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 class Env(NamedTuple):
     rank: int
     world_size: int
     device: torch.device
 
 
-def init_distributed(timeout_minutes: float) -> Env:
+def init_distributed() -> Env:
     """One process unless launched by torchrun (even with one process: FSDP2 on one GPU); then gloo on CPU,
-    nccl on GPU, every collective waiting up to ``timeout_minutes``."""
+    nccl on GPU."""
     if "LOCAL_RANK" not in os.environ:  # plain `python train.py`
         return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     # A rank's native crash (SIGSEGV, SIGABRT from a corrupted heap) prints every thread's Python stack first, so
@@ -62,14 +67,13 @@ def init_distributed(timeout_minutes: float) -> Env:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return Env(dist.get_rank(), dist.get_world_size(), device)
 
 
-def run_in_process_group(fn: Callable[[Env], None], timeout_minutes: float) -> None:
+def run_in_process_group(fn: Callable[[Env], None]) -> None:
     """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises."""
-    env = init_distributed(timeout_minutes)
+    env = init_distributed()
     try:
         fn(env)
     finally:
@@ -168,17 +172,6 @@ class Lora(NamedTuple):
     dropout: float
     target_modules: str
 
-    def config(self):
-        from peft import LoraConfig
-
-        targets = [name.strip() for name in self.target_modules.split(",") if name.strip()]
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
-                          task_type="CAUSAL_LM")
-
-
-def is_lora(lm: torch.nn.Module) -> bool:
-    return hasattr(lm, "peft_config")
-
 
 def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
     """LoRA adapters on the model (peft; None: the model as it is). B starts at 0, so the untrained model is
@@ -186,72 +179,55 @@ def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
     copy of the weights."""
     if lora is None:
         return lm
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
 
+    targets = [name.strip() for name in lora.target_modules.split(",") if name.strip()]
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
     try:
-        return get_peft_model(lm, lora.config())
+        return get_peft_model(lm, config)
     except ValueError as error:  # e.g. no module matches the target modules
         raise UsageError(f"--lora_target_modules {lora.target_modules}: {error}") from None
 
 
-class PolicySpec(NamedTuple):
-    """How to build the policy: ``load_lm(meta)`` gives the causal LM (meta=True: its meta-device skeleton), then
-    LoRA, checkpointing and the compute dtype; ``wrap(lm, autocast_dtype or None)`` is the module training calls
-    (policy_spec: scoring.CompletionLogProbs), the FSDP2 root, which holds the LM as ``.lm``."""
+def build_policy(model: str, settings, tokenizer, lora: Lora | None, env: Env, trainable: bool,
+                 wrap: Callable[..., torch.nn.Module]) -> torch.nn.Module:
+    """``model`` (a folder or hub id, or "scratch": models.make_tiny_llama) as train.py's ``settings`` (its Args)
+    say, with LoRA, on env.device, without KV cache, wrapped in ``wrap`` (scoring.CompletionLogProbs: the module
+    training calls, the FSDP2 root). One process: built whole, mixed
+    precision by autocast. Under torchrun: FSDP2-sharded over all ranks (each decoder layer, then the root: one
+    all-gather per layer), mixed precision by FSDP2's policy, the weights loaded from rank 0 shard by shard
+    (load_sharded). trainable: requires_grad (a LoRA model keeps what peft set: the base frozen) and
+    checkpointing on request."""
+    def wrapped(meta: bool, autocast: bool) -> torch.nn.Module:
+        if model == "scratch":
+            lm = models.make_tiny_llama(tokenizer, settings.hidden_size, settings.num_layers,
+                                        settings.intermediate_size, seed=settings.seed, meta=meta)
+            lm = lm.to(getattr(torch, settings.dtype))
+        else:
+            lm = models.load_model(model, settings.dtype, meta=meta)
+        return _prepare(add_lora(lm, lora), settings, trainable, autocast, wrap)
 
-    load_lm: Callable[[bool], torch.nn.Module]
-    wrap: Callable[[torch.nn.Module, torch.dtype | None], torch.nn.Module]
-    lora: Lora | None
-    gradient_checkpointing: bool
-    mixed_precision: str  # "none" | "bfloat16"
-
-
-def policy_spec(model: str, settings, tokenizer, lora: Lora | None) -> PolicySpec:
-    """How build_policy builds ``model`` (a folder or hub id, or "scratch": models.make_tiny_llama) with train.py's
-    ``settings`` (its Args: dtype, the scratch model's sizes and seed, logits_chunk_mib, gradient_checkpointing,
-    mixed_precision): the LM wrapped in scoring.CompletionLogProbs, whose forward gives the completion tokens'
-    log-probs."""
-    from stepkto.scoring import CompletionLogProbs  # scoring imports this module
-
-    def load_lm(meta: bool) -> torch.nn.Module:
-        if model != "scratch":
-            return models.load_model(model, settings.dtype, meta=meta)
-        sizes = dict(hidden_size=settings.hidden_size, num_layers=settings.num_layers,
-                     intermediate_size=settings.intermediate_size, max_len=settings.max_len)
-        lm = models.make_tiny_llama(tokenizer, **sizes, seed=settings.seed, meta=meta)
-        return lm.to(getattr(torch, settings.dtype))
-
-    wrap = functools.partial(CompletionLogProbs, chunk_mib=settings.logits_chunk_mib)
-    return PolicySpec(load_lm, lambda lm, dtype: wrap(lm, autocast=dtype), lora, settings.gradient_checkpointing,
-                      settings.mixed_precision)
-
-
-def build_policy(spec: PolicySpec, env: Env, trainable: bool) -> torch.nn.Module:
-    """spec.wrap of the LM on env.device, without KV cache. One process: built whole, mixed precision by
-    autocast. Under torchrun: FSDP2-sharded over all ranks (each decoder layer, then the root: one all-gather per
-    layer), mixed precision by FSDP2's policy, the weights loaded from rank 0 shard by shard (load_sharded).
-    trainable: requires_grad (a LoRA model keeps what peft set: the base frozen) and checkpointing on request."""
     if not dist.is_initialized():
-        policy = _wrap(add_lora(spec.load_lm(False), spec.lora), spec, trainable, autocast=True)
-        return policy.to(env.device)
-    full = _wrap(add_lora(spec.load_lm(False), spec.lora), spec, trainable, False) if env.rank == 0 else None
-    skeleton = _wrap(add_lora(spec.load_lm(True), spec.lora), spec, trainable, autocast=False)
-    shard(skeleton, env, spec.mixed_precision)
+        return wrapped(meta=False, autocast=True).to(env.device)
+    full = wrapped(meta=False, autocast=False) if env.rank == 0 else None
+    skeleton = wrapped(meta=True, autocast=False)
+    shard(skeleton, env, settings.mixed_precision)
     return load_sharded(skeleton, full, env)
 
 
-def _wrap(lm: torch.nn.Module, spec: PolicySpec, trainable: bool, autocast: bool) -> torch.nn.Module:
+def _prepare(lm: torch.nn.Module, settings, trainable: bool, autocast: bool, wrap) -> torch.nn.Module:
     lm.config.use_cache = False
-    if trainable and spec.gradient_checkpointing:
+    if trainable and settings.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed it
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if not (trainable and is_lora(lm)):
+    if not (trainable and hasattr(lm, "peft_config")):  # peft has frozen a LoRA model's base
         lm.requires_grad_(trainable)
-    compute = getattr(torch, spec.mixed_precision) if autocast and spec.mixed_precision != "none" else None
-    return spec.wrap(lm, compute)
+    compute = getattr(torch, settings.mixed_precision) if autocast and settings.mixed_precision != "none" else None
+    return wrap(lm, chunk_mib=settings.logits_chunk_mib, autocast=compute)
 
 
 def shard(policy: torch.nn.Module, env: Env, mixed_precision: str) -> None:
@@ -262,12 +238,12 @@ def shard(policy: torch.nn.Module, env: Env, mixed_precision: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    mp = MixedPrecisionPolicy()
+    precision = MixedPrecisionPolicy()
     if mixed_precision != "none":
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
+        precision = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
     for layer in policy.lm.get_decoder().layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=precision)
+    fully_shard(policy, mesh=mesh, mp_policy=precision)
 
 
 def load_sharded(skeleton: torch.nn.Module, full: torch.nn.Module | None, env: Env) -> torch.nn.Module:
@@ -328,7 +304,16 @@ def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: 
     return plan
 
 
-# ----------------------------------------------------------------------------- optimizer, LR schedule, clipping, throughput
+def micro_slots(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
+    """The slots of the global batch (indices into PlanBatch.rows) that this rank computes, one range per
+    micro-batch: the rank's equal, contiguous slice cut into `accumulation` equal parts (build_plan makes the batch
+    divisible)."""
+    per_micro = global_batch_size // (env.world_size * accumulation)
+    first = env.rank * accumulation
+    return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
+
+
+# ----------------------------------------------------------------------------- optimizer, LR schedule, clipping
 
 
 def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_decay: float, warmup_ratio: float,
@@ -340,8 +325,7 @@ def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too); the default updates one tensor
-    # at a time, which on a CPU is the slower (bench/BENCHMARKS.md)
+    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too), instead of one tensor at a time
     optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     warmup = round(warmup_ratio * total_steps)
     factor = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=schedule)
@@ -382,47 +366,34 @@ def check_finite(name: str, value: float, step: int, work: Path) -> None:
         )
 
 
-class Throughput:
-    """Throughput since the last log line: real tokens of all forwards and rows of the global batches, all ranks."""
-
-    def __init__(self):
-        self.start, self.real, self.computed, self.rows = time.perf_counter(), 0.0, 0.0, 0
-
-    def add(self, real: float, computed: float, rows: int) -> None:
-        self.real, self.computed, self.rows = self.real + real, self.computed + computed, self.rows + rows
-
-    def stats(self) -> dict:
-        """The rates since the last call (or since the start), then a new window."""
-        now = time.perf_counter()
-        seconds = max(now - self.start, 1e-9)
-        stats = {"tokens_per_s": self.real / seconds, "samples_per_s": self.rows / seconds,
-                 "real_token_fraction": self.real / max(self.computed, 1.0)}
-        self.start, self.real, self.computed, self.rows = now, 0.0, 0.0, 0
-        return stats
-
-
 # ----------------------------------------------------------------------------- the training log
 
 
 class TrainLog:
     """What a run shows and keeps of each step: the tqdm bar, and every ``every`` steps (and at the last) one line
     of WORK/train_log.jsonl, written by rank 0 and also sent to ``tracker``: the step's metrics and the throughput
-    since the previous line."""
+    since the previous line (real tokens of all forwards and rows of the global batches, all ranks)."""
 
     def __init__(self, work: Path, every: int, total: int, start_step: int, desc: str, tracker, rank: int):
         self.path, self.every, self.total = work / "train_log.jsonl", every, total
         self.tracker, self.rank = tracker, rank
         self.bar = tqdm(total=total, initial=start_step, desc=desc, disable=rank != 0)
-        self.window = Throughput()
+        self.start, self.real, self.computed, self.rows = time.perf_counter(), 0.0, 0.0, 0
 
     def step(self, step: int, epoch: int, lr: float, grad_norm: float, metrics: dict, sums: dict, rows: int) -> None:
         """After step ``step`` (0-based); ``sums``: the step's tokens/real and tokens/computed over all ranks."""
-        self.window.add(sums["tokens/real"], sums["tokens/computed"], rows)
+        self.real += sums["tokens/real"]
+        self.computed += sums["tokens/computed"]
+        self.rows += rows
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
         if (step + 1) % self.every == 0 or step + 1 == self.total:
-            entry = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **metrics}
-            entry |= self.window.stats()
+            now = time.perf_counter()
+            seconds = max(now - self.start, 1e-9)
+            entry = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **metrics,
+                     "tokens_per_s": self.real / seconds, "samples_per_s": self.rows / seconds,
+                     "real_token_fraction": self.real / max(self.computed, 1.0)}
+            self.start, self.real, self.computed, self.rows = now, 0.0, 0.0, 0
             if self.rank == 0:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(entry) + "\n")

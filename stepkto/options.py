@@ -4,8 +4,8 @@ that would do nothing (no option silently does nothing).
 A row of TABLE says when an option applies: ALWAYS; only(...), conditions on other options that must all hold;
 either(...), alternatives of such conditions; or NEVER. An option set to anything but its default where its row does
 not hold is refused with one line that names it and what it needs. A condition reads another option, or a value the
-stage resolves when it runs and passes to refuse_inapplicable (the engine that --engine auto becomes; whether torchrun
-started the process), which then takes the place of the option of that name. tests/test_options.py walks every option
+stage resolves when it runs and passes to refuse_inapplicable (the engine that --engine auto becomes), which then takes
+the place of the option of that name. tests/test_options.py walks every option
 of every stage through every case of its row, and fails on an option that has no row: a new option needs one here.
 
 No torch here, and no stage imported: every stage imports this module.
@@ -132,9 +132,8 @@ TABLE: dict[str, dict[str, Rule]] = {
         **{name: only(STEP_KTO) for name in ("w_outcome", "w_step", "step_span", "step_aggregation", "step_scope",
                                              "step_z0", "unjudged_steps")},
         **{name: only(when("model", "scratch")) for name in ("scratch_tokenizer", "hidden_size", "num_layers",
-                                                             "intermediate_size", "max_len")},
-        **{name: only(unless("lora_r", 0)) for name in ("lora_alpha", "lora_dropout", "lora_target_modules")},
-        "dist_timeout_minutes": only(When("torchrun", (True,), text="the process runs under torchrun"))},
+                                                             "intermediate_size")},
+        **{name: only(unless("lora_r", 0)) for name in ("lora_alpha", "lora_dropout", "lora_target_modules")}},
     "stepkto/report.py": {"runs": ALWAYS, "plot": ALWAYS, "title": only(unless("plot", ""))},
 }
 

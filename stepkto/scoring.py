@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import stepkto_loss as sk
 from stepkto import distributed, jsonl, sharding
+from stepkto_loss import step_logps
 
 
 class Tokenized(NamedTuple):
@@ -129,7 +129,7 @@ def completion_logps(policy: nn.Module, batch: Batch, span: str) -> tuple[torch.
     token_logps = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.targets)  # (N,)
     grid = token_logps.new_zeros(batch.step_ids.shape)  # (B, C), 0 at padding
     grid = grid.index_put((batch.token_rows, batch.token_cols), token_logps)  # differentiable scatter
-    steps = sk.step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
+    steps = step_logps(grid, batch.step_ids, batch.step_mask.size(1), span)  # (B, K)
     return grid.sum(dim=1), steps
 
 
@@ -142,17 +142,15 @@ class Reference(NamedTuple):
     kl_steps: torch.Tensor  # (P, K_max) with --step_z0 step, else (P, 0)
 
 
-def cached_reference(cache: Path, key: str, compute: Callable[[], Reference], rank: int) -> Reference:
-    """The reference log-probs of ``cache`` when it was written for ``key`` (what they depend on), else
-    ``compute()``, saved there by rank 0. A resumed run never recomputes them."""
+def cached_reference(cache: Path, compute: Callable[[], Reference], rank: int) -> Reference:
+    """The reference log-probs of ``cache`` (in a work folder, which holds only its own run's), else ``compute()``,
+    saved there by rank 0. A resumed run never recomputes them."""
     if cache.exists():
-        saved = torch.load(cache)
-        if saved["key"] == key:
-            print(f"reference log-probs: loaded from {cache}", flush=True)
-            return Reference(**saved["reference"])
+        print(f"reference log-probs: loaded from {cache}", flush=True)
+        return Reference(**torch.load(cache))
     reference = compute()
     if rank == 0:
-        jsonl.write_atomic(cache, lambda f: torch.save({"key": key, "reference": reference._asdict()}, f))
+        jsonl.write_atomic(cache, lambda f: torch.save(reference._asdict(), f))
     distributed.barrier()
     return reference
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import os
@@ -63,9 +64,9 @@ def open_tracker(report_to: str, log_dir: str | Path, run_name: str, config: dic
     ``start_step`` is the first step this run will log: tensorboard drops the events at steps >= start_step
     that an earlier attempt wrote (killed after logging up to step T, resumed from a checkpoint before T), so
     each step appears once. Pass the first step logged, not the last one done: a checkpoint's own step, logged
-    by the killed run and not again by the resumed one, must survive. wandb cannot: its history is append-only, and it ignores a step below its last one.
-    The backends are imported here, so that only runs that ask for one need it installed. ``config`` is recorded
-    with the credentials of its URLs redacted (safe_config).
+    by the killed run and not again by the resumed one, must survive. wandb cannot (its history is append-only,
+    and it ignores a step below its last one). The backends are imported here, so that only runs that ask for
+    one need it installed. ``config`` is recorded with the credentials of its URLs redacted (safe_config).
     """
     if report_to not in REPORT_TO:
         raise ValueError(f"unknown report_to {report_to!r}: {' | '.join(REPORT_TO)}")
@@ -95,10 +96,6 @@ def safe_config(config: dict) -> dict:
 
 def check_tracker_backend(report_to: str) -> None:
     """Import --report_to's backend now, so that a missing one fails before the work it would log."""
-    if report_to not in REPORT_TO:
-        raise ValueError(f"unknown report_to {report_to!r}: {' | '.join(REPORT_TO)}")
-    import importlib
-
     if report_to != "none":
         importlib.import_module({"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}[report_to])
 

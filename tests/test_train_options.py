@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
-from stepkto import models, scoring
+from stepkto import distributed, models, scoring
 
 import train  # noqa: E402
 from test_train import (  # noqa: E402,F401  (fixtures are found by name)
@@ -82,7 +82,7 @@ def test_plan_trims_the_last_batch_to_whole_micro_batches():
     plan = train.build_plan([10] * 11, global_batch_size=4, shards=4, epochs=1, seed=0, min_batch_size=2)
     assert [len(b.rows) for b in plan] == [4, 4]  # 11 rows: the 3 left over cannot fill 4 shards
     env = train.Env(1, 2, torch.device("cpu"))
-    assert train.micro_slots(8, env, 2) == [range(4, 6), range(6, 8)]  # rank 1's half, cut in two
+    assert distributed.micro_slots(8, env, 2) == [range(4, 6), range(6, 8)]  # rank 1's half, cut in two
 
 
 # ----------------------------------------------------------------------------- LoRA
