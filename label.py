@@ -10,26 +10,24 @@ step labels come from a process reward model. Step labellers (``--prm``):
 * ``judge``: the paper's PRM as we read it (Section 2.1): an LLM (``--judge_model``, greedy) sees the problem, the
   reference solution (the row's ``solution``; the prompt says so when there is none) and the student's steps, one
   call per step (``--judge_protocol step``) or one per solution naming its first wrong step (``first_error``, as
-  ProcessBench asks; train with ``--step_scope first_error`` to score only through it). Prompts and the verdict
-  parser are stepkto/judging.py's. A reply without a verdict, or cut off at ``--judge_max_new_tokens``, gives the
-  step a null label: no evidence either way (train.py leaves it out of the step level unless ``--unjudged_steps
-  wrong``), counted in the row's ``prm_failures`` (cut-off replies also in ``prm_cutoffs``) and in the summary.
-  ``--judge_verdict logprobs`` scores a step by P(correct) / (P(correct) + P(incorrect)) at the reply's first word
-  (``step_scores``, thresholded by ``--judge_threshold``). The judge runs in this process (``--judge_engine
-  transformers | vllm``) or on a server (``--judge_engine openai --judge_base_url URL``: stepkto/served.py).
+  ProcessBench asks). Prompts and the verdict parser are stepkto/judging.py's. A reply without a verdict, or cut
+  off at ``--judge_max_new_tokens``, gives the step a null label: no evidence either way, counted in the row's
+  ``prm_failures`` (cut-off replies also in ``prm_cutoffs``) and in the summary. ``--judge_verdict logprobs``
+  scores a step by P(correct) / (P(correct) + P(incorrect)) at the reply's first word. The judge runs in this
+  process (``--judge_engine transformers | vllm``) or on a server (``--judge_engine openai``: stepkto/served.py).
 * ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k
   (prompt + completion through the end of step k + "\\n\\n") the policy (``--policy_model``, default the
   rows' ``gen.model``) samples ``--mc_rollouts`` continuations; step k is right when at least
   ``--mc_threshold`` of them end in the gold answer (last \\boxed{} of the completion's first k steps
   plus the continuation, graded by grading.grade_answers).
+* ``reward_model``: a trained PRM (stepkto/prm_models.py), in this process or served (``--prm_base_url``).
 
 A labeller is ``fn(rows, spans, settings, engine=None) -> [[True | False | None | CUT_OFF per step] per row]``
 (None: no verdict; CUT_OFF: none, because the judge's reply was cut off), or, when it scores steps
 (``score_threshold``), ``[[P(step right) | None per step] per row]``, where ``spans[i]`` are row i's steps
-(prompting.step_spans, split once in label_rows).
-judge and mc generate through stepkto/engines.py (transformers | vllm), loaded once per process
-(``engine`` replaces that engine: the ProcessBench benchmark passes one that counts tokens); all judge
-prompts / rollouts of a chunk go through one generation call.
+(prompting.step_spans, split once in label_rows). ``engine`` replaces the judge's or the policy's engine (the
+ProcessBench benchmark passes one that counts tokens); all judge prompts / rollouts of a chunk go through one
+generation call.
 
 Other stages call ``label_file(samples, output, Settings(...))`` (evaluate.py does) or ``label_rows``,
 never ``main``. Input rows must carry jsonl.SAMPLE_ROW; output rows carry jsonl.LABELLED_ROW: the input
@@ -84,7 +82,6 @@ class Settings(engines.EngineSettings):
 
     prm: Literal["check", "judge", "mc", "reward_model"] = option("check", help=(
         "Step labeller: check | judge | mc | reward_model (a trained PRM: --prm_model, --prm_format)."))
-    grade_timeout_s: float = option(5.0, help="Hard per-answer timeout of the grader (outcome labels and mc rollouts).")
     judge_model: str = option("", help="--prm judge: the judge LLM (folder or hub id).")
     judge_protocol: Literal["step", "first_error"] = option("step", help=(
         "--prm judge: step (one call per step: is this step correct?) | first_error (one call per solution "
@@ -106,10 +103,6 @@ class Settings(engines.EngineSettings):
     judge_api_key_env: str = option("OPENAI_API_KEY", help=(
         "--judge_engine openai: the environment variable that holds the API key (read there, written nowhere)."))
     judge_max_concurrency: int = option(8, help="--judge_engine openai: requests in flight at once.")
-    judge_timeout_s: float = option(600.0, help="--judge_engine openai: seconds a request may take before it is retried.")
-    judge_retries: int = option(5, help=(
-        "--judge_engine openai: retries of a transient fault (timeout, refused or reset connection, 408, 409, 429, "
-        "5xx), with exponential backoff; then the stage stops, keeping every chunk written."))
     judge_verdict: Literal["text", "logprobs"] = option("text", help=(
         "--prm judge: text (parse_verdict reads the reply) | logprobs (--judge_protocol step: the step's score is "
         "P(correct) / (P(correct) + P(incorrect)) at the reply's first word, from the top log-probs; written as "
@@ -134,9 +127,7 @@ class Settings(engines.EngineSettings):
     prm_bad_token: str = option(prm_models.BAD_TOKEN, help="--prm_format step_tag: the token that says a step is wrong.")
     prm_base_url: str = option("", help=(
         "--prm reward_model: a vLLM server of the PRM (started with prm_models.vllm_server_args' options), e.g. "
-        "http://127.0.0.1:8001/v1; scores come from its /pooling API, with the --judge_* transport settings."))
-    prm_dtype: engines.Dtype = option("auto", help="--prm reward_model in this process: the PRM's dtype (as --dtype).")
-    prm_batch_size: int = option(8, help="--prm reward_model in this process: solutions per forward pass.")
+        "http://127.0.0.1:8001/v1; scores come from its /pooling API, reached as a served judge is."))
     policy_model: str = option("", help=(
         "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them); its engine "
         "runs with --engine, --dtype, --tensor_parallel_size, ..."))
@@ -166,26 +157,20 @@ def check_args(settings: Settings) -> None:
         raise ValueError("--prm judge needs --judge_model (a folder or hub id; a served judge's name on its server)")
     if settings.prm == "reward_model" and not settings.prm_model:
         raise ValueError("--prm reward_model needs --prm_model (a folder or hub id of the PRM)")
-    check_judge_args(settings)
+    if settings.judge_engine == "openai" and not settings.judge_base_url:
+        raise cli.UsageError("--judge_engine openai needs --judge_base_url (e.g. http://127.0.0.1:8000/v1)")
+    if settings.judge_verdict == "logprobs" and settings.judge_protocol != "step":
+        raise cli.UsageError("--judge_verdict logprobs reads a one-word verdict: it needs --judge_protocol step")
+    if settings.judge_engine == "openai" and settings.judge_max_concurrency < 1:
+        raise cli.UsageError("need --judge_max_concurrency >= 1")
     if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
         raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({settings.mc_rollouts}), got {settings.mc_threshold}")
 
 
-def check_judge_args(settings: Settings) -> None:
-    """The judge's option combinations that cannot run (which options a served or in-process judge uses: stepkto/options.py)."""
-    is_served = settings.judge_engine == "openai"
-    if is_served and not settings.judge_base_url:
-        raise cli.UsageError("--judge_engine openai needs --judge_base_url (e.g. http://127.0.0.1:8000/v1)")
-    if settings.judge_verdict == "logprobs" and settings.judge_protocol != "step":
-        raise cli.UsageError("--judge_verdict logprobs reads a one-word verdict: it needs --judge_protocol step")
-    if is_served and (settings.judge_max_concurrency < 1 or settings.judge_retries < 0 or settings.judge_timeout_s <= 0):
-        raise cli.UsageError("need --judge_max_concurrency >= 1, --judge_retries >= 0 and --judge_timeout_s > 0")
-
-
 def endpoint(settings: Settings, base_url: str, model: str, **api) -> served.Endpoint:
-    """A served judge (--judge_engine openai) or PRM (--prm_base_url), reached with the --judge_* transport settings."""
-    return served.Endpoint(base_url, model, api_key_env=settings.judge_api_key_env, timeout_s=settings.judge_timeout_s,
-                           max_concurrency=settings.judge_max_concurrency, retries=settings.judge_retries, **api)
+    """A served judge (--judge_engine openai) or PRM (--prm_base_url): the same key variable and concurrency."""
+    return served.Endpoint(base_url, model, api_key_env=settings.judge_api_key_env,
+                           max_concurrency=settings.judge_max_concurrency, **api)
 
 
 def get_judge(settings: Settings) -> engines.Engine:
@@ -252,7 +237,7 @@ def solution_prefixes(completion: str, spans: list[tuple[int, int]]) -> list[str
     return [completion[:end] + prompting.STEP_SEPARATOR for _, end in spans]
 
 
-def mc_step_labels(rows: list[dict], spans: list, rollout_fn, threshold: int, timeout_s: float) -> list[list[bool]]:
+def mc_step_labels(rows: list[dict], spans: list, rollout_fn, threshold: int) -> list[list[bool]]:
     """Step k is right when >= ``threshold`` rollouts from the prefix through step k reach the gold answer.
 
     rollout_fn(prompts) -> [[continuation text] * K per prompt], all prefixes of all rows in one call.
@@ -264,7 +249,7 @@ def mc_step_labels(rows: list[dict], spans: list, rollout_fn, threshold: int, ti
     rollouts = rollout_fn([row["prompt"] + prefix for row, prefix in flat]) if flat else []  # (P, K)
     golds = [row["answer"] for (row, _), conts in zip(flat, rollouts) for _ in conts]
     preds = [grading.extract_boxed(prefix + c) for (_, prefix), conts in zip(flat, rollouts) for c in conts]
-    reached = iter(grading.grade_answers(golds, preds, timeout_s=timeout_s) if preds else [])
+    reached = iter(grading.grade_answers(golds, preds) if preds else [])
     hits = iter([sum(next(reached) for _ in conts) for conts in rollouts])
     return [[next(hits) >= threshold for _ in per_row] for per_row in prefixes]
 
@@ -277,7 +262,7 @@ def mc_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) 
     sampling = engines.Sampling(settings.mc_rollouts, settings.mc_temperature, 1.0, settings.mc_max_new_tokens)
     seed = sharding.derived_seed(settings.seed, [r["id"] for r in rows])
     rollout_fn = lambda prompts: [[o.text for o in outs] for outs in engine.generate(prompts, sampling, seed)]  # noqa: E731
-    return mc_step_labels(rows, spans, rollout_fn, settings.mc_threshold, settings.grade_timeout_s)
+    return mc_step_labels(rows, spans, rollout_fn, settings.mc_threshold)
 
 
 def policy_model_of(rows: list[dict], path: str) -> str:
@@ -304,13 +289,12 @@ def get_prm(settings: Settings) -> tuple:
     if settings.prm_base_url:
         served_prm = endpoint(settings, settings.prm_base_url, settings.prm_model)
         served.check_endpoint(served_prm)
-        post = lambda path, body: served.post_all(served_prm, path, [body])[0]  # noqa: E731
-        return tokenizer, spec, lambda encoded, rows: prm_models.served_step_scores(post, settings.prm_model, spec,
-                                                                                    encoded, rows)
+        body = lambda encoded: prm_models.pooling_request(settings.prm_model, encoded)  # noqa: E731
+        return tokenizer, spec, lambda encoded, rows: prm_models.parse_pooling_response(
+            served.post_all(served_prm, "/pooling", [body(encoded)])[0], spec, encoded, rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = prm_models.load_model(settings.prm_model, spec, engines.resolve_dtype(settings.prm_model,
-                                                                                   settings.prm_dtype), device)
-    return tokenizer, spec, lambda encoded, rows: prm_models.step_scores(model, spec, encoded, settings.prm_batch_size)
+    model = prm_models.load_model(settings.prm_model, spec, engines.resolve_dtype(settings.prm_model, "auto"), device)
+    return tokenizer, spec, lambda encoded, rows: prm_models.step_scores(model, spec, encoded)
 
 
 def reward_model_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[float]]:
@@ -378,7 +362,7 @@ def label_rows(rows: list[dict], settings: Settings) -> list[dict]:
     as step_scores, with their step_scorer, and thresholded into the labels."""
     spans = [prompting.step_spans(r["completion"]) for r in rows]
     preds = [grading.extract_boxed(r["completion"]) for r in rows]
-    outcomes = grading.grade_answers([r["answer"] for r in rows], preds, timeout_s=settings.grade_timeout_s)
+    outcomes = grading.grade_answers([r["answer"] for r in rows], preds)
     verdicts, threshold, scorer = step_verdicts(rows, spans, settings), score_threshold(settings), step_scorer(settings)
     out = []
     for row, row_spans, pred, outcome, row_verdicts in zip(rows, spans, preds, outcomes, verdicts):
@@ -414,8 +398,7 @@ def labeller_settings(settings: Settings) -> str:
     if settings.prm == "check":
         return "step labeller: check (exact, no model)"
     if settings.prm == "reward_model":
-        where = (f"served at {cli.redact_url(settings.prm_base_url)}" if settings.prm_base_url else
-                 f"(dtype {settings.prm_dtype})")
+        where = f"served at {cli.redact_url(settings.prm_base_url)}" if settings.prm_base_url else "in this process"
         return (f"step labeller: reward_model {settings.prm_model} {where}, format {settings.prm_format}, "
                 f"threshold {settings.prm_threshold}")
     if settings.prm == "mc":
@@ -467,8 +450,7 @@ def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 
 
 
 # How a served judge is reached: settings that never change what it replies, left out of the provenance record.
-TRANSPORT = ("judge_base_url", "judge_api_key_env", "judge_max_concurrency", "judge_timeout_s", "judge_retries",
-             "prm_base_url", "prm_batch_size")
+TRANSPORT = ("judge_base_url", "judge_api_key_env", "judge_max_concurrency", "prm_base_url")
 # The models a labeller may use: recorded by what they are (provenance.model_identity), not by their paths.
 LABELLER_MODELS = ("judge_model", "judge_tokenizer", "prm_model", "policy_model")
 

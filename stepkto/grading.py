@@ -45,10 +45,6 @@ def extract_boxed(text: str) -> str | None:
     return _box_content(text, position + len(command))
 
 
-def has_box(text: str) -> bool:
-    return any(command in text for command in _BOX_COMMANDS)
-
-
 def all_boxed(text: str) -> list[str | None]:
     """The content of every box in ``text``, in order (None for one never closed); see extract_boxed."""
     pattern = "|".join(re.escape(command) for command in _BOX_COMMANDS)
@@ -230,15 +226,13 @@ def grade_answers(
     return [pair is not None and verdict[pair] for pair in pairs]
 
 
-def answers_equivalent(a: str, b: str, timeout_s: float = 5.0) -> bool:
-    """One comparison (starts a one-process pool: batch with grade_answers when grading many)."""
-    return grade_answers([a], [b], timeout_s=timeout_s, num_workers=1)[0]
-
-
 def group_equivalent_many(
     answer_lists: list[list[str | None]], timeout_s: float = 5.0, num_workers: int | None = None
 ) -> list[list[int]]:
-    """``group_equivalent`` for many answer lists (e.g. the K samples of every problem) in one pool."""
+    """Class ids of each list's answers (e.g. the K samples of every problem), all graded in one pool: an answer joins
+    the first earlier class whose first member grades equal to it (gold = that member), else opens a new class. Ids
+    count up from 0 in order of first appearance; None (no answer) gets -1. For Maj@K votes by grading equivalence,
+    not string equality."""
     distinct_lists = [list(dict.fromkeys(a for a in answers if a is not None)) for answers in answer_lists]
     pairs = [(d[i], d[j]) for d in distinct_lists for i in range(len(d)) for j in range(i + 1, len(d))]
     verdicts = grade_answers([g for g, _ in pairs], [p for _, p in pairs], timeout_s, num_workers)
@@ -257,18 +251,11 @@ def group_equivalent_many(
     return classes
 
 
-def group_equivalent(answers: list[str | None], timeout_s: float = 5.0, num_workers: int | None = None) -> list[int]:
-    """Class id of each answer: an answer joins the first earlier class whose first member grades
-    equal to it (gold = that member), else opens a new class. Ids count up from 0 in order of first
-    appearance; None (no answer) gets -1. For Maj@K votes by grading equivalence, not string equality.
-    """
-    return group_equivalent_many([answers], timeout_s, num_workers)[0]
-
-
 def majority_answers(
     answer_lists: list[list[str | None]], timeout_s: float = 5.0, num_workers: int | None = None
 ) -> list[str | None]:
-    """``majority_answer`` of each list, all graded in one pool."""
+    """The Maj@K vote of each list, all graded in one pool: the first-seen member of its largest equivalence class
+    (a tie: the class that appeared first); None for a list without answers."""
     majorities = []
     for answers, classes in zip(answer_lists, group_equivalent_many(answer_lists, timeout_s, num_workers)):
         votes = Counter(c for c in classes if c >= 0)
@@ -276,11 +263,6 @@ def majority_answers(
         best = max(votes, key=lambda c: (votes[c], -c)) if votes else None
         majorities.append(None if best is None else answers[classes.index(best)])
     return majorities
-
-
-def majority_answer(answers: list[str | None], timeout_s: float = 5.0, num_workers: int | None = None) -> str | None:
-    """Maj@K vote: the first-seen member of the largest equivalence class; None if no answers."""
-    return majority_answers([answers], timeout_s, num_workers)[0]
 
 
 # ----------------------------------------------------------------------------- benchmark loading
@@ -376,8 +358,6 @@ def normalise_problem(raw, where: str, default_id: str, gold: str = ANSWER_FIELD
 def _raw_gold_answer(raw: dict, solution: str | None, gold: str, where: str):
     """A row's gold answer before normalise_answer: the 'answer' field, else the last \\boxed{} of the
     solution; for SOLUTION_BOX only that box, None when there is none (or it is empty)."""
-    if gold not in (ANSWER_FIELD, SOLUTION_BOX):
-        raise ValueError(f"gold must be {ANSWER_FIELD!r} or {SOLUTION_BOX!r}, got {gold!r}")
     if gold == ANSWER_FIELD and "answer" in raw:
         return raw["answer"]
     boxed = extract_boxed(solution) if solution is not None else None

@@ -228,11 +228,6 @@ def _phrase_verdicts(phrase: str, answer_first: bool = False) -> list[bool]:
     return values
 
 
-def _decide(values: list[bool]) -> bool | None:
-    """True when all verdicts are positive, False when all are negative, None for a contradiction."""
-    return values[0] if len(set(values)) == 1 else None
-
-
 def _sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_BREAK.split(text) if s.strip()]
 
@@ -290,8 +285,8 @@ def parse_verdict(text: str) -> bool | None:
        hedge is never True: a step nobody vouched for must not be reinforced.
     """
     text = judged_text(text)
-    decisions = [_decide(values) for values in _explicit_verdicts(text)]
-    sentences = [_decide(v) for s in _sentences(text) if not s.rstrip().endswith("?") and (v := _phrase_verdicts(s))]
+    decisions = [_agreed(values) for values in _explicit_verdicts(text)]
+    sentences = [_agreed(v) for s in _sentences(text) if not s.rstrip().endswith("?") and (v := _phrase_verdicts(s))]
     verdict = _agreed(decisions) if decisions else _concluded(sentences)
     return None if verdict and not all(sentences) else verdict
 
@@ -306,8 +301,9 @@ def _explicit_verdicts(text: str) -> list[list[bool]]:
     return [v for v in values if v]
 
 
-def _agreed(decisions: list[bool | None]) -> bool | None:
-    return decisions[0] if len(set(decisions)) == 1 else None
+def _agreed(values: list[bool | None]) -> bool | None:
+    """True when all values are True, False when all are False, None for a contradiction (or when all are None)."""
+    return values[0] if len(set(values)) == 1 else None
 
 
 def _concluded(sentences: list[bool | None]) -> bool | None:
@@ -403,11 +399,11 @@ def parse_first_error(text: str, num_steps: int) -> int | None:
     reply's first word ("3", "Step 3", "none").
     """
     text = judged_text(text)
-    if not grading.has_box(text):
+    boxes = grading.all_boxed(text)
+    if not boxes:
         first = re.sub(r"^step\s+", "", text.strip().lower().strip(".:*` "))
         word = re.match(r"-?\d+|none|no error|all correct", first)
         return _first_error_of(word.group(0) if word else "", num_steps)
-    boxes = grading.all_boxed(text)
     answers = {_first_error_of(b.strip().lower().strip(".:*` "), num_steps) if b is not None else None for b in boxes}
     return answers.pop() if len(answers) == 1 else None
 
@@ -417,16 +413,6 @@ def _first_error_of(answer: str, num_steps: int) -> int | None:
         return -1
     number = re.fullmatch(r"(?:step\s*)?(\d+)", answer)
     return int(number.group(1)) - 1 if number and 1 <= int(number.group(1)) <= num_steps else None
-
-
-def verdicts_from_first_error(first_error: int | None, num_steps: int) -> list[bool | None]:
-    """Right before the first error, wrong from it on (a step built on a wrong one is not vouched for);
-    no verdict at all when the reply could not be parsed."""
-    if first_error is None:
-        return [None] * num_steps
-    if first_error == -1:
-        return [True] * num_steps
-    return [True] * first_error + [False] * (num_steps - first_error)
 
 
 def judge_first_error_verdicts(solutions, tokenizer, ask) -> list[list]:
@@ -439,7 +425,13 @@ def judge_first_error_verdicts(solutions, tokenizer, ask) -> list[list]:
 
 
 def first_error_verdicts(reply: engines.Sample, num_steps: int) -> list:
-    """The verdicts of a solution's steps from the judge's first-error reply (CUT_OFF each when it was cut off)."""
+    """The verdicts of a solution's steps from the judge's first-error reply: right before the first error, wrong
+    from it on (a step built on a wrong one is not vouched for); None each when the reply names no valid step,
+    CUT_OFF each when it was cut off."""
     if reply.finish_reason == "length":
         return [CUT_OFF] * num_steps
-    return verdicts_from_first_error(parse_first_error(reply.text, num_steps), num_steps)
+    first_error = parse_first_error(reply.text, num_steps)
+    if first_error is None:
+        return [None] * num_steps
+    first_error = num_steps if first_error == -1 else first_error
+    return [True] * first_error + [False] * (num_steps - first_error)

@@ -81,15 +81,15 @@ ENGINE = {"engine": ALWAYS, "dtype": ALWAYS, "tensor_parallel_size": only(VLLM),
 POLICY = {name: ALWAYS for name in ("model", "max_new_tokens", "seed", "prompt_style", "chunk_size")}
 # label.Settings: the step labeller of label.py and evaluate.py (in label.py the engine options are mc's rollouts')
 LABELLER = {
-    "prm": ALWAYS, "grade_timeout_s": ALWAYS,
+    "prm": ALWAYS,
     **{name: only(JUDGE) for name in ("judge_model", "judge_protocol", "judge_max_new_tokens", "judge_engine",
                                       "judge_verdict", "allow_missing_reference")},
     "judge_threshold": only(JUDGE, when("judge_verdict", "logprobs")),
     # a served judge (judge_engine openai, stepkto/served.py) and one loaded in this process; a served PRM (prm_base_url)
-    # is reached with the served judge's transport settings
+    # is reached with the served judge's key variable and concurrency
     **{name: only(JUDGE, SERVED) for name in ("judge_base_url", "judge_api")},
     **{name: either(only(JUDGE, SERVED), only(REWARD_MODEL, unless("prm_base_url", ""))) for name in (
-        "judge_api_key_env", "judge_max_concurrency", "judge_timeout_s", "judge_retries")},
+        "judge_api_key_env", "judge_max_concurrency")},
     "judge_tokenizer": only(JUDGE, SERVED, when("judge_api", "completions")),
     "judge_dtype": only(JUDGE, unless("judge_engine", "openai")),
     **{name: only(JUDGE, JUDGE_VLLM) for name in ("judge_tensor_parallel_size", "judge_gpu_memory_utilization",
@@ -100,7 +100,6 @@ LABELLER = {
     **{name: only(REWARD_MODEL) for name in ("prm_model", "prm_format", "prm_threshold", "prm_base_url")},
     **{name: only(REWARD_MODEL, when("prm_format", "step_tag")) for name in ("prm_step_tag", "prm_good_token",
                                                                             "prm_bad_token")},
-    **{name: only(REWARD_MODEL, when("prm_base_url", "")) for name in ("prm_dtype", "prm_batch_size")},
 }
 PREFIX_CACHING_OF_JUDGE = only(JUDGE, JUDGE_VLLM)  # the judge's engine takes --enable_prefix_caching too
 

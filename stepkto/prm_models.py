@@ -25,9 +25,9 @@ with one line naming the row (the marker's text in the problem or a step; then a
 count of steps), as is a solution longer than the model's context. Nothing is ever silently misaligned.
 
 Served: vLLM serves both formats through its pooling runner and returns the scores at the markers from
-``POST /pooling`` (``vllm_server_args``, ``served_step_scores``). The marker id is a setting of the server
-(``--pooler-config``), not of a request: vLLM ignores a request's ``step_tag_id``, and a server started without it
-looks for Qwen's id 151651 and returns no scores for any other tokenizer.
+``POST /pooling`` (``vllm_server_args``, ``pooling_request``, ``parse_pooling_response``). The marker id is a setting
+of the server (``--pooler-config``), not of a request: vLLM ignores a request's ``step_tag_id``, and a server started
+without it looks for Qwen's id 151651 and returns no scores for any other tokenizer.
 
 Usage (the label.py ``--prm reward_model`` labeller does this for every chunk):
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -95,14 +95,12 @@ def load_spec(path: str, fmt: PRMFormat, step_tag: str = STEP_TAG, good_token: s
     if fmt == "qwen_prm":
         marker_id = single_token_id(tokenizer, QWEN_PRM_SEPARATOR, f"{path}: the qwen_prm separator")
         return tokenizer, PRMSpec(fmt, QWEN_PRM_SEPARATOR, marker_id, max_len)
-    if fmt == "step_tag":
-        marker_id = single_token_id(tokenizer, step_tag, f"{path}: the step tag (--prm_step_tag)")
-        good_id = single_token_id(tokenizer, good_token, f"{path}: the good token (--prm_good_token)")
-        bad_id = single_token_id(tokenizer, bad_token, f"{path}: the bad token (--prm_bad_token)")
-        if good_id == bad_id:
-            raise cli.UsageError(f"{path}: the good and bad tokens {good_token!r} / {bad_token!r} are one token")
-        return tokenizer, PRMSpec(fmt, step_tag, marker_id, max_len, good_id, bad_id)
-    raise cli.UsageError(f"unknown PRM format {fmt!r}: qwen_prm | step_tag")
+    marker_id = single_token_id(tokenizer, step_tag, f"{path}: the step tag (--prm_step_tag)")
+    good_id = single_token_id(tokenizer, good_token, f"{path}: the good token (--prm_good_token)")
+    bad_id = single_token_id(tokenizer, bad_token, f"{path}: the bad token (--prm_bad_token)")
+    if good_id == bad_id:
+        raise cli.UsageError(f"{path}: the good and bad tokens {good_token!r} / {bad_token!r} are one token")
+    return tokenizer, PRMSpec(fmt, step_tag, marker_id, max_len, good_id, bad_id)
 
 
 def single_token_id(tokenizer, text: str, what: str) -> int:
@@ -270,12 +268,3 @@ def parse_pooling_response(response: dict, spec: PRMSpec, encoded: list[Encoded]
             raise jsonl.DataError(f"{row}: the server returned scores of another width than {spec.format}'s {width}")
         scores.append([v[-1] for v in values])  # qwen_prm: P(right) of (wrong, right); step_tag: the one value
     return scores
-
-
-def served_step_scores(post: Callable[[str, dict], dict], model_name: str, spec: PRMSpec, encoded: list[Encoded],
-                       rows: list[str]) -> list[list[float]]:
-    """step_scores from a vLLM server started with vllm_server_args; ``post(path, body) -> dict`` sends one
-    request (stepkto/served.py's client, with its retries)."""
-    if not encoded:
-        return []
-    return parse_pooling_response(post("/pooling", pooling_request(model_name, encoded)), spec, encoded, rows)

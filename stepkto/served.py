@@ -17,8 +17,8 @@ Two APIs (``Endpoint.api``):
 * ``chat`` (any OpenAI-compatible API, hosted ones included): ``POST /v1/chat/completions`` with the same user
   message the in-process engines put through the judge tokenizer's chat template; the server applies its template.
 
-Faults: the openai client retries timeouts, refused or reset connections, 408, 409, 429 and 5xx replies
-``retries`` times with exponential backoff; after that, and at once on any other 4xx (a refused key, a model the
+Faults: the openai client retries timeouts (``TIMEOUT_S`` per request), refused or reset connections, 408, 409, 429
+and 5xx replies ``RETRIES`` times with exponential backoff; after that, and at once on any other 4xx (a refused key, a model the
 server does not serve), the stage stops with one line naming the endpoint and the error (``jsonl.StageError``).
 A failed request therefore never becomes a reply, and so never a label: the chunk it belonged to is not written,
 and a rerun resumes from the chunks before it. The key is read from the environment variable ``api_key_env`` and
@@ -40,6 +40,10 @@ from typing import Literal
 from stepkto import cli, engines, jsonl, models, prompting
 
 Api = Literal["completions", "chat"]
+# Seconds a request may take before it is retried (a long reasoning reply of a large judge under load fits), and the
+# retries of a transient fault before the stage stops.
+TIMEOUT_S = 600.0
+RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,6 @@ class Endpoint:
     tokenizer: str = ""  # completions: folder or hub id of the tokenizer prompts are encoded with ("": model)
     api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (unset: "EMPTY")
     max_concurrency: int = 8  # requests in flight at once
-    timeout_s: float = 600.0  # per request, before it is retried
-    retries: int = 5  # retries of a transient fault (timeouts, connection errors, 408/409/429/5xx)
 
 
 class ServedError(jsonl.StageError):
@@ -75,14 +77,13 @@ def credentials(base_url: str) -> tuple[str, dict[str, str]]:
 
 
 def client_of(endpoint: Endpoint, asynchronous: bool = False):
-    """The openai client of ``endpoint``: its retries, backoff and timeout are the library's own."""
+    """The openai client of ``endpoint``: TIMEOUT_S per request, RETRIES retries with the library's own backoff."""
     import openai
 
     key = os.environ.get(endpoint.api_key_env) or "EMPTY"  # a vLLM server started without --api-key takes any
     kind = openai.AsyncOpenAI if asynchronous else openai.OpenAI
     url, basic = credentials(endpoint.base_url)  # Basic auth replaces the key's Bearer header
-    return kind(base_url=url, api_key=key, default_headers=basic, timeout=endpoint.timeout_s,
-                max_retries=endpoint.retries)
+    return kind(base_url=url, api_key=key, default_headers=basic, timeout=TIMEOUT_S, max_retries=RETRIES)
 
 
 def failure(endpoint: Endpoint, error: Exception) -> Exception:
@@ -96,7 +97,7 @@ def failure(endpoint: Endpoint, error: Exception) -> Exception:
         return ServedError(f"{shown(endpoint)}: HTTP {error.status_code}{hint}: {error.message}")
     if isinstance(error, openai.APIConnectionError):  # timeouts included
         cause = f": {error.__cause__}" if error.__cause__ else ""
-        return ServedError(f"{shown(endpoint)}: {error.message}{cause} (after {endpoint.retries} retries)")
+        return ServedError(f"{shown(endpoint)}: {error.message}{cause} (after {RETRIES} retries)")
     return error
 
 

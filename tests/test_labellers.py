@@ -412,8 +412,8 @@ def test_mc_rule_counts_rollouts_that_reach_the_gold_answer():
 
     rows = [sample_row(i, c) for i, c in enumerate(COMPLETIONS)]
     spans = [prompting.step_spans(c) for c in COMPLETIONS]
-    assert label.mc_step_labels(rows, spans, rollout_fn, 1, 5.0) == [[True, True, True], [False, False, False], [True, True], []]
-    assert label.mc_step_labels(rows, spans, rollout_fn, 4, 5.0) == [[False, False, True], [False, False, False], [False, False], []]
+    assert label.mc_step_labels(rows, spans, rollout_fn, 1) == [[True, True, True], [False, False, False], [True, True], []]
+    assert label.mc_step_labels(rows, spans, rollout_fn, 4) == [[False, False, True], [False, False, False], [False, False], []]
     # prefix = prompt + completion through the end of step k + the step separator
     assert prompts_seen[:3] == [rows[0]["prompt"] + "3 + 4 = 7\n\n", rows[0]["prompt"] + "3 + 4 = 7\n\n7 * 2 = 14\n\n",
                                 rows[0]["prompt"] + COMPLETIONS[0] + "\n\n"]
@@ -513,38 +513,16 @@ class RecordingEngine:
         return [[engines.Sample("\\boxed{14}", "stop", [], []) for _ in range(sampling.n)] for _ in prompts]
 
 
-def test_mc_settings_reach_the_sampler_and_the_grader(monkeypatch):
-    """--mc_temperature, --mc_rollouts, --mc_max_new_tokens and --seed reach the engine; --grade_timeout_s
-    reaches every grading call (the outcome labels and the rollouts')."""
-    timeouts = []
-    real_grade = grading.grade_answers
-
-    def spy(golds, preds, timeout_s=5.0, num_workers=None):
-        timeouts.append(timeout_s)
-        return real_grade(golds, preds, timeout_s=timeout_s, num_workers=num_workers)
-
-    monkeypatch.setattr(grading, "grade_answers", spy)
+def test_mc_settings_reach_the_sampler(monkeypatch):
+    """--mc_temperature, --mc_rollouts, --mc_max_new_tokens and --seed reach the engine."""
     engine = RecordingEngine()
     monkeypatch.setattr(engines, "get_engine", lambda model, settings: engine)
     settings = label.Settings(prm="mc", policy_model="policy", mc_temperature=0.3, mc_rollouts=3, mc_max_new_tokens=7,
-                              seed=5, grade_timeout_s=4.5)
+                              seed=5)
     rows = [sample_row(0, COMPLETIONS[0]), sample_row(1, COMPLETIONS[1])]
     labelled = label.label_rows(rows, settings)
     assert engine.calls == [(engines.Sampling(3, 0.3, 1.0, 7), sharding.derived_seed(5, ["p0#0", "p1#0"]))]
-    assert timeouts == [4.5, 4.5]
     assert [r["labels"] for r in labelled] == [[True] * 3, [True] * 3]  # every rollout reaches 14
-
-
-def test_grade_timeout_ends_a_hung_grading(tmp_path):
-    """A final answer sympy evaluates forever (a power tower) is graded wrong after --grade_timeout_s, not
-    after the default 5 s."""
-    src, out = tmp_path / "samples.jsonl", tmp_path / "labels.jsonl"
-    jsonl.write_jsonl_atomic(src, [sample_row(0, "9^9 = x\n\nThe answer is \\boxed{9^{9^{9^9}}}.", answer="1")])
-    start = time.perf_counter()
-    label.main(label.Args(input=str(src), output=str(out), grade_timeout_s=0.2))
-    elapsed = time.perf_counter() - start
-    assert jsonl.read_jsonl(out, jsonl.LABELLED_ROW)[0]["outcome"] is False
-    assert elapsed < label.Settings().grade_timeout_s, f"{elapsed:.1f} s: the timeout did not apply"
 
 
 def test_judge_counts_rows_without_a_reference_and_refuses_when_none_has_one(tiny_model, tmp_path, capsys):

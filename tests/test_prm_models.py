@@ -128,7 +128,8 @@ def served_scores(url: str, path: str, spec, encoded) -> list[list[float]]:
         assert response.status_code == 200, response.text
         return response.json()
 
-    return prm_models.served_step_scores(post, path, spec, encoded, ROWS)  # served under its --model path
+    response = post("/pooling", prm_models.pooling_request(path, encoded))  # served under its --model path
+    return prm_models.parse_pooling_response(response, spec, encoded, ROWS)
 
 
 def sample_rows() -> list[dict]:

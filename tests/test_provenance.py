@@ -79,8 +79,9 @@ def test_a_shard_on_other_samples_never_merges(samples, tmp_path):
 def test_other_labeller_settings_are_named(samples, tmp_path):
     out = tmp_path / "labels.jsonl"
     run("label.py", *label_args(samples, out))
-    line = refusal(run("label.py", *label_args(samples, out, "--grade_timeout_s", 9), check=False))
-    assert "--grade_timeout_s 5.0 -> 9.0" in line
+    other = ["--input", samples, "--output", out, "--prm", "check", "--chunk_size", 3]
+    line = refusal(run("label.py", *other, check=False))
+    assert "--chunk_size 2 -> 3" in line
 
 
 def test_one_writer_per_output(samples, tmp_path):

@@ -85,13 +85,13 @@ def sample_rows() -> list[dict]:
              "prompt": "1 + 1?", "completion": "1 + 1 = 2.\n\nThe answer is \\boxed{2}.", "finish_reason": "stop"}]
 
 
-def test_a_refused_connection_names_the_endpoint_without_its_password(tmp_path, capsys):
+def test_a_refused_connection_names_the_endpoint_without_its_password(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(served, "RETRIES", 0)
     samples = tmp_path / "samples.jsonl"
     jsonl.write_jsonl_atomic(samples, sample_rows())
     port = free_port()  # nothing listens there
     args = label.Args(input=str(samples), output=str(tmp_path / "labels.jsonl"), prm="judge", judge_model="j",
-                      judge_engine="openai", judge_base_url=secret_url(port), judge_api="chat", judge_retries=0,
-                      judge_timeout_s=5.0)
+                      judge_engine="openai", judge_base_url=secret_url(port), judge_api="chat")
     with pytest.raises(jsonl.StageError) as error:
         label.main(args)
     message = str(error.value)
