@@ -117,7 +117,7 @@ def plan_flops(targs) -> tuple[list[float], int]:
                  vocab=lm.config.vocab_size)
     flops = []
     for step, batch in enumerate(data.plan):
-        kl = data.kl_pairs[data.kl_offsets[step] : data.kl_offsets[step + 1]]
+        kl = train.kl_pairs(batch.rows, range(len(batch.rows)), data.examples, keep_steps=False)
         trained = [data.examples[i].tokens for i in batch.rows]
         flops.append(rows_flops(trained, **shape, trained=True) + rows_flops(kl, **shape, trained=False))
     return flops, shape["params"]

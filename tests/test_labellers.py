@@ -2,14 +2,13 @@
 both end to end with real tiny models, and resuming a partially written output."""
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from stepkto import engines, grading, jsonl, judging, models, prompting, sharding
+from stepkto import engines, jsonl, judging, models, prompting, sharding
 
 import label
 
