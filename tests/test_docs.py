@@ -70,6 +70,19 @@ def setup_flags() -> set[str]:
     return {flag for p in patterns for flag in p.split("|")}
 
 
+def own_test_flags() -> set[str]:
+    """tests/run.sh's own flags (`"${1:-}" = --quick`)."""
+    return set(re.findall(r'"\$\{1:-\}" = (--[\w-]+)', (ROOT / "tests" / "run.sh").read_text()))
+
+
+def test_quick_tier_names_test_files_that_exist():
+    """tests/run.sh --quick lists test modules by name: a renamed or removed one would make pytest fail late."""
+    quick = re.search(r'QUICK="([^"]*)"', (ROOT / "tests" / "run.sh").read_text()).group(1).split()
+    assert quick, "tests/run.sh lists no quick tier"
+    missing = [name for name in quick if not (ROOT / "tests" / f"{name}.py").exists()]
+    assert not missing, f"tests/run.sh --quick names test files that do not exist: {', '.join(missing)}"
+
+
 def bench_flags() -> set[str]:
     """The options the bench/*.py scripts give argparse, read from their source (not imported)."""
     calls = [c for p in (ROOT / "bench").glob("*.py") for c in re.findall(r"add_argument\(([^)]*)", p.read_text())]
@@ -90,7 +103,7 @@ def test_reference_is_generated():
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_named_flags_exist(doc):
-    known = stage_flags() | setup_flags() | bench_flags() | EXTERNAL_FLAGS
+    known = stage_flags() | setup_flags() | own_test_flags() | bench_flags() | EXTERNAL_FLAGS
     missing = sorted(f for f in flags_named(doc) if f not in known and not f.startswith(EXTERNAL_PREFIXES))
     assert not missing, f"{doc.name} names flags that no stage, setup.sh or bench/*.py has: {', '.join(missing)}"
 
