@@ -10,8 +10,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 if [ "${1:-}" = --quick ]; then
   shift
   bash setup.sh
-  QUICK="test_loss test_jsonl test_sharding test_cli test_prompting test_options test_stages test_provenance
-         test_train test_labellers test_arith_task test_docs"
+  QUICK="test_loss test_jsonl test_sharding test_cli test_prompting test_options test_stages
+         test_train test_labellers test_docs"
   exec .venv/bin/python -m pytest -q $(for t in $QUICK; do echo "tests/$t.py"; done) "$@"
 fi
 bash setup.sh --vllm --models   # models: SmolLM2-135M-Instruct for tests/test_real_model.py
