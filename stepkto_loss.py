@@ -25,10 +25,9 @@ marks the line that implements equation (n).
     (8) objective        L = w_outcome * L_outcome + w_step * L_step      (defaults w_outcome = w_step = 1)
                          a term whose weight is 0 is left out; L_step also when S is empty
 
-Where the code is: (1) the caller's (summed over a completion's tokens; per token in step_rewards), (2) estimate_z0,
-(3)-(4) kto_losses, (5) and (7) per_completion's summands and StepKTOTerms.loss's means (one path for both
-reductions: the "mean" loss is terms.loss(terms.sums())), (6) step_logps / step_rewards, (8) StepKTOTerms.loss,
-K_i optionally through_first_error.
+Where the code is: (1) the caller's (per token in step_rewards), (2) estimate_z0, (3)-(4) kto_losses, (5) and (7)
+per_completion's summands and StepKTOTerms.loss's means (reduction "mean" is terms.loss(terms.sums())), (6)
+step_logps / step_rewards, (8) StepKTOTerms.loss, K_i optionally through_first_error.
 
 What is the paper's and what is ours:
   * the paper's (Section 2.3): KTO's value function (1)-(5) on the outcome label, i.e. plain KTO (TRL's
@@ -40,14 +39,13 @@ What is the paper's and what is ours:
     (step_lambda_d, step_lambda_u) and the levels' weights in (8) (w_outcome, w_step).
   * w_step = 0 is plain KTO (the paper's baseline); w_outcome = 0 is a step-only ablation.
 
-Under torch.distributed and gradient accumulation (the why and the micro-batch case: docs/loss.md) estimate_z0 is
-the global batch's, and a trainer takes the global means of (5) and (7) from reduction="none" in one collective:
+Under torch.distributed (and gradient accumulation: docs/loss.md) estimate_z0 is the global batch's, and a trainer
+takes the global means of (5) and (7) from reduction="none" in one collective:
 
     terms, metrics = stepkto_loss(..., reduction="none")
-    totals = terms.sums()                           # LevelSums: sums and counts of (5) and (7), detached
-    totals = LevelSums(*all_reduce(totals.stack())) # ONE collective: the global sums and counts
-    loss = terms.loss(totals)                       # this rank's sums over the GLOBAL counts: its share of (8)
-    (loss * dist.get_world_size()).backward()       # times world_size: DDP / FSDP average over ranks
+    totals = LevelSums(*all_reduce(terms.sums().stack()))  # the global sums and counts of (5) and (7)
+    loss = terms.loss(totals)                              # this rank's sums over the GLOBAL counts: its share of (8)
+    (loss * dist.get_world_size()).backward()              # times world_size: DDP / FSDP average over ranks
 """
 
 from typing import NamedTuple
@@ -63,16 +61,11 @@ LEVELS, SIDES = ("outcome", "step"), ("desirable", "undesirable")
 
 # --- (1), (6): step rewards from per-token log-probs
 def step_logps(token_logps, step_ids, num_steps, span="step"):
-    """Sum per-token log-probs into per-step log-probs in one pass (one scatter_add, no per-step loop).
-
-    token_logps: (B, T) log-probs of the completion tokens (log p(t_j | t_<j), already shifted).
-    step_ids: (B, T) long, the step index 0..num_steps-1 of each token, -1 for tokens not scored
-    (prompt, padding). Returns (B, num_steps):
-        span="step":   out[b, k] = sum_{j: step_ids[b, j] == k} token_logps[b, j]    (the step's own tokens)
+    """Per-step sums of the (B, T) token_logps in one scatter_add; step_ids (B, T) long: each token's step
+    0..num_steps-1, or -1 for a token not scored (prompt, padding). Returns (B, num_steps):
+        span="step":   out[b, k] = sum_{j: step_ids[b, j] == k} token_logps[b, j]      (the step's own tokens)
         span="prefix": out[b, k] = sum_{j: 0 <= step_ids[b, j] <= k} token_logps[b, j] (all tokens through k)
-    A step index with no tokens adds nothing: 0 for span="step", the previous prefix for span="prefix"
-    (mask such padding steps out with step_mask downstream).
-    """
+    A step with no tokens adds nothing: 0, or the previous prefix (mask such padding steps out with step_mask)."""
     _check_step_inputs(token_logps, step_ids, num_steps, span)
     batch_size = token_logps.size(0)
     # Unscored tokens go to an extra column that is dropped, so their values (even -inf/NaN) never mix in.
@@ -86,25 +79,17 @@ def step_logps(token_logps, step_ids, num_steps, span="step"):
 
 
 def step_rewards(policy_token_logps, ref_token_logps, step_ids, num_steps, span="step"):
-    """Step-level implied rewards (6) r_k = step_logps(policy) - step_logps(ref), shape (B, num_steps).
-
-    Both token log-prob tensors are (B, T) over the same token ids and step_ids; see step_logps for span.
-    Computed as one scatter of the per-token log-ratio (1), which is the same sum (step_logps is linear).
-    With one step covering the whole completion (num_steps=1), r_0 is the completion's r(x, y) of (1).
-    """
-    _check_same_shape("ref_token_logps", ref_token_logps, "policy_token_logps", policy_token_logps)
+    """(B, num_steps) step rewards (6) r_k = step_logps(policy) - step_logps(ref), as one scatter of the per-token
+    log-ratio (1) (step_logps is linear); with num_steps=1 and one step over the completion, r_0 is (1)'s r(x, y)."""
+    _check_like("ref_token_logps", ref_token_logps, "policy_token_logps", policy_token_logps)
     return step_logps(policy_token_logps - ref_token_logps, step_ids, num_steps, span)  # (1) per token -> (6)
 
 
 # --- (2): the reference point
 def estimate_z0(kl_logratios):
-    """KTO reference point z0 = max(0, mean of log pi(y'|x) - log pi_ref(y'|x)) over mismatched pairs; detached.
-
-    kl_logratios: (N,) log-ratios of (prompt, another row's completion) pairs; N may be 0 on a rank.
-    When torch.distributed is initialised the mean runs over ALL items of ALL ranks: the sum and the count
-    are all-reduced, so a rank with 3 items and a rank with 30 do not get equal votes (a mean of local
-    means would give them that). No items anywhere gives z0 = 0. Returns a scalar tensor, at least float32.
-    """
+    """z0 (2), a detached scalar, at least float32, from the (N,) kl_logratios of mismatched pairs (N may be 0 on a
+    rank): under torch.distributed the sum and count are all-reduced, so the mean is over every pair of every rank
+    (a mean of ranks' means would give unequal ranks equal votes); no pair anywhere gives 0."""
     if kl_logratios.dim() != 1:
         raise ValueError(f"estimate_z0: kl_logratios must be 1-D (N,), got shape {tuple(kl_logratios.shape)}")
     with torch.no_grad():
@@ -119,17 +104,9 @@ def estimate_z0(kl_logratios):
 
 # --- (3)-(4): the KTO value and the per-item loss
 def kto_losses(rewards, desirable, z0, beta=0.1, lambda_d=1.0, lambda_u=1.0):
-    """Per-item KTO loss  l = lambda_y - v  (KTO paper eq. 7-8; TRL's `loss_type="kto"`).
-
-        v = lambda_D * sigmoid(beta * (r - z0))   if desirable
-            lambda_U * sigmoid(beta * (z0 - r))   if undesirable
-
-    rewards: (N,) implied rewards r = log pi(y|x) - log pi_ref(y|x) (any shape works: it is elementwise).
-    desirable: bool, same shape as rewards. z0: scalar tensor; detached here, since KTO's reference point
-    is a baseline, not something to optimise. Returns the per-item losses, same shape as rewards.
-    """
-    _check_same_shape("desirable", desirable, "rewards", rewards)
-    _check_bool("desirable", desirable)
+    """Per-item KTO loss (4) l = lambda_y - v (KTO paper eq. 7-8; TRL's `loss_type="kto"`), elementwise over the
+    implied rewards r (1) and the bool ``desirable`` of their shape; z0 is a scalar baseline, detached here."""
+    _check_like("desirable", desirable, "rewards", rewards, mask=True)
     _check_scalar("z0", z0)
     z0 = z0.detach()
     desirable_value = lambda_d * torch.sigmoid(beta * (rewards - z0))  # (3)
@@ -139,16 +116,11 @@ def kto_losses(rewards, desirable, z0, beta=0.1, lambda_d=1.0, lambda_u=1.0):
 
 # --- (5), (7): the two levels' per-completion summands
 def through_first_error(step_labels, step_mask):
-    """Step mask (K_i of (7), OUR READING) that keeps the steps up to and including the first wrong step.
-
-        keep_k = step_mask_k  and  no j < k with step_mask_j and not step_labels_j
-
-    step_labels, step_mask: (B, K) bool. Returns (B, K) bool. A completion with no wrong step keeps all its
-    real steps. Why: the label of a step that follows an error is ill-defined (docs/loss.md).
-    """
-    _check_same_shape("step_mask", step_mask, "step_labels", step_labels)
-    _check_bool("step_labels", step_labels)
-    _check_bool("step_mask", step_mask)
+    """(B, K) bool K_i of (7), OUR READING: the steps of step_mask up to and including the first wrong one (keep_k =
+    step_mask_k and no j < k with step_mask_j and not step_labels_j); a step after an error has an ill-defined label
+    (docs/loss.md)."""
+    for name, tensor in (("step_labels", step_labels), ("step_mask", step_mask)):
+        _check_like(name, tensor, "step_labels", step_labels, mask=True)
     wrong = (step_mask & ~step_labels).long()  # (B, K)
     wrong_before = wrong.cumsum(dim=1) - wrong  # (B, K) wrong steps strictly before k
     return step_mask & (wrong_before == 0)  # K_i of (7)
@@ -215,21 +187,14 @@ class LevelSums(NamedTuple):
 
 
 class StepKTOTerms(NamedTuple):
-    """What stepkto_loss(..., reduction="none") returns: the per-completion summands of (5) and (7).
+    """What stepkto_loss(..., reduction="none") returns: the per-completion summands of (5) and (7), with gradient,
+    0 outside their means; summing them is all the reduction a trainer does (sums, loss)."""
 
-    outcome: (B,) l(x_i, y_i) of (4), the summand of (5); 0 where has_outcome is False.
-    step: (B,) AGG_{k in K_i} l_k, the summand of (7); 0 where has_step is False.
-    has_outcome: (B,) bool, the completions in the mean (5): all of them, none when w_outcome = 0.
-    has_step: (B,) bool, the completions in the mean (7): those with >= 1 scored step, none when w_step = 0.
-    w_outcome, w_step: the weights of (8), as passed to stepkto_loss.
-    outcome and step carry the gradient. Summing them is all the reduction the trainer does: see sums/loss.
-    """
-
-    outcome: torch.Tensor
-    step: torch.Tensor
-    has_outcome: torch.Tensor
-    has_step: torch.Tensor
-    w_outcome: float
+    outcome: torch.Tensor  # (B,) l(x_i, y_i) of (4), the summand of (5)
+    step: torch.Tensor  # (B,) AGG_{k in K_i} l_k, the summand of (7)
+    has_outcome: torch.Tensor  # (B,) bool: in the mean (5): all completions, none when w_outcome = 0
+    has_step: torch.Tensor  # (B,) bool: in the mean (7): those with a scored step, none when w_step = 0
+    w_outcome: float  # the weights of (8)
     w_step: float
 
     def sums(self) -> LevelSums:
@@ -239,53 +204,36 @@ class StepKTOTerms(NamedTuple):
         return LevelSums(*(part.detach().to(dtype) for part in parts))
 
     def loss(self, totals: LevelSums):
-        """This shard's share of (8): w_outcome * sum(outcome) / n_outcome + w_step * sum(step) / n_step.
-
-        Only the counts of ``totals`` are used: a LevelSums, or any tuple with n_outcome and n_step (a trainer that
-        counts them up front, see docs/loss.md). With this batch's own sums() it is the batch's (8), which is
-        what reduction="mean" returns; with the sums of all shards (ranks or micro-batches) of one step, the
-        shards' losses add up to (8) of the whole step's batch. A level with count 0 adds a zero that is still
-        on the graph.
-        """
+        """This shard's share of (8), its sums over the counts n_outcome, n_step of ``totals`` (a LevelSums, or any
+        tuple with them): with its own sums() the batch's (8); with those of all shards of a step, the shards'
+        losses add up to the step's (8). A level with count 0 adds a zero still on the graph."""
         n_outcome, n_step = totals.n_outcome.clamp(min=1), totals.n_step.clamp(min=1)
         return self.w_outcome * self.outcome.sum() / n_outcome + self.w_step * self.step.sum() / n_step  # (8)
 
 
 # --- (8): the objective
-def _default_if_none(value, default):
-    return default if value is None else value
-
-
 def stepkto_loss(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask, z0, z0_step=None,
                  beta=0.1, lambda_d=1.0, lambda_u=1.0, w_outcome=1.0, w_step=1.0, step_aggregation="mean",
                  step_lambda_d=None, step_lambda_u=None, reduction="mean"):
-    """Step-KTO loss (8)  L = w_outcome * L_outcome + w_step * L_step  (equations in the module docstring).
+    """Step-KTO loss (8) L = w_outcome * L_outcome + w_step * L_step (equations in the module docstring).
 
-    outcome_logratios (B,): r(x_i, y_i) of (1), summed over each completion's tokens; outcome_labels (B,)
-    bool. step_logratios (B, K): r_k of (6), from step_rewards; step_labels (B, K) bool; step_mask (B, K)
-    bool: the scored steps K_i (False for padding steps; K may be 0; optionally through_first_error).
-    z0: scalar from estimate_z0 (2) over the outcome-level KL pairs; z0_step: None reuses z0 for the steps
-    (our default), else estimate_z0 over mismatched pairs' step log-ratios. L_outcome (5): mean over the B
-    completions of kto_losses (TRL's KTO loss). L_step (7): mean over completions with >= 1 scored step of
-    the mean (or sum: step_aggregation) of kto_losses over its scored steps; a term of weight 0 (or with no
-    scored step) is left out. step_lambda_d / _u: the step level's lambda_D / U (None: the outcome level's;
-    the KTO paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] at each level, and the two differ).
+    outcome_logratios (B,): r(x_i, y_i) of (1); outcome_labels (B,) bool; step_logratios (B, K): r_k of (6);
+    step_labels (B, K) bool; step_mask (B, K) bool: the scored steps K_i (K may be 0). z0: estimate_z0 (2) of the
+    KL pairs; z0_step: None reuses z0 for the steps, else estimate_z0 of the pairs' step log-ratios. step_lambda_d /
+    _u: the step level's lambdas (None: the outcome level's; the KTO paper's advice holds per level).
 
-    reduction="mean": (loss, metrics), loss the scalar (8) of this batch, terms.loss(terms.sums()); metrics,
-    detached: loss/total, loss/outcome, loss/step (this batch's means), kl/z0, kl/z0_step (when given), and per
-    level and side rewards/{level}_{side} (mean of beta * log-ratio, TRL's `rewards/chosen`) and
-    count/{level}_{side}; a side absent from the batch is absent.
-    reduction="none": (terms, metrics), terms a StepKTOTerms (per-completion summands of (5) and (7) and the
-    masks of each mean), from which a distributed trainer takes GLOBAL means with one all-reduce (module
-    docstring and docs/loss.md); metrics: reward_sums' sums and counts, every key present, to be added over
-    micro-batches and ranks and divided by reward_means (z0 is the caller's own); the losses' own metrics
-    are terms.sums(), added the same way, through LevelSums.loss_metrics.
+    reduction="mean": (loss, metrics), the batch's scalar (8) and, detached, loss/total, loss/outcome, loss/step,
+    kl/z0, kl/z0_step (when given), rewards/{level}_{side} (mean of beta * log-ratio, TRL's `rewards/chosen`) and
+    count/{level}_{side} for each side present. reduction="none": (terms, metrics), a StepKTOTerms from which a
+    distributed trainer takes GLOBAL means with one all-reduce, and reward_sums' sums and counts (every key), to
+    add over micro-batches and ranks and divide with reward_means; the losses' metrics: LevelSums.loss_metrics.
     """
     _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask)
     _check_stepkto_options(z0, z0_step, w_outcome, w_step, step_aggregation, reduction)
     outcome = Level(outcome_logratios[:, None], outcome_labels[:, None], torch.ones_like(outcome_labels[:, None]),
                     z0, KTOWeights(beta, lambda_d, lambda_u), w_outcome)  # (B, 1): one item per completion
-    step_kto = KTOWeights(beta, _default_if_none(step_lambda_d, lambda_d), _default_if_none(step_lambda_u, lambda_u))
+    step_kto = KTOWeights(beta, lambda_d if step_lambda_d is None else step_lambda_d,
+                          lambda_u if step_lambda_u is None else step_lambda_u)
     step = Level(step_logratios, step_labels, step_mask, z0 if z0_step is None else z0_step, step_kto, w_step)
     outcome_summands, has_outcome = per_completion(outcome, "mean")  # (B,) (4) of the one item: the summand of (5)
     step_summands, has_step = per_completion(step, step_aggregation)  # (B,) the summand of (7)
@@ -325,35 +273,24 @@ def reward_means(sums: dict) -> dict:
 # --- input checks: fail early, naming the argument
 def _check_step_inputs(token_logps, step_ids, num_steps, span):
     """Fail early, naming the argument, instead of a scatter index error (or a CUDA device assert)."""
-    if token_logps.dim() != 2:
-        raise ValueError(f"step_logps: token_logps must be (B, T), got shape {tuple(token_logps.shape)}")
-    _check_same_shape("step_ids", step_ids, "token_logps", token_logps)
-    if step_ids.dtype != torch.long:
-        raise ValueError(f"step_logps: step_ids must be torch.long, got {step_ids.dtype}")
-    if span not in SPANS:
-        raise ValueError(f"step_logps: span must be one of {SPANS}, got {span!r}")
-    if num_steps < 0:
-        raise ValueError(f"step_logps: num_steps must be >= 0, got {num_steps}")
+    _check_like("step_ids", step_ids, "token_logps", token_logps)
+    if token_logps.dim() != 2 or step_ids.dtype != torch.long or span not in SPANS or num_steps < 0:
+        raise ValueError(f"step_logps: need token_logps (B, T), step_ids torch.long, span in {SPANS}, num_steps >= 0; "
+                         f"got {tuple(token_logps.shape)}, {step_ids.dtype}, {span!r}, {num_steps}")
     if step_ids.numel() > 0 and (step_ids.min() < -1 or step_ids.max() >= num_steps):
-        raise ValueError(
-            f"step_logps: step_ids must lie in [-1, {num_steps - 1}] (num_steps={num_steps}), "
-            f"got min {int(step_ids.min())} max {int(step_ids.max())}"
-        )
+        raise ValueError(f"step_logps: step_ids must lie in [-1, {num_steps - 1}] (num_steps={num_steps}), "
+                         f"got min {int(step_ids.min())} max {int(step_ids.max())}")
 
 
 def _check_stepkto_inputs(outcome_logratios, outcome_labels, step_logratios, step_labels, step_mask):
     """Shapes and dtypes of stepkto_loss's batch tensors: (B,) outcome, (B, K) step, bool labels/mask."""
-    if outcome_logratios.dim() != 1 or outcome_logratios.numel() == 0:
-        shape = tuple(outcome_logratios.shape)
-        raise ValueError(f"stepkto_loss: outcome_logratios must be (B,) with B >= 1, got {shape}")
-    _check_same_shape("outcome_labels", outcome_labels, "outcome_logratios", outcome_logratios)
-    batch_size = outcome_logratios.size(0)
-    if step_logratios.dim() != 2 or step_logratios.size(0) != batch_size:
-        raise ValueError(f"stepkto_loss: step_logratios must be (B={batch_size}, K), got {tuple(step_logratios.shape)}")
-    _check_same_shape("step_labels", step_labels, "step_logratios", step_logratios)
-    _check_same_shape("step_mask", step_mask, "step_logratios", step_logratios)
-    for name, tensor in (("outcome_labels", outcome_labels), ("step_labels", step_labels), ("step_mask", step_mask)):
-        _check_bool(name, tensor)
+    if outcome_logratios.dim() != 1 or outcome_logratios.numel() == 0 or step_logratios.dim() != 2 \
+            or step_logratios.size(0) != outcome_logratios.size(0):
+        raise ValueError(f"stepkto_loss: need outcome_logratios (B,) with B >= 1 and step_logratios (B, K), got "
+                         f"{tuple(outcome_logratios.shape)}, {tuple(step_logratios.shape)}")
+    _check_like("outcome_labels", outcome_labels, "outcome_logratios", outcome_logratios, mask=True)
+    for name, tensor in (("step_labels", step_labels), ("step_mask", step_mask)):
+        _check_like(name, tensor, "step_logratios", step_logratios, mask=True)
 
 
 def _check_stepkto_options(z0, z0_step, w_outcome, w_step, step_aggregation, reduction):
@@ -363,21 +300,16 @@ def _check_stepkto_options(z0, z0_step, w_outcome, w_step, step_aggregation, red
         _check_scalar("z0_step", z0_step)
     if w_outcome < 0 or w_step < 0 or (w_outcome == 0 and w_step == 0):
         raise ValueError(f"stepkto_loss: need w_outcome, w_step >= 0, not both 0; got {w_outcome}, {w_step}")
-    if step_aggregation not in STEP_AGGREGATIONS:
-        raise ValueError(f"stepkto_loss: step_aggregation must be one of {STEP_AGGREGATIONS}, got {step_aggregation!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"stepkto_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if step_aggregation not in STEP_AGGREGATIONS or reduction not in REDUCTIONS:
+        raise ValueError(f"stepkto_loss: need step_aggregation in {STEP_AGGREGATIONS}, reduction in {REDUCTIONS}; "
+                         f"got {step_aggregation!r}, {reduction!r}")
 
 
-def _check_same_shape(name, tensor, reference_name, reference):
-    if tensor.shape != reference.shape:
-        expected, got = tuple(reference.shape), tuple(tensor.shape)
-        raise ValueError(f"{name} must have the shape of {reference_name} {expected}, got {got}")
-
-
-def _check_bool(name, tensor):
-    if tensor.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor, got {tensor.dtype}")
+def _check_like(name, tensor, reference_name, reference, mask=False):
+    """``tensor`` has the shape of ``reference`` (and, with ``mask``, dtype torch.bool)."""
+    if tensor.shape != reference.shape or (mask and tensor.dtype != torch.bool):
+        raise ValueError(f"{name} must be a {'bool ' if mask else ''}tensor of the shape of {reference_name} "
+                         f"{tuple(reference.shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
 
 
 def _check_scalar(name, tensor):

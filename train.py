@@ -6,15 +6,9 @@
         --mixed_precision bfloat16 --gradient_checkpointing true --per_device_batch_size 4
 
 sft trains the seed (--model scratch: a tiny Llama) on the mean NLL of the completion tokens + EOS. step-kto is one
-iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3) with pi_ref = M_t, on label.py's rows with the
-outcome and step feedback of Sec. 2.1: the loss is stepkto_loss.py's (8) (Sec. 2.3; the equation numbers (n) are
-its). kto, the paper's baseline, is step-kto with w_step = 0. Under torchrun the model is FSDP2-sharded; the result
-equals one process with the same global batch.
-
-Top to bottom: Args; rows, then tokens; the batch plan and the KTO weights; the KL pairs and the reference log-probs
-(computed once); one step's inputs; the training loop, whose body is one Step-KTO step (train); main. The log-probs
-are stepkto/scoring.py's; processes, FSDP2, LoRA, the plan, the optimizer and the log stepkto/distributed.py's;
-OUTPUT's provenance, the resume state and saving stepkto/checkpoints.py's.
+iteration M_t -> M_{t+1} (paper Sec. 2.4; run.sh chains M0 -> M3), pi_ref = M_t, on label.py's rows (Sec. 2.1),
+with stepkto_loss.py's loss (8) (Sec. 2.3; the equation numbers (n) are its); kto is step-kto with w_step = 0.
+Under torchrun (FSDP2, stepkto/distributed.py) the result equals one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -47,29 +42,22 @@ class Args:
     output_dir: str = option(help="Where the trained model goes (never the --model folder).")
     ref_model: Optional[str] = option(None, help="Reference model pi_ref for kto/step-kto (default: --model).")
     prompt_style: prompting.PromptStyle = option("instruct", help="sft: the prompt (prompting.PROMPT_TEMPLATES key).")
-    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: a token per character "
-        "(char), or also per fixed string of the built-in task (phrase: models.SCRATCH_PHRASES).")
+    scratch_tokenizer: Literal["phrase", "char"] = option("phrase", help="--model scratch: chars, or task phrases too.")
     hidden_size: int = option(256, help="--model scratch: hidden size (64 per attention head).")
     num_layers: int = option(4, help="--model scratch: decoder layers.")
     intermediate_size: int = option(768, help="--model scratch: MLP width.")
     beta: float = option(0.1, help="KTO beta: scale of the implied reward log pi/pi_ref.")
     lambda_d: float = option(1.0, help="KTO weight of desirable items (lambda_D).")
     lambda_u: float = option(1.0, help="KTO weight of undesirable items (lambda_U).")
-    balance_lambdas: bool = option(True, help="Per level, lambda_D * n_D = lambda_U * n_U over the data (KTO paper), "
-        "instead of --lambda_d/--lambda_u.")
+    balance_lambdas: bool = option(True, help="Per level, lambda_D * n_D = lambda_U * n_U over the data (KTO paper).")
     w_outcome: float = option(1.0, help="step-kto: weight of the outcome-level loss (kto: 1).")
     w_step: float = option(1.0, help="step-kto: weight of the step-level loss (kto: 0).")
-    nll_weight: float = option(1.0, help="Add this times the mean NLL of the completions desirable at every level "
-        "(Iterative RPO's anchor against likelihood displacement; not Step-KTO's).")
-    step_span: Literal["step", "prefix"] = option("step", help="Step reward over the step's own tokens (step) or the "
-        "prefix through it (prefix).")
+    nll_weight: float = option(1.0, help="NLL weight on fully desirable rows (Iterative RPO's anchor; not Step-KTO's).")
+    step_span: Literal["step", "prefix"] = option("step", help="Step reward over the step's tokens or the prefix.")
     step_aggregation: Literal["mean", "sum"] = option("mean", help="Step losses of one completion: mean or sum.")
-    step_scope: Literal["all", "first_error"] = option("all", help="Steps the step level scores: all (as the paper), "
-        "or through the first wrong one.")
-    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="A step without a verdict (null label): no "
-        "part in the step level (ignore), or undesirable (wrong).")
-    step_z0: Literal["outcome", "step"] = option("outcome", help="The step level's z0: the outcome level's, or "
-        "estimate_z0 over the KL pairs' step log-ratios.")
+    step_scope: Literal["all", "first_error"] = option("all", help="Steps scored: all, or through the first wrong.")
+    unjudged_steps: Literal["ignore", "wrong"] = option("ignore", help="A step without a verdict: unscored or wrong.")
+    step_z0: Literal["outcome", "step"] = option("outcome", help="Step z0: the outcome's, or from KL pairs' steps.")
     per_device_batch_size: int = option(8, help="Rows per process per step; global batch = this * world size.")
     epochs: int = option(1, help="Passes over the data.")
     max_steps: int = option(0, help="Stop after this many optimizer steps (0: all epochs; the LR schedule spans them).")
@@ -80,28 +68,20 @@ class Args:
     max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (inf: no clipping).")
     seed: int = option(0, help="Seed of the batch plan, of --model scratch's init and of torch/numpy/random.")
     num_threads: int = option(0, help="torch.set_num_threads (0: torch's default).")
-    dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Parameter dtype of the loaded and the "
-        "saved model; trained weights must not be bfloat16 (use --mixed_precision), a frozen LoRA base may be.")
-    mixed_precision: Literal["none", "bfloat16"] = option("none", help="Compute dtype of forward and backward, the "
-        "weights and AdamW states staying in --dtype (FSDP2's MixedPrecisionPolicy under torchrun, else autocast).")
+    dtype: Literal["float32", "bfloat16", "float64"] = option("float32", help="Weights' dtype (bfloat16: LoRA only).")
+    mixed_precision: Literal["none", "bfloat16"] = option("none", help="Compute dtype; weights stay in --dtype.")
     log_every: int = option(10, help="Append metrics to train_log.jsonl every N steps.")
     save_every: int = option(100, help="Write the resume state every N steps (0: never).")
     gradient_checkpointing: bool = option(False, help="Recompute each layer's activations in backward: less memory.")
-    logits_chunk_mib: float = option(256.0, help="Keep the float32 logits of the LM head under this many MiB at a "
-        "time, recomputed in backward (0: all at once): a large vocabulary's logits are a step's largest tensor.")
-    optim: Literal["adamw", "adamw_fused"] = option("adamw", help="adamw: torch.optim.AdamW's default implementation; "
-        "adamw_fused: one fused kernel over all tensors (TRL's default; faster updates, other rounding).")
-    gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step, the update that of one "
-        "global batch of per_device_batch_size * world size * this computed at once (z0 over all of it).")
-    lora_r: int = option(0, help="LoRA rank (peft; 0: full fine-tuning). OUTPUT holds the model with the adapters "
-        "merged in float32 (float64 when trained in it), and OUTPUT/adapter the adapters alone.")
+    logits_chunk_mib: float = option(256.0, help="MiB of float32 logits at a time, recomputed in backward (0: all).")
+    optim: Literal["adamw", "adamw_fused"] = option("adamw", help="AdamW: default, or fused (TRL's; other rounding).")
+    gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step (z0 over all of them).")
+    lora_r: int = option(0, help="LoRA rank (0: full fine-tuning); OUTPUT merged, OUTPUT/adapter the adapters.")
     lora_alpha: float = option(16.0, help="--lora_r: LoRA scaling numerator (the update is alpha / r * B A).")
-    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input (> 0 keeps a copy of every "
-        "adapted layer's input for backward).")
-    lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="--lora_r: "
-        "comma-separated names of the modules with adapters (default: a Llama / Qwen / Mistral decoder's linears).")
-    report_to: tracking.ReportTo = option("none", help="Also send train_log.jsonl's metrics to TensorBoard or Weights "
-        "& Biases (offline unless WANDB_MODE=online); the files end up in OUTPUT/tracking.")
+    lora_dropout: float = option(0.0, help="--lora_r: dropout on the adapters' input.")
+    lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                      help="--lora_r: comma-separated names of the adapted modules.")
+    report_to: tracking.ReportTo = option("none", help="Also log to TensorBoard or W&B, in OUTPUT/tracking.")
     on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
@@ -117,11 +97,7 @@ class Example(NamedTuple):
     tokens: Tokenized
     desirable: bool  # outcome label (KTO); True for sft rows
     step_labels: list[bool | None]  # (num_steps,): None for a step without a verdict; [] for sft and kto rows
-
-    @property
-    def anchored(self) -> bool:
-        """Desirable at every level (every sft row is): the rows whose NLL --nll_weight's anchor trains, and sft."""
-        return self.desirable and all(step_label is True for step_label in self.step_labels)
+    anchored: bool  # desirable at every level (every sft row is): the rows whose NLL the anchor (and sft) trains
 
 
 def load_examples(args: Args, tokenizer) -> list[Example]:
@@ -134,17 +110,15 @@ def load_examples(args: Args, tokenizer) -> list[Example]:
 
 
 def sft_example(tokenizer, row: dict, prompt_style: str) -> Example:
-    """The prompted problem and its completion, EOS appended (no offsets: sft has no steps, and a slow tokenizer
-    has no offset mapping); desirable."""
+    """The prompted problem and its completion + EOS, desirable (no offsets: sft has no steps)."""
     prompt = prompting.build_prompt(tokenizer, row["problem"], prompt_style)
     prompt_ids = prompting.encode_prompt(tokenizer, prompt)
     completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Example(Tokenized(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [])
+    return Example(Tokenized(prompt_ids, completion_ids, np.full(len(completion_ids), -1), 0), True, [], True)
 
 
 def kto_example(tokenizer, row: dict, where: str, with_steps: bool, unjudged_steps: str = "ignore") -> Example:
-    """One label.py row -> Example, scoring the sampled ids when the row has them, a step without a verdict kept as
-    None or, with unjudged_steps "wrong", labelled wrong; raises DataError naming file:line and field."""
+    """One label.py row -> Example (unjudged_steps "wrong": a null step label is False); DataError names where."""
     if row["finish_reason"] not in ("stop", "length"):
         raise DataError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {row['finish_reason']!r}")
     spans = []
@@ -156,49 +130,37 @@ def kto_example(tokenizer, row: dict, where: str, with_steps: bool, unjudged_ste
             if len(row[name]) != len(spans):
                 raise DataError(f"{where}: field '{name}' has {len(row[name])} items but the completion has "
                                 f"{len(spans)} steps (prompting.step_spans: steps are separated by blank lines)")
-    has_ids = "completion_ids" in row
-    prompt_ids, completion_ids, offsets = sampled_tokens(row, where) if has_ids else tokenized_text(tokenizer, row)
+    prompt_ids, completion_ids, offsets = tokenized_text(tokenizer, row, where)
     if not prompt_ids:
         raise DataError(f"{where}: field 'prompt' is empty: the first completion token would have no context")
-    step_ids = steps_of_tokens(offsets, spans)
-    labels = row["labels"] if with_steps else []
-    if unjudged_steps == "wrong":
-        labels = [False if step_label is None else step_label for step_label in labels]
-    return Example(Tokenized(prompt_ids, completion_ids, step_ids, len(spans)), row["outcome"], labels)
+    wrong = unjudged_steps == "wrong"  # a step without a verdict labelled wrong
+    labels = [False if label is None and wrong else label for label in row["labels"]] if with_steps else []
+    tokens = Tokenized(prompt_ids, completion_ids, steps_of_tokens(offsets, spans), len(spans))
+    return Example(tokens, row["outcome"], labels, row["outcome"] and all(label is True for label in labels))
 
 
-def tokenized_text(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
-    """For rows that were not sampled by generate.py (no ids): tokenize prompt and completion, EOS appended
-    when the completion stopped. With a BPE tokenizer these ids may differ from what a policy sampled."""
+def tokenized_text(tokenizer, row: dict, where: str = "") -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, completion ids, completion offsets): generate.py's when the row has them, else tokenized here (a
+    BPE may differ from what was sampled), EOS appended when the model chose to stop (EOS is then rewarded too)."""
+    if "completion_ids" in row:
+        for name in ("prompt_ids", "completion_ids", "completion_offsets"):
+            values = row.get(name)
+            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise DataError(f"{where}: field '{name}' must be a list of integers (generate.py writes it)")
+        if len(row["completion_offsets"]) != len(row["completion_ids"]):
+            raise DataError(f"{where}: field 'completion_offsets' must have one offset per item of 'completion_ids'")
+        return row["prompt_ids"], row["completion_ids"], row["completion_offsets"]
     prompt_ids = prompting.encode_prompt(tokenizer, row["prompt"])
     encoding = tokenizer(row["completion"], add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
-    if row["finish_reason"] == "stop":  # the model chose to stop: EOS is part of what is rewarded
+    if row["finish_reason"] == "stop":
         ids, offsets = ids + [tokenizer.eos_token_id], offsets + [len(row["completion"])]
     return prompt_ids, ids, offsets
 
 
-def sampled_tokens(row: dict, where: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, completion ids, completion offsets) exactly as generate.py sampled them."""
-    for name in ("prompt_ids", "completion_ids", "completion_offsets"):
-        values = row.get(name)
-        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise DataError(f"{where}: field '{name}' must be a list of integers (generate.py writes it)")
-    if len(row["completion_offsets"]) != len(row["completion_ids"]):
-        raise DataError(f"{where}: field 'completion_offsets' has {len(row['completion_offsets'])} items, "
-                        f"'completion_ids' {len(row['completion_ids'])}: one offset per token")
-    return row["prompt_ids"], row["completion_ids"], row["completion_offsets"]
-
-
 def steps_of_tokens(token_starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
-    """Step index of each completion token (the step_ids of (6)) from the character where each token starts.
-
-    The rule for a token that straddles a step boundary: it belongs to the step in which its FIRST
-    character lies, where a step runs from its own first character to the next step's (so the blank-line
-    separator after a step stays with that step, and a token such as ".\\n\\n" ends the step it starts in);
-    leading whitespace goes to step 0, and the stop token (which starts at the end of the text) to the last.
-    -1 everywhere when the completion has no steps.
-    """
+    """Step index of each completion token (the step_ids of (6)): the step its FIRST character is in, a step running
+    to the next one's start (".\\n\\n" ends its step); the stop token is the last step's; -1 without steps."""
     token_starts = np.asarray(token_starts, dtype=np.int64)  # (C,)
     if not spans:
         return np.full_like(token_starts, -1)
@@ -222,7 +184,7 @@ class Data:
 
 
 def prepare_data(args: Args, env: Env, tokenizer) -> Data:
-    """Examples, batch plan and KTO weights; the reference log-probs come later (run: reference_logps)."""
+    """Examples, batch plan, lambda_D / lambda_U of (3) (--lambda_d/--lambda_u, or balanced per level: KTO paper)."""
     examples = load_examples(args, tokenizer)
     kto = args.objective != "sft"
     shards = env.world_size * args.gradient_accumulation_steps
@@ -232,7 +194,12 @@ def prepare_data(args: Args, env: Env, tokenizer) -> Data:
     plan = plan[: args.max_steps] if args.max_steps else plan
     if not plan:
         raise UsageError(f"{args.data}: {len(examples)} rows make no batch of {global_batch}: lower the batch size")
-    lambdas = level_lambdas(examples, args) if kto else {}
+    lambdas = dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u) if kto else {}
+    if kto and args.balance_lambdas:  # per level over the whole data; the steps: those the step level scores
+        labels, scored = step_tensors(examples, max((len(e.step_labels) for e in examples), default=0), args, "cpu")
+        n_d, steps_d, steps_all = sum(e.desirable for e in examples), int((labels & scored).sum()), int(scored.sum())
+        (d, u), (sd, su) = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
+        lambdas = dict(lambda_d=d, lambda_u=u, step_lambda_d=sd, step_lambda_u=su)
     if env.rank == 0:
         print(f"{len(examples)} rows, {len(plan)} steps of {global_batch} rows", flush=True)
         if kto:
@@ -240,18 +207,6 @@ def prepare_data(args: Args, env: Env, tokenizer) -> Data:
     offsets = np.cumsum([0] + [len(b.rows) for b in plan]).tolist()
     w_outcome, w_step = (args.w_outcome, args.w_step) if args.objective == "step-kto" else (1.0, 0.0)
     return Data(examples, plan, offsets, tokenizer.pad_token_id, lambdas, w_outcome, w_step)
-
-
-def level_lambdas(examples: list[Example], args: Args) -> dict:
-    """lambda_D / lambda_U of (3) at the outcome and the step level, from --lambda_d/--lambda_u or balanced
-    per level over the whole data (the step level's over the steps it scores: judged ones only)."""
-    if not args.balance_lambdas:
-        return dict(lambda_d=args.lambda_d, lambda_u=args.lambda_u)
-    n_d = sum(e.desirable for e in examples)
-    labels, scored = step_tensors(examples, max((len(e.step_labels) for e in examples), default=0), args, "cpu")
-    steps_d, steps_all = int((labels & scored).sum()), int(scored.sum())
-    outcome, step = balanced_lambdas(n_d, len(examples) - n_d), balanced_lambdas(steps_d, steps_all - steps_d)
-    return dict(lambda_d=outcome[0], lambda_u=outcome[1], step_lambda_d=step[0], step_lambda_u=step[1])
 
 
 def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
@@ -262,14 +217,10 @@ def balanced_lambdas(n_desirable: int, n_undesirable: int) -> tuple[float, float
 
 
 def step_tensors(examples: list[Example], num_steps: int, args: Args, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step_labels, step_mask), (B, K) bool each: the steps judged right, and K_i of (7), the steps with a verdict
-    that the step level scores (--step_scope first_error: through the first wrong one among them). A step nobody
-    judged is no evidence either way; padding steps are False in both."""
-    labels, judged = np.zeros((len(examples), num_steps), dtype=bool), np.zeros((len(examples), num_steps), dtype=bool)
-    for b, example in enumerate(examples):
-        labels[b, : len(example.step_labels)] = [step_label is True for step_label in example.step_labels]
-        judged[b, : len(example.step_labels)] = [step_label is not None for step_label in example.step_labels]
-    labels, judged = torch.from_numpy(labels).to(device), torch.from_numpy(judged).to(device)
+    """(step_labels, step_mask), (B, K) bool: judged right, and K_i of (7): judged (first_error: through the wrong)."""
+    padded = [e.step_labels + [None] * (num_steps - len(e.step_labels)) for e in examples]  # (B, K)
+    labels = torch.tensor([[label is True for label in row] for row in padded], dtype=torch.bool, device=device)
+    judged = torch.tensor([[label is not None for label in row] for row in padded], dtype=torch.bool, device=device)
     return labels, through_first_error(labels, judged) if args.step_scope == "first_error" else judged
 
 
@@ -277,24 +228,18 @@ def step_tensors(examples: list[Example], num_steps: int, args: Args, device) ->
 
 
 def kl_pairs(rows: list[int], slots, examples: list[Example], keep_steps: bool) -> list[Tokenized]:
-    """KTO's mismatched pairs (x_j, y_{j-1}) of (2), which estimate the reference point z0 (KTO paper Sec. 4.1):
-    slot j of the global batch ``rows`` is paired with slot j-1's completion, cyclically (as TRL). keep_steps keeps
-    the completions' steps, for the step level's own z0 (--step_z0 step)."""
-    pairs = []
-    for j in slots:
-        prompt, completion = examples[rows[j]].tokens, examples[rows[j - 1]].tokens
-        if keep_steps:
-            pairs.append(completion._replace(prompt_ids=prompt.prompt_ids))
-        else:  # one read-only -1 per token, no copy: the reference pass holds every pair of the plan at once
-            no_steps = np.broadcast_to(np.int64(-1), (len(completion.completion_ids),))
-            pairs.append(Tokenized(prompt.prompt_ids, completion.completion_ids, no_steps, 0))
-    return pairs
+    """KTO's mismatched pairs (x_j, y_{j-1}) of (2) (KTO paper Sec. 4.1), cyclic in ``rows`` as TRL; keep_steps for
+    --step_z0 step."""
+    pairs = [(examples[rows[j]].tokens.prompt_ids, examples[rows[j - 1]].tokens) for j in slots]
+    if keep_steps:
+        return [completion._replace(prompt_ids=prompt_ids) for prompt_ids, completion in pairs]
+    # one read-only -1 per token, no copy: the reference pass holds every pair of the plan at once
+    return [Tokenized(prompt_ids, c.completion_ids, np.broadcast_to(np.int64(-1), (len(c.completion_ids),)), 0)
+            for prompt_ids, c in pairs]
 
 
 def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokenizer, work: Path) -> Reference:
-    """log pi_ref of every row and KL pair of the plan, ONCE per run, before any update; cached in the work folder
-    (claim_output keeps it only for this run). Without --ref_model the (still untrained) policy is the reference,
-    so no second model is loaded; otherwise the reference is loaded (sharded as the policy), used and freed."""
+    """log pi_ref of every row and KL pair, once, cached in work: the untrained policy's, or --ref_model's (freed)."""
     def compute() -> Reference:
         scorer = policy
         if args.ref_model and Path(args.ref_model).resolve() != Path(args.model).resolve():
@@ -302,28 +247,25 @@ def reference_logps(args: Args, env: Env, policy: nn.Module, data: Data, tokeniz
         scorer.eval()
         keep_steps = args.step_z0 == "step"
         pairs = [p for b in data.plan for p in kl_pairs(b.rows, range(len(b.rows)), data.examples, keep_steps)]
-        rows = [e.tokens for e in data.examples] + pairs
-        totals, steps = score_rows(scorer, rows, args.step_span, args.per_device_batch_size, env, data.pad_id)
-        if hasattr(policy, "reshard"):
-            # FSDP2 keeps the root's parameters gathered after a forward; the optimizer must be built on the
-            # sharded parameters, or it would update a temporary all-gather buffer.
+        totals, steps = score_rows(scorer, [e.tokens for e in data.examples] + pairs, args.step_span,
+                                   args.per_device_batch_size, env, data.pad_id)
+        if hasattr(policy, "reshard"):  # FSDP2 keeps the root gathered: the optimizer must see the shards
             policy.reshard()
         policy.train()
         del scorer
         gc.collect()
         n = len(data.examples)
-        kl_steps = steps[n:, : max((p.num_steps for p in pairs), default=0)]
-        return Reference(totals[:n], steps[:n], totals[n:], kl_steps)
+        return Reference(totals[:n], steps[:n], totals[n:], steps[n:, : max((p.num_steps for p in pairs), default=0)])
 
     return cached_reference(work / "reference_logps.pt", compute, env.rank)
 
 
-# ----------------------------------------------------------------------------- one step's inputs
+# ----------------------------------------------------------------------------- the training loop (paper Sec. 2.3, 2.4)
+# A pass of the loop, one step of (8) on a global batch: z0 (2), each micro-batch's (8) and backward, one update.
 
 
 class MicroBatch(NamedTuple):
     """One micro-batch of this rank's slice of a global batch, on its device. The KTO fields are None for sft."""
-
     rows: Batch  # its rows, collated
     anchored: torch.Tensor  # (B,) bool: fully desirable rows, whose NLL the anchor (and sft) trains
     kl: Optional[Batch]  # its rows' mismatched pairs (x_j, y_{j-1}) of (2)
@@ -334,19 +276,12 @@ class MicroBatch(NamedTuple):
 
 
 class StepInputs(NamedTuple):
-    """This rank's micro-batches of a global batch, and the global batch's counts, known before any forward: the
-    denominators of (5) and (7) (what StepKTOTerms.loss reads: n_outcome, n_step) and of the NLL's mean."""
-
+    """This rank's micro-batches of a global batch, and the global batch's denominators of (5), (7) and the NLL."""
     micro: list[MicroBatch]
     n_outcome: torch.Tensor  # the completions
     n_step: torch.Tensor  # those with a judged step (every --step_scope scores a completion's first judged step)
     nll_tokens: int  # completion tokens of the fully desirable rows (at least 1)
-
-    def token_sums(self) -> dict:
-        """Real and computed (padded) token positions of this rank's forwards, for the throughput."""
-        batches = [b for m in self.micro for b in (m.rows, m.kl) if b is not None]
-        return {"tokens/real": sum(b.real_tokens for b in batches),
-                "tokens/computed": sum(b.computed_tokens for b in batches)}
+    tokens: Counter  # tokens/real and tokens/computed (padded) of this rank's forwards, for the throughput
 
 
 def step_inputs(step: int, data: Data, args: Args, env: Env) -> StepInputs:
@@ -354,9 +289,12 @@ def step_inputs(step: int, data: Data, args: Args, env: Env) -> StepInputs:
     examples = [data.examples[i] for i in data.plan[step].rows]
     nll_tokens = max(sum(len(e.tokens.completion_ids) for e in examples if e.anchored), 1)
     n_step = sum(any(step_label is not None for step_label in e.step_labels) for e in examples)
-    micro = distributed.micro_slots(len(examples), env, args.gradient_accumulation_steps)
-    return StepInputs([micro_batch(step, slots, data, args, env.device) for slots in micro],
-                      torch.tensor(float(len(examples))), torch.tensor(float(n_step)), nll_tokens)
+    slots = distributed.micro_slots(len(examples), env, args.gradient_accumulation_steps)
+    micro = [micro_batch(step, s, data, args, env.device) for s in slots]
+    batches = [b for m in micro for b in (m.rows, m.kl) if b is not None]
+    tokens = Counter({"tokens/real": sum(b.real_tokens for b in batches),
+                      "tokens/computed": sum(b.computed_tokens for b in batches)})
+    return StepInputs(micro, torch.tensor(float(len(examples))), torch.tensor(float(n_step)), nll_tokens, tokens)
 
 
 def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.device) -> MicroBatch:
@@ -367,8 +305,7 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
     anchored = torch.tensor([e.anchored for e in examples], device=device)  # (B,)
     if args.objective == "sft":
         return MicroBatch(batch, anchored, None, None, None, None, None)
-    pairs = kl_pairs(data.plan[step].rows, slots, data.examples, args.step_z0 == "step")
-    kl = collate(pairs, data.pad_id, device)
+    kl = collate(kl_pairs(data.plan[step].rows, slots, data.examples, args.step_z0 == "step"), data.pad_id, device)
     full, num_steps = data.reference, batch.step_mask.size(1)
     index = [data.kl_offsets[step] + j for j in slots]  # the pairs' place among the reference's
     ref = Reference(full.row_total[rows], full.row_steps[rows, :num_steps], full.kl_total[index],
@@ -376,11 +313,6 @@ def micro_batch(step: int, slots: range, data: Data, args: Args, device: torch.d
     step_labels, step_mask = step_tensors(examples, num_steps, args, device)
     desirable = torch.tensor([e.desirable for e in examples], device=device)  # (B,)
     return MicroBatch(batch, anchored, kl, Reference(*(t.to(device) for t in ref)), desirable, step_labels, step_mask)
-
-
-# ----------------------------------------------------------------------------- the training loop (paper Sec. 2.3, 2.4)
-# One run is one iteration M_t -> M_{t+1}, pi_ref = M_t throughout; each pass of the loop is one step of (8) on one
-# global batch: z0 (2) over its KL pairs, each micro-batch's share of (8) and its backward, one AdamW update.
 
 
 def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: Env, work: Path, start_step: int,
@@ -392,8 +324,7 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
         inputs = step_inputs(step, data, args, env)  # this rank's micro-batches with pi_ref and labels
         if kto:  # (2) z0 over the whole global batch (every micro-batch, all ranks: estimate_z0 all-reduces), no grad
             z0, z0_step = reference_points(policy, inputs.micro, args.step_z0 == "step", args.step_span)
-        sums = inputs.token_sums()  # sums over micro-batches, then ranks: the logged metrics
-        level_sums = []  # each micro-batch's terms.sums(), those of (5) and (7)
+        sums, level_sums = Counter(inputs.tokens), []  # logged metrics, added up; each micro-batch's (5) and (7)
         for m in inputs.micro:
             if kto:
                 logps, step_logps = completion_logps(policy, m.rows, args.step_span)  # (B,), (B, K) log pi
@@ -407,12 +338,12 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
                 if args.nll_weight:
                     loss = loss + args.nll_weight * (nll / inputs.nll_tokens)
                 level_sums.append(terms.sums())
-                sums = add_sums(sums, rewards)
+                sums.update(rewards)
             else:  # sft: the mean NLL of the completion tokens (+ EOS) over the global batch
                 nll = -policy(m.rows.input_ids, m.rows.attention_mask, m.rows.positions, m.rows.targets).sum()
                 loss = nll / inputs.nll_tokens
             (loss * env.world_size).backward()  # FSDP averages the gradients over the ranks: their sum is the step's
-            sums = add_sums(sums, {"loss/total": loss.detach(), "loss/nll": nll.detach()})
+            sums.update({"loss/total": loss.detach(), "loss/nll": nll.detach()})
         sums = distributed.all_reduce_sums(sums, env.device)  # over the ranks, in one collective
         if kto:  # the sums of (5) and (7) of the global batch, as docs/loss.md adds them
             totals = LevelSums(*distributed.all_reduce(functools.reduce(LevelSums.add, level_sums).stack()))
@@ -427,22 +358,17 @@ def train(policy: nn.Module, optimizer, scheduler, data: Data, args: Args, env: 
 
 @torch.no_grad()
 def reference_points(policy: nn.Module, micro: list[MicroBatch], own_step_z0: bool, span: str):
-    """(z0, z0_step): (2) from the policy's log-ratios on the KL pairs of every micro-batch, under no_grad (as TRL);
-    z0_step (None unless --step_z0 step) from the pairs' step log-ratios. Over the whole global batch, not per
-    micro-batch as TRL: gradient accumulation then computes the update of one large batch exactly."""
+    """(z0, z0_step) of (2) over every micro-batch's KL pairs (not per micro-batch as TRL: accumulation is exact)."""
     outcome, steps = [], []
     for m in micro:
         totals, step_logps = completion_logps(policy, m.kl, span)  # (B,), (B, K)
         outcome.append(totals - m.ref.kl_total)  # (1) r(x, y')
         steps.append((step_logps - m.ref.kl_steps)[m.kl.step_mask])  # (6) r_k of the pairs' real steps
-    z0 = estimate_z0(torch.cat(outcome))  # (2)
-    return z0, estimate_z0(torch.cat(steps)) if own_step_z0 else None
+    return estimate_z0(torch.cat(outcome)), estimate_z0(torch.cat(steps)) if own_step_z0 else None  # (2)
 
 
-def step_metrics(sums: dict, totals: Optional[LevelSums], z0, z0_step, inputs: StepInputs, args: Args,
-                 data: Data) -> dict:
-    """The logged metrics of the global batch, from its sums over micro-batches and ranks. kto / step-kto: (5) and
-    (7); loss/total, what backward() got: (8) plus the anchor; the rewards and counts; z0. sft: the mean NLL."""
+def step_metrics(sums: dict, totals: Optional[LevelSums], z0, z0_step, inputs: StepInputs, args, data) -> dict:
+    """The global batch's metrics: (5), (7), loss/total ((8) and the anchor), rewards, counts, z0; sft: the NLL."""
     if args.objective == "sft":
         return {"loss/total": sums["loss/nll"] / inputs.nll_tokens}
     metrics = {k: float(v) for k, v in totals.loss_metrics(data.w_outcome, data.w_step).items()}
@@ -452,23 +378,11 @@ def step_metrics(sums: dict, totals: Optional[LevelSums], z0, z0_step, inputs: S
     return metrics | {"kl/z0": float(z0)} | ({} if z0_step is None else {"kl/z0_step": float(z0_step)})
 
 
-def add_sums(total: dict, part: dict) -> dict:
-    return {key: total.get(key, 0) + part.get(key, 0) for key in total.keys() | part.keys()}
-
-
 # ----------------------------------------------------------------------------- main: arguments, the policy, resume
 
 
-def main(args: Args) -> None:
-    check_args(args)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    distributed.run_in_process_group(functools.partial(run, args))
-
-
 def run(args: Args, env: Env) -> None:
-    """One iteration M_t -> M_{t+1} (kto / step-kto; pi_ref = M_t = --model unless --ref_model), or SFT; nothing
-    when OUTPUT is already a complete checkpoint of this run (checkpoints.claim_output)."""
+    """One iteration M_t -> M_{t+1} (pi_ref = M_t = --model unless --ref_model), or SFT; nothing if OUTPUT is done."""
     settings = {k: v for k, v in asdict(args).items() if k not in RESUME_FREE_ARGS}
     record = checkpoints.training_record(settings, env.world_size)  # OUTPUT's provenance record
     if not checkpoints.claim_output(args.output_dir, record, args.on_change, env):
@@ -486,7 +400,6 @@ def run(args: Args, env: Env) -> None:
     optimizer, scheduler = distributed.make_optimizer(policy, len(data.plan), args.lr, args.weight_decay,
                                                       args.warmup_ratio, args.lr_schedule, args.optim == "adamw_fused")
     start_step = checkpoints.load_train_state(work, policy, optimizer, scheduler, bool(args.lora_r))
-    # rank 0 logs, into the work folder, which save_final_model moves to OUTPUT/tracking
     tracker = tracking.open_tracker(args.report_to if env.rank == 0 else "none", work / "tracking",
                                     Path(args.output_dir).name, asdict(args), start_step + 1)
     log = distributed.TrainLog(work, args.log_every, len(data.plan), start_step, args.objective, tracker, env.rank)
@@ -496,37 +409,30 @@ def run(args: Args, env: Env) -> None:
     checkpoints.save_final_model(policy, tokenizer, Path(args.output_dir), work, config, lora, args.model)
 
 
-def check_args(args: Args) -> None:
-    """Fail before loading anything on arguments that cannot work, or that would do nothing (stepkto/options.py)."""
+def main(args: Args) -> None:
+    """Train; first fail on arguments that cannot work, or that would do nothing (stepkto/options.py)."""
     cli.check_choices(args)
     options.refuse_inapplicable("train.py", args)
-    if args.model == "scratch" and args.objective != "sft":
-        raise UsageError("--model scratch only makes sense with --objective sft (KTO needs a trained policy)")
-    if args.lora_r and args.model == "scratch":
-        raise UsageError("--lora_r needs a trained --model: adapters on a random model train nothing useful")
+    if args.model == "scratch" and (args.objective != "sft" or args.lora_r):
+        raise UsageError("--model scratch is for --objective sft without --lora_r: KTO and adapters need a trained one")
     for name in ("model", "ref_model"):
         path = getattr(args, name)
         if path and path != "scratch" and Path(path).resolve() == Path(args.output_dir).resolve():
             raise UsageError(f"--output_dir {args.output_dir} is --{name}: training would overwrite its own input")
-    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps",
-                "beta")
+    positive = ("per_device_batch_size", "epochs", "log_every", "lr", "max_grad_norm", "gradient_accumulation_steps")
     for name in positive + ("lambda_d", "lambda_u", "lora_r", "max_steps", "save_every", "logits_chunk_mib"):
         if not (getattr(args, name) > 0 if name in positive else getattr(args, name) >= 0):
             raise UsageError(f"--{name} must be {'>' if name in positive else '>='} 0, got {getattr(args, name)}")
-    if args.beta == math.inf or not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"need --beta < inf and 0 <= --warmup_ratio < 1, got {args.beta}, {args.warmup_ratio}")
-    no_steps = torch.zeros(1, 0, dtype=torch.bool)
-    try:  # the weights of (8): stepkto_loss's own check, on one row without steps
-        stepkto_loss(torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1, 0), no_steps, no_steps,
-                     torch.zeros(()), w_outcome=args.w_outcome, w_step=args.w_step)
-    except ValueError as error:
-        raise UsageError(f"--w_outcome {args.w_outcome}, --w_step {args.w_step}: {error}") from None
-    if args.dtype == "bfloat16" and not args.lora_r:
-        raise UsageError("--dtype bfloat16 would train bfloat16 weights, which lose every AdamW update smaller than "
-                         "1/256 of the weight: use --dtype float32 --mixed_precision bfloat16")
+    if not 0 < args.beta < math.inf or not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"need 0 < --beta < inf and 0 <= --warmup_ratio < 1, got {args.beta}, {args.warmup_ratio}")
+    if min(args.w_outcome, args.w_step) < 0 or args.w_outcome == args.w_step == 0:  # (8)'s weights
+        raise UsageError(f"--w_outcome {args.w_outcome}, --w_step {args.w_step}: need both >= 0, not both 0")
+    if args.dtype == "bfloat16" and not args.lora_r:  # bfloat16 weights lose every update under 1/256 of the weight
+        raise UsageError("--dtype bfloat16 trains bfloat16 weights: use --dtype float32 --mixed_precision bfloat16")
     if args.dtype == "float64" and args.mixed_precision != "none":
-        raise UsageError("--mixed_precision bfloat16 needs --dtype float32 weights (autocast casts float32 only): "
-                         "use --dtype float32")
+        raise UsageError("--mixed_precision bfloat16 needs --dtype float32 (autocast casts float32 only)")
+    cli.set_num_threads(args.num_threads)
+    distributed.run_in_process_group(functools.partial(run, args))
 
 
 if __name__ == "__main__":
