@@ -1,18 +1,17 @@
 """Sample step-by-step solutions from a model: N samples per problem, written as JSONL.
 
-The sampling stage of the Step-KTO loop (paper Sections 2.1 and 2.4: the current policy M(i-1) samples
-solutions that are then labelled at the step and outcome level). One output row per sample:
+The sampling stage of the Step-KTO loop (paper Sections 2.1 and 2.4: the current policy M(i-1) samples solutions that
+are then labelled at the step and outcome level). One output row per sample (the fields of jsonl.SAMPLE_ROW):
 
     {"id": "<problem id>#<k>", "problem_id", "problem", "answer", "solution"?, "prompt",
      "completion", "finish_reason": "stop"|"length", "sample_index": k, "gen": {sampling settings},
      "prompt_ids", "completion_ids", "completion_offsets"}
 
-``prompt_ids`` / ``completion_ids`` are the token ids exactly as the engine consumed and sampled them (the
-stop token included when finish_reason is "stop"): train.py scores these ids, never a re-tokenization of
-the text, which with a BPE tokenizer can differ exactly at step boundaries ("\n\n" sampled as one token
-re-encodes as two). ``completion`` is decoded from the ids; ``completion_offsets[i]`` is the character
-of ``completion`` where token i starts (generate.token_offsets), which is how train.py maps steps onto
-tokens. The fields every row must carry are jsonl.SAMPLE_ROW (checked when written).
+``prompt_ids`` / ``completion_ids`` are the token ids exactly as the engine consumed and sampled them (the stop token
+included when finish_reason is "stop"): train.py scores these ids, never a re-tokenization of the text, which with a
+BPE tokenizer can differ exactly at step boundaries ("\n\n" sampled as one token re-encodes as two). ``completion`` is
+decoded from the ids; ``completion_offsets[i]`` is the character of ``completion`` where token i starts
+(token_offsets), which is how train.py maps steps onto tokens.
 
 Other stages call ``generate_rows(problems, output, Settings(...))`` (evaluate.py does), never ``main``.
 
@@ -48,10 +47,11 @@ class Policy(engines.EngineSettings):
     model: str = option(help="Model folder or hub id to sample from.")
     max_new_tokens: int = option(1024, help="Maximum tokens generated per sample.")
     seed: int = option(0, help="Random seed; each chunk is seeded from (seed, chunk index).")
-    prompt_style: prompting.PromptStyle = option("instruct", help="Prompt template in prompting.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot.")
-    chunk_size: int = option(256, help="Problems per chunk: the unit of batching, seeding, resuming and sharding. With "
-        "transformers on a CPU smaller is faster (a batch runs until its longest sample ends; run.sh uses 64); with "
-        "--num_shards, at least one chunk per shard.")
+    prompt_style: prompting.PromptStyle = option("instruct", help=(
+        "Prompt template in prompting.PROMPT_TEMPLATES: instruct | minimal | qwen25-math-cot."))
+    chunk_size: int = option(256, help=(
+        "Problems per chunk: the unit of batching, seeding, resuming and sharding (with --num_shards, at least one "
+        "chunk per shard). With transformers on a CPU smaller is faster: a batch runs until its longest sample ends."))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,9 +61,6 @@ class Settings(Policy):
     num_samples: int = option(4, help="Samples per problem.")
     temperature: float = option(1.0, help="Sampling temperature; 0 means greedy decoding.")
     top_p: ClassVar[float] = 1.0  # no nucleus cut, as the paper and the Qwen2.5-Math harness sample
-
-    def sampling(self) -> "engines.Sampling":
-        return engines.Sampling(self.num_samples, self.temperature, self.top_p, self.max_new_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,14 +84,10 @@ def sample_ids(problems: list[dict], n: int) -> list[str]:
 
 
 def token_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
-    """Character offset in ``text`` where each token starts, i.e. len(decode(ids[:i])), in linear time.
-
-    Decoded incrementally over a window of a few tokens, as vLLM's detokenizer does: text is emitted once
-    it no longer ends inside a multi-byte character. A token whose bytes begin inside such a character
-    starts after the last whole character before it (what exact_token_offsets gives). If the text so built
-    is not ``text`` (a tokenizer whose decoding of pieces is not the decoding of the whole), the exact
-    quadratic rule decides instead.
-    """
+    """Character offset in ``text`` where each token starts, i.e. len(decode(ids[:i])), in linear time: decoded over
+    a window of a few tokens as vLLM's detokenizer does, text is emitted once it no longer ends inside a multi-byte
+    character (a token that begins inside one starts after the last whole character before it). Where the text so
+    built is not ``text`` (pieces that do not decode as the whole), exact_token_offsets decides."""
     decode = lambda part: tokenizer.decode(part, skip_special_tokens=True)  # noqa: E731
     starts, pieces, emitted, prefix, read = [], [], 0, 0, 0
     for i in range(len(ids)):
@@ -114,22 +107,6 @@ def exact_token_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
     inside a multi-byte character), the length of what the two share."""
     prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], skip_special_tokens=True)
     return [len(p) if text.startswith(p) else len(os.path.commonprefix([p, text])) for p in prefixes]
-
-
-def make_rows(problems: list[dict], prompts: list[str], samples: list[list[engines.Sample]], tokenizer, gen: dict) -> list[dict]:
-    rows = []
-    for problem, prompt, outs in zip(problems, prompts, samples):
-        for k, sample in enumerate(outs):
-            row = {"id": f"{problem['id']}#{k}", "problem_id": problem["id"], "problem": problem["problem"]}
-            row.update({key: problem[key] for key in ("answer", "solution") if key in problem})
-            row.update(
-                prompt=prompt, completion=sample.text,
-                finish_reason=sample.finish_reason, sample_index=k, gen=gen, prompt_ids=sample.prompt_ids,
-                completion_ids=sample.completion_ids,
-                completion_offsets=token_offsets(tokenizer, sample.completion_ids, sample.text),
-            )
-            rows.append(row)
-    return rows
 
 
 def generation_record(settings: Settings, key: engines.EngineKey) -> dict:
@@ -154,15 +131,21 @@ def generate_rows(problems: list[dict], output: str, settings: Settings, shard: 
     (sharding.write_chunks: the last shard merges)."""
     chunks = sharding.chunked(problems, settings.chunk_size)
     key = engines.engine_key(settings.model, settings)
-    gen = generation_record(settings, key)
+    gen, sampling = generation_record(settings, key), engines.Sampling(
+        settings.num_samples, settings.temperature, settings.top_p, settings.max_new_tokens)
     if provenance.settle_jsonl(output, generation_provenance(problems, source, settings, key), on_change):
         return True
 
     def rows_of_chunk(index: int) -> list[dict]:
-        engine = engines.get_engine(settings.model, settings)  # started at the first chunk: a finished shard loads nothing
+        engine = engines.get_engine(settings.model, settings)  # at the first chunk: a finished shard loads none
         prompts = [prompting.build_prompt(engine.tokenizer, p["problem"], settings.prompt_style) for p in chunks[index]]
-        samples = engine.generate(prompts, settings.sampling(), sharding.derived_seed(settings.seed, index))
-        return make_rows(chunks[index], prompts, samples, engine.tokenizer, gen)
+        samples = engine.generate(prompts, sampling, sharding.derived_seed(settings.seed, index))
+        return [{"id": f"{problem['id']}#{k}", "problem_id": problem["id"], "problem": problem["problem"],
+                 **{name: problem[name] for name in ("answer", "solution") if name in problem},
+                 "prompt": prompt, "completion": sample.text, "finish_reason": sample.finish_reason, "sample_index": k,
+                 "gen": gen, "prompt_ids": sample.prompt_ids, "completion_ids": sample.completion_ids,
+                 "completion_offsets": token_offsets(engine.tokenizer, sample.completion_ids, sample.text)}
+                for problem, prompt, outs in zip(chunks[index], prompts, samples) for k, sample in enumerate(outs)]
 
     ids = [sample_ids(c, settings.num_samples) for c in chunks]
     return sharding.write_chunks(output, ids, rows_of_chunk, jsonl.SAMPLE_ROW, shard, desc)

@@ -3,42 +3,36 @@
 Paper Section 2.1: the outcome label is a rule-based check of the final answer against the gold answer; the
 step labels come from a process reward model. Step labellers (``--prm``):
 
-* ``check``: exact, no model. On the built-in arithmetic task (stepkto/arith_task.py) every step is checked
-  against the problem's expression tree (a step is wrong when its equation is false or when it starts
-  from a value the previous steps did not produce); on any other text a step is wrong when an
-  arithmetic equation it states is false.
+* ``check``: exact, no model. On the built-in arithmetic task (stepkto/arith_task.py) every step is checked against
+  the problem's expression tree (a step is wrong when its equation is false or when it starts from a value the
+  previous steps did not produce); on any other text a step is wrong when an arithmetic equation it states is false.
 * ``judge``: the paper's PRM as we read it (Section 2.1): an LLM (``--judge_model``, greedy) sees the problem, the
   reference solution (the row's ``solution``; the prompt says so when there is none) and the student's steps, one
-  call per step (``--judge_protocol step``) or one per solution naming its first wrong step (``first_error``, as
-  ProcessBench asks). Prompts and the verdict parser are stepkto/judging.py's. A reply without a verdict, or cut
-  off at ``--judge_max_new_tokens``, gives the step a null label: no evidence either way, counted in the row's
-  ``prm_failures`` (cut-off replies also in ``prm_cutoffs``) and in the summary. ``--judge_verdict logprobs``
-  scores a step by P(correct) / (P(correct) + P(incorrect)) at the reply's first word. The judge runs in this
-  process (``--judge_engine transformers | vllm``) or on a server (``--judge_engine openai``: stepkto/served.py).
-* ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k
-  (prompt + completion through the end of step k + "\\n\\n") the policy (``--policy_model``, default the
-  rows' ``gen.model``) samples ``--mc_rollouts`` continuations; step k is right when at least
-  ``--mc_threshold`` of them end in the gold answer (last \\boxed{} of the completion's first k steps
-  plus the continuation, graded by grading.grade_answers).
+  call per step or one per solution naming its first wrong step, the steps after it labelled wrong (``--judge_protocol
+  first_error``, as ProcessBench asks: train with --step_scope first_error). Prompts and verdict parser:
+  stepkto/judging.py. A reply without a verdict, or cut off at ``--judge_max_new_tokens``, gives the step a null
+  label: no evidence either way, counted in ``prm_failures`` (cut-off replies also in ``prm_cutoffs``). With
+  ``--judge_verdict logprobs`` a step's score is P(correct) / (P(correct) + P(incorrect)) at the reply's first word.
+  The judge runs in this process (``--judge_engine transformers | vllm``) or on a server (``openai``: served.py).
+* ``mc``: Monte-Carlo rollouts (Math-Shepherd, arXiv 2312.08935): from the prefix through step k (prompt +
+  completion through step k + "\\n\\n") the policy samples ``--mc_rollouts`` continuations; step k is right when at
+  least ``--mc_threshold`` of them end in the gold answer (the last \\boxed{} of prefix and continuation).
 * ``reward_model``: a trained PRM (stepkto/prm_models.py), in this process or served (``--prm_base_url``).
 
 A labeller is ``fn(rows, spans, settings, engine=None) -> [[True | False | None | CUT_OFF per step] per row]``
 (None: no verdict; CUT_OFF: none, because the judge's reply was cut off), or, when it scores steps
-(``score_threshold``), ``[[P(step right) | None per step] per row]``, where ``spans[i]`` are row i's steps
+(``step_scorer``), ``[[P(step right) | None per step] per row]``; ``spans[i]`` are row i's steps
 (prompting.step_spans, split once in label_rows). ``engine`` replaces the judge's or the policy's engine (the
-ProcessBench benchmark passes one that counts tokens); all judge prompts / rollouts of a chunk go through one
-generation call.
+ProcessBench benchmark passes one that counts tokens); all prompts of a chunk go through one generation call.
 
-Other stages call ``label_file(samples, output, Settings(...))`` (evaluate.py does) or ``label_rows``,
-never ``main``. Input rows must carry jsonl.SAMPLE_ROW; output rows carry jsonl.LABELLED_ROW: the input
-rows plus
+Other stages call ``label_file(samples, output, Settings(...))`` (evaluate.py does) or ``label_rows``, never
+``main``. Input rows carry jsonl.SAMPLE_ROW; output rows carry jsonl.LABELLED_ROW: the input rows plus
 
     {"completions": [step, ...], "step_spans": [[start, end] per step: characters of "completion"],
-     "labels": [bool | None per step: None (null) for a step without a verdict], "outcome": bool,
-     "pred": str | None, "prm": str, "prm_failures": int (steps without a verdict),
-     "prm_cutoffs": int (those of them whose judge reply was cut off at --judge_max_new_tokens),
-     "step_scores": [float | None per step], "step_scorer": {...} (a scoring labeller's only: P(step right)
-     per step, and the settings that decide them; labelled again with another threshold, the scores are kept)}
+     "labels": [bool | None per step], "outcome": bool, "pred": str | None, "prm": str,
+     "prm_failures": int (steps without a verdict), "prm_cutoffs": int (those whose judge reply was cut off),
+     "step_scores": [float | None per step], "step_scorer": {...} (a scoring labeller's only: P(step right) per
+     step and the settings that decide them; labelled again with another threshold, the scores are kept)}
 
 where ``prompt`` / ``completions`` / ``labels`` are TRL's stepwise-supervision fields, so a file without null
 labels feeds TRL's PRMTrainer as it is.
@@ -69,9 +63,7 @@ from stepkto import (arith_task, cli, engines, equations, grading, jsonl, judgin
     provenance, served, sharding)
 from stepkto.cli import option
 
-JudgeEngine = Literal["auto", "transformers", "vllm", "openai"]
-# The top log-probs asked for at every token of a judge reply (--judge_verdict logprobs): the most OpenAI's API
-# and a vLLM server (its default --max-logprobs) return.
+# The top log-probs at every token of a judge reply (--judge_verdict logprobs): the most OpenAI's API and vLLM return.
 JUDGE_TOP_LOGPROBS = 20
 
 
@@ -84,53 +76,40 @@ class Settings(engines.EngineSettings):
         "Step labeller: check | judge | mc | reward_model (a trained PRM: --prm_model, --prm_format)."))
     judge_model: str = option("", help="--prm judge: the judge LLM (folder or hub id).")
     judge_protocol: Literal["step", "first_error"] = option("step", help=(
-        "--prm judge: step (one call per step: is this step correct?) | first_error (one call per solution "
-        "naming its first wrong step, as ProcessBench asks; the steps after it are labelled wrong: train with "
-        "--step_scope first_error to score only through it)."))
+        "--prm judge: step (one call per step) | first_error (one per solution naming its first wrong step)."))
     judge_max_new_tokens: int = option(512, help=(
-        "--prm judge: tokens per reply (greedy). A judge that reasons before its verdict needs room: a reply cut "
-        "off at this budget gives no verdict, whatever its text says (counted in prm_cutoffs)."))
-    judge_engine: JudgeEngine = option("auto", help=(
-        "--prm judge: the judge's engine: transformers | vllm | auto (in this process) | openai (a served judge "
-        "at --judge_base_url: a vLLM or SGLang server, or any OpenAI-compatible API)."))
-    judge_base_url: str = option("", help="--judge_engine openai: the server's API root, e.g. http://127.0.0.1:8000/v1.")
+        "--prm judge: tokens per reply (greedy); a reply cut off at this budget gives no verdict (prm_cutoffs)."))
+    judge_engine: Literal["auto", "transformers", "vllm", "openai"] = option("auto", help=(
+        "--prm judge: transformers | vllm | auto (in this process) | openai (a served judge at --judge_base_url)."))
+    judge_base_url: str = option("", help="--judge_engine openai: the server's API root (http://127.0.0.1:8000/v1).")
     judge_api: served.Api = option("completions", help=(
-        "--judge_engine openai: completions (a self-hosted vLLM / SGLang server: the in-process engines' exact "
-        "prompt token ids) | chat (an API with only /v1/chat/completions: the same user message, its template)."))
+        "--judge_engine openai: completions (a vLLM / SGLang server: exact prompt token ids) | chat (chat template)."))
     judge_tokenizer: str = option("", help=(
-        "--judge_api completions: folder or hub id of the judge's tokenizer, which encodes the prompts (default: "
-        "--judge_model; set it when the server knows the model by another name)."))
+        "--judge_api completions: the judge's tokenizer, which encodes the prompts (default: --judge_model)."))
     judge_api_key_env: str = option("OPENAI_API_KEY", help=(
         "--judge_engine openai: the environment variable that holds the API key (read there, written nowhere)."))
     judge_max_concurrency: int = option(8, help="--judge_engine openai: requests in flight at once.")
     judge_verdict: Literal["text", "logprobs"] = option("text", help=(
-        "--prm judge: text (parse_verdict reads the reply) | logprobs (--judge_protocol step: the step's score is "
-        "P(correct) / (P(correct) + P(incorrect)) at the reply's first word, from the top log-probs; written as "
-        "step_scores and thresholded by --judge_threshold)."))
+        "--prm judge: text (parsed reply) | logprobs (P(correct) at the reply's first word, as step_scores)."))
     judge_threshold: float = option(0.5, help="--judge_verdict logprobs: a step is right when its score is >= this.")
     judge_dtype: engines.Dtype = option("auto", help="--prm judge: the judge's dtype (as --dtype).")
     judge_tensor_parallel_size: int = option(1, help="--prm judge: vLLM tensor parallel size of the judge.")
     judge_gpu_memory_utilization: float = option(0.9, help="--prm judge: vLLM's share of GPU memory for the judge.")
     judge_max_model_len: int = option(0, help="--prm judge: vLLM context length of the judge (0: the model's own).")
     allow_missing_reference: bool = option(False, help=(
-        "--prm judge: label even when no row has a reference solution (field 'solution'), which the paper's judge "
-        "compares each step with (Section 2.1). Rows without one are always counted and reported."))
+        "--prm judge: label even when no row has a reference solution (field 'solution'; Section 2.1)."))
     prm_model: str = option("", help=(
-        "--prm reward_model: the trained PRM, a folder or hub id (its tokenizer and config are read here; with "
-        "--prm_base_url the server must serve it under this name)."))
+        "--prm reward_model: the trained PRM, a folder or hub id (with --prm_base_url, its name on the server)."))
     prm_format: prm_models.PRMFormat = option("qwen_prm", help=(
-        "--prm reward_model: qwen_prm (Qwen2.5-Math-PRM: <extra_0> after each step, a 2-way head) | step_tag "
-        "(Math-Shepherd: a causal LM, a tag after each step, P(good) / (P(good) + P(bad)) at it)."))
-    prm_threshold: float = option(0.5, help="--prm reward_model: a step is right when its score, P(step right), is >= this.")
+        "--prm reward_model: qwen_prm (Qwen2.5-Math-PRM) | step_tag (Math-Shepherd: P(good) at a tag per step)."))
+    prm_threshold: float = option(0.5, help="--prm reward_model: a step is right when P(step right) is >= this.")
     prm_step_tag: str = option(prm_models.STEP_TAG, help="--prm_format step_tag: the tag written after each step.")
-    prm_good_token: str = option(prm_models.GOOD_TOKEN, help="--prm_format step_tag: the token that says a step is right.")
-    prm_bad_token: str = option(prm_models.BAD_TOKEN, help="--prm_format step_tag: the token that says a step is wrong.")
+    prm_good_token: str = option(prm_models.GOOD_TOKEN, help="--prm_format step_tag: the token of a right step.")
+    prm_bad_token: str = option(prm_models.BAD_TOKEN, help="--prm_format step_tag: the token of a wrong step.")
     prm_base_url: str = option("", help=(
-        "--prm reward_model: a vLLM server of the PRM (started with prm_models.vllm_server_args' options), e.g. "
-        "http://127.0.0.1:8001/v1; scores come from its /pooling API, reached as a served judge is."))
+        "--prm reward_model: a vLLM server of the PRM (prm_models.vllm_server_args), e.g. http://127.0.0.1:8001/v1."))
     policy_model: str = option("", help=(
-        "--prm mc: the policy that rolls out (default: the rows' gen.model, the model that sampled them); its engine "
-        "runs with --engine, --dtype, --tensor_parallel_size, ..."))
+        "--prm mc: the policy that rolls out (default: the rows' gen.model), on --engine, --dtype, ..."))
     mc_rollouts: int = option(4, help="--prm mc: continuations sampled per step (K).")
     mc_threshold: int = option(1, help="--prm mc: a step is right when >= this many of K reach the gold answer.")
     mc_temperature: float = option(1.0, help="--prm mc: sampling temperature of the rollouts.")
@@ -145,8 +124,7 @@ class Args(sharding.ShardArgs, Settings):
     input: str = option(help="Samples JSONL written by generate.py.")
     output: str = option(help="Labelled JSONL (written as OUTPUT.partial until complete).")
     chunk_size: int = option(1024, help=(
-        "Rows per chunk: the unit of resuming and sharding, and of batching for judge and mc (one generation call "
-        "per chunk; with the transformers engine that is one padded batch, so keep it small there)."))
+        "Rows per chunk: the unit of resuming, sharding and batching (keep it small with transformers: one batch)."))
     on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
 
@@ -164,33 +142,23 @@ def check_args(settings: Settings) -> None:
     if settings.judge_engine == "openai" and settings.judge_max_concurrency < 1:
         raise cli.UsageError("need --judge_max_concurrency >= 1")
     if settings.prm == "mc" and not 1 <= settings.mc_threshold <= settings.mc_rollouts:
-        raise ValueError(f"--mc_threshold must be in 1..--mc_rollouts ({settings.mc_rollouts}), got {settings.mc_threshold}")
-
-
-def endpoint(settings: Settings, base_url: str, model: str, **api) -> served.Endpoint:
-    """A served judge (--judge_engine openai) or PRM (--prm_base_url): the same key variable and concurrency."""
-    return served.Endpoint(base_url, model, api_key_env=settings.judge_api_key_env,
-                           max_concurrency=settings.judge_max_concurrency, **api)
+        raise ValueError(f"--mc_threshold {settings.mc_threshold}: must be 1..--mc_rollouts ({settings.mc_rollouts})")
 
 
 def get_judge(settings: Settings) -> engines.Engine:
     """The judge's engine: the served one, or one loaded in this process (engines.get_engine: one at a time)."""
     if settings.judge_engine == "openai":
-        return served.get_engine(endpoint(settings, settings.judge_base_url, settings.judge_model,
-                                          api=settings.judge_api, tokenizer=settings.judge_tokenizer))
+        return served.get_engine(served.Endpoint(settings.judge_base_url, settings.judge_model, settings.judge_api,
+                                                 settings.judge_tokenizer, settings.judge_api_key_env,
+                                                 settings.judge_max_concurrency))
     return engines.get_engine(settings.judge_model, judge_engine_settings(settings))
 
 
 def judge_engine_settings(settings: Settings) -> engines.EngineSettings:
     """The judge's engine: its own engine, dtype, TP size, memory share and context; prefix caching as the process's."""
-    return engines.EngineSettings(
-        engine=settings.judge_engine, dtype=settings.judge_dtype, tensor_parallel_size=settings.judge_tensor_parallel_size,
-        gpu_memory_utilization=settings.judge_gpu_memory_utilization, max_model_len=settings.judge_max_model_len,
-        enable_prefix_caching=settings.enable_prefix_caching,
-    )
-
-
-# ----------------------------------------------------------------------------- check
+    own = ("engine", "dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len")
+    return engines.EngineSettings(**{name: getattr(settings, f"judge_{name}") for name in own},
+                                  enable_prefix_caching=settings.enable_prefix_caching)
 
 
 def check_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[bool]]:
@@ -209,9 +177,6 @@ def check_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
     return labels
 
 
-# ----------------------------------------------------------------------------- judge
-
-
 def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list]:
     """The LLM judge's verdict per step (greedy), by --judge_protocol: one call per step or per solution (CUT_OFF
     where the reply was cut off); with --judge_verdict logprobs a score per step instead (verdict_score: the first
@@ -219,17 +184,14 @@ def judge_labeller(rows: list[dict], spans: list, settings: Settings, engine=Non
     engine = engine or get_judge(settings)
     logprobs = JUDGE_TOP_LOGPROBS if settings.judge_verdict == "logprobs" else 0
     greedy = engines.Sampling(1, 0.0, 1.0, settings.judge_max_new_tokens, logprobs)
-    solutions = [(r["problem"], r.get("solution"), prompting.step_texts(r["completion"], s)) for r, s in zip(rows, spans)]
+    solutions = [(r["problem"], r.get("solution"), prompting.step_texts(r["completion"], s))
+                 for r, s in zip(rows, spans)]
     ask = lambda prompts: [o[0] for o in engine.generate(prompts, greedy, settings.seed)]  # noqa: E731
     if settings.judge_protocol == "first_error":
         return judging.judge_first_error_verdicts(solutions, engine.tokenizer, ask)
-    if not logprobs:
-        return judging.judge_step_verdicts(solutions, engine.tokenizer, ask, judging.text_verdict)
-    pieces = judging.verdict_pieces(engine.tokenizer)
-    return judging.judge_step_verdicts(solutions, engine.tokenizer, ask, lambda s: judging.verdict_score(s.logprobs, pieces))
-
-
-# ----------------------------------------------------------------------------- Monte-Carlo rollouts
+    pieces = judging.verdict_pieces(engine.tokenizer) if logprobs else None
+    verdict = (lambda s: judging.verdict_score(s.logprobs, pieces)) if logprobs else judging.text_verdict
+    return judging.judge_step_verdicts(solutions, engine.tokenizer, ask, verdict)
 
 
 def solution_prefixes(completion: str, spans: list[tuple[int, int]]) -> list[str]:
@@ -239,11 +201,8 @@ def solution_prefixes(completion: str, spans: list[tuple[int, int]]) -> list[str
 
 def mc_step_labels(rows: list[dict], spans: list, rollout_fn, threshold: int) -> list[list[bool]]:
     """Step k is right when >= ``threshold`` rollouts from the prefix through step k reach the gold answer.
-
-    rollout_fn(prompts) -> [[continuation text] * K per prompt], all prefixes of all rows in one call.
-    A rollout's answer is the last \\boxed{} of (solution prefix + continuation): a continuation that
-    stops at once after a step holding the final answer keeps that answer.
-    """
+    rollout_fn(prompts) -> [[continuation text] * K per prompt], all prefixes of all rows in one call. A rollout's
+    answer is the last \\boxed{} of (prefix + continuation): one that stops at once after the answer keeps it."""
     prefixes = [solution_prefixes(r["completion"], s) for r, s in zip(rows, spans)]
     flat = [(row, prefix) for row, per_row in zip(rows, prefixes) for prefix in per_row]
     rollouts = rollout_fn([row["prompt"] + prefix for row, prefix in flat]) if flat else []  # (P, K)
@@ -261,8 +220,8 @@ def mc_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) 
     engine = engine or engines.get_engine(settings.policy_model, settings)
     sampling = engines.Sampling(settings.mc_rollouts, settings.mc_temperature, 1.0, settings.mc_max_new_tokens)
     seed = sharding.derived_seed(settings.seed, [r["id"] for r in rows])
-    rollout_fn = lambda prompts: [[o.text for o in outs] for outs in engine.generate(prompts, sampling, seed)]  # noqa: E731
-    return mc_step_labels(rows, spans, rollout_fn, settings.mc_threshold)
+    texts = lambda prompts: [[o.text for o in outs] for outs in engine.generate(prompts, sampling, seed)]  # noqa: E731
+    return mc_step_labels(rows, spans, texts, settings.mc_threshold)
 
 
 def policy_model_of(rows: list[dict], path: str) -> str:
@@ -270,14 +229,13 @@ def policy_model_of(rows: list[dict], path: str) -> str:
     for index, row in enumerate(rows, start=1):
         gen = row.get("gen")
         if not isinstance(gen, dict) or not isinstance(gen.get("model"), str):
-            raise jsonl.DataError(f"{path}: row {index} (id {row['id']!r}): field 'gen.model' missing; pass --policy_model")
+            raise jsonl.DataError(f"{path}: row {index} (id {row['id']!r}): field 'gen.model' missing; "
+                                  "pass --policy_model")
     models = sorted({row["gen"]["model"] for row in rows})
     if len(models) > 1:
-        raise jsonl.DataError(f"{path}: field 'gen.model': rows were sampled by {len(models)} models {models}; pass --policy_model")
+        raise jsonl.DataError(f"{path}: field 'gen.model': rows were sampled by {len(models)} models {models}; "
+                              "pass --policy_model")
     return models[0]
-
-
-# ----------------------------------------------------------------------------- trained PRMs
 
 
 @functools.cache
@@ -286,20 +244,19 @@ def get_prm(settings: Settings) -> tuple:
     once per process: its model in this process, or its server, checked to serve it."""
     tokenizer, spec = prm_models.load_spec(settings.prm_model, settings.prm_format, settings.prm_step_tag,
                                            settings.prm_good_token, settings.prm_bad_token)
-    if settings.prm_base_url:
-        served_prm = endpoint(settings, settings.prm_base_url, settings.prm_model)
+    if settings.prm_base_url:  # reached with the served judge's key variable and concurrency
+        served_prm = served.Endpoint(settings.prm_base_url, settings.prm_model, api_key_env=settings.judge_api_key_env,
+                                     max_concurrency=settings.judge_max_concurrency)
         served.check_endpoint(served_prm)
-        body = lambda encoded: prm_models.pooling_request(settings.prm_model, encoded)  # noqa: E731
-        return tokenizer, spec, lambda encoded, rows: prm_models.parse_pooling_response(
-            served.post_all(served_prm, "/pooling", [body(encoded)])[0], spec, encoded, rows)
+        return tokenizer, spec, lambda encoded, rows: prm_models.parse_pooling_response(served.post_all(
+            served_prm, "/pooling", [prm_models.pooling_request(settings.prm_model, encoded)])[0], spec, encoded, rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = prm_models.load_model(settings.prm_model, spec, engines.resolve_dtype(settings.prm_model, "auto"), device)
     return tokenizer, spec, lambda encoded, rows: prm_models.step_scores(model, spec, encoded)
 
 
 def reward_model_labeller(rows: list[dict], spans: list, settings: Settings, engine=None) -> list[list[float]]:
-    """P(step right) of every step from a trained PRM, one forward pass per solution (prm_models); rows without
-    steps get none."""
+    """P(step right) of every step from a trained PRM, one forward pass per solution; rows without steps get none."""
     tokenizer, spec, score = get_prm(settings)
     scored = [i for i, row_spans in enumerate(spans) if row_spans]
     names = [f"row {rows[i]['id']!r}" for i in scored]
@@ -322,54 +279,39 @@ def labels_from_verdicts(verdicts: list) -> tuple[list[bool | None], int, int]:
     return labels, sum(v is None for v in labels), sum(v is judging.CUT_OFF for v in verdicts)
 
 
-def score_threshold(settings: Settings) -> float | None:
-    """The threshold of a labeller that scores steps (a float per step, P(step right)); None for one that gives
-    verdicts."""
-    if settings.prm == "judge" and settings.judge_verdict == "logprobs":
-        return settings.judge_threshold
-    if settings.prm == "reward_model":
-        return settings.prm_threshold
-    return None
-
-
-def step_scorer(settings: Settings) -> dict | None:
-    """Who scored a row's steps (its ``step_scorer`` field): the settings that decide a scoring labeller's scores,
-    not its threshold nor how its server is reached. None for a labeller that gives verdicts."""
-    if score_threshold(settings) is None:
-        return None
+def step_scorer(settings: Settings) -> tuple[float, dict] | None:
+    """(threshold, the row's ``step_scorer`` field: the settings that decide the scores, not the threshold nor how a
+    server is reached) of a labeller that scores steps (P(step right) per step); None for one that gives verdicts."""
     if settings.prm == "reward_model":
         tag = {"step_tag": settings.prm_step_tag, "good_token": settings.prm_good_token,
                "bad_token": settings.prm_bad_token} if settings.prm_format == "step_tag" else {}
-        return {"prm": "reward_model", "model": settings.prm_model, "format": settings.prm_format, **tag}
-    return {"prm": "judge", "model": settings.judge_model, "protocol": settings.judge_protocol,
-            "verdict": settings.judge_verdict}
-
-
-def step_verdicts(rows: list[dict], spans: list, settings: Settings) -> list[list]:
-    """The step labeller's verdicts (or scores) of ``rows``. Rows that carry step_scores from this labeller's
-    scorer (a labelled file labelled again with another threshold) keep them: no model is loaded for them."""
-    scorer = step_scorer(settings)
-    reuse = [scorer is not None and r.get("step_scorer") == scorer and len(r.get("step_scores") or []) == len(s)
-             for r, s in zip(rows, spans)]
-    todo = [i for i, kept in enumerate(reuse) if not kept]
-    fresh = iter(LABELLERS[settings.prm]([rows[i] for i in todo], [spans[i] for i in todo], settings) if todo else [])
-    return [row["step_scores"] if kept else next(fresh) for row, kept in zip(rows, reuse)]
+        return settings.prm_threshold, {"prm": "reward_model", "model": settings.prm_model,
+                                        "format": settings.prm_format, **tag}
+    if settings.prm == "judge" and settings.judge_verdict == "logprobs":
+        return settings.judge_threshold, {"prm": "judge", "model": settings.judge_model,
+                                          "protocol": settings.judge_protocol, "verdict": settings.judge_verdict}
+    return None
 
 
 def label_rows(rows: list[dict], settings: Settings) -> list[dict]:
-    """Outcome label (math-verify, gold first, hard timeout) and one label per step (Section 2.1); each
-    row's steps are split here, once, and passed to the step labeller. A scoring labeller's scores are written
-    as step_scores, with their step_scorer, and thresholded into the labels."""
+    """Outcome label (math-verify, gold first, hard timeout) and one label per step (Section 2.1), the steps split
+    here, once. A scoring labeller's scores are written as step_scores, with their step_scorer, and thresholded into
+    the labels; rows that carry this scorer's step_scores (labelled again with another threshold) keep them."""
     spans = [prompting.step_spans(r["completion"]) for r in rows]
     preds = [grading.extract_boxed(r["completion"]) for r in rows]
     outcomes = grading.grade_answers([r["answer"] for r in rows], preds)
-    verdicts, threshold, scorer = step_verdicts(rows, spans, settings), score_threshold(settings), step_scorer(settings)
+    threshold, scorer = step_scorer(settings) or (None, None)
+    kept = [scorer is not None and r.get("step_scorer") == scorer and len(r.get("step_scores") or []) == len(s)
+            for r, s in zip(rows, spans)]
+    todo = [i for i, keep in enumerate(kept) if not keep]
+    fresh = iter(LABELLERS[settings.prm]([rows[i] for i in todo], [spans[i] for i in todo], settings) if todo else [])
     out = []
-    for row, row_spans, pred, outcome, row_verdicts in zip(rows, spans, preds, outcomes, verdicts):
-        scores = {"step_scores": row_verdicts, "step_scorer": scorer} if scorer is not None else {}
+    for row, row_spans, pred, outcome, keep in zip(rows, spans, preds, outcomes, kept):
+        verdicts = row["step_scores"] if keep else next(fresh)
+        scores = {"step_scores": verdicts, "step_scorer": scorer} if scorer is not None else {}
         if threshold is not None:
-            row_verdicts = [None if score is None else score >= threshold for score in row_verdicts]
-        labels, failures, cutoffs = labels_from_verdicts(row_verdicts)
+            verdicts = [None if score is None else score >= threshold for score in verdicts]
+        labels, failures, cutoffs = labels_from_verdicts(verdicts)
         out.append({**row, "completions": prompting.step_texts(row["completion"], row_spans), "step_spans": row_spans,
                     "labels": labels, **scores, "outcome": outcome, "pred": pred, "prm": settings.prm,
                     "prm_failures": failures, "prm_cutoffs": cutoffs})
@@ -405,11 +347,11 @@ def labeller_settings(settings: Settings) -> str:
         return (f"step labeller: mc with {settings.policy_model} (engine {settings.engine}, dtype {settings.dtype}, "
                 f"tensor_parallel_size {settings.tensor_parallel_size}; {settings.mc_rollouts} rollouts of up to "
                 f"{settings.mc_max_new_tokens} tokens)")
-    engine = judge_engine_settings(settings)
     where = (f"served at {cli.redact_url(settings.judge_base_url)} (api {settings.judge_api}, up to "
              f"{settings.judge_max_concurrency} requests at once)" if settings.judge_engine == "openai" else
-             f"(engine {engine.engine}, dtype {engine.dtype}, tensor_parallel_size {engine.tensor_parallel_size})")
-    verdict = settings.judge_verdict + (f", threshold {settings.judge_threshold}" if score_threshold(settings) else "")
+             f"(engine {settings.judge_engine}, dtype {settings.judge_dtype}, tensor_parallel_size "
+             f"{settings.judge_tensor_parallel_size})")
+    verdict = settings.judge_verdict + (f", threshold {settings.judge_threshold}" if step_scorer(settings) else "")
     return (f"step labeller: judge with {settings.judge_model} {where}; protocol {settings.judge_protocol}, verdict "
             f"{verdict}, up to {settings.judge_max_new_tokens} tokens per reply")
 
@@ -432,8 +374,7 @@ def check_references(rows: list[dict], settings: Settings, path: str) -> None:
 def label_file(samples: str, output: str, settings: Settings, chunk_size: int = 1024,
                shard: sharding.Shard = sharding.Shard(), on_change: str = "stop") -> bool:
     """Label this shard's chunks (``chunk_size`` rows each) of the SAMPLE_ROW rows of ``samples`` into ``output``
-    (LABELLED_ROW rows), resuming after the chunks a killed run of the same provenance finished. True when ``output``
-    is complete."""
+    (LABELLED_ROW rows), resuming after the chunks a killed run of the same provenance finished; True once complete."""
     check_args(settings)
     inputs = {"samples": provenance.file_input(samples)}  # the bytes as they are when the stage starts
     rows = jsonl.read_jsonl(samples, jsonl.SAMPLE_ROW)
