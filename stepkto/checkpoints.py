@@ -1,7 +1,6 @@
 """What a training run keeps on disk, nothing of Step-KTO: OUTPUT's provenance record and the decision to train it,
 the work folder OUTPUT.resume (provenance.json, train_log.jsonl, the sharded resume state: a rerun after a crash, even
-kill -9 of one rank, resumes from it), and the final model, written as OUTPUT.tmp and renamed when complete.
-"""
+kill -9 of one rank, resumes from it), and the final model, written as OUTPUT.tmp and renamed when complete."""
 
 from __future__ import annotations
 
@@ -13,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_state_dict
 
 from stepkto import jsonl, models, provenance, sharding
 from stepkto.cli import UsageError
@@ -27,9 +29,7 @@ def training_record(options: dict, world_size: int) -> dict:
     """The checkpoint's provenance record: the data's bytes, the models by what they are, and every other option of
     ``options`` (those that change what is computed), with the world size (its reductions round differently)."""
     settings = {k: v for k, v in options.items() if k not in PATHS}
-    identities = {"model": provenance.model_identity(options["model"])}
-    if options["ref_model"]:
-        identities["ref_model"] = provenance.model_identity(options["ref_model"])
+    identities = {name: provenance.model_identity(options[name]) for name in ("model", "ref_model") if options[name]}
     return provenance.make_record("train.py", {"data": provenance.file_input(options["data"])}, identities,
                                   settings | {"world_size": world_size})
 
@@ -62,23 +62,17 @@ def claim_output(output_dir: str, record: dict, on_change: str, env: Env) -> boo
 
 
 def _decision(output_dir: str, record: dict) -> str:
-    """"done" (OUTPUT complete, made by ``record``), "todo" (absent, or a resume state of ``record``), or how they
-    were made otherwise."""
+    """"done" (OUTPUT complete, made by ``record``), "todo" (absent, or ``record``'s resume state), or how made."""
     out, work = Path(output_dir), Path(output_dir + ".resume")
-    if models.is_complete_model_dir(out):
-        old = jsonl.read_json(out / provenance.RECORD) if (out / provenance.RECORD).exists() else None
-    elif out.exists() and any(out.iterdir()):
+    complete = models.is_complete_model_dir(out)
+    if not complete and out.exists() and any(out.iterdir()):
         return "not empty and is not a complete checkpoint"
-    elif (work / provenance.RECORD).exists():
-        old = jsonl.read_json(work / provenance.RECORD)
-        if provenance.same(old, record):
-            return "todo"
-    elif work.exists() and any(work.iterdir()):
-        old = None
-    else:
-        return "todo"
+    made = (out if complete else work) / provenance.RECORD
+    old = jsonl.read_json(made) if made.exists() else None
     if provenance.same(old, record):
-        return "done"
+        return "done" if complete else "todo"
+    if not (complete or old or (work.exists() and any(work.iterdir()))):
+        return "todo"
     return f"made {provenance.changes(old, record)}" if old else "made by an unknown run (no provenance record)"
 
 
@@ -105,8 +99,6 @@ def open_work(output_dir: str, record: dict, env: Env) -> Path:
 # and rank<r>.pt (its RNG and the scheduler). Rank 0 then rewrites WORK/state.json, naming the newest complete one.
 def _state_dicts(policy, optimizer, adapters_only: bool):
     """(model, optimizer) state dicts of this rank's shards; with LoRA the adapters alone (the base is on disk)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     model_state, optimizer_state = get_state_dict(policy, optimizer,
                                                   options=StateDictOptions(ignore_frozen_params=adapters_only))
     if adapters_only:  # a tied LM head is listed beside its frozen embedding: keep the adapters alone
@@ -117,8 +109,6 @@ def _state_dicts(policy, optimizer, adapters_only: bool):
 
 def save_train_state(work: Path, policy, optimizer, scheduler, step: int, adapters_only: bool) -> None:
     """The resume state after ``step`` steps, every rank writing its own part. A collective."""
-    import torch.distributed.checkpoint as dcp
-
     folder = work / f"state-{step}"
     model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
@@ -136,11 +126,7 @@ def save_train_state(work: Path, policy, optimizer, scheduler, step: int, adapte
 
 
 def load_train_state(work: Path, policy, optimizer, scheduler, adapters_only: bool) -> int:
-    """Restore the newest resume state (this run's: claim_output saw to it), if any, and drop the log lines after it
-    (and a line cut by a kill); returns its step (0: none)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
+    """Restore the newest resume state, if any, and drop the log lines after it; returns its step (0: none)."""
     if not (work / "state.json").exists():
         return 0
     state = jsonl.read_json(work / "state.json")
@@ -166,11 +152,8 @@ def load_train_state(work: Path, policy, optimizer, scheduler, adapters_only: bo
 # ----------------------------------------------------------------------------- the final model
 def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lora: Lora | None = None,
                      base_model: str = "") -> None:
-    """policy.lm's weights gathered to rank 0 (the last collective: every rank then leaves the process group), which
-    writes them with the tokenizer, work's logs and config (train_args.json) to OUT.tmp, renames it to OUT and drops
-    the work folder. With lora, OUT is base_model with the adapters merged."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    """policy.lm's weights gathered to rank 0 (the last collective), which writes them, the tokenizer, work's logs and
+    config to OUT.tmp, renamed to OUT, and drops the work folder. With lora: base_model with the adapters merged."""
     if lora:
         weights = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
     else:
@@ -201,9 +184,8 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
 
 
 def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str) -> None:
-    """OUT = base_model (read again on the CPU) with the adapters merged, OUT/adapter = the adapters alone. In the
-    adapters' dtype, never the base's bf16: the merged M_i is the next iteration's policy and reference, and a bf16
-    merge would round most of an iteration's small update away."""
+    """OUT = base_model with the adapters merged, OUT/adapter = the adapters, in their dtype: never the base's bf16,
+    which would round away most of the update the merged M_i (next iteration's policy and reference) carries."""
     dtype = str(next(iter(adapters.values())).dtype).removeprefix("torch.")
     model = add_lora(models.load_model(base_model, dtype), lora)
     loaded = model.load_state_dict(adapters, strict=False)

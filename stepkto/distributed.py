@@ -1,10 +1,6 @@
-"""Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision, LoRA, the batch
-plan, the optimizer, LR schedule and update, the training log. What a run writes to disk is stepkto/checkpoints.py's.
-
-Only rank 0 builds the whole model, on the CPU; every other rank builds a meta-device skeleton, FSDP2 shards it and
-the weights are broadcast from rank 0 one tensor at a time (build_policy): host RAM holds one copy of the model, and
-no GPU holds more than one tensor of it whole.
-"""
+"""Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision (host RAM holds
+one copy of the model, no GPU more than one tensor of it whole: build_policy), LoRA, the batch plan, the optimizer,
+LR schedule and update, the training log. What a run writes to disk is stepkto/checkpoints.py's."""
 
 from __future__ import annotations
 
@@ -47,11 +43,9 @@ def init_distributed() -> Env:
     if "LOCAL_RANK" not in os.environ:
         return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     faulthandler.enable(all_threads=True)  # a rank's native crash prints where it happened
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return Env(dist.get_rank(), dist.get_world_size(), device)
 
@@ -62,17 +56,16 @@ def run_in_process_group(fn: Callable[[Env], None]) -> None:
     try:
         fn(env)
     finally:
-        if dist.is_initialized():
-            gc.collect()  # finished async work freed during teardown could abort the process: drop it first
-            dist.destroy_process_group()
+        leave_process_group(wait=False)
 
 
-def leave_process_group() -> None:
-    """Every rank waits for all, then leaves the process group, before any rank works on alone: a rank exiting while
-    its peer still runs races gloo's teardown (pytorch/pytorch issues 190489, 75529, 65231)."""
+def leave_process_group(wait: bool = True) -> None:
+    """Every rank waits for all (``wait``), then leaves the process group, before any rank works on alone: a rank
+    exiting while its peer still runs races gloo's teardown (pytorch/pytorch issues 190489, 75529, 65231)."""
     if dist.is_initialized():
-        gc.collect()
-        dist.barrier()
+        gc.collect()  # finished async work freed during teardown could abort the process: drop it first
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -129,8 +122,7 @@ class Lora(NamedTuple):
 
 
 def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
-    """LoRA adapters on the model (peft; None: the model as it is). B starts at 0: the untrained model is exactly
-    the base model, pi_ref before the first update."""
+    """LoRA adapters on the model (peft; None: none). B starts at 0: the untrained model is the base model, pi_ref."""
     if lora is None:
         return lm
     from peft import LoraConfig, get_peft_model
@@ -146,16 +138,15 @@ def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
 
 def build_policy(model: str, settings, tokenizer, lora: Lora | None, env: Env, trainable: bool,
                  wrap: Callable[..., torch.nn.Module]) -> torch.nn.Module:
-    """``model`` (a folder, hub id or "scratch": models.make_tiny_llama) as train.py's Args ``settings`` say, with
-    LoRA, without KV cache, wrapped in ``wrap`` (the FSDP2 root). One process: whole on env.device, mixed precision
-    by autocast. Under torchrun: sharded (shard), the weights broadcast from rank 0's CPU copy one tensor at a time,
-    and the buffers no state dict holds (rotary frequencies) copied from it too."""
+    """``model`` (a folder, hub id or "scratch") as train.py's Args ``settings`` say, with LoRA, wrapped in ``wrap``.
+    One process: whole on env.device, autocast. Under torchrun: only rank 0 builds it whole, on the CPU; every rank
+    shards a meta-device skeleton and gets the weights (and the buffers no state dict holds) from rank 0's copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     def wrapped(meta: bool, autocast: bool) -> torch.nn.Module:
         if model == "scratch":
-            lm = models.make_tiny_llama(tokenizer, settings.hidden_size, settings.num_layers,
-                                        settings.intermediate_size, seed=settings.seed, meta=meta)
+            sizes = settings.hidden_size, settings.num_layers, settings.intermediate_size
+            lm = models.make_tiny_llama(tokenizer, *sizes, seed=settings.seed, meta=meta)
             lm = lm.to(getattr(torch, settings.dtype))
         else:
             lm = models.load_model(model, settings.dtype, meta=meta)
@@ -194,8 +185,8 @@ def _prepare(lm: torch.nn.Module, settings, trainable: bool, autocast: bool, wra
 
 
 def shard(policy: torch.nn.Module, env: Env, mixed_precision: str) -> None:
-    """FSDP2 over all ranks: each decoder layer its own unit, then the root. Mixed precision: parameters in its dtype
-    for compute, gradients reduced in float32, the master weights (and AdamW's states) in their own dtype."""
+    """FSDP2 over all ranks, each decoder layer its own unit, then the root; mixed precision: compute in its dtype,
+    gradients reduced in float32, the master weights (and AdamW's states) in their own."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -223,10 +214,9 @@ class PlanBatch(NamedTuple):
 
 def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: int, seed: int,
                min_batch_size: int) -> list[PlanBatch]:
-    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it). Each
-    epoch is a random permutation cut into mega-batches sorted by length (batches of similar lengths: little
-    padding), the batch order then shuffled. A short batch is trimmed to a multiple of `shards` (world size x
-    gradient accumulation steps) and dropped below min_batch_size (KTO's KL pairs need two rows)."""
+    """Every global batch of the run, fixed up front (the KL pairs depend on it): each epoch a permutation cut into
+    length-sorted mega-batches (little padding), the batches then shuffled; each trimmed to a multiple of `shards`
+    (world size x gradient accumulation steps), dropped below min_batch_size (KTO's KL pairs need two rows)."""
     rng = np.random.default_rng(seed)
     mega = global_batch_size * MEGA_BATCHES
     plan = []
@@ -243,8 +233,7 @@ def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: 
 
 
 def micro_slots(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
-    """The slots of the global batch (indices into PlanBatch.rows) this rank computes, one range per micro-batch: its
-    equal, contiguous slice cut into `accumulation` equal parts."""
+    """This rank's slots of the global batch (indices into PlanBatch.rows), its equal slice cut into micro-batches."""
     per_micro = global_batch_size // (env.world_size * accumulation)
     first = env.rank * accumulation
     return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
@@ -285,11 +274,9 @@ def update(policy: torch.nn.Module, optimizer, scheduler, loss: float, max_grad_
 
 def check_finite(name: str, value: float, step: int, work: Path) -> None:
     if not math.isfinite(value):
-        raise TrainingError(
-            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
-            f"written: --model and the last resume state in {work} (if any) are untouched. "
-            "Lower --lr (or check the data) and rerun."
-        )
+        raise TrainingError(f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step "
+                            f"was written: --model and the last resume state in {work} (if any) are untouched. "
+                            "Lower --lr (or check the data) and rerun.")
 
 
 # ----------------------------------------------------------------------------- the training log

@@ -2,17 +2,17 @@
 
 * A stage writes ``OUT.partial`` a chunk at a time (one write + fsync each) and renames it to ``OUT`` when done:
   ``OUT`` existing means complete; the next run resumes from a crash's ``OUT.partial`` (``resume_rows``).
-* Each chunk is seeded from the run seed and the chunk (``derived_seed``): a resumed run writes what an
-  uninterrupted one would have.
+* Each chunk is seeded from the run seed and the chunk (``derived_seed``): resumed = uninterrupted.
 * With ``--num_shards N`` the chunks are split over N processes, whose parts the last one merges into ``OUT``, byte
-  for byte what one process writes (``write_chunks``). ``claim`` makes one process the writer of a file.
-* Whether an existing output was made by what the stage would do now is provenance.py's."""
+  for byte what one process writes (``write_chunks``). ``claim`` makes one process the writer of a file."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,32 +129,27 @@ def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, sch
 
 
 def merge_parts(out: Path, chunk_ids: list[list[str]], count: int) -> bool:
-    """OUT from the complete parts of all ``count`` shards, lines copied as written; False while a part is missing.
-    Two shards finishing at once may both merge: each writes the same bytes."""
+    """OUT from the complete parts of all ``count`` shards, lines copied as written (chunk i: the next lines of part
+    i % N, their ids checked); False while a part is missing. Two shards merging at once write the same bytes."""
     parts = [part_path(out, Shard(k, count)) for k in range(count)]
     if count > 1 and all(p.exists() for p in parts):
         try:
             lines = [jsonl.jsonl_lines(p.read_text(encoding="utf-8"), keepends=True) for p in parts]
         except FileNotFoundError:  # another shard merged and removed the parts meanwhile
             return out.exists()
-        jsonl.write_text_atomic(out, "".join(_lines_in_chunk_order(lines, chunk_ids, parts)))
+        merged, taken = [], [0] * count
+        for i, ids in enumerate(chunk_ids):
+            k = i % count
+            chunk = lines[k][taken[k] : taken[k] + len(ids)]
+            taken[k] += len(ids)
+            if [json.loads(line)["id"] for line in chunk] != ids:
+                raise jsonl.DataError(f"{parts[k]}: chunk {i} does not hold the rows expected there: delete the parts")
+            merged += chunk
+        jsonl.write_text_atomic(out, "".join(merged))
         for p in parts:
             p.unlink(missing_ok=True)
             lock_path(p).unlink(missing_ok=True)  # no shard writes a part of a complete output
     return out.exists()
-
-
-def _lines_in_chunk_order(lines: list[list[str]], chunk_ids: list[list[str]], parts: list[Path]) -> list[str]:
-    """Chunk i's lines are the next len(chunk_ids[i]) lines of part i % N; their ids are checked."""
-    merged, taken = [], [0] * len(parts)
-    for i, ids in enumerate(chunk_ids):
-        k = i % len(parts)
-        chunk = lines[k][taken[k] : taken[k] + len(ids)]
-        taken[k] += len(ids)
-        if [json.loads(line)["id"] for line in chunk] != ids:
-            raise jsonl.DataError(f"{parts[k]}: chunk {i} does not hold the rows expected there: delete the parts")
-        merged += chunk
-    return merged
 
 
 _HELD: dict[str, int] = {}  # lock files this process holds (released when it exits, a kill -9 included)
@@ -163,9 +158,6 @@ _HELD: dict[str, int] = {}  # lock files this process holds (released when it ex
 def claim(path: str | Path, wait_s: float = 0.0) -> None:
     """Make this process the one writer of ``path`` through the lock file .NAME.lock beside it: a second process
     refuses with one line (after ``wait_s`` seconds of retries, for a check that holds it for a moment)."""
-    import fcntl
-    import time
-
     lock = lock_path(path)
     if str(lock) in _HELD:
         return

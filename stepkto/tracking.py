@@ -25,10 +25,16 @@ class Tracker:
         self._write, self._close, self.closed = write, close, False
 
     def log(self, metrics: dict, step: int) -> None:
-        """Log the finite real values of ``metrics`` at ``step`` (scalar_metrics); the rest is skipped."""
+        """Log the plottable values of ``metrics`` at ``step``: finite reals, numpy scalars and 0-d tensors too; not a
+        bool, which plotted as 1.0 would pass for a rate."""
         if self.closed:
             raise RuntimeError("log() on a closed tracker")
-        scalars = scalar_metrics(metrics)
+        scalars = {}
+        for key, value in metrics.items():
+            if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+                value = value.item()
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+                scalars[key] = float(value)
         if self._write is not None and scalars:
             self._write(scalars, int(step))
 
@@ -45,22 +51,9 @@ class Tracker:
         self.close()
 
 
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    """The plottable values: finite ints and floats, numpy scalars and 0-d tensors too; not a bool, which plotted as
-    1.0 would pass for a rate."""
-    scalars = {}
-    for key, value in metrics.items():
-        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-            value = value.item()
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
-            scalars[key] = float(value)
-    return scalars
-
-
 def open_tracker(report_to: str, log_dir: str | Path, run_name: str, config: dict, start_step: int = 0) -> Tracker:
-    """A Tracker writing to ``log_dir`` with the backend ``report_to``, ``config`` recorded by safe_config.
-    ``start_step``, the first step this run will log: tensorboard drops the events at steps >= start_step that a
-    killed attempt wrote, so each step appears once (wandb's history is append-only)."""
+    """A Tracker writing to ``log_dir`` with ``report_to``'s backend. tensorboard drops the events at steps >=
+    start_step (the first step this run logs) a killed attempt wrote, so each step appears once."""
     if report_to not in REPORT_TO:
         raise ValueError(f"unknown report_to {report_to!r}: {' | '.join(REPORT_TO)}")
     if start_step < 0:
@@ -83,17 +76,14 @@ def open_tracker(report_to: str, log_dir: str | Path, run_name: str, config: dic
         return Tracker(write, writer.close)
     import wandb
 
-    run = wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "stepkto"), name=run_name, dir=str(log_dir),
-        config=safe_config(config), id=wandb_run_id(log_dir), resume="allow",
-        mode=os.environ.get("WANDB_MODE", "offline"),  # the machines this runs on often have no network
-    )
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "stepkto"), name=run_name, dir=str(log_dir),
+                     config=safe_config(config), id=wandb_run_id(log_dir), resume="allow",
+                     mode=os.environ.get("WANDB_MODE", "offline"))  # these machines often have no network
     return Tracker(lambda scalars, step: run.log(scalars, step=step), run.finish)
 
 
 def safe_config(config: dict) -> dict:
-    """``config`` (a stage's asdict(args)) with every URL in its strings, nested too, redacted (cli.redact_urls, whose
-    URLs end before a quote: never past a JSON string)."""
+    """``config`` with every URL in its strings redacted (cli.redact_urls' URLs end before a quote: within a string)."""
     return json.loads(cli.redact_urls(json.dumps(config)))
 
 
