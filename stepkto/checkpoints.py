@@ -1,49 +1,42 @@
-"""What a training run keeps on disk, nothing of Step-KTO: OUTPUT's provenance record and the decision to train it
-(or not), the work folder OUTPUT.resume, the sharded resume state in it, and the final save_pretrained folder.
-
-OUTPUT.resume/ while training: provenance.json (the run's record, taken at the start: what a resume state and the
-cached reference log-probs must have been made by), train_log.jsonl, and the resume state (state-<step>/, each rank
-its own shards, and state.json; a rerun after a crash, even kill -9 of one rank, resumes from it). OUTPUT/ is written
-as OUTPUT.tmp and renamed when complete; a complete OUTPUT made by the same record means there is nothing to do.
-"""
+"""What a training run keeps on disk, nothing of Step-KTO: OUTPUT's provenance record and the decision to train it,
+the work folder OUTPUT.resume (provenance.json, train_log.jsonl, the sharded resume state: a rerun after a crash, even
+kill -9 of one rank, resumes from it), and the final model, written as OUTPUT.tmp and renamed when complete."""
 
 from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_state_dict
 
 from stepkto import jsonl, models, provenance, sharding
 from stepkto.cli import UsageError
-from stepkto.distributed import Env, Lora, TrainingError, add_lora, barrier, check_shared_folder, full_tensor, \
-    gather_objects, leave_process_group, rank
+from stepkto.distributed import Env, Lora, TrainingError, add_lora, barrier, full_tensor, gather_objects, \
+    leave_process_group, rank
 
 PATHS = ("data", "output_dir", "model", "ref_model")  # options that name files: in a record by what they hold
 
 
 # ----------------------------------------------------------------------------- OUTPUT: whether to train it
-
-
 def training_record(options: dict, world_size: int) -> dict:
     """The checkpoint's provenance record: the data's bytes, the models by what they are, and every other option of
     ``options`` (those that change what is computed), with the world size (its reductions round differently)."""
     settings = {k: v for k, v in options.items() if k not in PATHS}
-    identities = {"model": provenance.model_identity(options["model"])}
-    if options["ref_model"]:
-        identities["ref_model"] = provenance.model_identity(options["ref_model"])
+    identities = {name: provenance.model_identity(options[name]) for name in ("model", "ref_model") if options[name]}
     return provenance.make_record("train.py", {"data": provenance.file_input(options["data"])}, identities,
                                   settings | {"world_size": world_size})
 
 
 def claim_output(output_dir: str, record: dict, on_change: str, env: Env) -> bool:
-    """Whether to train OUTPUT: not when it is complete and was made by ``record`` (the one place that looks). Rank 0
-    looks and every rank follows its decision: a rank that exits alone would leave the others waiting in a
-    collective. Rank 0 first becomes OUTPUT's one writer (sharding.claim): its refusal is for every rank to raise.
-    OUTPUT or leftovers made otherwise stop the run (on_change stop) or are removed (redo)."""
+    """Whether to train OUTPUT: not when it is complete and made by ``record``. Rank 0, OUTPUT's one writer
+    (sharding.claim), decides for every rank. OUTPUT or leftovers made otherwise stop the run or are removed (redo)."""
     decision = None
     if env.rank == 0:
         try:
@@ -69,72 +62,43 @@ def claim_output(output_dir: str, record: dict, on_change: str, env: Env) -> boo
 
 
 def _decision(output_dir: str, record: dict) -> str:
-    """Rank 0's look at OUTPUT and OUTPUT.resume: "done" (complete, made by ``record``), "todo" (absent, or a resume
-    state of ``record``), or how they were made otherwise (for the one-line refusal)."""
+    """"done" (OUTPUT complete, made by ``record``), "todo" (absent, or ``record``'s resume state), or how made."""
     out, work = Path(output_dir), Path(output_dir + ".resume")
-    if models.is_complete_model_dir(out):
-        old = jsonl.read_json(out / provenance.RECORD) if (out / provenance.RECORD).exists() else None
-    elif out.exists() and any(out.iterdir()):
+    complete = models.is_complete_model_dir(out)
+    if not complete and out.exists() and any(out.iterdir()):
         return "not empty and is not a complete checkpoint"
-    elif (work / provenance.RECORD).exists():
-        old = jsonl.read_json(work / provenance.RECORD)
-        if provenance.same(old, record):
-            return "todo"
-    elif work.exists() and any(work.iterdir()):
-        old = None
-    else:
-        return "todo"
+    made = (out if complete else work) / provenance.RECORD
+    old = jsonl.read_json(made) if made.exists() else None
     if provenance.same(old, record):
-        return "done"
+        return "done" if complete else "todo"
+    if not (complete or old or (work.exists() and any(work.iterdir()))):
+        return "todo"
     return f"made {provenance.changes(old, record)}" if old else "made by an unknown run (no provenance record)"
 
 
 def open_work(output_dir: str, record: dict, env: Env) -> Path:
-    """OUTPUT.resume, with the run's record in it (written by rank 0), checked to be one folder that all ranks see."""
+    """OUTPUT.resume with the run's record in it, checked to be one folder all ranks see (each rank decides from its
+    files whether a resume state exists: ranks that disagree would hang): every rank reads rank 0's random token."""
     work = Path(output_dir + ".resume")
     work.mkdir(parents=True, exist_ok=True)
+    token_file = work / "shared_folder_check"
     if env.rank == 0:
         jsonl.write_json_atomic(work / provenance.RECORD, record)
+        jsonl.write_json_atomic(token_file, secrets.token_hex(8))
     barrier()
-    check_shared_folder(work, env)  # every rank decides from this folder's files: it must be one folder
+    tokens = gather_objects(jsonl.read_json(token_file) if token_file.exists() else None)
+    if tokens[0] is None or len(set(tokens)) != 1:
+        missing = [r for r, t in enumerate(tokens) if t != tokens[0] or t is None]
+        raise UsageError(f"{work} is not one folder shared by every rank: rank(s) {missing} do not see what rank 0 "
+                         "wrote there. Put --output_dir on a filesystem all nodes share, with the same path on each")
     return work
 
 
-# ----------------------------------------------------------------------------- the training log, RNG states
-
-
-def trim_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after a resume state of step last_step (they will be written again), and a
-    line cut by a kill."""
-    if path.exists():
-        jsonl.write_jsonl_atomic(path, [e for e in jsonl.read_complete_rows(path) if e["step"] <= last_step])
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------- the sharded resume state
-# WORK/state-<step>/: torch.distributed.checkpoint's files (each rank its own shards of the model and the AdamW
-# state) and rank<r>.pt (that rank's RNG and the scheduler). WORK/state.json names the newest complete one; rank 0
-# rewrites it atomically once every rank has written, so a kill at any moment leaves a complete state to resume.
-
-
+# WORK/state-<step>/: torch.distributed.checkpoint's files (each rank its own shards of the model and AdamW's state)
+# and rank<r>.pt (its RNG and the scheduler). Rank 0 then rewrites WORK/state.json, naming the newest complete one.
 def _state_dicts(policy, optimizer, adapters_only: bool):
     """(model, optimizer) state dicts of this rank's shards; with LoRA the adapters alone (the base is on disk)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     model_state, optimizer_state = get_state_dict(policy, optimizer,
                                                   options=StateDictOptions(ignore_frozen_params=adapters_only))
     if adapters_only:  # a tied LM head is listed beside its frozen embedding: keep the adapters alone
@@ -145,12 +109,13 @@ def _state_dicts(policy, optimizer, adapters_only: bool):
 
 def save_train_state(work: Path, policy, optimizer, scheduler, step: int, adapters_only: bool) -> None:
     """The resume state after ``step`` steps, every rank writing its own part. A collective."""
-    import torch.distributed.checkpoint as dcp
-
     folder = work / f"state-{step}"
     model_state, optimizer_state = _state_dicts(policy, optimizer, adapters_only)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    extras = {"rng": rng_state(), "scheduler": scheduler.state_dict()}
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    extras = {"rng": rng, "scheduler": scheduler.state_dict()}
     jsonl.write_atomic(folder / f"rank{rank()}.pt", lambda f: torch.save(extras, f))
     barrier()
     if rank() == 0:
@@ -161,11 +126,7 @@ def save_train_state(work: Path, policy, optimizer, scheduler, step: int, adapte
 
 
 def load_train_state(work: Path, policy, optimizer, scheduler, adapters_only: bool) -> int:
-    """Restore the newest resume state, if any, and drop the log lines after it; returns its step (0: none). It is
-    this run's: claim_output keeps a work folder only when its provenance record is this run's."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
+    """Restore the newest resume state, if any, and drop the log lines after it; returns its step (0: none)."""
     if not (work / "state.json").exists():
         return 0
     state = jsonl.read_json(work / "state.json")
@@ -176,30 +137,29 @@ def load_train_state(work: Path, policy, optimizer, scheduler, adapters_only: bo
                    options=StateDictOptions(strict=not adapters_only))
     extras = torch.load(folder / f"rank{rank()}.pt", weights_only=False)  # our own file; it holds numpy RNG states
     scheduler.load_state_dict(extras["scheduler"])
-    set_rng_state(extras["rng"])
+    random.setstate(extras["rng"]["python"])
+    np.random.set_state(extras["rng"]["numpy"])
+    torch.set_rng_state(extras["rng"]["torch"])
+    if "cuda" in extras["rng"]:
+        torch.cuda.set_rng_state_all(extras["rng"]["cuda"])
     if rank() == 0:
-        trim_log(work / "train_log.jsonl", state["step"])
+        if (log := work / "train_log.jsonl").exists():
+            jsonl.write_jsonl_atomic(log, [e for e in jsonl.read_complete_rows(log) if e["step"] <= state["step"]])
         print(f"resuming from {work} after step {state['step']}", flush=True)
     return state["step"]
 
 
 # ----------------------------------------------------------------------------- the final model
-
-
 def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lora: Lora | None = None,
                      base_model: str = "") -> None:
-    """Gather the weights of policy.lm (never the optimizer's state) to rank 0, which save_pretrained's them with
-    the tokenizer, work's train_log.jsonl and tracking/ and config (train_args.json) to OUT.tmp, renames it to
-    OUT and drops the work folder. With lora, OUT is base_model with the adapters merged. The gather is the last
-    collective: every rank then leaves the process group together, and only then does rank 0 write."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    """policy.lm's weights gathered to rank 0 (the last collective), which writes them, the tokenizer, work's logs and
+    config to OUT.tmp, renamed to OUT, and drops the work folder. With lora: base_model with the adapters merged."""
     if lora:
         weights = {name.removeprefix("lm."): full_tensor(p) for name, p in policy.named_parameters() if p.requires_grad}
     else:
         weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     is_writer = rank() == 0
-    leave_process_group()  # the last collective is done: no rank outlives its peers inside the group
+    leave_process_group()
     if not is_writer:
         return
     tmp = out.with_name(out.name + ".tmp")
@@ -207,8 +167,7 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
     if lora:
         save_merged_lora(weights, tmp, lora, base_model)
     else:
-        # Tied weights (embedding = LM head) come back from the gather as two copies: keep the names that
-        # named_parameters() lists (one per tensor), so save_pretrained writes the tied model as it was.
+        # Tied weights come back as two copies: keep the names named_parameters() lists, one per tensor.
         names = {n for n, _ in policy.named_parameters()} | {n for n, _ in policy.named_buffers()}
         weights = {k.removeprefix("lm."): v for k, v in weights.items() if k in names}
         policy.lm.save_pretrained(tmp, state_dict=weights)
@@ -225,16 +184,12 @@ def save_final_model(policy, tokenizer, out: Path, work: Path, config: dict, lor
 
 
 def save_merged_lora(adapters: dict, out: Path, lora: Lora, base_model: str) -> None:
-    """OUT = base_model with the adapters merged, in the adapters' dtype (float32, or float64 when trained in it;
-    an ordinary model for generate.py, evaluate.py and vLLM), OUT/adapter = the adapters alone (peft's
-    save_pretrained). The base weights never trained, so they are read again from base_model on the CPU, which
-    also works when training sharded them over ranks. Never the base's bf16: the merged M_i is the next iteration's
-    policy and reference, and a bf16 merge would round most of an iteration's small update away (a bf16 weight
-    keeps 8 significant bits)."""
-    dtype = str(next(iter(adapters.values())).dtype).removeprefix("torch.") if adapters else "float32"
+    """OUT = base_model with the adapters merged, OUT/adapter = the adapters, in their dtype: never the base's bf16,
+    which would round away most of the update the merged M_i (next iteration's policy and reference) carries."""
+    dtype = str(next(iter(adapters.values())).dtype).removeprefix("torch.")
     model = add_lora(models.load_model(base_model, dtype), lora)
     loaded = model.load_state_dict(adapters, strict=False)
-    if loaded.unexpected_keys or len(adapters) == 0:
+    if loaded.unexpected_keys:
         raise TrainingError(f"the trained adapters do not fit --model {base_model}: {loaded.unexpected_keys[:3]}")
     model.save_pretrained(out / "adapter")
     model.merge_and_unload().save_pretrained(out)

@@ -1,27 +1,15 @@
-"""Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision, loading a
-model sharded from rank 0, LoRA, the batch plan, the optimizer, LR schedule and update, the training log. What a run
-writes to disk (the resume state, the final model) is stepkto/checkpoints.py's. train.py passes its settings in.
-
-At scale (an 8B model on a node of 80 GB GPUs, a 70B one over nodes):
-* no process builds the whole model but rank 0, on the CPU: every other rank builds a meta-device skeleton,
-  FSDP2 shards it, and the weights are broadcast from rank 0 one tensor at a time, each rank keeping its shard
-  (build_policy). Host RAM holds one copy of the model, and no GPU holds more than one tensor of it whole.
-* bf16 compute under FSDP2 is its MixedPrecisionPolicy (bf16 parameters for compute, float32 gradient reduction,
-  float32 master weights); torch.autocast only in one process without torchrun.
-* collectives wait up to COLLECTIVE_TIMEOUT; rank 0's long writes (the final model) come after the last
-  collective, so no rank waits on them.
-"""
+"""Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision (host RAM holds
+one copy of the model, no GPU more than one tensor of it whole: build_policy), LoRA, the batch plan, the optimizer,
+LR schedule and update, the training log. What a run writes to disk is stepkto/checkpoints.py's."""
 
 from __future__ import annotations
 
 import datetime
 import faulthandler
-import functools
 import gc
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -40,11 +28,7 @@ class TrainingError(jsonl.StageError, RuntimeError):
     """Training cannot go on (non-finite loss, mismatched resume state); the message says why."""
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-# How long a collective waits for the other ranks: longer than NCCL's own 10 minutes, since a rank can wait minutes
-# for the others while they hash a large model's files or write a resume state to a slow shared filesystem.
+# How long a collective waits: ranks can wait minutes while the others hash a large model or write a resume state.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -55,18 +39,13 @@ class Env(NamedTuple):
 
 
 def init_distributed() -> Env:
-    """One process unless launched by torchrun (even with one process: FSDP2 on one GPU); then gloo on CPU,
-    nccl on GPU."""
-    if "LOCAL_RANK" not in os.environ:  # plain `python train.py`
+    """One process unless launched by torchrun (then FSDP2, even on one GPU: gloo on CPU, nccl on GPU)."""
+    if "LOCAL_RANK" not in os.environ:
         return Env(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    # A rank's native crash (SIGSEGV, SIGABRT from a corrupted heap) prints every thread's Python stack first, so
-    # that its death under torchrun says where it happened. Only here: a torchrun worker's stderr is a real file.
-    faulthandler.enable(all_threads=True)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    faulthandler.enable(all_threads=True)  # a rank's native crash prints where it happened
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return Env(dist.get_rank(), dist.get_world_size(), device)
 
@@ -77,29 +56,22 @@ def run_in_process_group(fn: Callable[[Env], None]) -> None:
     try:
         fn(env)
     finally:
-        if dist.is_initialized():
-            # gloo's worker threads can still hold finished async work (FSDP2's collectives) whose tensors
-            # reference Python objects; freed during interpreter teardown they can abort the process
-            # ("terminate called without an active exception"). Drop them first.
-            gc.collect()
-            dist.destroy_process_group()
+        leave_process_group(wait=False)
 
 
-def leave_process_group() -> None:
-    """Every rank waits for all, then leaves the process group: after the last collective and before any rank
-    works on alone (rank 0 writing the final model). A rank that exits while its peer still runs leaves gloo's
-    threads of both racing the teardown, a known upstream bug class (pytorch/pytorch issues 190489, 75529,
-    65231); the ordering here (collect, barrier, destroy on every rank) is the upstream workaround."""
+def leave_process_group(wait: bool = True) -> None:
+    """Every rank waits for all (``wait``), then leaves the process group, before any rank works on alone: a rank
+    exiting while its peer still runs races gloo's teardown (pytorch/pytorch issues 190489, 75529, 65231)."""
     if dist.is_initialized():
-        gc.collect()  # drop finished async work (FSDP2's collectives) that still references tensors
-        dist.barrier()
+        gc.collect()  # finished async work freed during teardown could abort the process: drop it first
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
 def exit_under_torchrun() -> None:
-    """After run_in_process_group, under torchrun: everything is saved and the process group destroyed, so
-    skip the interpreter's teardown, where gloo's threads can still abort a finished run (pytorch/pytorch
-    PR 179291 describes the race)."""
+    """Under torchrun, after run_in_process_group: skip the interpreter's teardown, where gloo's threads can still
+    abort a finished run (pytorch/pytorch PR 179291)."""
     if "LOCAL_RANK" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -107,7 +79,6 @@ def exit_under_torchrun() -> None:
 
 
 def rank() -> int:
-    """This process's rank (0 without torchrun)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -133,36 +104,13 @@ def all_reduce(values: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sums(sums: dict, device: torch.device) -> dict[str, float]:
-    """Sum each value over the ranks in one collective (and one device-to-host copy). Every rank must
-    pass the same keys."""
+    """Each value summed over the ranks in one collective; every rank passes the same keys."""
     keys = sorted(sums)
     values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])  # (S,)
     return dict(zip(keys, all_reduce(values).tolist()))
 
 
-def check_shared_folder(folder: Path, env: Env) -> None:
-    """Every rank must see the same work folder: each decides from its files whether a cache or a resume state
-    exists, and ranks that disagree would hang in different collectives. Rank 0 writes a random token there and
-    every rank reads it; on node-local disks (or another --output_dir on another node) all ranks stop with one
-    error instead."""
-    if env.world_size == 1:
-        return
-    token_file = folder / "shared_folder_check"
-    token = secrets.token_hex(8) if env.rank == 0 else None
-    if env.rank == 0:
-        jsonl.write_json_atomic(token_file, token)
-    barrier()
-    seen = jsonl.read_json(token_file) if token_file.exists() else None
-    tokens = gather_objects(seen)
-    if len(set(tokens)) != 1 or tokens[0] is None:
-        missing = [r for r, t in enumerate(tokens) if t != tokens[0] or t is None]
-        raise UsageError(f"{folder} is not one folder shared by every rank: rank(s) {missing} do not see what rank 0 "
-                         "wrote there. Put --output_dir on a filesystem all nodes share, with the same path on each")
-
-
 # ----------------------------------------------------------------------------- the policy: FSDP2, mixed precision, LoRA
-
-
 class Lora(NamedTuple):
     """LoRA settings (peft): rank, scaling numerator (the update is alpha / r * B A), dropout on the
     adapters' input, comma-separated names of the modules that get adapters."""
@@ -174,9 +122,7 @@ class Lora(NamedTuple):
 
 
 def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
-    """LoRA adapters on the model (peft; None: the model as it is). B starts at 0, so the untrained model is
-    exactly the base model: a trainer can score pi_ref with it before the first update and never load a second
-    copy of the weights."""
+    """LoRA adapters on the model (peft; None: none). B starts at 0: the untrained model is the base model, pi_ref."""
     if lora is None:
         return lm
     from peft import LoraConfig, get_peft_model
@@ -192,17 +138,15 @@ def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
 
 def build_policy(model: str, settings, tokenizer, lora: Lora | None, env: Env, trainable: bool,
                  wrap: Callable[..., torch.nn.Module]) -> torch.nn.Module:
-    """``model`` (a folder or hub id, or "scratch": models.make_tiny_llama) as train.py's ``settings`` (its Args)
-    say, with LoRA, on env.device, without KV cache, wrapped in ``wrap`` (scoring.CompletionLogProbs: the module
-    training calls, the FSDP2 root). One process: built whole, mixed
-    precision by autocast. Under torchrun: FSDP2-sharded over all ranks (each decoder layer, then the root: one
-    all-gather per layer), mixed precision by FSDP2's policy, the weights loaded from rank 0 shard by shard
-    (load_sharded). trainable: requires_grad (a LoRA model keeps what peft set: the base frozen) and
-    checkpointing on request."""
+    """``model`` (a folder, hub id or "scratch") as train.py's Args ``settings`` say, with LoRA, wrapped in ``wrap``.
+    One process: whole on env.device, autocast. Under torchrun: only rank 0 builds it whole, on the CPU; every rank
+    shards a meta-device skeleton and gets the weights (and the buffers no state dict holds) from rank 0's copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     def wrapped(meta: bool, autocast: bool) -> torch.nn.Module:
         if model == "scratch":
-            lm = models.make_tiny_llama(tokenizer, settings.hidden_size, settings.num_layers,
-                                        settings.intermediate_size, seed=settings.seed, meta=meta)
+            sizes = settings.hidden_size, settings.num_layers, settings.intermediate_size
+            lm = models.make_tiny_llama(tokenizer, *sizes, seed=settings.seed, meta=meta)
             lm = lm.to(getattr(torch, settings.dtype))
         else:
             lm = models.load_model(model, settings.dtype, meta=meta)
@@ -211,9 +155,19 @@ def build_policy(model: str, settings, tokenizer, lora: Lora | None, env: Env, t
     if not dist.is_initialized():
         return wrapped(meta=False, autocast=True).to(env.device)
     full = wrapped(meta=False, autocast=False) if env.rank == 0 else None
-    skeleton = wrapped(meta=True, autocast=False)
-    shard(skeleton, env, settings.mixed_precision)
-    return load_sharded(skeleton, full, env)
+    policy = wrapped(meta=True, autocast=False)
+    shard(policy, env, settings.mixed_precision)
+    policy.to_empty(device=env.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(policy, full.state_dict() if full is not None else {}, options=options)
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in policy.named_buffers():
+        if full is not None:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
+    del full
+    gc.collect()
+    return policy
 
 
 def _prepare(lm: torch.nn.Module, settings, trainable: bool, autocast: bool, wrap) -> torch.nn.Module:
@@ -231,39 +185,17 @@ def _prepare(lm: torch.nn.Module, settings, trainable: bool, autocast: bool, wra
 
 
 def shard(policy: torch.nn.Module, env: Env, mixed_precision: str) -> None:
-    """FSDP2 over all ranks: each decoder layer its own unit, then the root (embedding, final norm, head). With
-    bf16 mixed precision: bf16 parameters in forward and backward, gradients reduced in float32, the sharded
-    master weights (and AdamW's states) in their own dtype."""
+    """FSDP2 over all ranks, each decoder layer its own unit, then the root; mixed precision: compute in its dtype,
+    gradients reduced in float32, the master weights (and AdamW's states) in their own."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    precision = MixedPrecisionPolicy()
-    if mixed_precision != "none":
-        precision = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
+    precision = MixedPrecisionPolicy() if mixed_precision == "none" else \
+        MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
     for layer in policy.lm.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=precision)
     fully_shard(policy, mesh=mesh, mp_policy=precision)
-
-
-def load_sharded(skeleton: torch.nn.Module, full: torch.nn.Module | None, env: Env) -> torch.nn.Module:
-    """The sharded skeleton, allocated on the device (its shards only) and filled from rank 0's whole model on the
-    CPU: parameters and persistent buffers broadcast one tensor at a time (set_model_state_dict), and the buffers
-    no state dict holds (rotary frequencies) copied from rank 0's."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    skeleton.to_empty(device=env.device)
-    state = full.state_dict() if full is not None else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(skeleton, state, options=options)
-    buffers = dict(full.named_buffers()) if full is not None else {}
-    for name, buffer in skeleton.named_buffers():
-        if full is not None:
-            buffer.copy_(buffers[name])
-        dist.broadcast(buffer, src=0)
-    del full, state
-    gc.collect()
-    return skeleton
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -272,6 +204,7 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the batch plan
+MEGA_BATCHES = 50  # batches per length-sorted mega-batch
 
 
 class PlanBatch(NamedTuple):
@@ -280,17 +213,12 @@ class PlanBatch(NamedTuple):
 
 
 def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: int, seed: int,
-               min_batch_size: int, mega_batches: int = 50) -> list[PlanBatch]:
-    """Every global batch of the run, fixed up front (the KL pairs, hence the reference pass, depend on it).
-
-    Length grouping: each epoch is a random permutation, cut into mega-batches of `mega_batches` batches
-    that are sorted by length, so that a batch holds rows of similar length (little padding); the batch
-    order is then shuffled. A short last batch is trimmed to a multiple of `shards` (world size x
-    gradient accumulation steps: equal micro-batches) and dropped below min_batch_size (KTO's KL pairs
-    need two rows).
-    """
+               min_batch_size: int) -> list[PlanBatch]:
+    """Every global batch of the run, fixed up front (the KL pairs depend on it): each epoch a permutation cut into
+    length-sorted mega-batches (little padding), the batches then shuffled; each trimmed to a multiple of `shards`
+    (world size x gradient accumulation steps), dropped below min_batch_size (KTO's KL pairs need two rows)."""
     rng = np.random.default_rng(seed)
-    mega = global_batch_size * mega_batches
+    mega = global_batch_size * MEGA_BATCHES
     plan = []
     for epoch in range(epochs):
         order = rng.permutation(len(lengths)).tolist()
@@ -299,80 +227,62 @@ def build_plan(lengths: list[int], global_batch_size: int, shards: int, epochs: 
             chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
             batches += sharding.chunked(chunk, global_batch_size)
         batches = [b[: len(b) - len(b) % shards] for b in batches]
-        batches = [b for b in batches if len(b) >= max(min_batch_size, 1)]
+        batches = [b for b in batches if len(b) >= min_batch_size]
         plan += [PlanBatch(epoch, batches[i]) for i in rng.permutation(len(batches)).tolist()]
     return plan
 
 
 def micro_slots(global_batch_size: int, env: Env, accumulation: int) -> list[range]:
-    """The slots of the global batch (indices into PlanBatch.rows) that this rank computes, one range per
-    micro-batch: the rank's equal, contiguous slice cut into `accumulation` equal parts (build_plan makes the batch
-    divisible)."""
+    """This rank's slots of the global batch (indices into PlanBatch.rows), its equal slice cut into micro-batches."""
     per_micro = global_batch_size // (env.world_size * accumulation)
     first = env.rank * accumulation
     return [range((first + m) * per_micro, (first + m + 1) * per_micro) for m in range(accumulation)]
 
 
 # ----------------------------------------------------------------------------- optimizer, LR schedule, clipping
-
-
 def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_decay: float, warmup_ratio: float,
                    schedule: str, fused: bool):
-    """(AdamW over the trainable parameters, LambdaLR of lr_factor) for a run of total_steps steps."""
+    """(AdamW over the trainable parameters, its LR schedule) for a run of total_steps steps."""
     params = [p for p in policy.parameters() if p.requires_grad]
     # As HF Trainer: no decay on norm gains and biases (1-D), which decay would only pull towards 0.
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel over all tensors (CPU and GPU, FSDP2's sharded tensors too), instead of one tensor at a time
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     warmup = round(warmup_ratio * total_steps)
-    factor = functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=schedule)
+
+    def factor(step: int) -> float:  # linear warmup to the peak, then linear or cosine decay towards 0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup to the peak over `warmup` steps, then linear or cosine decay towards 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def update(policy: torch.nn.Module, optimizer, scheduler, loss: float, max_grad_norm: float, step: int,
            work: Path) -> float:
-    """The optimizer step after a step's backward passes: the gradient norm clipped to max_grad_norm, AdamW's update,
-    the gradients freed, the LR schedule advanced; returns the norm before clipping. A non-finite loss or norm stops
-    the run first, before anything of this step is written."""
+    """After a step's backward passes: the gradient norm clipped, AdamW's update, the gradients freed, the LR schedule
+    advanced; returns the norm before clipping. A non-finite loss or norm stops the run first."""
     check_finite("loss", loss, step, work)
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)))
     check_finite("gradient norm", grad_norm, step, work)
     optimizer.step()
-    # Free the gradients now, not before the next backward: held through the next forward they would
-    # add a model's worth of memory to its activation peak (and fragment the CPU heap between steps).
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # now: held through the next forward they would raise its memory peak
     scheduler.step()
     return grad_norm
 
 
 def check_finite(name: str, value: float, step: int, work: Path) -> None:
     if not math.isfinite(value):
-        raise TrainingError(
-            f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step was "
-            f"written: --model and the last resume state in {work} (if any) are untouched. "
-            "Lower --lr (or check the data) and rerun."
-        )
+        raise TrainingError(f"step {step + 1}: the {name} is {value}; stopping before the update. Nothing of this step "
+                            f"was written: --model and the last resume state in {work} (if any) are untouched. "
+                            "Lower --lr (or check the data) and rerun.")
 
 
 # ----------------------------------------------------------------------------- the training log
-
-
 class TrainLog:
-    """What a run shows and keeps of each step: the tqdm bar, and every ``every`` steps (and at the last) one line
-    of WORK/train_log.jsonl, written by rank 0 and also sent to ``tracker``: the step's metrics and the throughput
-    since the previous line (real tokens of all forwards and rows of the global batches, all ranks)."""
+    """The tqdm bar, and every ``every`` steps (and at the last) one line of WORK/train_log.jsonl by rank 0, also sent
+    to ``tracker``: the step's metrics and the throughput since the previous line (all ranks)."""
 
     def __init__(self, work: Path, every: int, total: int, start_step: int, desc: str, tracker, rank: int):
         self.path, self.every, self.total = work / "train_log.jsonl", every, total
@@ -381,7 +291,6 @@ class TrainLog:
         self.start, self.real, self.computed, self.rows = time.perf_counter(), 0.0, 0.0, 0
 
     def step(self, step: int, epoch: int, lr: float, grad_norm: float, metrics: dict, sums: dict, rows: int) -> None:
-        """After step ``step`` (0-based); ``sums``: the step's tokens/real and tokens/computed over all ranks."""
         self.real += sums["tokens/real"]
         self.computed += sums["tokens/computed"]
         self.rows += rows

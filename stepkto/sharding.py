@@ -1,20 +1,18 @@
 """A stage's output in chunks: resumable after kill -9, split over data-parallel shards, one writer per output.
 
-* A stage writes its output to ``OUT.partial`` a chunk at a time (one ``write`` + ``fsync`` per chunk) and renames
-  it to ``OUT`` when every chunk is done. ``OUT`` existing means complete; a crash leaves only ``OUT.partial``,
-  which the next run resumes from (``resume_rows``).
-* Chunks are fixed by the input order and the chunk size, and each chunk is seeded from the run seed and the chunk
-  (``derived_seed``), so a resumed run writes exactly what an uninterrupted run with the same seed would have.
-* With ``--num_shards N`` a stage's chunks are split over N processes, whose parts the last one merges into ``OUT``,
-  byte for byte what one process writes (``write_chunks``).
-* One process writes an output (or a shard's part) at a time: ``claim`` holds a lock file beside it.
-* Whether an existing output was made by what the stage would do now is provenance.py's."""
+* A stage writes ``OUT.partial`` a chunk at a time (one write + fsync each) and renames it to ``OUT`` when done:
+  ``OUT`` existing means complete; the next run resumes from a crash's ``OUT.partial`` (``resume_rows``).
+* Each chunk is seeded from the run seed and the chunk (``derived_seed``): resumed = uninterrupted.
+* With ``--num_shards N`` the chunks are split over N processes, whose parts the last one merges into ``OUT``, byte
+  for byte what one process writes (``write_chunks``). ``claim`` makes one process the writer of a file."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +26,18 @@ def _partial_path(out: Path) -> Path:
 
 
 def resume_rows(out: str | Path, chunks: list[list[str]]) -> tuple[list[dict], int]:
-    """Rows already written to ``out.partial`` by a crashed run, and how many chunks they complete.
-
-    ``chunks`` lists the expected row ids of each chunk, in order. Rows of a chunk that was cut off
-    (and a truncated last line) are dropped, and the partial file is rewritten without them, so that
-    appending the remaining chunks gives exactly the uninterrupted output.
-    """
+    """Rows of the complete chunks (``chunks``: each one's row ids, in order) that a crashed run wrote to
+    ``out.partial``, and how many chunks; the file is rewritten without the rest, ready to append to."""
     partial = _partial_path(Path(out))
     if not partial.exists():
         return [], 0
     rows = jsonl.read_complete_rows(partial)
     kept, done = [], 0
     for chunk in chunks:
-        ids = [r.get("id") for r in rows[len(kept) : len(kept) + len(chunk)]]
-        if ids != list(chunk):
+        rows_of_chunk = rows[len(kept) : len(kept) + len(chunk)]
+        if [r.get("id") for r in rows_of_chunk] != list(chunk):
             break
-        kept.extend(rows[len(kept) : len(kept) + len(chunk)])
+        kept += rows_of_chunk
         done += 1
     jsonl._write_lines(partial, kept, mode="w")
     return kept, done
@@ -59,9 +53,8 @@ def append_chunk(out: str | Path, rows: list[dict], schema: dict) -> None:
 def finish_output(out: str | Path) -> None:
     """Mark ``out`` complete: rename ``out.partial`` to ``out`` (atomic on POSIX)."""
     partial = _partial_path(Path(out))
-    if not partial.exists():  # zero chunks: still produce a (valid, empty) complete file
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.touch()
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.touch()  # zero chunks: still a (valid, empty) complete file
     os.replace(partial, out)
 
 
@@ -70,10 +63,8 @@ def chunked(items: list, size: int) -> list[list]:
 
 
 def derived_seed(*parts) -> int:
-    """One seed in [0, 2**31) from several, the same in every process: how every chunk of a stage's output is
-    seeded (generate.py: run seed and chunk index; label.py mc: run seed and the chunk's row ids), so that a
-    resumed run writes what an uninterrupted one would have. Ints only: Python's hash of a tuple of ints
-    (not salted per process, unlike str); else the CRC-32 of the parts as JSON."""
+    """One seed in [0, 2**31) from several (run seed, chunk index or row ids), the same in every process: for ints,
+    Python's hash of their tuple (not salted per process, unlike str); else the CRC-32 of the parts as JSON."""
     if all(isinstance(part, int) for part in parts):
         return hash(parts) % 2**31
     return zlib.crc32(json.dumps(list(parts)).encode()) % 2**31
@@ -121,10 +112,8 @@ def part_path(out: Path, shard: Shard) -> Path:
 
 def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, schema: dict, shard: Shard,
                  desc: str) -> bool:
-    """Write this shard's chunks of ``out``, which the caller found incomplete and made by what it is about to do
-    (provenance.settle): ``rows_of_chunk(i)`` gives chunk i's rows, whose ids must be ``chunk_ids[i]``. Resumes after
-    the chunks a killed run finished. True when ``out`` is complete (this shard merged it); False while other
-    shards' parts are missing."""
+    """Write this shard's chunks of ``out`` (``rows_of_chunk(i)``: chunk i's rows, ids ``chunk_ids[i]``), resuming
+    after those a killed run finished. True when ``out`` is complete; False while other shards' parts are missing."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -140,44 +129,35 @@ def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, sch
 
 
 def merge_parts(out: Path, chunk_ids: list[list[str]], count: int) -> bool:
-    """OUT from the complete parts of all ``count`` shards, chunk by chunk (lines copied as written); False while
-    a part is missing. Two shards finishing at once may both merge: each writes the same bytes."""
+    """OUT from the complete parts of all ``count`` shards, lines copied as written (chunk i: the next lines of part
+    i % N, their ids checked); False while a part is missing. Two shards merging at once write the same bytes."""
     parts = [part_path(out, Shard(k, count)) for k in range(count)]
     if count > 1 and all(p.exists() for p in parts):
         try:
             lines = [jsonl.jsonl_lines(p.read_text(encoding="utf-8"), keepends=True) for p in parts]
         except FileNotFoundError:  # another shard merged and removed the parts meanwhile
             return out.exists()
-        jsonl.write_text_atomic(out, "".join(_lines_in_chunk_order(lines, chunk_ids, parts)))
+        merged, taken = [], [0] * count
+        for i, ids in enumerate(chunk_ids):
+            k = i % count
+            chunk = lines[k][taken[k] : taken[k] + len(ids)]
+            taken[k] += len(ids)
+            if [json.loads(line)["id"] for line in chunk] != ids:
+                raise jsonl.DataError(f"{parts[k]}: chunk {i} does not hold the rows expected there: delete the parts")
+            merged += chunk
+        jsonl.write_text_atomic(out, "".join(merged))
         for p in parts:
             p.unlink(missing_ok=True)
             lock_path(p).unlink(missing_ok=True)  # no shard writes a part of a complete output
     return out.exists()
 
 
-def _lines_in_chunk_order(lines: list[list[str]], chunk_ids: list[list[str]], parts: list[Path]) -> list[str]:
-    """Chunk i's lines are the next len(chunk_ids[i]) lines of part i % N; their ids are checked."""
-    merged, taken = [], [0] * len(parts)
-    for i, ids in enumerate(chunk_ids):
-        k = i % len(parts)
-        chunk = lines[k][taken[k] : taken[k] + len(ids)]
-        taken[k] += len(ids)
-        if [json.loads(line)["id"] for line in chunk] != ids:
-            raise jsonl.DataError(f"{parts[k]}: chunk {i} does not hold the rows expected there: delete the parts to redo")
-        merged += chunk
-    return merged
-
-
 _HELD: dict[str, int] = {}  # lock files this process holds (released when it exits, a kill -9 included)
 
 
 def claim(path: str | Path, wait_s: float = 0.0) -> None:
-    """Make this process the one writer of ``path`` (an output being written or checked), through the lock file
-    .NAME.lock beside it: a second process started on it refuses with one line (after ``wait_s`` seconds of
-    retries, for a check that holds it for a moment), and never interleaves its chunks with the first one's."""
-    import fcntl
-    import time
-
+    """Make this process the one writer of ``path`` through the lock file .NAME.lock beside it: a second process
+    refuses with one line (after ``wait_s`` seconds of retries, for a check that holds it for a moment)."""
     lock = lock_path(path)
     if str(lock) in _HELD:
         return
@@ -190,27 +170,24 @@ def claim(path: str | Path, wait_s: float = 0.0) -> None:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise jsonl.StageError(f"{path} is being written by another process (it holds {lock.name}): wait for it "
-                                 "to finish, or stop it first") from None
+                raise jsonl.StageError(f"{path} is being written by another process (it holds {lock.name}): wait "
+                                       "for it to finish, or stop it first") from None
             time.sleep(0.05)
     _HELD[str(lock)] = fd
 
 
 def lock_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
+    return Path(path).with_name(f".{Path(path).name}.lock")
 
 
 def release(path: str | Path) -> None:
     """Give up the claim on ``path``, once it is written."""
-    fd = _HELD.pop(str(lock_path(path)), None)
-    if fd is not None:
+    if (fd := _HELD.pop(str(lock_path(path)), None)) is not None:
         os.close(fd)
 
 
 def shard_rows(out: Path, chunk_ids: list[list[str]], shard: Shard) -> dict[int, list[dict]]:
-    """{chunk index: rows} of this shard's chunks of a complete output: from OUT once merged, else from the
-    shard's own complete part."""
+    """{chunk index: rows} of this shard's chunks of a complete output: from OUT once merged, else its own part."""
     for _ in range(2):  # the part may be merged into OUT and removed between the check and the read
         source = out if out.exists() else part_path(out, shard)
         try:
