@@ -1,24 +1,20 @@
 """The embedded default task: multi-step integer arithmetic whose every step can be checked exactly.
 
 Sized so that a tiny model trained from scratch (digits one token each) learns it on a few CPU cores; its step labels
-come from an exact checker where Step-KTO (arXiv 2501.10799, Section 2.1) uses a PRM.
+come from an exact checker (`check_steps`) where Step-KTO (arXiv 2501.10799, Section 2.1) uses a PRM.
 
 Problems: `Compute (12 + 7) * 3 - 45.`, built from the answer, so every intermediate value is a non-negative integer.
 Solutions: one `a op b = c` per step, steps separated by a blank line, in canonical order (deepest brackets first,
-then * before +/-, then left to right), last step `The answer is \\boxed{12}.` A problem is test-eligible iff
-sha1(text) mod 100 < TEST_PERCENT, so no split of any seed overlaps the other split of any seed.
+then * before +/-, then left to right), last step `The answer is \\boxed{12}.` Splits by a hash of the text, so no
+split of any seed overlaps the other split of any seed.
 
-Flawed SFT data (`write_solution`): every step slips independently, at rate `p_slip_hard` on a hard step (a carry, a
-borrow, or a product >= HARD_PRODUCT) and `p_slip_easy` elsewhere, and then states a deterministic wrong result that
-depends on the operands (so a model can learn it): a dropped carry (58 + 67 = 115), a borrow not paid back
-(52 - 17 = 45), one multiple too many (7 * 8 = 63), easy + and - off by one (12 + 7 = 20). A share of the slips of
-each operation (`p_silent_*`) is silent: the step that consumes the slipped value (or the boxed answer) uses the TRUE
-value, so the answer stays right (right answer, wrong reasoning); the others propagate to a wrong answer. By default
-+ and * slips mostly propagate and - slips are mostly silent; hard steps slip more often than not, since greedy
-decoding (what the paper evaluates) keeps only a model's most likely habit: only a seed that PREFERS the careless
-result, while producing the right one often enough to be sampled, shows the flaws Step-KTO is meant to remove.
-
-Checker: `check_steps` replays a solution on the problem's expression tree (stepkto/equations.py judges other text).
+Flawed SFT data (`write_solution`): every step slips independently, more often on hard steps (a carry, a borrow, a
+product >= HARD_PRODUCT), and then states a wrong result that depends on the operands, a habit a model can learn
+(`slipped_result`). A slip is silent (right answer, wrong reasoning) where the step consuming the slipped value (or
+the boxed answer) uses the TRUE value, otherwise it propagates to a wrong answer. By default hard steps slip more often
+than not: greedy decoding (what the paper evaluates) keeps only a model's most likely habit, so only a seed that
+PREFERS the careless result, while producing the right one often enough to be sampled, shows the flaws Step-KTO is
+meant to remove.
 
 Command line (run.sh): train.jsonl and test.jsonl (jsonl.PROBLEM_ROW), sft.jsonl (jsonl.SFT_ROW: flawed solutions of
 train problems) in one folder:
@@ -38,15 +34,13 @@ from stepkto.cli import option
 
 HARD_PRODUCT = 40  # products from here on are beyond the small times tables
 TEST_PERCENT = 20  # share of the problem space (by text hash) reserved for test splits
-# run.sh's MAX_NEW_TOKENS on this task, by the scratch tokenizer (train.py --scratch_tokenizer) and the task (default:
-# 2-5 operations, hard: 4-8): above its longest solutions, of the phrase tokenizer or in characters (tests check both).
+# run.sh's MAX_NEW_TOKENS here, by scratch tokenizer and task (2-5 or 4-8 operations): above the longest solutions
 TOKEN_LIMITS = {("phrase", "default"): 96, ("phrase", "hard"): 128, ("char", "default"): 160, ("char", "hard"): 200}
 OPERATORS = set("+-*/^")
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "^"}
 _PRECEDENCE = {"+": 0, "-": 0, "*": 1}
 NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
-# The checkers never evaluate an expression beyond these (label.py --prm check reads sampled text of any size), far
-# above the equations of real solutions (GSM8K, MATH-500, ProcessBench steps).
+# Beyond these the checkers evaluate nothing (sampled text may be of any size); far above real solutions' equations
 MAX_TOKENS = 256  # numbers, operators and brackets of one expression
 MAX_DEPTH = 100  # levels of its tree, which is built and walked recursively (Python's recursion limit is 1000)
 MAX_VALUE_BITS = 10_000  # of the numerator or the denominator of any value in it
@@ -72,7 +66,7 @@ class Node:
 
 @dataclass(frozen=True)
 class FlawRates:
-    """Slip rates of `write_solution` (module docstring); the shares of flaws they give run.sh: docs/experiments.md."""
+    """Slip rates of `write_solution`; the shares of flaws they give run.sh: docs/experiments.md."""
 
     p_slip_easy: float = 0.03  # per step without carry/borrow and with a product < HARD_PRODUCT
     p_slip_hard: float = 0.6  # per step with a carry, a borrow, or a product >= HARD_PRODUCT
@@ -196,16 +190,13 @@ def _build(rng: random.Random, n_ops: int, value: int, max_number: int) -> Node:
         return Node(value=Fraction(value))
     op = rng.choice(["-"] + ["+"] * (value >= 2) + ["*"] * bool(_factor_pairs(value)))
     if op == "+":
-        a = rng.randint(1, value - 1)
-        b = value - a
+        b = value - (a := rng.randint(1, value - 1))
     elif op == "-":
-        b = rng.randint(1, max_number)
-        a = value + b
+        a = value + (b := rng.randint(1, max_number))
     else:
         a, b = rng.choice(_factor_pairs(value))
     n_left = rng.randint(0, n_ops - 1)
-    left = _build(rng, n_left, a, max_number)
-    return Node(op=op, left=left, right=_build(rng, n_ops - 1 - n_left, b, max_number))
+    return Node(op=op, left=_build(rng, n_left, a, max_number), right=_build(rng, n_ops - 1 - n_left, b, max_number))
 
 
 def _render(node: Node) -> str:
@@ -281,21 +272,15 @@ def make_split(split: str, n: int, seed: int, min_ops: int = 2, max_ops: int = 6
 
 
 # ----------------------------------------------------------------------------- solutions and flaws
-def _columns(a: int, b: int, combine) -> int:
-    """Column arithmetic that never carries: every column but the top one keeps its last digit."""
-    width = max(len(str(a)), len(str(b)))
-    digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    columns = [combine(int(x), int(y)) for x, y in zip(digits_a, digits_b)]
-    return sum((c if i == width - 1 else c % 10) * 10**i for i, c in enumerate(columns))
-
-
 def _habit(a: int, op: str, b: int) -> int:
-    """The careless result of a hard step (for + and - it equals the truth when nothing carries)."""
-    if op == "+":
-        return _columns(a, b, lambda x, y: x + y)  # dropped carry: 58 + 67 = 115
-    if op == "-":
-        return _columns(a, b, lambda x, y: x - y)  # borrow not paid back: 52 - 17 = 45
-    return a * b + a  # one row too many: 7 * 8 = 63
+    """The careless result of a hard step: one row too many (7 * 8 = 63), or column arithmetic where every column but
+    the top one keeps its last digit: a dropped carry (58 + 67 = 115), a borrow not paid back (52 - 17 = 45)."""
+    if op == "*":
+        return a * b + a
+    width = max(len(str(a)), len(str(b)))
+    pairs = zip(str(a).zfill(width)[::-1], str(b).zfill(width)[::-1])
+    columns = [int(x) + int(y) if op == "+" else int(x) - int(y) for x, y in pairs]
+    return sum((c if i == width - 1 else c % 10) * 10**i for i, c in enumerate(columns))
 
 
 def is_hard_step(a: int, op: str, b: int) -> bool:
@@ -307,10 +292,11 @@ def is_hard_step(a: int, op: str, b: int) -> bool:
 
 
 def slipped_result(a: int, op: str, b: int) -> int:
-    """The deterministic wrong result written for a op b (always differs from the true one)."""
+    """The deterministic wrong result written for a op b (always differs from the true one): `_habit`, or on easy
+    + and - steps off by one (12 + 7 = 20)."""
     if op == "*" or is_hard_step(a, op, b):
         return _habit(a, op, b)
-    return int(apply_op(op, Fraction(a), Fraction(b))) + 1  # easy + and -: off by one
+    return int(apply_op(op, Fraction(a), Fraction(b))) + 1
 
 
 def _solve(expression: str, decide_flaw) -> tuple[str, str, str]:
