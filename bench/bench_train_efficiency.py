@@ -69,7 +69,7 @@ def write_data(path: Path, rows: int, min_ops: int, max_ops: int) -> None:
 
     rng, rates, out = random.Random(0), arith_task.FlawRates(p_slip_hard=0.3), []
     for i, row in enumerate(arith_task.make_split("train", rows, 0, min_ops, max_ops, 99, "tree")):
-        completion, _ = arith_task.write_solution(rng, row["problem"], rates)
+        completion, *_ = arith_task.write_solution(rng, row["problem"], rates)
         steps = prompting.step_texts(completion, prompting.step_spans(completion))
         labels = arith_task.check_steps(row["problem"], steps)
         out.append({"id": str(i), "problem": row["problem"], "prompt": f"Problem: {row['problem']}\nSolution:\n",

@@ -1,37 +1,23 @@
 """The embedded default task: multi-step integer arithmetic whose every step can be checked exactly.
 
-Sized so that a tiny model trained from scratch (digits one token each) on a few CPU cores can learn it; its
-step labels come from an exact checker where Step-KTO (arXiv 2501.10799, Section 2.1) uses a PRM.
+Sized so that a tiny model trained from scratch (digits one token each) learns it on a few CPU cores; its step labels
+come from an exact checker (`check_steps`) where Step-KTO (arXiv 2501.10799, Section 2.1) uses a PRM.
 
-Problems: `Compute (12 + 7) * 3 - 45.`, 2..6 operations over +, -, * and brackets, built top-down
-from the answer, so every intermediate value is a non-negative integer, every * operand is in
-2..12 and every number in the text is <= max_number (difficulty: operations and max_number).
-Solutions: one `a op b = c` per step, steps separated by a blank line, in canonical order (deepest
-brackets first, then * before +/-, then left to right), last step `The answer is \\boxed{12}.`
-Splits: a problem is test-eligible iff sha1(text) mod 100 < 20, so no split of any seed overlaps
-the other split of any seed.
+Problems: `Compute (12 + 7) * 3 - 45.`, built from the answer, so every intermediate value is a non-negative integer.
+Solutions: one `a op b = c` per step, steps separated by a blank line, in canonical order (deepest brackets first,
+then * before +/-, then left to right), last step `The answer is \\boxed{12}.` Splits by a hash of the text, so no
+split of any seed overlaps the other split of any seed.
 
-Flawed SFT data (`write_solution`): at a step where a slip is drawn the writer states a
-deterministic wrong result, a habit that depends on the operands (so a model can learn it):
-  hard steps, rate `p_slip_hard`: + with a carry out of a non-top column drops it (58 + 67 = 115);
-    - with a borrow does not pay it back (52 - 17 = 45); * with a product >= HARD_PRODUCT adds one
-    multiple of a (7 * 8 = 63);
-  easy steps, rate `p_slip_easy`: + and - are off by one (12 + 7 = 20); * as above (3 * 4 = 15).
-Every step slips independently. A slip is "silent" (share `p_silent_add`, `p_silent_sub`, `p_silent_mul`
-of the slipped steps of each operation): the step that consumes the slipped value uses the TRUE value
-(if the slip is in the last operation, the boxed answer does), so the answer stays right (right answer,
-wrong reasoning). Otherwise it is "propagating": later steps compute correctly on the wrong value, so
-the answer is wrong. By default a dropped carry (+) and a product slip (*) mostly propagate and an
-unpaid borrow (-) is mostly silent, so the seed shows both kinds of flaw under greedy decoding.
-Rates above 1/2 on hard steps: greedy decoding (what the paper evaluates) keeps only a model's most likely
-habit, so only a seed that PREFERS the careless result there, while producing the right one often enough to be
-sampled, shows the flaws Step-KTO is meant to remove in its greedy solutions (the paper's situation).
+Flawed SFT data (`write_solution`): every step slips independently, more often on hard steps (a carry, a borrow, a
+product >= HARD_PRODUCT), and then states a wrong result that depends on the operands, a habit a model can learn
+(`slipped_result`). A slip is silent (right answer, wrong reasoning) where the step consuming the slipped value (or
+the boxed answer) uses the TRUE value, otherwise it propagates to a wrong answer. By default hard steps slip more often
+than not: greedy decoding (what the paper evaluates) keeps only a model's most likely habit, so only a seed that
+PREFERS the careless result, while producing the right one often enough to be sampled, shows the flaws Step-KTO is
+meant to remove.
 
-Checker: `check_steps` replays a solution on the problem's expression tree (stepkto/equations.py judges text of any other
-kind by the arithmetic equations it states).
-
-Command line (run.sh): writes train.jsonl and test.jsonl ({id, problem, answer, solution}: jsonl.PROBLEM_ROW) and
-sft.jsonl ({id, problem, answer, completion, flaw}: jsonl.SFT_ROW, flawed solutions of train problems) to a folder:
+Command line (run.sh): train.jsonl and test.jsonl (jsonl.PROBLEM_ROW), sft.jsonl (jsonl.SFT_ROW: flawed solutions of
+train problems) in one folder:
     python -m stepkto.arith_task --output_dir runs/seed0/data --num_train 2000 --num_test 500 --num_sft 20000
 """
 import ast
@@ -48,17 +34,13 @@ from stepkto.cli import option
 
 HARD_PRODUCT = 40  # products from here on are beyond the small times tables
 TEST_PERCENT = 20  # share of the problem space (by text hash) reserved for test splits
-# Tokens a sample may take (run.sh's MAX_NEW_TOKENS on this task), by the scratch tokenizer (train.py
-# --scratch_tokenizer) and the task (default: 2-5 operations, hard: 4-8): the longest solutions are 57 / 94 tokens of
-# the phrase tokenizer and 103 / 155 characters, a bound for any tokenizer of a model of your own (tests check both).
+# run.sh's MAX_NEW_TOKENS here, by scratch tokenizer and task (2-5 or 4-8 operations): above the longest solutions
 TOKEN_LIMITS = {("phrase", "default"): 96, ("phrase", "hard"): 128, ("char", "default"): 160, ("char", "hard"): 200}
 OPERATORS = set("+-*/^")
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "^"}
 _PRECEDENCE = {"+": 0, "-": 0, "*": 1}
 NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
-# What the checkers evaluate of text of any size (label.py --prm check reads sampled completions): an expression of
-# more tokens or tree levels, or whose value (a power's estimated before it is computed) needs more bits, is never
-# evaluated. Far above the equations of real solutions (GSM8K, MATH-500, ProcessBench steps).
+# Beyond these the checkers evaluate nothing (sampled text may be of any size); far above real solutions' equations
 MAX_TOKENS = 256  # numbers, operators and brackets of one expression
 MAX_DEPTH = 100  # levels of its tree, which is built and walked recursively (Python's recursion limit is 1000)
 MAX_VALUE_BITS = 10_000  # of the numerator or the denominator of any value in it
@@ -66,8 +48,7 @@ MAX_DIGITS = MAX_VALUE_BITS * 3 // 10  # of a number in the text (a decimal digi
 
 
 class TooLarge(ValueError):
-    """An expression too long, too deep or of too large a value to evaluate (MAX_TOKENS, MAX_DEPTH, MAX_VALUE_BITS,
-    MAX_DIGITS): a step that states it cannot be verified."""
+    """An expression beyond MAX_TOKENS, MAX_DEPTH, MAX_VALUE_BITS or MAX_DIGITS: a step stating it is unverifiable."""
 
 
 @dataclass
@@ -85,8 +66,7 @@ class Node:
 
 @dataclass(frozen=True)
 class FlawRates:
-    """Slip rates of `write_solution` (definitions in the module docstring); the shares of flawless, propagating
-    and silent solutions they give run.sh's SFT data: docs/experiments.md."""
+    """Slip rates of `write_solution`; the shares of flaws they give run.sh: docs/experiments.md."""
 
     p_slip_easy: float = 0.03  # per step without carry/borrow and with a product < HARD_PRODUCT
     p_slip_hard: float = 0.6  # per step with a carry, a borrow, or a product >= HARD_PRODUCT
@@ -107,8 +87,8 @@ def tokenize(text: str) -> list[str]:
 
 
 def apply_op(op: str, a: Fraction, b: Fraction) -> Fraction:
-    """Exact a op b; ValueError for division by zero and fractional powers, TooLarge for a value of more than
-    MAX_VALUE_BITS (a power's size, |b| * log2|a|, is estimated before it is computed)."""
+    """Exact a op b; ValueError for division by zero and fractional powers, TooLarge beyond MAX_VALUE_BITS (a
+    power's size, |b| * log2|a|, is estimated before it is computed)."""
     if (op == "/" and b == 0) or (op == "^" and (b.denominator != 1 or (a == 0 and b < 0))):
         raise ValueError(f"{a} {op} {b} is not evaluated")
     if op == "^" and _bits(a) and abs(b) > MAX_VALUE_BITS / _bits(a):
@@ -120,15 +100,14 @@ def apply_op(op: str, a: Fraction, b: Fraction) -> Fraction:
 
 
 def _bits(value: Fraction) -> float:
-    """log2 of the larger of |numerator| and denominator: the bits a value takes (0 for 0, 1 and -1)."""
+    """log2 of the larger of |numerator| and denominator (0 for 0, 1 and -1)."""
     return math.log2(max(abs(value.numerator), value.denominator))
 
 
 def parse_expression(text: str, percent: Fraction = Fraction(1)) -> Node:
-    """Tree of +, -, *, /, ^ (unary minus as 0 - x), every node with its `true_value`; `N%` is
-    N * percent. Python's ast does the parsing; numbers become names, so nothing is evaluated
-    by Python and "0.1" stays exact. ValueError if malformed, TooLarge beyond MAX_TOKENS, MAX_DEPTH,
-    MAX_VALUE_BITS or MAX_DIGITS."""
+    """Tree of +, -, *, /, ^ (unary minus as 0 - x), every node with its `true_value`; `N%` is N * percent. Python's
+    ast parses it with the numbers as names, so Python evaluates nothing and "0.1" stays exact. ValueError if
+    malformed, TooLarge beyond MAX_TOKENS, MAX_DEPTH, MAX_VALUE_BITS or MAX_DIGITS."""
     tokens, source, values = tokenize(text), [], []
     if len(tokens) > MAX_TOKENS:
         raise TooLarge(f"an expression of {len(tokens)} tokens, more than {MAX_TOKENS} (MAX_TOKENS)")
@@ -205,22 +184,19 @@ def _factor_pairs(value: int) -> list[tuple[int, int]]:
 
 
 def _build(rng: random.Random, n_ops: int, value: int, max_number: int) -> Node:
-    """A random tree with `n_ops` operations and value `value`, built top-down so that every
-    intermediate value is a non-negative integer."""
+    """A random tree of `n_ops` operations and value `value`, built top-down: every intermediate value is a
+    non-negative integer and every * operand is in 2..12."""
     if n_ops == 0:
         return Node(value=Fraction(value))
     op = rng.choice(["-"] + ["+"] * (value >= 2) + ["*"] * bool(_factor_pairs(value)))
     if op == "+":
-        a = rng.randint(1, value - 1)
-        b = value - a
+        b = value - (a := rng.randint(1, value - 1))
     elif op == "-":
-        b = rng.randint(1, max_number)
-        a = value + b
+        a = value + (b := rng.randint(1, max_number))
     else:
         a, b = rng.choice(_factor_pairs(value))
     n_left = rng.randint(0, n_ops - 1)
-    left = _build(rng, n_left, a, max_number)
-    return Node(op=op, left=left, right=_build(rng, n_ops - 1 - n_left, b, max_number))
+    return Node(op=op, left=_build(rng, n_left, a, max_number), right=_build(rng, n_ops - 1 - n_left, b, max_number))
 
 
 def _render(node: Node) -> str:
@@ -237,22 +213,18 @@ def _render(node: Node) -> str:
 
 
 def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int) -> Node:
-    """A chain: each operation combines the running value with one new number, left to right.
+    """A chain: each operation combines the running value with one new number, left to right (`(3 + 4) * 5 - 2`).
 
-    Brackets appear where precedence needs them: `(3 + 4) * 5 - 2`. Every intermediate value is an
-    integer in 0..max_value and every * is a times-table product (both operands <= 9): a tiny model learns that
-    arithmetic on a CPU, so its own errors stay rarer than the habits it is taught, which Step-KTO is to remove."""
+    Every intermediate value is in 0..max_value and every * a times-table product (operands <= 9): a tiny model
+    learns that arithmetic on a CPU, so its own errors stay rarer than the habits it is taught."""
     value = rng.randint(1, max_number)
     node = Node(value=Fraction(value))
     for _ in range(n_ops):
-        ops = ["+"] * (value < max_value) + ["-"] * (value >= 1) + ["*"] * (value <= 9)
-        op = rng.choice(ops)
-        if op == "+":
-            b = rng.randint(1, min(max_number, max_value - value))
-        elif op == "-":
-            b = rng.randint(1, min(max_number, value))
-        else:
+        op = rng.choice(["+"] * (value < max_value) + ["-"] * (value >= 1) + ["*"] * (value <= 9))
+        if op == "*":
             b = rng.randint(2, 9)
+        else:
+            b = rng.randint(1, min(max_number, max_value - value if op == "+" else value))
         value = int(apply_op(op, Fraction(value), Fraction(b)))
         node = Node(op=op, left=node, right=Node(value=Fraction(b)))
     return node
@@ -260,9 +232,8 @@ def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int
 
 def random_expression(rng: random.Random, n_ops: int, max_number: int = 99, shape: str = "tree",
                       max_value: int = 99) -> str:
-    """An expression with `n_ops` operations whose numbers are all <= max_number.
-
-    shape "tree": any bracketing; "chain": left to right with one new number per operation."""
+    """An expression of `n_ops` operations, every number <= max_number; shape "tree": any bracketing, "chain":
+    left to right with one new number per operation."""
     if shape == "chain":
         return _render(_build_chain(rng, n_ops, max_number, max_value))
     while True:  # rejection: a - b can need a left number above max_number
@@ -276,40 +247,40 @@ def is_test_problem(problem: str) -> bool:
     return int(hashlib.sha1(problem.encode()).hexdigest(), 16) % 100 < TEST_PERCENT
 
 
+def _expressions(split: str, n: int, seed: int, min_ops: int, max_ops: int, max_number: int, shape: str):
+    """The expressions of `n` distinct problems of `split` ("train" or "test")."""
+    if split not in ("train", "test") or not 1 <= min_ops <= max_ops:
+        raise ValueError(f"make_split: bad split={split!r} or ops range {min_ops}..{max_ops}")
+    rng, seen = random.Random(f"arith-{split}-{seed}"), set()
+    while len(seen) < n:
+        expression = random_expression(rng, rng.randint(min_ops, max_ops), max_number, shape)
+        problem = f"Compute {expression}."
+        if problem not in seen and is_test_problem(problem) == (split == "test"):
+            seen.add(problem)
+            yield expression
+
+
 def make_split(split: str, n: int, seed: int, min_ops: int = 2, max_ops: int = 6,
                max_number: int = 99, shape: str = "tree") -> list[dict]:
     """`n` distinct rows {"id", "problem", "answer", "solution"} of `split` ("train" or "test")."""
-    if split not in ("train", "test") or not 1 <= min_ops <= max_ops:
-        raise ValueError(f"make_split: bad split={split!r} or ops range {min_ops}..{max_ops}")
-    rng, rows, seen = random.Random(f"arith-{split}-{seed}"), [], set()
-    while len(rows) < n:
-        expression = random_expression(rng, rng.randint(min_ops, max_ops), max_number, shape)
-        problem = f"Compute {expression}."
-        if problem in seen or is_test_problem(problem) != (split == "test"):
-            continue
-        seen.add(problem)
-        rows.append({"id": f"arith-{split}-{len(rows):06d}", "problem": problem,
-                     "answer": str(parse_expression(expression).true_value),
-                     "solution": _solve(expression, lambda a, op, b: "none")[0]})
+    rows = []
+    for i, expression in enumerate(_expressions(split, n, seed, min_ops, max_ops, max_number, shape)):
+        solution, _, answer = _solve(expression, lambda a, op, b: "none")
+        rows.append({"id": f"arith-{split}-{i:06d}", "problem": f"Compute {expression}.", "answer": answer,
+                     "solution": solution})
     return rows
 
 
 # ----------------------------------------------------------------------------- solutions and flaws
-def _columns(a: int, b: int, combine) -> int:
-    """Column arithmetic that never carries: every column but the top one keeps its last digit."""
-    width = max(len(str(a)), len(str(b)))
-    digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    columns = [combine(int(x), int(y)) for x, y in zip(digits_a, digits_b)]
-    return sum((c if i == width - 1 else c % 10) * 10**i for i, c in enumerate(columns))
-
-
 def _habit(a: int, op: str, b: int) -> int:
-    """The careless result of a hard step (for + and - it equals the truth when nothing carries)."""
-    if op == "+":
-        return _columns(a, b, lambda x, y: x + y)  # dropped carry: 58 + 67 = 115
-    if op == "-":
-        return _columns(a, b, lambda x, y: x - y)  # borrow not paid back: 52 - 17 = 45
-    return a * b + a  # one row too many: 7 * 8 = 63
+    """The careless result of a hard step: one row too many (7 * 8 = 63), or column arithmetic where every column but
+    the top one keeps its last digit: a dropped carry (58 + 67 = 115), a borrow not paid back (52 - 17 = 45)."""
+    if op == "*":
+        return a * b + a
+    width = max(len(str(a)), len(str(b)))
+    pairs = zip(str(a).zfill(width)[::-1], str(b).zfill(width)[::-1])
+    columns = [int(x) + int(y) if op == "+" else int(x) - int(y) for x, y in pairs]
+    return sum((c if i == width - 1 else c % 10) * 10**i for i, c in enumerate(columns))
 
 
 def is_hard_step(a: int, op: str, b: int) -> bool:
@@ -321,15 +292,16 @@ def is_hard_step(a: int, op: str, b: int) -> bool:
 
 
 def slipped_result(a: int, op: str, b: int) -> int:
-    """The deterministic wrong result written for a op b (always differs from the true one)."""
+    """The deterministic wrong result written for a op b (always differs from the true one): `_habit`, or on easy
+    + and - steps off by one (12 + 7 = 20)."""
     if op == "*" or is_hard_step(a, op, b):
         return _habit(a, op, b)
-    return int(apply_op(op, Fraction(a), Fraction(b))) + 1  # easy + and -: off by one
+    return int(apply_op(op, Fraction(a), Fraction(b))) + 1
 
 
-def _solve(expression: str, decide_flaw) -> tuple[str, str]:
-    """Canonical solution; `decide_flaw(a, op, b)` -> "none" | "propagating" | "silent" is asked at
-    every step, and a flawed step states `slipped_result`. Returns (text, worst flaw of the text)."""
+def _solve(expression: str, decide_flaw) -> tuple[str, str, str]:
+    """Canonical solution; `decide_flaw(a, op, b)` -> "none" | "propagating" | "silent" is asked at every step, and
+    a flawed step states `slipped_result`. Returns (text, worst flaw of the text, true answer)."""
     root, lines, flaws = parse_expression(expression), [], set()
     while node := min(filter(_is_reducible, _op_nodes(root)), key=_canonical_key, default=None):
         a, op, b = int(node.left.value), node.op, int(node.right.value)
@@ -340,11 +312,12 @@ def _solve(expression: str, decide_flaw) -> tuple[str, str]:
         lines.append(f"{a} {op} {b} = {stated}")
         _reduce(node, true if flaw == "silent" else stated)  # silent: later steps use the truth
     worst = "propagating" if "propagating" in flaws else "silent" if "silent" in flaws else "none"
-    return prompting.STEP_SEPARATOR.join(lines + [f"The answer is \\boxed{{{root.value}}}."]), worst
+    text = prompting.STEP_SEPARATOR.join(lines + [f"The answer is \\boxed{{{root.value}}}."])
+    return text, worst, str(root.true_value)
 
 
-def write_solution(rng: random.Random, expression_or_problem: str, rates: FlawRates) -> tuple[str, str]:
-    """A canonical solution whose steps slip independently: (text, "none" | "propagating" | "silent")."""
+def write_solution(rng: random.Random, expression_or_problem: str, rates: FlawRates) -> tuple[str, str, str]:
+    """A canonical solution whose steps slip independently: (text, "none" | "propagating" | "silent", true answer)."""
     def decide_flaw(a: int, op: str, b: int) -> str:
         if rng.random() >= (rates.p_slip_hard if is_hard_step(a, op, b) else rates.p_slip_easy):
             return "none"
@@ -359,8 +332,7 @@ def _expression_of(problem: str) -> str:
 
 
 def is_arith_problem(problem: str) -> bool:
-    """True for this task's problem texts (label.py then uses the exact `check_steps`), also one too large to
-    check (`check_steps` raises TooLarge)."""
+    """True for this task's problem texts (label.py then uses `check_steps`), also one too large to check."""
     if not re.fullmatch(r"Compute [\d+\-*() ]+\.", problem):
         return False
     try:
@@ -370,15 +342,14 @@ def is_arith_problem(problem: str) -> bool:
 
 
 def value_of(tokens: list[str], percent: Fraction = Fraction(1)) -> Fraction | None:
-    """The exact value of an arithmetic expression's tokens (`%` read as ``percent``), None when it does not parse;
-    TooLarge when it is too long, too deep or too large to evaluate."""
+    """The exact value of an expression's tokens (`%` read as ``percent``), None when it does not parse; TooLarge
+    when it is too long, too deep or too large to evaluate."""
     try:
         return parse_expression(" ".join(tokens), percent).true_value
     except TooLarge:
         raise
     except ValueError:
         return None
-
 
 
 # ----------------------------------------------------------------------------- exact step checker
@@ -390,13 +361,11 @@ BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}|\\boxed\{")
 def check_steps(problem: str, steps: list[str]) -> list[bool]:
     """Replay `steps` on the problem's expression tree; True marks a right step.
 
-    `a op b = c` is right iff it reduces a reducible node (both children numbers) holding (a, b)
-    under op and c is the true a op b; the node then holds c, even a wrong c, so later steps are
-    judged against what was produced. A step whose operands no reducible node holds is wrong; if
-    an unreduced node's TRUE operands are (a, b) (a silent slip, a skipped step) that node still
-    becomes c so that later steps can be right again. `\\boxed{x}` is right iff the tree is fully
-    reduced to x. A step with neither (garbage) is wrong, and so is one whose numbers are too large to check
-    (MAX_DIGITS, MAX_VALUE_BITS). TooLarge when the problem itself is."""
+    `a op b = c` is right iff it reduces a reducible node holding (a, b) under op and c is the true a op b; the node
+    then holds c, even a wrong c, so later steps are judged against what was produced. Operands that no reducible node
+    holds are wrong; a node whose TRUE operands they are (a silent slip, a skipped step) still becomes c, so later
+    steps can be right again. `\\boxed{x}` is right iff the tree is fully reduced to x. A step with neither, or with
+    numbers too large to check, is wrong. TooLarge when the problem itself is."""
     root = parse_expression(_expression_of(problem))
     return [_check_step(root, step) for step in steps]
 
@@ -432,8 +401,7 @@ def _apply_step(root: Node, a: Fraction, op: str, b: Fraction, c: Fraction) -> b
 
 
 # ----------------------------------------------------------------------------- command line
-# The command line's problems: chains of numbers up to 20 (a tiny model learns their arithmetic on a CPU, see
-# _build_chain), with FlawRates' default slips. make_split and write_solution take any other shape and rates.
+# The command line's problems: chains of numbers up to 20 (_build_chain), with FlawRates' default slips.
 SHAPE, MAX_NUMBER = "chain", 20
 
 
@@ -449,16 +417,15 @@ class Args:
     on_change: provenance.OnChange = option("stop", help=provenance.ON_CHANGE_HELP)
 
     def shape(self) -> dict:
-        """make_split's problem shape."""
         return dict(min_ops=self.min_ops, max_ops=self.max_ops, max_number=MAX_NUMBER, shape=SHAPE)
 
 
 def sft_rows(args: Args) -> list[dict]:
     """Flawed solutions (write_solution) of train problems: M0 sees train problems only."""
     rng, rows, rates = random.Random(f"arith-sft-{args.seed}"), [], FlawRates()
-    for i, row in enumerate(make_split("train", args.num_sft, args.seed, **args.shape())):
-        completion, flaw = write_solution(rng, row["problem"], rates)
-        rows.append({"id": f"arith-sft-{i:06d}", "problem": row["problem"], "answer": row["answer"],
+    for i, expression in enumerate(_expressions("train", args.num_sft, args.seed, **args.shape())):
+        completion, flaw, answer = write_solution(rng, expression, rates)
+        rows.append({"id": f"arith-sft-{i:06d}", "problem": f"Compute {expression}.", "answer": answer,
                      "completion": completion, "flaw": flaw})
     return rows
 
@@ -478,8 +445,7 @@ def main(args: Args) -> None:
     jsonl.write_jsonl_atomic(out / "sft.jsonl", sft, jsonl.SFT_ROW)
     shares = {flaw: round(sum(r["flaw"] == flaw for r in sft) / max(len(sft), 1), 4)
               for flaw in ("none", "propagating", "silent")}
-    print(f"wrote {args.num_train} train, {args.num_test} test, {len(sft)} sft rows to {out}; "
-          f"sft flaws {shares}")
+    print(f"wrote {args.num_train} train, {args.num_test} test, {len(sft)} sft rows to {out}; sft flaws {shares}")
 
 
 if __name__ == "__main__":

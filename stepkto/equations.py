@@ -1,6 +1,6 @@
 """Exact step labels for text of any kind (label.py --prm check off the built-in task): a step is wrong when an
-arithmetic equation it states is false. LaTeX, markdown, currency, units and remarks are rewritten to plain arithmetic
-first; whatever cannot be parsed is left alone. The arithmetic itself is stepkto/arith_task.py's (tokenize, value_of)."""
+arithmetic equation it states is false, evaluated by stepkto/arith_task.py (tokenize, value_of) once LaTeX, markdown,
+currency, units and remarks are rewritten to plain arithmetic; whatever cannot be parsed is left alone."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from fractions import Fraction
 
 from stepkto.arith_task import NUMBER, OPERATORS, TooLarge, tokenize, value_of
 
-# A pattern that starts with a repeated class begins with a lookbehind for a character outside it, so that a match
-# is tried at the start of a run only, not again inside it (which takes time quadratic in the run's length); the
-# leftmost match is the same, since one inside a run extends to the run's start.
+# A pattern starting with a repeated class first looks behind for a character outside it: a match is tried at the
+# start of a run only (not in time quadratic in its length), and the leftmost match is the same.
 _REWRITES = [  # in order: LaTeX, markdown, currency, remarks and units -> plain arithmetic
     (r"(?<!\d)(\d+)[ \t]*\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)"),  # mixed number 4\frac{5}{8}
     (r"\\text\{([^{}]*)\}", r" \1 "), (r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))"),
@@ -69,8 +68,8 @@ def _right_expression(tokens: list[str]) -> list[str]:
 
 
 def _matches(value: Fraction, stated: list[str], percent: Fraction) -> bool:
-    """`stated` equals `value`; a single number may be rounded or truncated at its last digit
-    (10/3 = 3.33 or 3.34; 370/110 = 3.363...) but only where `value` needs it (2 + 3 = 6 is false)."""
+    """`stated` equals `value`; a single number may be rounded or truncated at its last digit (10/3 = 3.33 or 3.34;
+    370/110 = 3.363...) but only where `value` needs it (2 + 3 = 6 is false)."""
     numbers, stated_value = NUMBER.findall(" ".join(stated)), value_of(stated, percent)
     if stated_value is None or len(numbers) != 1:
         return value == stated_value
@@ -79,10 +78,9 @@ def _matches(value: Fraction, stated: list[str], percent: Fraction) -> bool:
 
 
 def check_equations(step: str) -> bool:
-    """False iff the text states an equation with an operator on its left that is false under both
-    readings of `%` (a unit, or /100); in a chain `2 + 3 = 5 + 1 = 6` each side may also equal the
-    next side's first number. Whatever cannot be parsed is ignored; an equation too long, too deep or of too
-    large a value to evaluate (arith_task.TooLarge) cannot be verified, and is false."""
+    """False iff the text states an equation with an operator on its left that is false under both readings of `%`
+    (a unit, or /100), or too large to evaluate (arith_task.TooLarge); in a chain `2 + 3 = 5 + 1 = 6` each side may
+    also equal the next side's first number. Whatever cannot be parsed is ignored."""
     try:
         for left_tokens, right_tokens in _equation_sides(step):
             left, right = _left_expression(left_tokens), _right_expression(right_tokens)

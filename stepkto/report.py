@@ -1,16 +1,9 @@
 """The M0..M3 table and plot over every run under a folder (mean and spread over seeds; paper Section 3).
 
-Reads the evaluations of run.sh's layout (paper Section 2.4: M0, then one model per iteration):
-
-    RUNS/seed<S>/eval/M0/result.json              the seed model, shared by every objective of seed S
-    RUNS/seed<S>/<objective>/eval/M<i>/result.json  M_i of that objective's run (i = 1, 2, ...)
-
-writes each run's results table, RUNS/seed<S>/<objective>/results.jsonl (one jsonl.RESULTS_TABLE_ROW per
-evaluated model: name M<i>, iteration i, objective and seed from the folder names, then result.json),
-prints a markdown table of Pass@1 and the stepwise error rate per objective and iteration, and writes a
-PNG plot of every objective found. Where several seeds share an objective and iteration: their mean and
-sample standard deviation; where there is one: that run's value and its 95% Wilson interval (evaluate.py's
-wilson_interval: Pass@1 over the problems, the wrong-step share over the correct solutions).
+Reads run.sh's layout (paper Section 2.4: M0, then one model per iteration): RUNS/seed<S>/eval/M0/result.json (the
+seed model, shared by every objective of seed S) and RUNS/seed<S>/<objective>/eval/M<i>/result.json. Writes each run's
+results table RUNS/seed<S>/<objective>/results.jsonl (jsonl.RESULTS_TABLE_ROW per model), prints a markdown table of
+Pass@1 and the stepwise error rate per objective and iteration, and plots them:
 
     python -m stepkto.report --runs runs --plot runs/results.png
 """
@@ -19,7 +12,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +27,7 @@ SHARED = ("data", "M0", "eval")
 class Args:
     runs: str = option("runs", help="Folder holding run.sh's runs: seed<S>/eval/M0 and seed<S>/<objective>/eval/M<i>.")
     plot: str = option("", help="PNG path for the plot (empty = no plot).")
-    title: str = option("", help="What the runs are, for the plot's title (empty: the benchmark and the seed model, "
-                        "from M0's result.json); the seeds and what the error bars are follow.")
+    title: str = option("", help="What the runs are, for the plot's title (empty: M0's benchmark and model).")
 
 
 def run_dirs(runs: Path) -> list[Path]:
@@ -58,8 +50,7 @@ def run_table(run: Path) -> list[dict]:
 
 
 def collect(runs: Path) -> dict:
-    """{objective: {iteration: [row per seed]}} of every run under ``runs``; writes each run's results table,
-    RUNS/seed<S>/<objective>/results.jsonl."""
+    """{objective: {iteration: [row per seed]}} of every run under ``runs``; writes each run's results.jsonl."""
     table = defaultdict(lambda: defaultdict(list))
     for run in run_dirs(runs):
         if rows := run_table(run):
@@ -74,14 +65,8 @@ FOOTNOTE = ("Several seeds: mean ± sample standard deviation over the seeds. On
             "[95% Wilson interval] (over the problems for Pass@1, over the correct solutions for the error rate).")
 
 
-@dataclass
-class Cell:
-    """One table cell and plot point, in percent: value with error bars down / up (NaN: no value)."""
-
-    value: float
-    down: float
-    up: float
-    text: str
+# one table cell and plot point, in percent: value with error bars down / up (NaN: no value)
+Cell = namedtuple("Cell", "value down up text")
 
 
 def summarise(rows: list[dict], key: str) -> Cell:
@@ -108,23 +93,18 @@ def markdown_table(table: dict) -> str:
 
 
 def plot(table: dict, path: str, title: str = "") -> None:
-    """One line per objective (every objective under RUNS), error bars as in the table; the title names the
-    benchmark, the seed model and the seeds, and says what the bars are."""
-    import matplotlib
+    """One line per objective, error bars as in the table, on a panel per metric; titled by plot_title."""
+    from matplotlib.figure import Figure  # without pyplot: no display backend needed
 
-    matplotlib.use("Agg")  # headless machines
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    metrics = [("pass@1", "Pass@1 (%)"), ("stepwise_error_rate", "correct solutions with a wrong step (%)")]
-    for ax, (key, label) in zip(axes, metrics):
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, (key, label) in zip(axes, METRICS.items()):
         for objective in sorted(table):
             its = sorted(table[objective])
             cells = [summarise(table[objective][i], key) for i in its]
             ax.errorbar(its, [c.value for c in cells], yerr=[[c.down for c in cells], [c.up for c in cells]],
                         marker="o", capsize=3, label=objective)
-        ax.set_xticks(range(max(max(t) for t in table.values()) + 1))
-        ax.set_xticklabels([f"M{i}" for i in ax.get_xticks()])
+        ax.set_xticks(ticks := range(max(max(t) for t in table.values()) + 1), [f"M{i}" for i in ticks])
         ax.set_xlabel("model (iteration of the loop, paper Sec. 2.4)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -136,8 +116,7 @@ def plot(table: dict, path: str, title: str = "") -> None:
 
 
 def plot_title(table: dict, what: str = "") -> str:
-    """``what`` was run (default: the benchmark and the seed model M0, from M0's result.json), then the seeds and
-    what the bars are (as in markdown_table)."""
+    """``what`` was run (default: M0's benchmark and model), the seeds and what the bars are."""
     rows = [row for iterations in table.values() for seeds in iterations.values() for row in seeds]
     seeds = sorted({row["seed"] for row in rows})
     m0 = next((row for row in rows if row["iteration"] == 0), rows[0])

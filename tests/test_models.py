@@ -44,7 +44,7 @@ def test_phrase_tokenizer_keeps_digits_and_steps_whole(tmp_path):
     rng, rates = random.Random(0), arith_task.FlawRates()
     rows, seen = arith_task.make_split("train", 30, seed=0, min_ops=2, max_ops=8), set()
     for row in rows:
-        completion, _ = arith_task.write_solution(rng, row["problem"], rates)
+        completion, *_ = arith_task.write_solution(rng, row["problem"], rates)
         text = prompting.build_prompt(tok, row["problem"], "minimal") + completion
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         assert tok.decode(enc.input_ids) == text
