@@ -1,40 +1,21 @@
-"""Trained process reward models as step scorers: Qwen2.5-Math-PRM (qwen_prm) and Math-Shepherd-style (step_tag)
-models, in-process and served.
+"""Trained process reward models as step scorers, in-process and served: Qwen2.5-Math-PRM (qwen_prm) and
+Math-Shepherd-style (step_tag) models. A PRM scores every step in one forward pass, read at the marker token written
+after each step:
 
-A PRM scores every step of a solution in one forward pass: the solution is written with a marker token after each
-step, and a step's score, P(step right), is read at its marker. Two formats:
+* ``qwen_prm``: Qwen2.5-Math-PRM-7B / 72B (Zhang et al., arXiv 2501.07301). The model card's input: the chat
+  template with the system prompt ``QWEN_PRM_SYSTEM``, the problem as the user turn and the assistant turn
+  ``"<extra_0>".join(steps) + "<extra_0>"``; a step's score is softmax(score head logits)[1] at its ``<extra_0>``.
+  ``qwen2_prm_class`` is that head on transformers' ``Qwen2Model``: the hub's remote code is never run (it would
+  run unreviewed Python on every load, and the tests cannot reach it offline); vLLM's independent implementation
+  gives the same scores (tests/test_prm_models.py).
+* ``step_tag``: Math-Shepherd's PRM (Wang et al., arXiv 2312.08935), a causal LM. The input:
+  ``problem + " " + "\\n".join(step + " ки" for step in steps)`` (steps not renumbered "Step k:"); the score is
+  P(+) / (P(+) + P(-)) of the next token at each tag.
 
-* ``qwen_prm``: Qwen2.5-Math-PRM-7B / 72B (``Qwen2ForProcessRewardModel``; Zhang et al., arXiv 2501.07301). The
-  input is the model card's: the tokenizer's chat template with the system prompt ``QWEN_PRM_SYSTEM``, the problem
-  as the user turn, and the assistant turn ``"<extra_0>".join(steps) + "<extra_0>"``. A head on the final hidden
-  states, ``score.0`` Linear(h, h), ReLU, ``score.2`` Linear(h, 2), gives two logits per token; a step's score is
-  softmax(logits)[1] at its ``<extra_0>``. transformers has no class for this architecture and the hub's own code
-  needs remote code: ``qwen2_prm_class`` below is that head on transformers' ``Qwen2Model``, loaded from the
-  checkpoint's ``model.*`` and ``score.*`` weights. Remote code is never run: this class computes what the hub's
-  does, and vLLM's independent implementation gives the same scores (tests/test_prm_models.py), while remote code
-  would run unreviewed Python from the hub on every load and is a path the tests cannot reach offline.
-* ``step_tag``: Math-Shepherd's PRM (Wang et al., arXiv 2312.08935; peiyi9979/math-shepherd-mistral-7b-prm), a
-  causal LM. The input is Math-Shepherd's: ``problem + " " + "\\n".join(step + tag for step in steps)`` with the tag
-  ``" ки"``. The logits at a tag's position predict the token after it, which the model was trained to make
-  ``"+"`` (step right) or ``"-"`` (wrong); the score is P(+) / (P(+) + P(-)) there. Steps are not renumbered
-  "Step k:" as in Math-Shepherd's training data.
-
-Every position of the marker token in the whole input is a step's (as vLLM's STEP pooler reads them), so a marker
-inside the problem or a step, or one that merges with the text beside it, would shift the scores: both are stopped
-with one line naming the row (the marker's text in the problem or a step; then a count of markers other than the
-count of steps), as is a solution longer than the model's context. Nothing is ever silently misaligned.
-
-Served: vLLM serves both formats through its pooling runner and returns the scores at the markers from
-``POST /pooling`` (``vllm_server_args``, ``pooling_request``, ``parse_pooling_response``). The marker id is a setting
-of the server (``--pooler-config``), not of a request: vLLM ignores a request's ``step_tag_id``, and a server started
-without it looks for Qwen's id 151651 and returns no scores for any other tokenizer.
-
-Usage (the label.py ``--prm reward_model`` labeller does this for every chunk):
-
-    tokenizer, spec = prm_models.load_spec("Qwen/Qwen2.5-Math-PRM-7B", "qwen_prm")
-    model = prm_models.load_model("Qwen/Qwen2.5-Math-PRM-7B", spec, dtype="bfloat16", device="cuda")
-    encoded = [prm_models.encode_solution(tokenizer, spec, problem, steps, row="samples.jsonl:3")]
-    scores = prm_models.step_scores(model, spec, encoded)   # [[P(step right) per step] per solution]
+Every position of the marker token is a step's (as vLLM's STEP pooler reads them), so a marker inside the text, or
+one that merges with the text beside it, is stopped with one line naming the row, as is a solution longer than the
+model's context. Served: vLLM's pooling runner returns the scores at the markers from ``POST /pooling``; the marker
+id is a setting of the server (``vllm_server_args``' ``--pooler-config``), not of a request.
 """
 
 from __future__ import annotations
@@ -52,8 +33,7 @@ PRMFormat = Literal["qwen_prm", "step_tag"]
 # The Qwen2.5-Math-PRM model card's separator and system prompt (the same text as the qwen25-math-cot prompt style)
 QWEN_PRM_SEPARATOR = "<extra_0>"
 QWEN_PRM_SYSTEM = prompting.SYSTEM_PROMPTS["qwen25-math-cot"]
-# Math-Shepherd's step tag and its two answer tokens (the defaults of label.py's --prm_step_tag, --prm_good_token,
-# --prm_bad_token)
+# Math-Shepherd's step tag and its two answer tokens (label.py's --prm_step_tag, --prm_good_token, --prm_bad_token)
 STEP_TAG = " ки"
 GOOD_TOKEN = "+"
 BAD_TOKEN = "-"
@@ -77,9 +57,6 @@ class Encoded(NamedTuple):
     """One solution as the PRM reads it."""
     ids: list[int]  # the input's token ids
     positions: list[int]  # the marker's positions in ids, one per step, in step order
-
-
-# ----------------------------------------------------------------------------- the input of each format
 
 
 def load_spec(path: str, fmt: PRMFormat, step_tag: str = STEP_TAG, good_token: str = GOOD_TOKEN,
@@ -152,14 +129,10 @@ def encode_solution(tokenizer, spec: PRMSpec, problem: str, steps: list[str], ro
     return Encoded(ids, positions)
 
 
-# ----------------------------------------------------------------------------- in-process scoring
-
-
 @functools.cache
 def qwen2_prm_class():
-    """Qwen2ForProcessRewardModel without remote code: transformers' Qwen2Model and the two-layer score head, with
-    the checkpoint's parameter names (model.*, score.0.*, score.2.*). Built on first use, so that importing this
-    module does not import transformers' models."""
+    """Qwen2ForProcessRewardModel without remote code, with the checkpoint's parameter names (model.*, score.0.*,
+    score.2.*); built on first use, so that importing this module does not import transformers' models."""
     from transformers import Qwen2Model, Qwen2PreTrainedModel
 
     class Qwen2ProcessRewardModel(Qwen2PreTrainedModel):
@@ -226,9 +199,6 @@ def step_scores(model, spec: PRMSpec, encoded: list[Encoded], batch_size: int = 
         for b, i in enumerate(chunk):
             scores[i] = [probs[b, column[p]].item() for p in encoded[i].positions]
     return scores
-
-
-# ----------------------------------------------------------------------------- served: vLLM's pooling runner
 
 
 def vllm_server_args(tokenizer, spec: PRMSpec) -> list[str]:
