@@ -110,9 +110,7 @@ def resolve_dtype(model: str, dtype: str) -> str:
         return "float32"
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
-    found = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    found = found.removeprefix("torch.")
+    found = str(AutoConfig.from_pretrained(model).dtype or "float32").removeprefix("torch.")
     return "bfloat16" if found == "float32" else found
 
 
@@ -153,13 +151,12 @@ def close_engine() -> None:
     """Shut the live engine down and release its memory (host and GPU): nothing references it afterwards."""
     engine = _LIVE.pop("engine", None)
     _LIVE.clear()
-    if engine is None:
-        return
-    engine.close()
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if engine is not None:
+        engine.close()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
@@ -244,12 +241,9 @@ def _vllm_cpu_engine_args() -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # run the engine in this process: no engine-core and worker processes that each import vLLM again
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    return {
-        "enforce_eager": True,  # torch.compile: a slower start, and no faster sampling on small models
-        # a prompt prefilled in pieces gets its seeded generator rewound with set_offset, which CPU
-        # generators lack ("CPU Generator does not use offset"); unchunked, every prefill is whole
-        "enable_chunked_prefill": False,
-    }
+    # eager: torch.compile means a slower start, and no faster sampling on small models. Unchunked prefill: a prompt
+    # prefilled in pieces gets its seeded generator rewound with set_offset, which CPU generators lack
+    return {"enforce_eager": True, "enable_chunked_prefill": False}
 
 
 def _vllm_engine(key: EngineKey, tokenizer) -> Engine:

@@ -1,21 +1,14 @@
-"""Trained process reward models as step scorers, in-process and served: Qwen2.5-Math-PRM (qwen_prm) and
-Math-Shepherd-style (step_tag) models. A PRM scores every step in one forward pass, read at the marker token written
-after each step:
+"""Trained process reward models as step scorers, in-process and served (docs/guide.md, label.py --prm reward_model).
+A PRM scores every step in one forward pass, read at the marker token written after each step:
 
-* ``qwen_prm``: Qwen2.5-Math-PRM-7B / 72B (Zhang et al., arXiv 2501.07301). The model card's input: the chat
-  template with the system prompt ``QWEN_PRM_SYSTEM``, the problem as the user turn and the assistant turn
-  ``"<extra_0>".join(steps) + "<extra_0>"``; a step's score is softmax(score head logits)[1] at its ``<extra_0>``.
-  ``qwen2_prm_class`` is that head on transformers' ``Qwen2Model``: the hub's remote code is never run (it would
-  run unreviewed Python on every load, and the tests cannot reach it offline); vLLM's independent implementation
-  gives the same scores (tests/test_prm_models.py).
-* ``step_tag``: Math-Shepherd's PRM (Wang et al., arXiv 2312.08935), a causal LM. The input:
-  ``problem + " " + "\\n".join(step + " ки" for step in steps)`` (steps not renumbered "Step k:"); the score is
-  P(+) / (P(+) + P(-)) of the next token at each tag.
+* ``qwen_prm``: Qwen2.5-Math-PRM-7B / 72B (arXiv 2501.07301): the model card's chat input with ``<extra_0>`` after
+  each step, a step's score softmax(head logits)[1] there. ``qwen2_prm_class`` is that head on transformers'
+  ``Qwen2Model``: the hub's remote code (unreviewed, and unreachable offline) is never run.
+* ``step_tag``: Math-Shepherd's PRM (arXiv 2312.08935), a causal LM: ``problem + " " + "\\n".join(step + " ки")``,
+  the score P(+) / (P(+) + P(-)) of the next token at each tag.
 
-Every position of the marker token is a step's (as vLLM's STEP pooler reads them), so a marker inside the text, or
-one that merges with the text beside it, is stopped with one line naming the row, as is a solution longer than the
-model's context. Served: vLLM's pooling runner returns the scores at the markers from ``POST /pooling``; the marker
-id is a setting of the server (``vllm_server_args``' ``--pooler-config``), not of a request.
+Served: vLLM's pooling runner returns the scores at the markers from ``POST /pooling``; the marker id is a setting of
+the server (``vllm_server_args``' ``--pooler-config``), not of a request.
 """
 
 from __future__ import annotations

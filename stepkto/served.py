@@ -1,20 +1,11 @@
-"""A model served over an OpenAI-compatible HTTP API (a vLLM or SGLang server, a hosted API) as an ``engines.Engine``.
+"""A model served over an OpenAI-compatible HTTP API (a vLLM or SGLang server, a hosted API) as an ``engines.Engine``:
+the paper's judge (Step-KTO, arXiv 2501.10799, Section 2.1), served once instead of loaded by every stage.
 
-The paper's judge (Step-KTO, arXiv 2501.10799, Section 2.1) is a large LLM: served once, every label and evaluate
-stage calls it instead of loading it again. Replies come back as ``engines.Sample`` in the order of the prompts.
-Two APIs (``Endpoint.api``):
-
-* ``completions`` (a vLLM or SGLang server): the prompt's token ids as the in-process engines encode them
-  (``prompting.encode_prompt`` with the judge's tokenizer), the checkpoint's sampling defaults overridden with the
-  in-process engines' neutral values, and the reply's token ids asked for (vLLM's ``return_token_ids``) to decode
-  the text from; a server that ignores those fields answers with its own text.
-* ``chat`` (any OpenAI-compatible API): the user message the in-process engines put through the chat template.
-
-Faults: the openai client retries timeouts (``TIMEOUT_S``), refused or reset connections, 408, 409, 429 and 5xx
-``RETRIES`` times with backoff; after that, and at once on any other 4xx, the stage stops with one line naming the
-endpoint (``ServedError``): a failed request never becomes a label, and a rerun resumes from the chunks before it.
-The key is read from ``$api_key_env`` and never written; a URL's ``user:pass@`` is sent as HTTP Basic auth, never
-in the URL a request goes to, and every message shows the URL with secrets as *** (``cli.redact_url``).
+``completions`` sends the prompt's token ids as the in-process engines encode them and decodes the reply's token ids;
+``chat`` sends the user message. A request that fails for good (after the client's ``RETRIES``) stops the stage
+with one line naming the endpoint, and never becomes a label; the key is read from ``$api_key_env`` and never
+written, a URL's ``user:pass@`` is sent as HTTP Basic auth, and every message shows the URL with its secrets as ***.
+docs/guide.md, "A judge served over HTTP", gives the details.
 """
 
 from __future__ import annotations
@@ -40,7 +31,6 @@ RETRIES = 5
 @dataclass(frozen=True)
 class Endpoint:
     """Where the served model is and how it is called; none of this decides what it replies."""
-
     base_url: str  # e.g. http://127.0.0.1:8000/v1
     model: str  # the model's name as the server knows it (GET /v1/models)
     api: Api = "completions"
@@ -67,14 +57,14 @@ def credentials(base_url: str) -> tuple[str, dict[str, str]]:
     return base_url.replace(parts.netloc, host, 1), {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
 
 
-def client_of(endpoint: Endpoint, asynchronous: bool = False):
+def client_of(endpoint: Endpoint):
     """The openai client of ``endpoint``: TIMEOUT_S per request, RETRIES retries with the library's own backoff."""
     import openai
 
     key = os.environ.get(endpoint.api_key_env) or "EMPTY"  # a vLLM server started without --api-key takes any
-    kind = openai.AsyncOpenAI if asynchronous else openai.OpenAI
     url, basic = credentials(endpoint.base_url)  # Basic auth replaces the key's Bearer header
-    return kind(base_url=url, api_key=key, default_headers=basic, timeout=TIMEOUT_S, max_retries=RETRIES)
+    return openai.AsyncOpenAI(base_url=url, api_key=key, default_headers=basic, timeout=TIMEOUT_S,
+                              max_retries=RETRIES)
 
 
 def failure(endpoint: Endpoint, error: Exception) -> Exception:
@@ -99,15 +89,10 @@ def shown(endpoint: Endpoint) -> str:
 
 def check_endpoint(endpoint: Endpoint) -> None:
     """Before the first chunk: the server answers and serves ``endpoint.model`` (GET /v1/models)."""
-    import openai
+    async def names(client, _, __) -> list[str]:
+        return [m.id async for m in client.models.list()]
 
-    client = client_of(endpoint)
-    try:
-        served = [m.id for m in client.models.list()]
-    except openai.OpenAIError as error:
-        raise failure(endpoint, error) from None
-    finally:
-        client.close()
+    served = asyncio.run(gather(endpoint, [None], names))[0]
     if endpoint.model not in served:
         raise ServedError(f"{shown(endpoint)}: serves {served}, not {endpoint.model!r}: pass the served name")
 
@@ -126,8 +111,8 @@ def get_engine(endpoint: Endpoint) -> engines.Engine:
             stops = engines.stop_token_ids(tokenizer, engines.generation_config(endpoint.tokenizer or endpoint.model))
 
         def generate(prompts: list, sampling: engines.Sampling, seed: int) -> list[list[engines.Sample]]:
-            ask = functools.partial(ask, endpoint, tokenizer, stops, sampling, seed)
-            return asyncio.run(gather(endpoint, prompts, ask))  # (P, n)
+            one = functools.partial(ask, endpoint, tokenizer, stops, sampling, seed)
+            return asyncio.run(gather(endpoint, prompts, one))  # (P, n)
 
         _ENGINES[endpoint] = engines.Engine(tokenizer, generate, None, lambda: None)
     return _ENGINES[endpoint]
@@ -155,7 +140,7 @@ async def gather(endpoint: Endpoint, items: list, one) -> list:
         return result
 
     try:
-        async with client_of(endpoint, asynchronous=True) as client, asyncio.TaskGroup() as group:
+        async with client_of(endpoint) as client, asyncio.TaskGroup() as group:
             tasks = [group.create_task(bounded(client, i, item)) for i, item in enumerate(items)]
     except BaseExceptionGroup as errors:
         raise failure(endpoint, errors.exceptions[0]) from None
