@@ -24,9 +24,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 class EngineSettings:
     """How a model runs when it samples: the policy's (generate.py, evaluate.py) and the mc rollouts' (label.py)."""
     engine: EngineName = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
-    dtype: Dtype = option("auto", help="auto (the checkpoint's own dtype on a GPU, float32 checkpoints in bfloat16 as "
-                          "vLLM does; float32 on a CPU) | float32 | bfloat16 | float16 | float64 (transformers only: "
-                          "exact checks).")
+    dtype: Dtype = option("auto", help="auto (on a GPU the checkpoint's dtype, float32 ones in bfloat16 as vLLM "
+                          "does; float32 on a CPU) | float32 | bfloat16 | float16 | float64 (transformers only).")
     tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine (tensor parallel).")
     gpu_memory_utilization: float = option(0.9, help="vLLM: share of each GPU's memory the engine takes for weights "
                                            "and KV cache.")

@@ -15,10 +15,8 @@ from stepkto import prompting
 # prompt and of the built-in task's solutions (stepkto/arith_task.py), one token each, so that no position is spent
 # on text the model cannot get wrong. Digits stay one per token (arithmetic digit by digit), and no phrase crosses a
 # step separator (its own token): every token lies in one step.
-SCRATCH_PHRASES = (
-    "The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", prompting.STEP_SEPARATOR,
-    " + ", " - ", " * ", " = ", "}.",
-)
+SCRATCH_PHRASES = ("The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", prompting.STEP_SEPARATOR,
+                   " + ", " - ", " * ", " = ", "}.")
 
 
 def make_char_tokenizer(phrases: tuple[str, ...] = ()):

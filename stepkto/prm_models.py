@@ -132,14 +132,13 @@ def qwen2_prm_class():
         def __init__(self, config):
             super().__init__(config)
             self.model = Qwen2Model(config)
-            hidden = config.hidden_size
-            self.score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
-                                             torch.nn.Linear(hidden, 2))
+            h = config.hidden_size
+            self.score = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2))
             self.post_init()
 
-        def forward(self, input_ids, attention_mask=None):
+        def forward(self, input_ids, attention_mask, keep):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, H)
-            return self.score(hidden)  # (B, S, 2): logits of (wrong, right)
+            return self.score(hidden[:, keep])  # (B, K, 2): logits of (wrong, right) at the positions keep
 
     return Qwen2ProcessRewardModel
 
@@ -156,8 +155,8 @@ def load_model(path: str, spec: PRMSpec, dtype: str = "float32", device: str = "
         raise cli.UsageError(f"{path}: the qwen_prm format needs a Qwen2 checkpoint, this one is {model_type!r}")
     model, info = qwen2_prm_class().from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
     if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise cli.UsageError(f"{path}: not a Qwen2ForProcessRewardModel checkpoint: no weights for {missing[:4]}")
+        missing = sorted(info["missing_keys"])[:4]
+        raise cli.UsageError(f"{path}: not a Qwen2ForProcessRewardModel checkpoint: no weights for {missing}")
     return model.to(device).eval()
 
 
@@ -165,9 +164,7 @@ def load_model(path: str, spec: PRMSpec, dtype: str = "float32", device: str = "
 def marker_scores(model, spec: PRMSpec, input_ids, attention_mask, keep):
     """P(step right) at the positions ``keep`` (1-D) of every row of the batch, in float32."""
     if spec.format == "qwen_prm":
-        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, H)
-        logits = model.score(hidden[:, keep])  # (B, K, 2)
-        return logits.float().softmax(-1)[..., 1]  # (B, K)
+        return model(input_ids, attention_mask, keep).float().softmax(-1)[..., 1]  # (B, K)
     # logits_to_keep: the LM head runs only at the markers, not over the vocabulary at every position
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # (B, K, V)
     pair = logits[..., [spec.good_id, spec.bad_id]].float()  # (B, K, 2)

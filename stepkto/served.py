@@ -48,13 +48,11 @@ class ServedError(jsonl.StageError):
 
 def credentials(base_url: str) -> tuple[str, dict[str, str]]:
     """(``base_url`` without its userinfo, the headers its ``user:pass@`` authenticates with: HTTP Basic auth)."""
-    parts = urllib.parse.urlsplit(base_url)
-    if "@" not in parts.netloc:
+    userinfo, at, _ = urllib.parse.urlsplit(base_url).netloc.rpartition("@")
+    if not at:
         return base_url, {}
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
-    return base_url.replace(parts.netloc, host, 1), {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
+    pair = ":".join(urllib.parse.unquote(part) for part in userinfo.partition(":")[::2]).encode()
+    return base_url.replace(userinfo + at, "", 1), {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
 
 
 def client_of(endpoint: Endpoint):
