@@ -88,9 +88,8 @@ def single_token_id(tokenizer, text: str, what: str) -> int:
 
 
 def solution_text(tokenizer, spec: PRMSpec, problem: str, steps: list[str]) -> str:
-    """The text the PRM reads (the module docstring gives each format's). A qwen_prm tokenizer without a chat
-    template gets the ChatML text of Qwen2.5's template, the format the Qwen PRMs were trained on
-    (prompting.build_prompt writes its prompt part, as for the qwen25-math-cot style)."""
+    """The text the PRM reads (the module docstring gives each format's); a qwen_prm tokenizer without a chat
+    template gets the ChatML text of Qwen2.5's, the format the Qwen PRMs were trained on."""
     if spec.format == "step_tag":
         return f"{problem} " + "\n".join(step + spec.marker for step in steps)
     reply = spec.marker.join(steps) + spec.marker
@@ -192,10 +191,9 @@ def step_scores(model, spec: PRMSpec, encoded: list[Encoded], batch_size: int = 
 
 
 def vllm_server_args(tokenizer, spec: PRMSpec) -> list[str]:
-    """The options after ``--model PATH`` that make vLLM's OpenAI-compatible server return the scores at the markers
-    from /pooling. qwen_prm: the native Qwen2ForProcessRewardModel with its STEP pooler told the marker id.
-    step_tag: the causal LM converted to a classifier whose one logit is logit(good) - logit(bad) (vLLM's
-    from_2_way_softmax, which names the tokens by their vocabulary strings), its sigmoid read at every tag."""
+    """The options after ``--model PATH`` that make vLLM's server return the scores at the markers from /pooling:
+    qwen_prm's STEP pooler told the marker id; step_tag's causal LM as a classifier of logit(good) - logit(bad)
+    (vLLM's from_2_way_softmax, naming the tokens by their vocabulary strings), its sigmoid read at every tag."""
     if spec.format == "qwen_prm":
         return ["--runner", "pooling", "--pooler-config", json.dumps({"step_tag_id": spec.marker_id})]
     bad, good = tokenizer.convert_ids_to_tokens([spec.bad_id, spec.good_id])
