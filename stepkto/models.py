@@ -12,22 +12,16 @@ import torch
 from stepkto import prompting
 
 # The scratch model's multi-character tokens (train.py --scratch_tokenizer phrase): the fixed strings of the minimal
-# prompt and of the built-in task's solutions (stepkto/arith_task.py), one token each, so that every stage of the loop
-# runs on fewer positions than one token per character takes, and no position is spent on text the model cannot get
-# wrong. Digits stay one per token, so the model still does its arithmetic digit by digit, and no phrase crosses a
-# step separator (prompting.STEP_SEPARATOR is its own token): every token lies in one step.
-SCRATCH_PHRASES = (
-    "The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", prompting.STEP_SEPARATOR,
-    " + ", " - ", " * ", " = ", "}.",
-)
+# prompt and of the built-in task's solutions (stepkto/arith_task.py), one token each, so that no position is spent
+# on text the model cannot get wrong. Digits stay one per token (arithmetic digit by digit), and no phrase crosses a
+# step separator (its own token): every token lies in one step.
+SCRATCH_PHRASES = ("The answer is \\boxed{", "\nSolution:\n", "Problem: ", "Compute ", prompting.STEP_SEPARATOR,
+                   " + ", " - ", " * ", " = ", "}.")
 
 
 def make_char_tokenizer(phrases: tuple[str, ...] = ()):
-    """A character-level tokenizer (printable ASCII) built with the `tokenizers` library, where each of
-    ``phrases`` is one token too (the longest match first, then single characters).
-
-    Saved with ``save_pretrained`` and loaded back with ``AutoTokenizer`` like any hub tokenizer.
-    """
+    """A character-level tokenizer (printable ASCII) where each of ``phrases`` is one token too (the longest match
+    first); saved with ``save_pretrained`` and loaded back with ``AutoTokenizer`` like any hub tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,9 +33,8 @@ def make_char_tokenizer(phrases: tuple[str, ...] = ()):
     pattern = "|".join([re.escape(phrase) for phrase in longest_first] + [r"[\s\S]"])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
 
 
 def make_tiny_llama(tokenizer, hidden_size=256, num_layers=4, intermediate_size=768, max_len=512, seed=0,
@@ -51,19 +44,10 @@ def make_tiny_llama(tokenizer, hidden_size=256, num_layers=4, intermediate_size=
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=hidden_size // 64,
-        num_key_value_heads=hidden_size // 64,
-        head_dim=64,
-        max_position_embeddings=max_len,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
+        head_dim=64, max_position_embeddings=max_len, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if meta:
         with torch.device("meta"):
             return LlamaForCausalLM(config)

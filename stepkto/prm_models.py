@@ -1,40 +1,14 @@
-"""Trained process reward models as step scorers: Qwen2.5-Math-PRM (qwen_prm) and Math-Shepherd-style (step_tag)
-models, in-process and served.
+"""Trained process reward models as step scorers, in-process and served (docs/guide.md, label.py --prm reward_model).
+A PRM scores every step in one forward pass, read at the marker token written after each step:
 
-A PRM scores every step of a solution in one forward pass: the solution is written with a marker token after each
-step, and a step's score, P(step right), is read at its marker. Two formats:
+* ``qwen_prm``: Qwen2.5-Math-PRM-7B / 72B (arXiv 2501.07301): the model card's chat input with ``<extra_0>`` after
+  each step, a step's score softmax(head logits)[1] there. ``qwen2_prm_class`` is that head on transformers'
+  ``Qwen2Model``: the hub's remote code (unreviewed, and unreachable offline) is never run.
+* ``step_tag``: Math-Shepherd's PRM (arXiv 2312.08935), a causal LM: ``problem + " " + "\\n".join(step + " ки")``,
+  the score P(+) / (P(+) + P(-)) of the next token at each tag.
 
-* ``qwen_prm``: Qwen2.5-Math-PRM-7B / 72B (``Qwen2ForProcessRewardModel``; Zhang et al., arXiv 2501.07301). The
-  input is the model card's: the tokenizer's chat template with the system prompt ``QWEN_PRM_SYSTEM``, the problem
-  as the user turn, and the assistant turn ``"<extra_0>".join(steps) + "<extra_0>"``. A head on the final hidden
-  states, ``score.0`` Linear(h, h), ReLU, ``score.2`` Linear(h, 2), gives two logits per token; a step's score is
-  softmax(logits)[1] at its ``<extra_0>``. transformers has no class for this architecture and the hub's own code
-  needs remote code: ``qwen2_prm_class`` below is that head on transformers' ``Qwen2Model``, loaded from the
-  checkpoint's ``model.*`` and ``score.*`` weights. Remote code is never run: this class computes what the hub's
-  does, and vLLM's independent implementation gives the same scores (tests/test_prm_models.py), while remote code
-  would run unreviewed Python from the hub on every load and is a path the tests cannot reach offline.
-* ``step_tag``: Math-Shepherd's PRM (Wang et al., arXiv 2312.08935; peiyi9979/math-shepherd-mistral-7b-prm), a
-  causal LM. The input is Math-Shepherd's: ``problem + " " + "\\n".join(step + tag for step in steps)`` with the tag
-  ``" ки"``. The logits at a tag's position predict the token after it, which the model was trained to make
-  ``"+"`` (step right) or ``"-"`` (wrong); the score is P(+) / (P(+) + P(-)) there. Steps are not renumbered
-  "Step k:" as in Math-Shepherd's training data.
-
-Every position of the marker token in the whole input is a step's (as vLLM's STEP pooler reads them), so a marker
-inside the problem or a step, or one that merges with the text beside it, would shift the scores: both are stopped
-with one line naming the row (the marker's text in the problem or a step; then a count of markers other than the
-count of steps), as is a solution longer than the model's context. Nothing is ever silently misaligned.
-
-Served: vLLM serves both formats through its pooling runner and returns the scores at the markers from
-``POST /pooling`` (``vllm_server_args``, ``pooling_request``, ``parse_pooling_response``). The marker id is a setting
-of the server (``--pooler-config``), not of a request: vLLM ignores a request's ``step_tag_id``, and a server started
-without it looks for Qwen's id 151651 and returns no scores for any other tokenizer.
-
-Usage (the label.py ``--prm reward_model`` labeller does this for every chunk):
-
-    tokenizer, spec = prm_models.load_spec("Qwen/Qwen2.5-Math-PRM-7B", "qwen_prm")
-    model = prm_models.load_model("Qwen/Qwen2.5-Math-PRM-7B", spec, dtype="bfloat16", device="cuda")
-    encoded = [prm_models.encode_solution(tokenizer, spec, problem, steps, row="samples.jsonl:3")]
-    scores = prm_models.step_scores(model, spec, encoded)   # [[P(step right) per step] per solution]
+Served: vLLM's pooling runner returns the scores at the markers from ``POST /pooling``; the marker id is a setting of
+the server (``vllm_server_args``' ``--pooler-config``), not of a request.
 """
 
 from __future__ import annotations
@@ -52,8 +26,7 @@ PRMFormat = Literal["qwen_prm", "step_tag"]
 # The Qwen2.5-Math-PRM model card's separator and system prompt (the same text as the qwen25-math-cot prompt style)
 QWEN_PRM_SEPARATOR = "<extra_0>"
 QWEN_PRM_SYSTEM = prompting.SYSTEM_PROMPTS["qwen25-math-cot"]
-# Math-Shepherd's step tag and its two answer tokens (the defaults of label.py's --prm_step_tag, --prm_good_token,
-# --prm_bad_token)
+# Math-Shepherd's step tag and its two answer tokens (label.py's --prm_step_tag, --prm_good_token, --prm_bad_token)
 STEP_TAG = " ки"
 GOOD_TOKEN = "+"
 BAD_TOKEN = "-"
@@ -77,9 +50,6 @@ class Encoded(NamedTuple):
     """One solution as the PRM reads it."""
     ids: list[int]  # the input's token ids
     positions: list[int]  # the marker's positions in ids, one per step, in step order
-
-
-# ----------------------------------------------------------------------------- the input of each format
 
 
 def load_spec(path: str, fmt: PRMFormat, step_tag: str = STEP_TAG, good_token: str = GOOD_TOKEN,
@@ -118,9 +88,8 @@ def single_token_id(tokenizer, text: str, what: str) -> int:
 
 
 def solution_text(tokenizer, spec: PRMSpec, problem: str, steps: list[str]) -> str:
-    """The text the PRM reads (the module docstring gives each format's). A qwen_prm tokenizer without a chat
-    template gets the ChatML text of Qwen2.5's template, the format the Qwen PRMs were trained on
-    (prompting.build_prompt writes its prompt part, as for the qwen25-math-cot style)."""
+    """The text the PRM reads (the module docstring gives each format's); a qwen_prm tokenizer without a chat
+    template gets the ChatML text of Qwen2.5's, the format the Qwen PRMs were trained on."""
     if spec.format == "step_tag":
         return f"{problem} " + "\n".join(step + spec.marker for step in steps)
     reply = spec.marker.join(steps) + spec.marker
@@ -152,28 +121,23 @@ def encode_solution(tokenizer, spec: PRMSpec, problem: str, steps: list[str], ro
     return Encoded(ids, positions)
 
 
-# ----------------------------------------------------------------------------- in-process scoring
-
-
 @functools.cache
 def qwen2_prm_class():
-    """Qwen2ForProcessRewardModel without remote code: transformers' Qwen2Model and the two-layer score head, with
-    the checkpoint's parameter names (model.*, score.0.*, score.2.*). Built on first use, so that importing this
-    module does not import transformers' models."""
+    """Qwen2ForProcessRewardModel without remote code, with the checkpoint's parameter names (model.*, score.0.*,
+    score.2.*); built on first use, so that importing this module does not import transformers' models."""
     from transformers import Qwen2Model, Qwen2PreTrainedModel
 
     class Qwen2ProcessRewardModel(Qwen2PreTrainedModel):
         def __init__(self, config):
             super().__init__(config)
             self.model = Qwen2Model(config)
-            hidden = config.hidden_size
-            self.score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
-                                             torch.nn.Linear(hidden, 2))
+            h = config.hidden_size
+            self.score = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2))
             self.post_init()
 
-        def forward(self, input_ids, attention_mask=None):
+        def forward(self, input_ids, attention_mask, keep):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, H)
-            return self.score(hidden)  # (B, S, 2): logits of (wrong, right)
+            return self.score(hidden[:, keep])  # (B, K, 2): logits of (wrong, right) at the positions keep
 
     return Qwen2ProcessRewardModel
 
@@ -190,8 +154,8 @@ def load_model(path: str, spec: PRMSpec, dtype: str = "float32", device: str = "
         raise cli.UsageError(f"{path}: the qwen_prm format needs a Qwen2 checkpoint, this one is {model_type!r}")
     model, info = qwen2_prm_class().from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
     if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise cli.UsageError(f"{path}: not a Qwen2ForProcessRewardModel checkpoint: no weights for {missing[:4]}")
+        missing = sorted(info["missing_keys"])[:4]
+        raise cli.UsageError(f"{path}: not a Qwen2ForProcessRewardModel checkpoint: no weights for {missing}")
     return model.to(device).eval()
 
 
@@ -199,9 +163,7 @@ def load_model(path: str, spec: PRMSpec, dtype: str = "float32", device: str = "
 def marker_scores(model, spec: PRMSpec, input_ids, attention_mask, keep):
     """P(step right) at the positions ``keep`` (1-D) of every row of the batch, in float32."""
     if spec.format == "qwen_prm":
-        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, H)
-        logits = model.score(hidden[:, keep])  # (B, K, 2)
-        return logits.float().softmax(-1)[..., 1]  # (B, K)
+        return model(input_ids, attention_mask, keep).float().softmax(-1)[..., 1]  # (B, K)
     # logits_to_keep: the LM head runs only at the markers, not over the vocabulary at every position
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # (B, K, V)
     pair = logits[..., [spec.good_id, spec.bad_id]].float()  # (B, K, 2)
@@ -228,14 +190,10 @@ def step_scores(model, spec: PRMSpec, encoded: list[Encoded], batch_size: int = 
     return scores
 
 
-# ----------------------------------------------------------------------------- served: vLLM's pooling runner
-
-
 def vllm_server_args(tokenizer, spec: PRMSpec) -> list[str]:
-    """The options after ``--model PATH`` that make vLLM's OpenAI-compatible server return the scores at the markers
-    from /pooling. qwen_prm: the native Qwen2ForProcessRewardModel with its STEP pooler told the marker id.
-    step_tag: the causal LM converted to a classifier whose one logit is logit(good) - logit(bad) (vLLM's
-    from_2_way_softmax, which names the tokens by their vocabulary strings), its sigmoid read at every tag."""
+    """The options after ``--model PATH`` that make vLLM's server return the scores at the markers from /pooling:
+    qwen_prm's STEP pooler told the marker id; step_tag's causal LM as a classifier of logit(good) - logit(bad)
+    (vLLM's from_2_way_softmax, naming the tokens by their vocabulary strings), its sigmoid read at every tag."""
     if spec.format == "qwen_prm":
         return ["--runner", "pooling", "--pooler-config", json.dumps({"step_tag_id": spec.marker_id})]
     bad, good = tokenizer.convert_ids_to_tokens([spec.bad_id, spec.good_id])
