@@ -1,12 +1,7 @@
-"""The JSONL contract between the stages: the row schemas, reading them (errors name file, line and field), and
-writing a file whole or not at all.
+"""The JSONL contract between the stages: the row schemas, reading them (a bad row raises DataError naming file,
+line and field) and writing a file whole or not at all (``write_*_atomic``: a temporary file, then a rename).
 
-* Every row has a unique string ``id``. Each file's rows follow one schema below (``PROBLEM_ROW`` ...
-  ``RESULTS_TABLE_ROW``), checked on write and on read; a bad row raises ``DataError`` naming file, line and field.
-* Lines split on "\n" only (``jsonl_lines``): U+2028, U+2029 and U+0085 inside a string stay in its row.
-* ``write_*_atomic`` write a temporary file and rename it: a reader sees the old file or the new one, never a part.
-  How a stage writes its output a chunk at a time, resumes and shards it is sharding.py's.
-
+Lines split on "\n" only (``jsonl_lines``). How a stage writes, resumes and shards its output is sharding.py's.
 No torch here: grading.py's worker processes and report.py import this module without waiting for it.
 """
 
@@ -17,8 +12,6 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-# ----------------------------------------------------------------------------- JSONL contract
-
 
 class StageError(Exception):
     """An error whose message says all there is to say: run_cli prints it as one line, without a traceback."""
@@ -28,11 +21,10 @@ class DataError(StageError, ValueError):
     """Bad input: the message names the file, the line and the field."""
 
 
-# The rows of every file the stages pass to each other: {field: type or tuple of types} of the fields the
-# readers rely on (a row may carry more). Checked when written (append_chunk, write_jsonl_atomic,
-# write_json_atomic) and when read (read_jsonl, read_json). Ids are strings everywhere.
+# The rows of every file the stages pass to each other: {field: type or tuple of types} of the fields the readers
+# rely on (a row may carry more), checked when written and when read. Ids are strings everywhere.
 NONE = type(None)
-# stepkto/arith_task.py's train.jsonl / test.jsonl (+ "solution"); grading.load_benchmark gives other problem files this form
+# stepkto/arith_task.py's train.jsonl / test.jsonl (+ "solution"); grading.load_benchmark gives other problems this form
 PROBLEM_ROW = {"id": str, "problem": str, "answer": str}
 # stepkto/arith_task.py's sft.jsonl -> train.py --objective sft (M0)
 SFT_ROW = {"id": str, "problem": str, "completion": str}
@@ -67,8 +59,8 @@ def _check_row(row, schema: dict, where: str) -> None:
 
 
 def jsonl_lines(text: str, keepends: bool = False) -> list[str]:
-    """The lines of JSONL text, split on "\\n" only: rows are written with ensure_ascii=False, so their strings
-    hold U+2028, U+2029 and U+0085 raw, on which str.splitlines also splits."""
+    """The lines of JSONL text, split on "\\n" only: rows written with ensure_ascii=False hold U+2028, U+2029 and
+    U+0085 raw, on which str.splitlines also splits."""
     lines = text.split("\n")
     tail = lines.pop()  # what follows the last "\n": a line without its end, or nothing
     if keepends:
@@ -88,8 +80,10 @@ def _decoded(data: bytes, path: Path, lineno: int = 1) -> str:
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) of every non-blank line; DataError naming file and line on invalid JSON or
-    bytes that are not UTF-8. Lines end at "\\n" only (jsonl_lines)."""
+    bytes that are not UTF-8."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
     with open(path, "rb") as f:
         for lineno, data in enumerate(f, start=1):
             line = _decoded(data, path, lineno)
@@ -108,9 +102,6 @@ def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
 
 def read_numbered_jsonl(path: str | Path, schema: dict | None = None) -> list[tuple[int, dict]]:
     """read_jsonl's rows with the file line of each, for errors found later that name file:line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
     rows = []
     for lineno, row in iter_jsonl(path):
         _check_row(row, schema or {}, f"{path}:{lineno}")
@@ -135,41 +126,42 @@ def read_json(path: str | Path, schema: dict | None = None):
 
 
 def read_complete_rows(path: str | Path) -> list[dict]:
-    """The rows of a JSONL file that a kill -9 may have cut: every row before the first line that does not
-    parse (that line and everything after it are lost anyway); none when the file does not exist. A last line
-    cut inside a character is such a line; bytes that are not UTF-8 on a line that ends raise DataError."""
+    """The rows of a JSONL file that a kill -9 may have cut: every row before the first line that does not parse
+    (a last line cut inside a character included); none when the file does not exist. Bytes that are not UTF-8 on
+    a line that ends raise DataError."""
     rows, path = [], Path(path)
-    if path.exists():
-        with open(path, "rb") as f:
-            for lineno, data in enumerate(f, start=1):
-                try:
-                    rows.append(json.loads(_decoded(data, path, lineno)))
-                except json.JSONDecodeError:
-                    break
-                except DataError:
-                    if data.endswith(b"\n"):
-                        raise
-                    break
+    if not path.exists():
+        return rows
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            try:
+                rows.append(json.loads(_decoded(data, path, lineno)))
+            except ValueError as e:  # invalid JSON, or a DataError for bytes that are not UTF-8
+                if isinstance(e, DataError) and data.endswith(b"\n"):
+                    raise
+                break
     return rows
+
+
+def _lines(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def _write_lines(path: Path, rows: list[dict], mode: str) -> None:
     with open(path, mode, encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.write(_lines(rows))
         f.flush()
         os.fsync(f.fileno())
 
 
 def _check_rows(rows: list[dict], schema: dict | None, path: Path) -> None:
-    """Refuse to write a row that breaks the file's contract (before anything is written)."""
     for index, row in enumerate(rows, start=1):
         _check_row(row, schema or {}, f"{path}: row {index} to write")
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """The one way a whole file is written: ``write(f)`` fills a temporary file beside ``path`` (a name of this
-    process's own), which is flushed to disk and renamed to ``path``, so a kill at any moment leaves the old file or
-    the new one, never a part of one."""
+    """The one way a whole file is written: ``write(f)`` fills this process's temporary file beside ``path``, which
+    is flushed to disk and renamed to ``path``: a kill at any moment leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -185,14 +177,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj, schema: dict | None = None) -> None:
-    """Write JSON (an object carrying ``schema`` when given), atomically (write_atomic)."""
     if schema is not None:
         _check_row(obj, schema, str(path))
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict], schema: dict | None = None) -> None:
-    """Write a whole JSONL file at once (rows carrying ``schema``; None: files no other stage reads, such
-    as train.py's log), atomically (write_atomic)."""
+    """A whole JSONL file at once (schema None: files no other stage reads, such as train.py's log)."""
     _check_rows(rows, schema, Path(path))
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(path, _lines(rows))
