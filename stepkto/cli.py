@@ -4,7 +4,6 @@ they are printed or written."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import typing
@@ -24,9 +23,8 @@ def option(default=MISSING, help: str = ""):
 
 
 def run_cli(args_class, main) -> None:
-    """Every stage's entry: ``main(args)`` with the command line parsed into ``args_class``. A StageError or
-    ValueError (DataError and grading's loader errors name file, line and field) ends the process with its message
-    in one line, not a traceback."""
+    """Every stage's entry: ``main(args)`` with the command line parsed into ``args_class``; a StageError or
+    ValueError (these name file, line and field) ends the process with its message in one line, not a traceback."""
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses()
@@ -47,12 +45,10 @@ def set_num_threads(threads: int) -> None:
 def check_choices(args) -> None:
     """Every Literal field of ``args`` holds one of its choices (argparse checks the command line, this an Args built
     in code)."""
-    hints = typing.get_type_hints(type(args))
-    for f in dataclasses.fields(args):
-        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
-        value = getattr(args, f.name)
-        if choices and value not in choices:
-            raise UsageError(f"--{f.name} {value!r}: must be one of {' | '.join(map(str, choices))}")
+    for name, hint in typing.get_type_hints(type(args)).items():
+        choices, value = typing.get_args(hint), getattr(args, name)
+        if typing.get_origin(hint) is typing.Literal and value not in choices:
+            raise UsageError(f"--{name} {value!r}: must be one of {' | '.join(map(str, choices))}")
 
 
 # A URL's credentials, never printed or written: its userinfo (scheme://user:password@host, scheme://user@host) and

@@ -23,7 +23,6 @@ class DataError(StageError, ValueError):
 
 # The rows of every file the stages pass to each other: {field: type or tuple of types} of the fields the readers
 # rely on (a row may carry more), checked when written and when read. Ids are strings everywhere.
-NONE = type(None)
 # stepkto/arith_task.py's train.jsonl / test.jsonl (+ "solution"); grading.load_benchmark gives other problems this form
 PROBLEM_ROW = {"id": str, "problem": str, "answer": str}
 # stepkto/arith_task.py's sft.jsonl -> train.py --objective sft (M0)
@@ -35,17 +34,18 @@ KTO_ROW = {"id": str, "prompt": str, "completion": str, "finish_reason": str, "o
 # what train.py --objective step-kto reads: also one label per step (Section 2.1), TRL's stepwise-supervision fields
 STEP_KTO_ROW = {**KTO_ROW, "completions": list, "labels": list}
 # label.py -> train.py, evaluate.py: a sample row with its outcome and step labels (null: a step without a verdict)
-LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, NONE), "prm": str, "prm_failures": int,
-                "prm_cutoffs": int}
+LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, type(None)), "prm": str,
+                "prm_failures": int, "prm_cutoffs": int}
 # evaluate.py's result.json (Section 3 / Table 3: Pass@1 and the stepwise error rate; more keys with --sample_k)
 RESULT = {"model": str, "benchmark": str, "prm": str, "n_problems": int, "pass@1": float, "pass@1_ci95": (list, tuple),
-          "stepwise_error_rate": (float, NONE), "stepwise_error_rate_ci95": (list, tuple), "n_correct": int,
+          "stepwise_error_rate": (float, type(None)), "stepwise_error_rate_ci95": (list, tuple), "n_correct": int,
           "n_correct_with_wrong_step": int, "truncated": int}
 # stepkto/report.py's RUNS/seed<S>/<objective>/results.jsonl: one row per evaluated model M<iteration> of a run
 RESULTS_TABLE_ROW = {"name": str, "iteration": int, "objective": str, "seed": int, **RESULT}
 
 
-def _check_row(row, schema: dict, where: str) -> None:
+def _check_row(row, schema: dict, where: str):
+    """``row``, once it is an object carrying ``schema``; DataError naming ``where`` and the field if not."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field_name, types in schema.items():
@@ -56,6 +56,7 @@ def _check_row(row, schema: dict, where: str) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             want = "/".join(t.__name__ for t in types)
             raise DataError(f"{where}: field '{field_name}' must be {want}, got {type(value).__name__}")
+    return row
 
 
 def jsonl_lines(text: str, keepends: bool = False) -> list[str]:
@@ -79,8 +80,7 @@ def _decoded(data: bytes, path: Path, lineno: int = 1) -> str:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) of every non-blank line; DataError naming file and line on invalid JSON or
-    bytes that are not UTF-8."""
+    """(line number, parsed value) of every non-blank line; DataError naming file and line on a bad one."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -102,10 +102,7 @@ def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
 
 def read_numbered_jsonl(path: str | Path, schema: dict | None = None) -> list[tuple[int, dict]]:
     """read_jsonl's rows with the file line of each, for errors found later that name file:line."""
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        _check_row(row, schema or {}, f"{path}:{lineno}")
-        rows.append((lineno, row))
+    rows = [(lineno, _check_row(row, schema or {}, f"{path}:{lineno}")) for lineno, row in iter_jsonl(path)]
     if not rows:
         raise DataError(f"{path}: file is empty (no JSONL rows)")
     return rows
@@ -120,15 +117,12 @@ def read_json(path: str | Path, schema: dict | None = None):
         value = json.loads(_decoded(path.read_bytes(), path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if schema is not None:
-        _check_row(value, schema, str(path))
-    return value
+    return value if schema is None else _check_row(value, schema, str(path))
 
 
 def read_complete_rows(path: str | Path) -> list[dict]:
-    """The rows of a JSONL file that a kill -9 may have cut: every row before the first line that does not parse
-    (a last line cut inside a character included); none when the file does not exist. Bytes that are not UTF-8 on
-    a line that ends raise DataError."""
+    """The rows of a JSONL file that a kill -9 may have cut: those before the first line that does not parse (none
+    when there is no file). Bytes that are not UTF-8 on a line that ends raise DataError."""
     rows, path = [], Path(path)
     if not path.exists():
         return rows

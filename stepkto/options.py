@@ -1,11 +1,8 @@
-"""When each stage's command-line options apply: one table for every stage, and the one check that refuses an option
-that would do nothing (no option silently does nothing).
+"""When each stage's options apply, and the one check that refuses an option that would do nothing.
 
 A row of TABLE says when an option applies: ALWAYS; only(...), conditions on other options that must all hold;
-either(...), alternatives of such conditions; or NEVER. An option set to anything but its default where its row does
-not hold is refused with one line naming it and what it needs. A condition reads another option, or a value the stage
-resolves when it runs (the engine that --engine auto becomes) and passes to refuse_inapplicable under that option's
-name. tests/test_options.py walks every option through every case of its row, and fails on an option without a row.
+either(...), alternatives of such conditions; or NEVER. A condition reads another option, or a value the stage
+resolves when it runs (what --engine auto becomes). tests/test_options.py fails on an option without a row.
 No torch here, and no stage imported: every stage imports this module.
 """
 

@@ -9,20 +9,12 @@ import typing
 # Steps are separated by a blank line (the format the prompts ask for, the paper's Fig. 1 style): STEP_SEPARATOR is
 # how steps are written; step_spans splits on any blank line, whitespace-only lines included.
 STEP_SEPARATOR = "\n\n"
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_STEP = re.compile(r"\S(?:(?!\n[ \t]*\n).)*", re.S)  # from a non-space character up to a blank line
 
 
 def step_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans (start, end) of the non-empty steps of ``text``, separators excluded."""
-    spans, start = [], 0
-    for m in list(_BLANK_LINE.finditer(text)) + [None]:
-        end = m.start() if m else len(text)
-        chunk = text[start:end]
-        if chunk.strip():
-            lead = len(chunk) - len(chunk.lstrip())
-            spans.append((start + lead, start + len(chunk.rstrip())))
-        start = m.end() if m else len(text)
-    return spans
+    """Character spans (start, end) of the non-empty steps of ``text``, separators and surrounding spaces excluded."""
+    return [(m.start(), m.start() + len(m.group().rstrip())) for m in _STEP.finditer(text)]
 
 
 def step_texts(text: str, spans: list[tuple[int, int]]) -> list[str]:

@@ -1,16 +1,13 @@
-"""What made each output: its provenance record, and the check that no stage reuses an output something else made.
-
-A record, taken when its stage starts (so a file that changes during the run cannot be tied to the output, as DVC's
-dvc.lock hashes its deps before a stage runs), is kept in OUT.provenance.json (a folder's in FOLDER/provenance.json):
+"""What made each output, and the check that no stage reuses an output something else made. The record, taken when
+its stage starts (as DVC's dvc.lock), is kept in OUT.provenance.json (a folder's in FOLDER/provenance.json):
 
     {"format": FORMAT, "stage": "label.py",
      "inputs": {"samples": {"sha256": ..., "path": ...}},     # the bytes (or the rows) each input held
      "models": {"model": {"made_by": ...} | {"sha256": ...} | {"name": id}},
      "settings": {option: value}}                             # every option that changes the output's content
 
-``settle`` compares the record a stage would write now with the one kept: the same means "complete; nothing to do"
-(or "resume"); another stops the stage with one line naming what changed, or with ``--on_change redo`` makes the
-output again. Paths are kept for the messages, never compared: a moved run folder is still the same run.
+``settle``: the same record as the one kept means "complete" (or "resume"); another stops the stage with one line
+naming what changed, or with ``--on_change redo`` makes the output again. Paths are for the messages, never compared.
 No torch here: every stage imports this module before it loads anything.
 """
 
@@ -118,8 +115,7 @@ def same(a: dict | None, b: dict | None) -> bool:
 
 
 def changes(old: dict, new: dict) -> str:
-    """What differs between two records, in words: 'other samples (samples.jsonl changed), another --model and other
-    settings (--prm check -> mc)'."""
+    """What differs between two records, in words: 'from other samples (samples.jsonl changed), with ...'."""
     parts = []
     if old.get("format") != new.get("format") or old.get("stage") != new.get("stage"):
         parts.append(f"by {old.get('stage', 'another stage')} of stepkto format {old.get('format')}")
@@ -155,10 +151,8 @@ def _shown(value) -> str:
 
 def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftovers: list[Path],
            is_folder: bool = False) -> bool:
-    """Whether ``out`` is complete and was made as ``record`` says (True: nothing to do). False: it is to be made, or
-    resumed from ``leftovers`` the same record started. Leftovers of anything else stop the stage (on_change stop) or
-    are removed (redo). The lock of ``out`` (sharding.claim) makes shards check one at a time and refuses a second
-    writer."""
+    """Whether ``out`` is complete and made as ``record`` says (True). False: it is to be made, or resumed from
+    ``leftovers`` of the same record; others stop the stage or are removed (redo). ``out``'s lock: one writer."""
     out, path = Path(out), record_path(out, is_folder)
     sharding.claim(out, wait_s=10.0)
     try:
