@@ -57,6 +57,7 @@ def when(field: str, *values) -> When:
 def unless(field: str, *values) -> When:
     return When(field, values, negate=True)
 
+
 SFT, KTO, STEP_KTO = when("objective", "sft"), when("objective", "kto", "step-kto"), when("objective", "step-kto")
 JUDGE, MC, REWARD_MODEL = when("prm", "judge"), when("prm", "mc"), when("prm", "reward_model")
 VLLM, JUDGE_VLLM, SERVED = when("engine", "vllm"), when("judge_engine", "vllm"), when("judge_engine", "openai")

@@ -100,8 +100,7 @@ def make_record(stage: str, inputs: dict, models: dict, settings: dict) -> dict:
 
 
 def record_path(out: str | Path, is_folder: bool = False) -> Path:
-    out = Path(out)
-    return out / RECORD if is_folder else out.with_name(out.name + ".provenance.json")
+    return Path(out) / RECORD if is_folder else Path(f"{out}.provenance.json")
 
 
 def _compared(record: dict) -> dict:
