@@ -4,7 +4,6 @@ they are printed or written."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import typing
@@ -19,15 +18,13 @@ class UsageError(jsonl.StageError, ValueError):
 
 
 def option(default=MISSING, help: str = ""):
-    """A dataclass field with its --help text (HfArgumentParser reads metadata["help"]): how every stage
-    declares its command-line options."""
+    """A dataclass field with its --help text (HfArgumentParser reads metadata["help"]): every stage's options."""
     return field(default=default, metadata={"help": help})
 
 
 def run_cli(args_class, main) -> None:
-    """Every stage's entry: ``main(args)`` with the command line parsed into ``args_class`` (argparse refuses a
-    value outside a Literal field's choices). A StageError or ValueError (DataError and grading's loader errors
-    name file, line and field) ends the process with its message in one line, not a traceback."""
+    """Every stage's entry: ``main(args)`` with the command line parsed into ``args_class``; a StageError or
+    ValueError (these name file, line and field) ends the process with its message in one line, not a traceback."""
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses()
@@ -46,36 +43,28 @@ def set_num_threads(threads: int) -> None:
 
 
 def check_choices(args) -> None:
-    """Every Literal field of the dataclass ``args`` holds one of its choices: argparse checks the command line,
-    this an Args built in code (one stage calling another's functions)."""
-    hints = typing.get_type_hints(type(args))
-    for f in dataclasses.fields(args):
-        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
-        value = getattr(args, f.name)
-        if choices and value not in choices:
-            raise UsageError(f"--{f.name} {value!r}: must be one of {' | '.join(map(str, choices))}")
+    """Every Literal field of ``args`` holds one of its choices (argparse checks the command line, this an Args built
+    in code)."""
+    for name, hint in typing.get_type_hints(type(args)).items():
+        choices, value = typing.get_args(hint), getattr(args, name)
+        if typing.get_origin(hint) is typing.Literal and value not in choices:
+            raise UsageError(f"--{name} {value!r}: must be one of {' | '.join(map(str, choices))}")
 
 
 # A URL's credentials, never printed or written: its userinfo (scheme://user:password@host, scheme://user@host) and
 # the value of a query or fragment parameter whose name says it is a secret (?api_key=, &token=, ;password=, #key=).
 # run.sh's redact_urls does the same with sed.
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,:;!?)\]]")  # not the text's punctuation after it
-
-
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
-
-
 _SECRET_PARAMETER = re.compile(r"([?&;#](?:[\w.-]*[_-])?(?:(?:api)?key|token|passw(?:or)?d|pwd|secret|sig(?:nature)?"
                                r"|auth(?:orization)?|credential)s?=)(?:[^&#;\s'\"<>]*[^&#;\s'\"<>.,:!?)\]])?",
                                re.IGNORECASE)
-
-
 REDACTED = "***"
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its user and password and its secret-named parameters' values replaced by ***: the host, port
-    and path stay, so that a message still says which server it means."""
+    """``url`` with its user, password and secret-named parameters' values replaced by ***: host, port and path stay,
+    so that a message still says which server it means."""
     url = _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", url, count=1)
     start = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
     return url[:start] + _SECRET_PARAMETER.sub(lambda m: m.group(1) + REDACTED, url[start:])

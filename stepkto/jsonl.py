@@ -1,12 +1,7 @@
-"""The JSONL contract between the stages: the row schemas, reading them (errors name file, line and field), and
-writing a file whole or not at all.
+"""The JSONL contract between the stages: the row schemas, reading them (a bad row raises DataError naming file,
+line and field) and writing a file whole or not at all (``write_*_atomic``: a temporary file, then a rename).
 
-* Every row has a unique string ``id``. Each file's rows follow one schema below (``PROBLEM_ROW`` ...
-  ``RESULTS_TABLE_ROW``), checked on write and on read; a bad row raises ``DataError`` naming file, line and field.
-* Lines split on "\n" only (``jsonl_lines``): U+2028, U+2029 and U+0085 inside a string stay in its row.
-* ``write_*_atomic`` write a temporary file and rename it: a reader sees the old file or the new one, never a part.
-  How a stage writes its output a chunk at a time, resumes and shards it is sharding.py's.
-
+Lines split on "\n" only (``jsonl_lines``). How a stage writes, resumes and shards its output is sharding.py's.
 No torch here: grading.py's worker processes and report.py import this module without waiting for it.
 """
 
@@ -17,8 +12,6 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-# ----------------------------------------------------------------------------- JSONL contract
-
 
 class StageError(Exception):
     """An error whose message says all there is to say: run_cli prints it as one line, without a traceback."""
@@ -28,11 +21,9 @@ class DataError(StageError, ValueError):
     """Bad input: the message names the file, the line and the field."""
 
 
-# The rows of every file the stages pass to each other: {field: type or tuple of types} of the fields the
-# readers rely on (a row may carry more). Checked when written (append_chunk, write_jsonl_atomic,
-# write_json_atomic) and when read (read_jsonl, read_json). Ids are strings everywhere.
-NONE = type(None)
-# stepkto/arith_task.py's train.jsonl / test.jsonl (+ "solution"); grading.load_benchmark gives other problem files this form
+# The rows of every file the stages pass to each other: {field: type or tuple of types} of the fields the readers
+# rely on (a row may carry more), checked when written and when read. Ids are strings everywhere.
+# stepkto/arith_task.py's train.jsonl / test.jsonl (+ "solution"); grading.load_benchmark gives other problems this form
 PROBLEM_ROW = {"id": str, "problem": str, "answer": str}
 # stepkto/arith_task.py's sft.jsonl -> train.py --objective sft (M0)
 SFT_ROW = {"id": str, "problem": str, "completion": str}
@@ -43,17 +34,18 @@ KTO_ROW = {"id": str, "prompt": str, "completion": str, "finish_reason": str, "o
 # what train.py --objective step-kto reads: also one label per step (Section 2.1), TRL's stepwise-supervision fields
 STEP_KTO_ROW = {**KTO_ROW, "completions": list, "labels": list}
 # label.py -> train.py, evaluate.py: a sample row with its outcome and step labels (null: a step without a verdict)
-LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, NONE), "prm": str, "prm_failures": int,
-                "prm_cutoffs": int}
+LABELLED_ROW = {**SAMPLE_ROW, **STEP_KTO_ROW, "step_spans": list, "pred": (str, type(None)), "prm": str,
+                "prm_failures": int, "prm_cutoffs": int}
 # evaluate.py's result.json (Section 3 / Table 3: Pass@1 and the stepwise error rate; more keys with --sample_k)
 RESULT = {"model": str, "benchmark": str, "prm": str, "n_problems": int, "pass@1": float, "pass@1_ci95": (list, tuple),
-          "stepwise_error_rate": (float, NONE), "stepwise_error_rate_ci95": (list, tuple), "n_correct": int,
+          "stepwise_error_rate": (float, type(None)), "stepwise_error_rate_ci95": (list, tuple), "n_correct": int,
           "n_correct_with_wrong_step": int, "truncated": int}
 # stepkto/report.py's RUNS/seed<S>/<objective>/results.jsonl: one row per evaluated model M<iteration> of a run
 RESULTS_TABLE_ROW = {"name": str, "iteration": int, "objective": str, "seed": int, **RESULT}
 
 
-def _check_row(row, schema: dict, where: str) -> None:
+def _check_row(row, schema: dict, where: str):
+    """``row``, once it is an object carrying ``schema``; DataError naming ``where`` and the field if not."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field_name, types in schema.items():
@@ -64,11 +56,12 @@ def _check_row(row, schema: dict, where: str) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             want = "/".join(t.__name__ for t in types)
             raise DataError(f"{where}: field '{field_name}' must be {want}, got {type(value).__name__}")
+    return row
 
 
 def jsonl_lines(text: str, keepends: bool = False) -> list[str]:
-    """The lines of JSONL text, split on "\\n" only: rows are written with ensure_ascii=False, so their strings
-    hold U+2028, U+2029 and U+0085 raw, on which str.splitlines also splits."""
+    """The lines of JSONL text, split on "\\n" only: rows written with ensure_ascii=False hold U+2028, U+2029 and
+    U+0085 raw, on which str.splitlines also splits."""
     lines = text.split("\n")
     tail = lines.pop()  # what follows the last "\n": a line without its end, or nothing
     if keepends:
@@ -87,9 +80,10 @@ def _decoded(data: bytes, path: Path, lineno: int = 1) -> str:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) of every non-blank line; DataError naming file and line on invalid JSON or
-    bytes that are not UTF-8. Lines end at "\\n" only (jsonl_lines)."""
+    """(line number, parsed value) of every non-blank line; DataError naming file and line on a bad one."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
     with open(path, "rb") as f:
         for lineno, data in enumerate(f, start=1):
             line = _decoded(data, path, lineno)
@@ -108,13 +102,7 @@ def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
 
 def read_numbered_jsonl(path: str | Path, schema: dict | None = None) -> list[tuple[int, dict]]:
     """read_jsonl's rows with the file line of each, for errors found later that name file:line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        _check_row(row, schema or {}, f"{path}:{lineno}")
-        rows.append((lineno, row))
+    rows = [(lineno, _check_row(row, schema or {}, f"{path}:{lineno}")) for lineno, row in iter_jsonl(path)]
     if not rows:
         raise DataError(f"{path}: file is empty (no JSONL rows)")
     return rows
@@ -129,47 +117,45 @@ def read_json(path: str | Path, schema: dict | None = None):
         value = json.loads(_decoded(path.read_bytes(), path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if schema is not None:
-        _check_row(value, schema, str(path))
-    return value
+    return value if schema is None else _check_row(value, schema, str(path))
 
 
 def read_complete_rows(path: str | Path) -> list[dict]:
-    """The rows of a JSONL file that a kill -9 may have cut: every row before the first line that does not
-    parse (that line and everything after it are lost anyway); none when the file does not exist. A last line
-    cut inside a character is such a line; bytes that are not UTF-8 on a line that ends raise DataError."""
+    """The rows of a JSONL file that a kill -9 may have cut: those before the first line that does not parse (none
+    when there is no file). Bytes that are not UTF-8 on a line that ends raise DataError."""
     rows, path = [], Path(path)
-    if path.exists():
-        with open(path, "rb") as f:
-            for lineno, data in enumerate(f, start=1):
-                try:
-                    rows.append(json.loads(_decoded(data, path, lineno)))
-                except json.JSONDecodeError:
-                    break
-                except DataError:
-                    if data.endswith(b"\n"):
-                        raise
-                    break
+    if not path.exists():
+        return rows
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            try:
+                rows.append(json.loads(_decoded(data, path, lineno)))
+            except ValueError as e:  # invalid JSON, or a DataError for bytes that are not UTF-8
+                if isinstance(e, DataError) and data.endswith(b"\n"):
+                    raise
+                break
     return rows
+
+
+def _lines(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def _write_lines(path: Path, rows: list[dict], mode: str) -> None:
     with open(path, mode, encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.write(_lines(rows))
         f.flush()
         os.fsync(f.fileno())
 
 
 def _check_rows(rows: list[dict], schema: dict | None, path: Path) -> None:
-    """Refuse to write a row that breaks the file's contract (before anything is written)."""
     for index, row in enumerate(rows, start=1):
         _check_row(row, schema or {}, f"{path}: row {index} to write")
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """The one way a whole file is written: ``write(f)`` fills a temporary file beside ``path`` (a name of this
-    process's own), which is flushed to disk and renamed to ``path``, so a kill at any moment leaves the old file or
-    the new one, never a part of one."""
+    """The one way a whole file is written: ``write(f)`` fills this process's temporary file beside ``path``, which
+    is flushed to disk and renamed to ``path``: a kill at any moment leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -185,14 +171,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj, schema: dict | None = None) -> None:
-    """Write JSON (an object carrying ``schema`` when given), atomically (write_atomic)."""
     if schema is not None:
         _check_row(obj, schema, str(path))
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict], schema: dict | None = None) -> None:
-    """Write a whole JSONL file at once (rows carrying ``schema``; None: files no other stage reads, such
-    as train.py's log), atomically (write_atomic)."""
+    """A whole JSONL file at once (schema None: files no other stage reads, such as train.py's log)."""
     _check_rows(rows, schema, Path(path))
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(path, _lines(rows))

@@ -1,13 +1,8 @@
-"""When each stage's command-line options apply: one table for every stage, and the one check that refuses an option
-that would do nothing (no option silently does nothing).
+"""When each stage's options apply, and the one check that refuses an option that would do nothing.
 
 A row of TABLE says when an option applies: ALWAYS; only(...), conditions on other options that must all hold;
-either(...), alternatives of such conditions; or NEVER. An option set to anything but its default where its row does
-not hold is refused with one line that names it and what it needs. A condition reads another option, or a value the
-stage resolves when it runs and passes to refuse_inapplicable (the engine that --engine auto becomes), which then takes
-the place of the option of that name. tests/test_options.py walks every option
-of every stage through every case of its row, and fails on an option that has no row: a new option needs one here.
-
+either(...), alternatives of such conditions; or NEVER. A condition reads another option, or a value the stage
+resolves when it runs (what --engine auto becomes). tests/test_options.py fails on an option without a row.
 No torch here, and no stage imported: every stage imports this module.
 """
 
@@ -20,25 +15,20 @@ from stepkto.cli import UsageError
 
 
 class When(NamedTuple):
-    """A condition: the value of ``field`` (an option, or a value the stage resolves, described by ``text``) is one of
-    ``values``, or with ``negate`` none of them."""
+    """A condition: the value of option ``field`` is one of ``values``, or with ``negate`` none of them."""
 
     field: str
     values: tuple
     negate: bool = False
-    text: str = ""
 
     def holds(self, value) -> bool:
         return (value in self.values) != self.negate
 
     def __str__(self) -> str:
-        shown = " | ".join(_shown(v) for v in self.values)
-        return self.text or f"--{self.field} is {'not ' if self.negate else ''}{shown}"
+        return f"--{self.field} is {'not ' if self.negate else ''}{' | '.join(map(_shown, self.values))}"
 
     def here(self, value, given) -> str:
-        """What the condition read: the value, and the option's own when the stage resolved it (--engine auto)."""
-        if self.text:
-            return f"{self.field}: {_shown(value)}"
+        """What the condition read, and the option's own value when the stage resolved it (--engine auto)."""
         resolved = f", resolved to {_shown(value)}" if given is not None and given != value else ""
         return f"--{self.field} {_shown(value if given is None else given)}{resolved}"
 
@@ -67,8 +57,6 @@ def when(field: str, *values) -> When:
 def unless(field: str, *values) -> When:
     return When(field, values, negate=True)
 
-
-# ----------------------------------------------------------------------------- the table
 
 SFT, KTO, STEP_KTO = when("objective", "sft"), when("objective", "kto", "step-kto"), when("objective", "step-kto")
 JUDGE, MC, REWARD_MODEL = when("prm", "judge"), when("prm", "mc"), when("prm", "reward_model")
@@ -137,13 +125,10 @@ TABLE: dict[str, dict[str, Rule]] = {
 }
 
 
-# ----------------------------------------------------------------------------- the check
-
-
 def refuse_inapplicable(stage: str, args, **resolved) -> None:
-    """Raise UsageError for the first option of ``args`` (a stage's Args, or a dataclass of some of its options) that
-    differs from its default where its row in TABLE[stage] does not hold. ``resolved``: values the stage decides when
-    it runs, by the name conditions read, each a value or a callable called only when a condition needs it."""
+    """UsageError for the first option of ``args`` (a stage's Args, or a dataclass of some of its options) that differs
+    from its default where its row does not hold. ``resolved``: values the stage decides when it runs, each a value or
+    a callable called only when a condition reads it."""
     for name, rule, failing in inapplicable(stage, args, resolved):
         if not rule:
             raise UsageError(f"--{name} does nothing in {stage}: drop it")
@@ -152,16 +137,15 @@ def refuse_inapplicable(stage: str, args, **resolved) -> None:
 
 
 def applicable(stage: str, args, **resolved):
-    """``args`` with every option that would do nothing set back to its default: for a caller that holds the options
-    of several runs in one (bench/processbench_labellers.py: one command line, several labellers)."""
+    """``args`` with every option that would do nothing set back to its default (bench/processbench_labellers.py: one
+    command line, several labellers)."""
     fields = {f.name: f for f in dataclasses.fields(args)}
     reset = {name: default_of(fields[name]) for name, _, _ in inapplicable(stage, args, resolved)}
     return dataclasses.replace(args, **reset)
 
 
 def inapplicable(stage: str, args, resolved: dict):
-    """(option, its row, the failing conditions' values) of every option of ``args`` that differs from its default
-    where its row does not hold."""
+    """(option, its row, the failing conditions' values) of every option that refuse_inapplicable refuses."""
     rows, cache = TABLE[stage], {}
 
     def value(name: str):

@@ -6,26 +6,15 @@ from __future__ import annotations
 import re
 import typing
 
-# Steps are separated by a blank line (the format the prompts ask for, and the paper's Fig. 1 style).
-# STEP_SEPARATOR is how steps are written (stepkto/arith_task.py's solutions, GSM8K references, the prefix an mc
-# rollout continues); step_spans splits on any blank line, whitespace-only lines included.
+# Steps are separated by a blank line (the format the prompts ask for, the paper's Fig. 1 style): STEP_SEPARATOR is
+# how steps are written; step_spans splits on any blank line, whitespace-only lines included.
 STEP_SEPARATOR = "\n\n"
-
-
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_STEP = re.compile(r"\S(?:(?!\n[ \t]*\n).)*", re.S)  # from a non-space character up to a blank line
 
 
 def step_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans (start, end) of the non-empty steps of ``text``, separators excluded."""
-    spans, start = [], 0
-    for m in list(_BLANK_LINE.finditer(text)) + [None]:
-        end = m.start() if m else len(text)
-        chunk = text[start:end]
-        if chunk.strip():
-            lead = len(chunk) - len(chunk.lstrip())
-            spans.append((start + lead, start + len(chunk.rstrip())))
-        start = m.end() if m else len(text)
-    return spans
+    """Character spans (start, end) of the non-empty steps of ``text``, separators and surrounding spaces excluded."""
+    return [(m.start(), m.start() + len(m.group().rstrip())) for m in _STEP.finditer(text)]
 
 
 def step_texts(text: str, spans: list[tuple[int, int]]) -> list[str]:
@@ -33,31 +22,20 @@ def step_texts(text: str, spans: list[tuple[int, int]]) -> list[str]:
     return [text[a:b] for a, b in spans]
 
 
-# The one place where prompts are written. "instruct" is used inside the tokenizer's chat template
-# when it has one (instruct models) and as plain text otherwise; "minimal" is for the embedded
-# default's tiny model trained from scratch, where every prompt token costs training compute;
-# "qwen25-math-cot" is the prompt of the Qwen2.5-Math evaluation harness (QwenLM/Qwen2.5-Math,
-# evaluation/utils.py), with which published MATH-500 numbers are measured: the instruction is a system
-# message, the user message is the problem alone. It does not ask for blank-line-separated steps, which
-# the step labeller splits on: generation for training keeps "instruct" (or "minimal", whose tiny model
-# was trained on that format).
+# The one place where prompts are written. "instruct": in the tokenizer's chat template when it has one, else plain
+# text; "minimal": for the tiny model trained from scratch, where every prompt token costs training compute;
+# "qwen25-math-cot": the Qwen2.5-Math evaluation harness's prompt (QwenLM/Qwen2.5-Math, evaluation/utils.py), with
+# which published MATH-500 numbers are measured. It does not ask for the blank-line-separated steps the labeller
+# splits on: generation for training keeps "instruct" or "minimal".
 PromptStyle = typing.Literal["instruct", "minimal", "qwen25-math-cot"]  # the keys of PROMPT_TEMPLATES
-
-
 PROMPT_TEMPLATES = {
-    "instruct": (
-        "Solve the following math problem step by step. Separate the steps with a blank line and "
-        "put the final answer in \\boxed{{}}.\n\nProblem: {problem}"
-    ),
+    "instruct": ("Solve the following math problem step by step. Separate the steps with a blank line and "
+                 "put the final answer in \\boxed{{}}.\n\nProblem: {problem}"),
     "minimal": "Problem: {problem}\nSolution:\n",
     "qwen25-math-cot": "{problem}",
 }
-
-
 # System messages of the styles that have one (not format strings: the braces are literal).
-SYSTEM_PROMPTS = {
-    "qwen25-math-cot": "Please reason step by step, and put your final answer within \\boxed{}.",
-}
+SYSTEM_PROMPTS = {"qwen25-math-cot": "Please reason step by step, and put your final answer within \\boxed{}."}
 
 
 def build_prompt(tokenizer, problem: str, style: str = "instruct") -> str:
@@ -74,9 +52,8 @@ def build_prompt(tokenizer, problem: str, style: str = "instruct") -> str:
 
 
 def chat_prompt(tokenizer, text: str, plain_suffix: str, system: str | None = None) -> str:
-    """``text`` as the user message of the tokenizer's chat template (after ``system`` when given), ready for
-    the reply; ``text + plain_suffix`` for a tokenizer without a template. The one place prompts (the
-    policy's here, the judge's in label.py) go through a chat template."""
+    """``text`` as the user message of the tokenizer's chat template (after ``system`` when given), ready for the
+    reply; ``text + plain_suffix`` without a template. The one place prompts go through a chat template."""
     if not getattr(tokenizer, "chat_template", None):
         return text + plain_suffix
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -84,19 +61,11 @@ def chat_prompt(tokenizer, text: str, plain_suffix: str, system: str | None = No
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """The token ids a model is prompted with: ``text`` encoded as it is, with BOS in front when the tokenizer's
-    own encoding starts with one (Llama, Mistral, Gemma base models were trained so) and the text does not
-    already begin with it. A chat template writes BOS into the text itself, so it is never doubled; a base model
-    prompted with plain text gets it; a tokenizer that adds none (Qwen, SmolLM2, the scratch model's) is left as
-    it is. The one rule for every prompt: the policy's (both engines), the judge's, mc rollouts', train.py's."""
+    """The token ids of every prompt (the policy's on both engines, the judge's, mc rollouts', train.py's): ``text``
+    as it is, with BOS in front when the tokenizer's own encoding starts with one (Llama, Mistral, Gemma) and the
+    text does not already (a chat template writes it into the text: never doubled)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos) and adds_bos(tokenizer):
+    if bos is not None and ids[:1] != [bos] and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]:
         ids = [bos] + ids
     return ids
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer's own encoding (add_special_tokens=True) puts BOS first."""
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id

@@ -1,25 +1,19 @@
-"""What made each output: its provenance record, the check that no stage reuses an output something else made, and
-no output is removed while another process writes it.
-
-A record states what an output was made from, taken when its stage starts (so a file that changes during the run
-cannot be tied to the output afterwards, as DVC's dvc.lock records its deps' hashes before a stage runs):
+"""What made each output, and the check that no stage reuses an output something else made. The record, taken when
+its stage starts (as DVC's dvc.lock), is kept in OUT.provenance.json (a folder's in FOLDER/provenance.json):
 
     {"format": FORMAT, "stage": "label.py",
      "inputs": {"samples": {"sha256": ..., "path": ...}},     # the bytes (or the rows) each input held
      "models": {"model": {"made_by": ...} | {"sha256": ...} | {"name": id}},
      "settings": {option: value}}                             # every option that changes the output's content
 
-A JSONL output OUT keeps its record in OUT.provenance.json, a folder in FOLDER/provenance.json; both stay after
-completion. ``settle`` compares the record a stage would write now with the one kept: the same record means
-"complete; nothing to do" (or "resume" for a partial output); another one stops the stage with one line naming the
-output and what changed, or with ``--on_change redo`` removes the output and makes it again. Paths are kept for the
-messages but never compared: a run folder moved elsewhere is still the same run.
-
+``settle``: the same record as the one kept means "complete" (or "resume"); another stops the stage with one line
+naming what changed, or with ``--on_change redo`` makes the output again. Paths are for the messages, never compared.
 No torch here: every stage imports this module before it loads anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -36,27 +30,31 @@ ON_CHANGE_HELP = ("When the output exists but was made from other inputs, settin
                   "what changed) | redo (remove it and make it again).")
 _CHUNK = 1 << 20  # bytes read at a time when hashing
 _CACHED_FROM = 64 << 20  # files this large have their digest remembered (model weights); smaller ones are re-read
-
-
-# ----------------------------------------------------------------------------- digests
+RECORD = "provenance.json"  # a folder's record; a file OUT's is OUT.provenance.json
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, streamed; remembered per (path, size, mtime) in a cache file, so that the weights of
-    a model are read once, not by every stage."""
+    """SHA-256 of a file's bytes; a large file's is remembered per (path, size, mtime) in a cache file, so that the
+    weights of a model are read once, not by every stage (a read-only home: not remembered)."""
     path = Path(path).resolve()
     stat = path.stat()
     if stat.st_size < _CACHED_FROM:
         return sha256_of(path)
-    key, cache = f"{path}:{stat.st_size}:{stat.st_mtime_ns}", _digest_cache()
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stepkto" / "file_sha256.json"
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
     if key not in cache:
         cache[key] = sha256_of(path)
-        _save_digest_cache(cache)
+        with contextlib.suppress(OSError):
+            jsonl.write_text_atomic(cache_file, json.dumps(cache, indent=0) + "\n")
     return cache[key]
 
 
 def sha256_of(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read now (file_sha256 remembers large files' digests)."""
+    """SHA-256 of a file's bytes, read now."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
@@ -67,24 +65,6 @@ def sha256_of(path: str | Path) -> str:
 def json_sha256(value) -> str:
     """SHA-256 of a JSON value (rows read and parsed, not a file's bytes)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stepkto" / "file_sha256.json"
-
-
-def _digest_cache() -> dict:
-    try:
-        return json.loads(_cache_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_digest_cache(cache: dict) -> None:
-    try:
-        jsonl.write_text_atomic(_cache_path(), json.dumps(cache, indent=0) + "\n")
-    except OSError:  # a read-only home: hashing still works, it is only not remembered
-        pass
 
 
 def file_input(path: str | Path) -> dict:
@@ -100,26 +80,17 @@ def rows_input(rows, path: str = "") -> dict:
 
 
 def model_identity(model: str) -> dict:
-    """What a model is, as far as this machine can tell before loading it: a checkpoint folder by its own provenance
-    record (train.py writes one), another folder by the digests of its files (hidden ones, such as a .git folder,
-    left out); a hub id or a served model by its name (a hub download may happen only once the stage runs: to pin
-    a revision, pass its snapshot folder)."""
-    if model in ("", "scratch"):
-        return {"name": model}
+    """What a model is before loading it: a checkpoint folder by its own provenance record (train.py writes one),
+    another folder by the digests of its files (hidden ones, such as .git, left out); a hub id or a served model by
+    its name (to pin a hub revision, pass its snapshot folder)."""
     folder = Path(model)
-    if not folder.is_dir():
+    if model in ("", "scratch") or not folder.is_dir():
         return {"name": model}
     if (folder / RECORD).is_file():
         return {"made_by": file_sha256(folder / RECORD)}
     files = sorted(p for p in folder.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     return {"sha256": json_sha256([[str(p.relative_to(folder)), file_sha256(p)] for p in files])}
-
-
-# ----------------------------------------------------------------------------- records
-
-
-RECORD = "provenance.json"  # a folder's record; a file OUT's is OUT.provenance.json
 
 
 def make_record(stage: str, inputs: dict, models: dict, settings: dict) -> dict:
@@ -129,8 +100,7 @@ def make_record(stage: str, inputs: dict, models: dict, settings: dict) -> dict:
 
 
 def record_path(out: str | Path, is_folder: bool = False) -> Path:
-    out = Path(out)
-    return out / RECORD if is_folder else out.with_name(out.name + ".provenance.json")
+    return Path(out) / RECORD if is_folder else Path(f"{out}.provenance.json")
 
 
 def _compared(record: dict) -> dict:
@@ -144,8 +114,7 @@ def same(a: dict | None, b: dict | None) -> bool:
 
 
 def changes(old: dict, new: dict) -> str:
-    """What differs between two records, in words: 'other samples (samples.jsonl changed), another --model and other
-    settings (--prm check -> mc)'."""
+    """What differs between two records, in words: 'from other samples (samples.jsonl changed), with ...'."""
     parts = []
     if old.get("format") != new.get("format") or old.get("stage") != new.get("stage"):
         parts.append(f"by {old.get('stage', 'another stage')} of stepkto format {old.get('format')}")
@@ -181,10 +150,8 @@ def _shown(value) -> str:
 
 def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftovers: list[Path],
            is_folder: bool = False) -> bool:
-    """Whether ``out`` is complete and was made as ``record`` says (True, and says so: nothing to do). False: it is to
-    be made, or resumed from ``leftovers`` that the same record started; the record is then kept. Leftovers of anything
-    else stop the stage (on_change stop) or are removed (redo). Shards starting at once check one after the other
-    (sharding.claim); a process writing ``out`` holds that lock, and a second one refuses."""
+    """Whether ``out`` is complete and made as ``record`` says (True). False: it is to be made, or resumed from
+    ``leftovers`` of the same record; others stop the stage or are removed (redo). ``out``'s lock: one writer."""
     out, path = Path(out), record_path(out, is_folder)
     sharding.claim(out, wait_s=10.0)
     try:
@@ -200,8 +167,12 @@ def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftov
         why = f"made {changes(old, record)}" if old is not None else "made by an unknown run (no provenance record)"
         if on_change != "redo":
             option = "--output_dir" if is_folder else "--output"
-            raise jsonl.StageError(f"{out} was {why}: delete it, choose another {option}, or rerun with --on_change redo")
-        _check_no_writer([p for p in present if p.name.startswith(out.name + ".shard-")])
+            raise jsonl.StageError(f"{out} was {why}: delete it, choose another {option}, or rerun with "
+                                   "--on_change redo")
+        for part in (p for p in present if p.name.startswith(out.name + ".shard-")):
+            target = part.with_name(part.name.removesuffix(".partial"))
+            sharding.claim(target)  # raises while another process writes this part (its .partial with it)
+            sharding.release(target)
         print(f"{out} was {why}: making it again (--on_change redo)", flush=True)
         for p in present:
             if p.is_dir() and not p.is_symlink():
@@ -214,18 +185,8 @@ def settle(out: str | Path, record: dict, on_change: str, complete: bool, leftov
         sharding.release(out)
 
 
-def _check_no_writer(parts: list[Path]) -> None:
-    """Refuse to remove a shard's part that another process is writing (sharding.claim: a part is claimed by its own
-    name, its .partial file with it)."""
-    for p in parts:
-        target = p.with_name(p.name.removesuffix(".partial"))
-        sharding.claim(target)  # raises when another process holds it
-        sharding.release(target)
-
-
 def settle_jsonl(out: str | Path, record: dict, on_change: str) -> bool:
-    """settle for a JSONL output written by sharding.write_chunks: its leftovers are OUT, OUT.partial and the shards'
-    parts."""
+    """settle for a JSONL output of sharding.write_chunks: its leftovers are OUT, OUT.partial and the shards' parts."""
     out = Path(out)
     parts = sorted(out.parent.glob(glob.escape(out.name) + ".shard-*")) if out.parent.is_dir() else []
     return settle(out, record, on_change, out.exists(), [out, out.with_name(out.name + ".partial"), *parts])
