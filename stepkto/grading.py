@@ -20,40 +20,35 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import NamedTuple
 
-# ----------------------------------------------------------------------------- answer extraction
+from stepkto import jsonl
 
-_BOX = re.compile(r"\\boxed|\\fbox")
+_BOX = re.compile(r"(?:\\boxed|\\fbox)(\s*\{)?")  # a box command, and its opening brace when it has one
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the LAST \\boxed{...} or \\fbox{...} in ``text`` (nested braces matched; ``\\{`` is a literal
     brace); None without one, or when the last box never closes (a truncated generation gave no answer)."""
     boxes = list(_BOX.finditer(text))
-    return _box_content(text, boxes[-1].end()) if boxes else None
+    return _box_content(text, boxes[-1]) if boxes else None
 
 
 def all_boxed(text: str) -> list[str | None]:
     """The content of every box in ``text``, in order (None for one never closed); see extract_boxed."""
-    return [_box_content(text, m.end()) for m in _BOX.finditer(text)]
+    return [_box_content(text, box) for box in _BOX.finditer(text)]
 
 
-_OPENING_BRACE = re.compile(r"\s*\{")
-
-
-def _box_content(text: str, start: int) -> str | None:
-    """The braced group at ``start`` (after spaces), without its braces; None when there is none or it never closes."""
-    opening = _OPENING_BRACE.match(text, start)
-    if opening is None:
+def _box_content(text: str, box: re.Match) -> str | None:
+    """The braced group of a _BOX match, without its braces; None when there is none or it never closes."""
+    if box.group(1) is None:
         return None
-    start = i = opening.end() - 1
-    depth = 0
+    depth, i = 1, box.end()
     while i < len(text):
         if text[i] == "\\":
             i += 2  # skip the escaped character: \{ and \} do not open or close a group
             continue
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start + 1 : i]
+            return text[box.end() : i]
         i += 1
     return None
 
@@ -71,8 +66,6 @@ def _as_boxed_latex(answer: str | None) -> str | None:
     return "\\boxed{" + inner + "}" if inner else None
 
 
-# ----------------------------------------------------------------------------- worker processes
-
 _WORKER_START_TIMEOUT_S = 60.0  # far above python + sympy + math-verify's import time (bench/notes/grading.md): a hang
 
 
@@ -80,7 +73,6 @@ class _Worker:
     """One grading process: reads JSON ``[gold, pred]`` lines, answers ``1``/``0`` per line."""
 
     def __init__(self):
-        # the folder that holds the stepkto package first on the worker's import path
         path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen([sys.executable, "-m", "stepkto.grading"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
@@ -108,10 +100,8 @@ def _collect(worker: _Worker, verdicts: list[bool]) -> _Worker:
     line = worker.proc.stdout.readline()
     if not line.endswith(b"\n"):  # EOF: the process died (a crash grades its item wrong)
         if not worker.ready:
-            raise RuntimeError(
-                f"grading worker '{sys.executable} -m stepkto.grading' exited while starting; is math-verify "
-                "installed in this environment? Its traceback is on stderr above."
-            )
+            raise RuntimeError(f"grading worker '{sys.executable} -m stepkto.grading' exited while starting; is "
+                               "math-verify installed in this environment? Its traceback is on stderr above.")
         worker.close()
         return _Worker()
     if line == b"ready\n":
@@ -187,9 +177,6 @@ def _serve_grading_requests() -> None:
         replies.flush()
 
 
-# ----------------------------------------------------------------------------- public grading API
-
-
 def grade_answers(golds: list[str], preds: list[str | None], timeout_s: float = 5.0,
                   num_workers: int | None = None) -> list[bool]:
     """Is ``preds[i]`` equal to ``golds[i]``? (math_verify.verify(gold, pred).) A pred may be bare, ``$...$`` or a text
@@ -198,10 +185,9 @@ def grade_answers(golds: list[str], preds: list[str | None], timeout_s: float = 
     if len(golds) != len(preds):
         raise ValueError(f"{len(golds)} gold answers but {len(preds)} predictions")
     pairs = [(_as_boxed_latex(gold), _as_boxed_latex(pred)) for gold, pred in zip(golds, preds)]
-    pairs = [pair if None not in pair else None for pair in pairs]
-    distinct = list(dict.fromkeys(pair for pair in pairs if pair is not None))
+    distinct = list(dict.fromkeys(pair for pair in pairs if None not in pair))
     verdict = dict(zip(distinct, _grade_pairs(distinct, timeout_s, num_workers))) if distinct else {}
-    return [pair is not None and verdict[pair] for pair in pairs]
+    return [None not in pair and verdict[pair] for pair in pairs]
 
 
 def group_equivalent_many(answer_lists: list[list[str | None]], timeout_s: float = 5.0,
@@ -231,16 +217,11 @@ def majority_answers(answer_lists: list[list[str | None]], timeout_s: float = 5.
     (a tie: the class that appeared first); None for a list without answers."""
     majorities = []
     for answers, classes in zip(answer_lists, group_equivalent_many(answer_lists, timeout_s, num_workers)):
-        votes = Counter(c for c in classes if c >= 0)
-        best = max(votes, key=lambda c: (votes[c], -c)) if votes else None
-        majorities.append(None if best is None else answers[classes.index(best)])
+        votes = Counter(c for c in classes if c >= 0)  # a tie goes to the class seen first: the smallest id
+        majorities.append(answers[classes.index(max(votes, key=lambda c: (votes[c], -c)))] if votes else None)
     return majorities
 
 
-# ----------------------------------------------------------------------------- benchmark loading
-
-
-# Where a row's gold answer comes from (Benchmark.gold):
 ANSWER_FIELD = "answer"  # its 'answer' field; a row without one may give it as its solution's last \boxed{}
 SOLUTION_BOX = "solution_box"  # only its solution's last \boxed{}: sets published without an answer field
 
@@ -350,16 +331,14 @@ def _normalise_rows(located_rows, source: str, gold: str = ANSWER_FIELD, name: s
         raise ValueError(f"{label}: none of the {total:,} rows of {source} has a final \\boxed{{}} answer in its "
                          "solution, so none can be graded")
     if dropped:
-        line = f"{label}: dropped {dropped:,} of {total:,} rows without a final \\boxed{{}} answer in their solution"
-        print(line, file=sys.stderr, flush=True)
+        print(f"{label}: dropped {dropped:,} of {total:,} rows without a final \\boxed{{}} answer in their solution",
+              file=sys.stderr, flush=True)
     if not rows:
         raise ValueError(f"{source}: no rows (empty file?)")
     return rows
 
 
 def _jsonl_rows(path: Path):
-    from stepkto import jsonl
-
     for lineno, raw in jsonl.iter_jsonl(path):
         yield f"{path}:{lineno}", f"{path.stem}-{lineno}", raw
 
@@ -373,8 +352,7 @@ def _load_from_hub(name: str, benchmark: Benchmark, split: str, local: Path):
     try:
         import datasets  # lazily: only users without the local files need it
 
-        # datasets reads the offline variables once, at import: set later, they would not stop its connection
-        # retries (bench/notes/grading.md), so the hub is not tried at all
+        # set after datasets' import (where it reads them), they would not stop its retries: the hub is not tried
         if offline and not datasets.config.HF_HUB_OFFLINE:
             raise ConnectionError(f"{offline[0]} is set (after datasets was imported), so the hub was not tried")
         return datasets.load_dataset(benchmark.hub_id, benchmark.hub_config, split=split)
@@ -394,13 +372,10 @@ def _hub_rows(benchmark: Benchmark, split: str, dataset):
 
 
 def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
-    """Rows {"id", "problem", "answer", "solution" (when present)} of a benchmark or problem file.
-
-    ``name_or_path``: a name in BENCHMARKS, read from ``data_dir`` (default ``default_data_dir()``) when its file is
-    there, else from the hub (``split`` overrides the hub split); or a JSONL path with fields problem (or question),
-    answer (else the last \\boxed{} of the solution) and optionally solution, id. ValueError (one line) when the rows
-    cannot be found or are malformed.
-    """
+    """Rows {"id", "problem", "answer"(, "solution")} of a name in BENCHMARKS, read from ``data_dir`` (default
+    ``default_data_dir()``) when its file is there, else from the hub (``split`` overrides the hub split); or of a JSONL
+    file with fields problem (or question), answer (else the solution's last \\boxed{}) and optionally solution, id.
+    ValueError (one line) when the rows cannot be found or are malformed."""
     if name_or_path in BENCHMARKS:
         benchmark = BENCHMARKS[name_or_path]
         local = Path(data_dir or default_data_dir()) / benchmark.local_file
@@ -411,8 +386,8 @@ def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | 
         if split not in (None, benchmark.split):
             other = [n for n, b in BENCHMARKS.items() if b.hub_id == benchmark.hub_id and b.split == split]
             hint = f" (use {other[0]})" if other else ""
-            where = f"{local}: holds only the '{benchmark.split}' split of {name_or_path}"
-            raise ValueError(f"{where}, not '{split}'{hint}")
+            raise ValueError(f"{local}: holds only the '{benchmark.split}' split of {name_or_path}, not '{split}'"
+                             + hint)
         return _normalise_rows(_jsonl_rows(local), str(local), benchmark.gold, name_or_path)
     path = Path(name_or_path)
     if not path.is_file():
