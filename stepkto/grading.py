@@ -1,17 +1,10 @@
 """Final-answer grading and benchmark loading for the real-model path.
 
-The outcome label of Step-KTO (the binary feedback on the final answer) is "does the last
-\\boxed{} of a solution equal the gold answer?". Equality is decided by math-verify, wrapped so that
-it can never hang:
-
-* math-verify's own timeout uses SIGALRM, which only works in the main thread, and without it an
-  answer such as ``9^{9^{9^9}}`` makes sympy compute forever. So every comparison runs in a pool of
-  worker PROCESSES (``python -m stepkto.grading`` is the worker) with a hard per-item deadline enforced by
-  the parent: a worker past its deadline is killed and replaced, and its item is graded wrong.
-  The parent uses no signals, so grading works from any thread.
-* Both sides are wrapped as ``\\boxed{...}`` before math-verify parses them, so the whole answer is
-  read as one LaTeX expression: "25" == "025", "27" == "27.0", "\\frac{1}{2}" == "0.5" == "1/2".
-  bench/notes/grading.md lists what math-verify accepts and how it does on the MATH-500 answers.
+The outcome label of Step-KTO is "does the last \\boxed{} of a solution equal the gold answer?", decided by
+math-verify on both sides wrapped as one ``\\boxed{...}`` ("25" == "025", "\\frac{1}{2}" == "0.5" == "1/2"). Its own
+timeout needs SIGALRM (main thread only) and an answer such as ``9^{9^{9^9}}`` makes sympy compute forever, so every
+comparison runs in a worker PROCESS (``python -m stepkto.grading``) under a deadline the parent enforces without
+signals: a late worker is killed and its item graded wrong. bench/notes/grading.md lists what math-verify accepts.
 """
 
 from __future__ import annotations
@@ -27,51 +20,41 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import NamedTuple
 
-# ----------------------------------------------------------------------------- answer extraction
+from stepkto import jsonl
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX = re.compile(r"(?:\\boxed|\\fbox)(\s*\{)?")  # a box command, and its opening brace when it has one
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the LAST \\boxed{...} or \\fbox{...} in ``text`` (nested braces matched).
-
-    None when there is no box, or when the last box is never closed (a truncated generation has
-    not given an answer, even if an earlier box exists). ``\\{`` and ``\\}`` are literal braces.
-    """
-    found = [(text.rfind(command), command) for command in _BOX_COMMANDS if command in text]
-    if not found:
-        return None
-    position, command = max(found)
-    return _box_content(text, position + len(command))
+    """Content of the LAST \\boxed{...} or \\fbox{...} in ``text`` (nested braces matched; ``\\{`` is a literal
+    brace); None without one, or when the last box never closes (a truncated generation gave no answer)."""
+    boxes = list(_BOX.finditer(text))
+    return _box_content(text, boxes[-1]) if boxes else None
 
 
 def all_boxed(text: str) -> list[str | None]:
     """The content of every box in ``text``, in order (None for one never closed); see extract_boxed."""
-    pattern = "|".join(re.escape(command) for command in _BOX_COMMANDS)
-    return [_box_content(text, m.end()) for m in re.finditer(pattern, text)]
+    return [_box_content(text, box) for box in _BOX.finditer(text)]
 
 
-def _box_content(text: str, start: int) -> str | None:
-    """The braced group at ``start`` (after spaces), without its braces; None when there is none or it never closes."""
-    while start < len(text) and text[start].isspace():
-        start += 1
-    if start >= len(text) or text[start] != "{":
+def _box_content(text: str, box: re.Match) -> str | None:
+    """The braced group of a _BOX match, without its braces; None when there is none or it never closes."""
+    if box.group(1) is None:
         return None
-    depth, i = 0, start
+    depth, i = 1, box.end()
     while i < len(text):
         if text[i] == "\\":
             i += 2  # skip the escaped character: \{ and \} do not open or close a group
             continue
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start + 1 : i]
+            return text[box.end() : i]
         i += 1
     return None
 
 
 def _as_boxed_latex(answer: str | None) -> str | None:
-    """``answer`` (bare, ``$...$`` or a text ending in a \\boxed{}) as one ``\\boxed{...}``, so that
-    math-verify reads all of it as a single LaTeX expression; None for no answer or an empty one."""
+    """``answer`` (bare, ``$...$`` or a text ending in a \\boxed{}) as one ``\\boxed{...}``; None for none or empty."""
     if answer is None:
         return None
     if not isinstance(answer, str):
@@ -83,8 +66,6 @@ def _as_boxed_latex(answer: str | None) -> str | None:
     return "\\boxed{" + inner + "}" if inner else None
 
 
-# ----------------------------------------------------------------------------- worker processes
-
 _WORKER_START_TIMEOUT_S = 60.0  # far above python + sympy + math-verify's import time (bench/notes/grading.md): a hang
 
 
@@ -92,9 +73,9 @@ class _Worker:
     """One grading process: reads JSON ``[gold, pred]`` lines, answers ``1``/``0`` per line."""
 
     def __init__(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stepkto.grading"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env()
-        )
+        path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "stepkto.grading"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
         self.ready = False  # becomes True when the worker has imported math-verify
         self.item: int | None = None  # index of the pair being graded
         self.deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
@@ -114,21 +95,13 @@ class _Worker:
         self.proc.stdout.close()
 
 
-def _worker_env() -> dict:
-    """This environment, with the folder that holds the stepkto package first on the worker's import path."""
-    root = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-
-
 def _collect(worker: _Worker, verdicts: list[bool]) -> _Worker:
     """Read ``worker``'s reply into ``verdicts``; return the worker to use next (new if it died)."""
     line = worker.proc.stdout.readline()
     if not line.endswith(b"\n"):  # EOF: the process died (a crash grades its item wrong)
         if not worker.ready:
-            raise RuntimeError(
-                f"grading worker '{sys.executable} -m stepkto.grading' exited while starting; is math-verify "
-                "installed in this environment? Its traceback is on stderr above."
-            )
+            raise RuntimeError(f"grading worker '{sys.executable} -m stepkto.grading' exited while starting; is "
+                               "math-verify installed in this environment? Its traceback is on stderr above.")
         worker.close()
         return _Worker()
     if line == b"ready\n":
@@ -180,8 +153,7 @@ def _serve_grading_requests() -> None:
 
     from math_verify import parse, verify
 
-    # the parent kills workers when it is done; a worker must never outlive it spinning on a hung
-    # answer (parent killed by SIGKILL), nor print a KeyboardInterrupt traceback on Ctrl-C
+    # never outlive a parent killed by SIGKILL (spinning on a hung answer), nor print a traceback on Ctrl-C
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -205,34 +177,23 @@ def _serve_grading_requests() -> None:
         replies.flush()
 
 
-# ----------------------------------------------------------------------------- public grading API
-
-
-def grade_answers(
-    golds: list[str], preds: list[str | None], timeout_s: float = 5.0, num_workers: int | None = None
-) -> list[bool]:
-    """Is ``preds[i]`` equal to ``golds[i]``? (math_verify.verify(gold, pred), gold first.)
-
-    A pred may be a bare answer, ``$...$`` or a text whose last \\boxed{} is the answer; None or an
-    empty answer is wrong. Each distinct (gold, pred) pair is graded once, in ``num_workers``
-    processes (default: one per CPU), and is wrong if it takes over ``timeout_s`` seconds.
-    """
+def grade_answers(golds: list[str], preds: list[str | None], timeout_s: float = 5.0,
+                  num_workers: int | None = None) -> list[bool]:
+    """Is ``preds[i]`` equal to ``golds[i]``? (math_verify.verify(gold, pred).) A pred may be bare, ``$...$`` or a text
+    whose last \\boxed{} is the answer; None or empty is wrong. Each distinct pair is graded once, in ``num_workers``
+    processes (default: one per CPU), and is wrong if it takes over ``timeout_s`` seconds."""
     if len(golds) != len(preds):
         raise ValueError(f"{len(golds)} gold answers but {len(preds)} predictions")
     pairs = [(_as_boxed_latex(gold), _as_boxed_latex(pred)) for gold, pred in zip(golds, preds)]
-    pairs = [pair if None not in pair else None for pair in pairs]
-    distinct = list(dict.fromkeys(pair for pair in pairs if pair is not None))
+    distinct = list(dict.fromkeys(pair for pair in pairs if None not in pair))
     verdict = dict(zip(distinct, _grade_pairs(distinct, timeout_s, num_workers))) if distinct else {}
-    return [pair is not None and verdict[pair] for pair in pairs]
+    return [None not in pair and verdict[pair] for pair in pairs]
 
 
-def group_equivalent_many(
-    answer_lists: list[list[str | None]], timeout_s: float = 5.0, num_workers: int | None = None
-) -> list[list[int]]:
-    """Class ids of each list's answers (e.g. the K samples of every problem), all graded in one pool: an answer joins
-    the first earlier class whose first member grades equal to it (gold = that member), else opens a new class. Ids
-    count up from 0 in order of first appearance; None (no answer) gets -1. For Maj@K votes by grading equivalence,
-    not string equality."""
+def group_equivalent_many(answer_lists: list[list[str | None]], timeout_s: float = 5.0,
+                          num_workers: int | None = None) -> list[list[int]]:
+    """Class ids of each list's answers (Maj@K by grading equivalence), all graded in one pool: an answer joins the
+    first earlier class whose first member grades equal to it (as gold), else opens the next class; None gets -1."""
     distinct_lists = [list(dict.fromkeys(a for a in answers if a is not None)) for answers in answer_lists]
     pairs = [(d[i], d[j]) for d in distinct_lists for i in range(len(d)) for j in range(i + 1, len(d))]
     verdicts = grade_answers([g for g, _ in pairs], [p for _, p in pairs], timeout_s, num_workers)
@@ -240,49 +201,35 @@ def group_equivalent_many(
     classes = []
     for answers, distinct in zip(answer_lists, distinct_lists):
         class_of: dict[str, int] = {}
-        representatives: list[str] = []  # first member of each class, in order of appearance
+        representatives: list[str] = []  # first member of each class: a class id is its index here
         for answer in distinct:
-            match = next((class_of[r] for r in representatives if equal[(r, answer)]), None)
-            if match is None:
-                match = len(representatives)
+            new = len(representatives)
+            class_of[answer] = next((c for c, r in enumerate(representatives) if equal[(r, answer)]), new)
+            if class_of[answer] == new:
                 representatives.append(answer)
-            class_of[answer] = match
         classes.append([class_of[a] if a is not None else -1 for a in answers])
     return classes
 
 
-def majority_answers(
-    answer_lists: list[list[str | None]], timeout_s: float = 5.0, num_workers: int | None = None
-) -> list[str | None]:
+def majority_answers(answer_lists: list[list[str | None]], timeout_s: float = 5.0,
+                     num_workers: int | None = None) -> list[str | None]:
     """The Maj@K vote of each list, all graded in one pool: the first-seen member of its largest equivalence class
     (a tie: the class that appeared first); None for a list without answers."""
     majorities = []
     for answers, classes in zip(answer_lists, group_equivalent_many(answer_lists, timeout_s, num_workers)):
-        votes = Counter(c for c in classes if c >= 0)
-        # most votes wins; a tie goes to the class that appeared first (smallest id)
-        best = max(votes, key=lambda c: (votes[c], -c)) if votes else None
-        majorities.append(None if best is None else answers[classes.index(best)])
+        votes = Counter(c for c in classes if c >= 0)  # a tie goes to the class seen first: the smallest id
+        majorities.append(answers[classes.index(max(votes, key=lambda c: (votes[c], -c)))] if votes else None)
     return majorities
 
 
-# ----------------------------------------------------------------------------- benchmark loading
-
-
-# Where a row's gold answer comes from (Benchmark.gold):
 ANSWER_FIELD = "answer"  # its 'answer' field; a row without one may give it as its solution's last \boxed{}
 SOLUTION_BOX = "solution_box"  # only its solution's last \boxed{}: sets published without an answer field
 
 
 class Benchmark(NamedTuple):
-    """A named problem set: where its rows are (a local file, else the hub) and where its gold answer is.
+    """A named problem set: where its rows are (a local file, else the hub) and where its gold answer is."""
 
-    math500 (HuggingFaceH4/MATH-500), amc23 (math-ai/amc23), aime24 (HuggingFaceH4/aime_2024), gsm8k and
-    gsm8k_train (openai/gsm8k); the training sets math_train (MATH's 7,500 training problems,
-    DigitalLearningGmbH/MATH-lighteval) and numina_cot (AI-MO/NuminaMath-CoT), whose gold answer is the
-    last \\boxed{} of the reference solution: their rows without one cannot be graded and are dropped.
-    """
-
-    local_file: str | None  # file name in the data dir (read offline), None: hub only
+    local_file: str  # file name in the data dir (read offline)
     hub_id: str  # used when the local file is absent
     hub_config: str | None
     split: str
@@ -293,15 +240,12 @@ BENCHMARKS = {
     "math500": Benchmark("math500.jsonl", "HuggingFaceH4/MATH-500", None, "test"),
     "amc23": Benchmark("amc23.jsonl", "math-ai/amc23", None, "test"),
     "aime24": Benchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", None, "train"),
-    # GSM8K as published (openai/grade-school-math): the answer field is the worked solution ending in
-    # "#### N"; normalise_problem turns it into gold N and a step-format reference solution
+    # GSM8K as published: the answer field is the worked solution ending in "#### N" (see normalise_problem)
     "gsm8k": Benchmark("gsm8k_test.jsonl", "openai/gsm8k", "main", "test"),
     "gsm8k_train": Benchmark("gsm8k_train.jsonl", "openai/gsm8k", "main", "train"),
-    # training sets with a reference solution (what the judge sees) and no answer field; the local files
-    # are the hub rows as JSONL (MATH: problem, level, solution, type; Numina: source, problem, solution, messages)
-    "math_train": Benchmark(
-        "math_train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "default", "train", SOLUTION_BOX
-    ),
+    # training sets with a reference solution (what the judge sees) and no answer field: rows whose solution has no
+    # \boxed{} answer cannot be graded and are dropped; the local files are the hub rows as JSONL
+    "math_train": Benchmark("math_train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "default", "train", SOLUTION_BOX),
     "numina_cot": Benchmark("numina_cot.jsonl", "AI-MO/NuminaMath-CoT", None, "train", SOLUTION_BOX),
 }
 
@@ -326,11 +270,9 @@ def normalise_answer(value, where: str) -> str:
 
 
 def normalise_problem(raw, where: str, default_id: str, gold: str = ANSWER_FIELD) -> dict | None:
-    """One benchmark row -> {"id", "problem", "answer"(, "solution")}; ``where`` names file and line.
-
-    ``gold`` says where the answer is (Benchmark.gold). None for a SOLUTION_BOX row whose solution
-    has no \\boxed{} answer: it cannot be graded.
-    """
+    """One benchmark row -> {"id", "problem", "answer"(, "solution")}; ``where`` names file and line. The gold answer
+    is the 'answer' field (not for SOLUTION_BOX), else the solution's last \\boxed{}; None for a SOLUTION_BOX row
+    without one (it cannot be graded)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     key = "problem" if "problem" in raw else "question"
@@ -340,56 +282,40 @@ def normalise_problem(raw, where: str, default_id: str, gold: str = ANSWER_FIELD
     solution = raw.get("solution")
     if solution is not None and not isinstance(solution, str):
         raise ValueError(f"{where}: field 'solution' must be a string, got {type(solution).__name__}")
-    answer = _raw_gold_answer(raw, solution, gold, where)
-    if answer is None:
-        return None
     row = {"id": str(raw.get("id", raw.get("unique_id", default_id))), "problem": raw[key]}
-    if solution is None and isinstance(answer, str) and "####" in answer:
-        worked, answer = answer.rsplit("####", 1)  # GSM8K: "<one step per line>\n#### 1,234"
-        row["answer"] = normalise_answer(answer.replace(",", ""), where)
-        row["solution"] = gsm8k_reference_solution(worked, row["answer"])
-        return row
+    if gold == ANSWER_FIELD and "answer" in raw:
+        answer = raw["answer"]
+        if solution is None and isinstance(answer, str) and "####" in answer:
+            worked, answer = answer.rsplit("####", 1)  # GSM8K: "<one step per line>\n#### 1,234"
+            row["answer"] = normalise_answer(answer.replace(",", ""), where)
+            row["solution"] = gsm8k_reference_solution(worked, row["answer"])
+            return row
+    else:
+        answer = extract_boxed(solution or "") or ""
+        if not answer.strip():  # an empty box gives no answer to grade against
+            if gold == ANSWER_FIELD:
+                raise ValueError(f"{where}: missing field 'answer' (and no \\boxed{{}} answer in field 'solution')")
+            return None
     row["answer"] = normalise_answer(answer, where)
     if solution is not None:
         row["solution"] = solution.strip()
     return row
 
 
-def _raw_gold_answer(raw: dict, solution: str | None, gold: str, where: str):
-    """A row's gold answer before normalise_answer: the 'answer' field, else the last \\boxed{} of the
-    solution; for SOLUTION_BOX only that box, None when there is none (or it is empty)."""
-    if gold == ANSWER_FIELD and "answer" in raw:
-        return raw["answer"]
-    boxed = extract_boxed(solution) if solution is not None else None
-    if boxed is None or not boxed.strip():
-        boxed = None  # an empty box gives no answer to grade against
-    if boxed is None and gold == ANSWER_FIELD:
-        raise ValueError(f"{where}: missing field 'answer' (and no \\boxed{{}} answer in field 'solution')")
-    return boxed
-
-
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
 def gsm8k_reference_solution(worked: str, answer: str) -> str:
-    """A GSM8K worked solution (the text before ``####``) in the project's step format.
-
-    Each non-empty line is one step, stripped, with its ``<<48/2=24>>`` annotations removed; steps
-    are separated by a blank line (prompting.STEP_SEPARATOR, what prompting.step_spans splits on), and a last step
-    "The answer is \\boxed{answer}." carries the gold answer, as the prompts ask a model to write it.
-    """
-    # the annotations are the calculator calls the GSM8K authors used to check the arithmetic, not
-    # text a model should learn to write (nor one the judge should expect)
+    """A GSM8K worked solution (the text before ``####``) in the step format: each non-empty line one step, without
+    its ``<<48/2=24>>`` calculator annotations (no text a model should write), steps joined by
+    prompting.STEP_SEPARATOR, and a last step "The answer is \\boxed{answer}." as the prompts ask for."""
     lines = (_CALCULATOR_ANNOTATION.sub("", line).strip() for line in worked.split("\n"))
     return "\n\n".join([line for line in lines if line] + [f"The answer is \\boxed{{{answer}}}."])
 
 
 def _normalise_rows(located_rows, source: str, gold: str = ANSWER_FIELD, name: str | None = None) -> list[dict]:
-    """``located_rows`` yields (where, default_id, raw row); ids must be unique.
-
-    Rows that cannot be graded (SOLUTION_BOX rows without a \\boxed{} answer) are dropped, and one
-    printed line says how many; ValueError when no row is left.
-    """
+    """The rows of ``located_rows`` ((where, default_id, raw row) each; ids unique), less the ungradable ones (one
+    printed line counts them); ValueError when no row is left."""
     rows, seen, dropped = [], set(), 0
     for where, default_id, raw in located_rows:
         row = normalise_problem(raw, where, default_id, gold)
@@ -405,16 +331,14 @@ def _normalise_rows(located_rows, source: str, gold: str = ANSWER_FIELD, name: s
         raise ValueError(f"{label}: none of the {total:,} rows of {source} has a final \\boxed{{}} answer in its "
                          "solution, so none can be graded")
     if dropped:
-        line = f"{label}: dropped {dropped:,} of {total:,} rows without a final \\boxed{{}} answer in their solution"
-        print(line, file=sys.stderr, flush=True)
+        print(f"{label}: dropped {dropped:,} of {total:,} rows without a final \\boxed{{}} answer in their solution",
+              file=sys.stderr, flush=True)
     if not rows:
         raise ValueError(f"{source}: no rows (empty file?)")
     return rows
 
 
 def _jsonl_rows(path: Path):
-    from stepkto import jsonl
-
     for lineno, raw in jsonl.iter_jsonl(path):
         yield f"{path}:{lineno}", f"{path.stem}-{lineno}", raw
 
@@ -422,59 +346,48 @@ def _jsonl_rows(path: Path):
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def _load_from_hub(name: str, benchmark: Benchmark, split: str, local: Path | None):
+def _load_from_hub(name: str, benchmark: Benchmark, split: str, local: Path):
     """``datasets.load_dataset`` of the benchmark, or ONE ValueError line saying where it looked."""
     offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}]
     try:
         import datasets  # lazily: only users without the local files need it
 
-        # datasets reads the offline variables once, at import: set later, they would not stop its connection
-        # retries (bench/notes/grading.md), so the hub is not tried at all
+        # set after datasets' import (where it reads them), they would not stop its retries: the hub is not tried
         if offline and not datasets.config.HF_HUB_OFFLINE:
             raise ConnectionError(f"{offline[0]} is set (after datasets was imported), so the hub was not tried")
         return datasets.load_dataset(benchmark.hub_id, benchmark.hub_config, split=split)
     except Exception as e:  # offline, no such dataset, no datasets package: all end the same way
-        looked = f"no file {local}" if local else "no local file for it"
         config = f"config {benchmark.hub_config}, " if benchmark.hub_config else ""
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"benchmark {name!r} not found: {looked}, and the hub dataset {benchmark.hub_id} ({config}split {split}) "
-            f"did not load: {type(e).__name__}: {first_line}"
-        ) from None
+        raise ValueError(f"benchmark {name!r} not found: no file {local}, and the hub dataset {benchmark.hub_id} "
+                         f"({config}split {split}) did not load: {type(e).__name__}: {first_line}") from None
 
 
 def _hub_rows(benchmark: Benchmark, split: str, dataset):
+    # the local file's ids (line numbers) when the rows are the local file's: an id does not depend on the source
     for index, raw in enumerate(dataset):
-        # the local file's id (its line number) when the rows are the local file's, so an id does not
-        # depend on where the rows came from
-        same_rows = benchmark.local_file and split == benchmark.split
+        same_rows = split == benchmark.split
         default_id = f"{Path(benchmark.local_file).stem}-{index + 1}" if same_rows else f"{benchmark.hub_id}-{index}"
         yield f"{benchmark.hub_id}[{split}] row {index}", default_id, dict(raw)
 
 
 def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
-    """Rows {"id", "problem", "answer", "solution" (when present)} of a benchmark or problem file.
-
-    ``name_or_path``: a name in BENCHMARKS (math500 | amc23 | aime24 | gsm8k | gsm8k_train, and the
-    training sets math_train | numina_cot, hub ids in Benchmark), read from ``data_dir`` (default
-    ``default_data_dir()``) when the file is there, else from the hub (``split`` overrides the hub split);
-    or a JSONL path with fields problem (or question), answer and optionally solution, id. A row of such
-    a file without an answer field takes its answer from the last \\boxed{} of its solution. ValueError
-    (one line) when the rows cannot be found or are malformed.
-    """
+    """Rows {"id", "problem", "answer"(, "solution")} of a name in BENCHMARKS, read from ``data_dir`` (default
+    ``default_data_dir()``) when its file is there, else from the hub (``split`` overrides the hub split); or of a JSONL
+    file with fields problem (or question), answer (else the solution's last \\boxed{}) and optionally solution, id.
+    ValueError (one line) when the rows cannot be found or are malformed."""
     if name_or_path in BENCHMARKS:
         benchmark = BENCHMARKS[name_or_path]
-        local = Path(data_dir or default_data_dir()) / benchmark.local_file if benchmark.local_file else None
-        if local is None or not local.is_file():
+        local = Path(data_dir or default_data_dir()) / benchmark.local_file
+        if not local.is_file():
             split = split or benchmark.split
-            dataset = _load_from_hub(name_or_path, benchmark, split, local)
-            located = _hub_rows(benchmark, split, dataset)
+            located = _hub_rows(benchmark, split, _load_from_hub(name_or_path, benchmark, split, local))
             return _normalise_rows(located, benchmark.hub_id, benchmark.gold, name_or_path)
         if split not in (None, benchmark.split):
             other = [n for n, b in BENCHMARKS.items() if b.hub_id == benchmark.hub_id and b.split == split]
             hint = f" (use {other[0]})" if other else ""
-            where = f"{local}: holds only the '{benchmark.split}' split of {name_or_path}"
-            raise ValueError(f"{where}, not '{split}'{hint}")
+            raise ValueError(f"{local}: holds only the '{benchmark.split}' split of {name_or_path}, not '{split}'"
+                             + hint)
         return _normalise_rows(_jsonl_rows(local), str(local), benchmark.gold, name_or_path)
     path = Path(name_or_path)
     if not path.is_file():

@@ -1,6 +1,5 @@
-"""The policy's log-probs: log pi(token | prefix) of the completion tokens of tokenized (prompt, completion) rows,
-per completion and per step (the r(x, y) of (1) and r_k of (6) in stepkto_loss.py, paper Sec. 2.3), and the
-reference log-probs of every row and KL pair of a run, computed once and cached."""
+"""The policy's log-probs of the completion tokens of (prompt, completion) rows, per completion and per step (r(x, y)
+of (1) and r_k of (6) in stepkto_loss.py, paper Sec. 2.3), and a run's reference log-probs, computed once, cached."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from stepkto_loss import step_logps
 
 
 class Tokenized(NamedTuple):
-    """A prompt and its completion as token ids, with the step of each completion token: one row of a forward
-    pass (a training row, or a KL pair's prompt with another row's completion)."""
+    """One row of a forward pass as token ids (a training row, or a KL pair's prompt with another row's completion)."""
 
     prompt_ids: list[int]
     completion_ids: list[int]  # EOS included when the completion stopped
@@ -40,17 +38,10 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 class CompletionLogProbs(torch.nn.Module):
     """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
 
-    The LM head and the log-softmax run on the N completion positions alone, never on the prompt's, and
-    never on more tokens at once than keep their float32 logits under ``chunk_mib`` MiB: with a large
-    vocabulary (SmolLM2: 49,152; Llama 3: 128,256) the logits of a whole batch would be the largest tensor
-    of the step. Under autograd each chunk is checkpointed, so backward recomputes its logits instead of
-    keeping them all (the cost: one more LM-head matmul per token). Being the FSDP root, this module's
-    forward also gathers the embedding / final norm / head shards.
-
-    With ``autocast`` (e.g. torch.bfloat16) the forward runs under torch.autocast: matmuls in that dtype,
-    the weights (and so their gradients and optimizer states) in their own, float32 for mixed precision.
-    Backward follows the forward's dtypes, and the checkpointed head chunks recompute under the same
-    autocast state. The log-probs are float32 either way.
+    The LM head and log-softmax run on the completion positions alone, in chunks whose float32 logits stay under
+    ``chunk_mib`` MiB (a large vocabulary's logits would be the step's largest tensor), each checkpointed under
+    autograd. As the FSDP root, its forward also gathers the embedding / final norm / head shards. With ``autocast``
+    (e.g. torch.bfloat16) it runs under torch.autocast, the weights in their own dtype; the log-probs are float32.
     """
 
     def __init__(self, lm: torch.nn.Module, chunk_mib: float = 0.0, autocast: torch.dtype | None = None):
@@ -62,23 +53,16 @@ class CompletionLogProbs(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
         with torch.autocast(input_ids.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.completion_logps(input_ids, attention_mask, positions, targets)
-
-    def completion_logps(self, input_ids, attention_mask, positions, targets) -> torch.Tensor:
-        decoder = self.lm.get_decoder()
-        outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = outputs.last_hidden_state.flatten(0, 1)[positions]  # (B, T, H) -> (N, H)
-        head = self.lm.get_output_embeddings()
-        if not 0 < self.chunk_tokens < len(targets):
-            return head_logps(head, hidden, targets)
-        parts = []
-        for hidden_chunk, target_chunk in zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens)):
-            if torch.is_grad_enabled():
-                parts.append(checkpoint(head_logps, head, hidden_chunk, target_chunk, use_reentrant=False,
-                                        preserve_rng_state=False))
-            else:
-                parts.append(head_logps(head, hidden_chunk, target_chunk))
-        return torch.cat(parts)  # (N,)
+            outputs = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = outputs.last_hidden_state.flatten(0, 1)[positions]  # (B, T, H) -> (N, H)
+            head = self.lm.get_output_embeddings()
+            if not 0 < self.chunk_tokens < len(targets):
+                return head_logps(head, hidden, targets)
+            chunks = zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens))
+            if not torch.is_grad_enabled():
+                return torch.cat([head_logps(head, h, t) for h, t in chunks])  # (N,)
+            return torch.cat([checkpoint(head_logps, head, h, t, use_reentrant=False, preserve_rng_state=False)
+                              for h, t in chunks])  # (N,)
 
 
 class Batch(NamedTuple):
@@ -110,16 +94,10 @@ def collate(rows: list[Tokenized], pad_id: int, device: torch.device) -> Batch:
     # Causal LM: the logits at position t predict token t+1, so completion token j is scored at prompt_len + j - 1.
     positions = token_rows * max_len + np.repeat(prompt_lens, completion_lens) + token_cols - 1  # (N,)
     num_steps = np.array([r.num_steps for r in rows])
-    arrays = dict(
-        input_ids=input_ids,
-        attention_mask=np.arange(max_len)[None, :] < seq_lens[:, None],
-        positions=positions,
-        targets=input_ids.reshape(-1)[positions + 1],
-        token_rows=token_rows,
-        token_cols=token_cols,
-        step_ids=step_ids,
-        step_mask=np.arange(num_steps.max())[None, :] < num_steps[:, None],
-    )
+    arrays = dict(input_ids=input_ids, attention_mask=np.arange(max_len)[None, :] < seq_lens[:, None],
+                  positions=positions, targets=input_ids.reshape(-1)[positions + 1], token_rows=token_rows,
+                  token_cols=token_cols, step_ids=step_ids,
+                  step_mask=np.arange(num_steps.max())[None, :] < num_steps[:, None])
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
     return Batch(**tensors, real_tokens=int(seq_lens.sum()), computed_tokens=batch_size * max_len)
 
@@ -158,14 +136,12 @@ def cached_reference(cache: Path, compute: Callable[[], Reference], rank: int) -
 @torch.no_grad()
 def score_rows(policy: nn.Module, rows: list[Tokenized], span: str, batch_size: int, env: distributed.Env, pad_id: int):
     """(totals (R,), steps (R, K_max)) of many rows: length-sorted batches, spread over the ranks."""
-    # Longest first: if memory runs out, it does so at once.
-    order = sorted(range(len(rows)), key=lambda i: -rows[i].length())
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].length())  # longest first: out of memory at once
     batches = sharding.chunked(order, batch_size)
     rounds = -(-len(batches) // env.world_size)
     local, dtype = {}, None
     for b in tqdm(range(env.rank, rounds * env.world_size, env.world_size), desc="reference", disable=env.rank != 0):
-        # Every FSDP forward all-gathers weights, so all ranks must run the same number: a rank with no
-        # batch left recomputes batch 0 and drops the result.
+        # every FSDP forward all-gathers weights, so a rank with no batch left recomputes batch 0 and drops it
         indices = batches[b] if b < len(batches) else batches[0]
         totals, steps = completion_logps(policy, collate([rows[i] for i in indices], pad_id, env.device), span)
         dtype = totals.dtype
