@@ -8,8 +8,7 @@ its stage starts (as DVC's dvc.lock), is kept in OUT.provenance.json (a folder's
 
 ``settle``: the same record as the one kept means "complete" (or "resume"); another stops the stage with one line
 naming what changed, or with ``--on_change redo`` makes the output again. Paths are for the messages, never compared.
-No torch here: every stage imports this module before it loads anything.
-"""
+No torch here: every stage imports this module before it loads anything."""
 
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ RECORD = "provenance.json"  # a folder's record; a file OUT's is OUT.provenance.
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes; a large file's is remembered per (path, size, mtime) in a cache file, so that the
-    weights of a model are read once, not by every stage (a read-only home: not remembered)."""
+    """SHA-256 of a file's bytes; a large file's (model weights) is cached per (path, size, mtime): read once."""
     path = Path(path).resolve()
     stat = path.stat()
     if stat.st_size < _CACHED_FROM:
@@ -54,7 +52,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 def sha256_of(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read now."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
@@ -80,9 +77,8 @@ def rows_input(rows, path: str = "") -> dict:
 
 
 def model_identity(model: str) -> dict:
-    """What a model is before loading it: a checkpoint folder by its own provenance record (train.py writes one),
-    another folder by the digests of its files (hidden ones, such as .git, left out); a hub id or a served model by
-    its name (to pin a hub revision, pass its snapshot folder)."""
+    """A model before loading it: a checkpoint folder by its provenance record, another folder by its files' digests
+    (hidden ones such as .git left out), a hub id or served model by name (pin a hub revision: pass its snapshot)."""
     folder = Path(model)
     if model in ("", "scratch") or not folder.is_dir():
         return {"name": model}
@@ -104,7 +100,6 @@ def record_path(out: str | Path, is_folder: bool = False) -> Path:
 
 
 def _compared(record: dict) -> dict:
-    """A record without the paths of its inputs (messages only)."""
     inputs = {name: {k: v for k, v in value.items() if k != "path"} for name, value in record.get("inputs", {}).items()}
     return {**record, "inputs": inputs}
 
