@@ -1,6 +1,5 @@
-"""Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision (host RAM holds
-one copy of the model, no GPU more than one tensor of it whole: build_policy), LoRA, the batch plan, the optimizer,
-LR schedule and update, the training log. What a run writes to disk is stepkto/checkpoints.py's."""
+"""Training plumbing, nothing of Step-KTO: processes and collectives, FSDP2 and its mixed precision, LoRA, the batch
+plan, the optimizer, LR schedule and update, the training log. What a run writes to disk is stepkto/checkpoints.py's."""
 
 from __future__ import annotations
 
@@ -51,7 +50,6 @@ def init_distributed() -> Env:
 
 
 def run_in_process_group(fn: Callable[[Env], None]) -> None:
-    """fn(init_distributed()), then the process group (if any) destroyed, also when fn raises."""
     env = init_distributed()
     try:
         fn(env)
@@ -70,8 +68,7 @@ def leave_process_group(wait: bool = True) -> None:
 
 
 def exit_under_torchrun() -> None:
-    """Under torchrun, after run_in_process_group: skip the interpreter's teardown, where gloo's threads can still
-    abort a finished run (pytorch/pytorch PR 179291)."""
+    """Under torchrun: skip interpreter teardown, where gloo's threads can abort a finished run (pytorch PR 179291)."""
     if "LOCAL_RANK" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -112,8 +109,7 @@ def all_reduce_sums(sums: dict, device: torch.device) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the policy: FSDP2, mixed precision, LoRA
 class Lora(NamedTuple):
-    """LoRA settings (peft): rank, scaling numerator (the update is alpha / r * B A), dropout on the
-    adapters' input, comma-separated names of the modules that get adapters."""
+    """LoRA (peft): the update is alpha / r * B A, dropout on the adapters' input, target_modules comma-separated."""
 
     r: int
     alpha: float
@@ -138,9 +134,8 @@ def add_lora(lm: torch.nn.Module, lora: Lora | None) -> torch.nn.Module:
 
 def build_policy(model: str, settings, tokenizer, lora: Lora | None, env: Env, trainable: bool,
                  wrap: Callable[..., torch.nn.Module]) -> torch.nn.Module:
-    """``model`` (a folder, hub id or "scratch") as train.py's Args ``settings`` say, with LoRA, wrapped in ``wrap``.
-    One process: whole on env.device, autocast. Under torchrun: only rank 0 builds it whole, on the CPU; every rank
-    shards a meta-device skeleton and gets the weights (and the buffers no state dict holds) from rank 0's copy."""
+    """``model`` (folder, hub id or "scratch") per train.py's ``settings``, with LoRA, in ``wrap``. Under torchrun only
+    rank 0 builds it whole (CPU); every rank shards a meta skeleton and gets weights and buffers from rank 0's copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     def wrapped(meta: bool, autocast: bool) -> torch.nn.Module:
@@ -185,8 +180,7 @@ def _prepare(lm: torch.nn.Module, settings, trainable: bool, autocast: bool, wra
 
 
 def shard(policy: torch.nn.Module, env: Env, mixed_precision: str) -> None:
-    """FSDP2 over all ranks, each decoder layer its own unit, then the root; mixed precision: compute in its dtype,
-    gradients reduced in float32, the master weights (and AdamW's states) in their own."""
+    """FSDP2, each decoder layer a unit, then the root; gradients reduced in float32, master weights in their dtype."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -261,8 +255,7 @@ def make_optimizer(policy: torch.nn.Module, total_steps: int, lr: float, weight_
 
 def update(policy: torch.nn.Module, optimizer, scheduler, loss: float, max_grad_norm: float, step: int,
            work: Path) -> float:
-    """After a step's backward passes: the gradient norm clipped, AdamW's update, the gradients freed, the LR schedule
-    advanced; returns the norm before clipping. A non-finite loss or norm stops the run first."""
+    """After a step's backward passes: clip, AdamW step, LR schedule step; returns the norm before clipping."""
     check_finite("loss", loss, step, work)
     grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)))
     check_finite("gradient norm", grad_norm, step, work)
@@ -281,8 +274,7 @@ def check_finite(name: str, value: float, step: int, work: Path) -> None:
 
 # ----------------------------------------------------------------------------- the training log
 class TrainLog:
-    """The tqdm bar, and every ``every`` steps (and at the last) one line of WORK/train_log.jsonl by rank 0, also sent
-    to ``tracker``: the step's metrics and the throughput since the previous line (all ranks)."""
+    """The tqdm bar; every ``every`` steps and the last, rank 0 logs metrics, throughput to train_log.jsonl, tracker."""
 
     def __init__(self, work: Path, every: int, total: int, start_step: int, desc: str, tracker, rank: int):
         self.path, self.every, self.total = work / "train_log.jsonl", every, total
