@@ -1,9 +1,7 @@
 """The JSONL contract between the stages: the row schemas, reading them (a bad row raises DataError naming file,
 line and field) and writing a file whole or not at all (``write_*_atomic``: a temporary file, then a rename).
-
-Lines split on "\n" only (``jsonl_lines``). How a stage writes, resumes and shards its output is sharding.py's.
-No torch here: grading.py's worker processes and report.py import this module without waiting for it.
-"""
+How a stage writes, resumes and shards its output is sharding.py's. No torch here: grading.py's worker processes and
+report.py import this module without waiting for it."""
 
 from __future__ import annotations
 

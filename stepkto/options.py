@@ -2,9 +2,7 @@
 
 A row of TABLE says when an option applies: ALWAYS; only(...), conditions on other options that must all hold;
 either(...), alternatives of such conditions; or NEVER. A condition reads another option, or a value the stage
-resolves when it runs (what --engine auto becomes). tests/test_options.py fails on an option without a row.
-No torch here, and no stage imported: every stage imports this module.
-"""
+resolves when it runs (what --engine auto becomes). No torch here, and no stage imported: every stage imports this."""
 
 from __future__ import annotations
 
@@ -73,8 +71,7 @@ LABELLER = {
     **{name: only(JUDGE) for name in ("judge_model", "judge_protocol", "judge_max_new_tokens", "judge_engine",
                                       "judge_verdict", "allow_missing_reference")},
     "judge_threshold": only(JUDGE, when("judge_verdict", "logprobs")),
-    # a served judge (judge_engine openai, stepkto/served.py) and one loaded in this process; a served PRM (prm_base_url)
-    # is reached with the served judge's key variable and concurrency
+    # a served judge (stepkto/served.py); a served PRM (prm_base_url) uses its key variable and concurrency
     **{name: only(JUDGE, SERVED) for name in ("judge_base_url", "judge_api")},
     **{name: either(only(JUDGE, SERVED), only(REWARD_MODEL, unless("prm_base_url", ""))) for name in (
         "judge_api_key_env", "judge_max_concurrency")},
@@ -126,9 +123,8 @@ TABLE: dict[str, dict[str, Rule]] = {
 
 
 def refuse_inapplicable(stage: str, args, **resolved) -> None:
-    """UsageError for the first option of ``args`` (a stage's Args, or a dataclass of some of its options) that differs
-    from its default where its row does not hold. ``resolved``: values the stage decides when it runs, each a value or
-    a callable called only when a condition reads it."""
+    """UsageError for the first option of ``args`` (a stage's Args, or some of them) off its default where its row
+    does not hold. ``resolved``: values the stage decides when it runs (a callable is called only when read)."""
     for name, rule, failing in inapplicable(stage, args, resolved):
         if not rule:
             raise UsageError(f"--{name} does nothing in {stage}: drop it")
@@ -137,8 +133,7 @@ def refuse_inapplicable(stage: str, args, **resolved) -> None:
 
 
 def applicable(stage: str, args, **resolved):
-    """``args`` with every option that would do nothing set back to its default (bench/processbench_labellers.py: one
-    command line, several labellers)."""
+    """``args``, options that would do nothing reset (bench/processbench_labellers.py: one command, many labellers)."""
     fields = {f.name: f for f in dataclasses.fields(args)}
     reset = {name: default_of(fields[name]) for name, _, _ in inapplicable(stage, args, resolved)}
     return dataclasses.replace(args, **reset)

@@ -36,13 +36,10 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 
 class CompletionLogProbs(torch.nn.Module):
-    """Wraps a causal LM: forward returns log p(token | prefix) of the completion tokens only, shape (N,).
-
-    The LM head and log-softmax run on the completion positions alone, in chunks whose float32 logits stay under
-    ``chunk_mib`` MiB (a large vocabulary's logits would be the step's largest tensor), each checkpointed under
-    autograd. As the FSDP root, its forward also gathers the embedding / final norm / head shards. With ``autocast``
-    (e.g. torch.bfloat16) it runs under torch.autocast, the weights in their own dtype; the log-probs are float32.
-    """
+    """A causal LM whose forward returns log p(token | prefix) of the completion tokens only, (N,). The head runs on
+    those positions alone, in chunks whose float32 logits stay under ``chunk_mib`` MiB (a large vocabulary's would be
+    the step's largest tensor), checkpointed under autograd. As the FSDP root it gathers the embedding / norm / head
+    shards. ``autocast`` (e.g. torch.bfloat16): torch.autocast, weights in their own dtype, float32 log-probs."""
 
     def __init__(self, lm: torch.nn.Module, chunk_mib: float = 0.0, autocast: torch.dtype | None = None):
         super().__init__()
@@ -121,8 +118,7 @@ class Reference(NamedTuple):
 
 
 def cached_reference(cache: Path, compute: Callable[[], Reference], rank: int) -> Reference:
-    """The reference log-probs of ``cache`` (in a work folder, which holds only its own run's), else ``compute()``,
-    saved there by rank 0. A resumed run never recomputes them."""
+    """The reference log-probs in ``cache`` (the run's own work folder: a resume reuses them), else ``compute()``'s."""
     if cache.exists():
         print(f"reference log-probs: loaded from {cache}", flush=True)
         return Reference(**torch.load(cache))
