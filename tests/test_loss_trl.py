@@ -96,8 +96,8 @@ def test_outcome_only_equals_trl_kto_trainer_loss(tmp_path, beta, desirable_weig
         raw_kl_means.append(kl_pairs.mean().item())
         z0s.append(z0.item())
         assert batch["label"].any() and not batch["label"].all()
-        assert trainer._metrics["train"]["kl"][-1] == pytest.approx(z0.item(), abs=1e-6)
-        assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+        assert trainer._metrics["train"]["kl"][-1] == pytest.approx(z0.item(), rel=1e-5)
+        assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
         assert "loss/step" not in metrics
     # Both regimes of z0 were compared: clamped to 0 (negative raw mean) and a positive reference point.
     assert min(raw_kl_means) < 0 and max(z0s) > 0.1
