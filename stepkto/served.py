@@ -115,7 +115,7 @@ def get_engine(endpoint: Endpoint) -> engines.Engine:
 
 
 def post_all(endpoint: Endpoint, path: str, bodies: list[dict]) -> list:
-    """The JSON replies to ``bodies`` POSTed, in order, to ``path`` from the server's root (/pooling lies beside /v1)."""
+    """The JSON replies to ``bodies`` POSTed, in order, to ``path`` from the server root (/pooling lies beside /v1)."""
     url = credentials(endpoint.base_url)[0].rstrip("/").removesuffix("/v1") + path  # userinfo: client's Basic auth
     return asyncio.run(gather(endpoint, bodies, lambda client, _, body: client.post(url, cast_to=object, body=body)))
 
