@@ -1,6 +1,5 @@
-"""The generation engines every stage samples with: transformers or vLLM in this process, one at a time, loaded
-once and kept (``get_engine``), returning the exact token ids of every prompt and sample. A served model (an
-OpenAI-compatible server) is served.py's engine with the same interface."""
+"""The generation engines every stage samples with: transformers or vLLM in this process, one at a time
+(``get_engine``), returning the exact token ids of every prompt and sample; served.py's has the same interface."""
 
 from __future__ import annotations
 
@@ -101,8 +100,7 @@ def drop_vllm_tracebacks() -> None:
 
 
 def resolve_dtype(model: str, dtype: str) -> str:
-    """`auto`: float32 on a CPU; on a GPU the checkpoint's dtype, float32 checkpoints (train.py's M_i) in
-    bfloat16, as vLLM's own "auto" does."""
+    """`auto`: float32 on a CPU; on a GPU the checkpoint's, float32 ones (train.py's M_i) in bfloat16 as vLLM does."""
     if dtype != "auto":
         return dtype
     if not torch.cuda.is_available():
@@ -200,8 +198,7 @@ def hf_generate(model, tokenizer, prompts: list[str], sampling: Sampling, seed: 
 
 
 class TopLogprobsRecorder:
-    """A logits processor that keeps the top-k log-probs of every generation step (never the logits) and changes
-    nothing: the transformers engine's Sampling.logprobs."""
+    """A logits processor that changes nothing and keeps the top-k log-probs of every step (Sampling.logprobs)."""
 
     def __init__(self, k: int):
         self.k, self.steps = k, []

@@ -1,7 +1,5 @@
 """The LLM judge of label.py ``--prm judge`` (the paper's PRM as we read it, Section 2.1): its prompts, and how a
-verdict is read from a reply: per step (JUDGE_TEMPLATE; parse_verdict, or verdict_score of the first word's log-probs)
-or per solution naming its first wrong step, as ProcessBench asks (FIRST_ERROR_TEMPLATE, parse_first_error). A reply
-cut off at the token budget (CUT_OFF) or quoted text decides nothing: a label is a verdict the judge gave, or none."""
+verdict is read from a reply, per step or per solution (ProcessBench's first wrong step)."""
 
 from __future__ import annotations
 
@@ -45,8 +43,7 @@ def judge_step_question(problem: str, reference: str | None, previous: list[str]
 
 
 def judge_prompt(tokenizer, text: str, plain_suffix: str):
-    """``text`` as the judge's engine takes it: the user message of the tokenizer's chat template (``text +
-    plain_suffix`` without one); the message itself for a chat API (no tokenizer)."""
+    """``text`` as the judge's engine takes it: a chat-template prompt, or the message itself for a chat API."""
     if tokenizer is None:
         return [{"role": "user", "content": text}]
     return prompting.chat_prompt(tokenizer, text, plain_suffix)
@@ -165,8 +162,7 @@ def _sentences(text: str) -> list[str]:
 
 
 def _opening_phrase(text: str) -> str | None:
-    """The reply's first sentence from its verdict on, when it opens with one (after noise and subject); a question
-    ("Correct? ...") opens with none."""
+    """The reply's first sentence from its verdict on, if it opens with one; a question ("Correct? ...") does not."""
     first = (_sentences(_LEADING_NOISE.sub("", text)) or [""])[0]
     if first.rstrip().endswith("?"):
         return None
@@ -179,18 +175,15 @@ def _opening_phrase(text: str) -> str | None:
 def parse_verdict(text: str) -> bool | None:
     """The judge's verdict on a step: True (right), False (wrong) or None (no verdict, or a contradiction).
 
-    1. Only the judge's own words count: quoted text and reported speech are removed first (``judged_text``).
-    2. The explicit verdicts decide and must all agree ("\\boxed{incorrect} ... \\boxed{correct}" is no verdict):
-       each marker's (_MARKER, _CONCLUSION), the one the reply opens with (after noise and a subject such as "The
-       step is": "Incorrect. The correct value is 12.") and each on the step as a whole ("so the step is correct").
+    1. Only the judge's own words count (``judged_text``).
+    2. The explicit verdicts decide and must all agree: markers', the opening one's ("Incorrect. The correct value is
+       12.") and each on the whole step ("so the step is correct").
     3. Else every sentence (not a question) with a verdict counts: all positive -> True; the last negative -> False
        (a judge that reasons first ends on its verdict); else None.
-    4. A phrase's verdicts are its _TOKEN matches, and yes / no / right / true / false as the first word of an
-       opening or marked phrase (_ANSWER_WORD); hedges ("partially correct", "correct up to") are negatives.
-    5. A positive before a qualification (_CONTRAST; also "Correct. However, ...") is a hedge, a negative; after it
-       only negatives count ("Incorrect, but the answer is correct" is negative).
-    6. A step is right only when all of it is: a part called right and the step wrong is negative; the step called
-       right and anything in it wrong is None. A hedge is never True: a step nobody vouched for is not reinforced.
+    4. A phrase's verdicts are its _TOKEN matches, and an opening or marked phrase's first-word _ANSWER_WORD.
+    5. A positive before a qualification (_CONTRAST) is a hedge, a negative; after it only negatives count.
+    6. A step is right only when all of it is: the step called right and anything in it wrong is None. A hedge is
+       never True: a step nobody vouched for is not reinforced.
     """
     text = judged_text(text)
     decisions = [_agreed(values) for values in _explicit_verdicts(text)]
@@ -203,8 +196,7 @@ def parse_verdict(text: str) -> bool | None:
 
 
 def _explicit_verdicts(text: str) -> list[list[bool]]:
-    """The verdicts of rule 2's phrases that hold one: a box's content, a marker's next sentence, a sentence after
-    its conclusion word, the opening phrase and each sentence about the whole step."""
+    """The verdicts of rule 2's phrases that hold one."""
     sentences = _sentences(text)
     rests = [m.group("boxed") if m.group("boxed") is not None else text[m.end():] for m in _MARKER.finditer(text)]
     marked = [(_sentences(rest) or [""])[0] for rest in rests]
@@ -244,8 +236,7 @@ def _word(token: str) -> str:
 
 
 def verdict_pieces(tokenizer) -> dict[str, set[str]]:
-    """By verdict, the tokens (as _word) that begin it: the judge tokenizer's first token of each way of writing it
-    (" Correct", "INCORRECT", ...); without a tokenizer (a chat API), any start of 3 letters or more."""
+    """By verdict, the tokens (as _word) that begin it; for a chat API (no tokenizer), any start of 3+ letters."""
     if tokenizer is None:
         return {v: {v[:k] for k in range(3, len(v) + 1)} for v in VERDICTS}
     pieces = {v: set() for v in VERDICTS}
@@ -258,8 +249,7 @@ def verdict_pieces(tokenizer) -> dict[str, set[str]]:
 
 
 def verdict_score(logprobs: list[engines.TokenLogprobs] | None, pieces: dict[str, set[str]]) -> float | None:
-    """P(correct) / (P(correct) + P(incorrect)) from the top log-probs at the reply's first token with a letter or
-    digit: the mass on the tokens that begin each verdict (verdict_pieces); None when neither is among them."""
+    """P(correct) / (P(correct) + P(incorrect)) at the reply's first word token; None when neither is in its top."""
     first = next((entry for entry in logprobs or [] if re.search(r"\w", entry.token)), None)
     if first is None:
         return None

@@ -7,8 +7,7 @@ A PRM scores every step in one forward pass, read at the marker token written af
 * ``step_tag``: Math-Shepherd's PRM (arXiv 2312.08935), a causal LM: ``problem + " " + "\\n".join(step + " ки")``,
   the score P(+) / (P(+) + P(-)) of the next token at each tag.
 
-Served: vLLM's pooling runner returns the scores at the markers from ``POST /pooling``; the marker id is a setting of
-the server (``vllm_server_args``' ``--pooler-config``), not of a request.
+Served: vLLM's pooling runner returns the scores at the markers from ``POST /pooling`` (``vllm_server_args``).
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ QWEN_PRM_SYSTEM = prompting.SYSTEM_PROMPTS["qwen25-math-cot"]
 STEP_TAG = " ки"
 GOOD_TOKEN = "+"
 BAD_TOKEN = "-"
-# Values per marker in vLLM's /pooling response: qwen_prm's softmax over (wrong, right); step_tag's one
-# sigmoid(logit_good - logit_bad) of the from_2_way_softmax conversion
+# Values per marker in vLLM's /pooling response: qwen_prm's (wrong, right); step_tag's sigmoid(logit_good - logit_bad)
 SERVED_WIDTH = {"qwen_prm": 2, "step_tag": 1}
 
 
@@ -74,9 +72,8 @@ def load_spec(path: str, fmt: PRMFormat, step_tag: str = STEP_TAG, good_token: s
 
 
 def single_token_id(tokenizer, text: str, what: str) -> int:
-    """The one token ``text`` encodes to. A sentencepiece tokenizer may put a whitespace-only token first (its
-    dummy prefix before a leading space: " ки" -> "▁", "▁ки"), which Math-Shepherd's tag reading skips too; any
-    other split, or the unknown token, means the tokenizer lacks it."""
+    """The one token ``text`` encodes to; a sentencepiece dummy prefix first (" ки" -> "▁", "▁ки") is skipped, as
+    Math-Shepherd's tag reading does. UsageError for any other split or the unknown token."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     last = tokenizer.decode(ids[-1:]) if ids else ""
     prefix = tokenizer.decode(ids[:-1])
@@ -101,9 +98,8 @@ def solution_text(tokenizer, spec: PRMSpec, problem: str, steps: list[str]) -> s
 
 
 def encode_solution(tokenizer, spec: PRMSpec, problem: str, steps: list[str], row: str) -> Encoded:
-    """The token ids of ``solution_text`` (prompting.encode_prompt: BOS as the tokenizer's own encoding puts it) and
-    the marker's positions, one per step; DataError naming ``row`` when the problem or a step contains the
-    marker's text, when the markers are not one per step, or when the input is longer than the model's context."""
+    """The token ids of ``solution_text`` and the marker's positions, one per step; DataError naming ``row`` when
+    the markers are not one per step or the input is longer than the model's context."""
     if not steps:
         raise jsonl.DataError(f"{row}: a solution without steps has nothing for a PRM to score")
     for where, text in [("the problem", problem)] + [(f"step {k + 1}", step) for k, step in enumerate(steps)]:
@@ -171,9 +167,8 @@ def marker_scores(model, spec: PRMSpec, input_ids, attention_mask, keep):
 
 
 def step_scores(model, spec: PRMSpec, encoded: list[Encoded], batch_size: int = 8) -> list[list[float]]:
-    """[[P(step right) per step] per solution]: forward passes over ``batch_size`` solutions at a time, those of
-    similar length together. Right padding: a causal model's real positions never attend to the padding after
-    them, so any pad id does and each solution scores as it would alone."""
+    """[[P(step right) per step] per solution], ``batch_size`` solutions of similar length at a time. Right padding:
+    real positions never attend to the padding after them, so any pad id does."""
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     scores: list[list[float]] = [[] for _ in encoded]
@@ -191,9 +186,8 @@ def step_scores(model, spec: PRMSpec, encoded: list[Encoded], batch_size: int = 
 
 
 def vllm_server_args(tokenizer, spec: PRMSpec) -> list[str]:
-    """The options after ``--model PATH`` that make vLLM's server return the scores at the markers from /pooling:
-    qwen_prm's STEP pooler told the marker id; step_tag's causal LM as a classifier of logit(good) - logit(bad)
-    (vLLM's from_2_way_softmax, naming the tokens by their vocabulary strings), its sigmoid read at every tag."""
+    """The options after ``--model PATH`` that make vLLM's server return the scores at the markers from /pooling;
+    the marker id is a setting of the server, not of a request."""
     if spec.format == "qwen_prm":
         return ["--runner", "pooling", "--pooler-config", json.dumps({"step_tag_id": spec.marker_id})]
     bad, good = tokenizer.convert_ids_to_tokens([spec.bad_id, spec.good_id])
@@ -209,9 +203,8 @@ def pooling_request(model_name: str, encoded: list[Encoded]) -> dict:
 
 
 def parse_pooling_response(response: dict, spec: PRMSpec, encoded: list[Encoded], rows: list[str]) -> list[list[float]]:
-    """[[P(step right) per step] per solution] from a /pooling response to pooling_request; DataError naming the
-    row when the server returned another count of scores than of steps (a server started without
-    vllm_server_args' --pooler-config returns none) or another width than the format's."""
+    """[[P(step right) per step] per solution] from a /pooling response; DataError naming the row when the server
+    returned another count of scores than of steps (no vllm_server_args --pooler-config) or another width."""
     items = sorted(response["data"], key=lambda item: item["index"])
     if len(items) != len(encoded):
         raise jsonl.StageError(f"/pooling returned {len(items)} results for {len(encoded)} solutions")

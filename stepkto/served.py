@@ -1,11 +1,9 @@
 """A model served over an OpenAI-compatible HTTP API (a vLLM or SGLang server, a hosted API) as an ``engines.Engine``:
 the paper's judge (Step-KTO, arXiv 2501.10799, Section 2.1), served once instead of loaded by every stage.
 
-``completions`` sends the prompt's token ids as the in-process engines encode them and decodes the reply's token ids;
-``chat`` sends the user message. A request that fails for good (after the client's ``RETRIES``) stops the stage
-with one line naming the endpoint, and never becomes a label; the key is read from ``$api_key_env`` and never
-written, a URL's ``user:pass@`` is sent as HTTP Basic auth, and every message shows the URL with its secrets as ***.
-docs/guide.md, "A judge served over HTTP", gives the details.
+``completions`` sends the prompt's token ids as the in-process engines encode them; ``chat`` sends the user message.
+A request that fails for good stops the stage and never becomes a label; the key is read from ``$api_key_env`` and
+never written. docs/guide.md, "A judge served over HTTP", gives the details.
 """
 
 from __future__ import annotations
@@ -117,8 +115,7 @@ def get_engine(endpoint: Endpoint) -> engines.Engine:
 
 
 def post_all(endpoint: Endpoint, path: str, bodies: list[dict]) -> list:
-    """The JSON replies to ``bodies`` POSTed to the server's ``path`` (from its root, e.g. /pooling: vLLM's pooling
-    API lies beside /v1), in order, with the retries and failures of every request here."""
+    """The JSON replies to ``bodies`` POSTed, in order, to ``path`` from the server root (/pooling lies beside /v1)."""
     url = credentials(endpoint.base_url)[0].rstrip("/").removesuffix("/v1") + path  # userinfo: client's Basic auth
     return asyncio.run(gather(endpoint, bodies, lambda client, _, body: client.post(url, cast_to=object, body=body)))
 
@@ -206,8 +203,7 @@ def chat_sample(choice) -> engines.Sample:
 
 
 def checked(endpoint: Endpoint, reply, sampling: engines.Sampling) -> list:
-    """The reply's n choices in order, each with log-probs when they were asked for; anything else is an error,
-    never a reply read as a verdict."""
+    """The reply's n choices in order, with log-probs if asked for; anything else is an error, never a verdict."""
     choices = sorted(reply.choices, key=lambda c: c.index)
     if len(choices) != sampling.n:
         raise ServedError(f"{shown(endpoint)}: {len(choices)} choices in a reply, {sampling.n} asked for")
