@@ -8,13 +8,10 @@ Solutions: one `a op b = c` per step, steps separated by a blank line, in canoni
 then * before +/-, then left to right), last step `The answer is \\boxed{12}.` Splits by a hash of the text, so no
 split of any seed overlaps the other split of any seed.
 
-Flawed SFT data (`write_solution`): every step slips independently, more often on hard steps (a carry, a borrow, a
-product >= HARD_PRODUCT), and then states a wrong result that depends on the operands, a habit a model can learn
-(`slipped_result`). A slip is silent (right answer, wrong reasoning) where the step consuming the slipped value (or
-the boxed answer) uses the TRUE value, otherwise it propagates to a wrong answer. By default hard steps slip more often
-than not: greedy decoding (what the paper evaluates) keeps only a model's most likely habit, so only a seed that
-PREFERS the careless result, while producing the right one often enough to be sampled, shows the flaws Step-KTO is
-meant to remove.
+Flawed SFT data (`write_solution`): steps slip independently, hard ones (carry, borrow, product >= HARD_PRODUCT)
+more often; a slip is silent (right answer) where later steps use the TRUE value. Hard steps slip more often than
+not by default: greedy decoding (what the paper evaluates) keeps only a model's likeliest habit, so only a seed that
+PREFERS the careless result, yet samples the right one often enough, shows the flaws Step-KTO is meant to remove.
 
 Command line (run.sh): train.jsonl and test.jsonl (jsonl.PROBLEM_ROW), sft.jsonl (jsonl.SFT_ROW: flawed solutions of
 train problems) in one folder:
@@ -105,9 +102,8 @@ def _bits(value: Fraction) -> float:
 
 
 def parse_expression(text: str, percent: Fraction = Fraction(1)) -> Node:
-    """Tree of +, -, *, /, ^ (unary minus as 0 - x), every node with its `true_value`; `N%` is N * percent. Python's
-    ast parses it with the numbers as names, so Python evaluates nothing and "0.1" stays exact. ValueError if
-    malformed, TooLarge beyond MAX_TOKENS, MAX_DEPTH, MAX_VALUE_BITS or MAX_DIGITS."""
+    """Tree of +, -, *, /, ^ (unary minus as 0 - x) with `true_value`s; `N%` is N * percent. Parsed by ast with
+    numbers as names, so nothing is evaluated and "0.1" stays exact. ValueError if malformed; TooLarge as `TooLarge`."""
     tokens, source, values = tokenize(text), [], []
     if len(tokens) > MAX_TOKENS:
         raise TooLarge(f"an expression of {len(tokens)} tokens, more than {MAX_TOKENS} (MAX_TOKENS)")
@@ -213,10 +209,8 @@ def _render(node: Node) -> str:
 
 
 def _build_chain(rng: random.Random, n_ops: int, max_number: int, max_value: int) -> Node:
-    """A chain: each operation combines the running value with one new number, left to right (`(3 + 4) * 5 - 2`).
-
-    Every intermediate value is in 0..max_value and every * a times-table product (operands <= 9): a tiny model
-    learns that arithmetic on a CPU, so its own errors stay rarer than the habits it is taught."""
+    """A left-to-right chain (`(3 + 4) * 5 - 2`), values in 0..max_value, * operands <= 9: a tiny model learns that
+    arithmetic on a CPU, so its own errors stay rarer than the habits it is taught."""
     value = rng.randint(1, max_number)
     node = Node(value=Fraction(value))
     for _ in range(n_ops):
@@ -359,12 +353,10 @@ BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}|\\boxed\{")
 
 
 def check_steps(problem: str, steps: list[str]) -> list[bool]:
-    """Replay `steps` on the problem's expression tree; True marks a right step.
-
-    `a op b = c` is right iff it reduces a reducible node holding (a, b) under op and c is the true a op b; the node
-    then holds c, even a wrong c, so later steps are judged against what was produced. Operands that no reducible node
-    holds are wrong; a node whose TRUE operands they are (a silent slip, a skipped step) still becomes c, so later
-    steps can be right again. `\\boxed{x}` is right iff the tree is fully reduced to x. A step with neither, or with
+    """Replay `steps` on the problem's tree; True marks a right step. `a op b = c` is right iff it reduces a node
+    holding (a, b) under op and c is the true a op b; the node then holds c, even a wrong c, so later steps are judged
+    against what was produced. Other operands are wrong, but a node whose TRUE operands they are (silent slip, skipped
+    step) still becomes c. `\\boxed{x}` is right iff the tree is fully reduced to x. A step with neither, or with
     numbers too large to check, is wrong. TooLarge when the problem itself is."""
     root = parse_expression(_expression_of(problem))
     return [_check_step(root, step) for step in steps]

@@ -78,9 +78,8 @@ def _matches(value: Fraction, stated: list[str], percent: Fraction) -> bool:
 
 
 def check_equations(step: str) -> bool:
-    """False iff the text states an equation with an operator on its left that is false under both readings of `%`
-    (a unit, or /100), or too large to evaluate (arith_task.TooLarge); in a chain `2 + 3 = 5 + 1 = 6` each side may
-    also equal the next side's first number. Whatever cannot be parsed is ignored."""
+    """False iff an equation with an operator on its left is false under both `%` readings (unit, /100) or TooLarge;
+    in a chain `2 + 3 = 5 + 1 = 6` each side may also equal the next side's first number."""
     try:
         for left_tokens, right_tokens in _equation_sides(step):
             left, right = _left_expression(left_tokens), _right_expression(right_tokens)

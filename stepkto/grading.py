@@ -1,10 +1,9 @@
 """Final-answer grading and benchmark loading for the real-model path.
 
-The outcome label of Step-KTO is "does the last \\boxed{} of a solution equal the gold answer?", decided by
-math-verify on both sides wrapped as one ``\\boxed{...}`` ("25" == "025", "\\frac{1}{2}" == "0.5" == "1/2"). Its own
-timeout needs SIGALRM (main thread only) and an answer such as ``9^{9^{9^9}}`` makes sympy compute forever, so every
-comparison runs in a worker PROCESS (``python -m stepkto.grading``) under a deadline the parent enforces without
-signals: a late worker is killed and its item graded wrong. bench/notes/grading.md lists what math-verify accepts.
+Step-KTO's outcome label, "does the last \\boxed{} equal the gold answer?", is decided by math-verify on both sides
+boxed ("25" == "025", "\\frac{1}{2}" == "0.5"). Its timeout needs SIGALRM (main thread only) and ``9^{9^{9^9}}`` makes
+sympy compute forever, so each comparison runs in a worker PROCESS (``python -m stepkto.grading``) under a deadline
+the parent enforces without signals: a late worker is killed, its item graded wrong. See bench/notes/grading.md.
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ _BOX = re.compile(r"(?:\\boxed|\\fbox)(\s*\{)?")  # a box command, and its openi
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the LAST \\boxed{...} or \\fbox{...} in ``text`` (nested braces matched; ``\\{`` is a literal
-    brace); None without one, or when the last box never closes (a truncated generation gave no answer)."""
+    """Content of the LAST \\boxed{...}/\\fbox{...} (nested braces matched, ``\\{`` literal); None without one or if it
+    never closes (a truncated generation gave no answer)."""
     boxes = list(_BOX.finditer(text))
     return _box_content(text, boxes[-1]) if boxes else None
 
@@ -38,7 +37,6 @@ def all_boxed(text: str) -> list[str | None]:
 
 
 def _box_content(text: str, box: re.Match) -> str | None:
-    """The braced group of a _BOX match, without its braces; None when there is none or it never closes."""
     if box.group(1) is None:
         return None
     depth, i = 1, box.end()
@@ -179,9 +177,8 @@ def _serve_grading_requests() -> None:
 
 def grade_answers(golds: list[str], preds: list[str | None], timeout_s: float = 5.0,
                   num_workers: int | None = None) -> list[bool]:
-    """Is ``preds[i]`` equal to ``golds[i]``? (math_verify.verify(gold, pred).) A pred may be bare, ``$...$`` or a text
-    whose last \\boxed{} is the answer; None or empty is wrong. Each distinct pair is graded once, in ``num_workers``
-    processes (default: one per CPU), and is wrong if it takes over ``timeout_s`` seconds."""
+    """math_verify.verify(golds[i], preds[i]); a pred may be bare, ``$...$`` or boxed last; None or empty is wrong.
+    Each distinct pair is graded once in ``num_workers`` processes (default: per CPU), wrong past ``timeout_s``."""
     if len(golds) != len(preds):
         raise ValueError(f"{len(golds)} gold answers but {len(preds)} predictions")
     pairs = [(_as_boxed_latex(gold), _as_boxed_latex(pred)) for gold, pred in zip(golds, preds)]
@@ -251,7 +248,6 @@ BENCHMARKS = {
 
 
 def default_data_dir() -> Path:
-    """$STEPKTO_DATA_DIR, else ../shared/data beside the repository."""
     return Path(os.environ.get("STEPKTO_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
@@ -270,9 +266,8 @@ def normalise_answer(value, where: str) -> str:
 
 
 def normalise_problem(raw, where: str, default_id: str, gold: str = ANSWER_FIELD) -> dict | None:
-    """One benchmark row -> {"id", "problem", "answer"(, "solution")}; ``where`` names file and line. The gold answer
-    is the 'answer' field (not for SOLUTION_BOX), else the solution's last \\boxed{}; None for a SOLUTION_BOX row
-    without one (it cannot be graded)."""
+    """One benchmark row -> {"id", "problem", "answer"(, "solution")}; gold is 'answer' (not for SOLUTION_BOX), else
+    the solution's last \\boxed{}; None for an ungradable SOLUTION_BOX row without one. ``where``: file and line."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     key = "problem" if "problem" in raw else "question"
@@ -306,9 +301,8 @@ _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
 def gsm8k_reference_solution(worked: str, answer: str) -> str:
-    """A GSM8K worked solution (the text before ``####``) in the step format: each non-empty line one step, without
-    its ``<<48/2=24>>`` calculator annotations (no text a model should write), steps joined by
-    prompting.STEP_SEPARATOR, and a last step "The answer is \\boxed{answer}." as the prompts ask for."""
+    """A GSM8K worked solution (text before ``####``) in step format: each non-empty line a step, minus ``<<48/2=24>>``
+    calculator annotations, joined by prompting.STEP_SEPARATOR, last step "The answer is \\boxed{answer}."."""
     lines = (_CALCULATOR_ANNOTATION.sub("", line).strip() for line in worked.split("\n"))
     return "\n\n".join([line for line in lines if line] + [f"The answer is \\boxed{{{answer}}}."])
 
@@ -372,10 +366,9 @@ def _hub_rows(benchmark: Benchmark, split: str, dataset):
 
 
 def load_benchmark(name_or_path: str, split: str | None = None, data_dir: str | Path | None = None) -> list[dict]:
-    """Rows {"id", "problem", "answer"(, "solution")} of a name in BENCHMARKS, read from ``data_dir`` (default
-    ``default_data_dir()``) when its file is there, else from the hub (``split`` overrides the hub split); or of a JSONL
-    file with fields problem (or question), answer (else the solution's last \\boxed{}) and optionally solution, id.
-    ValueError (one line) when the rows cannot be found or are malformed."""
+    """Rows {"id", "problem", "answer"(, "solution")} of a BENCHMARKS name, from ``data_dir`` if its file is there, else
+    the hub (``split`` overrides its split); or of a JSONL file with problem (or question), answer (else the solution's
+    last \\boxed{}), optional solution, id. ValueError (one line) when rows are missing or malformed."""
     if name_or_path in BENCHMARKS:
         benchmark = BENCHMARKS[name_or_path]
         local = Path(data_dir or default_data_dir()) / benchmark.local_file

@@ -26,8 +26,7 @@ def _partial_path(out: Path) -> Path:
 
 
 def resume_rows(out: str | Path, chunks: list[list[str]]) -> tuple[list[dict], int]:
-    """Rows of the complete chunks (``chunks``: each one's row ids, in order) that a crashed run wrote to
-    ``out.partial``, and how many chunks; the file is rewritten without the rest, ready to append to."""
+    """(rows, count) of complete chunks (row ids each) a crashed run left in ``out.partial``, trimmed for appending."""
     partial = _partial_path(Path(out))
     if not partial.exists():
         return [], 0
@@ -63,8 +62,7 @@ def chunked(items: list, size: int) -> list[list]:
 
 
 def derived_seed(*parts) -> int:
-    """One seed in [0, 2**31) from several (run seed, chunk index or row ids), the same in every process: for ints,
-    Python's hash of their tuple (not salted per process, unlike str); else the CRC-32 of the parts as JSON."""
+    """A seed in [0, 2**31), the same in every process: ints' tuple hash (unsalted, unlike str), else JSON CRC-32."""
     if all(isinstance(part, int) for part in parts):
         return hash(parts) % 2**31
     return zlib.crc32(json.dumps(list(parts)).encode()) % 2**31
@@ -112,8 +110,7 @@ def part_path(out: Path, shard: Shard) -> Path:
 
 def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, schema: dict, shard: Shard,
                  desc: str) -> bool:
-    """Write this shard's chunks of ``out`` (``rows_of_chunk(i)``: chunk i's rows, ids ``chunk_ids[i]``), resuming
-    after those a killed run finished. True when ``out`` is complete; False while other shards' parts are missing."""
+    """Write (resuming) this shard's chunks ``rows_of_chunk(i)`` of ``out``; True once ``out`` is complete."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -129,8 +126,8 @@ def write_chunks(out: str | Path, chunk_ids: list[list[str]], rows_of_chunk, sch
 
 
 def merge_parts(out: Path, chunk_ids: list[list[str]], count: int) -> bool:
-    """OUT from the complete parts of all ``count`` shards, lines copied as written (chunk i: the next lines of part
-    i % N, their ids checked); False while a part is missing. Two shards merging at once write the same bytes."""
+    """OUT from all ``count`` parts (chunk i: next lines of part i % N, ids checked), False while one is missing.
+    Two shards merging at once write the same bytes."""
     parts = [part_path(out, Shard(k, count)) for k in range(count)]
     if count > 1 and all(p.exists() for p in parts):
         try:
@@ -156,8 +153,7 @@ _HELD: dict[str, int] = {}  # lock files this process holds (released when it ex
 
 
 def claim(path: str | Path, wait_s: float = 0.0) -> None:
-    """Make this process the one writer of ``path`` through the lock file .NAME.lock beside it: a second process
-    refuses with one line (after ``wait_s`` seconds of retries, for a check that holds it for a moment)."""
+    """Be the one writer of ``path`` (lock .NAME.lock); a second process refuses in one line after ``wait_s`` s."""
     lock = lock_path(path)
     if str(lock) in _HELD:
         return
@@ -181,7 +177,6 @@ def lock_path(path: str | Path) -> Path:
 
 
 def release(path: str | Path) -> None:
-    """Give up the claim on ``path``, once it is written."""
     if (fd := _HELD.pop(str(lock_path(path)), None)) is not None:
         os.close(fd)
 
