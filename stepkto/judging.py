@@ -1,5 +1,6 @@
 """The LLM judge of label.py ``--prm judge`` (the paper's PRM as we read it, Section 2.1): its prompts, and how a
-verdict is read from a reply, per step or per solution (ProcessBench's first wrong step)."""
+verdict is read from a reply, per step or per solution (ProcessBench's first wrong step). A reply cut off at the
+token budget (CUT_OFF) or quoted text decides nothing: a label is a verdict the judge gave, or none."""
 
 from __future__ import annotations
 
@@ -175,15 +176,15 @@ def _opening_phrase(text: str) -> str | None:
 def parse_verdict(text: str) -> bool | None:
     """The judge's verdict on a step: True (right), False (wrong) or None (no verdict, or a contradiction).
 
-    1. Only the judge's own words count (``judged_text``).
+    1. Only the judge's own words count: quoted text and reported speech are removed first (``judged_text``).
     2. The explicit verdicts decide and must all agree: markers', the opening one's ("Incorrect. The correct value is
        12.") and each on the whole step ("so the step is correct").
     3. Else every sentence (not a question) with a verdict counts: all positive -> True; the last negative -> False
        (a judge that reasons first ends on its verdict); else None.
     4. A phrase's verdicts are its _TOKEN matches, and an opening or marked phrase's first-word _ANSWER_WORD.
     5. A positive before a qualification (_CONTRAST) is a hedge, a negative; after it only negatives count.
-    6. A step is right only when all of it is: the step called right and anything in it wrong is None. A hedge is
-       never True: a step nobody vouched for is not reinforced.
+    6. A step is right only when all of it is: a part called right and the step wrong is negative; the step called
+       right and anything in it wrong is None. A hedge is never True: a step nobody vouched for is not reinforced.
     """
     text = judged_text(text)
     decisions = [_agreed(values) for values in _explicit_verdicts(text)]
